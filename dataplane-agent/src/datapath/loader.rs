@@ -1,0 +1,63 @@
+//! Loads the embedded BPF object with every map pinned by name under the bpffs directory
+//! (reusing pins that exist, so a restarted or upgraded agent keeps conntrack and services),
+//! and pins the program so tools can find the live one.
+use anyhow::Context;
+use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
+use dataplane_common::{PROG_POD_INGRESS, map_names};
+
+use super::{BpffsLayout, maps::check_pinned_layout};
+
+/// The datapath object, built by `cargo xtask build-ebpf` and embedded at compile time.
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("DATAPLANE_EBPF_OBJECT"));
+
+pub struct LoadedDatapath {
+    pub ebpf: Ebpf,
+    pub layout: BpffsLayout,
+}
+
+impl LoadedDatapath {
+    pub fn load(layout: &BpffsLayout) -> anyhow::Result<Self> {
+        if BPF_OBJECT.is_empty() {
+            anyhow::bail!("this binary was built with DATAPLANE_SKIP_EBPF and carries no datapath");
+        }
+        layout.create()?;
+        for name in map_names::ALL {
+            check_pinned_layout(layout, name)?;
+        }
+        let mut loader = EbpfLoader::new();
+        let pins: Vec<_> = map_names::ALL
+            .iter()
+            .map(|name| (*name, layout.map(name)))
+            .collect();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(BPF_OBJECT).context("loading the BPF object")?;
+        for name in map_names::ALL {
+            anyhow::ensure!(ebpf.map(name).is_some(), "the BPF object has no map {name}");
+        }
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(PROG_POD_INGRESS)
+            .context("the BPF object has no pod_ingress program")?
+            .try_into()?;
+        program
+            .load()
+            .context("the kernel rejected the pod_ingress program")?;
+        // Replace the pin of a previous run: the pin always names the program links run.
+        let _ = std::fs::remove_file(layout.program());
+        program
+            .pin(layout.program())
+            .context("pinning the program")?;
+        Ok(Self {
+            ebpf,
+            layout: layout.clone(),
+        })
+    }
+
+    pub fn program(&mut self) -> &mut SchedClassifier {
+        self.ebpf
+            .program_mut(PROG_POD_INGRESS)
+            .and_then(|p| p.try_into().ok())
+            .expect("checked at load")
+    }
+}

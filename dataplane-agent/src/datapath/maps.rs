@@ -1,0 +1,112 @@
+//! Typed handles on the pinned maps, for the agent and for the inspection commands (which
+//! work while the agent is stopped: everything they show is read from these pins).
+use aya::maps::{Array, HashMap, Map, MapData};
+use dataplane_common::{
+    Backend, CtEntry, CtKey, RevNat, ServiceKey, ServiceValue, TrafficStats, map_names,
+};
+
+use super::BpffsLayout;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("map {name} is not pinned at {path} (is the agent running with this --bpffs-dir?)")]
+    Missing { name: &'static str, path: String },
+    #[error(
+        "map {name} at {path} has key/value sizes {found:?}, this build expects {expected:?}; \
+             run `dataplane-agent cleanup` to remove the old layout"
+    )]
+    Layout {
+        name: &'static str,
+        path: String,
+        found: (u32, u32),
+        expected: (u32, u32),
+    },
+    #[error("map {name}: {source}")]
+    Aya {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+}
+
+pub struct PinnedMaps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub backends: HashMap<MapData, u32, Backend>,
+    pub rev_nat: HashMap<MapData, u32, RevNat>,
+    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub service_stats: Array<MapData, TrafficStats>,
+    pub backend_stats: Array<MapData, TrafficStats>,
+    pub drops: Array<MapData, u64>,
+}
+
+/// Key and value sizes of each map, as this build lays them out.
+pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
+    use std::mem::size_of;
+    let sizes = match name {
+        map_names::SERVICES => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
+        map_names::BACKENDS => (4, size_of::<Backend>()),
+        map_names::REV_NAT => (4, size_of::<RevNat>()),
+        map_names::CONNTRACK => (size_of::<CtKey>(), size_of::<CtEntry>()),
+        map_names::SERVICE_STATS | map_names::BACKEND_STATS => (4, size_of::<TrafficStats>()),
+        map_names::DROPS => (4, 8),
+        _ => return None,
+    };
+    Some((sizes.0 as u32, sizes.1 as u32))
+}
+
+/// Checks that an existing pin has this build's layout. `Ok(false)` when nothing is pinned.
+pub fn check_pinned_layout(layout: &BpffsLayout, name: &'static str) -> Result<bool, MapsError> {
+    let path = layout.map(name);
+    if !path.exists() {
+        return Ok(false);
+    }
+    let aya_err = |source| MapsError::Aya { name, source };
+    let info = MapData::from_pin(&path)
+        .and_then(|m| m.info())
+        .map_err(aya_err)?;
+    let found = (info.key_size(), info.value_size());
+    let expected = expected_sizes(name).expect("every map name has sizes");
+    if found != expected {
+        return Err(MapsError::Layout {
+            name,
+            path: path.display().to_string(),
+            found,
+            expected,
+        });
+    }
+    Ok(true)
+}
+
+fn open(layout: &BpffsLayout, name: &'static str) -> Result<Map, MapsError> {
+    let path = layout.map(name);
+    if !check_pinned_layout(layout, name)? {
+        return Err(MapsError::Missing {
+            name,
+            path: path.display().to_string(),
+        });
+    }
+    MapData::from_pin(&path)
+        .and_then(Map::from_map_data)
+        .map_err(|source| MapsError::Aya { name, source })
+}
+
+impl PinnedMaps {
+    pub fn open(layout: &BpffsLayout) -> Result<Self, MapsError> {
+        macro_rules! typed {
+            ($kind:ident, $name:expr) => {
+                $kind::try_from(open(layout, $name)?).map_err(|source| MapsError::Aya {
+                    name: $name,
+                    source,
+                })?
+            };
+        }
+        Ok(Self {
+            services: typed!(HashMap, map_names::SERVICES),
+            backends: typed!(HashMap, map_names::BACKENDS),
+            rev_nat: typed!(HashMap, map_names::REV_NAT),
+            conntrack: typed!(HashMap, map_names::CONNTRACK),
+            service_stats: typed!(Array, map_names::SERVICE_STATS),
+            backend_stats: typed!(Array, map_names::BACKEND_STATS),
+            drops: typed!(Array, map_names::DROPS),
+        })
+    }
+}

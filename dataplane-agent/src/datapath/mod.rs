@@ -1,0 +1,9 @@
+//! Everything that touches the kernel: loading and pinning the BPF object, attaching it to
+//! interfaces, and writing the desired state into its maps.
+pub mod attach;
+pub mod layout;
+pub mod loader;
+pub mod maps;
+pub mod programmer;
+
+pub use layout::BpffsLayout;

@@ -1,0 +1,8 @@
+//! The node agent: Kubernetes objects in (`source`, `objects`), desired datapath state out
+//! (`plan`), written into the kernel's maps (`datapath`), and read back for people (`inspect`).
+pub mod datapath;
+pub mod inspect;
+pub mod objects;
+pub mod plan;
+pub mod run;
+pub mod source;

@@ -1,0 +1,2 @@
+//! Where the agent learns the cluster's objects from.
+pub mod manifests;

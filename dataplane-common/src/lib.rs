@@ -1,0 +1,281 @@
+//! Map layouts shared by the BPF programs (`dataplane-ebpf`) and the agent.
+//!
+//! Every type is `#[repr(C)]` with explicit padding so kernel and user space agree byte for
+//! byte, and so `bpftool map dump` (through the BTF the programs carry) prints named fields.
+//! Addresses are kept as `[u8; 4]` in network order (bpftool prints them as four octets);
+//! ports are host-order `u16` so they read as numbers.
+//!
+//! Map names carry a layout version (`_v1`): a change to any type here must bump the name of
+//! every map that uses it, so an upgraded agent never reinterprets an old pinned map.
+#![no_std]
+
+/// IPv4 address, network byte order.
+pub type Ipv4 = [u8; 4];
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Names of the maps, as the BPF object declares them and as they are pinned under the
+/// agent's `--bpffs-dir`. The kernel keeps 15 characters of a map name.
+pub mod map_names {
+    pub const SERVICES: &str = "dp_svc_v1";
+    pub const BACKENDS: &str = "dp_backends_v1";
+    pub const REV_NAT: &str = "dp_revnat_v1";
+    pub const CONNTRACK: &str = "dp_ct_v1";
+    pub const SERVICE_STATS: &str = "dp_svc_stats_v1";
+    pub const BACKEND_STATS: &str = "dp_be_stats_v1";
+    pub const DROPS: &str = "dp_drops_v1";
+    /// Every map, in the order `cleanup` and the inspection tools walk them.
+    pub const ALL: [&str; 7] = [
+        SERVICES,
+        BACKENDS,
+        REV_NAT,
+        CONNTRACK,
+        SERVICE_STATS,
+        BACKEND_STATS,
+        DROPS,
+    ];
+}
+
+/// Default capacities. The BPF object declares these; the agent may override them at load.
+pub mod capacity {
+    /// Frontend entries plus one entry per backend slot.
+    pub const SERVICES: u32 = 262_144;
+    /// Backend ids are indices into the backend stats array, so ids stay below this.
+    pub const BACKENDS: u32 = 131_072;
+    /// Frontend (rev-NAT) ids index the service stats array, so ids stay below this.
+    pub const FRONTENDS: u32 = 65_536;
+    /// Two entries per connection (forward and reply).
+    pub const CONNTRACK: u32 = 524_288;
+    pub const DROP_REASONS: u32 = 16;
+}
+
+/// Name of the tc program, as pinned under the bpffs directory.
+pub const PROG_POD_INGRESS: &str = "pod_ingress";
+
+/// Source address used when a pod reaches itself through a service (hairpin). The pod would
+/// drop a packet carrying its own address as source, so the datapath replaces it with this
+/// link-local address (as kube-proxy masquerades that case); replies to it are routed back
+/// through the node and restored by conntrack.
+pub const HAIRPIN_SNAT_ADDR: Ipv4 = [169, 254, 42, 1];
+
+/// Key of the service map. `backend_slot == 0` is the frontend itself; slots `1..=count`
+/// name the backends that new connections may pick (Cilium's layout: one map, no per-service
+/// inner maps, and a service is switched to a new backend set by rewriting slot 0 last).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: Ipv4,
+    pub port: u16,
+    pub backend_slot: u16,
+    pub proto: u8,
+    /// Reserved for traffic-policy scopes (external vs. internal); 0 today.
+    pub scope: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the service map. In slot 0 `count` and `rev_nat_id` describe the frontend; in a
+/// backend slot `backend_id` names the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    pub backend_id: u32,
+    /// Frontend id: indexes the rev-NAT map and the service stats array.
+    pub rev_nat_id: u32,
+    /// Number of backend slots; 0 means "no endpoints": connections are refused.
+    pub count: u16,
+    pub flags: u16,
+}
+
+pub const BACKEND_STATE_ACTIVE: u8 = 0;
+pub const BACKEND_STATE_TERMINATING: u8 = 1;
+
+/// Value of the backend map, keyed by backend id (`u32`, never 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend {
+    pub addr: Ipv4,
+    pub port: u16,
+    pub proto: u8,
+    pub state: u8,
+}
+
+/// Value of the rev-NAT map, keyed by frontend id: the address replies must come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNat {
+    pub addr: Ipv4,
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+pub const CT_DIR_FORWARD: u8 = 0;
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// Conntrack key: the tuple as the packet carries it when it reaches the program.
+/// Forward entries are keyed client -> frontend, reply entries backend -> client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: Ipv4,
+    pub daddr: Ipv4,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// The flow went to the client's own pod: its source was replaced by `HAIRPIN_SNAT_ADDR`.
+pub const CT_FLAG_HAIRPIN: u16 = 1;
+
+/// Conntrack value. Counters are added to in place (atomically) by the datapath; each entry
+/// counts the packets travelling in its own direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtEntry {
+    pub packets: u64,
+    /// IP-layer bytes (IP header included).
+    pub bytes: u64,
+    /// `bpf_ktime_get_ns` at creation and at the last packet (monotonic clock).
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub backend_id: u32,
+    pub rev_nat_id: u32,
+    /// Forward: the backend the flow is sent to. Reply: the frontend replies come from.
+    pub nat_addr: Ipv4,
+    pub nat_port: u16,
+    pub flags: u16,
+    /// Hairpin only. Forward: the substituted source; reply: the client's real address.
+    pub peer_addr: Ipv4,
+    pub _pad: [u8; 4],
+}
+
+/// Packets, bytes (IP layer, both directions) and new connections of a frontend or backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TrafficStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub connections: u64,
+}
+
+/// Why the datapath refused or dropped a packet; index into the drops array.
+pub mod drop_reason {
+    /// The service has no endpoints: the client got a TCP reset or ICMP port unreachable.
+    pub const NO_ENDPOINTS: u32 = 1;
+    /// The backend conntrack remembered is gone and the flow is TCP: the client got a reset.
+    pub const BACKEND_GONE: u32 = 2;
+    /// Conntrack could not take the new flow (map update failed).
+    pub const CT_INSERT_FAILED: u32 = 3;
+    /// The service map named a backend slot or backend that does not exist.
+    pub const BACKEND_MISSING: u32 = 4;
+    /// A packet rewrite helper failed.
+    pub const REWRITE_FAILED: u32 = 5;
+
+    pub fn name(reason: u32) -> &'static str {
+        match reason {
+            NO_ENDPOINTS => "no_endpoints",
+            BACKEND_GONE => "backend_gone",
+            CT_INSERT_FAILED => "conntrack_insert_failed",
+            BACKEND_MISSING => "backend_missing",
+            REWRITE_FAILED => "rewrite_failed",
+            _ => "unknown",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    macro_rules! user_space_pod {
+        ($($ty:ty),+ $(,)?) => {$(
+            // SAFETY: repr(C), Copy, only integer fields, and no implicit padding (the layout
+            // tests below pin every size and offset).
+            unsafe impl aya::Pod for $ty {}
+            unsafe impl bytemuck::Zeroable for $ty {}
+            unsafe impl bytemuck::Pod for $ty {}
+        )+};
+    }
+    user_space_pod!(
+        ServiceKey,
+        ServiceValue,
+        Backend,
+        RevNat,
+        CtKey,
+        CtEntry,
+        TrafficStats
+    );
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
+
+    #[test]
+    fn service_map_layout() {
+        assert_eq!(size_of::<ServiceKey>(), 12);
+        assert_eq!(align_of::<ServiceKey>(), 2);
+        assert_eq!(offset_of!(ServiceKey, addr), 0);
+        assert_eq!(offset_of!(ServiceKey, port), 4);
+        assert_eq!(offset_of!(ServiceKey, backend_slot), 6);
+        assert_eq!(offset_of!(ServiceKey, proto), 8);
+        assert_eq!(offset_of!(ServiceKey, scope), 9);
+        assert_eq!(size_of::<ServiceValue>(), 12);
+        assert_eq!(offset_of!(ServiceValue, backend_id), 0);
+        assert_eq!(offset_of!(ServiceValue, rev_nat_id), 4);
+        assert_eq!(offset_of!(ServiceValue, count), 8);
+        assert_eq!(offset_of!(ServiceValue, flags), 10);
+    }
+
+    #[test]
+    fn backend_and_rev_nat_layout() {
+        assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(offset_of!(Backend, port), 4);
+        assert_eq!(offset_of!(Backend, proto), 6);
+        assert_eq!(offset_of!(Backend, state), 7);
+        assert_eq!(size_of::<RevNat>(), 8);
+        assert_eq!(offset_of!(RevNat, port), 4);
+    }
+
+    #[test]
+    fn conntrack_layout() {
+        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(offset_of!(CtKey, daddr), 4);
+        assert_eq!(offset_of!(CtKey, sport), 8);
+        assert_eq!(offset_of!(CtKey, dport), 10);
+        assert_eq!(offset_of!(CtKey, proto), 12);
+        assert_eq!(offset_of!(CtKey, direction), 13);
+        assert_eq!(size_of::<CtEntry>(), 56);
+        assert_eq!(align_of::<CtEntry>(), 8);
+        assert_eq!(offset_of!(CtEntry, bytes), 8);
+        assert_eq!(offset_of!(CtEntry, created_ns), 16);
+        assert_eq!(offset_of!(CtEntry, last_seen_ns), 24);
+        assert_eq!(offset_of!(CtEntry, backend_id), 32);
+        assert_eq!(offset_of!(CtEntry, rev_nat_id), 36);
+        assert_eq!(offset_of!(CtEntry, nat_addr), 40);
+        assert_eq!(offset_of!(CtEntry, nat_port), 44);
+        assert_eq!(offset_of!(CtEntry, flags), 46);
+        assert_eq!(offset_of!(CtEntry, peer_addr), 48);
+    }
+
+    #[test]
+    fn stats_layout() {
+        assert_eq!(size_of::<TrafficStats>(), 24);
+        assert_eq!(offset_of!(TrafficStats, bytes), 8);
+        assert_eq!(offset_of!(TrafficStats, connections), 16);
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel_limit() {
+        for name in map_names::ALL {
+            assert!(
+                name.len() <= 15,
+                "{name} is longer than BPF_OBJ_NAME_LEN - 1"
+            );
+            assert!(name.ends_with("_v1"), "{name} carries no layout version");
+        }
+    }
+}

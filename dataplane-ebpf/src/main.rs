@@ -1,0 +1,40 @@
+//! The kernel datapath. One tc program, attached at ingress of every pod-facing interface on
+//! the node, does three things:
+//! - packets to a service frontend get a backend (conntrack keeps a flow on it) and DNAT;
+//! - backend replies are reverse-NATed back to the frontend address;
+//! - everything else passes untouched after two hash lookups.
+//!
+//! Entry points stay thin (aya's style); the work lives in the modules below.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+mod checksum;
+mod counters;
+mod lb;
+mod maps;
+mod nat;
+mod packet;
+mod refuse;
+
+use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+
+#[classifier]
+pub fn pod_ingress(ctx: TcContext) -> i32 {
+    match packet::parse(&ctx) {
+        Some(pkt) => lb::handle(&ctx, &pkt),
+        // Not IPv4 TCP/UDP, or a non-first fragment: not ours.
+        None => TC_ACT_OK,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,33 @@
+//! The maps, declared with BTF so bpftool prints their fields. Names must match
+//! `dataplane_common::map_names` (the agent checks every one at load time).
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap},
+    macros::btf_map,
+};
+use dataplane_common::{
+    Backend, CtEntry, CtKey, RevNat, ServiceKey, ServiceValue, TrafficStats, capacity,
+};
+
+#[btf_map(name = "dp_svc_v1")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { capacity::SERVICES as usize }> =
+    HashMap::new();
+
+#[btf_map(name = "dp_backends_v1")]
+pub static BACKENDS: HashMap<u32, Backend, { capacity::BACKENDS as usize }> = HashMap::new();
+
+/// Read by the agent and inspection tools (the datapath keeps the frontend in conntrack).
+#[btf_map(name = "dp_revnat_v1")]
+pub static REV_NAT: HashMap<u32, RevNat, { capacity::FRONTENDS as usize }> = HashMap::new();
+
+#[btf_map(name = "dp_ct_v1")]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "dp_svc_stats_v1")]
+pub static SERVICE_STATS: Array<TrafficStats, { capacity::FRONTENDS as usize }> = Array::new();
+
+#[btf_map(name = "dp_be_stats_v1")]
+pub static BACKEND_STATS: Array<TrafficStats, { capacity::BACKENDS as usize }> = Array::new();
+
+#[btf_map(name = "dp_drops_v1")]
+pub static DROPS: Array<u64, { capacity::DROP_REASONS as usize }> = Array::new();

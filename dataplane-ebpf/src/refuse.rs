@@ -1,0 +1,138 @@
+//! Answers the datapath sends itself, turning the received packet into the reply in place and
+//! redirecting it back out of the interface it came from: a TCP reset, or an ICMP port
+//! unreachable (what kube-proxy's REJECT rule sends), so a client of a service without
+//! endpoints fails at once instead of timing out.
+use aya_ebpf::{
+    bindings::TC_ACT_SHOT,
+    helpers::{bpf_redirect, bpf_skb_change_tail},
+    programs::TcContext,
+};
+use dataplane_common::{IPPROTO_TCP, Ipv4};
+
+use crate::{
+    checksum,
+    packet::{ETH_HLEN, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+const IPPROTO_ICMP: u8 = 1;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
+
+pub fn connection(ctx: &TcContext, pkt: &Packet) -> i32 {
+    if pkt.proto == IPPROTO_TCP { tcp_reset(ctx, pkt) } else { icmp_port_unreachable(ctx, pkt) }
+}
+
+/// A reset for the segment in `ctx`, as RFC 9293 3.10.7.1 builds it, from the address the
+/// client sent to.
+pub fn tcp_reset(ctx: &TcContext, pkt: &Packet) -> i32 {
+    if pkt.tcp_flags & TCP_RST != 0 {
+        return TC_ACT_SHOT; // never answer a reset
+    }
+    let l4 = pkt.l4_off();
+    let (Ok(seq), Ok(ack), Ok(data_off)) =
+        (ctx.load::<u32>(l4 + 4), ctx.load::<u32>(l4 + 8), ctx.load::<u8>(l4 + 12))
+    else {
+        return TC_ACT_SHOT;
+    };
+    let (rst_seq, rst_ack, flags) = if pkt.tcp_flags & TCP_ACK != 0 {
+        (u32::from_be(ack), 0, TCP_RST)
+    } else {
+        let header_len = pkt.ip_hlen as u32 + ((data_off >> 4) as u32) * 4;
+        let mut consumed = (pkt.ip_len as u32).saturating_sub(header_len);
+        if pkt.tcp_flags & TCP_SYN != 0 {
+            consumed += 1;
+        }
+        if pkt.tcp_flags & TCP_FIN != 0 {
+            consumed += 1;
+        }
+        (0, u32::from_be(seq).wrapping_add(consumed), TCP_RST | TCP_ACK)
+    };
+
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&pkt.dport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&pkt.sport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&rst_seq.to_be_bytes());
+    tcp[8..12].copy_from_slice(&rst_ack.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    let pseudo = pseudo_header_sum(pkt.daddr, pkt.saddr, IPPROTO_TCP, 20);
+    let csum = checksum::finish(checksum::add_bytes(pseudo, &tcp));
+    tcp[16] = csum[0];
+    tcp[17] = csum[1];
+
+    let ip = ipv4_header(IPPROTO_TCP, 40, pkt.daddr, pkt.saddr);
+    send_back(ctx, &ip, &tcp, &[])
+}
+
+/// ICMP destination unreachable (port) quoting the IP header and 8 bytes of the datagram.
+pub fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet) -> i32 {
+    if pkt.ip_hlen != 20 {
+        return TC_ACT_SHOT; // quoting an options header is not worth the code; drop instead
+    }
+    let mut quoted = [0u8; 28];
+    if ctx.load_bytes(ETH_HLEN, &mut quoted).is_err() {
+        return TC_ACT_SHOT;
+    }
+    let mut icmp = [0u8; 8];
+    icmp[0] = ICMP_DEST_UNREACH;
+    icmp[1] = ICMP_PORT_UNREACH;
+    let csum = checksum::finish(checksum::add_bytes(checksum::add_bytes(0, &icmp), &quoted));
+    icmp[2] = csum[0];
+    icmp[3] = csum[1];
+    let ip = ipv4_header(IPPROTO_ICMP, 20 + 8 + 28, pkt.daddr, pkt.saddr);
+    send_back(ctx, &ip, &icmp, &quoted)
+}
+
+fn pseudo_header_sum(saddr: Ipv4, daddr: Ipv4, proto: u8, len: u16) -> u64 {
+    let sum = checksum::add_bytes(0, &saddr);
+    let sum = checksum::add_bytes(sum, &daddr);
+    sum + proto as u64 + len as u64
+}
+
+fn ipv4_header(proto: u8, total_len: u16, saddr: Ipv4, daddr: Ipv4) -> [u8; 20] {
+    let mut h = [0u8; 20];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&total_len.to_be_bytes());
+    h[6] = 0x40; // don't fragment
+    h[8] = 64; // TTL
+    h[9] = proto;
+    h[12..16].copy_from_slice(&saddr);
+    h[16..20].copy_from_slice(&daddr);
+    let csum = checksum::finish(checksum::add_bytes(0, &h));
+    h[10] = csum[0];
+    h[11] = csum[1];
+    h
+}
+
+/// Rewrites the frame as `ip | l4 | payload` with the MAC addresses swapped, and sends it
+/// back out of the interface it arrived on (towards the client pod).
+fn send_back<const L4: usize, const P: usize>(
+    ctx: &TcContext,
+    ip: &[u8; 20],
+    l4: &[u8; L4],
+    payload: &[u8; P],
+) -> i32 {
+    let mut macs = [0u8; 12];
+    if ctx.load_bytes(0, &mut macs).is_err() {
+        return TC_ACT_SHOT;
+    }
+    let mut eth = [0u8; 14];
+    eth[0..6].copy_from_slice(&macs[6..12]);
+    eth[6..12].copy_from_slice(&macs[0..6]);
+    eth[12] = 0x08; // IPv4
+    let len = (ETH_HLEN + 20 + L4 + P) as u32;
+    // SAFETY: the skb is the program's own context.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, len, 0) } != 0 {
+        return TC_ACT_SHOT;
+    }
+    let stored = ctx
+        .store(0, &eth, 0)
+        .and_then(|()| ctx.store(ETH_HLEN, ip, 0))
+        .and_then(|()| ctx.store(ETH_HLEN + 20, l4, 0))
+        .and_then(|()| if P > 0 { ctx.store(ETH_HLEN + 20 + L4, payload, 0) } else { Ok(()) });
+    if stored.is_err() {
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: reads the ingress ifindex from the program's own context.
+    unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
+}

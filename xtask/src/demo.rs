@@ -1,0 +1,3 @@
+pub fn demo(_keep: bool, _down: bool) -> anyhow::Result<()> {
+    anyhow::bail!("not yet")
+}
