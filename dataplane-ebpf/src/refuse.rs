@@ -69,10 +69,9 @@ pub fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet) -> i32 {
     if pkt.ip_hlen != 20 {
         return TC_ACT_SHOT; // quoting an options header is not worth the code; drop instead
     }
-    let mut quoted = [0u8; 28];
-    if ctx.load_bytes(ETH_HLEN, &mut quoted).is_err() {
+    let Ok(quoted) = ctx.load::<[u8; 28]>(ETH_HLEN) else {
         return TC_ACT_SHOT;
-    }
+    };
     let mut icmp = [0u8; 8];
     icmp[0] = ICMP_DEST_UNREACH;
     icmp[1] = ICMP_PORT_UNREACH;
@@ -112,10 +111,9 @@ fn send_back<const L4: usize, const P: usize>(
     l4: &[u8; L4],
     payload: &[u8; P],
 ) -> i32 {
-    let mut macs = [0u8; 12];
-    if ctx.load_bytes(0, &mut macs).is_err() {
+    let Ok(macs) = ctx.load::<[u8; 12]>(0) else {
         return TC_ACT_SHOT;
-    }
+    };
     let mut eth = [0u8; 14];
     eth[0..6].copy_from_slice(&macs[6..12]);
     eth[6..12].copy_from_slice(&macs[0..6]);

@@ -1,0 +1,343 @@
+//! ClusterIP end to end: real pods (namespaces), real servers and clients, the real agent
+//! and datapath. Run as root; skipped (with a message) otherwise.
+use std::{collections::BTreeMap, net::Ipv4Addr, time::{Duration, Instant}};
+
+use testbed::{
+    Agent, Node, Wiring, http_requests,
+    manifests::{DNS, HTTP, service},
+    require_root, udp_request, wait_until,
+};
+
+const VIP: &str = "10.96.0.10";
+
+/// A node with a client pod and three web pods serving HTTP on 8080 and UDP on 5353.
+struct Cluster {
+    agent: Agent,
+    node: Node,
+}
+
+impl Cluster {
+    fn new(wiring: Wiring, subnet: [u8; 3]) -> Self {
+        let mut node = Node::new(wiring, subnet).unwrap();
+        node.add_pod("client").unwrap();
+        for i in 0..3 {
+            let index = node.add_pod(&format!("web-{i}")).unwrap();
+            node.pods[index].serve(8080, 5353).unwrap();
+        }
+        let agent = Agent::start(&node, "node-a").unwrap();
+        Self { agent, node }
+    }
+
+    fn client(&self) -> &testbed::Netns {
+        &self.node.pods[0].netns
+    }
+
+    fn web_ips(&self) -> Vec<Ipv4Addr> {
+        self.node.pods[1..].iter().map(|p| p.ip).collect()
+    }
+
+    fn publish_web(&self, endpoints: &[Ipv4Addr]) {
+        self.agent.write_manifest("web.yaml", &service("web", VIP, &[HTTP, DNS], endpoints)).unwrap();
+    }
+}
+
+/// Which backend answered each request ("web-N"), and the client addresses they saw.
+fn tally(answers: &[Result<String, String>]) -> (BTreeMap<String, usize>, Vec<String>) {
+    let mut by_backend = BTreeMap::new();
+    let mut peers = Vec::new();
+    for answer in answers {
+        let line = answer.as_ref().expect("request failed");
+        let mut parts = line.split_whitespace();
+        *by_backend.entry(parts.next().unwrap().to_string()).or_default() += 1;
+        peers.push(parts.next().unwrap().split(':').next().unwrap().to_string());
+    }
+    (by_backend, peers)
+}
+
+fn spreads_over_every_backend(wiring: Wiring, subnet: [u8; 3], requests: usize) {
+    let cluster = Cluster::new(wiring, subnet);
+    // A broken file next to the good one must not stop anything.
+    cluster.agent.write_manifest("broken.yaml", "kind: Service\nmetadata: [unclosed\n").unwrap();
+    cluster.publish_web(&cluster.web_ips());
+    cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
+
+    let answers = http_requests(cluster.client(), &format!("http://{VIP}/"), requests);
+    let (by_backend, peers) = tally(&answers);
+    assert_eq!(by_backend.len(), 3, "every backend answers: {by_backend:?}");
+    for (backend, count) in &by_backend {
+        assert!(*count * 100 >= requests * 15, "{backend} got {count} of {requests}: {by_backend:?}");
+    }
+    // No SNAT for pod-to-service traffic: backends see the client pod's own address.
+    let client_ip = cluster.node.pods[0].ip.to_string();
+    assert!(peers.iter().all(|p| *p == client_ip), "backends saw {peers:?}, not {client_ip}");
+    assert!(cluster.agent.log_text().contains("broken.yaml"), "the bad file is named in the log");
+}
+
+#[test]
+fn routed_pods_reach_every_backend_with_their_own_address() {
+    require_root!();
+    spreads_over_every_backend(Wiring::Routed, [10, 244, 1], 300);
+}
+
+#[test]
+fn bridged_pods_reach_every_backend_with_their_own_address() {
+    require_root!();
+    spreads_over_every_backend(Wiring::Bridged, [10, 244, 2], 300);
+}
+
+#[test]
+fn udp_request_response_and_exact_flow_counters() {
+    require_root!();
+    let cluster = Cluster::new(Wiring::Routed, [10, 244, 3]);
+    cluster.publish_web(&cluster.web_ips());
+    cluster.agent.wait_for_backends("10.96.0.10:53", 3).unwrap();
+
+    // Ten datagrams from one source port: one flow, one backend.
+    let mut reply_bytes = 0;
+    let mut backends = std::collections::BTreeSet::new();
+    for i in 0..10 {
+        let payload = format!("ping-{i}");
+        let answer = udp_request(cluster.client(), &format!("{VIP}:53"), Some(40000), &payload).unwrap();
+        assert!(answer.ends_with(&payload), "{answer}");
+        backends.insert(answer.split_whitespace().next().unwrap().to_string());
+        reply_bytes += 28 + answer.len() as u64;
+    }
+    assert_eq!(backends.len(), 1, "conntrack keeps the flow on one backend: {backends:?}");
+
+    let flows = cluster.agent.cli_json(&["flows"]).unwrap();
+    let client = format!("{}:40000", cluster.node.pods[0].ip);
+    let flow = flows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["client"] == client.as_str() && f["frontend"] == "10.96.0.10:53")
+        .unwrap_or_else(|| panic!("no flow for {client} in {flows:#}"));
+    assert_eq!(flow["protocol"], "UDP");
+    assert_eq!(flow["to_backend"]["packets"], 10);
+    assert_eq!(flow["to_backend"]["bytes"], 10 * (28 + 6));
+    assert_eq!(flow["to_client"]["packets"], 10);
+    assert_eq!(flow["to_client"]["bytes"], reply_bytes);
+    assert!(flow["backend"].as_str().unwrap().ends_with(":5353"));
+
+    // TCP: every request is its own connection and its own flow entry.
+    let before = cluster.agent.cli_json(&["flows"]).unwrap().as_array().unwrap().len();
+    let answers = http_requests(cluster.client(), &format!("http://{VIP}/"), 20);
+    let body_bytes: u64 = answers.iter().map(|a| a.as_ref().unwrap().len() as u64 + 1).sum();
+    let flows = cluster.agent.cli_json(&["flows"]).unwrap();
+    let tcp: Vec<_> = flows.as_array().unwrap().iter().filter(|f| f["frontend"] == "10.96.0.10:80").collect();
+    assert_eq!(tcp.len(), 20, "{} flows before", before);
+    for f in &tcp {
+        // SYN, ACK, request, ACK(s), FIN, ACK: at least 4 packets each way.
+        assert!(f["to_backend"]["packets"].as_u64().unwrap() >= 4, "{f}");
+        assert!(f["to_client"]["packets"].as_u64().unwrap() >= 4, "{f}");
+    }
+    let to_client: u64 = tcp.iter().map(|f| f["to_client"]["bytes"].as_u64().unwrap()).sum();
+    assert!(to_client > body_bytes, "{to_client} bytes counted for {body_bytes} bytes of bodies");
+    let services = cluster.agent.cli_json(&["services"]).unwrap();
+    let http = services.as_array().unwrap().iter().find(|s| s["frontend"] == "10.96.0.10:80").unwrap();
+    assert_eq!(http["connections"], 20);
+    let per_backend: u64 = http["backends"].as_array().unwrap().iter().map(|b| b["connections"].as_u64().unwrap()).sum();
+    assert_eq!(per_backend, 20);
+}
+
+#[test]
+fn endpoint_changes_reach_new_connections_within_a_second() {
+    require_root!();
+    let cluster = Cluster::new(Wiring::Routed, [10, 244, 4]);
+    let ips = cluster.web_ips();
+    cluster.publish_web(&ips);
+    cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
+
+    // Remove web-2.
+    let changed = Instant::now();
+    cluster.publish_web(&ips[..2]);
+    cluster.agent.wait_for_backends("10.96.0.10:80", 2).unwrap();
+    let programmed = changed.elapsed();
+    std::thread::sleep(Duration::from_secs(1).saturating_sub(changed.elapsed()));
+    let (by_backend, _) = tally(&http_requests(cluster.client(), &format!("http://{VIP}/"), 60));
+    assert!(!by_backend.contains_key("web-2"), "removed endpoint still chosen: {by_backend:?}");
+    assert!(programmed < Duration::from_secs(1), "removal took {programmed:?} to reach the maps");
+
+    // Bring it back.
+    let changed = Instant::now();
+    cluster.publish_web(&ips);
+    cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
+    assert!(changed.elapsed() < Duration::from_secs(1), "addition took {:?}", changed.elapsed());
+    let (by_backend, _) = tally(&http_requests(cluster.client(), &format!("http://{VIP}/"), 90));
+    assert!(by_backend.contains_key("web-2"), "added endpoint never chosen: {by_backend:?}");
+}
+
+#[test]
+fn a_pod_reaches_itself_through_its_service() {
+    require_root!();
+    for (wiring, subnet) in [(Wiring::Routed, [10, 244, 5]), (Wiring::Bridged, [10, 244, 6])] {
+        let cluster = Cluster::new(wiring, subnet);
+        let web0 = &cluster.node.pods[1];
+        cluster.agent.write_manifest("self.yaml", &service("self", "10.96.0.30", &[HTTP], &[web0.ip])).unwrap();
+        cluster.agent.wait_for_backends("10.96.0.30:80", 1).unwrap();
+        let answers = http_requests(&web0.netns, "http://10.96.0.30/", 5);
+        let (by_backend, peers) = tally(&answers);
+        assert_eq!(by_backend.get("web-0"), Some(&5), "{wiring:?}: {answers:?}");
+        // The pod cannot accept its own address as a source; the datapath substitutes one.
+        assert!(peers.iter().all(|p| p == "169.254.42.1"), "{wiring:?}: {peers:?}");
+    }
+}
+
+/// Connects (TCP) or sends and waits for an answer (UDP) from `client`; prints the outcome
+/// and the seconds it took, measured inside the namespace.
+const PROBE: &str = r#"
+import socket, sys, time
+proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+s.settimeout(3)
+t = time.monotonic()
+try:
+    s.connect((host, port))
+    if proto == "udp":
+        s.send(b"hello")
+        s.recv(100)
+    print("connected", time.monotonic() - t)
+except ConnectionRefusedError:
+    print("refused", time.monotonic() - t)
+except socket.timeout:
+    print("timeout", time.monotonic() - t)
+"#;
+
+#[test]
+fn a_service_without_endpoints_refuses_at_once() {
+    require_root!();
+    let cluster = Cluster::new(Wiring::Routed, [10, 244, 7]);
+    cluster.agent.write_manifest("empty.yaml", &service("empty", "10.96.0.20", &[HTTP, DNS], &[])).unwrap();
+    cluster.agent.wait_for_backends("10.96.0.20:80", 0).unwrap();
+    for (proto, port) in [("tcp", "80"), ("udp", "53")] {
+        let out = cluster.client().run("python3", &["-c", PROBE, proto, "10.96.0.20", port]).unwrap();
+        let mut words = out.split_whitespace();
+        assert_eq!(words.next(), Some("refused"), "{proto}: {out}");
+        let seconds: f64 = words.next().unwrap().parse().unwrap();
+        assert!(seconds < 0.1, "{proto}: refusal took {seconds} s");
+    }
+    let drops = cluster.agent.cli(&["services"]).unwrap();
+    assert!(drops.contains("10.96.0.20:80"));
+}
+
+/// Holds a TCP connection open with half a request, sends the rest when `go` exists, and
+/// prints what came back.
+const HOLD: &str = r#"
+import os, socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), 3)
+s.sendall(b"GET / HTTP/1.0\r\n")
+print("open", flush=True)
+while not os.path.exists(sys.argv[3]):
+    time.sleep(0.01)
+s.settimeout(3)
+t = time.monotonic()
+try:
+    s.sendall(b"\r\n")
+    data = s.recv(1000)
+    print("data" if data else "closed", time.monotonic() - t)
+except ConnectionResetError:
+    print("reset", time.monotonic() - t)
+except socket.timeout:
+    print("timeout", time.monotonic() - t)
+"#;
+
+#[test]
+fn flows_leave_a_backend_that_disappears() {
+    require_root!();
+    let cluster = Cluster::new(Wiring::Routed, [10, 244, 8]);
+    let ips = cluster.web_ips();
+    cluster.publish_web(&ips[..2]);
+    cluster.agent.wait_for_backends("10.96.0.10:53", 2).unwrap();
+
+    // UDP: the same flow moves to the remaining backend on its next datagram.
+    let first = udp_request(cluster.client(), &format!("{VIP}:53"), Some(40001), "one").unwrap();
+    let chosen = first.split_whitespace().next().unwrap().to_string();
+    let (keep, _) = if chosen == "web-0" { (ips[1], ips[0]) } else { (ips[0], ips[1]) };
+    cluster.publish_web(&[keep]);
+    cluster.agent.wait_for_backends("10.96.0.10:53", 1).unwrap();
+    let second = udp_request(cluster.client(), &format!("{VIP}:53"), Some(40001), "two").unwrap();
+    assert_ne!(second.split_whitespace().next().unwrap(), chosen, "{first} then {second}");
+
+    // TCP: a connection whose backend is gone is reset, not left hanging.
+    cluster.publish_web(&[ips[2]]);
+    cluster.agent.wait_for_backends("10.96.0.10:80", 1).unwrap();
+    let go = cluster.agent.manifests.parent().unwrap().join("go");
+    let mut holder = cluster
+        .client()
+        .command("python3")
+        .args(["-c", HOLD, VIP, "80", go.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(holder.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "open");
+    cluster.publish_web(&ips[..1]);
+    cluster.agent.wait_for_backends("10.96.0.10:80", 1).unwrap();
+    wait_until(Duration::from_secs(5), || {
+        cluster.agent.cli_json(&["services"]).unwrap().as_array().unwrap().iter().any(|s| {
+            s["frontend"] == "10.96.0.10:80" && s["backends"][0]["address"] == format!("{}:8080", ips[0]).as_str()
+        })
+    })
+    .unwrap();
+    std::fs::write(&go, "").unwrap();
+    let mut outcome = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut outcome).unwrap();
+    holder.wait().unwrap();
+    assert!(outcome.starts_with("reset"), "{outcome}");
+}
+
+#[test]
+fn every_map_prints_named_fields_in_bpftool() {
+    require_root!();
+    let cluster = Cluster::new(Wiring::Routed, [10, 244, 9]);
+    cluster.publish_web(&cluster.web_ips());
+    cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
+    http_requests(cluster.client(), &format!("http://{VIP}/"), 3);
+    let expected_fields: &[(&str, &[&str])] = &[
+        ("dp_svc_v1", &["backend_slot", "rev_nat_id", "count"]),
+        ("dp_backends_v1", &["addr", "port", "state"]),
+        ("dp_revnat_v1", &["addr", "port"]),
+        ("dp_ct_v1", &["saddr", "direction", "packets", "nat_addr"]),
+        ("dp_svc_stats_v1", &["packets", "bytes", "connections"]),
+        ("dp_be_stats_v1", &["packets", "bytes", "connections"]),
+        ("dp_drops_v1", &["\"value\": 0"]),
+    ];
+    for name in dataplane_common::map_names::ALL {
+        let path = cluster.agent.bpffs_dir.join(name);
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (_, fields) = expected_fields.iter().find(|(n, _)| *n == name).expect("every map is listed");
+        for field in *fields {
+            assert!(text.contains(field), "{name} dump lacks {field}: {}", &text[..text.len().min(400)]);
+        }
+        assert!(!text.contains("\"0x"), "{name} printed raw bytes, not BTF fields");
+    }
+}
+
+#[test]
+fn stopping_the_agent_keeps_traffic_and_cleanup_removes_everything() {
+    require_root!();
+    let mut cluster = Cluster::new(Wiring::Routed, [10, 244, 10]);
+    cluster.publish_web(&cluster.web_ips());
+    cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
+    cluster.agent.stop();
+    let answers = http_requests(cluster.client(), &format!("http://{VIP}/"), 10);
+    assert!(answers.iter().all(|a| a.is_ok()), "traffic stopped with the agent: {answers:?}");
+    // The CLI reads the pins while the agent is stopped.
+    assert!(cluster.agent.cli(&["services"]).unwrap().contains("10.96.0.10:80"));
+
+    let net_show = || cluster.node.netns.run("bpftool", &["net", "show"]).unwrap();
+    assert!(net_show().contains("pod_ingress"), "{}", net_show());
+    cluster.agent.cli(&["cleanup"]).unwrap();
+    assert!(!cluster.agent.bpffs_dir.exists(), "pins left behind");
+    assert!(!net_show().contains("pod_ingress"), "program still attached: {}", net_show());
+    let answers = http_requests(cluster.client(), &format!("http://{VIP}/"), 1);
+    assert!(answers[0].is_err(), "the service still answers after cleanup");
+}
