@@ -31,6 +31,9 @@ const DEBOUNCE: Duration = Duration::from_millis(10);
 const RESYNC: Duration = Duration::from_secs(30);
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    // Before anything else: a SIGTERM during start-up must stop the agent between steps,
+    // never kill it halfway through attaching.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let layout = BpffsLayout::new(&config.bpffs_dir);
     let mut datapath = LoadedDatapath::load(&layout)?;
     let mut programmer =
@@ -64,7 +67,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 
     let mut interfaces = tokio::time::interval(INTERFACE_POLL);
     let mut resync = tokio::time::interval(RESYNC);
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             Some(()) = changed.recv() => {

@@ -252,6 +252,8 @@ pub struct Agent {
     netns_path: PathBuf,
     node_name: String,
     pod_glob: String,
+    /// Interfaces the agent must have attached to before it counts as started.
+    pod_interfaces: Vec<String>,
 }
 
 pub fn agent_binary() -> PathBuf {
@@ -276,6 +278,7 @@ impl Agent {
             netns_path: node.netns.path(),
             node_name: node_name.to_string(),
             pod_glob: node.pod_glob(),
+            pod_interfaces: node.pods.iter().map(|p| p.host_if.clone()).collect(),
         };
         agent.restart()?;
         Ok(agent)
@@ -300,9 +303,12 @@ impl Agent {
             .stderr(log)
             .spawn()?;
         self.process = Some(Process { child });
-        // Ready once the maps are pinned.
+        // Ready once the maps are pinned and every pod interface has its link.
         let bpffs = self.bpffs_dir.clone();
-        wait_until(Duration::from_secs(10), || bpffs.join(dataplane_common::map_names::SERVICES).exists())
+        let links: Vec<PathBuf> = self.pod_interfaces.iter().map(|i| bpffs.join("links").join(i)).collect();
+        wait_until(Duration::from_secs(10), || {
+            bpffs.join(dataplane_common::map_names::SERVICES).exists() && links.iter().all(|l| l.exists())
+        })
             .map_err(|e| e.context(format!("agent did not start; log:\n{}", self.log_text())))
     }
 

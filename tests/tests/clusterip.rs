@@ -333,11 +333,23 @@ fn stopping_the_agent_keeps_traffic_and_cleanup_removes_everything() {
     // The CLI reads the pins while the agent is stopped.
     assert!(cluster.agent.cli(&["services"]).unwrap().contains("10.96.0.10:80"));
 
-    let net_show = || cluster.node.netns.run("bpftool", &["net", "show"]).unwrap();
-    assert!(net_show().contains("pod_ingress"), "{}", net_show());
+    // One tcx link per pod interface runs the pinned program; cleanup detaches them all.
+    let program = cluster.agent.bpffs_dir.join("pod_ingress");
+    let prog_id = bpftool_json(&["prog", "show", "pinned", program.to_str().unwrap()])["id"].clone();
+    let links_running = || {
+        let links = bpftool_json(&["link", "show"]);
+        links.as_array().unwrap().iter().filter(|l| l["prog_id"] == prog_id).count()
+    };
+    assert_eq!(links_running(), cluster.node.pods.len());
     cluster.agent.cli(&["cleanup"]).unwrap();
     assert!(!cluster.agent.bpffs_dir.exists(), "pins left behind");
-    assert!(!net_show().contains("pod_ingress"), "program still attached: {}", net_show());
+    assert_eq!(links_running(), 0, "program still attached after cleanup");
     let answers = http_requests(cluster.client(), &format!("http://{VIP}/"), 1);
     assert!(answers[0].is_err(), "the service still answers after cleanup");
+}
+
+fn bpftool_json(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new("bpftool").arg("-j").args(args).output().unwrap();
+    assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
 }
