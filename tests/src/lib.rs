@@ -431,3 +431,88 @@ pub fn udp_request(client: &Netns, target: &str, source_port: Option<u16>, paylo
     }
     Ok(text)
 }
+
+/// What a testbed left running on purpose (`cargo xtask demo --keep`), and how to remove it.
+#[derive(Debug, Default)]
+pub struct Kept {
+    pub namespaces: Vec<String>,
+    pub pids: Vec<u32>,
+    /// Agent bpffs directories, removed with `dataplane-agent cleanup`.
+    pub bpffs_dirs: Vec<PathBuf>,
+    pub work_dirs: Vec<PathBuf>,
+}
+
+impl Kept {
+    pub fn merge(mut self, other: Kept) -> Self {
+        self.namespaces.extend(other.namespaces);
+        self.pids.extend(other.pids);
+        self.bpffs_dirs.extend(other.bpffs_dirs);
+        self.work_dirs.extend(other.work_dirs);
+        self
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "namespaces": self.namespaces,
+            "pids": self.pids,
+            "bpffs_dirs": self.bpffs_dirs,
+            "work_dirs": self.work_dirs,
+        })
+    }
+
+    pub fn from_json(value: &serde_json::Value) -> Self {
+        let strings = |key: &str| -> Vec<String> {
+            value[key].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect()
+        };
+        Self {
+            namespaces: strings("namespaces"),
+            pids: value["pids"].as_array().into_iter().flatten().filter_map(|v| v.as_u64()).map(|p| p as u32).collect(),
+            bpffs_dirs: strings("bpffs_dirs").into_iter().map(PathBuf::from).collect(),
+            work_dirs: strings("work_dirs").into_iter().map(PathBuf::from).collect(),
+        }
+    }
+
+    /// Stops the processes and removes pins, namespaces and directories.
+    pub fn teardown(&self) {
+        for pid in &self.pids {
+            // SAFETY: signalling a process this testbed started.
+            unsafe { libc::kill(*pid as i32, libc::SIGTERM) };
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        for dir in &self.bpffs_dirs {
+            let _ = Command::new(agent_binary()).arg("cleanup").arg("--bpffs-dir").arg(dir).output();
+        }
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        for dir in &self.work_dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+impl Node {
+    /// Leaves the node, its pods and their servers running; returns what to remove later.
+    pub fn keep(self) -> Kept {
+        let node = std::mem::ManuallyDrop::new(self);
+        let mut kept = Kept { namespaces: vec![node.netns.name.clone()], ..Default::default() };
+        for pod in &node.pods {
+            kept.namespaces.push(pod.netns.name.clone());
+            kept.pids.extend(pod.processes.iter().map(|p| p.child.id()));
+        }
+        kept
+    }
+}
+
+impl Agent {
+    /// Leaves the agent running; returns what to remove later.
+    pub fn keep(self) -> Kept {
+        let agent = std::mem::ManuallyDrop::new(self);
+        Kept {
+            pids: agent.process.iter().map(|p| p.child.id()).collect(),
+            bpffs_dirs: vec![agent.bpffs_dir.clone()],
+            work_dirs: agent.manifests.parent().map(PathBuf::from).into_iter().collect(),
+            ..Default::default()
+        }
+    }
+}

@@ -22,15 +22,7 @@ const TEST_PACKAGES: &[&str] = &[
 const DEBIAN_RUST_PACKAGES: &[&str] = &["rustc-web", "rust-web-src", "cargo-web"];
 const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc_geteuid() == 0 }
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
+use testbed::is_root;
 
 fn installed(package: &str) -> bool {
     Command::new("dpkg-query")
