@@ -136,9 +136,12 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// A reply entry's tuple: protocol, backend address and port, client address and port.
+type ReplyTuple = (u8, [u8; 4], u16, [u8; 4], u16);
+
 pub fn flows(maps: &PinnedMaps) -> anyhow::Result<Vec<FlowView>> {
     let mut forward = Vec::new();
-    let mut reply: BTreeMap<(u8, [u8; 4], u16, [u8; 4], u16), CtEntry> = BTreeMap::new();
+    let mut reply: BTreeMap<ReplyTuple, CtEntry> = BTreeMap::new();
     for entry in maps.conntrack.iter() {
         let (key, value): (CtKey, CtEntry) = entry?;
         match key.direction {

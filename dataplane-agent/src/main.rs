@@ -103,7 +103,10 @@ fn main() -> anyhow::Result<()> {
             let views = inspect::services(&maps)?;
             match output {
                 Output::Json => print_json(&views),
-                Output::Table => Ok(inspect::print_services(&views)),
+                Output::Table => {
+                    inspect::print_services(&views);
+                    Ok(())
+                }
             }
         }
         Command::Flows { bpffs_dir, output } => {
@@ -111,7 +114,10 @@ fn main() -> anyhow::Result<()> {
             let views = inspect::flows(&maps)?;
             match output {
                 Output::Json => print_json(&views),
-                Output::Table => Ok(inspect::print_flows(&views)),
+                Output::Table => {
+                    inspect::print_flows(&views);
+                    Ok(())
+                }
             }
         }
     }

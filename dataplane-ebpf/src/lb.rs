@@ -12,8 +12,9 @@ use dataplane_common::{
 use crate::{
     counters::{count_drop, count_flow_packet, count_service_packet},
     maps::{BACKENDS, CONNTRACK, SERVICES},
-    nat, refuse,
+    nat,
     packet::Packet,
+    refuse,
 };
 
 pub fn handle(ctx: &TcContext, pkt: &Packet) -> i32 {
@@ -45,7 +46,11 @@ fn forward_key(pkt: &Packet) -> CtKey {
 
 /// The reply tuple of a forward flow: from the backend to whoever it saw as the client.
 fn reply_key(pkt: &Packet, entry: &CtEntry) -> CtKey {
-    let client = if entry.flags & CT_FLAG_HAIRPIN != 0 { entry.peer_addr } else { pkt.saddr };
+    let client = if entry.flags & CT_FLAG_HAIRPIN != 0 {
+        entry.peer_addr
+    } else {
+        pkt.saddr
+    };
     CtKey {
         saddr: entry.nat_addr,
         daddr: client,
@@ -103,7 +108,10 @@ fn new_flow(
         return refuse::connection(ctx, pkt);
     }
     let slot = (unsafe { bpf_get_prandom_u32() } % svc.count as u32) as u16 + 1;
-    let slot_key = ServiceKey { backend_slot: slot, ..*frontend };
+    let slot_key = ServiceKey {
+        backend_slot: slot,
+        ..*frontend
+    };
     let Some(slot_value) = SERVICES.get_ptr(slot_key) else {
         count_drop(drop_reason::BACKEND_MISSING);
         return TC_ACT_SHOT;

@@ -12,7 +12,11 @@ type Result = core::result::Result<(), i64>;
 /// UDP checksum 0 means "none": keep it 0 instead of turning it into a wrong value.
 #[inline(always)]
 fn l4_flags(pkt: &Packet) -> u64 {
-    if pkt.proto == IPPROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 }
+    if pkt.proto == IPPROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    }
 }
 
 #[inline(always)]
@@ -20,9 +24,17 @@ fn set_addr(ctx: &TcContext, pkt: &Packet, field_off: usize, old: Ipv4, new: Ipv
     if old == new {
         return Ok(());
     }
-    let (from, to) = (u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64);
+    let (from, to) = (
+        u32::from_ne_bytes(old) as u64,
+        u32::from_ne_bytes(new) as u64,
+    );
     // The address is part of the L4 pseudo-header, so both checksums change.
-    ctx.l4_csum_replace(pkt.l4_csum_off(), from, to, BPF_F_PSEUDO_HDR as u64 | 4 | l4_flags(pkt))?;
+    ctx.l4_csum_replace(
+        pkt.l4_csum_off(),
+        from,
+        to,
+        BPF_F_PSEUDO_HDR as u64 | 4 | l4_flags(pkt),
+    )?;
     ctx.l3_csum_replace(IP_CSUM_OFF, from, to, 4)?;
     ctx.store(field_off, &new, 0)
 }

@@ -89,7 +89,9 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
     if unsafe { (*eth).proto } != ETH_P_IP.to_be() {
         return None;
     }
-    if ctx.data_end() - ctx.data() < PARSE_LEN as usize && ctx.len() > ctx.data_end() as u32 - ctx.data() as u32 {
+    if ctx.data_end() - ctx.data() < PARSE_LEN as usize
+        && ctx.len() > ctx.data_end() as u32 - ctx.data() as u32
+    {
         // Headers may sit in paged data; make them linear (rare on veth).
         ctx.pull_data(core::cmp::min(ctx.len(), PARSE_LEN)).ok()?;
     }

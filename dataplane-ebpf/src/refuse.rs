@@ -19,7 +19,11 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 
 pub fn connection(ctx: &TcContext, pkt: &Packet) -> i32 {
-    if pkt.proto == IPPROTO_TCP { tcp_reset(ctx, pkt) } else { icmp_port_unreachable(ctx, pkt) }
+    if pkt.proto == IPPROTO_TCP {
+        tcp_reset(ctx, pkt)
+    } else {
+        icmp_port_unreachable(ctx, pkt)
+    }
 }
 
 /// A reset for the segment in `ctx`, as RFC 9293 3.10.7.1 builds it, from the address the
@@ -29,9 +33,11 @@ pub fn tcp_reset(ctx: &TcContext, pkt: &Packet) -> i32 {
         return TC_ACT_SHOT; // never answer a reset
     }
     let l4 = pkt.l4_off();
-    let (Ok(seq), Ok(ack), Ok(data_off)) =
-        (ctx.load::<u32>(l4 + 4), ctx.load::<u32>(l4 + 8), ctx.load::<u8>(l4 + 12))
-    else {
+    let (Ok(seq), Ok(ack), Ok(data_off)) = (
+        ctx.load::<u32>(l4 + 4),
+        ctx.load::<u32>(l4 + 8),
+        ctx.load::<u8>(l4 + 12),
+    ) else {
         return TC_ACT_SHOT;
     };
     let (rst_seq, rst_ack, flags) = if pkt.tcp_flags & TCP_ACK != 0 {
@@ -45,7 +51,11 @@ pub fn tcp_reset(ctx: &TcContext, pkt: &Packet) -> i32 {
         if pkt.tcp_flags & TCP_FIN != 0 {
             consumed += 1;
         }
-        (0, u32::from_be(seq).wrapping_add(consumed), TCP_RST | TCP_ACK)
+        (
+            0,
+            u32::from_be(seq).wrapping_add(consumed),
+            TCP_RST | TCP_ACK,
+        )
     };
 
     let mut tcp = [0u8; 20];
@@ -127,7 +137,13 @@ fn send_back<const L4: usize, const P: usize>(
         .store(0, &eth, 0)
         .and_then(|()| ctx.store(ETH_HLEN, ip, 0))
         .and_then(|()| ctx.store(ETH_HLEN + 20, l4, 0))
-        .and_then(|()| if P > 0 { ctx.store(ETH_HLEN + 20 + L4, payload, 0) } else { Ok(()) });
+        .and_then(|()| {
+            if P > 0 {
+                ctx.store(ETH_HLEN + 20 + L4, payload, 0)
+            } else {
+                Ok(())
+            }
+        });
     if stored.is_err() {
         return TC_ACT_SHOT;
     }

@@ -27,7 +27,10 @@ pub fn is_root() -> bool {
 macro_rules! require_root {
     () => {
         if !$crate::is_root() {
-            eprintln!("SKIPPED: {} needs root (network namespaces, BPF)", module_path!());
+            println!(
+                "SKIPPED: {} needs root (network namespaces, BPF)",
+                module_path!()
+            );
             return;
         }
     };
@@ -36,20 +39,30 @@ macro_rules! require_root {
 /// Short unique names: interface names are limited to 15 bytes.
 pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}{}{}", std::process::id() % 10000, NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}{}{}",
+        std::process::id() % 10000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn check(output: std::io::Result<Output>, what: &str) -> anyhow::Result<String> {
     let output = output.with_context(|| format!("cannot run {what}"))?;
     if !output.status.success() {
-        bail!("{what} failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+        bail!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Runs `ip ARGS` and fails with its message.
 pub fn ip(args: &[&str]) -> anyhow::Result<String> {
-    check(Command::new("ip").args(args).output(), &format!("ip {}", args.join(" ")))
+    check(
+        Command::new("ip").args(args).output(),
+        &format!("ip {}", args.join(" ")),
+    )
 }
 
 /// A network namespace, deleted on drop.
@@ -80,13 +93,17 @@ impl Netns {
     /// the mount namespace, as `ip netns exec` would), so bpffs pins stay visible.
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.path().display())).arg("--").arg(program);
+        cmd.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
         cmd
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
         check(
-            self.command("sysctl").args(["-q", "-w", &format!("{key}={value}")]).output(),
+            self.command("sysctl")
+                .args(["-q", "-w", &format!("{key}={value}")])
+                .output(),
             &format!("sysctl {key}"),
         )
         .map(|_| ())
@@ -94,7 +111,10 @@ impl Netns {
 
     /// Runs to completion; stdout on success.
     pub fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
-        check(self.command(program).args(args).output(), &format!("{program} {}", args.join(" ")))
+        check(
+            self.command(program).args(args).output(),
+            &format!("{program} {}", args.join(" ")),
+        )
     }
 
     pub fn spawn(&self, program: &str, args: &[&str]) -> anyhow::Result<Process> {
@@ -112,7 +132,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -203,7 +225,13 @@ impl Node {
             netns.ip(&["addr", "add", &gw, "dev", "br0"])?;
             netns.ip(&["link", "set", "br0", "up"])?;
         }
-        Ok(Self { netns, wiring, subnet, pods: vec![], veth_prefix })
+        Ok(Self {
+            netns,
+            wiring,
+            subnet,
+            pods: vec![],
+            veth_prefix,
+        })
     }
 
     pub fn pod_glob(&self) -> String {
@@ -217,16 +245,45 @@ impl Node {
         let ip = Ipv4Addr::new(a, b, c, index as u8 + 10);
         let netns = Netns::new("dpp")?;
         let host_if = format!("{}p{index}", self.veth_prefix);
-        self.netns.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns.name])?;
+        self.netns.ip(&[
+            "link",
+            "add",
+            &host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns.name,
+        ])?;
         match self.wiring {
             Wiring::Routed => {
                 netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
                 netns.ip(&["link", "set", "eth0", "up"])?;
-                netns.ip(&["route", "add", ROUTED_GATEWAY, "dev", "eth0", "scope", "link"])?;
-                netns.ip(&["route", "add", "default", "via", ROUTED_GATEWAY, "dev", "eth0"])?;
-                self.netns.sysctl(&format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?;
+                netns.ip(&[
+                    "route",
+                    "add",
+                    ROUTED_GATEWAY,
+                    "dev",
+                    "eth0",
+                    "scope",
+                    "link",
+                ])?;
+                netns.ip(&[
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    ROUTED_GATEWAY,
+                    "dev",
+                    "eth0",
+                ])?;
+                self.netns
+                    .sysctl(&format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?;
                 self.netns.ip(&["link", "set", &host_if, "up"])?;
-                self.netns.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
+                self.netns
+                    .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
             }
             Wiring::Bridged => {
                 netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
@@ -236,7 +293,13 @@ impl Node {
                 self.netns.ip(&["link", "set", &host_if, "up"])?;
             }
         }
-        self.pods.push(Pod { name: name.to_string(), ip, host_if, netns, processes: vec![] });
+        self.pods.push(Pod {
+            name: name.to_string(),
+            ip,
+            host_if,
+            netns,
+            processes: vec![],
+        });
         Ok(index)
     }
 }
@@ -287,15 +350,28 @@ impl Agent {
     /// Stops the agent (if running) and starts it again with the same directories.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
-        anyhow::ensure!(self.binary.exists(), "agent binary {} not built", self.binary.display());
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        anyhow::ensure!(
+            self.binary.exists(),
+            "agent binary {} not built",
+            self.binary.display()
+        );
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.netns_path.display()))
             .arg("--")
             .arg(&self.binary)
             .args(["run", "--manifests"])
             .arg(&self.manifests)
-            .args(["--node-name", &self.node_name, "--pod-interfaces", &self.pod_glob, "--bpffs-dir"])
+            .args([
+                "--node-name",
+                &self.node_name,
+                "--pod-interfaces",
+                &self.pod_glob,
+                "--bpffs-dir",
+            ])
             .arg(&self.bpffs_dir)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -305,11 +381,16 @@ impl Agent {
         self.process = Some(Process { child });
         // Ready once the maps are pinned and every pod interface has its link.
         let bpffs = self.bpffs_dir.clone();
-        let links: Vec<PathBuf> = self.pod_interfaces.iter().map(|i| bpffs.join("links").join(i)).collect();
+        let links: Vec<PathBuf> = self
+            .pod_interfaces
+            .iter()
+            .map(|i| bpffs.join("links").join(i))
+            .collect();
         wait_until(Duration::from_secs(10), || {
-            bpffs.join(dataplane_common::map_names::SERVICES).exists() && links.iter().all(|l| l.exists())
+            bpffs.join(dataplane_common::map_names::SERVICES).exists()
+                && links.iter().all(|l| l.exists())
         })
-            .map_err(|e| e.context(format!("agent did not start; log:\n{}", self.log_text())))
+        .map_err(|e| e.context(format!("agent did not start; log:\n{}", self.log_text())))
     }
 
     /// Stops the agent the way a DaemonSet update does (SIGTERM); the datapath stays.
@@ -348,7 +429,11 @@ impl Agent {
     /// Runs the CLI (`services`, `flows`, ...) against this agent's pins.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
         check(
-            Command::new(&self.binary).args(args).arg("--bpffs-dir").arg(&self.bpffs_dir).output(),
+            Command::new(&self.binary)
+                .args(args)
+                .arg("--bpffs-dir")
+                .arg(&self.bpffs_dir)
+                .output(),
             &format!("dataplane-agent {}", args.join(" ")),
         )
     }
@@ -364,18 +449,28 @@ impl Agent {
         wait_until(Duration::from_secs(5), || {
             self.cli_json(&["services"]).ok().is_some_and(|v| {
                 v.as_array().into_iter().flatten().any(|s| {
-                    s["frontend"] == frontend && s["backends"].as_array().map(Vec::len) == Some(backends)
+                    s["frontend"] == frontend
+                        && s["backends"].as_array().map(Vec::len) == Some(backends)
                 })
             })
         })
-        .map_err(|e| e.context(format!("{frontend} never had {backends} backends; log:\n{}", self.log_text())))
+        .map_err(|e| {
+            e.context(format!(
+                "{frontend} never had {backends} backends; log:\n{}",
+                self.log_text()
+            ))
+        })
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
-        let _ = Command::new(&self.binary).arg("cleanup").arg("--bpffs-dir").arg(&self.bpffs_dir).output();
+        let _ = Command::new(&self.binary)
+            .arg("cleanup")
+            .arg("--bpffs-dir")
+            .arg(&self.bpffs_dir)
+            .output();
         if let Some(work) = self.manifests.parent() {
             let _ = std::fs::remove_dir_all(work);
         }
@@ -402,12 +497,15 @@ pub fn http_requests(client: &Netns, url: &str, count: usize) -> Vec<Result<Stri
     // connection, so every request is a new connection (and a new backend choice).
     let mut args = vec!["-s", "--max-time", "3", "-w", "\\n"];
     let urls = vec![url; count];
-    args.extend(urls.iter().map(|u| *u));
+    args.extend(urls.iter().copied());
     match client.command("curl").args(&args).output() {
         Ok(out) => {
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            let mut answers: Vec<Result<String, String>> =
-                text.lines().filter(|l| !l.is_empty()).map(|l| Ok(l.to_string())).collect();
+            let mut answers: Vec<Result<String, String>> = text
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(|l| Ok(l.to_string()))
+                .collect();
             while answers.len() < count {
                 answers.push(Err(format!("curl exit {}", out.status)));
             }
@@ -419,15 +517,28 @@ pub fn http_requests(client: &Netns, url: &str, count: usize) -> Vec<Result<Stri
 
 /// Sends one UDP datagram from `client` and returns the answer, using a fixed source port
 /// when given (to stay on one conntrack entry).
-pub fn udp_request(client: &Netns, target: &str, source_port: Option<u16>, payload: &str) -> anyhow::Result<String> {
-    let bind = source_port.map(|p| format!(",bind=:{p},reuseaddr")).unwrap_or_default();
+pub fn udp_request(
+    client: &Netns,
+    target: &str,
+    source_port: Option<u16>,
+    payload: &str,
+) -> anyhow::Result<String> {
+    let bind = source_port
+        .map(|p| format!(",bind=:{p},reuseaddr"))
+        .unwrap_or_default();
     let out = client
         .command("sh")
-        .args(["-c", &format!("printf '%s' '{payload}' | socat -T 2 - UDP:{target}{bind}")])
+        .args([
+            "-c",
+            &format!("printf '%s' '{payload}' | socat -T 2 - UDP:{target}{bind}"),
+        ])
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if !out.status.success() || text.is_empty() {
-        bail!("UDP request to {target} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "UDP request to {target} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(text)
 }
@@ -462,13 +573,30 @@ impl Kept {
 
     pub fn from_json(value: &serde_json::Value) -> Self {
         let strings = |key: &str| -> Vec<String> {
-            value[key].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect()
+            value[key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
         };
         Self {
             namespaces: strings("namespaces"),
-            pids: value["pids"].as_array().into_iter().flatten().filter_map(|v| v.as_u64()).map(|p| p as u32).collect(),
-            bpffs_dirs: strings("bpffs_dirs").into_iter().map(PathBuf::from).collect(),
-            work_dirs: strings("work_dirs").into_iter().map(PathBuf::from).collect(),
+            pids: value["pids"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_u64())
+                .map(|p| p as u32)
+                .collect(),
+            bpffs_dirs: strings("bpffs_dirs")
+                .into_iter()
+                .map(PathBuf::from)
+                .collect(),
+            work_dirs: strings("work_dirs")
+                .into_iter()
+                .map(PathBuf::from)
+                .collect(),
         }
     }
 
@@ -480,7 +608,11 @@ impl Kept {
         }
         std::thread::sleep(Duration::from_millis(300));
         for dir in &self.bpffs_dirs {
-            let _ = Command::new(agent_binary()).arg("cleanup").arg("--bpffs-dir").arg(dir).output();
+            let _ = Command::new(agent_binary())
+                .arg("cleanup")
+                .arg("--bpffs-dir")
+                .arg(dir)
+                .output();
         }
         for ns in &self.namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
@@ -495,7 +627,10 @@ impl Node {
     /// Leaves the node, its pods and their servers running; returns what to remove later.
     pub fn keep(self) -> Kept {
         let node = std::mem::ManuallyDrop::new(self);
-        let mut kept = Kept { namespaces: vec![node.netns.name.clone()], ..Default::default() };
+        let mut kept = Kept {
+            namespaces: vec![node.netns.name.clone()],
+            ..Default::default()
+        };
         for pod in &node.pods {
             kept.namespaces.push(pod.netns.name.clone());
             kept.pids.extend(pod.processes.iter().map(|p| p.child.id()));
@@ -511,7 +646,12 @@ impl Agent {
         Kept {
             pids: agent.process.iter().map(|p| p.child.id()).collect(),
             bpffs_dirs: vec![agent.bpffs_dir.clone()],
-            work_dirs: agent.manifests.parent().map(PathBuf::from).into_iter().collect(),
+            work_dirs: agent
+                .manifests
+                .parent()
+                .map(PathBuf::from)
+                .into_iter()
+                .collect(),
             ..Default::default()
         }
     }

@@ -1,6 +1,10 @@
 //! ClusterIP end to end: real pods (namespaces), real servers and clients, the real agent
 //! and datapath. Run as root; skipped (with a message) otherwise.
-use std::{collections::BTreeMap, net::Ipv4Addr, time::{Duration, Instant}};
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
 use testbed::{
     Agent, Node, Wiring, http_requests,
@@ -37,7 +41,9 @@ impl Cluster {
     }
 
     fn publish_web(&self, endpoints: &[Ipv4Addr]) {
-        self.agent.write_manifest("web.yaml", &service("web", VIP, &[HTTP, DNS], endpoints)).unwrap();
+        self.agent
+            .write_manifest("web.yaml", &service("web", VIP, &[HTTP, DNS], endpoints))
+            .unwrap();
     }
 }
 
@@ -48,7 +54,9 @@ fn tally(answers: &[Result<String, String>]) -> (BTreeMap<String, usize>, Vec<St
     for answer in answers {
         let line = answer.as_ref().expect("request failed");
         let mut parts = line.split_whitespace();
-        *by_backend.entry(parts.next().unwrap().to_string()).or_default() += 1;
+        *by_backend
+            .entry(parts.next().unwrap().to_string())
+            .or_default() += 1;
         peers.push(parts.next().unwrap().split(':').next().unwrap().to_string());
     }
     (by_backend, peers)
@@ -57,7 +65,10 @@ fn tally(answers: &[Result<String, String>]) -> (BTreeMap<String, usize>, Vec<St
 fn spreads_over_every_backend(wiring: Wiring, subnet: [u8; 3], requests: usize) {
     let cluster = Cluster::new(wiring, subnet);
     // A broken file next to the good one must not stop anything.
-    cluster.agent.write_manifest("broken.yaml", "kind: Service\nmetadata: [unclosed\n").unwrap();
+    cluster
+        .agent
+        .write_manifest("broken.yaml", "kind: Service\nmetadata: [unclosed\n")
+        .unwrap();
     cluster.publish_web(&cluster.web_ips());
     cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
 
@@ -65,12 +76,21 @@ fn spreads_over_every_backend(wiring: Wiring, subnet: [u8; 3], requests: usize) 
     let (by_backend, peers) = tally(&answers);
     assert_eq!(by_backend.len(), 3, "every backend answers: {by_backend:?}");
     for (backend, count) in &by_backend {
-        assert!(*count * 100 >= requests * 15, "{backend} got {count} of {requests}: {by_backend:?}");
+        assert!(
+            *count * 100 >= requests * 15,
+            "{backend} got {count} of {requests}: {by_backend:?}"
+        );
     }
     // No SNAT for pod-to-service traffic: backends see the client pod's own address.
     let client_ip = cluster.node.pods[0].ip.to_string();
-    assert!(peers.iter().all(|p| *p == client_ip), "backends saw {peers:?}, not {client_ip}");
-    assert!(cluster.agent.log_text().contains("broken.yaml"), "the bad file is named in the log");
+    assert!(
+        peers.iter().all(|p| *p == client_ip),
+        "backends saw {peers:?}, not {client_ip}"
+    );
+    assert!(
+        cluster.agent.log_text().contains("broken.yaml"),
+        "the bad file is named in the log"
+    );
 }
 
 #[test]
@@ -97,12 +117,22 @@ fn udp_request_response_and_exact_flow_counters() {
     let mut backends = std::collections::BTreeSet::new();
     for i in 0..10 {
         let payload = format!("ping-{i}");
-        let answer = udp_request(cluster.client(), &format!("{VIP}:53"), Some(40000), &payload).unwrap();
+        let answer = udp_request(
+            cluster.client(),
+            &format!("{VIP}:53"),
+            Some(40000),
+            &payload,
+        )
+        .unwrap();
         assert!(answer.ends_with(&payload), "{answer}");
         backends.insert(answer.split_whitespace().next().unwrap().to_string());
         reply_bytes += 28 + answer.len() as u64;
     }
-    assert_eq!(backends.len(), 1, "conntrack keeps the flow on one backend: {backends:?}");
+    assert_eq!(
+        backends.len(),
+        1,
+        "conntrack keeps the flow on one backend: {backends:?}"
+    );
 
     let flows = cluster.agent.cli_json(&["flows"]).unwrap();
     let client = format!("{}:40000", cluster.node.pods[0].ip);
@@ -120,23 +150,53 @@ fn udp_request_response_and_exact_flow_counters() {
     assert!(flow["backend"].as_str().unwrap().ends_with(":5353"));
 
     // TCP: every request is its own connection and its own flow entry.
-    let before = cluster.agent.cli_json(&["flows"]).unwrap().as_array().unwrap().len();
+    let before = cluster
+        .agent
+        .cli_json(&["flows"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .len();
     let answers = http_requests(cluster.client(), &format!("http://{VIP}/"), 20);
-    let body_bytes: u64 = answers.iter().map(|a| a.as_ref().unwrap().len() as u64 + 1).sum();
+    let body_bytes: u64 = answers
+        .iter()
+        .map(|a| a.as_ref().unwrap().len() as u64 + 1)
+        .sum();
     let flows = cluster.agent.cli_json(&["flows"]).unwrap();
-    let tcp: Vec<_> = flows.as_array().unwrap().iter().filter(|f| f["frontend"] == "10.96.0.10:80").collect();
+    let tcp: Vec<_> = flows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["frontend"] == "10.96.0.10:80")
+        .collect();
     assert_eq!(tcp.len(), 20, "{} flows before", before);
     for f in &tcp {
         // SYN, ACK, request, ACK(s), FIN, ACK: at least 4 packets each way.
         assert!(f["to_backend"]["packets"].as_u64().unwrap() >= 4, "{f}");
         assert!(f["to_client"]["packets"].as_u64().unwrap() >= 4, "{f}");
     }
-    let to_client: u64 = tcp.iter().map(|f| f["to_client"]["bytes"].as_u64().unwrap()).sum();
-    assert!(to_client > body_bytes, "{to_client} bytes counted for {body_bytes} bytes of bodies");
+    let to_client: u64 = tcp
+        .iter()
+        .map(|f| f["to_client"]["bytes"].as_u64().unwrap())
+        .sum();
+    assert!(
+        to_client > body_bytes,
+        "{to_client} bytes counted for {body_bytes} bytes of bodies"
+    );
     let services = cluster.agent.cli_json(&["services"]).unwrap();
-    let http = services.as_array().unwrap().iter().find(|s| s["frontend"] == "10.96.0.10:80").unwrap();
+    let http = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["frontend"] == "10.96.0.10:80")
+        .unwrap();
     assert_eq!(http["connections"], 20);
-    let per_backend: u64 = http["backends"].as_array().unwrap().iter().map(|b| b["connections"].as_u64().unwrap()).sum();
+    let per_backend: u64 = http["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["connections"].as_u64().unwrap())
+        .sum();
     assert_eq!(per_backend, 20);
 }
 
@@ -154,32 +214,65 @@ fn endpoint_changes_reach_new_connections_within_a_second() {
     cluster.agent.wait_for_backends("10.96.0.10:80", 2).unwrap();
     let programmed = changed.elapsed();
     std::thread::sleep(Duration::from_secs(1).saturating_sub(changed.elapsed()));
-    let (by_backend, _) = tally(&http_requests(cluster.client(), &format!("http://{VIP}/"), 60));
-    assert!(!by_backend.contains_key("web-2"), "removed endpoint still chosen: {by_backend:?}");
-    assert!(programmed < Duration::from_secs(1), "removal took {programmed:?} to reach the maps");
+    let (by_backend, _) = tally(&http_requests(
+        cluster.client(),
+        &format!("http://{VIP}/"),
+        60,
+    ));
+    assert!(
+        !by_backend.contains_key("web-2"),
+        "removed endpoint still chosen: {by_backend:?}"
+    );
+    assert!(
+        programmed < Duration::from_secs(1),
+        "removal took {programmed:?} to reach the maps"
+    );
 
     // Bring it back.
     let changed = Instant::now();
     cluster.publish_web(&ips);
     cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
-    assert!(changed.elapsed() < Duration::from_secs(1), "addition took {:?}", changed.elapsed());
-    let (by_backend, _) = tally(&http_requests(cluster.client(), &format!("http://{VIP}/"), 90));
-    assert!(by_backend.contains_key("web-2"), "added endpoint never chosen: {by_backend:?}");
+    assert!(
+        changed.elapsed() < Duration::from_secs(1),
+        "addition took {:?}",
+        changed.elapsed()
+    );
+    let (by_backend, _) = tally(&http_requests(
+        cluster.client(),
+        &format!("http://{VIP}/"),
+        90,
+    ));
+    assert!(
+        by_backend.contains_key("web-2"),
+        "added endpoint never chosen: {by_backend:?}"
+    );
 }
 
 #[test]
 fn a_pod_reaches_itself_through_its_service() {
     require_root!();
-    for (wiring, subnet) in [(Wiring::Routed, [10, 244, 5]), (Wiring::Bridged, [10, 244, 6])] {
+    for (wiring, subnet) in [
+        (Wiring::Routed, [10, 244, 5]),
+        (Wiring::Bridged, [10, 244, 6]),
+    ] {
         let cluster = Cluster::new(wiring, subnet);
         let web0 = &cluster.node.pods[1];
-        cluster.agent.write_manifest("self.yaml", &service("self", "10.96.0.30", &[HTTP], &[web0.ip])).unwrap();
+        cluster
+            .agent
+            .write_manifest(
+                "self.yaml",
+                &service("self", "10.96.0.30", &[HTTP], &[web0.ip]),
+            )
+            .unwrap();
         cluster.agent.wait_for_backends("10.96.0.30:80", 1).unwrap();
         let answers = http_requests(&web0.netns, "http://10.96.0.30/", 5);
         let (by_backend, peers) = tally(&answers);
         assert_eq!(by_backend.get("web-0"), Some(&5), "{wiring:?}: {answers:?}");
         // The pod cannot accept its own address as a source; the datapath substitutes one.
-        assert!(peers.iter().all(|p| p == "169.254.42.1"), "{wiring:?}: {peers:?}");
+        assert!(
+            peers.iter().all(|p| p == "169.254.42.1"),
+            "{wiring:?}: {peers:?}"
+        );
     }
 }
 
@@ -207,10 +300,19 @@ except socket.timeout:
 fn a_service_without_endpoints_refuses_at_once() {
     require_root!();
     let cluster = Cluster::new(Wiring::Routed, [10, 244, 7]);
-    cluster.agent.write_manifest("empty.yaml", &service("empty", "10.96.0.20", &[HTTP, DNS], &[])).unwrap();
+    cluster
+        .agent
+        .write_manifest(
+            "empty.yaml",
+            &service("empty", "10.96.0.20", &[HTTP, DNS], &[]),
+        )
+        .unwrap();
     cluster.agent.wait_for_backends("10.96.0.20:80", 0).unwrap();
     for (proto, port) in [("tcp", "80"), ("udp", "53")] {
-        let out = cluster.client().run("python3", &["-c", PROBE, proto, "10.96.0.20", port]).unwrap();
+        let out = cluster
+            .client()
+            .run("python3", &["-c", PROBE, proto, "10.96.0.20", port])
+            .unwrap();
         let mut words = out.split_whitespace();
         assert_eq!(words.next(), Some("refused"), "{proto}: {out}");
         let seconds: f64 = words.next().unwrap().parse().unwrap();
@@ -252,11 +354,19 @@ fn flows_leave_a_backend_that_disappears() {
     // UDP: the same flow moves to the remaining backend on its next datagram.
     let first = udp_request(cluster.client(), &format!("{VIP}:53"), Some(40001), "one").unwrap();
     let chosen = first.split_whitespace().next().unwrap().to_string();
-    let (keep, _) = if chosen == "web-0" { (ips[1], ips[0]) } else { (ips[0], ips[1]) };
+    let (keep, _) = if chosen == "web-0" {
+        (ips[1], ips[0])
+    } else {
+        (ips[0], ips[1])
+    };
     cluster.publish_web(&[keep]);
     cluster.agent.wait_for_backends("10.96.0.10:53", 1).unwrap();
     let second = udp_request(cluster.client(), &format!("{VIP}:53"), Some(40001), "two").unwrap();
-    assert_ne!(second.split_whitespace().next().unwrap(), chosen, "{first} then {second}");
+    assert_ne!(
+        second.split_whitespace().next().unwrap(),
+        chosen,
+        "{first} then {second}"
+    );
 
     // TCP: a connection whose backend is gone is reset, not left hanging.
     cluster.publish_web(&[ips[2]]);
@@ -276,9 +386,17 @@ fn flows_leave_a_backend_that_disappears() {
     cluster.publish_web(&ips[..1]);
     cluster.agent.wait_for_backends("10.96.0.10:80", 1).unwrap();
     wait_until(Duration::from_secs(5), || {
-        cluster.agent.cli_json(&["services"]).unwrap().as_array().unwrap().iter().any(|s| {
-            s["frontend"] == "10.96.0.10:80" && s["backends"][0]["address"] == format!("{}:8080", ips[0]).as_str()
-        })
+        cluster
+            .agent
+            .cli_json(&["services"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| {
+                s["frontend"] == "10.96.0.10:80"
+                    && s["backends"][0]["address"] == format!("{}:8080", ips[0]).as_str()
+            })
     })
     .unwrap();
     std::fs::write(&go, "").unwrap();
@@ -311,13 +429,27 @@ fn every_map_prints_named_fields_in_bpftool() {
             .arg(&path)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8_lossy(&out.stdout);
-        let (_, fields) = expected_fields.iter().find(|(n, _)| *n == name).expect("every map is listed");
+        let (_, fields) = expected_fields
+            .iter()
+            .find(|(n, _)| *n == name)
+            .expect("every map is listed");
         for field in *fields {
-            assert!(text.contains(field), "{name} dump lacks {field}: {}", &text[..text.len().min(400)]);
+            assert!(
+                text.contains(field),
+                "{name} dump lacks {field}: {}",
+                &text[..text.len().min(400)]
+            );
         }
-        assert!(!text.contains("\"0x"), "{name} printed raw bytes, not BTF fields");
+        assert!(
+            !text.contains("\"0x"),
+            "{name} printed raw bytes, not BTF fields"
+        );
     }
 }
 
@@ -329,27 +461,53 @@ fn stopping_the_agent_keeps_traffic_and_cleanup_removes_everything() {
     cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
     cluster.agent.stop();
     let answers = http_requests(cluster.client(), &format!("http://{VIP}/"), 10);
-    assert!(answers.iter().all(|a| a.is_ok()), "traffic stopped with the agent: {answers:?}");
+    assert!(
+        answers.iter().all(|a| a.is_ok()),
+        "traffic stopped with the agent: {answers:?}"
+    );
     // The CLI reads the pins while the agent is stopped.
-    assert!(cluster.agent.cli(&["services"]).unwrap().contains("10.96.0.10:80"));
+    assert!(
+        cluster
+            .agent
+            .cli(&["services"])
+            .unwrap()
+            .contains("10.96.0.10:80")
+    );
 
     // One tcx link per pod interface runs the pinned program; cleanup detaches them all.
     let program = cluster.agent.bpffs_dir.join("pod_ingress");
-    let prog_id = bpftool_json(&["prog", "show", "pinned", program.to_str().unwrap()])["id"].clone();
+    let prog_id =
+        bpftool_json(&["prog", "show", "pinned", program.to_str().unwrap()])["id"].clone();
     let links_running = || {
         let links = bpftool_json(&["link", "show"]);
-        links.as_array().unwrap().iter().filter(|l| l["prog_id"] == prog_id).count()
+        links
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["prog_id"] == prog_id)
+            .count()
     };
     assert_eq!(links_running(), cluster.node.pods.len());
     cluster.agent.cli(&["cleanup"]).unwrap();
     assert!(!cluster.agent.bpffs_dir.exists(), "pins left behind");
     assert_eq!(links_running(), 0, "program still attached after cleanup");
     let answers = http_requests(cluster.client(), &format!("http://{VIP}/"), 1);
-    assert!(answers[0].is_err(), "the service still answers after cleanup");
+    assert!(
+        answers[0].is_err(),
+        "the service still answers after cleanup"
+    );
 }
 
 fn bpftool_json(args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new("bpftool").arg("-j").args(args).output().unwrap();
-    assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -41,8 +41,15 @@ fn checksum(chunks: &[&[u8]]) -> [u8; 2] {
 
 #[derive(Clone, Copy)]
 enum L4<'a> {
-    Tcp { flags: u8, seq: u32, ack: u32 },
-    Udp { payload: &'a [u8], zero_checksum: bool },
+    Tcp {
+        flags: u8,
+        seq: u32,
+        ack: u32,
+    },
+    Udp {
+        payload: &'a [u8],
+        zero_checksum: bool,
+    },
 }
 
 /// An Ethernet + IPv4 + TCP/UDP frame with every checksum computed from scratch.
@@ -67,9 +74,21 @@ fn frame(macs: ([u8; 6], [u8; 6]), src: SocketAddrV4, dst: SocketAddrV4, l4: L4)
     l4_bytes[0..2].copy_from_slice(&src.port().to_be_bytes());
     l4_bytes[2..4].copy_from_slice(&dst.port().to_be_bytes());
     let len = l4_bytes.len() as u16;
-    let pseudo = [&src.ip().octets()[..], &dst.ip().octets(), &[0, proto], &len.to_be_bytes()].concat();
+    let pseudo = [
+        &src.ip().octets()[..],
+        &dst.ip().octets(),
+        &[0, proto],
+        &len.to_be_bytes(),
+    ]
+    .concat();
     let csum_at = if proto == 6 { 16 } else { 6 };
-    if !matches!(l4, L4::Udp { zero_checksum: true, .. }) {
+    if !matches!(
+        l4,
+        L4::Udp {
+            zero_checksum: true,
+            ..
+        }
+    ) {
         let c = checksum(&[&pseudo, &l4_bytes]);
         l4_bytes[csum_at..csum_at + 2].copy_from_slice(&c);
     }
@@ -77,7 +96,15 @@ fn frame(macs: ([u8; 6], [u8; 6]), src: SocketAddrV4, dst: SocketAddrV4, l4: L4)
     [&macs.0[..], &macs.1, &[0x08, 0x00], &ip, &l4_bytes].concat()
 }
 
-fn ipv4_header(proto: u8, total: u16, src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, id: u16, flags: u8) -> Vec<u8> {
+fn ipv4_header(
+    proto: u8,
+    total: u16,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ttl: u8,
+    id: u16,
+    flags: u8,
+) -> Vec<u8> {
     let mut ip = vec![0x45, 0];
     ip.extend_from_slice(&total.to_be_bytes());
     ip.extend_from_slice(&id.to_be_bytes());
@@ -106,7 +133,15 @@ fn icmp_port_unreachable(request: &[u8]) -> Vec<u8> {
     let c = checksum(&[&icmp, quoted]);
     icmp[2..4].copy_from_slice(&c);
     let ip = ipv4_header(1, 20 + 8 + 28, EMPTY_VIP, CLIENT, 64, 0, 0x40);
-    [&CLIENT_MAC[..], &NODE_MAC, &[0x08, 0x00], &ip, &icmp, quoted].concat()
+    [
+        &CLIENT_MAC[..],
+        &NODE_MAC,
+        &[0x08, 0x00],
+        &ip,
+        &icmp,
+        quoted,
+    ]
+    .concat()
 }
 
 /// A reset as the datapath builds it (IP id 0, don't-fragment, window 0).
@@ -116,7 +151,13 @@ fn reset(src: SocketAddrV4, dst: SocketAddrV4, seq: u32, ack: u32, flags: u8) ->
     f[14..34].copy_from_slice(&ip);
     f[14 + 20 + 14..14 + 20 + 16].copy_from_slice(&[0, 0]); // window
     f[14 + 20 + 16..14 + 20 + 18].copy_from_slice(&[0, 0]);
-    let pseudo = [&src.ip().octets()[..], &dst.ip().octets(), &[0, 6], &20u16.to_be_bytes()].concat();
+    let pseudo = [
+        &src.ip().octets()[..],
+        &dst.ip().octets(),
+        &[0, 6],
+        &20u16.to_be_bytes(),
+    ]
+    .concat();
     let c = checksum(&[&pseudo, &f[34..54]]);
     f[50..52].copy_from_slice(&c);
     f
@@ -130,74 +171,214 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let syn = frame(TO_NODE, sock(CLIENT, 40000), sock(VIP, 80), L4::Tcp { flags: SYN, seq: 1000, ack: 0 });
+    let syn = frame(
+        TO_NODE,
+        sock(CLIENT, 40000),
+        sock(VIP, 80),
+        L4::Tcp {
+            flags: SYN,
+            seq: 1000,
+            ack: 0,
+        },
+    );
     let udp_to_empty = frame(
         TO_NODE,
         sock(CLIENT, 40002),
         sock(EMPTY_VIP, 53),
-        L4::Udp { payload: b"query", zero_checksum: false },
+        L4::Udp {
+            payload: b"query",
+            zero_checksum: false,
+        },
     );
-    let untouched = |input: Vec<u8>, description| Case { description, expected: input.clone(), input, verdict: TC_ACT_OK };
-    let udp = |payload: &'static [u8], zero| L4::Udp { payload, zero_checksum: zero };
+    let untouched = |input: Vec<u8>, description| Case {
+        description,
+        expected: input.clone(),
+        input,
+        verdict: TC_ACT_OK,
+    };
+    let udp = |payload: &'static [u8], zero| L4::Udp {
+        payload,
+        zero_checksum: zero,
+    };
     vec![
         Case {
             description: "TCP SYN to a ClusterIP is sent to the backend",
-            expected: frame(TO_NODE, sock(CLIENT, 40000), sock(BACKEND, 8080), L4::Tcp { flags: SYN, seq: 1000, ack: 0 }),
+            expected: frame(
+                TO_NODE,
+                sock(CLIENT, 40000),
+                sock(BACKEND, 8080),
+                L4::Tcp {
+                    flags: SYN,
+                    seq: 1000,
+                    ack: 0,
+                },
+            ),
             input: syn.clone(),
             verdict: TC_ACT_OK,
         },
         Case {
             description: "the backend's SYN-ACK comes back from the ClusterIP",
-            input: frame(TO_NODE, sock(BACKEND, 8080), sock(CLIENT, 40000), L4::Tcp { flags: SYN_ACK, seq: 5000, ack: 1001 }),
-            expected: frame(TO_NODE, sock(VIP, 80), sock(CLIENT, 40000), L4::Tcp { flags: SYN_ACK, seq: 5000, ack: 1001 }),
+            input: frame(
+                TO_NODE,
+                sock(BACKEND, 8080),
+                sock(CLIENT, 40000),
+                L4::Tcp {
+                    flags: SYN_ACK,
+                    seq: 5000,
+                    ack: 1001,
+                },
+            ),
+            expected: frame(
+                TO_NODE,
+                sock(VIP, 80),
+                sock(CLIENT, 40000),
+                L4::Tcp {
+                    flags: SYN_ACK,
+                    seq: 5000,
+                    ack: 1001,
+                },
+            ),
             verdict: TC_ACT_OK,
         },
         Case {
             description: "the same SYN again follows conntrack",
-            expected: frame(TO_NODE, sock(CLIENT, 40000), sock(BACKEND, 8080), L4::Tcp { flags: SYN, seq: 1000, ack: 0 }),
+            expected: frame(
+                TO_NODE,
+                sock(CLIENT, 40000),
+                sock(BACKEND, 8080),
+                L4::Tcp {
+                    flags: SYN,
+                    seq: 1000,
+                    ack: 0,
+                },
+            ),
             input: syn,
             verdict: TC_ACT_OK,
         },
         Case {
             description: "UDP to a ClusterIP is sent to the backend",
-            input: frame(TO_NODE, sock(CLIENT, 40001), sock(VIP, 53), udp(b"query", false)),
-            expected: frame(TO_NODE, sock(CLIENT, 40001), sock(BACKEND, 5353), udp(b"query", false)),
+            input: frame(
+                TO_NODE,
+                sock(CLIENT, 40001),
+                sock(VIP, 53),
+                udp(b"query", false),
+            ),
+            expected: frame(
+                TO_NODE,
+                sock(CLIENT, 40001),
+                sock(BACKEND, 5353),
+                udp(b"query", false),
+            ),
             verdict: TC_ACT_OK,
         },
         Case {
             description: "the UDP answer comes back from the ClusterIP",
-            input: frame(TO_NODE, sock(BACKEND, 5353), sock(CLIENT, 40001), udp(b"answer", false)),
-            expected: frame(TO_NODE, sock(VIP, 53), sock(CLIENT, 40001), udp(b"answer", false)),
+            input: frame(
+                TO_NODE,
+                sock(BACKEND, 5353),
+                sock(CLIENT, 40001),
+                udp(b"answer", false),
+            ),
+            expected: frame(
+                TO_NODE,
+                sock(VIP, 53),
+                sock(CLIENT, 40001),
+                udp(b"answer", false),
+            ),
             verdict: TC_ACT_OK,
         },
         Case {
             description: "UDP without a checksum keeps none",
             input: frame(TO_NODE, sock(CLIENT, 40003), sock(VIP, 53), udp(b"q", true)),
-            expected: frame(TO_NODE, sock(CLIENT, 40003), sock(BACKEND, 5353), udp(b"q", true)),
+            expected: frame(
+                TO_NODE,
+                sock(CLIENT, 40003),
+                sock(BACKEND, 5353),
+                udp(b"q", true),
+            ),
             verdict: TC_ACT_OK,
         },
         Case {
             description: "a pod reaching itself gets a source it accepts",
-            input: frame(TO_NODE, sock(BACKEND, 40004), sock(HAIRPIN_VIP, 80), L4::Tcp { flags: SYN, seq: 7, ack: 0 }),
-            expected: frame(TO_NODE, sock(HAIRPIN_SNAT, 40004), sock(BACKEND, 8080), L4::Tcp { flags: SYN, seq: 7, ack: 0 }),
+            input: frame(
+                TO_NODE,
+                sock(BACKEND, 40004),
+                sock(HAIRPIN_VIP, 80),
+                L4::Tcp {
+                    flags: SYN,
+                    seq: 7,
+                    ack: 0,
+                },
+            ),
+            expected: frame(
+                TO_NODE,
+                sock(HAIRPIN_SNAT, 40004),
+                sock(BACKEND, 8080),
+                L4::Tcp {
+                    flags: SYN,
+                    seq: 7,
+                    ack: 0,
+                },
+            ),
             verdict: TC_ACT_OK,
         },
         Case {
             description: "and its reply is restored to ClusterIP -> pod",
-            input: frame(TO_NODE, sock(BACKEND, 8080), sock(HAIRPIN_SNAT, 40004), L4::Tcp { flags: SYN_ACK, seq: 9, ack: 8 }),
-            expected: frame(TO_NODE, sock(HAIRPIN_VIP, 80), sock(BACKEND, 40004), L4::Tcp { flags: SYN_ACK, seq: 9, ack: 8 }),
+            input: frame(
+                TO_NODE,
+                sock(BACKEND, 8080),
+                sock(HAIRPIN_SNAT, 40004),
+                L4::Tcp {
+                    flags: SYN_ACK,
+                    seq: 9,
+                    ack: 8,
+                },
+            ),
+            expected: frame(
+                TO_NODE,
+                sock(HAIRPIN_VIP, 80),
+                sock(BACKEND, 40004),
+                L4::Tcp {
+                    flags: SYN_ACK,
+                    seq: 9,
+                    ack: 8,
+                },
+            ),
             verdict: TC_ACT_OK,
         },
         untouched(
-            frame(TO_NODE, sock(CLIENT, 40000), sock(Ipv4Addr::new(10, 0, 0, 99), 80), L4::Tcp { flags: SYN, seq: 1, ack: 0 }),
+            frame(
+                TO_NODE,
+                sock(CLIENT, 40000),
+                sock(Ipv4Addr::new(10, 0, 0, 99), 80),
+                L4::Tcp {
+                    flags: SYN,
+                    seq: 1,
+                    ack: 0,
+                },
+            ),
             "traffic to a non-service address passes untouched",
         ),
         untouched(
-            frame(TO_NODE, sock(CLIENT, 40000), sock(VIP, 81), L4::Tcp { flags: SYN, seq: 1, ack: 0 }),
+            frame(
+                TO_NODE,
+                sock(CLIENT, 40000),
+                sock(VIP, 81),
+                L4::Tcp {
+                    flags: SYN,
+                    seq: 1,
+                    ack: 0,
+                },
+            ),
             "a ClusterIP's unknown port passes untouched",
         ),
         untouched(
-            frame(TO_NODE, sock(CLIENT, 40000), sock(VIP, 80), udp(b"x", false)),
+            frame(
+                TO_NODE,
+                sock(CLIENT, 40000),
+                sock(VIP, 80),
+                udp(b"x", false),
+            ),
             "the wrong protocol for a service port passes untouched",
         ),
         untouched(
@@ -206,7 +387,16 @@ fn cases() -> Vec<Case> {
         ),
         Case {
             description: "TCP SYN to a service without endpoints is reset",
-            input: frame(TO_NODE, sock(CLIENT, 40005), sock(EMPTY_VIP, 80), L4::Tcp { flags: SYN, seq: 777, ack: 0 }),
+            input: frame(
+                TO_NODE,
+                sock(CLIENT, 40005),
+                sock(EMPTY_VIP, 80),
+                L4::Tcp {
+                    flags: SYN,
+                    seq: 777,
+                    ack: 0,
+                },
+            ),
             expected: reset(sock(EMPTY_VIP, 80), sock(CLIENT, 40005), 0, 778, RST_ACK),
             verdict: TC_ACT_REDIRECT,
         },
@@ -219,12 +409,21 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-fn frontend(service: &str, ip: Ipv4Addr, port: u16, protocol: Protocol, backends: &[SocketAddrV4]) -> Frontend {
+fn frontend(
+    service: &str,
+    ip: Ipv4Addr,
+    port: u16,
+    protocol: Protocol,
+    backends: &[SocketAddrV4],
+) -> Frontend {
     Frontend {
         service: service.into(),
         port_name: String::new(),
         kind: FrontendKind::ClusterIP,
-        frontend: FrontendAddr { addr: sock(ip, port), protocol },
+        frontend: FrontendAddr {
+            addr: sock(ip, port),
+            protocol,
+        },
         backends: backends.to_vec(),
     }
 }
@@ -240,16 +439,36 @@ impl Drop for Pins {
 #[test]
 fn packet_fixtures_through_bpf_prog_test_run() {
     require_root!();
-    let pins = Pins(BpffsLayout::new(std::path::Path::new("/sys/fs/bpf").join(testbed::unique("dpfix"))));
+    let pins = Pins(BpffsLayout::new(
+        std::path::Path::new("/sys/fs/bpf").join(testbed::unique("dpfix")),
+    ));
     let mut datapath = LoadedDatapath::load(&pins.0).unwrap();
     let mut programmer = Programmer::restore(PinnedMaps::open(&pins.0).unwrap()).unwrap();
     let plan = Plan {
         frontends: vec![
-            frontend("default/web", VIP, 80, Protocol::Tcp, &[sock(BACKEND, 8080)]),
-            frontend("default/web", VIP, 53, Protocol::Udp, &[sock(BACKEND, 5353)]),
+            frontend(
+                "default/web",
+                VIP,
+                80,
+                Protocol::Tcp,
+                &[sock(BACKEND, 8080)],
+            ),
+            frontend(
+                "default/web",
+                VIP,
+                53,
+                Protocol::Udp,
+                &[sock(BACKEND, 5353)],
+            ),
             frontend("default/empty", EMPTY_VIP, 80, Protocol::Tcp, &[]),
             frontend("default/empty", EMPTY_VIP, 53, Protocol::Udp, &[]),
-            frontend("default/self", HAIRPIN_VIP, 80, Protocol::Tcp, &[sock(BACKEND, 8080)]),
+            frontend(
+                "default/self",
+                HAIRPIN_VIP,
+                80,
+                Protocol::Tcp,
+                &[sock(BACKEND, 8080)],
+            ),
         ],
         problems: vec![],
     };
@@ -261,7 +480,11 @@ fn packet_fixtures_through_bpf_prog_test_run() {
     for case in cases() {
         let mut out = vec![0u8; 256];
         let result = program
-            .test_run(TestRunOptions { data_in: Some(&case.input), data_out: Some(&mut out), ..Default::default() })
+            .test_run(TestRunOptions {
+                data_in: Some(&case.input),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
             .unwrap();
         out.truncate(result.data_size_out as usize);
         if result.return_value != case.verdict || out != case.expected {

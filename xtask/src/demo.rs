@@ -23,7 +23,10 @@ fn step(message: &str) {
 }
 
 pub fn demo(keep: bool, down: bool) -> anyhow::Result<()> {
-    anyhow::ensure!(testbed::is_root(), "the demo creates network namespaces and loads BPF: run it as root");
+    anyhow::ensure!(
+        testbed::is_root(),
+        "the demo creates network namespaces and loads BPF: run it as root"
+    );
     if down {
         return teardown();
     }
@@ -35,7 +38,11 @@ pub fn demo(keep: bool, down: bool) -> anyhow::Result<()> {
     step("installing what is missing and building (the first run takes a few minutes)");
     setup::setup()?;
     build::build_ebpf(true)?;
-    run(Command::new("cargo").current_dir(workspace_root()).args(["build", "-p", "dataplane-agent"]))?;
+    run(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "-p",
+        "dataplane-agent",
+    ]))?;
 
     step("creating a node namespace with a client pod and three web pods (routed /32 veths)");
     let mut node = Node::new(Wiring::Routed, [10, 244, 1])?;
@@ -43,10 +50,15 @@ pub fn demo(keep: bool, down: bool) -> anyhow::Result<()> {
     for i in 0..3 {
         let index = node.add_pod(&format!("web-{i}"))?;
         node.pods[index].serve(8080, 5353)?;
-        eprintln!("    web-{i}: {} (HTTP :8080, UDP :5353)", node.pods[index].ip);
+        eprintln!(
+            "    web-{i}: {} (HTTP :8080, UDP :5353)",
+            node.pods[index].ip
+        );
     }
 
-    step("starting the agent on the node and publishing Service default/web (ClusterIP 10.96.0.10)");
+    step(
+        "starting the agent on the node and publishing Service default/web (ClusterIP 10.96.0.10)",
+    );
     let agent = Agent::start(&node, "demo-node")?;
     let web_ips: Vec<_> = node.pods[1..].iter().map(|p| p.ip).collect();
     agent.write_manifest("web.yaml", &service("web", VIP, &[HTTP, DNS], &web_ips))?;
@@ -59,8 +71,12 @@ pub fn demo(keep: bool, down: bool) -> anyhow::Result<()> {
     let answers = http_requests(client, &format!("http://{VIP}/"), 30);
     let mut by_backend = std::collections::BTreeMap::<String, usize>::new();
     for answer in &answers {
-        let line = answer.as_ref().map_err(|e| anyhow::anyhow!("request failed: {e}"))?;
-        *by_backend.entry(line.split_whitespace().next().unwrap_or("?").to_string()).or_default() += 1;
+        let line = answer
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("request failed: {e}"))?;
+        *by_backend
+            .entry(line.split_whitespace().next().unwrap_or("?").to_string())
+            .or_default() += 1;
     }
     eprintln!("    HTTP answers by backend: {by_backend:?}");
     for i in 0..3 {
@@ -79,10 +95,19 @@ pub fn demo(keep: bool, down: bool) -> anyhow::Result<()> {
         std::fs::write(state_file(), serde_json::to_string_pretty(&kept.to_json())?)?;
         let bpffs = &kept.bpffs_dirs[0];
         step("left running (remove with `cargo xtask demo --down`). Try:");
-        eprintln!("    target/debug/dataplane-agent services --bpffs-dir {}", bpffs.display());
-        eprintln!("    target/debug/dataplane-agent flows -o json --bpffs-dir {}", bpffs.display());
+        eprintln!(
+            "    target/debug/dataplane-agent services --bpffs-dir {}",
+            bpffs.display()
+        );
+        eprintln!(
+            "    target/debug/dataplane-agent flows -o json --bpffs-dir {}",
+            bpffs.display()
+        );
         eprintln!("    bpftool map dump pinned {}/dp_svc_v1", bpffs.display());
-        eprintln!("    nsenter --net=/run/netns/{} curl -s http://{VIP}/", kept.namespaces[1]);
+        eprintln!(
+            "    nsenter --net=/run/netns/{} curl -s http://{VIP}/",
+            kept.namespaces[1]
+        );
     } else {
         step("cleaning up (use --keep to leave the demo running)");
     }

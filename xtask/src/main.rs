@@ -86,16 +86,76 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         .current_dir(&root)
         .args(["build", "-p", "dataplane-agent"]))?;
     let agent = root.join("target/debug/dataplane-agent");
+    if !testbed::is_root() {
+        eprintln!("xtask: not root: privileged tests (namespaces, BPF) will be SKIPPED");
+    }
+    let mut totals = TestTotals::default();
     let mut unit = Command::new("cargo");
     unit.current_dir(&root)
         .args(["test", "--workspace", "--exclude", "dataplane-tests", "--"])
         .args(args);
-    run(&mut unit)?;
+    let unit_ok = run_tests(&mut unit, &mut totals)?;
     // Privileged tests share the machine's two cores and time real traffic: one at a time.
+    // --nocapture so that a skip says so in the output.
     let mut e2e = Command::new("cargo");
     e2e.current_dir(&root)
         .env("DATAPLANE_AGENT_BIN", &agent)
-        .args(["test", "-p", "dataplane-tests", "--", "--test-threads=1"])
+        .args([
+            "test",
+            "-p",
+            "dataplane-tests",
+            "--",
+            "--test-threads=1",
+            "--nocapture",
+        ])
         .args(args);
-    run(&mut e2e)
+    let e2e_ok = run_tests(&mut e2e, &mut totals)?;
+    // libtest counts a skipped test as passed; the summary does not.
+    let passed = totals.passed - totals.skipped.min(totals.passed);
+    println!(
+        "xtask test: {passed} passed, {} failed, {} skipped",
+        totals.failed, totals.skipped
+    );
+    anyhow::ensure!(unit_ok && e2e_ok && totals.failed == 0, "tests failed");
+    Ok(())
+}
+
+#[derive(Default)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    skipped: u64,
+}
+
+/// Runs a `cargo test` command, passing its output through, and adds up its results.
+fn run_tests(cmd: &mut Command, totals: &mut TestTotals) -> anyhow::Result<bool> {
+    use std::io::BufRead;
+    eprintln!("+ {}", render(cmd));
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn()?;
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        println!("{line}");
+        if line.starts_with("SKIPPED:") {
+            totals.skipped += 1;
+        }
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim().strip_suffix(word).map(|n| {
+                            n.trim()
+                                .trim_start_matches("ok.")
+                                .trim_start_matches("FAILED.")
+                                .trim()
+                                .parse()
+                                .unwrap_or(0)
+                        })
+                    })
+                    .unwrap_or(0)
+            };
+            totals.passed += count("passed");
+            totals.failed += count("failed");
+        }
+    }
+    Ok(child.wait()?.success())
 }
