@@ -39,6 +39,17 @@ pub enum Object {
     Node(Box<Node>),
 }
 
+impl Object {
+    /// `Kind namespace/name`, the form messages about objects use.
+    pub fn describe(&self) -> String {
+        match self {
+            Object::Service(s) => format!("Service {}", object_name(&s.metadata)),
+            Object::EndpointSlice(s) => format!("EndpointSlice {}", object_name(&s.metadata)),
+            Object::Node(n) => format!("Node {}", n.metadata.name.as_deref().unwrap_or("")),
+        }
+    }
+}
+
 impl ClusterObjects {
     /// Adds or replaces an object. Nodes other than `node_name` are ignored.
     pub fn apply(&mut self, object: Object, node_name: &str) {

@@ -103,7 +103,11 @@ fn sync(
     let plan = plan::compute(&objects);
     let problems: BTreeSet<Problem> = plan.problems.iter().cloned().collect();
     for problem in problems.difference(reported) {
-        warn!(object = %problem.object, reason = %problem.reason, "skipping");
+        let file = source
+            .origin(&problem.object)
+            .map(|f| f.display().to_string())
+            .unwrap_or_default();
+        warn!(object = %problem.object, file, reason = %problem.reason, "skipping");
     }
     *reported = problems;
     let report = programmer.apply(&plan);

@@ -69,6 +69,8 @@ fn spreads_over_every_backend(wiring: Wiring, subnet: [u8; 3], requests: usize) 
         .agent
         .write_manifest("broken.yaml", "kind: Service\nmetadata: [unclosed\n")
         .unwrap();
+    let bad_ip = service("badip", "10.96.0.300", &[HTTP], &[]);
+    cluster.agent.write_manifest("badip.yaml", &bad_ip).unwrap();
     cluster.publish_web(&cluster.web_ips());
     cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
 
@@ -86,6 +88,13 @@ fn spreads_over_every_backend(wiring: Wiring, subnet: [u8; 3], requests: usize) 
     assert!(
         peers.iter().all(|p| *p == client_ip),
         "backends saw {peers:?}, not {client_ip}"
+    );
+    let log = cluster.agent.log_text();
+    assert!(
+        log.contains("badip.yaml")
+            && log.contains("Service default/badip")
+            && log.contains("not an IP"),
+        "the invalid service is named with its file: {log}"
     );
     assert!(
         cluster.agent.log_text().contains("broken.yaml"),
@@ -245,6 +254,30 @@ fn endpoint_changes_reach_new_connections_within_a_second() {
     assert!(
         by_backend.contains_key("web-2"),
         "added endpoint never chosen: {by_backend:?}"
+    );
+
+    // A pod that appears after the agent started: its veth is attached as it shows up.
+    let mut cluster = cluster;
+    let index = cluster.node.add_pod("web-3").unwrap();
+    cluster.node.pods[index].serve(8080, 5353).unwrap();
+    let link = cluster
+        .agent
+        .bpffs_dir
+        .join("links")
+        .join(&cluster.node.pods[index].host_if);
+    wait_until(Duration::from_secs(2), || link.exists()).expect("new pod interface attached");
+    let mut all = ips.clone();
+    all.push(cluster.node.pods[index].ip);
+    cluster.publish_web(&all);
+    cluster.agent.wait_for_backends("10.96.0.10:80", 4).unwrap();
+    let (by_backend, _) = tally(&http_requests(
+        cluster.client(),
+        &format!("http://{VIP}/"),
+        120,
+    ));
+    assert!(
+        by_backend.contains_key("web-3"),
+        "new pod never answered: {by_backend:?}"
     );
 }
 

@@ -73,7 +73,7 @@ pub fn setup() -> anyhow::Result<()> {
         run(Command::new("cargo")
             .env("LLVM_PREFIX", "/usr/lib/llvm-22")
             .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22")
-            .args(["install", "--locked", "bpf-linker", "--no-default-features", "--features", "llvm-22"]))
+            .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"]))
         .map_err(|e| {
             e.context("building bpf-linker; run: LLVM_PREFIX=/usr/lib/llvm-22 LLVM_SYS_221_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --no-default-features --features llvm-22")
         })?;

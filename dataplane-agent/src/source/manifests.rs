@@ -46,6 +46,8 @@ struct ParsedFile {
 pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, ParsedFile>,
+    /// `Kind namespace/name` -> the file it came from, for messages about the object.
+    origins: BTreeMap<String, PathBuf>,
 }
 
 impl ManifestDir {
@@ -53,7 +55,13 @@ impl ManifestDir {
         Self {
             dir: dir.into(),
             files: BTreeMap::new(),
+            origins: BTreeMap::new(),
         }
+    }
+
+    /// The file an object (`Kind namespace/name`) was read from.
+    pub fn origin(&self, object: &str) -> Option<&Path> {
+        self.origins.get(object).map(PathBuf::as_path)
     }
 
     pub fn dir(&self) -> &Path {
@@ -108,8 +116,10 @@ impl ManifestDir {
         }
         let mut cluster = ClusterObjects::default();
         let mut skipped = Vec::new();
-        for file in self.files.values() {
+        self.origins.clear();
+        for (path, file) in &self.files {
             for object in &file.objects {
+                self.origins.insert(object.describe(), path.clone());
                 cluster.apply(object.clone(), node_name);
             }
             skipped.extend(file.skipped.iter().cloned());
