@@ -243,3 +243,31 @@ pub fn print_flows(views: &[FlowView]) {
         );
     }
 }
+
+pub fn print_plan(plan: &crate::plan::Plan) {
+    println!(
+        "{:<22} {:<5} {:<10} {:<30} {:<10} BACKENDS",
+        "FRONTEND", "PROTO", "KIND", "SERVICE", "PORT"
+    );
+    for f in &plan.frontends {
+        let backends: Vec<String> = f.backends.iter().map(|b| b.to_string()).collect();
+        let backends = if backends.is_empty() {
+            if f.drop_when_empty {
+                "(none here: dropped)".to_string()
+            } else {
+                "(none: refused)".to_string()
+            }
+        } else {
+            backends.join(",")
+        };
+        println!(
+            "{:<22} {:<5} {:<10} {:<30} {:<10} {}",
+            f.frontend.addr.to_string(),
+            f.frontend.protocol.to_string(),
+            format!("{:?}", f.kind),
+            f.service,
+            f.port_name,
+            backends
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! The node agent: Kubernetes objects in (`source`, `objects`), desired datapath state out
 //! (`plan`), written into the kernel's maps (`datapath`), and read back for people (`inspect`).
 pub mod datapath;
+pub mod endpoints;
 pub mod inspect;
 pub mod objects;
 pub mod plan;

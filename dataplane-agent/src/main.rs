@@ -24,6 +24,27 @@ enum Output {
     Json,
 }
 
+/// Where Kubernetes objects come from.
+#[derive(clap::Args)]
+struct SourceArgs {
+    /// Directory of Service, EndpointSlice and Node manifests (YAML or JSON).
+    #[arg(long)]
+    manifests: PathBuf,
+}
+
+impl SourceArgs {
+    fn load_once(
+        &self,
+        node_name: &str,
+    ) -> anyhow::Result<dataplane_agent::objects::ClusterObjects> {
+        let mut dir = dataplane_agent::source::manifests::ManifestDir::new(&self.manifests);
+        let (objects, _skipped) = dir
+            .load(node_name)
+            .with_context(|| format!("reading {}", self.manifests.display()))?;
+        Ok(objects)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Program the datapath from Kubernetes objects and keep it in sync.
@@ -39,6 +60,17 @@ enum Command {
         pod_interfaces: Vec<String>,
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
+    },
+    /// Print, without touching the kernel, every frontend this node would program and the
+    /// backends new connections there would use.
+    Plan {
+        #[command(flatten)]
+        source: SourceArgs,
+        /// The node to plan for (locality and topology hints depend on it).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
     },
     /// Remove every program link and pin the agent made under the bpffs directory.
     Cleanup {
@@ -96,6 +128,27 @@ fn main() -> anyhow::Result<()> {
                 pod_interfaces,
                 bpffs_dir,
             }))
+        }
+        Command::Plan {
+            source,
+            node_name,
+            output,
+        } => {
+            let objects = source.load_once(&node_name)?;
+            let plan = dataplane_agent::plan::compute(&objects, &node_name);
+            for problem in &plan.problems {
+                eprintln!("skipped: {problem}");
+            }
+            match output {
+                Output::Json => {
+                    let list: Vec<_> = plan.frontends.iter().map(|f| f.to_json()).collect();
+                    print_json(&list)
+                }
+                Output::Table => {
+                    inspect::print_plan(&plan);
+                    Ok(())
+                }
+            }
         }
         Command::Cleanup { bpffs_dir } => cleanup(&BpffsLayout::new(bpffs_dir)),
         Command::Services { bpffs_dir, output } => {

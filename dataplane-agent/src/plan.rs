@@ -2,7 +2,7 @@
 //! frontend and the backends new connections there may use. `run` programs exactly this, and
 //! `plan` prints it, so the two cannot disagree.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
 };
 
@@ -12,7 +12,10 @@ use k8s_openapi::api::{
 };
 use serde::Serialize;
 
-use crate::objects::{ClusterObjects, LABEL_SERVICE_NAME, ObjectName, object_name};
+use crate::{
+    endpoints::{self, EndpointInfo, PortPolicy},
+    objects::{ClusterObjects, LABEL_SERVICE_NAME, ObjectName, object_name},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Protocol {
@@ -84,8 +87,10 @@ pub struct Frontend {
     pub port_name: String,
     pub kind: FrontendKind,
     pub frontend: FrontendAddr,
-    /// Backends for new connections, sorted; empty means connections are refused.
+    /// Backends for new connections, sorted; empty means connections are refused...
     pub backends: Vec<SocketAddrV4>,
+    /// ...or dropped, when endpoints exist elsewhere but policy keeps this node from them.
+    pub drop_when_empty: bool,
 }
 
 /// Something in the cluster's objects this node cannot program, and was skipped.
@@ -133,8 +138,27 @@ impl Frontend {
     }
 }
 
-pub fn compute(objects: &ClusterObjects) -> Plan {
+/// Labels that take a Service (and its slices) away from the default proxy, as kube-proxy's
+/// watch selector `!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+
+fn proxied_by_us(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+    let labels = meta.labels.as_ref();
+    !labels
+        .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS))
+}
+
+pub fn compute(objects: &ClusterObjects, node_name: &str) -> Plan {
     let mut plan = Plan::default();
+    let zone = objects
+        .node
+        .as_ref()
+        .and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|l| l.get(LABEL_ZONE))
+        .cloned()
+        .unwrap_or_default();
     let slices = slices_by_service(&objects.endpoint_slices);
     let mut seen: BTreeMap<FrontendAddr, ObjectName> = BTreeMap::new();
     for (name, service) in &objects.services {
@@ -143,7 +167,7 @@ pub fn compute(objects: &ClusterObjects) -> Plan {
             reason,
         };
         let Some(spec) = &service.spec else { continue };
-        if spec.type_.as_deref() == Some("ExternalName") {
+        if spec.type_.as_deref() == Some("ExternalName") || !proxied_by_us(&service.metadata) {
             continue;
         }
         let cluster_ips = match cluster_ips(service) {
@@ -157,6 +181,7 @@ pub fn compute(objects: &ClusterObjects) -> Plan {
             continue; // headless, or IPv6-only (this datapath is IPv4)
         }
         let service_slices = slices.get(name).map(Vec::as_slice).unwrap_or(&[]);
+        let endpoints = ServiceEndpoints::collect(service_slices, node_name, &mut plan.problems);
         for port in spec.ports.iter().flatten() {
             let port_name = port.name.clone().unwrap_or_default();
             let (protocol, number) = match service_port(port) {
@@ -167,33 +192,115 @@ pub fn compute(objects: &ClusterObjects) -> Plan {
                     continue;
                 }
             };
-            let backends = backends_for_port(service_slices, &port_name, protocol);
-            for ip in &cluster_ips {
-                let frontend = FrontendAddr {
-                    addr: SocketAddrV4::new(*ip, number),
-                    protocol,
-                };
-                if let Some(owner) = seen.get(&frontend) {
+            let Some(port_endpoints) = endpoints.for_port(&port_name, protocol) else {
+                if endpoints.has_ports {
                     plan.problems.push(problem(format!(
-                        "frontend {} {protocol} is already used by Service {owner}",
-                        frontend.addr
+                        "port {port_name:?} ({protocol}) matches no port of its EndpointSlices"
                     )));
-                    continue;
                 }
-                seen.insert(frontend, name.clone());
-                plan.frontends.push(Frontend {
-                    service: name.clone(),
-                    port_name: port_name.clone(),
-                    kind: FrontendKind::ClusterIP,
-                    frontend,
-                    backends: backends.clone(),
-                });
-            }
+                // No endpoints: the frontend exists and refuses connections.
+                let targets = Targets {
+                    backends: vec![],
+                    drop_when_empty: false,
+                };
+                push_frontends(
+                    &mut plan,
+                    &mut seen,
+                    name,
+                    &port_name,
+                    protocol,
+                    number,
+                    &cluster_ips,
+                    targets,
+                );
+                continue;
+            };
+            let policy = port_policy(service, port);
+            let categorized = endpoints::categorize(port_endpoints, &policy, node_name, &zone);
+            let backends = categorized.internal(&policy);
+            let targets = Targets {
+                drop_when_empty: backends.is_empty() && categorized.has_any,
+                backends,
+            };
+            push_frontends(
+                &mut plan,
+                &mut seen,
+                name,
+                &port_name,
+                protocol,
+                number,
+                &cluster_ips,
+                targets,
+            );
         }
     }
     plan.frontends.sort_by_key(|f| f.frontend);
     plan.problems.sort();
+    plan.problems.dedup();
     plan
+}
+
+#[allow(clippy::too_many_arguments)]
+fn push_frontends(
+    plan: &mut Plan,
+    seen: &mut BTreeMap<FrontendAddr, ObjectName>,
+    service: &str,
+    port_name: &str,
+    protocol: Protocol,
+    number: u16,
+    ips: &[Ipv4Addr],
+    mut targets: Targets,
+) {
+    targets.backends.sort();
+    for ip in ips {
+        let frontend = FrontendAddr {
+            addr: SocketAddrV4::new(*ip, number),
+            protocol,
+        };
+        if let Some(owner) = seen.get(&frontend) {
+            plan.problems.push(Problem {
+                object: format!("Service {service}"),
+                reason: format!(
+                    "frontend {} {protocol} is already used by Service {owner}",
+                    frontend.addr
+                ),
+            });
+            continue;
+        }
+        seen.insert(frontend, service.to_string());
+        plan.frontends.push(Frontend {
+            service: service.to_string(),
+            port_name: port_name.to_string(),
+            kind: FrontendKind::ClusterIP,
+            frontend,
+            backends: targets.backends.clone(),
+            drop_when_empty: targets.drop_when_empty,
+        });
+    }
+}
+
+/// Where a frontend's new connections go.
+struct Targets {
+    backends: Vec<SocketAddrV4>,
+    drop_when_empty: bool,
+}
+
+fn port_policy(service: &Service, port: &ServicePort) -> PortPolicy {
+    let spec = service.spec.as_ref();
+    let has_lb_ip = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .is_some_and(|ingress| ingress.iter().any(|i| i.ip.is_some()));
+    let has_external_ips = spec
+        .and_then(|s| s.external_ips.as_ref())
+        .is_some_and(|ips| !ips.is_empty());
+    PortPolicy {
+        internal_local: spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local"),
+        external_local: spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local"),
+        externally_accessible: port.node_port.unwrap_or(0) != 0 || has_lb_ip || has_external_ips,
+    }
 }
 
 /// The IPv4 cluster IPs of a service. Headless services have none.
@@ -240,9 +347,12 @@ fn valid_port(port: i32) -> Result<u16, String> {
 
 fn slices_by_service(
     slices: &BTreeMap<ObjectName, EndpointSlice>,
-) -> BTreeMap<ObjectName, Vec<&EndpointSlice>> {
-    let mut by_service: BTreeMap<ObjectName, Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in slices.values() {
+) -> BTreeMap<ObjectName, Vec<(&ObjectName, &EndpointSlice)>> {
+    let mut by_service: BTreeMap<ObjectName, Vec<(&ObjectName, &EndpointSlice)>> = BTreeMap::new();
+    for (slice_name, slice) in slices {
+        if !proxied_by_us(&slice.metadata) {
+            continue;
+        }
         let Some(service) = slice
             .metadata
             .labels
@@ -256,54 +366,147 @@ fn slices_by_service(
         by_service
             .entry(object_name(&meta))
             .or_default()
-            .push(slice);
+            .push((slice_name, slice));
     }
     by_service
 }
 
-/// Whether an endpoint takes new connections. The API says an absent `ready` means ready.
-fn is_ready(endpoint: &Endpoint) -> bool {
-    endpoint
-        .conditions
-        .as_ref()
-        .and_then(|c| c.ready)
-        .unwrap_or(true)
+/// A service's endpoints from all its slices, grouped by slice port (name, protocol) and
+/// deduplicated by address and port as upstream's EndpointSliceCache does (a local copy of a
+/// duplicate wins).
+struct ServiceEndpoints {
+    by_port: BTreeMap<(String, Protocol), Vec<EndpointInfo>>,
+    /// Some slice had at least one valid port.
+    has_ports: bool,
 }
 
-/// The backends of one service port: endpoints of every IPv4 slice of the service whose port
-/// of the same name and protocol is valid, deduplicated and sorted.
-fn backends_for_port(
-    slices: &[&EndpointSlice],
-    port_name: &str,
-    protocol: Protocol,
-) -> Vec<SocketAddrV4> {
-    let mut backends = BTreeSet::new();
-    for slice in slices {
-        if slice.address_type != "IPv4" {
-            continue;
-        }
-        let target_port = slice.ports.iter().flatten().find_map(|p| {
-            let same_name = p.name.as_deref().unwrap_or("") == port_name;
-            let same_protocol = Protocol::parse(p.protocol.as_deref()).ok() == Some(protocol);
-            (same_name && same_protocol)
-                .then_some(p.port?)
-                .and_then(|n| valid_port(n).ok())
-        });
-        let Some(target_port) = target_port else {
-            continue;
-        };
-        for endpoint in slice.endpoints.iter().flatten() {
-            if !is_ready(endpoint) {
-                continue;
+impl ServiceEndpoints {
+    fn collect(
+        slices: &[(&ObjectName, &EndpointSlice)],
+        node_name: &str,
+        problems: &mut Vec<Problem>,
+    ) -> Self {
+        let mut by_port: BTreeMap<(String, Protocol), BTreeMap<SocketAddrV4, EndpointInfo>> =
+            BTreeMap::new();
+        let mut has_ports = false;
+        let mut ipv6_slices = 0;
+        for (slice_name, slice) in slices {
+            let problem = |reason: String| Problem {
+                object: format!("EndpointSlice {slice_name}"),
+                reason,
+            };
+            match slice.address_type.as_str() {
+                "IPv4" => {}
+                "IPv6" => {
+                    ipv6_slices += 1;
+                    continue;
+                }
+                _ => continue, // FQDN slices are not for proxies
             }
-            for address in &endpoint.addresses {
-                if let Ok(ip) = address.parse::<Ipv4Addr>() {
-                    backends.insert(SocketAddrV4::new(ip, target_port));
+            if slice.ports.as_ref().is_none_or(|p| p.is_empty())
+                && slice.endpoints.as_ref().is_some_and(|e| !e.is_empty())
+            {
+                problems.push(problem(
+                    "has endpoints but no ports; its endpoints are not used".into(),
+                ));
+            }
+            for port in slice.ports.iter().flatten() {
+                // Upstream ignores ports without a name field or without a number.
+                let (Some(name), Some(number)) = (port.name.as_ref(), port.port) else {
+                    continue;
+                };
+                let Ok(number) = valid_port(number) else {
+                    problems.push(problem(format!(
+                        "port {name:?}: port {number} is outside 1-65535"
+                    )));
+                    continue;
+                };
+                let Ok(protocol) = Protocol::parse(port.protocol.as_deref()) else {
+                    continue;
+                };
+                has_ports = true;
+                let set = by_port.entry((name.clone(), protocol)).or_default();
+                for endpoint in slice.endpoints.iter().flatten() {
+                    let Some(address) = endpoint.addresses.first() else {
+                        continue;
+                    };
+                    let Ok(ip) = address.parse::<Ipv4Addr>() else {
+                        problems.push(problem(format!(
+                            "address {address:?} is not an IPv4 address"
+                        )));
+                        continue;
+                    };
+                    let info = endpoint_info(endpoint, SocketAddrV4::new(ip, number), node_name);
+                    let keep_existing = set.get(&info.addr).is_some_and(|e| !info.local || e.local);
+                    if !keep_existing {
+                        set.insert(info.addr, info);
+                    }
                 }
             }
         }
+        if ipv6_slices > 0 {
+            problems.push(Problem {
+                object: format!("EndpointSlices of {}", service_of(slices)),
+                reason: format!("{ipv6_slices} IPv6 slice(s) ignored: this datapath is IPv4 (dual stack comes later)"),
+            });
+        }
+        let by_port = by_port
+            .into_iter()
+            .map(|(k, v)| (k, v.into_values().collect()))
+            .collect();
+        Self { by_port, has_ports }
     }
-    backends.into_iter().collect()
+
+    fn for_port(&self, name: &str, protocol: Protocol) -> Option<&[EndpointInfo]> {
+        self.by_port
+            .get(&(name.to_string(), protocol))
+            .map(Vec::as_slice)
+    }
+}
+
+fn service_of(slices: &[(&ObjectName, &EndpointSlice)]) -> String {
+    slices
+        .first()
+        .map(|(_, s)| {
+            let service = s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_SERVICE_NAME))
+                .cloned();
+            format!(
+                "Service {}/{}",
+                s.metadata.namespace.as_deref().unwrap_or("default"),
+                service.unwrap_or_default()
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// An endpoint's conditions as upstream reads them: absent `ready` and `serving` mean true,
+/// absent `terminating` means false.
+fn endpoint_info(endpoint: &Endpoint, addr: SocketAddrV4, node_name: &str) -> EndpointInfo {
+    let conditions = endpoint.conditions.as_ref();
+    let hints = endpoint.hints.as_ref();
+    EndpointInfo {
+        addr,
+        ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+        serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+        terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+        local: !node_name.is_empty() && endpoint.node_name.as_deref() == Some(node_name),
+        zone_hints: hints
+            .and_then(|h| h.for_zones.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|z| z.name.clone())
+            .collect(),
+        node_hints: hints
+            .and_then(|h| h.for_nodes.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|n| n.name.clone())
+            .collect(),
+    }
 }
 
 #[cfg(test)]
@@ -318,7 +521,7 @@ mod tests {
         for o in objects {
             cluster.apply(o, "node-a");
         }
-        compute(&cluster)
+        compute(&cluster, "node-a")
     }
 
     const WEB: &str = r#"

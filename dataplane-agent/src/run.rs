@@ -100,7 +100,7 @@ fn sync(
             return;
         }
     };
-    let plan = plan::compute(&objects);
+    let plan = plan::compute(&objects, node_name);
     let problems: BTreeSet<Problem> = plan.problems.iter().cloned().collect();
     for problem in problems.difference(reported) {
         let file = source

@@ -87,6 +87,12 @@ pub struct ServiceValue {
     pub flags: u16,
 }
 
+/// Service flag: with no backends here, drop instead of refusing, because usable endpoints
+/// exist on other nodes but policy (internal/external traffic policy Local) keeps this node
+/// from using them. kube-proxy drops this traffic too; a refusal would claim the service is
+/// down when it is not.
+pub const SVC_FLAG_DROP_WHEN_EMPTY: u16 = 1;
+
 pub const BACKEND_STATE_ACTIVE: u8 = 0;
 pub const BACKEND_STATE_TERMINATING: u8 = 1;
 
@@ -172,6 +178,8 @@ pub mod drop_reason {
     pub const BACKEND_MISSING: u32 = 4;
     /// A packet rewrite helper failed.
     pub const REWRITE_FAILED: u32 = 5;
+    /// No endpoint this node may use under the service's traffic policy (others exist).
+    pub const NO_LOCAL_ENDPOINTS: u32 = 6;
 
     pub fn name(reason: u32) -> &'static str {
         match reason {
@@ -180,6 +188,7 @@ pub mod drop_reason {
             CT_INSERT_FAILED => "conntrack_insert_failed",
             BACKEND_MISSING => "backend_missing",
             REWRITE_FAILED => "rewrite_failed",
+            NO_LOCAL_ENDPOINTS => "no_local_endpoints",
             _ => "unknown",
         }
     }

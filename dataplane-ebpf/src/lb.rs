@@ -5,7 +5,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CtEntry, CtKey, HAIRPIN_SNAT_ADDR, ServiceKey,
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CtEntry, CtKey, HAIRPIN_SNAT_ADDR, SVC_FLAG_DROP_WHEN_EMPTY, ServiceKey,
     ServiceValue, drop_reason,
 };
 
@@ -104,6 +104,10 @@ fn new_flow(
     now: u64,
 ) -> i32 {
     if svc.count == 0 {
+        if svc.flags & SVC_FLAG_DROP_WHEN_EMPTY != 0 {
+            count_drop(drop_reason::NO_LOCAL_ENDPOINTS);
+            return TC_ACT_SHOT;
+        }
         count_drop(drop_reason::NO_ENDPOINTS);
         return refuse::connection(ctx, pkt);
     }

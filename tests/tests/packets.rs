@@ -425,6 +425,7 @@ fn frontend(
             protocol,
         },
         backends: backends.to_vec(),
+        drop_when_empty: false,
     }
 }
 

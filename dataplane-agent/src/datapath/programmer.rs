@@ -11,7 +11,8 @@ use std::{
 
 use aya::maps::MapError;
 use dataplane_common::{
-    BACKEND_STATE_ACTIVE, Backend, RevNat, ServiceKey, ServiceValue, TrafficStats, capacity,
+    BACKEND_STATE_ACTIVE, Backend, RevNat, SVC_FLAG_DROP_WHEN_EMPTY, ServiceKey, ServiceValue,
+    TrafficStats, capacity,
 };
 use tracing::{debug, warn};
 
@@ -51,6 +52,7 @@ impl IdAllocator {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ProgrammedFrontend {
     rev_nat_id: u32,
+    flags: u16,
     /// Backend id in each slot, slot 1 first.
     slots: Vec<u32>,
 }
@@ -114,6 +116,7 @@ impl Programmer {
                     f,
                     ProgrammedFrontend {
                         rev_nat_id: value.rev_nat_id,
+                        flags: value.flags,
                         slots: vec![],
                     },
                 );
@@ -211,7 +214,12 @@ impl Programmer {
                 })
                 .copied()
                 .collect();
-            if let Err(e) = self.program_frontend(&frontend.frontend, ids, &mut report) {
+            let flags = if frontend.drop_when_empty {
+                SVC_FLAG_DROP_WHEN_EMPTY
+            } else {
+                0
+            };
+            if let Err(e) = self.program_frontend(&frontend.frontend, ids, flags, &mut report) {
                 report.failures.push(format!(
                     "frontend {} {} of {}: {e}",
                     frontend.frontend.addr, frontend.frontend.protocol, frontend.service
@@ -284,6 +292,7 @@ impl Programmer {
         &mut self,
         f: &FrontendAddr,
         mut ids: Vec<u32>,
+        flags: u16,
         report: &mut ApplyReport,
     ) -> Result<(), String> {
         let current = self.frontends.get(f).cloned();
@@ -347,10 +356,11 @@ impl Programmer {
             report.writes += 1;
         }
         ids.truncate(written);
-        if current.as_ref().map(|c| c.slots.len()) != Some(ids.len()) {
+        if current.as_ref().map(|c| (c.slots.len(), c.flags)) != Some((ids.len(), flags)) {
             let value = ServiceValue {
                 rev_nat_id,
                 count: ids.len() as u16,
+                flags,
                 ..Default::default()
             };
             if let Err(e) = self.maps.services.insert(frontend_key(f, 0), value, 0) {
@@ -371,6 +381,7 @@ impl Programmer {
             *f,
             ProgrammedFrontend {
                 rev_nat_id,
+                flags,
                 slots: ids,
             },
         );
