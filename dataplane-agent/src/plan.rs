@@ -617,4 +617,27 @@ spec: {clusterIP: None, ports: [{port: 80}]}
             ["10.96.0.10:53", "10.96.0.10:80", "10.96.0.11:81"]
         );
     }
+
+    #[test]
+    fn a_slice_with_the_api_maximum_of_1000_endpoints_is_used_whole() {
+        let endpoints: String = (0..1000)
+            .map(|i| format!("- {{addresses: [10.1.{}.{}]}}\n", i / 250, i % 250 + 1))
+            .collect();
+        let plan = plan_of(&format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: big}}
+spec: {{clusterIP: 10.96.0.50, ports: [{{port: 80}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: big-1, labels: {{kubernetes.io/service-name: big}}}}
+addressType: IPv4
+ports: [{{name: \"\", port: 8080}}]
+endpoints:
+{endpoints}"
+        ));
+        assert!(plan.problems.is_empty(), "{:?}", plan.problems);
+        assert_eq!(plan.frontends[0].backends.len(), 1000);
+    }
 }

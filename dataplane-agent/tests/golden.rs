@@ -11,7 +11,10 @@ const NODE: &str = "node-a";
 #[test]
 fn plans_match_golden_files() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
-    let mut cases: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut cases: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     cases.sort();
     assert!(cases.len() >= 8, "golden cases missing");
     let mut failures = Vec::new();
@@ -26,7 +29,11 @@ fn plans_match_golden_files() {
         });
         let expected_path = case.join("expected.json");
         if std::env::var_os("GOLDEN_UPDATE").is_some() {
-            std::fs::write(&expected_path, serde_json::to_string_pretty(&got).unwrap() + "\n").unwrap();
+            std::fs::write(
+                &expected_path,
+                serde_json::to_string_pretty(&got).unwrap() + "\n",
+            )
+            .unwrap();
             continue;
         }
         let expected: serde_json::Value =

@@ -15,6 +15,7 @@ use dataplane_agent::{
 use testbed::require_root;
 
 const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 5);
@@ -22,6 +23,7 @@ const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const HAIRPIN_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+const LOCAL_ONLY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
 const HAIRPIN_SNAT: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
@@ -401,6 +403,30 @@ fn cases() -> Vec<Case> {
             verdict: TC_ACT_REDIRECT,
         },
         Case {
+            description: "traffic-policy Local with endpoints only on other nodes is dropped, not refused",
+            input: frame(
+                TO_NODE,
+                sock(CLIENT, 40006),
+                sock(LOCAL_ONLY_VIP, 80),
+                L4::Tcp {
+                    flags: SYN,
+                    seq: 1,
+                    ack: 0,
+                },
+            ),
+            expected: frame(
+                TO_NODE,
+                sock(CLIENT, 40006),
+                sock(LOCAL_ONLY_VIP, 80),
+                L4::Tcp {
+                    flags: SYN,
+                    seq: 1,
+                    ack: 0,
+                },
+            ),
+            verdict: TC_ACT_SHOT,
+        },
+        Case {
             description: "UDP to a service without endpoints gets ICMP port unreachable",
             expected: icmp_port_unreachable(&udp_to_empty),
             input: udp_to_empty,
@@ -470,6 +496,10 @@ fn packet_fixtures_through_bpf_prog_test_run() {
                 Protocol::Tcp,
                 &[sock(BACKEND, 8080)],
             ),
+            Frontend {
+                drop_when_empty: true,
+                ..frontend("default/node-local", LOCAL_ONLY_VIP, 80, Protocol::Tcp, &[])
+            },
         ],
         problems: vec![],
     };
