@@ -5,7 +5,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use dataplane_agent::{
     datapath::{BpffsLayout, attach, layout::DEFAULT_BPFFS_DIR, maps::PinnedMaps},
     inspect,
-    run::{RunConfig, run},
+    objects::ClusterObjects,
+    run::{RunConfig, SourceConfig, run},
+    source::{kube as kube_source, manifests::ManifestDir},
 };
 
 #[derive(Parser)]
@@ -24,34 +26,58 @@ enum Output {
     Json,
 }
 
-/// Where Kubernetes objects come from.
+/// Where Kubernetes objects come from: a manifest directory, or the API server (in-cluster
+/// config, `--kubeconfig`, or `KUBECONFIG`).
 #[derive(clap::Args)]
 struct SourceArgs {
-    /// Directory of Service, EndpointSlice and Node manifests (YAML or JSON).
+    /// Directory of Service, EndpointSlice and Node manifests (YAML or JSON), watched.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig file for the API server (default: in-cluster config, then KUBECONFIG).
     #[arg(long)]
-    manifests: PathBuf,
+    kubeconfig: Option<PathBuf>,
 }
 
 impl SourceArgs {
-    fn load_once(
-        &self,
-        node_name: &str,
-    ) -> anyhow::Result<dataplane_agent::objects::ClusterObjects> {
-        let mut dir = dataplane_agent::source::manifests::ManifestDir::new(&self.manifests);
-        let (objects, _skipped) = dir
-            .load(node_name)
-            .with_context(|| format!("reading {}", self.manifests.display()))?;
-        Ok(objects)
+    fn config(&self) -> SourceConfig {
+        match &self.manifests {
+            Some(dir) => SourceConfig::Manifests(dir.clone()),
+            None => SourceConfig::Cluster {
+                kubeconfig: self.kubeconfig.clone(),
+            },
+        }
     }
+
+    fn load_once(&self, node_name: &str) -> anyhow::Result<ClusterObjects> {
+        match self.config() {
+            SourceConfig::Manifests(path) => {
+                let mut dir = ManifestDir::new(&path);
+                let (objects, _skipped) = dir
+                    .load(node_name)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                Ok(objects)
+            }
+            SourceConfig::Cluster { kubeconfig } => runtime()?.block_on(async {
+                let client = kube_source::client(kubeconfig.as_deref()).await?;
+                kube_source::load_once(client, node_name).await
+            }),
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Program the datapath from Kubernetes objects and keep it in sync.
     Run {
-        /// Directory of Service, EndpointSlice and Node manifests (YAML or JSON), watched.
-        #[arg(long)]
-        manifests: PathBuf,
+        #[command(flatten)]
+        source: SourceArgs,
         /// This node's name (selects its Node object).
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
@@ -113,21 +139,18 @@ fn main() -> anyhow::Result<()> {
     init_logging();
     match cli.command {
         Command::Run {
-            manifests,
+            source,
             node_name,
             pod_interfaces,
             bpffs_dir,
         } => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            runtime.block_on(run(RunConfig {
-                manifests,
+            let config = RunConfig {
+                source: source.config(),
                 node_name,
                 pod_interfaces,
                 bpffs_dir,
-            }))
+            };
+            runtime()?.block_on(run(config))
         }
         Command::Plan {
             source,

@@ -1,5 +1,7 @@
 //! `dataplane-agent run`: load and attach the datapath, then keep the maps equal to the plan
-//! computed from the manifest directory, reacting to file changes within milliseconds.
+//! computed from the cluster's objects (a manifest directory or the API server), reacting to
+//! changes within milliseconds. Level-triggered: every change recomputes the whole plan and
+//! applies the difference.
 use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
 use anyhow::Context;
@@ -12,12 +14,21 @@ use crate::{
         BpffsLayout, attach::Attachments, loader::LoadedDatapath, maps::PinnedMaps,
         programmer::Programmer,
     },
+    objects::ClusterObjects,
     plan::{self, Problem},
-    source::manifests::ManifestDir,
+    source::{kube::ClusterWatch, manifests::ManifestDir},
 };
 
+pub enum SourceConfig {
+    Manifests(PathBuf),
+    /// The API server: this kubeconfig, or in-cluster / `KUBECONFIG` when `None`.
+    Cluster {
+        kubeconfig: Option<PathBuf>,
+    },
+}
+
 pub struct RunConfig {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub node_name: String,
     pub pod_interfaces: Vec<String>,
     pub bpffs_dir: PathBuf,
@@ -27,8 +38,75 @@ pub struct RunConfig {
 const INTERFACE_POLL: Duration = Duration::from_millis(200);
 /// Changes closer together than this are programmed together.
 const DEBOUNCE: Duration = Duration::from_millis(10);
-/// A full re-read even without file events, in case one was missed.
+/// A full recompute even without change events, in case one was missed.
 const RESYNC: Duration = Duration::from_secs(30);
+
+/// Where the objects come from, started and ready to be read.
+enum Source {
+    Manifests {
+        dir: ManifestDir,
+        _watcher: notify::RecommendedWatcher,
+    },
+    Cluster(ClusterWatch),
+}
+
+impl Source {
+    async fn start(
+        config: &SourceConfig,
+        node_name: &str,
+        changed: mpsc::Sender<()>,
+    ) -> anyhow::Result<Self> {
+        match config {
+            SourceConfig::Manifests(path) => {
+                let mut watcher =
+                    notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                        if event.is_ok() {
+                            let _ = changed.try_send(());
+                        }
+                    })?;
+                watcher
+                    .watch(path, notify::RecursiveMode::Recursive)
+                    .with_context(|| format!("watching {}", path.display()))?;
+                Ok(Self::Manifests {
+                    dir: ManifestDir::new(path),
+                    _watcher: watcher,
+                })
+            }
+            SourceConfig::Cluster { kubeconfig } => {
+                let client = crate::source::kube::client(kubeconfig.as_deref()).await?;
+                Ok(Self::Cluster(ClusterWatch::start(
+                    client, node_name, changed,
+                )))
+            }
+        }
+    }
+
+    /// The complete current objects, or `None` while they are not known completely (the
+    /// first lists are not in yet, or the directory cannot be read).
+    fn snapshot(&mut self, node_name: &str) -> Option<ClusterObjects> {
+        match self {
+            Self::Manifests { dir, .. } => match dir.load(node_name) {
+                Ok((objects, _skipped)) => Some(objects),
+                Err(e) => {
+                    warn!(dir = %dir.dir().display(), error = %e, "cannot read manifests; keeping the current datapath");
+                    None
+                }
+            },
+            Self::Cluster(watch) => watch.synced().then(|| watch.snapshot(node_name)),
+        }
+    }
+
+    /// The file an object came from, for messages (manifest source only).
+    fn origin(&self, object: &str) -> String {
+        match self {
+            Self::Manifests { dir, .. } => dir
+                .origin(object)
+                .map(|f| f.display().to_string())
+                .unwrap_or_default(),
+            Self::Cluster(_) => String::new(),
+        }
+    }
+}
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // Before anything else: a SIGTERM during start-up must stop the agent between steps,
@@ -44,18 +122,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         restored_frontends = programmer.frontend_count(),
         "datapath loaded"
     );
+    // Restored state keeps serving while the source starts; attach before the first sync.
+    attachments.sync(&mut datapath);
 
     let (changed_tx, mut changed) = mpsc::channel::<()>(1);
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = changed_tx.try_send(());
-        }
-    })?;
-    watcher
-        .watch(&config.manifests, notify::RecursiveMode::Recursive)
-        .with_context(|| format!("watching {}", config.manifests.display()))?;
-
-    let mut source = ManifestDir::new(&config.manifests);
+    let mut source = Source::start(&config.source, &config.node_name, changed_tx).await?;
     let mut reported = BTreeSet::new();
     sync(
         &mut source,
@@ -63,7 +134,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         &mut programmer,
         &mut reported,
     );
-    attachments.sync(&mut datapath);
 
     let mut interfaces = tokio::time::interval(INTERFACE_POLL);
     let mut resync = tokio::time::interval(RESYNC);
@@ -86,28 +156,19 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 }
 
 fn sync(
-    source: &mut ManifestDir,
+    source: &mut Source,
     node_name: &str,
     programmer: &mut Programmer,
     reported: &mut BTreeSet<Problem>,
 ) {
     let started = std::time::Instant::now();
-    let (objects, _skipped) = match source.load(node_name) {
-        Ok(loaded) => loaded,
-        Err(e) => {
-            // Keep the datapath as it is rather than flushing it on a read error.
-            warn!(dir = %source.dir().display(), error = %e, "cannot read manifests; keeping the current datapath");
-            return;
-        }
+    let Some(objects) = source.snapshot(node_name) else {
+        return;
     };
     let plan = plan::compute(&objects, node_name);
     let problems: BTreeSet<Problem> = plan.problems.iter().cloned().collect();
     for problem in problems.difference(reported) {
-        let file = source
-            .origin(&problem.object)
-            .map(|f| f.display().to_string())
-            .unwrap_or_default();
-        warn!(object = %problem.object, file, reason = %problem.reason, "skipping");
+        warn!(object = %problem.object, file = source.origin(&problem.object), reason = %problem.reason, "skipping");
     }
     *reported = problems;
     let report = programmer.apply(&plan);
