@@ -544,3 +544,119 @@ fn bpftool_json(args: &[&str]) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// Sends one HTTP request per connection every 20 ms for `seconds` and prints
+/// "<ok> <failed>" at the end.
+const LOAD: &str = r#"
+import socket, sys, time
+host, seconds = sys.argv[1], float(sys.argv[2])
+ok = failed = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        s = socket.create_connection((host, 80), 1)
+        s.settimeout(1)
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(1000)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        if b"200 OK" in data:
+            ok += 1
+        else:
+            failed += 1
+    except OSError:
+        failed += 1
+    time.sleep(0.02)
+print(ok, failed)
+"#;
+
+#[test]
+fn restarting_the_agent_keeps_every_connection_and_service() {
+    require_root!();
+    let mut cluster = Cluster::new(Wiring::Routed, [10, 244, 11]);
+    cluster.publish_web(&cluster.web_ips());
+    cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
+
+    // A connection held open across the restart (half a request sent before it)...
+    let go = cluster.agent.manifests.parent().unwrap().join("go");
+    let mut holder = cluster
+        .client()
+        .command("python3")
+        .args(["-c", HOLD, VIP, "80", go.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut held = std::io::BufReader::new(holder.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut held, &mut line).unwrap();
+    assert_eq!(line.trim(), "open");
+    // ...and a client sending requests all through it.
+    let load = cluster
+        .client()
+        .command("python3")
+        .args(["-c", LOAD, VIP, "3"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let ids_before = cluster.agent.cli_json(&["services"]).unwrap();
+    cluster.agent.restart().unwrap();
+    // The restarted agent has read its state back and changed nothing.
+    wait_until(Duration::from_secs(5), || {
+        cluster.agent.log_text().matches("datapath loaded").count() == 2
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let ids_after = cluster.agent.cli_json(&["services"]).unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<(String, u64, Vec<u64>)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let backends = s["backends"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b["backend_id"].as_u64().unwrap())
+                    .collect();
+                (
+                    s["frontend"].as_str().unwrap().to_string(),
+                    s["frontend_id"].as_u64().unwrap(),
+                    backends,
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        ids(&ids_before),
+        ids(&ids_after),
+        "ids changed across the restart"
+    );
+
+    std::fs::write(&go, "").unwrap();
+    let mut outcome = String::new();
+    std::io::Read::read_to_string(&mut held, &mut outcome).unwrap();
+    holder.wait().unwrap();
+    assert!(outcome.starts_with("data"), "held connection: {outcome}");
+
+    let out = load.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let counts: Vec<u64> = text
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(counts[0] > 50, "too few requests went through: {text}");
+    assert_eq!(counts[1], 0, "requests failed during the restart: {text}");
+    assert!(
+        cluster
+            .agent
+            .log_text()
+            .contains("replaced program in pinned link"),
+        "{}",
+        cluster.agent.log_text()
+    );
+}
