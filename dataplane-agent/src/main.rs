@@ -65,6 +65,12 @@ impl SourceArgs {
     }
 }
 
+fn parse_map_size(text: &str) -> Result<(String, u32), String> {
+    let (name, entries) = text.split_once('=').ok_or("expected NAME=ENTRIES")?;
+    let entries = entries.parse().map_err(|e| format!("{entries:?}: {e}"))?;
+    Ok((name.to_string(), entries))
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -86,6 +92,10 @@ enum Command {
         pod_interfaces: Vec<String>,
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
+        /// Capacity of a map when it is created, as NAME=ENTRIES (repeatable), e.g.
+        /// dp_ct_v1=1048576.
+        #[arg(long = "map-size", value_parser = parse_map_size)]
+        map_sizes: Vec<(String, u32)>,
     },
     /// Print, without touching the kernel, every frontend this node would program and the
     /// backends new connections there would use.
@@ -143,12 +153,14 @@ fn main() -> anyhow::Result<()> {
             node_name,
             pod_interfaces,
             bpffs_dir,
+            map_sizes,
         } => {
             let config = RunConfig {
                 source: source.config(),
                 node_name,
                 pod_interfaces,
                 bpffs_dir,
+                map_sizes: map_sizes.into_iter().collect(),
             };
             runtime()?.block_on(run(config))
         }

@@ -32,6 +32,7 @@ pub struct RunConfig {
     pub node_name: String,
     pub pod_interfaces: Vec<String>,
     pub bpffs_dir: PathBuf,
+    pub map_sizes: crate::datapath::loader::MapSizes,
 }
 
 /// How often interfaces are listed to find new pods' veths.
@@ -113,7 +114,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // never kill it halfway through attaching.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let layout = BpffsLayout::new(&config.bpffs_dir);
-    let mut datapath = LoadedDatapath::load(&layout)?;
+    let mut datapath = LoadedDatapath::load(&layout, &config.map_sizes)?;
     let mut programmer =
         Programmer::restore(PinnedMaps::open(&layout)?).context("reading back the pinned maps")?;
     let mut attachments = Attachments::new(&config.pod_interfaces)?;

@@ -469,7 +469,7 @@ fn packet_fixtures_through_bpf_prog_test_run() {
     let pins = Pins(BpffsLayout::new(
         std::path::Path::new("/sys/fs/bpf").join(testbed::unique("dpfix")),
     ));
-    let mut datapath = LoadedDatapath::load(&pins.0).unwrap();
+    let mut datapath = LoadedDatapath::load(&pins.0, &Default::default()).unwrap();
     let mut programmer = Programmer::restore(PinnedMaps::open(&pins.0).unwrap()).unwrap();
     let plan = Plan {
         frontends: vec![
@@ -526,4 +526,124 @@ fn packet_fixtures_through_bpf_prog_test_run() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn syn_to(vip: Ipv4Addr, client_port: u16) -> Vec<u8> {
+    frame(
+        TO_NODE,
+        sock(CLIENT, client_port),
+        sock(vip, 80),
+        L4::Tcp {
+            flags: SYN,
+            seq: 1,
+            ack: 0,
+        },
+    )
+}
+
+/// Runs a SYN to `vip` and returns the verdict and the destination it left with.
+fn destination_of(
+    datapath: &mut LoadedDatapath,
+    vip: Ipv4Addr,
+    client_port: u16,
+) -> (u32, Ipv4Addr) {
+    let input = syn_to(vip, client_port);
+    let mut out = vec![0u8; 256];
+    let result = datapath
+        .program()
+        .test_run(TestRunOptions {
+            data_in: Some(&input),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .unwrap();
+    (
+        result.return_value,
+        Ipv4Addr::new(out[30], out[31], out[32], out[33]),
+    )
+}
+
+#[test]
+fn a_full_map_skips_what_does_not_fit_and_keeps_the_rest_working() {
+    require_root!();
+    let pins = Pins(BpffsLayout::new(
+        std::path::Path::new("/sys/fs/bpf").join(testbed::unique("dpfull")),
+    ));
+    let sizes = [
+        ("dp_svc_v1".to_string(), 8),
+        ("dp_backends_v1".to_string(), 4),
+    ]
+    .into();
+    let mut datapath = LoadedDatapath::load(&pins.0, &sizes).unwrap();
+    let mut programmer = Programmer::restore(PinnedMaps::open(&pins.0).unwrap()).unwrap();
+    let vip = |n| Ipv4Addr::new(10, 96, 1, n);
+    let backend = |n| sock(Ipv4Addr::new(10, 0, 0, n), 8080);
+    let fe =
+        |n, backends: &[SocketAddrV4]| frontend("default/svc", vip(n), 80, Protocol::Tcp, backends);
+
+    // 6 of 8 service entries, 3 of 4 backends.
+    let mut frontends = vec![
+        fe(1, &[backend(1), backend(2), backend(3)]),
+        fe(2, &[backend(1)]),
+    ];
+    let report = programmer.apply(&Plan {
+        frontends: frontends.clone(),
+        problems: vec![],
+    });
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+
+    // Two more backends (one fits) and two more frontends (one fits).
+    frontends.push(fe(3, &[backend(4), backend(5)]));
+    frontends.push(fe(4, &[backend(1)]));
+    let report = programmer.apply(&Plan {
+        frontends: frontends.clone(),
+        problems: vec![],
+    });
+    let failures = report.failures.join("\n");
+    assert_eq!(report.failures.len(), 2, "{failures}");
+    assert!(
+        failures.contains("backend 10.0.0.5:8080") && failures.contains("map is full"),
+        "{failures}"
+    );
+    assert!(failures.contains("frontend 10.96.1.4:80"), "{failures}");
+
+    // What was programmed before works as before; what fitted works; what did not is absent.
+    for port in 40000..40010 {
+        let (verdict, to) = destination_of(&mut datapath, vip(1), port);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert!(
+            [1, 2, 3].contains(&to.octets()[3]) && to.octets()[..3] == [10, 0, 0],
+            "{to}"
+        );
+    }
+    assert_eq!(
+        destination_of(&mut datapath, vip(2), 40100),
+        (TC_ACT_OK, Ipv4Addr::new(10, 0, 0, 1))
+    );
+    assert_eq!(
+        destination_of(&mut datapath, vip(3), 40101),
+        (TC_ACT_OK, Ipv4Addr::new(10, 0, 0, 4))
+    );
+    assert_eq!(
+        destination_of(&mut datapath, vip(4), 40102),
+        (TC_ACT_OK, vip(4)),
+        "not programmed: untouched"
+    );
+
+    // Room frees up: the next apply programs what was skipped.
+    frontends.remove(1);
+    let report = programmer.apply(&Plan {
+        frontends,
+        problems: vec![],
+    });
+    assert_eq!(
+        report.failures.len(),
+        1,
+        "only backend 5 still lacks room: {:?}",
+        report.failures
+    );
+    assert_eq!(
+        destination_of(&mut datapath, vip(4), 40103),
+        (TC_ACT_OK, Ipv4Addr::new(10, 0, 0, 1))
+    );
 }

@@ -15,8 +15,12 @@ pub struct LoadedDatapath {
     pub layout: BpffsLayout,
 }
 
+/// Map capacities that differ from the object's defaults, by map name. They apply when a map
+/// is created; a map already pinned keeps its size.
+pub type MapSizes = std::collections::BTreeMap<String, u32>;
+
 impl LoadedDatapath {
-    pub fn load(layout: &BpffsLayout) -> anyhow::Result<Self> {
+    pub fn load(layout: &BpffsLayout, sizes: &MapSizes) -> anyhow::Result<Self> {
         if BPF_OBJECT.is_empty() {
             anyhow::bail!("this binary was built with DATAPLANE_SKIP_EBPF and carries no datapath");
         }
@@ -31,6 +35,14 @@ impl LoadedDatapath {
             .collect();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
+        }
+        for (name, entries) in sizes {
+            anyhow::ensure!(
+                map_names::ALL.contains(&name.as_str()),
+                "--map-size names an unknown map {name:?} (maps: {})",
+                map_names::ALL.join(", ")
+            );
+            loader.map_max_entries(name, *entries);
         }
         let mut ebpf = loader.load(BPF_OBJECT).context("loading the BPF object")?;
         for name in map_names::ALL {

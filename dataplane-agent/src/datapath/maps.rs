@@ -36,6 +36,8 @@ pub struct PinnedMaps {
     pub service_stats: Array<MapData, TrafficStats>,
     pub backend_stats: Array<MapData, TrafficStats>,
     pub drops: Array<MapData, u64>,
+    /// `max_entries` of each map, by name.
+    pub capacities: std::collections::BTreeMap<&'static str, u32>,
 }
 
 /// Key and value sizes of each map, as this build lays them out.
@@ -53,11 +55,15 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
     Some((sizes.0 as u32, sizes.1 as u32))
 }
 
-/// Checks that an existing pin has this build's layout. `Ok(false)` when nothing is pinned.
-pub fn check_pinned_layout(layout: &BpffsLayout, name: &'static str) -> Result<bool, MapsError> {
+/// Checks that an existing pin has this build's layout; returns its capacity, or `None` when
+/// nothing is pinned.
+pub fn check_pinned_layout(
+    layout: &BpffsLayout,
+    name: &'static str,
+) -> Result<Option<u32>, MapsError> {
     let path = layout.map(name);
     if !path.exists() {
-        return Ok(false);
+        return Ok(None);
     }
     let aya_err = |source| MapsError::Aya { name, source };
     let info = MapData::from_pin(&path)
@@ -73,29 +79,45 @@ pub fn check_pinned_layout(layout: &BpffsLayout, name: &'static str) -> Result<b
             expected,
         });
     }
-    Ok(true)
+    Ok(Some(info.max_entries()))
 }
 
-fn open(layout: &BpffsLayout, name: &'static str) -> Result<Map, MapsError> {
+fn open(
+    layout: &BpffsLayout,
+    name: &'static str,
+    capacities: &mut std::collections::BTreeMap<&'static str, u32>,
+) -> Result<Map, MapsError> {
     let path = layout.map(name);
-    if !check_pinned_layout(layout, name)? {
+    let Some(capacity) = check_pinned_layout(layout, name)? else {
         return Err(MapsError::Missing {
             name,
             path: path.display().to_string(),
         });
-    }
+    };
+    capacities.insert(name, capacity);
     MapData::from_pin(&path)
         .and_then(Map::from_map_data)
         .map_err(|source| MapsError::Aya { name, source })
 }
 
 impl PinnedMaps {
+    /// Exclusive upper bounds for (backend ids, frontend ids): ids index the stats arrays.
+    /// (The id-keyed hash maps can be smaller; an insert into a full one fails and is
+    /// reported like any full map.)
+    pub fn id_limits(&self) -> (u32, u32) {
+        let max = |name: &str| self.capacities.get(name).copied().unwrap_or(0);
+        (max(map_names::BACKEND_STATS), max(map_names::SERVICE_STATS))
+    }
+
     pub fn open(layout: &BpffsLayout) -> Result<Self, MapsError> {
+        let mut capacities = std::collections::BTreeMap::new();
         macro_rules! typed {
             ($kind:ident, $name:expr) => {
-                $kind::try_from(open(layout, $name)?).map_err(|source| MapsError::Aya {
-                    name: $name,
-                    source,
+                $kind::try_from(open(layout, $name, &mut capacities)?).map_err(|source| {
+                    MapsError::Aya {
+                        name: $name,
+                        source,
+                    }
                 })?
             };
         }
@@ -107,6 +129,7 @@ impl PinnedMaps {
             service_stats: typed!(Array, map_names::SERVICE_STATS),
             backend_stats: typed!(Array, map_names::BACKEND_STATS),
             drops: typed!(Array, map_names::DROPS),
+            capacities,
         })
     }
 }

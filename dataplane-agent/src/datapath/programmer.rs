@@ -12,7 +12,7 @@ use std::{
 use aya::maps::MapError;
 use dataplane_common::{
     BACKEND_STATE_ACTIVE, Backend, RevNat, SVC_FLAG_DROP_WHEN_EMPTY, ServiceKey, ServiceValue,
-    TrafficStats, capacity,
+    TrafficStats,
 };
 use tracing::{debug, warn};
 
@@ -143,14 +143,16 @@ impl Programmer {
             .iter()
             .flat_map(|(f, list)| list.iter().map(|(slot, _)| frontend_key(f, *slot)))
             .collect();
+        // Ids index the stats arrays and must fit the id-keyed maps, whatever their sizes.
+        let id_limits = maps.id_limits();
         let backend_in_use: HashSet<u32> = backends.values().copied().collect();
         let frontend_in_use: HashSet<u32> = frontends.values().map(|f| f.rev_nat_id).collect();
         let mut programmer = Self {
             maps,
             backends,
-            backend_ids: IdAllocator::new(capacity::BACKENDS, &backend_in_use),
+            backend_ids: IdAllocator::new(id_limits.0, &backend_in_use),
             frontends,
-            frontend_ids: IdAllocator::new(capacity::FRONTENDS, &frontend_in_use),
+            frontend_ids: IdAllocator::new(id_limits.1, &frontend_in_use),
         };
         for key in orphans {
             let _ = programmer.maps.services.remove(&key);
@@ -169,8 +171,28 @@ impl Programmer {
 
     pub fn apply(&mut self, plan: &Plan) -> ApplyReport {
         let mut report = ApplyReport::default();
+        let wanted_frontends: HashSet<FrontendAddr> =
+            plan.frontends.iter().map(|f| f.frontend).collect();
+        // 1. Frontends that are gone, first so their room serves new ones; slot 0 first, so no
+        // new flow picks a slot being removed.
+        let gone: Vec<FrontendAddr> = self
+            .frontends
+            .keys()
+            .filter(|f| !wanted_frontends.contains(f))
+            .copied()
+            .collect();
+        for f in gone {
+            let programmed = self.frontends.remove(&f).expect("listed above");
+            let _ = self.maps.services.remove(&frontend_key(&f, 0));
+            for slot in 1..=programmed.slots.len() {
+                let _ = self.maps.services.remove(&frontend_key(&f, slot as u16));
+            }
+            let _ = self.maps.rev_nat.remove(&programmed.rev_nat_id);
+            self.frontend_ids.release(programmed.rev_nat_id);
+            report.deletes += 1;
+        }
 
-        // 1. Backends that are new.
+        // 2. Backends that are new.
         let wanted_backends: HashSet<BackendAddr> = plan
             .frontends
             .iter()
@@ -199,10 +221,8 @@ impl Programmer {
             }
         }
 
-        // 2. Frontends: slots, then slot 0.
-        let mut wanted_frontends = HashSet::new();
+        // 3. Frontends: slots, then slot 0.
         for frontend in &plan.frontends {
-            wanted_frontends.insert(frontend.frontend);
             let ids: Vec<u32> = frontend
                 .backends
                 .iter()
@@ -225,24 +245,6 @@ impl Programmer {
                     frontend.frontend.addr, frontend.frontend.protocol, frontend.service
                 ));
             }
-        }
-
-        // 3. Frontends that are gone: slot 0 first, so no new flow picks a slot being removed.
-        let gone: Vec<FrontendAddr> = self
-            .frontends
-            .keys()
-            .filter(|f| !wanted_frontends.contains(f))
-            .copied()
-            .collect();
-        for f in gone {
-            let programmed = self.frontends.remove(&f).expect("listed above");
-            let _ = self.maps.services.remove(&frontend_key(&f, 0));
-            for slot in 1..=programmed.slots.len() {
-                let _ = self.maps.services.remove(&frontend_key(&f, slot as u16));
-            }
-            let _ = self.maps.rev_nat.remove(&programmed.rev_nat_id);
-            self.frontend_ids.release(programmed.rev_nat_id);
-            report.deletes += 1;
         }
 
         // 4. Backends no frontend uses any more. Conntrack entries still naming them see the
@@ -328,6 +330,7 @@ impl Programmer {
         // Slots: only those that change. If the map fills up, the frontend keeps the slots
         // that were written; the rest are reported.
         let mut written = ids.len();
+        let mut short = None;
         for (i, id) in ids.iter().enumerate() {
             if old_slots.get(i) == Some(id) {
                 continue;
@@ -336,18 +339,11 @@ impl Programmer {
                 backend_id: *id,
                 ..Default::default()
             };
-            if let Err(e) = self
-                .maps
-                .services
-                .insert(frontend_key(f, i as u16 + 1), value, 0)
-            {
-                report.failures.push(format!(
-                    "frontend {} {}: backend slot {}: {}; serving {} of {} backends",
-                    f.addr,
-                    f.protocol,
-                    i + 1,
+            let key = frontend_key(f, i as u16 + 1);
+            if let Err(e) = self.maps.services.insert(key, value, 0) {
+                short = Some(format!(
+                    "{}; serving {i} of {} backends",
                     map_error(e),
-                    i,
                     ids.len()
                 ));
                 written = i;
@@ -376,6 +372,11 @@ impl Programmer {
         for slot in ids.len() + 1..=old_slots.len() {
             let _ = self.maps.services.remove(&frontend_key(f, slot as u16));
             report.deletes += 1;
+        }
+        if let Some(short) = short {
+            report
+                .failures
+                .push(format!("frontend {} {}: {short}", f.addr, f.protocol));
         }
         self.frontends.insert(
             *f,
