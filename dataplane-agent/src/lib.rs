@@ -3,6 +3,7 @@
 pub mod datapath;
 pub mod endpoints;
 pub mod inspect;
+pub mod maglev;
 pub mod objects;
 pub mod plan;
 pub mod run;

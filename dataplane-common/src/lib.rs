@@ -18,15 +18,19 @@ pub const IPPROTO_UDP: u8 = 17;
 /// Names of the maps, as the BPF object declares them and as they are pinned under the
 /// agent's `--bpffs-dir`. The kernel keeps 15 characters of a map name.
 pub mod map_names {
-    pub const SERVICES: &str = "dp_svc_v1";
+    pub const SERVICES: &str = "dp_svc_v2";
     pub const BACKENDS: &str = "dp_backends_v1";
     pub const REV_NAT: &str = "dp_revnat_v1";
     pub const CONNTRACK: &str = "dp_ct_v1";
     pub const SERVICE_STATS: &str = "dp_svc_stats_v1";
     pub const BACKEND_STATS: &str = "dp_be_stats_v1";
     pub const DROPS: &str = "dp_drops_v1";
+    pub const AFFINITY: &str = "dp_affinity_v1";
+    pub const SOURCE_RANGES: &str = "dp_srcrange_v1";
+    pub const MAGLEV: &str = "dp_maglev_v1";
+    pub const CONFIG: &str = "dp_config_v1";
     /// Every map, in the order `cleanup` and the inspection tools walk them.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 11] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -34,6 +38,10 @@ pub mod map_names {
         SERVICE_STATS,
         BACKEND_STATS,
         DROPS,
+        AFFINITY,
+        SOURCE_RANGES,
+        MAGLEV,
+        CONFIG,
     ];
 }
 
@@ -48,16 +56,36 @@ pub mod capacity {
     /// Two entries per connection (forward and reply).
     pub const CONNTRACK: u32 = 524_288;
     pub const DROP_REASONS: u32 = 16;
+    /// (service port, client address) pairs remembered for session affinity.
+    pub const AFFINITY: u32 = 65_536;
+    /// CIDRs of all `loadBalancerSourceRanges` together.
+    pub const SOURCE_RANGES: u32 = 16_384;
+    /// Frontends using Maglev (each has a table of `MAGLEV_TABLE_SIZE` backend ids).
+    pub const MAGLEV_SERVICES: u32 = 4_096;
 }
 
-/// Name of the tc program, as pinned under the bpffs directory.
+/// Entries of a Maglev lookup table: a prime, so every backend's permutation covers it, and
+/// large against the backend count, so removing one of N backends moves close to 1/N of the
+/// entries (Katran uses 65537; 4093 keeps a table at 16 KiB — the agent's tests measure the
+/// spread and the disruption).
+pub const MAGLEV_TABLE_SIZE: usize = 4093;
+
+/// Names of the tc programs, as pinned under the bpffs directory.
 pub const PROG_POD_INGRESS: &str = "pod_ingress";
+pub const PROG_EXTERNAL_INGRESS: &str = "external_ingress";
 
 /// Source address used when a pod reaches itself through a service (hairpin). The pod would
 /// drop a packet carrying its own address as source, so the datapath replaces it with this
 /// link-local address (as kube-proxy masquerades that case); replies to it are routed back
 /// through the node and restored by conntrack.
 pub const HAIRPIN_SNAT_ADDR: Ipv4 = [169, 254, 42, 1];
+
+/// `ServiceKey::scope`: the entry every packet looks up first.
+pub const SCOPE_DEFAULT: u8 = 0;
+/// `ServiceKey::scope`: a second entry for traffic from pods, for frontends whose external
+/// traffic policy is Local (pods reaching a node port or load-balancer IP use every endpoint
+/// in the cluster, as kube-proxy's short circuit does).
+pub const SCOPE_INTERNAL: u8 = 1;
 
 /// Key of the service map. `backend_slot == 0` is the frontend itself; slots `1..=count`
 /// name the backends that new connections may pick (Cilium's layout: one map, no per-service
@@ -69,13 +97,13 @@ pub struct ServiceKey {
     pub port: u16,
     pub backend_slot: u16,
     pub proto: u8,
-    /// Reserved for traffic-policy scopes (external vs. internal); 0 today.
+    /// `SCOPE_DEFAULT`, or `SCOPE_INTERNAL` for the pods' view of a two-scope frontend.
     pub scope: u8,
     pub _pad: [u8; 2],
 }
 
-/// Value of the service map. In slot 0 `count` and `rev_nat_id` describe the frontend; in a
-/// backend slot `backend_id` names the backend.
+/// Value of the service map. In slot 0 the other fields describe the frontend; in a backend
+/// slot only `backend_id` is used.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceValue {
@@ -84,7 +112,14 @@ pub struct ServiceValue {
     pub rev_nat_id: u32,
     /// Number of backend slots; 0 means "no endpoints": connections are refused.
     pub count: u16,
+    /// `SVC_FLAG_*`.
     pub flags: u16,
+    /// Session affinity: seconds a client keeps its backend (with `SVC_FLAG_AFFINITY`).
+    pub affinity_timeout: u32,
+    /// Service-port id shared by every frontend of one service port: keys session affinity
+    /// (the smallest frontend id of the service port), so a client gets the same backend on
+    /// every frontend of the service port.
+    pub service_port_id: u32,
 }
 
 /// Service flag: with no backends here, drop instead of refusing, because usable endpoints
@@ -92,6 +127,22 @@ pub struct ServiceValue {
 /// from using them. kube-proxy drops this traffic too; a refusal would claim the service is
 /// down when it is not.
 pub const SVC_FLAG_DROP_WHEN_EMPTY: u16 = 1;
+/// A frontend for traffic from outside the cluster (NodePort, LoadBalancer, external IP).
+/// Arriving on an external interface, its traffic is SNATed to the node's address (so replies
+/// return through this node) unless `SVC_FLAG_EXTERNAL_LOCAL` is set.
+pub const SVC_FLAG_EXTERNAL: u16 = 2;
+/// externalTrafficPolicy Local: only this node's endpoints, client source preserved.
+pub const SVC_FLAG_EXTERNAL_LOCAL: u16 = 4;
+/// A `SCOPE_INTERNAL` entry exists for this frontend; traffic from pods uses it.
+pub const SVC_FLAG_TWO_SCOPES: u16 = 8;
+/// sessionAffinity ClientIP.
+pub const SVC_FLAG_AFFINITY: u16 = 16;
+/// loadBalancerSourceRanges: sources outside `dp_srcrange_v1` entries for this frontend are
+/// dropped.
+pub const SVC_FLAG_SOURCE_RANGES: u16 = 32;
+/// New flows pick their backend from the frontend's Maglev table (consistent hashing);
+/// without it, at random.
+pub const SVC_FLAG_MAGLEV: u16 = 64;
 
 pub const BACKEND_STATE_ACTIVE: u8 = 0;
 pub const BACKEND_STATE_TERMINATING: u8 = 1;
@@ -134,6 +185,8 @@ pub struct CtKey {
 
 /// The flow went to the client's own pod: its source was replaced by `HAIRPIN_SNAT_ADDR`.
 pub const CT_FLAG_HAIRPIN: u16 = 1;
+/// External traffic whose source was replaced by the node's address and `peer_port`.
+pub const CT_FLAG_SNAT: u16 = 2;
 
 /// Conntrack value. Counters are added to in place (atomically) by the datapath; each entry
 /// counts the packets travelling in its own direction.
@@ -152,8 +205,55 @@ pub struct CtEntry {
     pub nat_addr: Ipv4,
     pub nat_port: u16,
     pub flags: u16,
-    /// Hairpin only. Forward: the substituted source; reply: the client's real address.
+    /// Hairpin and SNAT. Forward: the substituted source; reply: the client's real address.
     pub peer_addr: Ipv4,
+    /// SNAT. Forward: the substituted source port; reply: the client's real port.
+    pub peer_port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Key of the session affinity map (LRU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service_port_id: u32,
+    pub client: Ipv4,
+}
+
+/// Value of the session affinity map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub _pad: [u8; 4],
+}
+
+/// Data of the source-range LPM trie key (the trie prepends its own prefix length, which
+/// counts the 32 bits of the frontend id plus the CIDR's prefix). The value is unused:
+/// presence allows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceRangeKey {
+    /// Big-endian, so the trie's prefix order is frontend first, then address.
+    pub rev_nat_id_be: u32,
+    pub addr: Ipv4,
+}
+
+/// A frontend's Maglev table (keyed by frontend id): backend ids, indexed by flow hash
+/// modulo its length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MaglevTable {
+    pub backend_ids: [u32; MAGLEV_TABLE_SIZE],
+}
+
+/// Node-wide settings the agent writes into `dp_config_v1` (one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DatapathConfig {
+    /// Source address for SNATed external traffic: the node's own address.
+    pub snat_addr: Ipv4,
     pub _pad: [u8; 4],
 }
 
@@ -180,6 +280,10 @@ pub mod drop_reason {
     pub const REWRITE_FAILED: u32 = 5;
     /// No endpoint this node may use under the service's traffic policy (others exist).
     pub const NO_LOCAL_ENDPOINTS: u32 = 6;
+    /// The source is outside the frontend's loadBalancerSourceRanges.
+    pub const SOURCE_RANGE: u32 = 7;
+    /// No free source port for SNAT.
+    pub const SNAT_PORTS_EXHAUSTED: u32 = 8;
 
     pub fn name(reason: u32) -> &'static str {
         match reason {
@@ -189,6 +293,8 @@ pub mod drop_reason {
             BACKEND_MISSING => "backend_missing",
             REWRITE_FAILED => "rewrite_failed",
             NO_LOCAL_ENDPOINTS => "no_local_endpoints",
+            SOURCE_RANGE => "source_range",
+            SNAT_PORTS_EXHAUSTED => "snat_ports_exhausted",
             _ => "unknown",
         }
     }
@@ -214,7 +320,12 @@ mod user {
         RevNat,
         CtKey,
         CtEntry,
-        TrafficStats
+        TrafficStats,
+        AffinityKey,
+        AffinityValue,
+        SourceRangeKey,
+        MaglevTable,
+        DatapathConfig,
     );
 }
 
@@ -232,11 +343,13 @@ mod layout_tests {
         assert_eq!(offset_of!(ServiceKey, backend_slot), 6);
         assert_eq!(offset_of!(ServiceKey, proto), 8);
         assert_eq!(offset_of!(ServiceKey, scope), 9);
-        assert_eq!(size_of::<ServiceValue>(), 12);
+        assert_eq!(size_of::<ServiceValue>(), 20);
         assert_eq!(offset_of!(ServiceValue, backend_id), 0);
         assert_eq!(offset_of!(ServiceValue, rev_nat_id), 4);
         assert_eq!(offset_of!(ServiceValue, count), 8);
         assert_eq!(offset_of!(ServiceValue, flags), 10);
+        assert_eq!(offset_of!(ServiceValue, affinity_timeout), 12);
+        assert_eq!(offset_of!(ServiceValue, service_port_id), 16);
     }
 
     #[test]
@@ -268,6 +381,19 @@ mod layout_tests {
         assert_eq!(offset_of!(CtEntry, nat_port), 44);
         assert_eq!(offset_of!(CtEntry, flags), 46);
         assert_eq!(offset_of!(CtEntry, peer_addr), 48);
+        assert_eq!(offset_of!(CtEntry, peer_port), 52);
+    }
+
+    #[test]
+    fn affinity_source_range_maglev_and_config_layouts() {
+        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(offset_of!(AffinityKey, client), 4);
+        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(offset_of!(AffinityValue, backend_id), 8);
+        assert_eq!(size_of::<SourceRangeKey>(), 8);
+        assert_eq!(offset_of!(SourceRangeKey, addr), 4);
+        assert_eq!(size_of::<MaglevTable>(), 4 * MAGLEV_TABLE_SIZE);
+        assert_eq!(size_of::<DatapathConfig>(), 8);
     }
 
     #[test]
@@ -284,7 +410,7 @@ mod layout_tests {
                 name.len() <= 15,
                 "{name} is longer than BPF_OBJ_NAME_LEN - 1"
             );
-            assert!(name.ends_with("_v1"), "{name} carries no layout version");
+            assert!(name.contains("_v"), "{name} carries no layout version");
         }
     }
 }

@@ -1,23 +1,36 @@
 //! Service load balancing: frontend lookup, conntrack, backend selection, NAT.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    btf_maps::lpm_trie::Key,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     programs::TcContext,
 };
 use dataplane_common::{
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CtEntry, CtKey, HAIRPIN_SNAT_ADDR, SVC_FLAG_DROP_WHEN_EMPTY, ServiceKey,
-    ServiceValue, drop_reason,
+    AffinityKey, AffinityValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT,
+    CtEntry, CtKey, HAIRPIN_SNAT_ADDR, IPPROTO_TCP, MAGLEV_TABLE_SIZE, SCOPE_INTERNAL,
+    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL,
+    SVC_FLAG_MAGLEV, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES, ServiceKey, ServiceValue,
+    SourceRangeKey, drop_reason,
 };
 
 use crate::{
     counters::{count_drop, count_flow_packet, count_service_packet},
-    maps::{BACKENDS, CONNTRACK, SERVICES},
+    maps::{AFFINITY, BACKENDS, CONFIG, CONNTRACK, MAGLEV, SERVICES, SOURCE_RANGES},
     nat,
     packet::Packet,
     refuse,
 };
 
-pub fn handle(ctx: &TcContext, pkt: &Packet) -> i32 {
+/// Where the packet entered the node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// From a pod's veth: in-cluster traffic.
+    Pod,
+    /// From an external interface: traffic from outside the node, or another node's replies.
+    External,
+}
+
+pub fn handle(ctx: &TcContext, pkt: &Packet, origin: Origin) -> i32 {
     let frontend = ServiceKey {
         addr: pkt.daddr,
         port: pkt.dport,
@@ -25,11 +38,23 @@ pub fn handle(ctx: &TcContext, pkt: &Packet) -> i32 {
         proto: pkt.proto,
         ..Default::default()
     };
-    match SERVICES.get_ptr(frontend) {
-        // SAFETY: a value from a lookup in this run; copied out at once.
-        Some(service) => to_service(ctx, pkt, &frontend, unsafe { *service }),
-        None => from_backend(ctx, pkt),
+    let Some(service) = SERVICES.get_ptr(frontend) else {
+        return from_backend(ctx, pkt);
+    };
+    // SAFETY: a value from a lookup in this run; copied out at once.
+    let service = unsafe { *service };
+    if origin == Origin::Pod && service.flags & SVC_FLAG_TWO_SCOPES != 0 {
+        // Pods reaching an externalTrafficPolicy=Local frontend use every endpoint.
+        let internal = ServiceKey {
+            scope: SCOPE_INTERNAL,
+            ..frontend
+        };
+        if let Some(value) = SERVICES.get_ptr(internal) {
+            // SAFETY: as above.
+            return to_service(ctx, pkt, &internal, unsafe { *value }, origin);
+        }
     }
+    to_service(ctx, pkt, &frontend, service, origin)
 }
 
 fn forward_key(pkt: &Packet) -> CtKey {
@@ -46,16 +71,18 @@ fn forward_key(pkt: &Packet) -> CtKey {
 
 /// The reply tuple of a forward flow: from the backend to whoever it saw as the client.
 fn reply_key(pkt: &Packet, entry: &CtEntry) -> CtKey {
-    let client = if entry.flags & CT_FLAG_HAIRPIN != 0 {
-        entry.peer_addr
+    let (client, client_port) = if entry.flags & CT_FLAG_SNAT != 0 {
+        (entry.peer_addr, entry.peer_port)
+    } else if entry.flags & CT_FLAG_HAIRPIN != 0 {
+        (entry.peer_addr, pkt.sport)
     } else {
-        pkt.saddr
+        (pkt.saddr, pkt.sport)
     };
     CtKey {
         saddr: entry.nat_addr,
         daddr: client,
         sport: entry.nat_port,
-        dport: pkt.sport,
+        dport: client_port,
         proto: pkt.proto,
         direction: CT_DIR_REPLY,
         _pad: [0; 2],
@@ -64,21 +91,27 @@ fn reply_key(pkt: &Packet, entry: &CtEntry) -> CtKey {
 
 /// Is the backend this flow was sent to still programmed (same id, same address)?
 #[inline(always)]
-fn backend_alive(entry: &CtEntry) -> bool {
-    match BACKENDS.get_ptr(entry.backend_id) {
+fn backend_alive(backend_id: u32, addr: [u8; 4], port: u16) -> bool {
+    match BACKENDS.get_ptr(backend_id) {
         // SAFETY: a value from a lookup in this run.
-        Some(b) => unsafe { (*b).addr == entry.nat_addr && (*b).port == entry.nat_port },
+        Some(b) => unsafe { (*b).addr == addr && (*b).port == port },
         None => false,
     }
 }
 
-fn to_service(ctx: &TcContext, pkt: &Packet, frontend: &ServiceKey, svc: ServiceValue) -> i32 {
+fn to_service(
+    ctx: &TcContext,
+    pkt: &Packet,
+    frontend: &ServiceKey,
+    svc: ServiceValue,
+    origin: Origin,
+) -> i32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let key = forward_key(pkt);
     if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: a value from a lookup in this run; fields copied out.
         let known = unsafe { *entry };
-        if backend_alive(&known) {
+        if backend_alive(known.backend_id, known.nat_addr, known.nat_port) {
             count_flow_packet(entry, pkt.ip_len as u64, now);
             count_service_packet(known.rev_nat_id, known.backend_id, pkt.ip_len as u64, false);
             return translate_forward(ctx, pkt, &known);
@@ -87,12 +120,127 @@ fn to_service(ctx: &TcContext, pkt: &Packet, frontend: &ServiceKey, svc: Service
         // so the client is told at once instead of hanging on retransmits.
         let _ = CONNTRACK.remove(reply_key(pkt, &known));
         let _ = CONNTRACK.remove(key);
-        if pkt.proto == dataplane_common::IPPROTO_TCP && !pkt.is_tcp_open() {
+        if pkt.proto == IPPROTO_TCP && !pkt.is_tcp_open() {
             count_drop(drop_reason::BACKEND_GONE);
             return refuse::tcp_reset(ctx, pkt);
         }
     }
-    new_flow(ctx, pkt, frontend, &svc, &key, now)
+    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0
+        && origin == Origin::External
+        && !source_allowed(pkt, &svc)
+    {
+        count_drop(drop_reason::SOURCE_RANGE);
+        return TC_ACT_SHOT;
+    }
+    new_flow(ctx, pkt, frontend, &svc, &key, now, origin)
+}
+
+fn source_allowed(pkt: &Packet, svc: &ServiceValue) -> bool {
+    let key = Key::new(
+        64,
+        SourceRangeKey {
+            rev_nat_id_be: svc.rev_nat_id.to_be(),
+            addr: pkt.saddr,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
+}
+
+/// A fixed-seed hash of the flow, the same on every node (murmur3's finalizer per word).
+#[inline(always)]
+fn flow_hash(pkt: &Packet) -> u32 {
+    #[inline(always)]
+    fn mix(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    }
+    let mut h = 0x9e37_79b9u32;
+    h = mix(h ^ u32::from_be_bytes(pkt.saddr));
+    h = mix(h ^ u32::from_be_bytes(pkt.daddr));
+    h = mix(h ^ (((pkt.sport as u32) << 16) | pkt.dport as u32));
+    mix(h ^ pkt.proto as u32)
+}
+
+/// The backend id for a new flow: the one a live affinity entry names, else from the Maglev
+/// table or a random slot.
+fn choose_backend(
+    pkt: &Packet,
+    frontend: &ServiceKey,
+    svc: &ServiceValue,
+    now: u64,
+) -> Option<u32> {
+    let affinity = AffinityKey {
+        service_port_id: svc.service_port_id,
+        client: pkt.saddr,
+    };
+    if svc.flags & SVC_FLAG_AFFINITY != 0
+        && let Some(remembered) = AFFINITY.get_ptr_mut(affinity)
+    {
+        // SAFETY: a value from a lookup in this run.
+        let remembered = unsafe { &mut *remembered };
+        let fresh = now.saturating_sub(remembered.last_used_ns)
+            < svc.affinity_timeout as u64 * 1_000_000_000;
+        if fresh && BACKENDS.get_ptr(remembered.backend_id).is_some() {
+            remembered.last_used_ns = now;
+            return Some(remembered.backend_id);
+        }
+    }
+    let backend_id = if svc.flags & SVC_FLAG_MAGLEV != 0 {
+        let table = MAGLEV.get_ptr(svc.rev_nat_id)?;
+        let index = flow_hash(pkt) as usize % MAGLEV_TABLE_SIZE;
+        // SAFETY: a value from a lookup in this run; index is below the table's length.
+        unsafe { *(*table).backend_ids.get(index)? }
+    } else {
+        let slot = (unsafe { bpf_get_prandom_u32() } % svc.count as u32) as u16 + 1;
+        let slot_value = SERVICES.get_ptr(ServiceKey {
+            backend_slot: slot,
+            ..*frontend
+        })?;
+        // SAFETY: a value from a lookup in this run.
+        unsafe { (*slot_value).backend_id }
+    };
+    if svc.flags & SVC_FLAG_AFFINITY != 0 {
+        let _ = AFFINITY.insert(
+            affinity,
+            AffinityValue {
+                last_used_ns: now,
+                backend_id,
+                _pad: [0; 4],
+            },
+            0,
+        );
+    }
+    Some(backend_id)
+}
+
+/// A source port for SNAT that no other flow to this backend uses: the client's own port when
+/// free, else a few random ones from the ephemeral range.
+fn snat_port(
+    pkt: &Packet,
+    snat_addr: [u8; 4],
+    backend_addr: [u8; 4],
+    backend_port: u16,
+) -> Option<u16> {
+    let mut candidate = pkt.sport;
+    for _ in 0..4 {
+        let reply = CtKey {
+            saddr: backend_addr,
+            daddr: snat_addr,
+            sport: backend_port,
+            dport: candidate,
+            proto: pkt.proto,
+            direction: CT_DIR_REPLY,
+            _pad: [0; 2],
+        };
+        if CONNTRACK.get_ptr(reply).is_none() {
+            return Some(candidate);
+        }
+        candidate = 32768 + (unsafe { bpf_get_prandom_u32() } % 28232) as u16;
+    }
+    None
 }
 
 fn new_flow(
@@ -102,6 +250,7 @@ fn new_flow(
     svc: &ServiceValue,
     key: &CtKey,
     now: u64,
+    origin: Origin,
 ) -> i32 {
     if svc.count == 0 {
         if svc.flags & SVC_FLAG_DROP_WHEN_EMPTY != 0 {
@@ -111,26 +260,18 @@ fn new_flow(
         count_drop(drop_reason::NO_ENDPOINTS);
         return refuse::connection(ctx, pkt);
     }
-    let slot = (unsafe { bpf_get_prandom_u32() } % svc.count as u32) as u16 + 1;
-    let slot_key = ServiceKey {
-        backend_slot: slot,
-        ..*frontend
-    };
-    let Some(slot_value) = SERVICES.get_ptr(slot_key) else {
+    let Some(backend_id) = choose_backend(pkt, frontend, svc, now) else {
         count_drop(drop_reason::BACKEND_MISSING);
         return TC_ACT_SHOT;
     };
-    // SAFETY: values from lookups in this run.
-    let backend_id = unsafe { (*slot_value).backend_id };
     let Some(backend) = BACKENDS.get_ptr(backend_id) else {
         count_drop(drop_reason::BACKEND_MISSING);
         return TC_ACT_SHOT;
     };
+    // SAFETY: a value from a lookup in this run.
     let backend = unsafe { *backend };
 
-    // A pod reaching itself: give the packet a source the pod will accept and route back.
-    let hairpin = backend.addr == pkt.saddr;
-    let entry = CtEntry {
+    let mut entry = CtEntry {
         packets: 1,
         bytes: pkt.ip_len as u64,
         created_ns: now,
@@ -139,16 +280,42 @@ fn new_flow(
         rev_nat_id: svc.rev_nat_id,
         nat_addr: backend.addr,
         nat_port: backend.port,
-        flags: if hairpin { CT_FLAG_HAIRPIN } else { 0 },
-        peer_addr: if hairpin { HAIRPIN_SNAT_ADDR } else { [0; 4] },
-        _pad: [0; 4],
+        flags: 0,
+        peer_addr: [0; 4],
+        peer_port: 0,
+        _pad: [0; 2],
     };
+    let external_snat = origin == Origin::External
+        && svc.flags & SVC_FLAG_EXTERNAL != 0
+        && svc.flags & SVC_FLAG_EXTERNAL_LOCAL == 0;
+    if external_snat {
+        // Replies must come back through this node: the source becomes the node's address.
+        let Some(config) = CONFIG.get(0) else {
+            return TC_ACT_SHOT;
+        };
+        let Some(port) = snat_port(pkt, config.snat_addr, backend.addr, backend.port) else {
+            count_drop(drop_reason::SNAT_PORTS_EXHAUSTED);
+            return TC_ACT_SHOT;
+        };
+        entry.flags = CT_FLAG_SNAT;
+        entry.peer_addr = config.snat_addr;
+        entry.peer_port = port;
+    } else if backend.addr == pkt.saddr {
+        // A pod reaching itself: give the packet a source the pod will accept and route back.
+        entry.flags = CT_FLAG_HAIRPIN;
+        entry.peer_addr = HAIRPIN_SNAT_ADDR;
+    }
     let reply = CtEntry {
         packets: 0,
         bytes: 0,
         nat_addr: pkt.daddr,
         nat_port: pkt.dport,
-        peer_addr: if hairpin { pkt.saddr } else { [0; 4] },
+        peer_addr: if entry.flags != 0 { pkt.saddr } else { [0; 4] },
+        peer_port: if entry.flags & CT_FLAG_SNAT != 0 {
+            pkt.sport
+        } else {
+            0
+        },
         ..entry
     };
     // Reply entry first: by the time the backend can answer, it exists.
@@ -164,7 +331,9 @@ fn new_flow(
 
 fn translate_forward(ctx: &TcContext, pkt: &Packet, entry: &CtEntry) -> i32 {
     let rewritten = nat::set_destination(ctx, pkt, entry.nat_addr, entry.nat_port).and_then(|()| {
-        if entry.flags & CT_FLAG_HAIRPIN != 0 {
+        if entry.flags & CT_FLAG_SNAT != 0 {
+            nat::set_source(ctx, pkt, entry.peer_addr, entry.peer_port)
+        } else if entry.flags & CT_FLAG_HAIRPIN != 0 {
             nat::set_source_addr(ctx, pkt, entry.peer_addr)
         } else {
             Ok(())
@@ -193,7 +362,9 @@ fn from_backend(ctx: &TcContext, pkt: &Packet) -> i32 {
     count_flow_packet(entry, pkt.ip_len as u64, now);
     count_service_packet(known.rev_nat_id, known.backend_id, pkt.ip_len as u64, false);
     let rewritten = nat::set_source(ctx, pkt, known.nat_addr, known.nat_port).and_then(|()| {
-        if known.flags & CT_FLAG_HAIRPIN != 0 {
+        if known.flags & CT_FLAG_SNAT != 0 {
+            nat::set_destination(ctx, pkt, known.peer_addr, known.peer_port)
+        } else if known.flags & CT_FLAG_HAIRPIN != 0 {
             nat::set_destination_addr(ctx, pkt, known.peer_addr)
         } else {
             Ok(())

@@ -10,6 +10,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod bench_noop;
 mod checksum;
 mod counters;
 mod lb;
@@ -20,11 +21,22 @@ mod refuse;
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 
+/// Ingress of pod-facing interfaces: traffic from pods.
 #[classifier]
 pub fn pod_ingress(ctx: TcContext) -> i32 {
     match packet::parse(&ctx) {
-        Some(pkt) => lb::handle(&ctx, &pkt),
+        Some(pkt) => lb::handle(&ctx, &pkt, lb::Origin::Pod),
         // Not IPv4 TCP/UDP, or a non-first fragment: not ours.
+        None => TC_ACT_OK,
+    }
+}
+
+/// Ingress of the node's external interfaces: clients outside the cluster reaching node
+/// ports, load-balancer IPs and external IPs, and backends on other nodes replying.
+#[classifier]
+pub fn external_ingress(ctx: TcContext) -> i32 {
+    match packet::parse(&ctx) {
+        Some(pkt) => lb::handle(&ctx, &pkt, lb::Origin::External),
         None => TC_ACT_OK,
     }
 }

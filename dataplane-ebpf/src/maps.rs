@@ -1,14 +1,16 @@
 //! The maps, declared with BTF so bpftool prints their fields. Names must match
 //! `dataplane_common::map_names` (the agent checks every one at load time).
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap},
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap},
     macros::btf_map,
 };
 use dataplane_common::{
-    Backend, CtEntry, CtKey, RevNat, ServiceKey, ServiceValue, TrafficStats, capacity,
+    AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, MaglevTable, RevNat,
+    ServiceKey, ServiceValue, SourceRangeKey, TrafficStats, capacity,
 };
 
-#[btf_map(name = "dp_svc_v1")]
+#[btf_map(name = "dp_svc_v2")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue, { capacity::SERVICES as usize }> =
     HashMap::new();
 
@@ -31,3 +33,23 @@ pub static BACKEND_STATS: Array<TrafficStats, { capacity::BACKENDS as usize }> =
 
 #[btf_map(name = "dp_drops_v1")]
 pub static DROPS: Array<u64, { capacity::DROP_REASONS as usize }> = Array::new();
+
+#[btf_map(name = "dp_affinity_v1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { capacity::AFFINITY as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "dp_srcrange_v1")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { capacity::SOURCE_RANGES as usize }> =
+    LpmTrie::new();
+
+/// Not preallocated: tables are large and only frontends using Maglev have one.
+#[btf_map(name = "dp_maglev_v1")]
+pub static MAGLEV: HashMap<
+    u32,
+    MaglevTable,
+    { capacity::MAGLEV_SERVICES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+#[btf_map(name = "dp_config_v1")]
+pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
