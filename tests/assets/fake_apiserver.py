@@ -22,7 +22,8 @@ Control API (JSON, on the control port):
                                            resourceVersion: older watches/continue tokens get 410
   POST   /down, /up                        close the API listener and all API connections /
                                            listen again on the same port
-  GET    /stats                            request counts {"list","watch","other",...}
+  GET    /stats                            request counts {"list","watch","other",...}, open
+                                           watches, bookmarks sent
   POST   /reset-stats
   GET    /events                           Event objects created through the API
 Stdlib only.
@@ -89,10 +90,6 @@ class ResourceType:
         return f"<{self.api_version} {self.plural}>"
 
 
-def _bool_field(path, default):
-    return (path, default)
-
-
 RESOURCES = [
     ResourceType(
         "",
@@ -110,7 +107,7 @@ RESOURCES = [
         "Node",
         False,
         ["no"],
-        {"spec.unschedulable": _bool_field("spec.unschedulable", "false")},
+        {"spec.unschedulable": ("spec.unschedulable", "false")},
     ),
     ResourceType(
         "",
@@ -219,6 +216,16 @@ def invalid(rt, name, message):
         details["group"] = rt.group
     qualified_kind = f"{rt.kind}.{rt.group}" if rt.group else rt.kind
     return ApiError(422, "Invalid", f'{qualified_kind} "{name}" is invalid: {message}', details)
+
+
+def invalid_list_options(message):
+    # What ValidateListOptions failures look like from the real server.
+    return ApiError(
+        422,
+        "Invalid",
+        f'ListOptions.meta.k8s.io "" is invalid: {message}',
+        {"group": "meta.k8s.io", "kind": "ListOptions", "causes": [{"reason": "FieldValueInvalid", "message": message}]},
+    )
 
 
 def method_not_allowed():
@@ -595,7 +602,7 @@ class Store:
         self.reset_stats()
 
     def reset_stats(self):
-        self.stats = {"list": 0, "watch": 0, "other": 0, "resources": {}}
+        self.stats = {"list": 0, "watch": 0, "other": 0, "bookmarks": 0, "resources": {}}
 
     def count(self, kind, rt=None):
         with self.cond:
@@ -616,7 +623,7 @@ class Store:
         self.cond.notify_all()
 
     def _stamp(self, rt, obj, existing):
-        obj = dict(obj)
+        obj = {"apiVersion": rt.api_version, "kind": rt.kind, "metadata": obj.get("metadata"), **obj}
         obj["apiVersion"] = rt.api_version
         obj["kind"] = rt.kind
         md = dict(obj.get("metadata") or {})
@@ -1059,9 +1066,9 @@ class ApiApp:
         rv_param = qp(query, "resourceVersion", "")
         match = qp(query, "resourceVersionMatch", "")
         if match and not rv_param:
-            raise bad_request("resourceVersionMatch is forbidden unless resourceVersion is provided")
+            raise invalid_list_options("resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided")
         if match and match not in ("Exact", "NotOlderThan"):
-            raise bad_request(f"resourceVersionMatch: Unsupported value: {match!r}")
+            raise invalid_list_options(f'resourceVersionMatch: Unsupported value: "{match}": supported values: "Exact", "NotOlderThan", ""')
         start_after = None
         with store.cond:
             if token:
@@ -1122,11 +1129,11 @@ class ApiApp:
         match = qp(query, "resourceVersionMatch", "")
         if send_initial:
             if not bookmarks:
-                raise invalid(rt, "", "allowWatchBookmarks: Required value: allowWatchBookmarks must be true when sendInitialEvents is set")
+                raise invalid_list_options("allowWatchBookmarks: Required value: allowWatchBookmarks must be true when sendInitialEvents is set")
             if match != "NotOlderThan":
-                raise invalid(rt, "", "resourceVersionMatch: Forbidden: sendInitialEvents requires setting resourceVersionMatch to NotOlderThan")
+                raise invalid_list_options("resourceVersionMatch: Forbidden: sendInitialEvents requires setting resourceVersionMatch to NotOlderThan")
         elif match:
-            raise invalid(rt, "", "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided")
+            raise invalid_list_options("resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided")
         if rv_param not in ("", "0"):
             try:
                 start_rv = int(rv_param)
@@ -1241,6 +1248,7 @@ class ApiApp:
                 return end_clean()
             if action == "bookmark":
                 write(bookmark(cursor))
+                store.count("bookmarks")
                 next_bookmark = time.monotonic() + self.bookmark_interval
                 continue
             out = []

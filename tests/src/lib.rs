@@ -15,6 +15,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
+pub mod apiserver;
 pub mod manifests;
 
 pub fn is_root() -> bool {
