@@ -8,7 +8,9 @@ pub use dataplane_common::MAGLEV_TABLE_SIZE;
 
 /// FNV-1a (64-bit) from a given basis: fixed, so tables agree across nodes and builds.
 fn fnv1a(basis: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(basis, |h, b| (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+    bytes.iter().fold(basis, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// The table: for each entry, an index into `backends` (which need not be sorted; the result
@@ -56,15 +58,23 @@ mod tests {
     use super::*;
 
     fn backends(n: u8) -> Vec<SocketAddrV4> {
-        (1..=n).map(|i| format!("10.0.{}.{i}:8080", i / 100).parse().unwrap()).collect()
+        (1..=n)
+            .map(|i| format!("10.0.{}.{i}:8080", i / 100).parse().unwrap())
+            .collect()
     }
 
     #[test]
     fn the_table_depends_on_the_backend_set_only() {
         let mut shuffled = backends(7);
         shuffled.reverse();
-        let a: Vec<SocketAddrV4> = table(&backends(7), MAGLEV_TABLE_SIZE).iter().map(|&i| backends(7)[i]).collect();
-        let b: Vec<SocketAddrV4> = table(&shuffled, MAGLEV_TABLE_SIZE).iter().map(|&i| shuffled[i]).collect();
+        let a: Vec<SocketAddrV4> = table(&backends(7), MAGLEV_TABLE_SIZE)
+            .iter()
+            .map(|&i| backends(7)[i])
+            .collect();
+        let b: Vec<SocketAddrV4> = table(&shuffled, MAGLEV_TABLE_SIZE)
+            .iter()
+            .map(|&i| shuffled[i])
+            .collect();
         assert_eq!(a, b);
     }
 
@@ -75,7 +85,10 @@ mod tests {
             let mut counts = vec![0usize; n as usize];
             t.iter().for_each(|&i| counts[i] += 1);
             let (min, max) = (*counts.iter().min().unwrap(), *counts.iter().max().unwrap());
-            assert!(max - min <= 1 + MAGLEV_TABLE_SIZE / (n as usize) / 20, "n={n}: {min}..{max}");
+            assert!(
+                max - min <= 1 + MAGLEV_TABLE_SIZE / (n as usize) / 20,
+                "n={n}: {min}..{max}"
+            );
         }
     }
 
@@ -83,15 +96,29 @@ mod tests {
     fn removing_one_of_n_backends_moves_about_one_nth_of_the_entries() {
         for n in [5u8, 10, 20] {
             let all = backends(n);
-            let before: Vec<SocketAddrV4> = table(&all, MAGLEV_TABLE_SIZE).iter().map(|&i| all[i]).collect();
+            let before: Vec<SocketAddrV4> = table(&all, MAGLEV_TABLE_SIZE)
+                .iter()
+                .map(|&i| all[i])
+                .collect();
             let fewer: Vec<SocketAddrV4> = all[1..].to_vec();
-            let after: Vec<SocketAddrV4> = table(&fewer, MAGLEV_TABLE_SIZE).iter().map(|&i| fewer[i]).collect();
+            let after: Vec<SocketAddrV4> = table(&fewer, MAGLEV_TABLE_SIZE)
+                .iter()
+                .map(|&i| fewer[i])
+                .collect();
             let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
             let fraction = moved as f64 / MAGLEV_TABLE_SIZE as f64;
             // The removed backend's share must move; Maglev moves little else.
             assert!(fraction >= 1.0 / n as f64 * 0.9, "n={n}: moved {fraction}");
-            assert!(fraction <= 1.0 / n as f64 * 1.5, "n={n}: moved {fraction}, expected about {}", 1.0 / n as f64);
-            eprintln!("n={n}: removing one backend moved {:.3} of entries (1/n = {:.3})", fraction, 1.0 / n as f64);
+            assert!(
+                fraction <= 1.0 / n as f64 * 1.5,
+                "n={n}: moved {fraction}, expected about {}",
+                1.0 / n as f64
+            );
+            eprintln!(
+                "n={n}: removing one backend moved {:.3} of entries (1/n = {:.3})",
+                fraction,
+                1.0 / n as f64
+            );
         }
     }
 }

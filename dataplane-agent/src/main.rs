@@ -6,9 +6,11 @@ use dataplane_agent::{
     datapath::{BpffsLayout, attach, layout::DEFAULT_BPFFS_DIR, maps::PinnedMaps},
     inspect,
     objects::ClusterObjects,
+    plan::{Algorithm, Cidr, NodeContext},
     run::{RunConfig, SourceConfig, run},
     source::{kube as kube_source, manifests::ManifestDir},
 };
+use dataplane_common::{PROG_EXTERNAL_INGRESS, PROG_POD_INGRESS};
 
 #[derive(Parser)]
 #[command(
@@ -65,6 +67,55 @@ impl SourceArgs {
     }
 }
 
+/// Settings the plan depends on besides the objects.
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// CIDRs whose local addresses serve node ports (default: the node's InternalIP).
+    #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
+    nodeport_addresses: Vec<Cidr>,
+    /// The cluster's node port range, as the API server's --service-node-port-range.
+    #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
+    service_node_port_range: (u16, u16),
+    /// Backend choice for new flows on every frontend (default: Maglev on external frontends,
+    /// random on cluster IPs). The annotation dataplane.dev/lb-algorithm overrides it per
+    /// service.
+    #[arg(long, value_enum)]
+    lb_algorithm: Option<Algorithm>,
+}
+
+impl NodeArgs {
+    fn context(&self, node_name: &str) -> NodeContext {
+        NodeContext {
+            nodeport_cidrs: self.nodeport_addresses.clone(),
+            nodeport_range: self.service_node_port_range,
+            algorithm: self.lb_algorithm,
+            local_addresses: attach::local_addresses()
+                .map(|l| {
+                    l.into_iter()
+                        .map(|(_, ip)| ip)
+                        .filter(|ip| !ip.is_loopback())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            ..NodeContext::named(node_name)
+        }
+    }
+}
+
+fn parse_cidr(text: &str) -> Result<Cidr, String> {
+    Cidr::parse(text)
+}
+
+fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let (low, high) = text.split_once('-').ok_or("expected LOW-HIGH")?;
+    let parse = |t: &str| t.trim().parse::<u16>().map_err(|e| format!("{t:?}: {e}"));
+    let (low, high) = (parse(low)?, parse(high)?);
+    if low > high {
+        return Err(format!("{low} is above {high}"));
+    }
+    Ok((low, high))
+}
+
 fn parse_map_size(text: &str) -> Result<(String, u32), String> {
     let (name, entries) = text.split_once('=').ok_or("expected NAME=ENTRIES")?;
     let entries = entries.parse().map_err(|e| format!("{entries:?}: {e}"))?;
@@ -90,6 +141,12 @@ enum Command {
         /// Globs of pod-facing interfaces to attach to, now and as they appear.
         #[arg(long, value_delimiter = ',', required = true)]
         pod_interfaces: Vec<String>,
+        /// Globs of the node's external interfaces (node ports, load-balancer and external IPs
+        /// are served there, and other nodes' replies arrive there).
+        #[arg(long, value_delimiter = ',')]
+        external_interfaces: Vec<String>,
+        #[command(flatten)]
+        node: NodeArgs,
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
         /// Capacity of a map when it is created, as NAME=ENTRIES (repeatable), e.g.
@@ -105,6 +162,8 @@ enum Command {
         /// The node to plan for (locality and topology hints depend on it).
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
+        #[command(flatten)]
+        node: NodeArgs,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
@@ -152,13 +211,17 @@ fn main() -> anyhow::Result<()> {
             source,
             node_name,
             pod_interfaces,
+            external_interfaces,
+            node,
             bpffs_dir,
             map_sizes,
         } => {
             let config = RunConfig {
                 source: source.config(),
+                node: node.context(&node_name),
                 node_name,
                 pod_interfaces,
+                external_interfaces,
                 bpffs_dir,
                 map_sizes: map_sizes.into_iter().collect(),
             };
@@ -167,10 +230,11 @@ fn main() -> anyhow::Result<()> {
         Command::Plan {
             source,
             node_name,
+            node,
             output,
         } => {
             let objects = source.load_once(&node_name)?;
-            let plan = dataplane_agent::plan::compute(&objects, &node_name);
+            let plan = dataplane_agent::plan::compute(&objects, &node.context(&node_name));
             for problem in &plan.problems {
                 eprintln!("skipped: {problem}");
             }
@@ -222,7 +286,10 @@ fn cleanup(layout: &BpffsLayout) -> anyhow::Result<()> {
     for link in attach::detach_all(layout) {
         eprintln!("detached {link}");
     }
-    let mut pins: Vec<PathBuf> = vec![layout.program()];
+    let mut pins: Vec<PathBuf> = [PROG_POD_INGRESS, PROG_EXTERNAL_INGRESS]
+        .iter()
+        .map(|name| layout.program(name))
+        .collect();
     pins.extend(
         dataplane_common::map_names::ALL
             .iter()

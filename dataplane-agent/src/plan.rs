@@ -65,6 +65,26 @@ impl std::fmt::Display for Protocol {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum FrontendKind {
     ClusterIP,
+    NodePort,
+    LoadBalancer,
+    ExternalIP,
+}
+
+impl FrontendKind {
+    /// Frontends for traffic from outside the cluster.
+    pub fn is_external(self) -> bool {
+        self != FrontendKind::ClusterIP
+    }
+}
+
+/// How new flows pick a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+pub enum Algorithm {
+    /// Uniformly at random among the backends.
+    Random,
+    /// Maglev consistent hashing of the flow: every node picks the same backend for a flow,
+    /// and a backend change moves few flows.
+    Maglev,
 }
 
 /// What identifies a frontend in the datapath.
@@ -80,6 +100,51 @@ pub struct BackendAddr {
     pub protocol: Protocol,
 }
 
+/// An IPv4 CIDR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (addr, prefix) = text.trim().split_once('/').unwrap_or((text.trim(), "32"));
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IPv4 CIDR"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or(format!("{text:?} is not an IPv4 CIDR"))?;
+        let mask = if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix)
+        };
+        Ok(Self {
+            addr: Ipv4Addr::from(u32::from(addr) & mask),
+            prefix,
+        })
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.prefix)
+        };
+        u32::from(ip) & mask == u32::from(self.addr)
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
     pub service: ObjectName,
@@ -91,6 +156,16 @@ pub struct Frontend {
     pub backends: Vec<SocketAddrV4>,
     /// ...or dropped, when endpoints exist elsewhere but policy keeps this node from them.
     pub drop_when_empty: bool,
+    /// externalTrafficPolicy Local on an external frontend: the client's source is kept.
+    pub external_local: bool,
+    /// For an external-local frontend: the backends pods reaching it use (every usable
+    /// endpoint, kube-proxy's short circuit for in-cluster clients).
+    pub internal_backends: Option<Vec<SocketAddrV4>>,
+    /// sessionAffinity ClientIP: seconds a client keeps its backend.
+    pub affinity_timeout: Option<u32>,
+    /// loadBalancerSourceRanges (LoadBalancer frontends only); empty allows every source.
+    pub source_ranges: Vec<Cidr>,
+    pub algorithm: Algorithm,
 }
 
 /// Something in the cluster's objects this node cannot program, and was skipped.
@@ -150,7 +225,72 @@ fn proxied_by_us(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMe
         .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS))
 }
 
-pub fn compute(objects: &ClusterObjects, node_name: &str) -> Plan {
+/// Annotation choosing a service's load-balancing algorithm: `random` or `maglev`.
+pub const ANNOTATION_LB_ALGORITHM: &str = "dataplane.dev/lb-algorithm";
+/// kube-proxy's default for `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
+/// What the plan depends on besides the cluster's objects: this node and the agent's flags.
+#[derive(Clone, Debug)]
+pub struct NodeContext {
+    pub name: String,
+    /// `--nodeport-addresses`: node ports listen on local addresses inside these CIDRs;
+    /// empty means the node's primary address (its Node's InternalIP).
+    pub nodeport_cidrs: Vec<Cidr>,
+    /// IPv4 addresses configured on this node (for `nodeport_cidrs`).
+    pub local_addresses: Vec<Ipv4Addr>,
+    /// `--service-node-port-range`.
+    pub nodeport_range: (u16, u16),
+    /// `--lb-algorithm`: forced for every frontend, or `None` for the default (Maglev for
+    /// external frontends, random for cluster IPs). A service's annotation wins over both.
+    pub algorithm: Option<Algorithm>,
+}
+
+impl NodeContext {
+    /// A node with the defaults (used by tests and tools).
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            nodeport_cidrs: vec![],
+            local_addresses: vec![],
+            nodeport_range: (30000, 32767),
+            algorithm: None,
+        }
+    }
+
+    /// The addresses node ports are served on.
+    fn nodeport_addresses(&self, objects: &ClusterObjects) -> Vec<Ipv4Addr> {
+        let mut addresses: Vec<Ipv4Addr> = if self.nodeport_cidrs.is_empty() {
+            primary_addresses(objects)
+        } else {
+            self.local_addresses
+                .iter()
+                .filter(|ip| self.nodeport_cidrs.iter().any(|c| c.contains(**ip)))
+                .copied()
+                .collect()
+        };
+        addresses.sort();
+        addresses.dedup();
+        addresses
+    }
+}
+
+/// The node's InternalIP addresses (IPv4), from its Node object.
+pub fn primary_addresses(objects: &ClusterObjects) -> Vec<Ipv4Addr> {
+    let addresses = objects
+        .node
+        .as_ref()
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref());
+    addresses
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect()
+}
+
+pub fn compute(objects: &ClusterObjects, node: &NodeContext) -> Plan {
     let mut plan = Plan::default();
     let zone = objects
         .node
@@ -159,6 +299,7 @@ pub fn compute(objects: &ClusterObjects, node_name: &str) -> Plan {
         .and_then(|l| l.get(LABEL_ZONE))
         .cloned()
         .unwrap_or_default();
+    let nodeport_addresses = node.nodeport_addresses(objects);
     let slices = slices_by_service(&objects.endpoint_slices);
     let mut seen: BTreeMap<FrontendAddr, ObjectName> = BTreeMap::new();
     for (name, service) in &objects.services {
@@ -180,8 +321,9 @@ pub fn compute(objects: &ClusterObjects, node_name: &str) -> Plan {
         if cluster_ips.is_empty() {
             continue; // headless, or IPv6-only (this datapath is IPv4)
         }
+        let settings = ServiceSettings::of(service, node, &mut plan.problems);
         let service_slices = slices.get(name).map(Vec::as_slice).unwrap_or(&[]);
-        let endpoints = ServiceEndpoints::collect(service_slices, node_name, &mut plan.problems);
+        let endpoints = ServiceEndpoints::collect(service_slices, &node.name, &mut plan.problems);
         for port in spec.ports.iter().flatten() {
             let port_name = port.name.clone().unwrap_or_default();
             let (protocol, number) = match service_port(port) {
@@ -192,46 +334,100 @@ pub fn compute(objects: &ClusterObjects, node_name: &str) -> Plan {
                     continue;
                 }
             };
-            let Some(port_endpoints) = endpoints.for_port(&port_name, protocol) else {
-                if endpoints.has_ports {
-                    plan.problems.push(problem(format!(
-                        "port {port_name:?} ({protocol}) matches no port of its EndpointSlices"
-                    )));
-                }
-                // No endpoints: the frontend exists and refuses connections.
-                let targets = Targets {
-                    backends: vec![],
-                    drop_when_empty: false,
-                };
-                push_frontends(
-                    &mut plan,
-                    &mut seen,
-                    name,
-                    &port_name,
-                    protocol,
-                    number,
-                    &cluster_ips,
-                    targets,
-                );
-                continue;
-            };
             let policy = port_policy(service, port);
-            let categorized = endpoints::categorize(port_endpoints, &policy, node_name, &zone);
-            let backends = categorized.internal(&policy);
-            let targets = Targets {
-                drop_when_empty: backends.is_empty() && categorized.has_any,
-                backends,
+            let categorized = match endpoints.for_port(&port_name, protocol) {
+                Some(port_endpoints) => {
+                    endpoints::categorize(port_endpoints, &policy, &node.name, &zone)
+                }
+                None => {
+                    if endpoints.has_ports {
+                        plan.problems.push(problem(format!(
+                            "port {port_name:?} ({protocol}) matches no port of its EndpointSlices"
+                        )));
+                    }
+                    // No endpoints: the frontends exist and refuse connections.
+                    Default::default()
+                }
             };
-            push_frontends(
-                &mut plan,
-                &mut seen,
-                name,
-                &port_name,
-                protocol,
-                number,
-                &cluster_ips,
-                targets,
+            let mut frontends = vec![];
+            let internal = categorized.internal(&policy);
+            for ip in &cluster_ips {
+                frontends.push((FrontendKind::ClusterIP, SocketAddrV4::new(*ip, number)));
+            }
+            match port.node_port {
+                Some(node_port) if policy.externally_accessible && node_port != 0 => {
+                    match u16::try_from(node_port).ok().filter(|p| (node.nodeport_range.0..=node.nodeport_range.1).contains(p)) {
+                        Some(node_port) => frontends.extend(
+                            nodeport_addresses.iter().map(|ip| (FrontendKind::NodePort, SocketAddrV4::new(*ip, node_port))),
+                        ),
+                        None => plan.problems.push(problem(format!(
+                            "port {port_name:?}: nodePort {node_port} is outside the node port range {}-{}",
+                            node.nodeport_range.0, node.nodeport_range.1
+                        ))),
+                    }
+                }
+                _ => {}
+            }
+            if let Some(ips) = &settings.load_balancer_ips {
+                frontends.extend(
+                    ips.iter()
+                        .map(|ip| (FrontendKind::LoadBalancer, SocketAddrV4::new(*ip, number))),
+                );
+            }
+            frontends.extend(
+                settings
+                    .external_ips
+                    .iter()
+                    .map(|ip| (FrontendKind::ExternalIP, SocketAddrV4::new(*ip, number))),
             );
+
+            for (kind, addr) in frontends {
+                let frontend = FrontendAddr { addr, protocol };
+                if let Some(owner) = seen.get(&frontend) {
+                    plan.problems.push(problem(format!(
+                        "{kind:?} frontend {addr} {protocol} is already used by Service {owner}"
+                    )));
+                    continue;
+                }
+                seen.insert(frontend, name.clone());
+                let external = kind.is_external();
+                let mut backends = if external {
+                    categorized.external(&policy)
+                } else {
+                    internal.clone()
+                };
+                backends.sort();
+                let external_local = external && policy.external_local;
+                let algorithm = settings
+                    .algorithm
+                    .or(node.algorithm)
+                    .unwrap_or(if external {
+                        Algorithm::Maglev
+                    } else {
+                        Algorithm::Random
+                    });
+                plan.frontends.push(Frontend {
+                    service: name.clone(),
+                    port_name: port_name.clone(),
+                    kind,
+                    frontend,
+                    drop_when_empty: backends.is_empty() && categorized.has_any,
+                    backends,
+                    external_local,
+                    internal_backends: external_local.then(|| {
+                        let mut all = categorized.cluster.clone().unwrap_or_default();
+                        all.sort();
+                        all
+                    }),
+                    affinity_timeout: settings.affinity_timeout,
+                    source_ranges: if kind == FrontendKind::LoadBalancer {
+                        settings.source_ranges.clone()
+                    } else {
+                        vec![]
+                    },
+                    algorithm,
+                });
+            }
         }
     }
     plan.frontends.sort_by_key(|f| f.frontend);
@@ -240,49 +436,123 @@ pub fn compute(objects: &ClusterObjects, node_name: &str) -> Plan {
     plan
 }
 
-#[allow(clippy::too_many_arguments)]
-fn push_frontends(
-    plan: &mut Plan,
-    seen: &mut BTreeMap<FrontendAddr, ObjectName>,
-    service: &str,
-    port_name: &str,
-    protocol: Protocol,
-    number: u16,
-    ips: &[Ipv4Addr],
-    mut targets: Targets,
-) {
-    targets.backends.sort();
-    for ip in ips {
-        let frontend = FrontendAddr {
-            addr: SocketAddrV4::new(*ip, number),
-            protocol,
-        };
-        if let Some(owner) = seen.get(&frontend) {
-            plan.problems.push(Problem {
-                object: format!("Service {service}"),
-                reason: format!(
-                    "frontend {} {protocol} is already used by Service {owner}",
-                    frontend.addr
-                ),
-            });
-            continue;
-        }
-        seen.insert(frontend, service.to_string());
-        plan.frontends.push(Frontend {
-            service: service.to_string(),
-            port_name: port_name.to_string(),
-            kind: FrontendKind::ClusterIP,
-            frontend,
-            backends: targets.backends.clone(),
-            drop_when_empty: targets.drop_when_empty,
-        });
-    }
+/// Per-service settings that apply to every port.
+struct ServiceSettings {
+    /// `None` when the service's source ranges leave no valid range: its load-balancer IPs are
+    /// not programmed at all rather than opened to everyone.
+    load_balancer_ips: Option<Vec<Ipv4Addr>>,
+    external_ips: Vec<Ipv4Addr>,
+    source_ranges: Vec<Cidr>,
+    affinity_timeout: Option<u32>,
+    algorithm: Option<Algorithm>,
 }
 
-/// Where a frontend's new connections go.
-struct Targets {
-    backends: Vec<SocketAddrV4>,
-    drop_when_empty: bool,
+impl ServiceSettings {
+    fn of(service: &Service, node: &NodeContext, problems: &mut Vec<Problem>) -> Self {
+        let name = object_name(&service.metadata);
+        let mut problem = |reason: String| {
+            problems.push(Problem {
+                object: format!("Service {name}"),
+                reason,
+            })
+        };
+        let spec = service.spec.as_ref().expect("checked by caller");
+        let is_lb = spec.type_.as_deref() == Some("LoadBalancer");
+        let mut load_balancer_ips = vec![];
+        let ingress = service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for entry in ingress.into_iter().flatten() {
+            // ipMode Proxy: the load balancer delivers to the node itself, as kube-proxy assumes.
+            if entry.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            match entry.ip.as_deref().map(str::parse::<IpAddr>) {
+                Some(Ok(IpAddr::V4(ip))) => load_balancer_ips.push(ip),
+                Some(Ok(IpAddr::V6(_))) => {}
+                Some(Err(_)) => problem(format!(
+                    "load balancer ingress IP {:?} is not an IP address",
+                    entry.ip.as_deref().unwrap_or("")
+                )),
+                None => problem(format!(
+                    "load balancer ingress {:?} has a hostname only; it is skipped",
+                    entry.hostname.as_deref().unwrap_or("")
+                )),
+            }
+        }
+        let mut source_ranges = vec![];
+        let ranges = spec.load_balancer_source_ranges.iter().flatten();
+        let mut invalid = 0;
+        for text in ranges.clone() {
+            match Cidr::parse(text) {
+                Ok(cidr) => source_ranges.push(cidr),
+                Err(reason) if text.contains(':') => drop(reason), // IPv6 ranges: other family
+                Err(reason) => {
+                    invalid += 1;
+                    problem(format!(
+                        "loadBalancerSourceRanges: {reason}; the range is skipped"
+                    ))
+                }
+            }
+        }
+        let all_invalid = invalid > 0 && source_ranges.is_empty();
+        if all_invalid && !load_balancer_ips.is_empty() {
+            problem(
+                "no valid loadBalancerSourceRanges: its load balancer IPs are not served".into(),
+            );
+        }
+        let external_ips = spec
+            .external_ips
+            .iter()
+            .flatten()
+            .filter_map(|text| match text.parse::<IpAddr>() {
+                Ok(IpAddr::V4(ip)) => Some(ip),
+                Ok(IpAddr::V6(_)) => None,
+                Err(_) => {
+                    problem(format!(
+                        "externalIPs entry {text:?} is not an IP address; it is skipped"
+                    ));
+                    None
+                }
+            })
+            .collect();
+        let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            let config = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref());
+            config
+                .and_then(|c| c.timeout_seconds)
+                .map(|t| t.clamp(1, 86_400) as u32)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+        });
+        let annotation = service
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_LB_ALGORITHM));
+        let algorithm = match annotation.map(String::as_str) {
+            None => None,
+            Some("random") => Some(Algorithm::Random),
+            Some("maglev") => Some(Algorithm::Maglev),
+            Some(other) => {
+                problem(format!(
+                    "annotation {ANNOTATION_LB_ALGORITHM}: {other:?} is neither random nor maglev; using the default"
+                ));
+                None
+            }
+        };
+        let _ = node;
+        Self {
+            load_balancer_ips: (is_lb && !all_invalid).then_some(load_balancer_ips),
+            external_ips,
+            source_ranges,
+            affinity_timeout,
+            algorithm,
+        }
+    }
 }
 
 fn port_policy(service: &Service, port: &ServicePort) -> PortPolicy {
@@ -521,7 +791,7 @@ mod tests {
         for o in objects {
             cluster.apply(o, "node-a");
         }
-        compute(&cluster, "node-a")
+        compute(&cluster, &NodeContext::named("node-a"))
     }
 
     const WEB: &str = r#"

@@ -15,7 +15,7 @@ use crate::{
         programmer::Programmer,
     },
     objects::ClusterObjects,
-    plan::{self, Problem},
+    plan::{self, NodeContext, Problem},
     source::{kube::ClusterWatch, manifests::ManifestDir},
 };
 
@@ -31,8 +31,12 @@ pub struct RunConfig {
     pub source: SourceConfig,
     pub node_name: String,
     pub pod_interfaces: Vec<String>,
+    /// Interfaces traffic from outside the node arrives on.
+    pub external_interfaces: Vec<String>,
     pub bpffs_dir: PathBuf,
     pub map_sizes: crate::datapath::loader::MapSizes,
+    /// The plan's node-dependent settings (`local_addresses` is refreshed at every sync).
+    pub node: NodeContext,
 }
 
 /// How often interfaces are listed to find new pods' veths.
@@ -115,9 +119,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let layout = BpffsLayout::new(&config.bpffs_dir);
     let mut datapath = LoadedDatapath::load(&layout, &config.map_sizes)?;
-    let mut programmer =
+    let programmer =
         Programmer::restore(PinnedMaps::open(&layout)?).context("reading back the pinned maps")?;
-    let mut attachments = Attachments::new(&config.pod_interfaces)?;
+    let mut attachments = Attachments::new(&config.pod_interfaces, &config.external_interfaces)?;
     info!(
         bpffs_dir = %layout.dir().display(),
         restored_frontends = programmer.frontend_count(),
@@ -127,14 +131,20 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     attachments.sync(&mut datapath);
 
     let (changed_tx, mut changed) = mpsc::channel::<()>(1);
-    let mut source = Source::start(&config.source, &config.node_name, changed_tx).await?;
-    let mut reported = BTreeSet::new();
-    sync(
-        &mut source,
-        &config.node_name,
-        &mut programmer,
-        &mut reported,
-    );
+    let source = Source::start(&config.source, &config.node_name, changed_tx).await?;
+    let external_globs = config
+        .external_interfaces
+        .iter()
+        .filter_map(|g| glob::Pattern::new(g).ok())
+        .collect();
+    let mut agent = Agent {
+        source,
+        programmer,
+        node: config.node.clone(),
+        external_globs,
+        reported: BTreeSet::new(),
+    };
+    agent.sync();
 
     let mut interfaces = tokio::time::interval(INTERFACE_POLL);
     let mut resync = tokio::time::interval(RESYNC);
@@ -143,9 +153,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             Some(()) = changed.recv() => {
                 tokio::time::sleep(DEBOUNCE).await;
                 while changed.try_recv().is_ok() {}
-                sync(&mut source, &config.node_name, &mut programmer, &mut reported);
+                agent.sync();
             }
-            _ = resync.tick() => sync(&mut source, &config.node_name, &mut programmer, &mut reported),
+            _ = resync.tick() => agent.sync(),
             _ = interfaces.tick() => attachments.sync(&mut datapath),
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
@@ -156,30 +166,67 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sync(
-    source: &mut Source,
-    node_name: &str,
-    programmer: &mut Programmer,
-    reported: &mut BTreeSet<Problem>,
-) {
-    let started = std::time::Instant::now();
-    let Some(objects) = source.snapshot(node_name) else {
-        return;
-    };
-    let plan = plan::compute(&objects, node_name);
-    let problems: BTreeSet<Problem> = plan.problems.iter().cloned().collect();
-    for problem in problems.difference(reported) {
-        warn!(object = %problem.object, file = source.origin(&problem.object), reason = %problem.reason, "skipping");
+/// The level-triggered loop's state: where objects come from, what the maps hold, and what
+/// has been reported already.
+struct Agent {
+    source: Source,
+    programmer: Programmer,
+    node: NodeContext,
+    external_globs: Vec<glob::Pattern>,
+    reported: BTreeSet<Problem>,
+}
+
+impl Agent {
+    /// Recomputes the whole plan and applies the difference.
+    fn sync(&mut self) {
+        let started = std::time::Instant::now();
+        self.refresh_addresses();
+        let Some(objects) = self.source.snapshot(&self.node.name) else {
+            return;
+        };
+        // SNAT for external traffic uses the node's primary address.
+        let primary = plan::primary_addresses(&objects);
+        if let Some(addr) = primary.first().or(self.node.local_addresses.first())
+            && let Err(e) = self.programmer.set_snat_address(*addr)
+        {
+            warn!(error = %e, "cannot write the SNAT address");
+        }
+        let plan = plan::compute(&objects, &self.node);
+        let problems: BTreeSet<Problem> = plan.problems.iter().cloned().collect();
+        for problem in problems.difference(&self.reported) {
+            let file = self.source.origin(&problem.object);
+            warn!(object = %problem.object, file, reason = %problem.reason, "skipping");
+        }
+        self.reported = problems;
+        let report = self.programmer.apply(&plan);
+        if report.writes + report.deletes > 0 {
+            info!(
+                frontends = plan.frontends.len(),
+                writes = report.writes,
+                deletes = report.deletes,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "datapath programmed"
+            );
+        }
     }
-    *reported = problems;
-    let report = programmer.apply(&plan);
-    if report.writes + report.deletes > 0 {
-        info!(
-            frontends = plan.frontends.len(),
-            writes = report.writes,
-            deletes = report.deletes,
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "datapath programmed"
-        );
+
+    /// This node's addresses, those on external interfaces first (the first is the SNAT
+    /// address when the Node object names no InternalIP).
+    fn refresh_addresses(&mut self) {
+        match crate::datapath::attach::local_addresses() {
+            Ok(list) => {
+                let globs = &self.external_globs;
+                let (external, other): (Vec<_>, Vec<_>) = list
+                    .into_iter()
+                    .partition(|(name, _)| globs.iter().any(|g| g.matches(name)));
+                self.node.local_addresses = external
+                    .into_iter()
+                    .chain(other)
+                    .map(|(_, ip)| ip)
+                    .filter(|ip| !ip.is_loopback())
+                    .collect();
+            }
+            Err(e) => warn!(error = %e, "cannot list this node's addresses"),
+        }
     }
 }

@@ -22,7 +22,7 @@ fn plans_match_golden_files() {
         let mut dir = ManifestDir::new(&case);
         let (objects, skipped) = dir.load(NODE).unwrap();
         assert!(skipped.is_empty(), "{}: {skipped:?}", case.display());
-        let plan = plan::compute(&objects, NODE);
+        let plan = plan::compute(&objects, &plan::NodeContext::named(NODE));
         let got = serde_json::json!({
             "frontends": plan.frontends.iter().map(|f| f.to_json()).collect::<Vec<_>>(),
             "problems": plan.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>(),

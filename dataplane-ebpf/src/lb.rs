@@ -43,18 +43,34 @@ pub fn handle(ctx: &TcContext, pkt: &Packet, origin: Origin) -> i32 {
     };
     // SAFETY: a value from a lookup in this run; copied out at once.
     let service = unsafe { *service };
-    if origin == Origin::Pod && service.flags & SVC_FLAG_TWO_SCOPES != 0 {
+    let (frontend, service) = if origin == Origin::Pod && service.flags & SVC_FLAG_TWO_SCOPES != 0 {
         // Pods reaching an externalTrafficPolicy=Local frontend use every endpoint.
         let internal = ServiceKey {
             scope: SCOPE_INTERNAL,
             ..frontend
         };
-        if let Some(value) = SERVICES.get_ptr(internal) {
+        match SERVICES.get_ptr(internal) {
             // SAFETY: as above.
-            return to_service(ctx, pkt, &internal, unsafe { *value }, origin);
+            Some(value) => (internal, unsafe { *value }),
+            None => (frontend, service),
         }
+    } else {
+        (frontend, service)
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = forward_key(pkt);
+    // Separate calls, not nested ones: the verifier limits the stack of a call chain.
+    if let Some(verdict) = established(ctx, pkt, &key, now) {
+        return verdict;
     }
-    to_service(ctx, pkt, &frontend, service, origin)
+    if service.flags & SVC_FLAG_SOURCE_RANGES != 0
+        && origin == Origin::External
+        && !source_allowed(pkt, &service)
+    {
+        count_drop(drop_reason::SOURCE_RANGE);
+        return TC_ACT_SHOT;
+    }
+    new_flow(ctx, pkt, &frontend, &service, &key, now, origin)
 }
 
 fn forward_key(pkt: &Packet) -> CtKey {
@@ -99,40 +115,26 @@ fn backend_alive(backend_id: u32, addr: [u8; 4], port: u16) -> bool {
     }
 }
 
-fn to_service(
-    ctx: &TcContext,
-    pkt: &Packet,
-    frontend: &ServiceKey,
-    svc: ServiceValue,
-    origin: Origin,
-) -> i32 {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let key = forward_key(pkt);
-    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
-        // SAFETY: a value from a lookup in this run; fields copied out.
-        let known = unsafe { *entry };
-        if backend_alive(known.backend_id, known.nat_addr, known.nat_port) {
-            count_flow_packet(entry, pkt.ip_len as u64, now);
-            count_service_packet(known.rev_nat_id, known.backend_id, pkt.ip_len as u64, false);
-            return translate_forward(ctx, pkt, &known);
-        }
-        // The backend went away. Forget the flow; a TCP connection in progress cannot move,
-        // so the client is told at once instead of hanging on retransmits.
-        let _ = CONNTRACK.remove(reply_key(pkt, &known));
-        let _ = CONNTRACK.remove(key);
-        if pkt.proto == IPPROTO_TCP && !pkt.is_tcp_open() {
-            count_drop(drop_reason::BACKEND_GONE);
-            return refuse::tcp_reset(ctx, pkt);
-        }
+/// A packet of a known flow: translated as conntrack remembers, or — when its backend is
+/// gone — `None` to choose anew (UDP, or a TCP SYN reusing the tuple), or a reset (TCP).
+fn established(ctx: &TcContext, pkt: &Packet, key: &CtKey, now: u64) -> Option<i32> {
+    let entry = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: a value from a lookup in this run; fields copied out.
+    let known = unsafe { *entry };
+    if backend_alive(known.backend_id, known.nat_addr, known.nat_port) {
+        count_flow_packet(entry, pkt.ip_len as u64, now);
+        count_service_packet(known.rev_nat_id, known.backend_id, pkt.ip_len as u64, false);
+        return Some(translate_forward(ctx, pkt, &known));
     }
-    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0
-        && origin == Origin::External
-        && !source_allowed(pkt, &svc)
-    {
-        count_drop(drop_reason::SOURCE_RANGE);
-        return TC_ACT_SHOT;
+    // The backend went away. Forget the flow; a TCP connection in progress cannot move, so
+    // the client is told at once instead of hanging on retransmits.
+    let _ = CONNTRACK.remove(reply_key(pkt, &known));
+    let _ = CONNTRACK.remove(key);
+    if pkt.proto == IPPROTO_TCP && !pkt.is_tcp_open() {
+        count_drop(drop_reason::BACKEND_GONE);
+        return Some(refuse::tcp_reset(ctx, pkt));
     }
-    new_flow(ctx, pkt, frontend, &svc, &key, now, origin)
+    None
 }
 
 fn source_allowed(pkt: &Packet, svc: &ServiceValue) -> bool {
@@ -190,7 +192,13 @@ fn choose_backend(
     }
     let backend_id = if svc.flags & SVC_FLAG_MAGLEV != 0 {
         let table = MAGLEV.get_ptr(svc.rev_nat_id)?;
-        let index = flow_hash(pkt) as usize % MAGLEV_TABLE_SIZE;
+        // Multiply-shift range reduction: as even as a modulo, cheaper, and bounded in a way
+        // the verifier can follow.
+        // (black_box keeps LLVM from folding the scaling into the shift, which would leave
+        // the verifier a bound one element too loose.)
+        let index = core::hint::black_box(
+            ((flow_hash(pkt) as u64 * MAGLEV_TABLE_SIZE as u64) >> 32) as usize,
+        );
         // SAFETY: a value from a lookup in this run; index is below the table's length.
         unsafe { *(*table).backend_ids.get(index)? }
     } else {
@@ -305,23 +313,35 @@ fn new_flow(
         entry.flags = CT_FLAG_HAIRPIN;
         entry.peer_addr = HAIRPIN_SNAT_ADDR;
     }
-    let reply = CtEntry {
-        packets: 0,
-        bytes: 0,
-        nat_addr: pkt.daddr,
-        nat_port: pkt.dport,
-        peer_addr: if entry.flags != 0 { pkt.saddr } else { [0; 4] },
-        peer_port: if entry.flags & CT_FLAG_SNAT != 0 {
-            pkt.sport
-        } else {
-            0
-        },
-        ..entry
+    // Reply entry first: by the time the backend can answer, it exists. One struct, turned
+    // from the reply's view into the forward one, keeps the stack small.
+    let reply_key = reply_key(pkt, &entry);
+    let forward = (
+        entry.nat_addr,
+        entry.nat_port,
+        entry.peer_addr,
+        entry.peer_port,
+    );
+    entry.packets = 0;
+    entry.bytes = 0;
+    entry.nat_addr = pkt.daddr;
+    entry.nat_port = pkt.dport;
+    entry.peer_addr = if entry.flags != 0 { pkt.saddr } else { [0; 4] };
+    entry.peer_port = if entry.flags & CT_FLAG_SNAT != 0 {
+        pkt.sport
+    } else {
+        0
     };
-    // Reply entry first: by the time the backend can answer, it exists.
-    if CONNTRACK.insert(reply_key(pkt, &entry), reply, 0).is_err()
-        || CONNTRACK.insert(key, entry, 0).is_err()
-    {
+    let reply_inserted = CONNTRACK.insert(reply_key, entry, 0).is_ok();
+    entry.packets = 1;
+    entry.bytes = pkt.ip_len as u64;
+    (
+        entry.nat_addr,
+        entry.nat_port,
+        entry.peer_addr,
+        entry.peer_port,
+    ) = forward;
+    if !reply_inserted || CONNTRACK.insert(key, entry, 0).is_err() {
         count_drop(drop_reason::CT_INSERT_FAILED);
         return TC_ACT_SHOT;
     }

@@ -447,13 +447,20 @@ fn every_map_prints_named_fields_in_bpftool() {
     cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
     http_requests(cluster.client(), &format!("http://{VIP}/"), 3);
     let expected_fields: &[(&str, &[&str])] = &[
-        ("dp_svc_v1", &["backend_slot", "rev_nat_id", "count"]),
+        (
+            "dp_svc_v2",
+            &["backend_slot", "rev_nat_id", "count", "service_port_id"],
+        ),
         ("dp_backends_v1", &["addr", "port", "state"]),
         ("dp_revnat_v1", &["addr", "port"]),
         ("dp_ct_v1", &["saddr", "direction", "packets", "nat_addr"]),
         ("dp_svc_stats_v1", &["packets", "bytes", "connections"]),
         ("dp_be_stats_v1", &["packets", "bytes", "connections"]),
         ("dp_drops_v1", &["\"value\": 0"]),
+        ("dp_affinity_v1", &[]),
+        ("dp_srcrange_v1", &[]),
+        ("dp_maglev_v1", &[]),
+        ("dp_config_v1", &["snat_addr"]),
     ];
     for name in dataplane_common::map_names::ALL {
         let path = cluster.agent.bpffs_dir.join(name);

@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use aya::programs::{TestRun, TestRunOptions};
 use dataplane_agent::{
     datapath::{BpffsLayout, loader::LoadedDatapath, maps::PinnedMaps, programmer::Programmer},
-    plan::{Frontend, FrontendAddr, FrontendKind, Plan, Protocol},
+    plan::{Algorithm, Frontend, FrontendAddr, FrontendKind, Plan, Protocol},
 };
 use testbed::require_root;
 
@@ -452,6 +452,11 @@ fn frontend(
         },
         backends: backends.to_vec(),
         drop_when_empty: false,
+        external_local: false,
+        internal_backends: None,
+        affinity_timeout: None,
+        source_ranges: vec![],
+        algorithm: Algorithm::Random,
     }
 }
 
@@ -506,7 +511,7 @@ fn packet_fixtures_through_bpf_prog_test_run() {
     let report = programmer.apply(&plan);
     assert!(report.failures.is_empty(), "{:?}", report.failures);
 
-    let program = datapath.program();
+    let program = datapath.program(dataplane_common::PROG_POD_INGRESS);
     let mut failures = Vec::new();
     for case in cases() {
         let mut out = vec![0u8; 256];
@@ -550,7 +555,7 @@ fn destination_of(
     let input = syn_to(vip, client_port);
     let mut out = vec![0u8; 256];
     let result = datapath
-        .program()
+        .program(dataplane_common::PROG_POD_INGRESS)
         .test_run(TestRunOptions {
             data_in: Some(&input),
             data_out: Some(&mut out),
@@ -570,7 +575,7 @@ fn a_full_map_skips_what_does_not_fit_and_keeps_the_rest_working() {
         std::path::Path::new("/sys/fs/bpf").join(testbed::unique("dpfull")),
     ));
     let sizes = [
-        ("dp_svc_v1".to_string(), 8),
+        (dataplane_common::map_names::SERVICES.to_string(), 8),
         ("dp_backends_v1".to_string(), 4),
     ]
     .into();

@@ -103,7 +103,7 @@ pub fn demo(keep: bool, down: bool) -> anyhow::Result<()> {
             "    target/debug/dataplane-agent flows -o json --bpffs-dir {}",
             bpffs.display()
         );
-        eprintln!("    bpftool map dump pinned {}/dp_svc_v1", bpffs.display());
+        eprintln!("    bpftool map dump pinned {}/dp_svc_v2", bpffs.display());
         eprintln!(
             "    nsenter --net=/run/netns/{} curl -s http://{VIP}/",
             kept.namespaces[1]

@@ -1,6 +1,7 @@
-//! Attaching the program at tc ingress (tcx) of pod-facing interfaces, and keeping it there
-//! across agent restarts: each link is pinned per interface; a restarted agent swaps its new
-//! program into the pinned link atomically, so no packet passes unprocessed.
+//! Attaching the programs at tc ingress (tcx): `pod_ingress` on pod-facing interfaces,
+//! `external_ingress` on the node's external interfaces, and keeping them there across agent
+//! restarts: each link is pinned per interface; a restarted agent swaps its new program into
+//! the pinned link atomically, so no packet passes unprocessed.
 use std::collections::BTreeMap;
 
 use anyhow::Context;
@@ -9,27 +10,41 @@ use aya::programs::{
     links::{FdLink, LinkError, PinnedLink},
     tc::SchedClassifierLink,
 };
+use dataplane_common::{PROG_EXTERNAL_INGRESS, PROG_POD_INGRESS};
 use tracing::{info, warn};
 
 use super::loader::LoadedDatapath;
 
-/// Interfaces the program is attached to, by name, with the ifindex it was attached at.
-#[derive(Default)]
+/// Interfaces a program is attached to, by name, with the ifindex it was attached at.
 pub struct Attachments {
     attached: BTreeMap<String, u32>,
-    patterns: Vec<glob::Pattern>,
+    /// (interface globs, program) in priority order: pod globs first.
+    rules: Vec<(Vec<glob::Pattern>, &'static str)>,
+}
+
+fn patterns(globs: &[String]) -> anyhow::Result<Vec<glob::Pattern>> {
+    globs
+        .iter()
+        .map(|g| glob::Pattern::new(g).with_context(|| format!("invalid interface glob {g:?}")))
+        .collect()
 }
 
 impl Attachments {
-    pub fn new(globs: &[String]) -> anyhow::Result<Self> {
-        let patterns = globs
-            .iter()
-            .map(|g| glob::Pattern::new(g).with_context(|| format!("invalid interface glob {g:?}")))
-            .collect::<anyhow::Result<_>>()?;
+    pub fn new(pod_globs: &[String], external_globs: &[String]) -> anyhow::Result<Self> {
         Ok(Self {
             attached: BTreeMap::new(),
-            patterns,
+            rules: vec![
+                (patterns(pod_globs)?, PROG_POD_INGRESS),
+                (patterns(external_globs)?, PROG_EXTERNAL_INGRESS),
+            ],
         })
+    }
+
+    fn program_for(&self, interface: &str) -> Option<&'static str> {
+        self.rules
+            .iter()
+            .find(|(globs, _)| globs.iter().any(|p| p.matches(interface)))
+            .map(|(_, program)| *program)
     }
 
     /// Attaches to every matching interface not yet attached (or recreated since).
@@ -44,13 +59,15 @@ impl Attachments {
         self.attached
             .retain(|name, index| interfaces.get(name) == Some(index));
         for (name, index) in interfaces {
-            if self.attached.contains_key(&name) || !self.patterns.iter().any(|p| p.matches(&name))
-            {
+            if self.attached.contains_key(&name) {
                 continue;
             }
-            match attach(datapath, &name) {
+            let Some(program) = self.program_for(&name) else {
+                continue;
+            };
+            match attach(datapath, program, &name) {
                 Ok(how) => {
-                    info!(interface = %name, ifindex = index, how, "datapath attached");
+                    info!(interface = %name, ifindex = index, program, how, "datapath attached");
                     self.attached.insert(name, index);
                 }
                 // Interfaces come and go (a pod deleted mid-attach); retried next round.
@@ -66,10 +83,14 @@ impl Attachments {
     }
 }
 
-fn attach(datapath: &mut LoadedDatapath, interface: &str) -> anyhow::Result<&'static str> {
+fn attach(
+    datapath: &mut LoadedDatapath,
+    program: &str,
+    interface: &str,
+) -> anyhow::Result<&'static str> {
     let pin = datapath.layout.link(interface);
     if pin.exists() {
-        match replace_program(datapath, &pin) {
+        match replace_program(datapath, program, &pin) {
             Ok(()) => return Ok("replaced program in pinned link"),
             Err(e) => {
                 // The interface was recreated: the old link is defunct.
@@ -78,7 +99,7 @@ fn attach(datapath: &mut LoadedDatapath, interface: &str) -> anyhow::Result<&'st
             }
         }
     }
-    let program = datapath.program();
+    let program = datapath.program(program);
     let id = program.attach(interface, TcAttachType::Ingress)?;
     let link: FdLink = program.take_link(id)?.try_into()?;
     link.pin(&pin)
@@ -86,11 +107,15 @@ fn attach(datapath: &mut LoadedDatapath, interface: &str) -> anyhow::Result<&'st
     Ok("attached")
 }
 
-fn replace_program(datapath: &mut LoadedDatapath, pin: &std::path::Path) -> anyhow::Result<()> {
+fn replace_program(
+    datapath: &mut LoadedDatapath,
+    program: &str,
+    pin: &std::path::Path,
+) -> anyhow::Result<()> {
     let link = PinnedLink::from_pin(pin)?;
     let link = SchedClassifierLink::try_from(FdLink::from(link))
         .map_err(|e: LinkError| anyhow::anyhow!(e))?;
-    let program = datapath.program();
+    let program = datapath.program(program);
     let id = program.attach_to_link(link)?;
     // The pin keeps the link; the program need not hold it.
     drop(program.take_link(id)?);
@@ -117,6 +142,33 @@ pub fn list_interfaces() -> std::io::Result<BTreeMap<String, u32>> {
         libc::if_freenameindex(head);
         Ok(out)
     }
+}
+
+/// IPv4 addresses configured in this network namespace, by interface name.
+pub fn local_addresses() -> std::io::Result<Vec<(String, std::net::Ipv4Addr)>> {
+    let mut out = Vec::new();
+    // SAFETY: getifaddrs fills a list we walk read-only and free with freeifaddrs.
+    unsafe {
+        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut head) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut entry = head;
+        while !entry.is_null() {
+            let addr = (*entry).ifa_addr;
+            if !addr.is_null() && (*addr).sa_family as i32 == libc::AF_INET {
+                let sin = &*(addr as *const libc::sockaddr_in);
+                let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                let name = std::ffi::CStr::from_ptr((*entry).ifa_name)
+                    .to_string_lossy()
+                    .into_owned();
+                out.push((name, ip));
+            }
+            entry = (*entry).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    Ok(out)
 }
 
 /// Detaches every pinned link under the layout (used by `cleanup`).

@@ -23,8 +23,8 @@ impl BpffsLayout {
         self.dir.join(name)
     }
 
-    pub fn program(&self) -> PathBuf {
-        self.dir.join(dataplane_common::PROG_POD_INGRESS)
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
     }
 
     pub fn links_dir(&self) -> PathBuf {

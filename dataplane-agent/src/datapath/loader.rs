@@ -3,7 +3,7 @@
 //! and pins the program so tools can find the live one.
 use anyhow::Context;
 use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
-use dataplane_common::{PROG_POD_INGRESS, map_names};
+use dataplane_common::{PROG_EXTERNAL_INGRESS, PROG_POD_INGRESS, map_names};
 
 use super::{BpffsLayout, maps::check_pinned_layout};
 
@@ -48,27 +48,30 @@ impl LoadedDatapath {
         for name in map_names::ALL {
             anyhow::ensure!(ebpf.map(name).is_some(), "the BPF object has no map {name}");
         }
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(PROG_POD_INGRESS)
-            .context("the BPF object has no pod_ingress program")?
-            .try_into()?;
-        program
-            .load()
-            .context("the kernel rejected the pod_ingress program")?;
-        // Replace the pin of a previous run: the pin always names the program links run.
-        let _ = std::fs::remove_file(layout.program());
-        program
-            .pin(layout.program())
-            .context("pinning the program")?;
+        for name in [PROG_POD_INGRESS, PROG_EXTERNAL_INGRESS] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("the BPF object has no {name} program"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("the kernel rejected the {name} program"))?;
+            // Replace the pin of a previous run: the pin always names the program links run.
+            let _ = std::fs::remove_file(layout.program(name));
+            program
+                .pin(layout.program(name))
+                .with_context(|| format!("pinning {name}"))?;
+        }
         Ok(Self {
             ebpf,
             layout: layout.clone(),
         })
     }
 
-    pub fn program(&mut self) -> &mut SchedClassifier {
+    /// `PROG_POD_INGRESS` or `PROG_EXTERNAL_INGRESS`.
+    pub fn program(&mut self, name: &str) -> &mut SchedClassifier {
         self.ebpf
-            .program_mut(PROG_POD_INGRESS)
+            .program_mut(name)
             .and_then(|p| p.try_into().ok())
             .expect("checked at load")
     }

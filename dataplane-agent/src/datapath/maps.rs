@@ -1,8 +1,9 @@
 //! Typed handles on the pinned maps, for the agent and for the inspection commands (which
 //! work while the agent is stopped: everything they show is read from these pins).
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
 use dataplane_common::{
-    Backend, CtEntry, CtKey, RevNat, ServiceKey, ServiceValue, TrafficStats, map_names,
+    AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, MaglevTable, RevNat,
+    ServiceKey, ServiceValue, SourceRangeKey, TrafficStats, map_names,
 };
 
 use super::BpffsLayout;
@@ -36,6 +37,10 @@ pub struct PinnedMaps {
     pub service_stats: Array<MapData, TrafficStats>,
     pub backend_stats: Array<MapData, TrafficStats>,
     pub drops: Array<MapData, u64>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    pub maglev: HashMap<MapData, u32, MaglevTable>,
+    pub config: Array<MapData, DatapathConfig>,
     /// `max_entries` of each map, by name.
     pub capacities: std::collections::BTreeMap<&'static str, u32>,
 }
@@ -50,6 +55,11 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         map_names::CONNTRACK => (size_of::<CtKey>(), size_of::<CtEntry>()),
         map_names::SERVICE_STATS | map_names::BACKEND_STATS => (4, size_of::<TrafficStats>()),
         map_names::DROPS => (4, 8),
+        map_names::AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>()),
+        // The trie's key is its prefix length (u32) and the data.
+        map_names::SOURCE_RANGES => (4 + size_of::<SourceRangeKey>(), 1),
+        map_names::MAGLEV => (4, size_of::<MaglevTable>()),
+        map_names::CONFIG => (4, size_of::<DatapathConfig>()),
         _ => return None,
     };
     Some((sizes.0 as u32, sizes.1 as u32))
@@ -129,6 +139,10 @@ impl PinnedMaps {
             service_stats: typed!(Array, map_names::SERVICE_STATS),
             backend_stats: typed!(Array, map_names::BACKEND_STATS),
             drops: typed!(Array, map_names::DROPS),
+            affinity: typed!(HashMap, map_names::AFFINITY),
+            source_ranges: typed!(LpmTrie, map_names::SOURCE_RANGES),
+            maglev: typed!(HashMap, map_names::MAGLEV),
+            config: typed!(Array, map_names::CONFIG),
             capacities,
         })
     }

@@ -1,26 +1,34 @@
 //! Writes a [`Plan`] into the maps as a diff against what they hold, in an order that never
-//! lets a packet see a half-built service: backends first, then backend slots, then the
-//! frontend entry (slot 0) that makes them reachable; removals in the reverse order.
+//! lets a packet see a half-built service: removed frontends go first (slot 0 before its
+//! slots, so their room serves new ones), then new backends, then each frontend's Maglev
+//! table and backend slots, then the frontend entry (slot 0) that makes them reachable;
+//! backends nothing uses any more go last.
 //!
 //! Ids are taken from the maps at start-up, so a restarted agent keeps every backend and
 //! frontend id, and with them every established connection.
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{BTreeSet, HashMap, HashSet, VecDeque},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use aya::maps::MapError;
+use aya::maps::{MapError, lpm_trie::Key};
 use dataplane_common::{
-    BACKEND_STATE_ACTIVE, Backend, RevNat, SVC_FLAG_DROP_WHEN_EMPTY, ServiceKey, ServiceValue,
-    TrafficStats,
+    BACKEND_STATE_ACTIVE, Backend, DatapathConfig, MAGLEV_TABLE_SIZE, MaglevTable, RevNat,
+    SCOPE_DEFAULT, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL,
+    SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
+    ServiceKey, ServiceValue, SourceRangeKey, TrafficStats,
 };
 use tracing::{debug, warn};
 
 use super::maps::PinnedMaps;
-use crate::plan::{BackendAddr, FrontendAddr, Plan, Protocol};
+use crate::{
+    maglev,
+    plan::{Algorithm, BackendAddr, Cidr, Frontend, FrontendAddr, Plan, Protocol},
+};
 
-/// Hands out small integer ids (never 0), reusing released ones oldest first, so an id is
-/// not given to a new object while conntrack still remembers its previous owner.
+/// Hands out small integer ids (never 0), preferring ids never used before and then the
+/// longest-released, so an id is not given to a new object while conntrack still remembers
+/// its previous owner.
 #[derive(Debug)]
 struct IdAllocator {
     free: VecDeque<u32>,
@@ -49,10 +57,24 @@ impl IdAllocator {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct ProgrammedFrontend {
-    rev_nat_id: u32,
+/// One entry of the service map family: a frontend in one scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct EntryKey {
+    frontend: FrontendAddr,
+    scope: u8,
+}
+
+/// What slot 0 of an entry says, besides the slot count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct EntrySettings {
     flags: u16,
+    affinity_timeout: u32,
+    service_port_id: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ProgrammedEntry {
+    settings: EntrySettings,
     /// Backend id in each slot, slot 1 first.
     slots: Vec<u32>,
 }
@@ -70,22 +92,46 @@ pub struct Programmer {
     maps: PinnedMaps,
     backends: HashMap<BackendAddr, u32>,
     backend_ids: IdAllocator,
-    frontends: HashMap<FrontendAddr, ProgrammedFrontend>,
-    frontend_ids: IdAllocator,
+    /// Frontend (rev-NAT) id of each frontend address, shared by its scopes.
+    frontend_ids: HashMap<FrontendAddr, u32>,
+    frontend_id_allocator: IdAllocator,
+    entries: HashMap<EntryKey, ProgrammedEntry>,
+    source_ranges: HashMap<u32, BTreeSet<Cidr>>,
+    maglev: HashMap<u32, Vec<u32>>,
+    failures_total: u64,
 }
 
 fn ipv4(addr: SocketAddrV4) -> [u8; 4] {
     addr.ip().octets()
 }
 
-fn frontend_key(f: &FrontendAddr, slot: u16) -> ServiceKey {
+fn service_key(entry: &EntryKey, slot: u16) -> ServiceKey {
     ServiceKey {
-        addr: ipv4(f.addr),
-        port: f.addr.port(),
+        addr: ipv4(entry.frontend.addr),
+        port: entry.frontend.addr.port(),
         backend_slot: slot,
-        proto: f.protocol.number(),
-        ..Default::default()
+        proto: entry.frontend.protocol.number(),
+        scope: entry.scope,
+        _pad: [0; 2],
     }
+}
+
+fn range_key(rev_nat_id: u32, cidr: &Cidr) -> Key<SourceRangeKey> {
+    Key::new(
+        32 + cidr.prefix as u32,
+        SourceRangeKey {
+            rev_nat_id_be: rev_nat_id.to_be(),
+            addr: cidr.addr.octets(),
+        },
+    )
+}
+
+/// An entry as the plan wants it.
+struct WantedEntry<'a> {
+    frontend: &'a Frontend,
+    key: EntryKey,
+    backends: &'a [SocketAddrV4],
+    settings: EntrySettings,
 }
 
 impl Programmer {
@@ -100,35 +146,45 @@ impl Programmer {
             let addr = SocketAddrV4::new(Ipv4Addr::from(b.addr), b.port);
             backends.insert(BackendAddr { addr, protocol }, id);
         }
-        let mut frontends: HashMap<FrontendAddr, ProgrammedFrontend> = HashMap::new();
-        let mut slots: HashMap<FrontendAddr, Vec<(u16, u32)>> = HashMap::new();
+        let mut entries: HashMap<EntryKey, ProgrammedEntry> = HashMap::new();
+        let mut frontend_ids = HashMap::new();
+        let mut slots: HashMap<EntryKey, Vec<(u16, u32)>> = HashMap::new();
         for entry in maps.services.iter() {
             let (key, value) = entry?;
             let Some(protocol) = Protocol::from_number(key.proto) else {
                 continue;
             };
-            let f = FrontendAddr {
+            let frontend = FrontendAddr {
                 addr: SocketAddrV4::new(Ipv4Addr::from(key.addr), key.port),
                 protocol,
             };
+            let entry_key = EntryKey {
+                frontend,
+                scope: key.scope,
+            };
             if key.backend_slot == 0 {
-                frontends.insert(
-                    f,
-                    ProgrammedFrontend {
-                        rev_nat_id: value.rev_nat_id,
-                        flags: value.flags,
+                frontend_ids.insert(frontend, value.rev_nat_id);
+                let settings = EntrySettings {
+                    flags: value.flags,
+                    affinity_timeout: value.affinity_timeout,
+                    service_port_id: value.service_port_id,
+                };
+                entries.insert(
+                    entry_key,
+                    ProgrammedEntry {
+                        settings,
                         slots: vec![],
                     },
                 );
             } else {
                 slots
-                    .entry(f)
+                    .entry(entry_key)
                     .or_default()
                     .push((key.backend_slot, value.backend_id));
             }
         }
-        for (f, programmed) in frontends.iter_mut() {
-            let mut list = slots.remove(f).unwrap_or_default();
+        for (key, programmed) in entries.iter_mut() {
+            let mut list = slots.remove(key).unwrap_or_default();
             list.sort();
             // Slots are dense from 1; anything else is repaired by the next apply.
             programmed.slots = list
@@ -138,68 +194,144 @@ impl Programmer {
                 .map(|(_, (_, id))| *id)
                 .collect();
         }
+        let mut source_ranges: HashMap<u32, BTreeSet<Cidr>> = HashMap::new();
+        for key in maps.source_ranges.keys() {
+            let key = key?;
+            let data = key.data();
+            let cidr = Cidr {
+                addr: Ipv4Addr::from(data.addr),
+                prefix: (key.prefix_len() - 32) as u8,
+            };
+            source_ranges
+                .entry(u32::from_be(data.rev_nat_id_be))
+                .or_default()
+                .insert(cidr);
+        }
+        let mut maglev = HashMap::new();
+        for entry in maps.maglev.iter() {
+            let (id, table) = entry?;
+            maglev.insert(id, table.backend_ids.to_vec());
+        }
         // Slots whose frontend entry is gone (a removal cut short): delete them.
         let orphans: Vec<ServiceKey> = slots
             .iter()
-            .flat_map(|(f, list)| list.iter().map(|(slot, _)| frontend_key(f, *slot)))
+            .flat_map(|(key, list)| list.iter().map(|(slot, _)| service_key(key, *slot)))
             .collect();
-        // Ids index the stats arrays and must fit the id-keyed maps, whatever their sizes.
-        let id_limits = maps.id_limits();
+        let (backend_limit, frontend_limit) = maps.id_limits();
         let backend_in_use: HashSet<u32> = backends.values().copied().collect();
-        let frontend_in_use: HashSet<u32> = frontends.values().map(|f| f.rev_nat_id).collect();
+        let frontend_in_use: HashSet<u32> = frontend_ids.values().copied().collect();
         let mut programmer = Self {
             maps,
             backends,
-            backend_ids: IdAllocator::new(id_limits.0, &backend_in_use),
-            frontends,
-            frontend_ids: IdAllocator::new(id_limits.1, &frontend_in_use),
+            backend_ids: IdAllocator::new(backend_limit, &backend_in_use),
+            frontend_ids,
+            frontend_id_allocator: IdAllocator::new(frontend_limit, &frontend_in_use),
+            entries,
+            source_ranges,
+            maglev,
+            failures_total: 0,
         };
         for key in orphans {
             let _ = programmer.maps.services.remove(&key);
         }
         debug!(
             backends = programmer.backends.len(),
-            frontends = programmer.frontends.len(),
+            frontends = programmer.frontend_ids.len(),
             "restored datapath state from pinned maps"
         );
         Ok(programmer)
     }
 
     pub fn frontend_count(&self) -> usize {
-        self.frontends.len()
+        self.frontend_ids.len()
+    }
+
+    /// Everything `apply` could not program since start-up.
+    pub fn failures_total(&self) -> u64 {
+        self.failures_total
+    }
+
+    /// The source address for SNATed external traffic.
+    pub fn set_snat_address(&mut self, addr: Ipv4Addr) -> Result<(), MapError> {
+        let config = DatapathConfig {
+            snat_addr: addr.octets(),
+            _pad: [0; 4],
+        };
+        if self.maps.config.get(&0, 0).ok() != Some(config) {
+            self.maps.config.set(0, config, 0)?;
+        }
+        Ok(())
     }
 
     pub fn apply(&mut self, plan: &Plan) -> ApplyReport {
         let mut report = ApplyReport::default();
+        let wanted_keys: HashSet<EntryKey> = plan
+            .frontends
+            .iter()
+            .flat_map(|f| {
+                let internal = f.internal_backends.is_some().then_some(SCOPE_INTERNAL);
+                [Some(SCOPE_DEFAULT), internal]
+                    .into_iter()
+                    .flatten()
+                    .map(|scope| EntryKey {
+                        frontend: f.frontend,
+                        scope,
+                    })
+            })
+            .collect();
         let wanted_frontends: HashSet<FrontendAddr> =
             plan.frontends.iter().map(|f| f.frontend).collect();
-        // 1. Frontends that are gone, first so their room serves new ones; slot 0 first, so no
-        // new flow picks a slot being removed.
+
+        // 1. Entries and frontends that are gone: slot 0 first, so no new flow picks a slot
+        // being removed; first of all, so their room serves new ones.
+        let mut gone: Vec<EntryKey> = self
+            .entries
+            .keys()
+            .filter(|k| !wanted_keys.contains(k))
+            .copied()
+            .collect();
+        gone.sort();
+        for key in gone {
+            let programmed = self.entries.remove(&key).expect("listed above");
+            let _ = self.maps.services.remove(&service_key(&key, 0));
+            for slot in 1..=programmed.slots.len() {
+                let _ = self.maps.services.remove(&service_key(&key, slot as u16));
+            }
+            report.deletes += 1;
+        }
         let gone: Vec<FrontendAddr> = self
-            .frontends
+            .frontend_ids
             .keys()
             .filter(|f| !wanted_frontends.contains(f))
             .copied()
             .collect();
-        for f in gone {
-            let programmed = self.frontends.remove(&f).expect("listed above");
-            let _ = self.maps.services.remove(&frontend_key(&f, 0));
-            for slot in 1..=programmed.slots.len() {
-                let _ = self.maps.services.remove(&frontend_key(&f, slot as u16));
-            }
-            let _ = self.maps.rev_nat.remove(&programmed.rev_nat_id);
-            self.frontend_ids.release(programmed.rev_nat_id);
-            report.deletes += 1;
+        for frontend in gone {
+            let id = self.frontend_ids.remove(&frontend).expect("listed above");
+            self.sync_maglev(id, None, &mut report);
+            self.sync_source_ranges(id, &[], &mut report);
+            let _ = self.maps.rev_nat.remove(&id);
+            self.frontend_id_allocator.release(id);
         }
 
-        // 2. Backends that are new.
-        let wanted_backends: HashSet<BackendAddr> = plan
-            .frontends
+        // 2. Ids (and rev-NAT entries) of new frontends, then backends that are new.
+        for frontend in &plan.frontends {
+            if let Err(e) = self.frontend_id(&frontend.frontend, &mut report) {
+                report.failures.push(format!(
+                    "{:?} frontend {} {} of {}: {e}",
+                    frontend.kind,
+                    frontend.frontend.addr,
+                    frontend.frontend.protocol,
+                    frontend.service
+                ));
+            }
+        }
+        let wanted = self.wanted_entries(plan);
+        let wanted_backends: HashSet<BackendAddr> = wanted
             .iter()
-            .flat_map(|f| {
-                f.backends.iter().map(|b| BackendAddr {
+            .flat_map(|w| {
+                w.backends.iter().map(|b| BackendAddr {
                     addr: *b,
-                    protocol: f.frontend.protocol,
+                    protocol: w.key.frontend.protocol,
                 })
             })
             .collect();
@@ -221,28 +353,18 @@ impl Programmer {
             }
         }
 
-        // 3. Frontends: slots, then slot 0.
-        for frontend in &plan.frontends {
-            let ids: Vec<u32> = frontend
-                .backends
-                .iter()
-                .filter_map(|b| {
-                    self.backends.get(&BackendAddr {
-                        addr: *b,
-                        protocol: frontend.frontend.protocol,
-                    })
-                })
-                .copied()
-                .collect();
-            let flags = if frontend.drop_when_empty {
-                SVC_FLAG_DROP_WHEN_EMPTY
-            } else {
-                0
-            };
-            if let Err(e) = self.program_frontend(&frontend.frontend, ids, flags, &mut report) {
+        // 3. Frontends: id and rev-NAT, Maglev table, source ranges, slots, then slot 0.
+        for entry in &wanted {
+            if !self.frontend_ids.contains_key(&entry.key.frontend) {
+                continue; // reported above
+            }
+            if let Err(e) = self.program_entry(entry, &mut report) {
                 report.failures.push(format!(
-                    "frontend {} {} of {}: {e}",
-                    frontend.frontend.addr, frontend.frontend.protocol, frontend.service
+                    "{:?} frontend {} {} of {}: {e}",
+                    entry.frontend.kind,
+                    entry.key.frontend.addr,
+                    entry.key.frontend.protocol,
+                    entry.frontend.service
                 ));
             }
         }
@@ -261,10 +383,96 @@ impl Programmer {
             self.backend_ids.release(id);
             report.deletes += 1;
         }
+        self.failures_total += report.failures.len() as u64;
         for failure in &report.failures {
             warn!(failure, "could not program");
         }
         report
+    }
+
+    /// Every service-map entry the plan needs, with the settings of its slot 0.
+    fn wanted_entries<'a>(&self, plan: &'a Plan) -> Vec<WantedEntry<'a>> {
+        let mut out = Vec::new();
+        for frontend in &plan.frontends {
+            let mut flags = 0;
+            if frontend.drop_when_empty {
+                flags |= SVC_FLAG_DROP_WHEN_EMPTY;
+            }
+            if frontend.kind.is_external() {
+                flags |= SVC_FLAG_EXTERNAL;
+            }
+            if frontend.external_local {
+                flags |= SVC_FLAG_EXTERNAL_LOCAL;
+            }
+            if frontend.affinity_timeout.is_some() {
+                flags |= SVC_FLAG_AFFINITY;
+            }
+            if !frontend.source_ranges.is_empty() {
+                flags |= SVC_FLAG_SOURCE_RANGES;
+            }
+            if frontend.algorithm == Algorithm::Maglev {
+                flags |= SVC_FLAG_MAGLEV;
+            }
+            if frontend.internal_backends.is_some() {
+                flags |= SVC_FLAG_TWO_SCOPES;
+            }
+            let settings = EntrySettings {
+                flags,
+                affinity_timeout: frontend.affinity_timeout.unwrap_or(0),
+                service_port_id: 0, // filled in below, once frontend ids are known
+            };
+            let frontend_key = EntryKey {
+                frontend: frontend.frontend,
+                scope: SCOPE_DEFAULT,
+            };
+            out.push(WantedEntry {
+                frontend,
+                key: frontend_key,
+                backends: &frontend.backends,
+                settings,
+            });
+            if let Some(internal) = &frontend.internal_backends {
+                // The pods' view: every endpoint, chosen at random, never dropped for policy.
+                let settings = EntrySettings {
+                    flags: flags & SVC_FLAG_AFFINITY,
+                    ..settings
+                };
+                let key = EntryKey {
+                    frontend: frontend.frontend,
+                    scope: SCOPE_INTERNAL,
+                };
+                out.push(WantedEntry {
+                    frontend,
+                    key,
+                    backends: internal,
+                    settings,
+                });
+            }
+        }
+        // The service-port id: the smallest frontend id among the frontends of the service
+        // port (frontend ids survive restarts, so this one does too).
+        let mut port_ids: HashMap<(&str, &str, Protocol), u32> = HashMap::new();
+        for entry in &out {
+            let f = entry.frontend;
+            if let Some(id) = self.frontend_ids.get(&f.frontend) {
+                let slot = port_ids
+                    .entry((&f.service, &f.port_name, f.frontend.protocol))
+                    .or_insert(*id);
+                *slot = (*slot).min(*id);
+            }
+        }
+        for entry in &mut out {
+            let f = entry.frontend;
+            entry.settings.service_port_id = port_ids
+                .get(&(
+                    f.service.as_str(),
+                    f.port_name.as_str(),
+                    f.frontend.protocol,
+                ))
+                .copied()
+                .unwrap_or(0);
+        }
+        out
     }
 
     fn add_backend(&mut self, backend: &BackendAddr) -> Result<u32, String> {
@@ -290,43 +498,80 @@ impl Programmer {
         })
     }
 
-    fn program_frontend(
+    /// The frontend's id, allocating it (and its rev-NAT entry) when new.
+    fn frontend_id(
         &mut self,
-        f: &FrontendAddr,
-        mut ids: Vec<u32>,
-        flags: u16,
+        frontend: &FrontendAddr,
+        report: &mut ApplyReport,
+    ) -> Result<u32, String> {
+        if let Some(id) = self.frontend_ids.get(frontend) {
+            return Ok(*id);
+        }
+        let id = self
+            .frontend_id_allocator
+            .allocate()
+            .ok_or("no free frontend id (capacity reached)")?;
+        let rev_nat = RevNat {
+            addr: ipv4(frontend.addr),
+            port: frontend.addr.port(),
+            _pad: [0; 2],
+        };
+        let written = self
+            .maps
+            .service_stats
+            .set(id, TrafficStats::default(), 0)
+            .and_then(|()| self.maps.rev_nat.insert(id, rev_nat, 0));
+        if let Err(e) = written {
+            self.frontend_id_allocator.release(id);
+            return Err(map_error(e));
+        }
+        report.writes += 1;
+        self.frontend_ids.insert(*frontend, id);
+        Ok(id)
+    }
+
+    fn program_entry(
+        &mut self,
+        entry: &WantedEntry,
         report: &mut ApplyReport,
     ) -> Result<(), String> {
-        let current = self.frontends.get(f).cloned();
-        let rev_nat_id = match &current {
-            Some(c) => c.rev_nat_id,
-            None => {
-                let id = self
-                    .frontend_ids
-                    .allocate()
-                    .ok_or("no free frontend id (capacity reached)")?;
-                let rev_nat = RevNat {
-                    addr: ipv4(f.addr),
-                    port: f.addr.port(),
-                    _pad: [0; 2],
-                };
-                let written = self
-                    .maps
-                    .service_stats
-                    .set(id, TrafficStats::default(), 0)
-                    .and_then(|()| self.maps.rev_nat.insert(id, rev_nat, 0));
-                if let Err(e) = written {
-                    self.frontend_ids.release(id);
-                    return Err(map_error(e));
-                }
-                report.writes += 1;
-                id
-            }
-        };
-        let old_slots = current.as_ref().map(|c| c.slots.as_slice()).unwrap_or(&[]);
-        if ids.len() > u16::MAX as usize {
-            ids.truncate(u16::MAX as usize);
+        let rev_nat_id = self.frontend_id(&entry.key.frontend, report)?;
+        let mut settings = entry.settings;
+        if settings.service_port_id == 0 {
+            settings.service_port_id = rev_nat_id; // a service port's first frontend
         }
+        let protocol = entry.key.frontend.protocol;
+        let mut ids: Vec<u32> = entry
+            .backends
+            .iter()
+            .filter_map(|b| self.backends.get(&BackendAddr { addr: *b, protocol }))
+            .copied()
+            .take(u16::MAX as usize)
+            .collect();
+        if entry.key.scope == SCOPE_DEFAULT {
+            let backends: Vec<(SocketAddrV4, u32)> = entry
+                .backends
+                .iter()
+                .filter_map(|b| {
+                    Some((*b, *self.backends.get(&BackendAddr { addr: *b, protocol })?))
+                })
+                .collect();
+            let table =
+                (settings.flags & SVC_FLAG_MAGLEV != 0 && !backends.is_empty()).then(|| {
+                    let addrs: Vec<SocketAddrV4> = backends.iter().map(|(a, _)| *a).collect();
+                    maglev::table(&addrs, MAGLEV_TABLE_SIZE)
+                        .into_iter()
+                        .map(|i| backends[i].1)
+                        .collect()
+                });
+            if !self.sync_maglev(rev_nat_id, table, report) {
+                settings.flags &= !SVC_FLAG_MAGLEV; // no table: fall back to random slots
+            }
+            self.sync_source_ranges(rev_nat_id, &entry.frontend.source_ranges, report);
+        }
+
+        let current = self.entries.get(&entry.key).cloned();
+        let old_slots = current.as_ref().map(|c| c.slots.as_slice()).unwrap_or(&[]);
         // Slots: only those that change. If the map fills up, the frontend keeps the slots
         // that were written; the rest are reported.
         let mut written = ids.len();
@@ -339,8 +584,11 @@ impl Programmer {
                 backend_id: *id,
                 ..Default::default()
             };
-            let key = frontend_key(f, i as u16 + 1);
-            if let Err(e) = self.maps.services.insert(key, value, 0) {
+            if let Err(e) =
+                self.maps
+                    .services
+                    .insert(service_key(&entry.key, i as u16 + 1), value, 0)
+            {
                 short = Some(format!(
                     "{}; serving {i} of {} backends",
                     map_error(e),
@@ -352,47 +600,125 @@ impl Programmer {
             report.writes += 1;
         }
         ids.truncate(written);
-        if current.as_ref().map(|c| (c.slots.len(), c.flags)) != Some((ids.len(), flags)) {
+        let unchanged = current
+            .as_ref()
+            .is_some_and(|c| c.slots.len() == ids.len() && c.settings == settings);
+        if !unchanged {
             let value = ServiceValue {
+                backend_id: 0,
                 rev_nat_id,
                 count: ids.len() as u16,
-                flags,
-                ..Default::default()
+                flags: settings.flags,
+                affinity_timeout: settings.affinity_timeout,
+                service_port_id: settings.service_port_id,
             };
-            if let Err(e) = self.maps.services.insert(frontend_key(f, 0), value, 0) {
-                // Leave the slots written; the next apply retries slot 0.
-                if current.is_none() {
-                    let _ = self.maps.rev_nat.remove(&rev_nat_id);
-                    self.frontend_ids.release(rev_nat_id);
-                }
-                return Err(map_error(e));
-            }
+            // On failure the slots stay written; the next apply retries slot 0.
+            self.maps
+                .services
+                .insert(service_key(&entry.key, 0), value, 0)
+                .map_err(map_error)?;
             report.writes += 1;
         }
         for slot in ids.len() + 1..=old_slots.len() {
-            let _ = self.maps.services.remove(&frontend_key(f, slot as u16));
+            let _ = self
+                .maps
+                .services
+                .remove(&service_key(&entry.key, slot as u16));
             report.deletes += 1;
         }
         if let Some(short) = short {
-            report
-                .failures
-                .push(format!("frontend {} {}: {short}", f.addr, f.protocol));
+            report.failures.push(format!(
+                "frontend {} {}: {short}",
+                entry.key.frontend.addr, protocol
+            ));
         }
-        self.frontends.insert(
-            *f,
-            ProgrammedFrontend {
-                rev_nat_id,
-                flags,
+        self.entries.insert(
+            entry.key,
+            ProgrammedEntry {
+                settings,
                 slots: ids,
             },
         );
         Ok(())
     }
+
+    /// Makes the frontend's Maglev table `table` (or removes it). False when the wanted table
+    /// could not be written.
+    fn sync_maglev(
+        &mut self,
+        rev_nat_id: u32,
+        table: Option<Vec<u32>>,
+        report: &mut ApplyReport,
+    ) -> bool {
+        match table {
+            Some(table) if self.maglev.get(&rev_nat_id) != Some(&table) => {
+                let mut value = MaglevTable {
+                    backend_ids: [0; MAGLEV_TABLE_SIZE],
+                };
+                value.backend_ids.copy_from_slice(&table);
+                if let Err(e) = self.maps.maglev.insert(rev_nat_id, value, 0) {
+                    report.failures.push(format!(
+                        "Maglev table of frontend id {rev_nat_id}: {}",
+                        map_error(e)
+                    ));
+                    self.maglev.remove(&rev_nat_id);
+                    let _ = self.maps.maglev.remove(&rev_nat_id);
+                    return false;
+                }
+                self.maglev.insert(rev_nat_id, table);
+                report.writes += 1;
+                true
+            }
+            Some(_) => true,
+            None => {
+                if self.maglev.remove(&rev_nat_id).is_some() {
+                    let _ = self.maps.maglev.remove(&rev_nat_id);
+                    report.deletes += 1;
+                }
+                true
+            }
+        }
+    }
+
+    fn sync_source_ranges(&mut self, rev_nat_id: u32, wanted: &[Cidr], report: &mut ApplyReport) {
+        let wanted: BTreeSet<Cidr> = wanted.iter().copied().collect();
+        let current = self.source_ranges.remove(&rev_nat_id).unwrap_or_default();
+        let mut programmed = BTreeSet::new();
+        for cidr in wanted.union(&current) {
+            let key = range_key(rev_nat_id, cidr);
+            match (wanted.contains(cidr), current.contains(cidr)) {
+                (true, true) => {
+                    programmed.insert(*cidr);
+                }
+                (true, false) => match self.maps.source_ranges.insert(&key, 1, 0) {
+                    Ok(()) => {
+                        programmed.insert(*cidr);
+                        report.writes += 1;
+                    }
+                    Err(e) => report
+                        .failures
+                        .push(format!("source range {cidr}: {}", map_error(e))),
+                },
+                (false, _) => {
+                    let _ = self.maps.source_ranges.remove(&key);
+                    report.deletes += 1;
+                }
+            }
+        }
+        if !programmed.is_empty() {
+            self.source_ranges.insert(rev_nat_id, programmed);
+        }
+    }
 }
 
 fn map_error(e: MapError) -> String {
     match e {
-        MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
+        MapError::SyscallError(s)
+            if matches!(
+                s.io_error.raw_os_error(),
+                Some(libc::E2BIG) | Some(libc::ENOSPC)
+            ) =>
+        {
             "map is full".to_string()
         }
         other => other.to_string(),
