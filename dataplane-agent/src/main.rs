@@ -147,6 +147,9 @@ enum Command {
         external_interfaces: Vec<String>,
         #[command(flatten)]
         node: NodeArgs,
+        /// Where /healthz and /livez are served, as kube-proxy's flag.
+        #[arg(long, default_value = "0.0.0.0:10256")]
+        healthz_bind_address: std::net::SocketAddr,
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
         /// Capacity of a map when it is created, as NAME=ENTRIES (repeatable), e.g.
@@ -213,6 +216,7 @@ fn main() -> anyhow::Result<()> {
             pod_interfaces,
             external_interfaces,
             node,
+            healthz_bind_address,
             bpffs_dir,
             map_sizes,
         } => {
@@ -224,6 +228,7 @@ fn main() -> anyhow::Result<()> {
                 external_interfaces,
                 bpffs_dir,
                 map_sizes: map_sizes.into_iter().collect(),
+                healthz_bind_address,
             };
             runtime()?.block_on(run(config))
         }

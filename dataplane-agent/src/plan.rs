@@ -186,6 +186,8 @@ impl std::fmt::Display for Problem {
 pub struct Plan {
     /// Sorted by frontend address; one entry per frontend.
     pub frontends: Vec<Frontend>,
+    /// Health check node ports to serve (externalTrafficPolicy Local services).
+    pub health_checks: Vec<crate::health::ServiceHealth>,
     pub problems: Vec<Problem>,
 }
 
@@ -322,6 +324,7 @@ pub fn compute(objects: &ClusterObjects, node: &NodeContext) -> Plan {
             continue; // headless, or IPv6-only (this datapath is IPv4)
         }
         let settings = ServiceSettings::of(service, node, &mut plan.problems);
+        let mut local_endpoints = 0;
         let service_slices = slices.get(name).map(Vec::as_slice).unwrap_or(&[]);
         let endpoints = ServiceEndpoints::collect(service_slices, &node.name, &mut plan.problems);
         for port in spec.ports.iter().flatten() {
@@ -351,6 +354,7 @@ pub fn compute(objects: &ClusterObjects, node: &NodeContext) -> Plan {
             };
             let mut frontends = vec![];
             let internal = categorized.internal(&policy);
+            local_endpoints = local_endpoints.max(categorized.local.as_ref().map_or(0, Vec::len));
             for ip in &cluster_ips {
                 frontends.push((FrontendKind::ClusterIP, SocketAddrV4::new(*ip, number)));
             }
@@ -428,6 +432,25 @@ pub fn compute(objects: &ClusterObjects, node: &NodeContext) -> Plan {
                     algorithm,
                 });
             }
+        }
+        // kube-proxy serves a health check node port for externalTrafficPolicy Local services
+        // that are externally reachable, saying whether this node has local endpoints.
+        let health_port = spec
+            .health_check_node_port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0);
+        let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        if let (Some(port), true) = (health_port, etp_local) {
+            plan.health_checks.push(crate::health::ServiceHealth {
+                namespace: service
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
+                name: service.metadata.name.clone().unwrap_or_default(),
+                port,
+                local_endpoints,
+            });
         }
     }
     plan.frontends.sort_by_key(|f| f.frontend);

@@ -14,6 +14,7 @@ use crate::{
         BpffsLayout, attach::Attachments, loader::LoadedDatapath, maps::PinnedMaps,
         programmer::Programmer,
     },
+    health::{ProxyHealth, ServiceHealthServer},
     objects::ClusterObjects,
     plan::{self, NodeContext, Problem},
     source::{kube::ClusterWatch, manifests::ManifestDir},
@@ -37,7 +38,13 @@ pub struct RunConfig {
     pub map_sizes: crate::datapath::loader::MapSizes,
     /// The plan's node-dependent settings (`local_addresses` is refreshed at every sync).
     pub node: NodeContext,
+    /// Where /healthz and /livez are served (kube-proxy's --healthz-bind-address).
+    pub healthz_bind_address: std::net::SocketAddr,
 }
+
+/// kube-proxy calls the proxy unhealthy when a change has waited this long to be programmed
+/// (twice its default sync period).
+const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How often interfaces are listed to find new pods' veths.
 const INTERFACE_POLL: Duration = Duration::from_millis(200);
@@ -130,6 +137,21 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // Restored state keeps serving while the source starts; attach before the first sync.
     attachments.sync(&mut datapath);
 
+    let health = ProxyHealth::new(HEALTHZ_TIMEOUT);
+    let listener = tokio::net::TcpListener::bind(config.healthz_bind_address)
+        .await
+        .with_context(|| {
+            format!(
+                "binding --healthz-bind-address {}",
+                config.healthz_bind_address
+            )
+        })?;
+    tokio::spawn(crate::health::serve_proxy_health(listener, health.clone()));
+    // A first programming that never finishes must show as unhealthy (kube-proxy does this).
+    health.updated();
+    let service_health =
+        ServiceHealthServer::new(std::net::Ipv4Addr::UNSPECIFIED.into(), health.clone());
+
     let (changed_tx, mut changed) = mpsc::channel::<()>(1);
     let source = Source::start(&config.source, &config.node_name, changed_tx).await?;
     let external_globs = config
@@ -143,6 +165,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         node: config.node.clone(),
         external_globs,
         reported: BTreeSet::new(),
+        health,
+        service_health,
     };
     agent.sync();
 
@@ -150,7 +174,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut resync = tokio::time::interval(RESYNC);
     loop {
         tokio::select! {
-            Some(()) = changed.recv() => {
+                        Some(()) = changed.recv() => {
+                agent.health.queued_update();
                 tokio::time::sleep(DEBOUNCE).await;
                 while changed.try_recv().is_ok() {}
                 agent.sync();
@@ -174,6 +199,8 @@ struct Agent {
     node: NodeContext,
     external_globs: Vec<glob::Pattern>,
     reported: BTreeSet<Problem>,
+    health: std::sync::Arc<ProxyHealth>,
+    service_health: ServiceHealthServer,
 }
 
 impl Agent {
@@ -184,6 +211,7 @@ impl Agent {
         let Some(objects) = self.source.snapshot(&self.node.name) else {
             return;
         };
+        self.health.set_node(objects.node.as_ref());
         // SNAT for external traffic uses the node's primary address.
         let primary = plan::primary_addresses(&objects);
         if let Some(addr) = primary.first().or(self.node.local_addresses.first())
@@ -199,6 +227,10 @@ impl Agent {
         }
         self.reported = problems;
         let report = self.programmer.apply(&plan);
+        self.health.updated();
+        for (port, error) in self.service_health.sync(&plan.health_checks) {
+            warn!(port, %error, "cannot serve a health check node port; retrying at the next sync");
+        }
         if report.writes + report.deletes > 0 {
             info!(
                 frontends = plan.frontends.len(),
