@@ -232,7 +232,8 @@ fn snat_port(
     backend_addr: [u8; 4],
     backend_port: u16,
 ) -> Option<u16> {
-    let mut candidate = pkt.sport;
+        // Ports below the ephemeral range could collide with node ports on the node's address.
+    let mut candidate = if pkt.sport >= 32768 { pkt.sport } else { random_ephemeral_port() };
     for _ in 0..4 {
         let reply = CtKey {
             saddr: backend_addr,
@@ -246,9 +247,15 @@ fn snat_port(
         if CONNTRACK.get_ptr(reply).is_none() {
             return Some(candidate);
         }
-        candidate = 32768 + (unsafe { bpf_get_prandom_u32() } % 28232) as u16;
+                candidate = random_ephemeral_port();
     }
     None
+}
+
+/// A port from Linux's default ephemeral range, 32768-60999.
+#[inline(always)]
+fn random_ephemeral_port() -> u16 {
+    32768 + (unsafe { bpf_get_prandom_u32() } % 28232) as u16
 }
 
 fn new_flow(

@@ -17,6 +17,7 @@ use anyhow::{Context, bail};
 
 pub mod apiserver;
 pub mod manifests;
+pub mod multinode;
 
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -308,6 +309,7 @@ impl Node {
 /// The agent running in a node namespace, with its own manifest directory and bpffs
 /// directory. Dropping it stops the agent and removes everything it pinned.
 pub struct Agent {
+    /// The manifest directory (in cluster mode: unused, and empty).
     pub manifests: PathBuf,
     pub bpffs_dir: PathBuf,
     pub log: PathBuf,
@@ -318,6 +320,22 @@ pub struct Agent {
     pod_glob: String,
     /// Interfaces the agent must have attached to before it counts as started.
     pod_interfaces: Vec<String>,
+    options: AgentOptions,
+    /// This agent's own scratch directory (log, and manifests unless shared).
+    work: PathBuf,
+}
+
+/// How to start an agent beyond its node.
+#[derive(Clone, Debug, Default)]
+pub struct AgentOptions {
+    /// A manifest directory shared with other agents (default: one of its own).
+    pub shared_manifests: Option<PathBuf>,
+    /// Cluster mode: talk to the API server of this kubeconfig instead of reading manifests.
+    pub kubeconfig: Option<PathBuf>,
+    /// `--external-interfaces`.
+    pub external_interfaces: Option<String>,
+    /// More `run` arguments.
+    pub extra_args: Vec<String>,
 }
 
 pub fn agent_binary() -> PathBuf {
@@ -329,9 +347,14 @@ pub fn agent_binary() -> PathBuf {
 
 impl Agent {
     /// Starts the agent for `node`, attaching to its pod veths.
-    pub fn start(node: &Node, node_name: &str) -> anyhow::Result<Self> {
+        pub fn start(node: &Node, node_name: &str) -> anyhow::Result<Self> {
+        Self::start_with(node, node_name, AgentOptions::default())
+    }
+
+    pub fn start_with(node: &Node, node_name: &str, options: AgentOptions) -> anyhow::Result<Self> {
         let work = std::env::temp_dir().join(unique("dataplane-e2e-"));
-        let manifests = work.join("manifests");
+                let manifests = options.shared_manifests.clone().unwrap_or_else(|| work.join("manifests"));
+        std::fs::create_dir_all(&work)?;
         std::fs::create_dir_all(&manifests)?;
         let mut agent = Self {
             log: work.join("agent.log"),
@@ -342,7 +365,9 @@ impl Agent {
             netns_path: node.netns.path(),
             node_name: node_name.to_string(),
             pod_glob: node.pod_glob(),
-            pod_interfaces: node.pods.iter().map(|p| p.host_if.clone()).collect(),
+                        pod_interfaces: node.pods.iter().map(|p| p.host_if.clone()).collect(),
+            options,
+            work,
         };
         agent.restart()?;
         Ok(agent)
@@ -360,19 +385,18 @@ impl Agent {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", self.netns_path.display()))
-            .arg("--")
-            .arg(&self.binary)
-            .args(["run", "--manifests"])
-            .arg(&self.manifests)
-            .args([
-                "--node-name",
-                &self.node_name,
-                "--pod-interfaces",
-                &self.pod_glob,
-                "--bpffs-dir",
-            ])
+                let mut command = Command::new("nsenter");
+        command.arg(format!("--net={}", self.netns_path.display())).arg("--").arg(&self.binary).arg("run");
+        match &self.options.kubeconfig {
+            Some(kubeconfig) => command.arg("--kubeconfig").arg(kubeconfig),
+            None => command.arg("--manifests").arg(&self.manifests),
+        };
+        if let Some(external) = &self.options.external_interfaces {
+            command.args(["--external-interfaces", external]);
+        }
+        let child = command
+            .args(&self.options.extra_args)
+            .args(["--node-name", &self.node_name, "--pod-interfaces", &self.pod_glob, "--bpffs-dir"])
             .arg(&self.bpffs_dir)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -472,9 +496,7 @@ impl Drop for Agent {
             .arg("--bpffs-dir")
             .arg(&self.bpffs_dir)
             .output();
-        if let Some(work) = self.manifests.parent() {
-            let _ = std::fs::remove_dir_all(work);
-        }
+                let _ = std::fs::remove_dir_all(&self.work);
     }
 }
 
@@ -647,12 +669,7 @@ impl Agent {
         Kept {
             pids: agent.process.iter().map(|p| p.child.id()).collect(),
             bpffs_dirs: vec![agent.bpffs_dir.clone()],
-            work_dirs: agent
-                .manifests
-                .parent()
-                .map(PathBuf::from)
-                .into_iter()
-                .collect(),
+                        work_dirs: vec![agent.work.clone()],
             ..Default::default()
         }
     }

@@ -65,7 +65,7 @@ impl Attachments {
             let Some(program) = self.program_for(&name) else {
                 continue;
             };
-            match attach(datapath, program, &name) {
+                        match attach(datapath, program, &name).and_then(|how| accept_local(&name).map(|()| how)) {
                 Ok(how) => {
                     info!(interface = %name, ifindex = index, program, how, "datapath attached");
                     self.attached.insert(name, index);
@@ -83,11 +83,16 @@ impl Attachments {
     }
 }
 
-fn attach(
-    datapath: &mut LoadedDatapath,
-    program: &str,
-    interface: &str,
-) -> anyhow::Result<&'static str> {
+/// Lets the interface take packets whose source is one of the node's own addresses. After
+/// SNAT to the node (external traffic) or reverse NAT to a node port (replies), such packets
+/// still go through the node's routing, which drops a local source arriving from outside
+/// ("martian source") unless `accept_local` is set.
+fn accept_local(interface: &str) -> anyhow::Result<()> {
+    let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
+    std::fs::write(&path, "1").with_context(|| format!("setting {path}"))
+}
+
+fn attach(datapath: &mut LoadedDatapath, program: &str, interface: &str) -> anyhow::Result<&'static str> {
     let pin = datapath.layout.link(interface);
     if pin.exists() {
         match replace_program(datapath, program, &pin) {

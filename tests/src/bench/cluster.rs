@@ -1,0 +1,962 @@
+//! Sections 2-5, in network namespaces: one "node" per mode, each with a client pod and two
+//! server pods wired like the end-to-end tests (routed /32 veths):
+//! - ours: the agent (release build) with a manifest directory;
+//! - iptables-legacy, iptables-nft: kube-proxy's iptables rule structure, restored with each;
+//! - nftables: kube-proxy's nftables rule structure, loaded with `nft -f`;
+//! - direct: no agent, no rules; the client connects to a server pod's own address.
+//!
+//! All modes program the same service set (`services::service_set`). Connection latency is
+//! measured round-robin across the modes, so slow drift affects them alike.
+use std::{
+    collections::HashSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+use aya::maps::{HashMap, Map, MapData};
+use dataplane_agent::datapath::BpffsLayout;
+use dataplane_common::{Backend, CtEntry, CtKey, IPPROTO_TCP, ServiceKey, ServiceValue, map_names};
+use testbed::{Netns, Node, Process, Wiring};
+
+use super::{
+    Settings, cleanup,
+    report::{Measurement, Report},
+    scale_label as label,
+    services::{self, IPERF_PORT, IPERF_VIP, MEASURED_VIP, SERVICE_PORT, Service, TARGET_PORT},
+    stats::{median, percentile},
+};
+
+const NODE_NAME: &str = "bench-node";
+const SUBNET: [u8; 3] = [10, 244, 1];
+
+fn self_exe() -> PathBuf {
+    std::env::current_exe().expect("the bench binary's path")
+}
+
+/// A node namespace with a client pod and two server pods running the compiled server (and
+/// iperf3 on the first).
+struct BenchNode {
+    label: &'static str,
+    /// Dropped first: servers stop before their namespaces go.
+    processes: Vec<Process>,
+    node: Node,
+}
+
+impl BenchNode {
+    fn new(label: &'static str, iperf: bool) -> anyhow::Result<Self> {
+        let mut node = Node::new(Wiring::Routed, SUBNET)?;
+        cleanup::namespace(&node.netns.name);
+        for name in ["client", "srv1", "srv2"] {
+            let index = node.add_pod(name)?;
+            cleanup::namespace(&node.pods[index].netns.name);
+        }
+        let mut this = Self {
+            label,
+            processes: vec![],
+            node,
+        };
+        let exe = self_exe();
+        let exe = exe.to_str().context("bench path")?;
+        for pod in 1..=2 {
+            let process = this.node.pods[pod]
+                .netns
+                .spawn(exe, &["serve", &TARGET_PORT.to_string()])?;
+            cleanup::pid(process.child.id());
+            this.processes.push(process);
+        }
+        if iperf {
+            let process = this.node.pods[1]
+                .netns
+                .spawn("iperf3", &["-s", "-p", &IPERF_PORT.to_string()])?;
+            cleanup::pid(process.child.id());
+            this.processes.push(process);
+        }
+        for server in this.servers() {
+            this.wait_connect(SocketAddrV4::new(server, TARGET_PORT), 5000)?;
+        }
+        Ok(this)
+    }
+
+    fn client(&self) -> &Netns {
+        &self.node.pods[0].netns
+    }
+
+    fn servers(&self) -> Vec<Ipv4Addr> {
+        vec![self.node.pods[1].ip, self.node.pods[2].ip]
+    }
+
+    fn wait_connect(&self, addr: SocketAddrV4, timeout_ms: u64) -> anyhow::Result<()> {
+        let out = self
+            .client()
+            .command(self_exe().to_str().unwrap())
+            .args(["wait-connect", &addr.to_string(), &timeout_ms.to_string()])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{}: {addr} does not accept connections: {}",
+            self.label,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+
+    /// `count` sequential connects from the client pod; their durations in microseconds.
+    fn connects(&self, addr: SocketAddrV4, count: usize) -> anyhow::Result<Vec<f64>> {
+        let out = self
+            .client()
+            .command(self_exe().to_str().unwrap())
+            .args(["connect-client", &addr.to_string(), &count.to_string()])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{}: connect-client: {}",
+            self.label,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        let values: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse::<f64>().ok())
+            .map(|ns| ns / 1000.0)
+            .collect();
+        ensure!(values.len() == count, "{}: short client output", self.label);
+        Ok(values)
+    }
+
+    /// One iperf3 TCP test from the client pod; received Gbit/s.
+    fn iperf(&self, addr: Ipv4Addr, seconds: u32) -> anyhow::Result<f64> {
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(200));
+            let out = self
+                .client()
+                .command("iperf3")
+                .args([
+                    "-c",
+                    &addr.to_string(),
+                    "-p",
+                    &IPERF_PORT.to_string(),
+                    "-t",
+                    &seconds.to_string(),
+                    "-J",
+                    "--connect-timeout",
+                    "3000",
+                ])
+                .output()?;
+            let json: serde_json::Value =
+                serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+            if let Some(bps) = json["end"]["sum_received"]["bits_per_second"].as_f64() {
+                return Ok(bps / 1e9);
+            }
+            last_error = json["error"].as_str().unwrap_or("no result").to_string();
+        }
+        bail!("{}: iperf3 to {addr}: {last_error}", self.label)
+    }
+}
+
+/// The agent in the "ours" node: started with an empty manifest directory.
+struct BenchAgent {
+    process: Option<Process>,
+    pid: u32,
+    binary: PathBuf,
+    layout: BpffsLayout,
+    work: PathBuf,
+    manifests: PathBuf,
+    log: PathBuf,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    /// Bulk directories written so far (names are never reused).
+    generation: usize,
+}
+
+fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    layout: &BpffsLayout,
+    name: &str,
+) -> anyhow::Result<T> {
+    let data = MapData::from_pin(layout.map(name)).with_context(|| format!("opening {name}"))?;
+    Ok(T::try_from(Map::from_map_data(data)?)?)
+}
+
+impl BenchAgent {
+    fn start(node: &BenchNode, binary: &Path) -> anyhow::Result<Self> {
+        let work = std::env::temp_dir().join(testbed::unique("dataplane-bench-"));
+        cleanup::dir(work.clone());
+        let manifests = work.join("manifests");
+        std::fs::create_dir_all(&manifests)?;
+        let bpffs = PathBuf::from("/sys/fs/bpf").join(testbed::unique("dpbench-agent"));
+        cleanup::agent_dir(binary.to_path_buf(), bpffs.clone());
+        let log = work.join("agent.log");
+        let log_file = std::fs::File::create(&log)?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", node.node.netns.path().display()))
+            .arg("--")
+            .arg(binary)
+            .args(["run", "--manifests"])
+            .arg(&manifests)
+            .args(["--node-name", NODE_NAME, "--pod-interfaces"])
+            .arg(node.node.pod_glob())
+            .arg("--bpffs-dir")
+            .arg(&bpffs)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("starting the agent")?;
+        let pid = child.id();
+        cleanup::pid(pid);
+        let layout = BpffsLayout::new(&bpffs);
+        let process = Process { child };
+        let links: Vec<PathBuf> = node
+            .node
+            .pods
+            .iter()
+            .map(|p| layout.link(&p.host_if))
+            .collect();
+        let ready = testbed::wait_until(Duration::from_secs(15), || {
+            layout.map(map_names::SERVICES).exists() && links.iter().all(|l| l.exists())
+        });
+        if let Err(e) = ready {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            bail!("{e}: the agent did not start; log:\n{text}");
+        }
+        Ok(Self {
+            services: open(&layout, map_names::SERVICES)?,
+            backends: open(&layout, map_names::BACKENDS)?,
+            process: Some(process),
+            pid,
+            binary: binary.to_path_buf(),
+            layout,
+            work,
+            manifests,
+            log,
+            generation: 0,
+        })
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn bulk_dir(&self) -> PathBuf {
+        self.manifests.join("services")
+    }
+
+    fn slot0(&self, s: &Service) -> Option<ServiceValue> {
+        self.services.get(&key(s.vip, s.port, 0), 0).ok()
+    }
+
+    /// Writes `set` into a hidden directory, then renames it into the watched directory (all
+    /// services appear at once); returns the time until the maps hold every frontend with
+    /// all its backends.
+    fn appear(&mut self, set: &[Service]) -> anyhow::Result<Duration> {
+        self.generation += 1;
+        let stage = self.manifests.join(format!(".stage{}", self.generation));
+        std::fs::create_dir_all(&stage)?;
+        for s in set {
+            std::fs::write(
+                stage.join(format!("{}.json", s.name)),
+                services::manifest(s),
+            )?;
+        }
+        let started = Instant::now();
+        std::fs::rename(&stage, self.bulk_dir())?;
+        // Slot 0 is written after a frontend's slots and backends: once every frontend's
+        // slot 0 counts all its backends, the maps hold everything. The check walks the
+        // frontends in order and never re-checks one it has seen (they only appear).
+        let mut next = 0;
+        while next < set.len() {
+            let s = &set[next];
+            if self
+                .slot0(s)
+                .is_some_and(|v| v.count as usize == s.endpoints.len())
+            {
+                next += 1;
+                continue;
+            }
+            if started.elapsed() > Duration::from_secs(300) {
+                bail!(
+                    "after 300 s the maps hold {next} of {} services; agent log tail:\n{}",
+                    set.len(),
+                    tail(&self.log_text(), 20)
+                );
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let elapsed = started.elapsed();
+        self.verify(set)?;
+        Ok(elapsed)
+    }
+
+    /// Moves the bulk directory out of the watched tree; returns when no frontend is left.
+    fn disappear(&mut self, set: &[Service]) -> anyhow::Result<Duration> {
+        self.generation += 1;
+        let gone = self.manifests.join(format!(".gone{}", self.generation));
+        let started = Instant::now();
+        std::fs::rename(self.bulk_dir(), &gone)?;
+        let mut next = 0;
+        while next < set.len() {
+            if self.slot0(&set[next]).is_none() {
+                next += 1;
+                continue;
+            }
+            if started.elapsed() > Duration::from_secs(300) {
+                bail!("services still programmed 300 s after their removal");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let elapsed = started.elapsed();
+        std::fs::remove_dir_all(&gone)?;
+        Ok(elapsed)
+    }
+
+    /// Every service's slots name backends with its endpoints' addresses.
+    fn verify(&self, set: &[Service]) -> anyhow::Result<()> {
+        for s in set {
+            let count = self.slot0(s).map(|v| v.count).unwrap_or(0) as usize;
+            let wanted: HashSet<Ipv4Addr> = s.endpoints.iter().copied().collect();
+            let mut found = HashSet::new();
+            for slot in 1..=count {
+                let id = self
+                    .services
+                    .get(&key(s.vip, s.port, slot as u16), 0)
+                    .with_context(|| format!("{}: slot {slot} missing", s.name))?
+                    .backend_id;
+                let backend = self
+                    .backends
+                    .get(&id, 0)
+                    .with_context(|| format!("{}: backend {id} missing", s.name))?;
+                ensure!(
+                    backend.port == s.target_port,
+                    "{}: wrong backend port",
+                    s.name
+                );
+                found.insert(Ipv4Addr::from(backend.addr));
+            }
+            ensure!(
+                found == wanted,
+                "{}: backends {found:?}, expected {wanted:?}",
+                s.name
+            );
+        }
+        Ok(())
+    }
+
+    /// Does the frontend of `s` have a backend at `addr`?
+    fn has_backend(&self, s: &Service, addr: Ipv4Addr) -> bool {
+        let Some(slot0) = self.slot0(s) else {
+            return false;
+        };
+        (1..=slot0.count).any(|slot| {
+            self.services
+                .get(&key(s.vip, s.port, slot), 0)
+                .and_then(|v| self.backends.get(&v.backend_id, 0))
+                .is_ok_and(|b| Ipv4Addr::from(b.addr) == addr)
+        })
+    }
+
+    /// Replaces one endpoint of one service at a time (a different service each time) and
+    /// measures until the maps hold the new backend. Returns milliseconds.
+    fn endpoint_changes(&self, set: &mut [Service], count: usize) -> anyhow::Result<Vec<f64>> {
+        let fillers = set.len().saturating_sub(2).max(1);
+        let mut latencies = Vec::new();
+        for c in 0..count {
+            let i = (c * 7919 + 13) % fillers;
+            let e = c % set[i].endpoints.len().max(1);
+            let new = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + c as u32);
+            set[i].endpoints[e] = new;
+            let file = self.bulk_dir().join(format!("{}.json", set[i].name));
+            let tmp = self.bulk_dir().join(format!(".{}.json.tmp", set[i].name));
+            std::fs::write(&tmp, services::manifest(&set[i]))?;
+            let started = Instant::now();
+            std::fs::rename(&tmp, &file)?;
+            while !self.has_backend(&set[i], new) {
+                if started.elapsed() > Duration::from_secs(30) {
+                    bail!(
+                        "change {c} ({}) not in the maps after 30 s; agent log tail:\n{}",
+                        set[i].name,
+                        tail(&self.log_text(), 20)
+                    );
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            latencies.push(started.elapsed().as_secs_f64() * 1e3);
+            // Let the agent settle, so that changes are not batched together.
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        Ok(latencies)
+    }
+
+    /// Empties conntrack, so that the next connections are all new flows.
+    fn clear_conntrack(&self) -> anyhow::Result<usize> {
+        let mut conntrack: HashMap<MapData, CtKey, CtEntry> =
+            open(&self.layout, map_names::CONNTRACK)?;
+        let keys: Vec<CtKey> = conntrack.keys().filter_map(Result::ok).collect();
+        for k in &keys {
+            let _ = conntrack.remove(k);
+        }
+        Ok(keys.len())
+    }
+
+    fn status_kb(&self, field: &str) -> Option<f64> {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// Each map's memory as the kernel accounts it (`memlock` in the map's fdinfo).
+    fn map_memory(&self) -> Vec<(&'static str, u64)> {
+        map_names::ALL
+            .iter()
+            .filter_map(|name| {
+                use std::os::fd::{AsFd, AsRawFd};
+                let map = MapData::from_pin(self.layout.map(name)).ok()?;
+                let fd = map.fd().as_fd().as_raw_fd();
+                let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+                let bytes = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("memlock:"))?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Some((*name, bytes))
+            })
+            .collect()
+    }
+
+    /// The agent's own log of its syncs: the last `elapsed_us` it reported.
+    fn last_sync_us(&self) -> Option<u64> {
+        self.log_text()
+            .lines()
+            .rev()
+            .filter(|l| l.contains("datapath programmed"))
+            .find_map(|l| {
+                let at = l.find("elapsed_us=")? + "elapsed_us=".len();
+                l[at..]
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+    }
+}
+
+impl Drop for BenchAgent {
+    fn drop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && process.child.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            drop(process);
+            cleanup::forget_pid(self.pid);
+        }
+        let _ = Command::new(&self.binary)
+            .arg("cleanup")
+            .arg("--bpffs-dir")
+            .arg(self.layout.dir())
+            .output();
+        let _ = std::fs::remove_dir_all(self.layout.dir());
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+fn key(vip: Ipv4Addr, port: u16, slot: u16) -> ServiceKey {
+    ServiceKey {
+        addr: vip.octets(),
+        port,
+        backend_slot: slot,
+        proto: IPPROTO_TCP,
+        ..Default::default()
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum KubeProxy {
+    IptablesLegacy,
+    IptablesNft,
+    Nftables,
+}
+
+impl KubeProxy {
+    fn label(self) -> &'static str {
+        match self {
+            KubeProxy::IptablesLegacy => "iptables-legacy",
+            KubeProxy::IptablesNft => "iptables-nft",
+            KubeProxy::Nftables => "nftables",
+        }
+    }
+
+    fn loader(self) -> &'static str {
+        match self {
+            KubeProxy::IptablesLegacy => "iptables-legacy-restore",
+            KubeProxy::IptablesNft => "iptables-nft-restore",
+            KubeProxy::Nftables => "nft -f",
+        }
+    }
+
+    fn run(self, node: &BenchNode, program: &str, args: &[&str]) -> anyhow::Result<()> {
+        node.node.netns.run(program, args).map(|_| ())
+    }
+
+    /// Removes every rule and chain (untimed).
+    fn reset(self, node: &BenchNode) -> anyhow::Result<()> {
+        match self {
+            KubeProxy::IptablesLegacy => {
+                for table in ["nat", "filter"] {
+                    self.run(node, "iptables-legacy", &["-t", table, "-F"])?;
+                    self.run(node, "iptables-legacy", &["-t", table, "-X"])?;
+                }
+                Ok(())
+            }
+            KubeProxy::IptablesNft | KubeProxy::Nftables => {
+                self.run(node, "nft", &["flush", "ruleset"])
+            }
+        }
+    }
+
+    /// Loads the rule set for `set` from scratch; returns the time the loader took (what
+    /// kube-proxy's sync spends in iptables-restore / nft).
+    fn program(self, node: &BenchNode, set: &[Service], dir: &Path) -> anyhow::Result<Duration> {
+        self.reset(node)?;
+        let file = dir.join(format!("{}-{}.rules", self.label(), set.len()));
+        match self {
+            KubeProxy::IptablesLegacy | KubeProxy::IptablesNft => {
+                let iptables = match self {
+                    KubeProxy::IptablesLegacy => "iptables-legacy",
+                    _ => "iptables-nft",
+                };
+                for args in services::IPTABLES_SETUP {
+                    self.run(node, iptables, args)?;
+                }
+                if !file.exists() {
+                    std::fs::write(&file, services::iptables_restore(set))?;
+                }
+                let restore = format!("{iptables}-restore");
+                let started = Instant::now();
+                self.run(
+                    node,
+                    &restore,
+                    &["--noflush", "--counters", file.to_str().unwrap()],
+                )?;
+                Ok(started.elapsed())
+            }
+            KubeProxy::Nftables => {
+                if !file.exists() {
+                    std::fs::write(&file, services::nft_script(set))?;
+                }
+                let started = Instant::now();
+                self.run(node, "nft", &["-f", file.to_str().unwrap()])?;
+                Ok(started.elapsed())
+            }
+        }
+    }
+}
+
+/// A work directory for rule files, removed on drop.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What connection latency is measured on: a node and the address its client connects to.
+struct Target<'a> {
+    label: String,
+    node: &'a BenchNode,
+    addr: SocketAddrV4,
+    agent: Option<&'a BenchAgent>,
+}
+
+#[derive(Default, Clone)]
+struct Latency {
+    p50: f64,
+    p99: f64,
+    p50_runs: Vec<f64>,
+    p99_runs: Vec<f64>,
+}
+
+fn targets<'a>(
+    ours: &'a BenchNode,
+    direct: &'a BenchNode,
+    kube_proxy_nodes: &'a [(KubeProxy, BenchNode)],
+    agent: &'a BenchAgent,
+) -> Vec<Target<'a>> {
+    let measured = SocketAddrV4::new(MEASURED_VIP, SERVICE_PORT);
+    let mut t = vec![
+        Target {
+            label: "ours".into(),
+            node: ours,
+            addr: measured,
+            agent: Some(agent),
+        },
+        Target {
+            label: "direct".into(),
+            node: direct,
+            addr: SocketAddrV4::new(direct.servers()[0], TARGET_PORT),
+            agent: None,
+        },
+    ];
+    for (mode, node) in kube_proxy_nodes {
+        t.push(Target {
+            label: mode.label().into(),
+            node,
+            addr: measured,
+            agent: None,
+        });
+    }
+    t
+}
+
+fn measure_latency(targets: &[Target], settings: &Settings) -> anyhow::Result<Vec<Latency>> {
+    for t in targets {
+        t.node
+            .wait_connect(t.addr, 5000)
+            .with_context(|| format!("{}: {} unreachable", t.label, t.addr))?;
+        if let Some(agent) = t.agent {
+            agent.clear_conntrack()?;
+        }
+        t.node.connects(t.addr, settings.warmup_connections)?;
+    }
+    let mut results = vec![Latency::default(); targets.len()];
+    for run in 0..settings.latency_runs {
+        for (t, result) in targets.iter().zip(results.iter_mut()) {
+            if let Some(agent) = t.agent {
+                agent.clear_conntrack()?;
+            }
+            let values = t.node.connects(t.addr, settings.connections)?;
+            result.p50_runs.push(percentile(&values, 50.0));
+            result.p99_runs.push(percentile(&values, 99.0));
+            eprintln!(
+                "bench: latency run {}/{}: {:<32} p50 {:>7.1} us  p99 {:>7.1} us",
+                run + 1,
+                settings.latency_runs,
+                t.label,
+                percentile(&values, 50.0),
+                percentile(&values, 99.0)
+            );
+        }
+    }
+    for r in &mut results {
+        r.p50 = median(&r.p50_runs);
+        r.p99 = median(&r.p99_runs);
+    }
+    Ok(results)
+}
+
+fn latency_rows(
+    report: &mut Report,
+    scale: usize,
+    is_large: bool,
+    results: &[Latency],
+    labels: &[String],
+    settings: &Settings,
+) {
+    // results[0] is ours, results[1] direct, the rest kube-proxy modes.
+    for (p, pick) in [("p50", 0usize), ("p99", 1)] {
+        let value = |l: &Latency| if pick == 0 { l.p50 } else { l.p99 };
+        let runs = |l: &Latency| {
+            if pick == 0 {
+                l.p50_runs.clone()
+            } else {
+                l.p99_runs.clone()
+            }
+        };
+        let mut m = Measurement::new(
+            "2 connect latency",
+            format!("TCP connect {p}, ClusterIP, {} services", label(scale)),
+            "us",
+            value(&results[0]),
+        );
+        for (l, name) in results.iter().zip(labels).skip(1) {
+            m = m.baseline(name.clone(), value(l));
+        }
+        m = m.ratio_to("direct");
+        if is_large {
+            let kube_proxy: Vec<String> = labels[2..].to_vec();
+            m = m.goal("<= 1.05x direct, < every kube-proxy mode", move |m| {
+                m.ratio.is_some_and(|r| r <= 1.05)
+                    && kube_proxy.iter().all(|k| {
+                        m.baseline_value(k)
+                            .is_some_and(|b| m.value.is_some_and(|v| v < b))
+                    })
+            });
+        }
+        let detail: Vec<String> = results
+            .iter()
+            .zip(labels)
+            .map(|(l, name)| {
+                format!(
+                    "{name} {:?}",
+                    runs(l)
+                        .iter()
+                        .map(|v| (v * 10.0).round() / 10.0)
+                        .collect::<Vec<_>>()
+                )
+            })
+            .collect();
+        m = m.note(format!(
+            "median over {} runs of the {p} of {} sequential connects from a client pod (compiled client, socket() to handshake done, closed with RST), after {} warm-up connects; kube-proxy modes: the same {} services x {} endpoints as rules, the measured service last; direct: to a server pod's address, no agent or rules; conntrack emptied before each run of ours; per-run {p}: {}",
+            settings.latency_runs,
+            settings.connections,
+            settings.warmup_connections,
+            label(scale),
+            settings.endpoints,
+            detail.join("; ")
+        ));
+        report.push(m);
+    }
+}
+
+pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
+    let work = WorkDir(std::env::temp_dir().join(testbed::unique("dataplane-bench-rules-")));
+    cleanup::dir(work.0.clone());
+    std::fs::create_dir_all(&work.0)?;
+
+    eprintln!("bench: creating namespaces (5 nodes, 3 pods each)");
+    let ours = BenchNode::new("ours", true)?;
+    let direct = BenchNode::new("direct", true)?;
+    let kube_proxy_modes = [
+        KubeProxy::IptablesLegacy,
+        KubeProxy::IptablesNft,
+        KubeProxy::Nftables,
+    ];
+    let mut kube_proxy_nodes = Vec::new();
+    for mode in kube_proxy_modes {
+        kube_proxy_nodes.push((mode, BenchNode::new(mode.label(), false)?));
+    }
+    let servers = ours.servers();
+    let mut agent = BenchAgent::start(&ours, &settings.agent_binary)?;
+
+    let large_set = services::service_set(settings.large, settings.endpoints, &servers);
+    let small_set = services::service_set(settings.small, settings.endpoints, &servers);
+
+    // Section 4: programming the large set, each mode from empty. The last load of each
+    // mode stays for the latency measurement.
+    eprintln!(
+        "bench: programming {} services x {} endpoints (agent)",
+        settings.large, settings.endpoints
+    );
+    let mut agent_runs = Vec::new();
+    let mut agent_sync_us = Vec::new();
+    for run in 0..settings.program_runs {
+        if run > 0 {
+            agent.disappear(&large_set)?;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let took = agent.appear(&large_set)?;
+        eprintln!(
+            "bench: agent: {} services in {:.3} s",
+            large_set.len(),
+            took.as_secs_f64()
+        );
+        agent_runs.push(took.as_secs_f64());
+        agent_sync_us.extend(agent.last_sync_us());
+    }
+    let mut restore_large = Vec::new();
+    for (mode, node) in &kube_proxy_nodes {
+        let runs = if *mode == KubeProxy::Nftables {
+            settings.nft_program_runs
+        } else {
+            settings.program_runs
+        };
+        let mut times = Vec::new();
+        for _ in 0..runs {
+            eprintln!(
+                "bench: {}: loading {} services",
+                mode.loader(),
+                large_set.len()
+            );
+            let took = mode.program(node, &large_set, &work.0)?;
+            eprintln!("bench: {}: {:.2} s", mode.loader(), took.as_secs_f64());
+            times.push(took.as_secs_f64());
+        }
+        restore_large.push((*mode, median(&times), times));
+    }
+    if settings.wants(4) {
+        let mut m = Measurement::new(
+            "4 programming",
+            format!(
+                "{} services x {} endpoints appear -> all in maps",
+                label(settings.large),
+                settings.endpoints
+            ),
+            "s",
+            median(&agent_runs),
+        );
+        for (mode, value, _) in &restore_large {
+            m = m.baseline(mode.loader(), *value);
+        }
+        let detail: Vec<String> = restore_large
+            .iter()
+            .map(|(mode, _, times)| format!("{} runs {times:?}", mode.loader()))
+            .collect();
+        report.push(
+            m.ratio_to("iptables-legacy-restore")
+                .goal("<= 0.5 s", |m| m.value.is_some_and(|v| v <= 0.5))
+                .note(format!(
+                    "agent: median of {} runs: one JSON manifest (Service + EndpointSlice) per service, all appearing at once by renaming their directory into the watched one, until every frontend's slot 0 counts all its backends (then verified in full); runs {agent_runs:?}; agent-reported sync time (parse + plan + apply) {agent_sync_us:?} us; baselines: the kube-proxy rule sets loaded from empty into a fresh namespace, iptables with `-restore --noflush --counters` (chains and jumps created beforehand as kube-proxy does), nftables in one `nft -f` transaction; {}",
+                    settings.program_runs,
+                    detail.join("; ")
+                )),
+        );
+    }
+
+    // Sections 2 and 3 at the large scale.
+    let labels: Vec<String> = ["ours", "direct"]
+        .into_iter()
+        .map(String::from)
+        .chain(kube_proxy_modes.iter().map(|m| m.label().to_string()))
+        .collect();
+    if settings.wants(2) {
+        eprintln!("bench: connection latency, {} services", settings.large);
+        let results = measure_latency(
+            &targets(&ours, &direct, &kube_proxy_nodes, &agent),
+            settings,
+        )?;
+        latency_rows(report, settings.large, true, &results, &labels, settings);
+    }
+    if settings.wants(3) {
+        eprintln!("bench: throughput");
+        let mut via_service = Vec::new();
+        let mut direct_runs = Vec::new();
+        let mut attached_runs = Vec::new();
+        ours.iperf(IPERF_VIP, 1)?;
+        direct.iperf(direct.servers()[0], 1)?;
+        for _ in 0..settings.iperf_runs {
+            via_service.push(ours.iperf(IPERF_VIP, settings.iperf_seconds)?);
+            direct_runs.push(direct.iperf(direct.servers()[0], settings.iperf_seconds)?);
+            attached_runs.push(ours.iperf(ours.servers()[0], settings.iperf_seconds)?);
+        }
+        report.push(
+            Measurement::new(
+                "3 throughput",
+                format!("iperf3 TCP via ClusterIP, {} services", label(settings.large)),
+                "Gbit/s",
+                median(&via_service),
+            )
+            .baseline("direct", median(&direct_runs))
+            .baseline("direct, agent attached", median(&attached_runs))
+            .ratio_to("direct")
+            .goal(">= 0.95x direct", |m| m.ratio.is_some_and(|r| r >= 0.95))
+            .note(format!(
+                "median of {} runs of `iperf3 -t {}` (one TCP stream) from the client pod, interleaved, after a 1 s warm-up each; direct: to the server pod's address in a node without agent; direct, agent attached: the same in the agent's node (the program runs, non-service path); runs: ClusterIP {via_service:?}, direct {direct_runs:?}, direct attached {attached_runs:?}",
+                settings.iperf_runs, settings.iperf_seconds
+            )),
+        );
+    }
+    let mut large_set = large_set;
+    if settings.wants(4) {
+        eprintln!("bench: {} single endpoint changes", settings.changes);
+        let changes = agent.endpoint_changes(&mut large_set, settings.changes)?;
+        for (p, q) in [("p50", 50.0), ("p99", 99.0)] {
+            let mut m = Measurement::new(
+                "4 programming",
+                format!(
+                    "single endpoint change -> in maps {p}, {} services",
+                    label(settings.large)
+                ),
+                "ms",
+                percentile(&changes, q),
+            );
+            if p == "p99" {
+                m = m.goal("<= 10 ms", |m| m.value.is_some_and(|v| v <= 10.0));
+            }
+            report.push(m.note(format!(
+                "{} changes, each replacing one endpoint address of a different service (its manifest file rewritten and renamed into place) with {} services present, timed until the service's slots name a backend with the new address (polled every 0.1 ms); min {:.2} ms, max {:.2} ms",
+                changes.len(),
+                label(settings.large),
+                changes.iter().copied().fold(f64::INFINITY, f64::min),
+                changes.iter().copied().fold(0.0, f64::max),
+            )));
+        }
+    }
+    if settings.wants(5) {
+        let peak = agent.status_kb("VmHWM:").unwrap_or(f64::NAN) / 1024.0;
+        let now = agent.status_kb("VmRSS:").unwrap_or(f64::NAN) / 1024.0;
+        report.push(
+            Measurement::new(
+                "5 memory",
+                format!(
+                    "agent peak RSS, {} services x {} endpoints",
+                    label(settings.large),
+                    settings.endpoints
+                ),
+                "MB",
+                peak,
+            )
+            .goal("<= 100 MB", |m| m.value.is_some_and(|v| v <= 100.0))
+            .note(format!(
+                "VmHWM of the agent process after {} bulk loads of the set and the endpoint changes; current VmRSS {now:.1} MB",
+                settings.program_runs
+            )),
+        );
+        let maps = agent.map_memory();
+        let total: u64 = maps.iter().map(|(_, b)| b).sum();
+        let detail: Vec<String> = maps
+            .iter()
+            .map(|(n, b)| format!("{n} {:.1} MB", *b as f64 / 1048576.0))
+            .collect();
+        report.push(
+            Measurement::new(
+                "5 memory",
+                "BPF maps (kernel accounting), default capacities",
+                "MB",
+                total as f64 / 1048576.0,
+            )
+            .note(format!(
+                "sum of each pinned map's `memlock` (fdinfo); hash maps are preallocated, so this follows the capacities, not the service count; {}",
+                detail.join(", ")
+            )),
+        );
+    }
+
+    // Section 2 at the small scale.
+    if settings.wants(2) {
+        eprintln!("bench: switching to {} services", settings.small);
+        agent.disappear(&large_set)?;
+        let took_small = agent.appear(&small_set)?;
+        let mut small_loads = Vec::new();
+        for (mode, node) in &kube_proxy_nodes {
+            let took = mode.program(node, &small_set, &work.0)?;
+            small_loads.push(format!("{} {:.3} s", mode.loader(), took.as_secs_f64()));
+        }
+        eprintln!(
+            "bench: {} services: agent {:.3} s; {}",
+            settings.small,
+            took_small.as_secs_f64(),
+            small_loads.join(", ")
+        );
+        report.info.insert(
+            "programming_small".into(),
+            format!(
+                "{} services: agent {:.3} s; {}",
+                settings.small,
+                took_small.as_secs_f64(),
+                small_loads.join(", ")
+            )
+            .into(),
+        );
+        eprintln!("bench: connection latency, {} services", settings.small);
+        let results = measure_latency(
+            &targets(&ours, &direct, &kube_proxy_nodes, &agent),
+            settings,
+        )?;
+        latency_rows(report, settings.small, false, &results, &labels, settings);
+    }
+    drop(agent);
+    Ok(())
+}

@@ -1,0 +1,722 @@
+//! Section 1: per-packet cost through BPF_PROG_TEST_RUN.
+//!
+//! The real `pod_ingress` program and the no-op floor (`bench_noop`) are loaded from the
+//! agent's embedded object with the agent's loader; the maps are written directly (the
+//! layouts of `dataplane-common`), with 10, 10k and 100k ClusterIP services.
+//!
+//! BPF_PROG_TEST_RUN runs the program `repeat` times on the *same* packet buffer without
+//! restoring it, so a program that rewrites the packet sees its own output on the next
+//! repeat. A measurement is only sound if every repeat takes the path it claims to. So:
+//! - Established and reply packets use two frontends that point at each other (A:80 has the
+//!   single backend B:8080, and B:8080 the single backend A:80). The DNAT of a packet to A
+//!   turns it into a packet to B, which is itself an established flow, and back: every repeat
+//!   is an established (or reply) packet with the full rewrite. Checked: the conntrack
+//!   entries' packet counters grow by exactly the number of repeats.
+//! - New flows use the same pair in a second datapath whose conntrack map holds 2 entries:
+//!   each new flow inserts two entries, evicting the previous flow's, so every repeat misses
+//!   conntrack and inserts. Checked: the frontends' connection counters grow by exactly the
+//!   number of repeats, and no insert failed. (This includes the LRU eviction.) A cross-check
+//!   averages single runs (repeat = 1) of distinct new flows into an ample conntrack map,
+//!   against single runs of the no-op.
+//! - A non-service packet is not rewritten; checked: the output equals the input.
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use anyhow::{Context, bail, ensure};
+use aya::{
+    maps::{Array, HashMap, Map, MapData},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use dataplane_agent::datapath::{
+    BpffsLayout,
+    loader::{LoadedDatapath, MapSizes},
+};
+use dataplane_common::{
+    BACKEND_STATE_ACTIVE, Backend, CT_DIR_FORWARD, CT_DIR_REPLY, CtEntry, CtKey, IPPROTO_TCP,
+    PROG_POD_INGRESS, RevNat, ServiceKey, ServiceValue, TrafficStats, drop_reason, map_names,
+};
+use serde_json::json;
+
+use super::{
+    Settings, cleanup,
+    report::{Measurement, Report},
+    scale_label,
+    stats::median,
+};
+
+const SECTION: &str = "1 per-packet";
+const NOOP: &str = "bench_noop";
+const TC_ACT_OK: u32 = 0;
+
+const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 5), 40000);
+const FRONTEND_A: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 255, 1), 80);
+const FRONTEND_B: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 255, 2), 8080);
+/// Frontend for the single-run new-flow cross-check; its backend is a plain address.
+const FRONTEND_C: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 255, 3), 80);
+const BACKEND_C: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 8080);
+const NOT_A_SERVICE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 99), 80);
+/// The bench frontends; the rest of each service count is filler services.
+const BENCH_FRONTENDS: usize = 3;
+/// Filler services' backends come from a pool of this many distinct addresses, two each.
+const BACKEND_POOL: u32 = 50_000;
+const FILLER_BACKENDS: u32 = 2;
+const FIRST_POOL_BACKEND_ID: u32 = 4;
+const FIRST_FILLER_FRONTEND_ID: u32 = 4;
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+fn checksum(chunks: &[&[u8]]) -> [u8; 2] {
+    let mut sum = 0u64;
+    for chunk in chunks {
+        for pair in chunk.chunks(2) {
+            sum += u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]) as u64;
+        }
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    (!(sum as u16)).to_be_bytes()
+}
+
+/// Ethernet + IPv4 + TCP (no payload), checksums computed.
+pub fn tcp_frame(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&src.port().to_be_bytes());
+    tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
+    if flags & TCP_ACK != 0 {
+        tcp[8..12].copy_from_slice(&1u32.to_be_bytes());
+    }
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let pseudo = [
+        &src.ip().octets()[..],
+        &dst.ip().octets(),
+        &[0, IPPROTO_TCP],
+        &20u16.to_be_bytes(),
+    ]
+    .concat();
+    let c = checksum(&[&pseudo, &tcp]);
+    tcp[16..18].copy_from_slice(&c);
+    let mut ip = vec![0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, 64, IPPROTO_TCP, 0, 0];
+    ip.extend_from_slice(&src.ip().octets());
+    ip.extend_from_slice(&dst.ip().octets());
+    let c = checksum(&[&ip]);
+    ip[10..12].copy_from_slice(&c);
+    let macs = [0x02, 0, 0, 0, 0, 0xfe, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00];
+    [&macs[..], &ip, &tcp].concat()
+}
+
+fn destination(frame: &[u8]) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]),
+        u16::from_be_bytes([frame[36], frame[37]]),
+    )
+}
+
+fn source(frame: &[u8]) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]),
+        u16::from_be_bytes([frame[34], frame[35]]),
+    )
+}
+
+fn ct_key(src: SocketAddrV4, dst: SocketAddrV4, direction: u8) -> CtKey {
+    CtKey {
+        saddr: src.ip().octets(),
+        daddr: dst.ip().octets(),
+        sport: src.port(),
+        dport: dst.port(),
+        proto: IPPROTO_TCP,
+        direction,
+        ..Default::default()
+    }
+}
+
+fn service_key(f: SocketAddrV4, slot: u16) -> ServiceKey {
+    ServiceKey {
+        addr: f.ip().octets(),
+        port: f.port(),
+        backend_slot: slot,
+        proto: IPPROTO_TCP,
+        ..Default::default()
+    }
+}
+
+fn pool_backend(j: u32) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + j),
+        8080,
+    )
+}
+
+fn filler_frontend(i: u32) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + i),
+        80,
+    )
+}
+
+/// A pin directory on bpffs, removed on drop.
+struct PinDir(BpffsLayout);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.0.dir());
+    }
+}
+
+fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    layout: &BpffsLayout,
+    name: &str,
+) -> anyhow::Result<T> {
+    let data = MapData::from_pin(layout.map(name)).with_context(|| format!("opening {name}"))?;
+    Ok(T::try_from(Map::from_map_data(data)?)?)
+}
+
+/// One loaded datapath with its maps, programmed by hand.
+struct Instance {
+    datapath: LoadedDatapath,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    rev_nat: HashMap<MapData, u32, RevNat>,
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    service_stats: Array<MapData, TrafficStats>,
+    drops: Array<MapData, u64>,
+    pool_backends: u32,
+    fillers: u32,
+    _pins: PinDir,
+}
+
+impl Instance {
+    fn load(name: &str, conntrack_entries: Option<u32>) -> anyhow::Result<Self> {
+        let dir = std::path::Path::new("/sys/fs/bpf").join(testbed::unique(name));
+        cleanup::dir(dir.clone());
+        let pins = PinDir(BpffsLayout::new(dir));
+        let mut sizes = MapSizes::new();
+        // 100k services with two backend slots each, and 100k frontend ids.
+        sizes.insert(map_names::SERVICES.into(), 524_288);
+        sizes.insert(map_names::REV_NAT.into(), 131_072);
+        sizes.insert(map_names::SERVICE_STATS.into(), 131_072);
+        if let Some(entries) = conntrack_entries {
+            sizes.insert(map_names::CONNTRACK.into(), entries);
+        }
+        let mut datapath = LoadedDatapath::load(&pins.0, &sizes)?;
+        let noop: &mut SchedClassifier = datapath
+            .ebpf
+            .program_mut(NOOP)
+            .context(
+                "the BPF object has no bench_noop program (rebuild with `cargo xtask build-ebpf`)",
+            )?
+            .try_into()?;
+        noop.load().context("loading bench_noop")?;
+        let layout = pins.0.clone();
+        let mut instance = Self {
+            datapath,
+            services: open(&layout, map_names::SERVICES)?,
+            backends: open(&layout, map_names::BACKENDS)?,
+            rev_nat: open(&layout, map_names::REV_NAT)?,
+            conntrack: open(&layout, map_names::CONNTRACK)?,
+            service_stats: open(&layout, map_names::SERVICE_STATS)?,
+            drops: open(&layout, map_names::DROPS)?,
+            pool_backends: 0,
+            fillers: 0,
+            _pins: pins,
+        };
+        // A -> B, B -> A (the ping-pong pair), C -> a plain backend.
+        for (id, frontend, backend) in [
+            (1, FRONTEND_A, FRONTEND_B),
+            (2, FRONTEND_B, FRONTEND_A),
+            (3, FRONTEND_C, BACKEND_C),
+        ] {
+            instance.add_backend(id, backend)?;
+            instance.add_frontend(id, frontend, &[id])?;
+        }
+        Ok(instance)
+    }
+
+    fn program(&self, name: &str) -> anyhow::Result<&SchedClassifier> {
+        Ok(self
+            .datapath
+            .ebpf
+            .program(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?)
+    }
+
+    fn add_backend(&mut self, id: u32, addr: SocketAddrV4) -> anyhow::Result<()> {
+        let value = Backend {
+            addr: addr.ip().octets(),
+            port: addr.port(),
+            proto: IPPROTO_TCP,
+            state: BACKEND_STATE_ACTIVE,
+        };
+        self.backends.insert(id, value, 0)?;
+        Ok(())
+    }
+
+    /// Slots first, then slot 0 (the agent's order), then the rev-NAT entry.
+    fn add_frontend(
+        &mut self,
+        id: u32,
+        frontend: SocketAddrV4,
+        backend_ids: &[u32],
+    ) -> anyhow::Result<()> {
+        for (i, backend_id) in backend_ids.iter().enumerate() {
+            let value = ServiceValue {
+                backend_id: *backend_id,
+                ..Default::default()
+            };
+            self.services
+                .insert(service_key(frontend, i as u16 + 1), value, 0)?;
+        }
+        let value = ServiceValue {
+            rev_nat_id: id,
+            count: backend_ids.len() as u16,
+            service_port_id: id,
+            ..Default::default()
+        };
+        self.services.insert(service_key(frontend, 0), value, 0)?;
+        let rev_nat = RevNat {
+            addr: frontend.ip().octets(),
+            port: frontend.port(),
+            ..Default::default()
+        };
+        self.rev_nat.insert(id, rev_nat, 0)?;
+        Ok(())
+    }
+
+    /// Programs filler services until the datapath holds `services` in all.
+    fn fill_to(&mut self, services: usize) -> anyhow::Result<()> {
+        let wanted = services.saturating_sub(BENCH_FRONTENDS) as u32;
+        let pool_needed = (wanted * FILLER_BACKENDS).min(BACKEND_POOL);
+        while self.pool_backends < pool_needed {
+            let j = self.pool_backends;
+            self.add_backend(FIRST_POOL_BACKEND_ID + j, pool_backend(j))?;
+            self.pool_backends += 1;
+        }
+        while self.fillers < wanted {
+            let i = self.fillers;
+            let ids: Vec<u32> = (0..FILLER_BACKENDS)
+                .map(|k| FIRST_POOL_BACKEND_ID + (i * FILLER_BACKENDS + k) % BACKEND_POOL)
+                .collect();
+            self.add_frontend(FIRST_FILLER_FRONTEND_ID + i, filler_frontend(i), &ids)?;
+            self.fillers += 1;
+        }
+        Ok(())
+    }
+
+    fn ct_packets(&self, key: &CtKey) -> u64 {
+        self.conntrack.get(key, 0).map(|e| e.packets).unwrap_or(0)
+    }
+
+    fn connections(&self, frontend_id: u32) -> u64 {
+        self.service_stats
+            .get(&frontend_id, 0)
+            .map(|s| s.connections)
+            .unwrap_or(0)
+    }
+
+    fn drops(&self, reason: u32) -> u64 {
+        self.drops.get(&reason, 0).unwrap_or(0)
+    }
+}
+
+struct Outcome {
+    /// Average ns per repeat, as the kernel reports it.
+    ns: f64,
+    retval: u32,
+    out: Vec<u8>,
+}
+
+fn test_run(prog: &SchedClassifier, frame: &[u8], repeat: u32) -> anyhow::Result<Outcome> {
+    let mut out = vec![0u8; 256];
+    let result = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    out.truncate(result.data_size_out as usize);
+    Ok(Outcome {
+        ns: result.duration.as_nanos() as f64,
+        retval: result.return_value,
+        out,
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    NonService,
+    Established,
+    NewFlow,
+    Reply,
+}
+
+impl Kind {
+    const ALL: [Kind; 4] = [
+        Kind::NonService,
+        Kind::Established,
+        Kind::NewFlow,
+        Kind::Reply,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Kind::NonService => "non-service",
+            Kind::Established => "established flow",
+            Kind::NewFlow => "new flow",
+            Kind::Reply => "reply",
+        }
+    }
+
+    fn method(self) -> &'static str {
+        match self {
+            Kind::NonService => "TCP SYN to a non-service address; checked: passed unchanged",
+            Kind::Established => {
+                "TCP ACK on an established flow; frontends A and B DNAT to each other so every repeat is an established packet with the full rewrite; checked: conntrack counted exactly one packet per repeat"
+            }
+            Kind::NewFlow => {
+                "TCP SYN, conntrack miss + insert of 2 entries; A/B pair in a datapath whose conntrack map holds 2 entries, so each insert evicts the previous flow (eviction included); checked: one new connection per repeat, no insert failed"
+            }
+            Kind::Reply => {
+                "TCP ACK from the backend, reverse NAT; A/B pair so every repeat is a reply packet; checked: reply entries counted exactly one packet per repeat"
+            }
+        }
+    }
+}
+
+/// The pair of datapaths for one service count: `main` (ample conntrack, flows A and B
+/// established) and `fresh` (conntrack of 2 entries, for new flows).
+struct Scale {
+    services: usize,
+    main: Instance,
+    fresh: Instance,
+}
+
+impl Scale {
+    fn new(services: usize) -> anyhow::Result<Self> {
+        let mut main = Instance::load("dpbench", None)?;
+        let mut fresh = Instance::load("dpbenchnf", Some(2))?;
+        main.fill_to(services)?;
+        fresh.fill_to(services)?;
+        // Flows A and B in the main datapath: the first SYN of each creates its entries.
+        let prog = main.program(PROG_POD_INGRESS)?;
+        let to_b = test_run(prog, &tcp_frame(CLIENT, FRONTEND_A, TCP_SYN), 1)?;
+        ensure!(
+            to_b.retval == TC_ACT_OK && destination(&to_b.out) == FRONTEND_B,
+            "SYN to A was not sent to B"
+        );
+        let to_a = test_run(prog, &tcp_frame(CLIENT, FRONTEND_B, TCP_SYN), 1)?;
+        ensure!(
+            to_a.retval == TC_ACT_OK && destination(&to_a.out) == FRONTEND_A,
+            "SYN to B was not sent to A"
+        );
+        Ok(Self {
+            services,
+            main,
+            fresh,
+        })
+    }
+}
+
+fn run_noop(scale: &Scale, repeat: u32) -> anyhow::Result<f64> {
+    let frame = tcp_frame(CLIENT, FRONTEND_A, TCP_SYN);
+    let outcome = test_run(scale.main.program(NOOP)?, &frame, repeat)?;
+    ensure!(
+        outcome.retval == TC_ACT_OK,
+        "no-op verdict {}",
+        outcome.retval
+    );
+    Ok(outcome.ns)
+}
+
+/// One run of `repeat` repeats of a `kind` packet, checked to have taken that path every
+/// time; the kernel's average ns per repeat.
+fn run_kind(kind: Kind, scale: &Scale, repeat: u32) -> anyhow::Result<f64> {
+    let (main, fresh) = (&scale.main, &scale.fresh);
+    let fwd_a = ct_key(CLIENT, FRONTEND_A, CT_DIR_FORWARD);
+    let fwd_b = ct_key(CLIENT, FRONTEND_B, CT_DIR_FORWARD);
+    // Replies: from B (the backend of the flow to A), and from A (the backend of B's flow).
+    let rev_b = ct_key(FRONTEND_B, CLIENT, CT_DIR_REPLY);
+    let rev_a = ct_key(FRONTEND_A, CLIENT, CT_DIR_REPLY);
+    let pod_ingress = main.program(PROG_POD_INGRESS)?;
+    let outcome = match kind {
+        Kind::NonService => {
+            let frame = tcp_frame(CLIENT, NOT_A_SERVICE, TCP_SYN);
+            let o = test_run(pod_ingress, &frame, repeat)?;
+            ensure!(
+                o.retval == TC_ACT_OK && o.out == frame,
+                "verdict {} or the packet changed",
+                o.retval
+            );
+            o
+        }
+        Kind::Established => {
+            let frame = tcp_frame(CLIENT, FRONTEND_A, TCP_ACK);
+            let counted = || main.ct_packets(&fwd_a) + main.ct_packets(&fwd_b);
+            let before = counted();
+            let o = test_run(pod_ingress, &frame, repeat)?;
+            let grew = counted() - before;
+            let expected = if repeat % 2 == 0 {
+                FRONTEND_A
+            } else {
+                FRONTEND_B
+            };
+            ensure!(
+                grew == repeat as u64,
+                "{grew} established packets counted for {repeat} repeats"
+            );
+            ensure!(
+                o.retval == TC_ACT_OK && destination(&o.out) == expected,
+                "verdict {}, destination {}",
+                o.retval,
+                destination(&o.out)
+            );
+            o
+        }
+        Kind::Reply => {
+            let frame = tcp_frame(FRONTEND_B, CLIENT, TCP_ACK);
+            let counted = || main.ct_packets(&rev_a) + main.ct_packets(&rev_b);
+            let before = counted();
+            let o = test_run(pod_ingress, &frame, repeat)?;
+            let grew = counted() - before;
+            let expected = if repeat % 2 == 0 {
+                FRONTEND_B
+            } else {
+                FRONTEND_A
+            };
+            ensure!(
+                grew == repeat as u64,
+                "{grew} reply packets counted for {repeat} repeats"
+            );
+            ensure!(
+                o.retval == TC_ACT_OK && source(&o.out) == expected,
+                "verdict {}, source {}",
+                o.retval,
+                source(&o.out)
+            );
+            o
+        }
+        Kind::NewFlow => {
+            let frame = tcp_frame(CLIENT, FRONTEND_A, TCP_SYN);
+            let failed = fresh.drops(drop_reason::CT_INSERT_FAILED);
+            let counted = || fresh.connections(1) + fresh.connections(2);
+            let before = counted();
+            let o = test_run(fresh.program(PROG_POD_INGRESS)?, &frame, repeat)?;
+            let grew = counted() - before;
+            ensure!(
+                grew == repeat as u64,
+                "{grew} new connections counted for {repeat} repeats (conntrack hits?)"
+            );
+            ensure!(o.retval == TC_ACT_OK, "verdict {}", o.retval);
+            let failed = fresh.drops(drop_reason::CT_INSERT_FAILED) - failed;
+            ensure!(failed == 0, "{failed} conntrack inserts failed");
+            o
+        }
+    };
+    Ok(outcome.ns)
+}
+
+pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
+    let mut scales = Vec::new();
+    for &services in &settings.packet_scales {
+        eprintln!("bench: per-packet: loading and programming datapaths with {services} services");
+        scales.push(Scale::new(services)?);
+    }
+    let (smallest, largest) = match (scales.first(), scales.last()) {
+        (Some(s), Some(l)) => (s, l),
+        _ => bail!("no service counts"),
+    };
+    record_program_info(&smallest.main, report);
+
+    // Warm-up, then rounds: in each round every (kind, service count) once, so that drift
+    // over the section affects all figures alike.
+    let warmup = (settings.repeats / 10).max(1000);
+    run_noop(smallest, warmup)?;
+    for kind in Kind::ALL {
+        for scale in &scales {
+            run_kind(kind, scale, warmup).with_context(|| {
+                format!(
+                    "{} with {} services (warm-up)",
+                    kind.label(),
+                    scale.services
+                )
+            })?;
+        }
+    }
+    let mut noop_runs = Vec::new();
+    let mut runs: Vec<Vec<Vec<f64>>> = vec![vec![vec![]; scales.len()]; Kind::ALL.len()];
+    for round in 0..settings.runs {
+        eprintln!("bench: per-packet: round {}/{}", round + 1, settings.runs);
+        noop_runs.push(run_noop(smallest, settings.repeats)?);
+        for (k, kind) in Kind::ALL.iter().enumerate() {
+            for (s, scale) in scales.iter().enumerate() {
+                let ns = run_kind(*kind, scale, settings.repeats).with_context(|| {
+                    format!("{} with {} services", kind.label(), scale.services)
+                })?;
+                runs[k][s].push(ns);
+            }
+        }
+    }
+
+    let how = format!(
+        "median of {} runs x {} repeats (BPF_PROG_TEST_RUN's average per repeat) after a warm-up run, interleaved with every other row",
+        settings.runs, settings.repeats
+    );
+    let noop_ns = median(&noop_runs);
+    report.push(
+        Measurement::new(SECTION, "no-op tc program (floor)", "ns", noop_ns)
+            .note(format!("{how}; runs {noop_runs:?}")),
+    );
+    for (k, kind) in Kind::ALL.iter().enumerate() {
+        for (s, scale) in scales.iter().enumerate() {
+            let ns = median(&runs[k][s]);
+            let name = format!("{}, {} services", kind.label(), scale_label(scale.services));
+            let mut m = Measurement::new(SECTION, name, "ns", ns)
+                .baseline("noop", noop_ns)
+                .ratio_to("noop")
+                .note(format!("{how}; {}; runs {:?}", kind.method(), runs[k][s]));
+            if *kind == Kind::Established {
+                m = m.goal("<= 3x noop", |m| m.ratio.is_some_and(|r| r <= 3.0));
+            }
+            report.push(m);
+        }
+        if scales.len() > 1 {
+            let smallest_label = format!("{} services", scale_label(smallest.services));
+            report.push(
+                Measurement::new(
+                    SECTION,
+                    format!(
+                        "{}: {} vs {} services",
+                        kind.label(),
+                        scale_label(largest.services),
+                        scale_label(smallest.services)
+                    ),
+                    "ns",
+                    median(&runs[k][scales.len() - 1]),
+                )
+                .baseline(smallest_label.clone(), median(&runs[k][0]))
+                .ratio_to(&smallest_label)
+                .goal(format!("<= 1.10x {smallest_label}"), |m| {
+                    m.ratio.is_some_and(|r| r <= 1.10)
+                }),
+            );
+        }
+    }
+    single_run_cross_check(&smallest.main, settings, smallest.services, report)?;
+    Ok(())
+}
+
+/// New flows without eviction: single runs (repeat = 1) of distinct flows to frontend C, the
+/// mean of the kernel's per-run times, against single runs of the no-op (a single run's
+/// time includes one clock read more than a repeated run's).
+fn single_run_cross_check(
+    main: &Instance,
+    settings: &Settings,
+    scale: usize,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let count = settings.single_runs;
+    let clients: Vec<SocketAddrV4> = (0..count as u32)
+        .map(|i| {
+            SocketAddrV4::new(
+                Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 0, 0)) + i / 50_000),
+                10_000 + (i % 50_000) as u16,
+            )
+        })
+        .collect();
+    let noop = main.program(NOOP)?;
+    let prog = main.program(PROG_POD_INGRESS)?;
+    let frame = tcp_frame(CLIENT, FRONTEND_C, TCP_SYN);
+    let mut noop_runs = Vec::new();
+    let mut flow_runs = Vec::new();
+    let mut conntrack = main_conntrack(main)?;
+    for run in 0..=settings.runs {
+        let mut noop_total = 0.0;
+        for _ in 0..count {
+            noop_total += test_run(noop, &frame, 1)?.ns;
+        }
+        let before = main.connections(3);
+        let mut flow_total = 0.0;
+        for client in &clients {
+            let outcome = test_run(prog, &tcp_frame(*client, FRONTEND_C, TCP_SYN), 1)?;
+            ensure!(
+                destination(&outcome.out) == BACKEND_C,
+                "a new flow to C was not sent to its backend"
+            );
+            flow_total += outcome.ns;
+        }
+        let grew = main.connections(3) - before;
+        ensure!(
+            grew == count as u64,
+            "{grew} new connections for {count} single runs"
+        );
+        // Leave conntrack as it was (outside the measured runs).
+        for client in &clients {
+            let _ = conntrack.remove(&ct_key(*client, FRONTEND_C, CT_DIR_FORWARD));
+            let _ = conntrack.remove(&ct_key(BACKEND_C, *client, CT_DIR_REPLY));
+        }
+        if run > 0 {
+            noop_runs.push(noop_total / count as f64);
+            flow_runs.push(flow_total / count as f64);
+        }
+    }
+    let noop_single = median(&noop_runs);
+    let how = format!(
+        "median of {} runs, each the mean of {count} single BPF_PROG_TEST_RUN calls (repeat = 1), after a warm-up run",
+        settings.runs
+    );
+    report.push(
+        Measurement::new(
+            SECTION,
+            "no-op, single runs (floor for the next row)",
+            "ns",
+            noop_single,
+        )
+        .note(format!("{how}; runs {noop_runs:?}")),
+    );
+    report.push(
+        Measurement::new(
+            SECTION,
+            format!("new flow, single runs, no eviction, {} services", scale_label(scale)),
+            "ns",
+            median(&flow_runs),
+        )
+        .baseline("noop single", noop_single)
+        .ratio_to("noop single")
+        .note(format!(
+            "{how}; each run a distinct flow into an ample conntrack map (cross-check of the repeated new-flow row without LRU eviction); runs {flow_runs:?}"
+        )),
+    );
+    Ok(())
+}
+
+fn main_conntrack(main: &Instance) -> anyhow::Result<HashMap<MapData, CtKey, CtEntry>> {
+    open(&main.datapath.layout, map_names::CONNTRACK)
+}
+
+/// Program sizes as the kernel reports them (verified, translated and JIT-compiled).
+fn record_program_info(main: &Instance, report: &mut Report) {
+    let mut info = serde_json::Map::new();
+    for name in [PROG_POD_INGRESS, NOOP] {
+        let Ok(prog) = main.program(name) else {
+            continue;
+        };
+        if let Ok(i) = prog.info() {
+            info.insert(
+                name.to_string(),
+                json!({
+                    "verified_insns": i.verified_instruction_count(),
+                    "xlated_insns": i.size_translated().map(|b| b / 8),
+                    "jited_bytes": i.size_jitted(),
+                    "id": i.id(),
+                }),
+            );
+        }
+    }
+    report.info.insert("programs".into(), info.into());
+}

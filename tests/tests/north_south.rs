@@ -1,0 +1,316 @@
+//! Traffic from outside the node, across two nodes on an underlay: NodePort, LoadBalancer and
+//! external IPs with both external traffic policies, health check node ports, session
+//! affinity, source ranges, internal traffic policy, topology hints, and bad input. Real
+//! agents, servers and clients in namespaces; run as root (skipped otherwise).
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+
+use testbed::{
+    Netns, http_requests,
+    multinode::{MultiNode, underlay_ip},
+    require_root, udp_request, wait_until,
+};
+
+const NODE_A: &str = "192.0.2.11";
+const NODE_B: &str = "192.0.2.12";
+const CLIENT: &str = "192.0.2.100";
+
+/// A service of `kind` with an HTTP (TCP 80 -> 8080) and a DNS (UDP 53 -> 5353) port, and
+/// one EndpointSlice with `endpoints` as (address, node, zone hint).
+fn service(name: &str, cluster_ip: &str, spec_extra: &str, status: &str, endpoints: &[(Ipv4Addr, &str, Option<&str>)]) -> String {
+    let endpoints: String = endpoints
+        .iter()
+        .map(|(ip, node, hint)| {
+            let hints = hint.map(|z| format!(", hints: {{forZones: [{{name: {z}}}]}}")).unwrap_or_default();
+            format!("- {{addresses: [\"{ip}\"], nodeName: {node}{hints}}}\n")
+        })
+        .collect();
+    let endpoints = if endpoints.is_empty() { "endpoints: []\n".to_string() } else { format!("endpoints:\n{endpoints}") };
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  clusterIP: {cluster_ip}
+{spec_extra}
+status: {{{status}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]
+{endpoints}"
+    )
+}
+
+fn ports(http_node_port: u16, dns_node_port: u16) -> String {
+    format!(
+        "  ports:
+  - {{name: http, port: 80, targetPort: 8080, protocol: TCP, nodePort: {http_node_port}}}
+  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP, nodePort: {dns_node_port}}}"
+    )
+}
+
+/// Two nodes with pods a1 (node-a) and b1 (node-b) serving, and `clients` external clients.
+fn cluster(extra_pods: [&[&str]; 2], clients: usize) -> MultiNode {
+    let a: Vec<&str> = ["a1"].iter().chain(extra_pods[0]).copied().collect();
+    let b: Vec<&str> = ["b1"].iter().chain(extra_pods[1]).copied().collect();
+    let mut cluster = MultiNode::new(&[&a, &b], clients).unwrap();
+    for name in ["a1", "b1"] {
+        cluster.pod(name).serve(8080, 5353).unwrap();
+    }
+    cluster.start_agents(&[]).unwrap();
+    cluster
+}
+
+fn ip_of(cluster: &mut MultiNode, pod: &str) -> Ipv4Addr {
+    cluster.pod(pod).ip
+}
+
+/// Backend name -> count, and the peer addresses the backends saw.
+fn tally(answers: &[Result<String, String>]) -> (BTreeMap<String, usize>, Vec<String>) {
+    let mut by_backend = BTreeMap::new();
+    let mut peers = Vec::new();
+    for answer in answers {
+        let line = answer.as_ref().expect("request failed");
+        let mut parts = line.split_whitespace();
+        *by_backend.entry(parts.next().unwrap().to_string()).or_default() += 1;
+        peers.push(parts.next().unwrap().split(':').next().unwrap().to_string());
+    }
+    (by_backend, peers)
+}
+
+/// One HTTP GET with a short timeout: ("ok" body | "refused" | "timeout").
+fn probe(client: &Netns, url: &str) -> String {
+    let out = client.command("curl").args(["-s", "--max-time", "1", url]).output().unwrap();
+    match out.status.code() {
+        Some(0) => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        Some(7) => "refused".into(),
+        Some(28) => "timeout".into(),
+        other => format!("curl exit {other:?}"),
+    }
+}
+
+/// Status code, headers and body of an HTTP GET.
+fn http_get(client: &Netns, url: &str) -> (u16, String, String) {
+    let out = client.command("curl").args(["-s", "-i", "--max-time", "2", url]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n");
+    let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, head.to_string(), body.to_string())
+}
+
+fn wait_backends(cluster: &MultiNode, node: usize, frontend: &str, backends: usize) {
+    cluster.agents[node].wait_for_backends(frontend, backends).unwrap();
+}
+
+#[test]
+fn node_ports_reach_backends_on_both_nodes_with_the_node_as_source() {
+    require_root!();
+    let mut c = cluster([&[], &[]], 1);
+    let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
+    let eps = [(a1, "node-a", None), (b1, "node-b", None)];
+    c.write_manifest("web.yaml", &service("web", "10.96.1.10", &format!("  type: NodePort\n{}", ports(30080, 30053)), "", &eps)).unwrap();
+    wait_backends(&c, 0, "192.0.2.11:30080", 2);
+    wait_backends(&c, 1, "192.0.2.12:30080", 2);
+
+    for node_ip in [NODE_A, NODE_B] {
+        let answers = http_requests(&c.clients[0], &format!("http://{node_ip}:30080/"), 60);
+        let (by_backend, peers) = tally(&answers);
+        assert_eq!(by_backend.len(), 2, "via {node_ip}: {by_backend:?}");
+        // externalTrafficPolicy Cluster: SNAT to the node, so replies come back through it.
+        assert!(peers.iter().all(|p| p == node_ip), "via {node_ip}: {peers:?}");
+        for port in 0..4 {
+            let answer = udp_request(&c.clients[0], &format!("{node_ip}:30053"), Some(41000 + port), "q").unwrap();
+            assert!(answer.ends_with(" q") && answer.contains(node_ip), "{answer}");
+        }
+    }
+}
+
+#[test]
+fn load_balancer_and_external_ips_are_served() {
+    require_root!();
+    let mut c = cluster([&[], &[]], 1);
+    let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
+    let eps = [(a1, "node-a", None), (b1, "node-b", None)];
+    let spec = format!("  type: LoadBalancer\n  externalIPs: [198.51.100.20]\n{}", ports(30081, 30054));
+    let status = "loadBalancer: {ingress: [{ip: 198.51.100.10}, {hostname: lb.example.invalid}]}";
+    c.write_manifest("lb.yaml", &service("lb", "10.96.1.11", &spec, status, &eps)).unwrap();
+    wait_backends(&c, 0, "198.51.100.10:80", 2);
+    wait_backends(&c, 0, "198.51.100.20:80", 2);
+    for vip in ["198.51.100.10", "198.51.100.20"] {
+        let (by_backend, peers) = tally(&http_requests(&c.clients[0], &format!("http://{vip}/"), 40));
+        assert_eq!(by_backend.len(), 2, "{vip}: {by_backend:?}");
+        assert!(peers.iter().all(|p| p == NODE_A), "{vip}: {peers:?}");
+        let answer = udp_request(&c.clients[0], &format!("{vip}:53"), None, "q").unwrap();
+        assert!(answer.ends_with(" q"), "{answer}");
+    }
+    assert!(c.agents[0].log_text().contains("hostname only"), "the hostname-only ingress is reported");
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address_and_health_checks_follow_endpoints() {
+    require_root!();
+    let mut c = cluster([&[], &[]], 1);
+    let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
+    let spec = |http| format!("  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n{}", ports(http, 30055));
+    let status = "loadBalancer: {ingress: [{ip: 198.51.100.30}]}";
+    c.write_manifest("local.yaml", &service("local", "10.96.1.12", &spec(30082), status, &[(a1, "node-a", None)])).unwrap();
+    wait_backends(&c, 0, "192.0.2.11:30082", 1);
+    wait_backends(&c, 1, "192.0.2.12:30082", 0);
+
+    // Node A has the endpoint: the backend sees the external client's own address.
+    let answers = http_requests(&c.clients[0], "http://192.0.2.11:30082/", 10);
+    let (by_backend, peers) = tally(&answers);
+    assert_eq!(by_backend.get("a1"), Some(&10));
+    assert!(peers.iter().all(|p| p == CLIENT), "source not preserved: {peers:?}");
+    // Node B has none: it drops (kube-proxy drops, it does not refuse).
+    assert_eq!(probe(&c.clients[0], "http://192.0.2.12:30082/"), "timeout");
+
+    // The health check node port says which node to send traffic to.
+    let check = |node: &str| http_get(&c.clients[0], &format!("http://{node}:32100/"));
+    wait_until(Duration::from_secs(5), || check(NODE_A).0 == 200).unwrap();
+    let (code, head, body) = check(NODE_A);
+    assert_eq!(code, 200, "{head}{body}");
+    assert!(head.to_lowercase().contains("x-load-balancing-endpoint-weight: 1"), "{head}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["service"]["name"], "local");
+    assert_eq!(json["localEndpoints"], 1);
+    assert_eq!(json["serviceProxyHealthy"], true);
+    let (code, _, body) = check(NODE_B);
+    assert_eq!(code, 503, "{body}");
+
+    // The endpoint moves to node B: the checks follow.
+    c.write_manifest("local.yaml", &service("local", "10.96.1.12", &spec(30082), status, &[(b1, "node-b", None)])).unwrap();
+    wait_until(Duration::from_secs(5), || check(NODE_A).0 == 503 && check(NODE_B).0 == 200).unwrap();
+    let (by_backend, peers) = tally(&http_requests(&c.clients[0], "http://192.0.2.12:30082/", 5));
+    assert_eq!(by_backend.get("b1"), Some(&5));
+    assert!(peers.iter().all(|p| p == CLIENT), "{peers:?}");
+
+    // Node-level health, as kube-proxy serves it.
+    for node in [NODE_A, NODE_B] {
+        for path in ["healthz", "livez"] {
+            let (code, _, body) = http_get(&c.clients[0], &format!("http://{node}:10256/{path}"));
+            assert_eq!(code, 200, "{node}/{path}: {body}");
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert!(json["lastUpdated"].is_string() && json["currentTime"].is_string(), "{body}");
+        }
+    }
+}
+
+#[test]
+fn session_affinity_holds_across_connections_and_frontends_then_expires() {
+    require_root!();
+    let mut c = cluster([&[], &[]], 1);
+    let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
+    let eps = [(a1, "node-a", None), (b1, "node-b", None)];
+    let spec = format!(
+        "  type: LoadBalancer\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 2}}}}\n{}",
+        ports(30083, 30056)
+    );
+    let status = "loadBalancer: {ingress: [{ip: 198.51.100.40}]}";
+    c.write_manifest("sticky.yaml", &service("sticky", "10.96.1.13", &spec, status, &eps)).unwrap();
+    wait_backends(&c, 0, "192.0.2.11:30083", 2);
+    wait_backends(&c, 0, "198.51.100.40:80", 2);
+
+    let (by_backend, _) = tally(&http_requests(&c.clients[0], "http://192.0.2.11:30083/", 50));
+    assert_eq!(by_backend.len(), 1, "50 connections, one backend: {by_backend:?}");
+    let first = by_backend.keys().next().unwrap().clone();
+    // Another frontend of the same service port, on the same node: the same backend.
+    let (via_lb, _) = tally(&http_requests(&c.clients[0], "http://198.51.100.40/", 10));
+    assert_eq!(via_lb.keys().collect::<Vec<_>>(), vec![&first], "{via_lb:?}");
+
+    // After the timeout the choice is free again (each round: idle past the timeout, then
+    // a new connection; the chance of 10 rounds all landing on one backend is 1/1024).
+    let mut seen = std::collections::BTreeSet::from([first.clone()]);
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(2300));
+        let (round, _) = tally(&http_requests(&c.clients[0], "http://192.0.2.11:30083/", 1));
+        seen.extend(round.into_keys());
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "affinity never expired: only {seen:?}");
+}
+
+#[test]
+fn source_ranges_limit_the_load_balancer_ip_only() {
+    require_root!();
+    let mut c = cluster([&[], &[]], 2);
+    let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
+    let eps = [(a1, "node-a", None), (b1, "node-b", None)];
+    let spec = format!("  type: LoadBalancer\n  loadBalancerSourceRanges: [\"{CLIENT}/32\"]\n{}", ports(30084, 30057));
+    let status = "loadBalancer: {ingress: [{ip: 198.51.100.50}]}";
+    c.write_manifest("ranged.yaml", &service("ranged", "10.96.1.14", &spec, status, &eps)).unwrap();
+    wait_backends(&c, 0, "198.51.100.50:80", 2);
+    assert!(probe(&c.clients[0], "http://198.51.100.50/").starts_with(['a', 'b']), "allowed client refused");
+    assert_eq!(probe(&c.clients[1], "http://198.51.100.50/"), "timeout", "client outside the ranges got through");
+    // Other frontends of the service are not limited.
+    assert!(probe(&c.clients[1], "http://192.0.2.11:30084/").starts_with(['a', 'b']));
+    let outside = underlay_ip(101).to_string();
+    assert_ne!(outside, CLIENT);
+}
+
+#[test]
+fn internal_traffic_policy_local_and_zone_hints_keep_pod_traffic_close() {
+    require_root!();
+    let mut c = cluster([&["client-a"], &["client-b"]], 0);
+    let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
+    let both = [(a1, "node-a", None), (b1, "node-b", None)];
+    let ports = "  ports: [{name: http, port: 80, targetPort: 8080}, {name: dns, port: 53, targetPort: 5353, protocol: UDP}]";
+    c.write_manifest("itp.yaml", &service("itp", "10.96.1.15", &format!("  internalTrafficPolicy: Local\n{ports}"), "", &both)).unwrap();
+    let hinted = [(a1, "node-a", Some("zone-a")), (b1, "node-b", Some("zone-b"))];
+    c.write_manifest("zonal.yaml", &service("zonal", "10.96.1.16", &format!("  trafficDistribution: PreferSameZone\n{ports}"), "", &hinted)).unwrap();
+    c.write_manifest("remote.yaml", &service("remote", "10.96.1.17", ports, "", &[(b1, "node-b", None)])).unwrap();
+    for node in 0..2 {
+        wait_backends(&c, node, "10.96.1.15:80", 1);
+        wait_backends(&c, node, "10.96.1.16:80", 1);
+    }
+    let find = |node: usize, name: &str| c.nodes[node].node.pods.iter().position(|p| p.name == name).unwrap();
+    let (ia, ib) = (find(0, "client-a"), find(1, "client-b"));
+    let client_a = &c.nodes[0].node.pods[ia].netns;
+    let client_b = &c.nodes[1].node.pods[ib].netns;
+    for (client, local) in [(client_a, "a1"), (client_b, "b1")] {
+        for vip in ["10.96.1.15", "10.96.1.16"] {
+            let (by_backend, _) = tally(&http_requests(client, &format!("http://{vip}/"), 20));
+            assert_eq!(by_backend.keys().collect::<Vec<_>>(), vec![local], "{vip}: {by_backend:?}");
+        }
+    }
+    // A pod reaching a backend on the other node through a cluster IP: replies come back
+    // through the node's external interface and are restored there.
+    let (by_backend, peers) = tally(&http_requests(client_a, "http://10.96.1.17/", 5));
+    assert_eq!(by_backend.get("b1"), Some(&5));
+    assert!(peers.iter().all(|p| *p == c.nodes[0].node.pods[ia].ip.to_string()), "{peers:?}");
+
+    // internalTrafficPolicy Local with no endpoint on the node: dropped, not refused.
+    c.write_manifest("itp.yaml", &service("itp", "10.96.1.15", &format!("  internalTrafficPolicy: Local\n{ports}"), "", &both[..1])).unwrap();
+    wait_backends(&c, 1, "10.96.1.15:80", 0);
+    let client_b = &c.nodes[1].node.pods[ib].netns;
+    assert_eq!(probe(client_b, "http://10.96.1.15/"), "timeout");
+}
+
+#[test]
+fn bad_external_settings_are_reported_and_skipped() {
+    require_root!();
+    let mut c = cluster([&[], &[]], 1);
+    let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
+    let eps = [(a1, "node-a", None), (b1, "node-b", None)];
+    c.write_manifest("out-of-range.yaml", &service("outofrange", "10.96.1.20", &format!("  type: NodePort\n{}", ports(20080, 30058)), "", &eps)).unwrap();
+    c.write_manifest("first.yaml", &service("first", "10.96.1.21", &format!("  type: NodePort\n{}", ports(30090, 30059)), "", &eps)).unwrap();
+    c.write_manifest("second.yaml", &service("second", "10.96.1.22", &format!("  type: NodePort\n{}", ports(30090, 30060)), "", &eps)).unwrap();
+    let bad_ranges = format!("  type: LoadBalancer\n  loadBalancerSourceRanges: [\"not-a-cidr\"]\n{}", ports(30091, 30061));
+    c.write_manifest("bad-ranges.yaml", &service("badranges", "10.96.1.23", &bad_ranges, "loadBalancer: {ingress: [{ip: 198.51.100.60}]}", &eps)).unwrap();
+    wait_backends(&c, 0, "10.96.1.20:80", 2);
+    wait_backends(&c, 0, "192.0.2.11:30090", 2);
+    wait_until(Duration::from_secs(5), || c.agents[0].log_text().contains("not-a-cidr")).unwrap();
+    let log = c.agents[0].log_text();
+    assert!(log.contains("nodePort 20080 is outside the node port range"), "{log}");
+    assert!(log.contains("is already used by Service default/first"), "{log}");
+    // What is valid works: the cluster IP of the bad node port, the first owner of 30090.
+    assert!(probe(&c.clients[0], "http://192.0.2.11:30090/").starts_with(['a', 'b']));
+    assert_eq!(probe(&c.clients[0], "http://192.0.2.11:20080/"), "timeout");
+    // No valid source range: the load balancer IP is not served rather than open to all.
+    assert_eq!(probe(&c.clients[0], "http://198.51.100.60/"), "timeout");
+    assert!(probe(&c.clients[0], "http://192.0.2.11:30091/").starts_with(['a', 'b']));
+}
