@@ -309,7 +309,8 @@ fn bad_external_settings_are_reported_and_skipped() {
     assert!(log.contains("is already used by Service default/first"), "{log}");
     // What is valid works: the cluster IP of the bad node port, the first owner of 30090.
     assert!(probe(&c.clients[0], "http://192.0.2.11:30090/").starts_with(['a', 'b']));
-    assert_eq!(probe(&c.clients[0], "http://192.0.2.11:20080/"), "timeout");
+    // Not a frontend: the node's own stack answers, with nothing listening there.
+    assert_eq!(probe(&c.clients[0], "http://192.0.2.11:20080/"), "refused");
     // No valid source range: the load balancer IP is not served rather than open to all.
     assert_eq!(probe(&c.clients[0], "http://198.51.100.60/"), "timeout");
     assert!(probe(&c.clients[0], "http://192.0.2.11:30091/").starts_with(['a', 'b']));
