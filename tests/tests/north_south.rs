@@ -312,6 +312,7 @@ fn bad_external_settings_are_reported_and_skipped() {
     // Not a frontend: the node's own stack answers, with nothing listening there.
     assert_eq!(probe(&c.clients[0], "http://192.0.2.11:20080/"), "refused");
     // No valid source range: the load balancer IP is not served rather than open to all.
-    assert_eq!(probe(&c.clients[0], "http://198.51.100.60/"), "timeout");
+    let answer = probe(&c.clients[0], "http://198.51.100.60/");
+    assert!(answer == "refused" || answer == "timeout", "served: {answer}");
     assert!(probe(&c.clients[0], "http://192.0.2.11:30091/").starts_with(['a', 'b']));
 }
