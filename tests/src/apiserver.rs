@@ -28,9 +28,11 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct FakeApiServer {
     child: Child,
     dir: PathBuf,
-    port: u16,
+        port: u16,
     control_port: u16,
     kubeconfig: PathBuf,
+    /// The network namespace the server runs in (`None`: this process's).
+    netns: Option<PathBuf>,
 }
 
 /// Path of the server script.
@@ -46,7 +48,17 @@ impl FakeApiServer {
 
     /// Starts a server with extra command line arguments, e.g. `["--port", "6443"]` or
     /// `["--bookmark-interval", "0.2"]`.
-    pub fn start_with_args(args: &[&str]) -> anyhow::Result<Self> {
+        pub fn start_with_args(args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_in(None, args)
+    }
+
+    /// Starts a server inside a network namespace (e.g. a node's, so that an agent there
+    /// reaches it on its loopback); this process still drives it through its control port.
+    pub fn start_in_netns(netns: &Path) -> anyhow::Result<Self> {
+        Self::start_in(Some(netns.to_path_buf()), &[])
+    }
+
+    fn start_in(netns: Option<PathBuf>, args: &[&str]) -> anyhow::Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "fake-apiserver-{}-{}",
@@ -58,7 +70,15 @@ impl FakeApiServer {
         let port_file = dir.join("port");
         let control_port_file = dir.join("control-port");
         let log = fs::File::create(dir.join("log")).context("cannot create the server log")?;
-        let child = Command::new("python3")
+                let mut command = match &netns {
+            Some(path) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", path.display())).arg("--").arg("python3");
+                c
+            }
+            None => Command::new("python3"),
+        };
+        let child = command
             .arg(script())
             .arg("--port-file")
             .arg(&port_file)
@@ -82,9 +102,10 @@ impl FakeApiServer {
         let mut server = Self {
             child,
             kubeconfig: dir.join("kubeconfig"),
-            dir,
+                        dir,
             port: 0,
             control_port: 0,
+            netns,
         };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -240,14 +261,33 @@ preferences: {{}}
         array(self.control("GET", "/events", None)?)
     }
 
+    /// A connection to the control port, made from inside the server's namespace when it
+    /// has one (a socket stays in the namespace it was created in).
+    fn connect_control(&self) -> std::io::Result<TcpStream> {
+        let port = self.control_port;
+        let Some(netns) = self.netns.clone() else {
+            return TcpStream::connect(("127.0.0.1", port));
+        };
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let file = fs::File::open(&netns)?;
+            // SAFETY: moves only this short-lived thread into the namespace.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            TcpStream::connect(("127.0.0.1", port))
+        })
+        .join()
+        .expect("control connection thread panicked")
+    }
+
     fn control(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
         let what = format!("fake API server control {method} {path}");
         let body = body
             .map(serde_json::to_vec)
             .transpose()?
             .unwrap_or_default();
-        let mut stream = TcpStream::connect(("127.0.0.1", self.control_port))
-            .with_context(|| format!("{what}: cannot connect"))?;
+                let mut stream = self.connect_control().with_context(|| format!("{what}: cannot connect"))?;
         stream.set_read_timeout(Some(CONTROL_TIMEOUT))?;
         stream.set_write_timeout(Some(CONTROL_TIMEOUT))?;
         let head = format!(
