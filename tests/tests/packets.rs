@@ -507,6 +507,7 @@ fn packet_fixtures_through_bpf_prog_test_run() {
             },
         ],
         problems: vec![],
+        health_checks: vec![],
     };
     let report = programmer.apply(&plan);
     assert!(report.failures.is_empty(), "{:?}", report.failures);
@@ -594,6 +595,7 @@ fn a_full_map_skips_what_does_not_fit_and_keeps_the_rest_working() {
     let report = programmer.apply(&Plan {
         frontends: frontends.clone(),
         problems: vec![],
+        health_checks: vec![],
     });
     assert!(report.failures.is_empty(), "{:?}", report.failures);
 
@@ -603,6 +605,7 @@ fn a_full_map_skips_what_does_not_fit_and_keeps_the_rest_working() {
     let report = programmer.apply(&Plan {
         frontends: frontends.clone(),
         problems: vec![],
+        health_checks: vec![],
     });
     let failures = report.failures.join("\n");
     assert_eq!(report.failures.len(), 2, "{failures}");
@@ -640,6 +643,7 @@ fn a_full_map_skips_what_does_not_fit_and_keeps_the_rest_working() {
     let report = programmer.apply(&Plan {
         frontends,
         problems: vec![],
+        health_checks: vec![],
     });
     assert_eq!(
         report.failures.len(),
