@@ -232,8 +232,12 @@ fn snat_port(
     backend_addr: [u8; 4],
     backend_port: u16,
 ) -> Option<u16> {
-        // Ports below the ephemeral range could collide with node ports on the node's address.
-    let mut candidate = if pkt.sport >= 32768 { pkt.sport } else { random_ephemeral_port() };
+    // Ports below the ephemeral range could collide with node ports on the node's address.
+    let mut candidate = if pkt.sport >= 32768 {
+        pkt.sport
+    } else {
+        random_ephemeral_port()
+    };
     for _ in 0..4 {
         let reply = CtKey {
             saddr: backend_addr,
@@ -247,7 +251,7 @@ fn snat_port(
         if CONNTRACK.get_ptr(reply).is_none() {
             return Some(candidate);
         }
-                candidate = random_ephemeral_port();
+        candidate = random_ephemeral_port();
     }
     None
 }

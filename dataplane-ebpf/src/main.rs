@@ -13,21 +13,22 @@
 mod bench_noop;
 mod checksum;
 mod counters;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
 mod packet;
 mod refuse;
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use aya_ebpf::{macros::classifier, programs::TcContext};
 
 /// Ingress of pod-facing interfaces: traffic from pods.
 #[classifier]
 pub fn pod_ingress(ctx: TcContext) -> i32 {
     match packet::parse(&ctx) {
         Some(pkt) => lb::handle(&ctx, &pkt, lb::Origin::Pod),
-        // Not IPv4 TCP/UDP, or a non-first fragment: not ours.
-        None => TC_ACT_OK,
+        // Not IPv4 TCP/UDP: an ICMP error about a translated flow, or not ours.
+        None => icmp::translate_error(&ctx),
     }
 }
 
@@ -37,7 +38,7 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
 pub fn external_ingress(ctx: TcContext) -> i32 {
     match packet::parse(&ctx) {
         Some(pkt) => lb::handle(&ctx, &pkt, lb::Origin::External),
-        None => TC_ACT_OK,
+        None => icmp::translate_error(&ctx),
     }
 }
 

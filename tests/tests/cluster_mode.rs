@@ -51,7 +51,11 @@ impl ApiCluster {
         }
         let api = FakeApiServer::start_in_netns(&node.netns.path()).unwrap();
         api.apply(&node_object()).unwrap();
-        let mut cluster = Self { agent: None, api, node };
+        let mut cluster = Self {
+            agent: None,
+            api,
+            node,
+        };
         if start_agent {
             cluster.start_agent();
         }
@@ -59,7 +63,10 @@ impl ApiCluster {
     }
 
     fn start_agent(&mut self) {
-        let options = AgentOptions { kubeconfig: Some(self.api.kubeconfig()), ..Default::default() };
+        let options = AgentOptions {
+            kubeconfig: Some(self.api.kubeconfig()),
+            ..Default::default()
+        };
         self.agent = Some(Agent::start_with(&self.node, "node-a", options).unwrap());
     }
 
@@ -73,11 +80,19 @@ impl ApiCluster {
 
     fn frontends(&self) -> Vec<String> {
         let services = self.agent().cli_json(&["services"]).unwrap();
-        services.as_array().unwrap().iter().map(|s| s["frontend"].as_str().unwrap().to_string()).collect()
+        services
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["frontend"].as_str().unwrap().to_string())
+            .collect()
     }
 
     fn answers(&self, vip: &str, count: usize) -> usize {
-        http_requests(&self.node.pods[0].netns, &format!("http://{vip}/"), count).iter().filter(|a| a.is_ok()).count()
+        http_requests(&self.node.pods[0].netns, &format!("http://{vip}/"), count)
+            .iter()
+            .filter(|a| a.is_ok())
+            .count()
     }
 }
 
@@ -85,29 +100,41 @@ impl ApiCluster {
 fn converges_on_changes_and_after_dropped_watches() {
     require_root!();
     let c = ApiCluster::new([10, 244, 20], true);
-    c.api.apply_all(&[service("web", "10.96.2.10"), slice("web", &[c.web(0), c.web(1)])]).unwrap();
+    c.api
+        .apply_all(&[
+            service("web", "10.96.2.10"),
+            slice("web", &[c.web(0), c.web(1)]),
+        ])
+        .unwrap();
     c.agent().wait_for_backends("10.96.2.10:80", 2).unwrap();
     assert_eq!(c.answers("10.96.2.10", 10), 10);
 
     // Watches cut: the agent resumes and still sees what happens next.
-    assert!(c.api.cut_watches().unwrap() >= 3, "the agent watches services, slices and its node");
+    assert!(
+        c.api.cut_watches().unwrap() >= 3,
+        "the agent watches services, slices and its node"
+    );
     c.api.apply(&slice("web", &[c.web(1)])).unwrap();
     c.agent().wait_for_backends("10.96.2.10:80", 1).unwrap();
     c.api.delete("services", "default", "web").unwrap();
-    wait_until(Duration::from_secs(5), || !c.frontends().contains(&"10.96.2.10:80".to_string())).unwrap();
+    wait_until(Duration::from_secs(5), || {
+        !c.frontends().contains(&"10.96.2.10:80".to_string())
+    })
+    .unwrap();
 }
 
 #[test]
 fn a_relist_after_410_removes_what_vanished_while_disconnected() {
     require_root!();
     let c = ApiCluster::new([10, 244, 21], true);
-    c.api.apply_all(&[
-        service("keep", "10.96.2.20"),
-        slice("keep", &[c.web(0)]),
-        service("gone", "10.96.2.21"),
-        slice("gone", &[c.web(1)]),
-    ])
-    .unwrap();
+    c.api
+        .apply_all(&[
+            service("keep", "10.96.2.20"),
+            slice("keep", &[c.web(0)]),
+            service("gone", "10.96.2.21"),
+            slice("gone", &[c.web(1)]),
+        ])
+        .unwrap();
     c.agent().wait_for_backends("10.96.2.21:80", 1).unwrap();
     c.agent().wait_for_backends("10.96.2.20:80", 1).unwrap();
 
@@ -118,10 +145,15 @@ fn a_relist_after_410_removes_what_vanished_while_disconnected() {
     c.api.compact().unwrap();
     c.api.cut_watches().unwrap();
     c.api.resume_watches().unwrap();
-    wait_until(Duration::from_secs(10), || !c.frontends().contains(&"10.96.2.21:80".to_string()))
-        .map_err(|e| e.context(c.agent().log_text()))
-        .unwrap();
-    assert!(c.frontends().contains(&"10.96.2.20:80".to_string()), "the relist pruned a live service");
+    wait_until(Duration::from_secs(10), || {
+        !c.frontends().contains(&"10.96.2.21:80".to_string())
+    })
+    .map_err(|e| e.context(c.agent().log_text()))
+    .unwrap();
+    assert!(
+        c.frontends().contains(&"10.96.2.20:80".to_string()),
+        "the relist pruned a live service"
+    );
     assert_eq!(c.answers("10.96.2.20", 5), 5);
 }
 
@@ -129,25 +161,43 @@ fn a_relist_after_410_removes_what_vanished_while_disconnected() {
 fn losing_the_api_server_keeps_the_datapath_and_it_converges_when_back() {
     require_root!();
     let c = ApiCluster::new([10, 244, 22], true);
-    c.api.apply_all(&[service("web", "10.96.2.30"), slice("web", &[c.web(0)])]).unwrap();
+    c.api
+        .apply_all(&[service("web", "10.96.2.30"), slice("web", &[c.web(0)])])
+        .unwrap();
     c.agent().wait_for_backends("10.96.2.30:80", 1).unwrap();
 
     c.api.down().unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(c.answers("10.96.2.30", 10), 10, "traffic stopped with the API server");
+    assert_eq!(
+        c.answers("10.96.2.30", 10),
+        10,
+        "traffic stopped with the API server"
+    );
     c.agent().wait_for_backends("10.96.2.30:80", 1).unwrap();
-    assert!(c.agent().log_text().contains("watch failed"), "{}", c.agent().log_text());
+    assert!(
+        c.agent().log_text().contains("watch failed"),
+        "{}",
+        c.agent().log_text()
+    );
 
     c.api.up().unwrap();
     c.api.apply(&slice("web", &[c.web(0), c.web(1)])).unwrap();
-    c.agent().wait_for_backends("10.96.2.30:80", 2).map_err(|e| e.context(c.agent().log_text())).unwrap();
+    c.agent()
+        .wait_for_backends("10.96.2.30:80", 2)
+        .map_err(|e| e.context(c.agent().log_text()))
+        .unwrap();
 }
 
 #[test]
 fn an_agent_starting_without_the_api_server_prunes_nothing() {
     require_root!();
     let mut c = ApiCluster::new([10, 244, 23], true);
-    c.api.apply_all(&[service("web", "10.96.2.40"), slice("web", &[c.web(0), c.web(1)])]).unwrap();
+    c.api
+        .apply_all(&[
+            service("web", "10.96.2.40"),
+            slice("web", &[c.web(0), c.web(1)]),
+        ])
+        .unwrap();
     c.agent().wait_for_backends("10.96.2.40:80", 2).unwrap();
 
     // Restart with the API server down: the restored datapath keeps serving untouched.
@@ -160,9 +210,11 @@ fn an_agent_starting_without_the_api_server_prunes_nothing() {
     // Back: the first full list arrives, and only then does the agent prune.
     c.api.up().unwrap();
     c.api.delete("services", "default", "web").unwrap();
-    wait_until(Duration::from_secs(10), || !c.frontends().contains(&"10.96.2.40:80".to_string()))
-        .map_err(|e| e.context(c.agent().log_text()))
-        .unwrap();
+    wait_until(Duration::from_secs(10), || {
+        !c.frontends().contains(&"10.96.2.40:80".to_string())
+    })
+    .map_err(|e| e.context(c.agent().log_text()))
+    .unwrap();
 }
 
 #[test]
@@ -172,8 +224,13 @@ fn a_thousand_services_with_ten_thousand_endpoints_sync_at_start_up() {
     let mut objects = Vec::new();
     for i in 0..1000u32 {
         let name = format!("svc-{i}");
-        objects.push(service(&name, &format!("10.97.{}.{}", i / 250, i % 250 + 1)));
-        let endpoints: Vec<Ipv4Addr> = (0..10u32).map(|e| Ipv4Addr::from(0x0a80_0000 + i * 10 + e)).collect();
+        objects.push(service(
+            &name,
+            &format!("10.97.{}.{}", i / 250, i % 250 + 1),
+        ));
+        let endpoints: Vec<Ipv4Addr> = (0..10u32)
+            .map(|e| Ipv4Addr::from(0x0a80_0000 + i * 10 + e))
+            .collect();
         objects.push(slice(&name, &endpoints));
     }
     c.api.apply_all(&objects).unwrap();
@@ -182,6 +239,11 @@ fn a_thousand_services_with_ten_thousand_endpoints_sync_at_start_up() {
         .map_err(|e| e.context(c.agent().log_text()))
         .unwrap();
     let services = c.agent().cli_json(&["services"]).unwrap();
-    let backends: usize = services.as_array().unwrap().iter().map(|s| s["backends"].as_array().unwrap().len()).sum();
+    let backends: usize = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["backends"].as_array().unwrap().len())
+        .sum();
     assert_eq!(backends, 10_000);
 }

@@ -667,3 +667,34 @@ fn restarting_the_agent_keeps_every_connection_and_service() {
         cluster.agent.log_text()
     );
 }
+
+#[test]
+fn a_backends_icmp_error_reaches_the_client_about_the_cluster_ip() {
+    require_root!();
+    let cluster = Cluster::new(Wiring::Routed, [10, 244, 12]);
+    // UDP to a backend port nothing listens on: the backend answers ICMP port unreachable,
+    // which the client's socket (connected to the cluster IP) only accepts translated.
+    let closed = testbed::manifests::ServicePort {
+        name: "dns",
+        protocol: "UDP",
+        port: 53,
+        target_port: 5999,
+    };
+    let web0 = cluster.node.pods[1].ip;
+    cluster
+        .agent
+        .write_manifest(
+            "closed.yaml",
+            &service("closed", "10.96.0.50", &[closed], &[web0]),
+        )
+        .unwrap();
+    cluster.agent.wait_for_backends("10.96.0.50:53", 1).unwrap();
+    let out = cluster
+        .client()
+        .run("python3", &["-c", PROBE, "udp", "10.96.0.50", "53"])
+        .unwrap();
+    assert!(
+        out.starts_with("refused"),
+        "the client never learned: {out}"
+    );
+}

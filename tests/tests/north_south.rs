@@ -16,15 +16,27 @@ const CLIENT: &str = "192.0.2.100";
 
 /// A service of `kind` with an HTTP (TCP 80 -> 8080) and a DNS (UDP 53 -> 5353) port, and
 /// one EndpointSlice with `endpoints` as (address, node, zone hint).
-fn service(name: &str, cluster_ip: &str, spec_extra: &str, status: &str, endpoints: &[(Ipv4Addr, &str, Option<&str>)]) -> String {
+fn service(
+    name: &str,
+    cluster_ip: &str,
+    spec_extra: &str,
+    status: &str,
+    endpoints: &[(Ipv4Addr, &str, Option<&str>)],
+) -> String {
     let endpoints: String = endpoints
         .iter()
         .map(|(ip, node, hint)| {
-            let hints = hint.map(|z| format!(", hints: {{forZones: [{{name: {z}}}]}}")).unwrap_or_default();
+            let hints = hint
+                .map(|z| format!(", hints: {{forZones: [{{name: {z}}}]}}"))
+                .unwrap_or_default();
             format!("- {{addresses: [\"{ip}\"], nodeName: {node}{hints}}}\n")
         })
         .collect();
-    let endpoints = if endpoints.is_empty() { "endpoints: []\n".to_string() } else { format!("endpoints:\n{endpoints}") };
+    let endpoints = if endpoints.is_empty() {
+        "endpoints: []\n".to_string()
+    } else {
+        format!("endpoints:\n{endpoints}")
+    };
     format!(
         "apiVersion: v1
 kind: Service
@@ -74,7 +86,9 @@ fn tally(answers: &[Result<String, String>]) -> (BTreeMap<String, usize>, Vec<St
     for answer in answers {
         let line = answer.as_ref().expect("request failed");
         let mut parts = line.split_whitespace();
-        *by_backend.entry(parts.next().unwrap().to_string()).or_default() += 1;
+        *by_backend
+            .entry(parts.next().unwrap().to_string())
+            .or_default() += 1;
         peers.push(parts.next().unwrap().split(':').next().unwrap().to_string());
     }
     (by_backend, peers)
@@ -82,7 +96,11 @@ fn tally(answers: &[Result<String, String>]) -> (BTreeMap<String, usize>, Vec<St
 
 /// One HTTP GET with a short timeout: ("ok" body | "refused" | "timeout").
 fn probe(client: &Netns, url: &str) -> String {
-    let out = client.command("curl").args(["-s", "--max-time", "1", url]).output().unwrap();
+    let out = client
+        .command("curl")
+        .args(["-s", "--max-time", "1", url])
+        .output()
+        .unwrap();
     match out.status.code() {
         Some(0) => String::from_utf8_lossy(&out.stdout).trim().to_string(),
         Some(7) => "refused".into(),
@@ -93,15 +111,25 @@ fn probe(client: &Netns, url: &str) -> String {
 
 /// Status code, headers and body of an HTTP GET.
 fn http_get(client: &Netns, url: &str) -> (u16, String, String) {
-    let out = client.command("curl").args(["-s", "-i", "--max-time", "2", url]).output().unwrap();
+    let out = client
+        .command("curl")
+        .args(["-s", "-i", "--max-time", "2", url])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n");
     let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
-    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     (code, head.to_string(), body.to_string())
 }
 
 fn wait_backends(cluster: &MultiNode, node: usize, frontend: &str, backends: usize) {
-    cluster.agents[node].wait_for_backends(frontend, backends).unwrap();
+    cluster.agents[node]
+        .wait_for_backends(frontend, backends)
+        .unwrap();
 }
 
 #[test]
@@ -110,7 +138,17 @@ fn node_ports_reach_backends_on_both_nodes_with_the_node_as_source() {
     let mut c = cluster([&[], &[]], 1);
     let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
     let eps = [(a1, "node-a", None), (b1, "node-b", None)];
-    c.write_manifest("web.yaml", &service("web", "10.96.1.10", &format!("  type: NodePort\n{}", ports(30080, 30053)), "", &eps)).unwrap();
+    c.write_manifest(
+        "web.yaml",
+        &service(
+            "web",
+            "10.96.1.10",
+            &format!("  type: NodePort\n{}", ports(30080, 30053)),
+            "",
+            &eps,
+        ),
+    )
+    .unwrap();
     wait_backends(&c, 0, "192.0.2.11:30080", 2);
     wait_backends(&c, 1, "192.0.2.12:30080", 2);
 
@@ -119,10 +157,22 @@ fn node_ports_reach_backends_on_both_nodes_with_the_node_as_source() {
         let (by_backend, peers) = tally(&answers);
         assert_eq!(by_backend.len(), 2, "via {node_ip}: {by_backend:?}");
         // externalTrafficPolicy Cluster: SNAT to the node, so replies come back through it.
-        assert!(peers.iter().all(|p| p == node_ip), "via {node_ip}: {peers:?}");
+        assert!(
+            peers.iter().all(|p| p == node_ip),
+            "via {node_ip}: {peers:?}"
+        );
         for port in 0..4 {
-            let answer = udp_request(&c.clients[0], &format!("{node_ip}:30053"), Some(41000 + port), "q").unwrap();
-            assert!(answer.ends_with(" q") && answer.contains(node_ip), "{answer}");
+            let answer = udp_request(
+                &c.clients[0],
+                &format!("{node_ip}:30053"),
+                Some(41000 + port),
+                "q",
+            )
+            .unwrap();
+            assert!(
+                answer.ends_with(" q") && answer.contains(node_ip),
+                "{answer}"
+            );
         }
     }
 }
@@ -133,19 +183,27 @@ fn load_balancer_and_external_ips_are_served() {
     let mut c = cluster([&[], &[]], 1);
     let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
     let eps = [(a1, "node-a", None), (b1, "node-b", None)];
-    let spec = format!("  type: LoadBalancer\n  externalIPs: [198.51.100.20]\n{}", ports(30081, 30054));
+    let spec = format!(
+        "  type: LoadBalancer\n  externalIPs: [198.51.100.20]\n{}",
+        ports(30081, 30054)
+    );
     let status = "loadBalancer: {ingress: [{ip: 198.51.100.10}, {hostname: lb.example.invalid}]}";
-    c.write_manifest("lb.yaml", &service("lb", "10.96.1.11", &spec, status, &eps)).unwrap();
+    c.write_manifest("lb.yaml", &service("lb", "10.96.1.11", &spec, status, &eps))
+        .unwrap();
     wait_backends(&c, 0, "198.51.100.10:80", 2);
     wait_backends(&c, 0, "198.51.100.20:80", 2);
     for vip in ["198.51.100.10", "198.51.100.20"] {
-        let (by_backend, peers) = tally(&http_requests(&c.clients[0], &format!("http://{vip}/"), 40));
+        let (by_backend, peers) =
+            tally(&http_requests(&c.clients[0], &format!("http://{vip}/"), 40));
         assert_eq!(by_backend.len(), 2, "{vip}: {by_backend:?}");
         assert!(peers.iter().all(|p| p == NODE_A), "{vip}: {peers:?}");
         let answer = udp_request(&c.clients[0], &format!("{vip}:53"), None, "q").unwrap();
         assert!(answer.ends_with(" q"), "{answer}");
     }
-    assert!(c.agents[0].log_text().contains("hostname only"), "the hostname-only ingress is reported");
+    assert!(
+        c.agents[0].log_text().contains("hostname only"),
+        "the hostname-only ingress is reported"
+    );
 }
 
 #[test]
@@ -153,9 +211,24 @@ fn external_traffic_policy_local_keeps_the_client_address_and_health_checks_foll
     require_root!();
     let mut c = cluster([&[], &[]], 1);
     let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
-    let spec = |http| format!("  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n{}", ports(http, 30055));
+    let spec = |http| {
+        format!(
+            "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n{}",
+            ports(http, 30055)
+        )
+    };
     let status = "loadBalancer: {ingress: [{ip: 198.51.100.30}]}";
-    c.write_manifest("local.yaml", &service("local", "10.96.1.12", &spec(30082), status, &[(a1, "node-a", None)])).unwrap();
+    c.write_manifest(
+        "local.yaml",
+        &service(
+            "local",
+            "10.96.1.12",
+            &spec(30082),
+            status,
+            &[(a1, "node-a", None)],
+        ),
+    )
+    .unwrap();
     wait_backends(&c, 0, "192.0.2.11:30082", 1);
     wait_backends(&c, 1, "192.0.2.12:30082", 0);
 
@@ -163,7 +236,10 @@ fn external_traffic_policy_local_keeps_the_client_address_and_health_checks_foll
     let answers = http_requests(&c.clients[0], "http://192.0.2.11:30082/", 10);
     let (by_backend, peers) = tally(&answers);
     assert_eq!(by_backend.get("a1"), Some(&10));
-    assert!(peers.iter().all(|p| p == CLIENT), "source not preserved: {peers:?}");
+    assert!(
+        peers.iter().all(|p| p == CLIENT),
+        "source not preserved: {peers:?}"
+    );
     // Node B has none: it drops (kube-proxy drops, it does not refuse).
     assert_eq!(probe(&c.clients[0], "http://192.0.2.12:30082/"), "timeout");
 
@@ -172,7 +248,11 @@ fn external_traffic_policy_local_keeps_the_client_address_and_health_checks_foll
     wait_until(Duration::from_secs(5), || check(NODE_A).0 == 200).unwrap();
     let (code, head, body) = check(NODE_A);
     assert_eq!(code, 200, "{head}{body}");
-    assert!(head.to_lowercase().contains("x-load-balancing-endpoint-weight: 1"), "{head}");
+    assert!(
+        head.to_lowercase()
+            .contains("x-load-balancing-endpoint-weight: 1"),
+        "{head}"
+    );
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(json["service"]["name"], "local");
     assert_eq!(json["localEndpoints"], 1);
@@ -181,8 +261,21 @@ fn external_traffic_policy_local_keeps_the_client_address_and_health_checks_foll
     assert_eq!(code, 503, "{body}");
 
     // The endpoint moves to node B: the checks follow.
-    c.write_manifest("local.yaml", &service("local", "10.96.1.12", &spec(30082), status, &[(b1, "node-b", None)])).unwrap();
-    wait_until(Duration::from_secs(5), || check(NODE_A).0 == 503 && check(NODE_B).0 == 200).unwrap();
+    c.write_manifest(
+        "local.yaml",
+        &service(
+            "local",
+            "10.96.1.12",
+            &spec(30082),
+            status,
+            &[(b1, "node-b", None)],
+        ),
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(5), || {
+        check(NODE_A).0 == 503 && check(NODE_B).0 == 200
+    })
+    .unwrap();
     let (by_backend, peers) = tally(&http_requests(&c.clients[0], "http://192.0.2.12:30082/", 5));
     assert_eq!(by_backend.get("b1"), Some(&5));
     assert!(peers.iter().all(|p| p == CLIENT), "{peers:?}");
@@ -193,7 +286,10 @@ fn external_traffic_policy_local_keeps_the_client_address_and_health_checks_foll
             let (code, _, body) = http_get(&c.clients[0], &format!("http://{node}:10256/{path}"));
             assert_eq!(code, 200, "{node}/{path}: {body}");
             let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-            assert!(json["lastUpdated"].is_string() && json["currentTime"].is_string(), "{body}");
+            assert!(
+                json["lastUpdated"].is_string() && json["currentTime"].is_string(),
+                "{body}"
+            );
         }
     }
 }
@@ -209,16 +305,32 @@ fn session_affinity_holds_across_connections_and_frontends_then_expires() {
         ports(30083, 30056)
     );
     let status = "loadBalancer: {ingress: [{ip: 198.51.100.40}]}";
-    c.write_manifest("sticky.yaml", &service("sticky", "10.96.1.13", &spec, status, &eps)).unwrap();
+    c.write_manifest(
+        "sticky.yaml",
+        &service("sticky", "10.96.1.13", &spec, status, &eps),
+    )
+    .unwrap();
     wait_backends(&c, 0, "192.0.2.11:30083", 2);
     wait_backends(&c, 0, "198.51.100.40:80", 2);
 
-    let (by_backend, _) = tally(&http_requests(&c.clients[0], "http://192.0.2.11:30083/", 50));
-    assert_eq!(by_backend.len(), 1, "50 connections, one backend: {by_backend:?}");
+    let (by_backend, _) = tally(&http_requests(
+        &c.clients[0],
+        "http://192.0.2.11:30083/",
+        50,
+    ));
+    assert_eq!(
+        by_backend.len(),
+        1,
+        "50 connections, one backend: {by_backend:?}"
+    );
     let first = by_backend.keys().next().unwrap().clone();
     // Another frontend of the same service port, on the same node: the same backend.
     let (via_lb, _) = tally(&http_requests(&c.clients[0], "http://198.51.100.40/", 10));
-    assert_eq!(via_lb.keys().collect::<Vec<_>>(), vec![&first], "{via_lb:?}");
+    assert_eq!(
+        via_lb.keys().collect::<Vec<_>>(),
+        vec![&first],
+        "{via_lb:?}"
+    );
 
     // After the timeout the choice is free again (each round: idle past the timeout, then
     // a new connection; the chance of 10 rounds all landing on one backend is 1/1024).
@@ -240,12 +352,26 @@ fn source_ranges_limit_the_load_balancer_ip_only() {
     let mut c = cluster([&[], &[]], 2);
     let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
     let eps = [(a1, "node-a", None), (b1, "node-b", None)];
-    let spec = format!("  type: LoadBalancer\n  loadBalancerSourceRanges: [\"{CLIENT}/32\"]\n{}", ports(30084, 30057));
+    let spec = format!(
+        "  type: LoadBalancer\n  loadBalancerSourceRanges: [\"{CLIENT}/32\"]\n{}",
+        ports(30084, 30057)
+    );
     let status = "loadBalancer: {ingress: [{ip: 198.51.100.50}]}";
-    c.write_manifest("ranged.yaml", &service("ranged", "10.96.1.14", &spec, status, &eps)).unwrap();
+    c.write_manifest(
+        "ranged.yaml",
+        &service("ranged", "10.96.1.14", &spec, status, &eps),
+    )
+    .unwrap();
     wait_backends(&c, 0, "198.51.100.50:80", 2);
-    assert!(probe(&c.clients[0], "http://198.51.100.50/").starts_with(['a', 'b']), "allowed client refused");
-    assert_eq!(probe(&c.clients[1], "http://198.51.100.50/"), "timeout", "client outside the ranges got through");
+    assert!(
+        probe(&c.clients[0], "http://198.51.100.50/").starts_with(['a', 'b']),
+        "allowed client refused"
+    );
+    assert_eq!(
+        probe(&c.clients[1], "http://198.51.100.50/"),
+        "timeout",
+        "client outside the ranges got through"
+    );
     // Other frontends of the service are not limited.
     assert!(probe(&c.clients[1], "http://192.0.2.11:30084/").starts_with(['a', 'b']));
     let outside = underlay_ip(101).to_string();
@@ -259,32 +385,85 @@ fn internal_traffic_policy_local_and_zone_hints_keep_pod_traffic_close() {
     let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
     let both = [(a1, "node-a", None), (b1, "node-b", None)];
     let ports = "  ports: [{name: http, port: 80, targetPort: 8080}, {name: dns, port: 53, targetPort: 5353, protocol: UDP}]";
-    c.write_manifest("itp.yaml", &service("itp", "10.96.1.15", &format!("  internalTrafficPolicy: Local\n{ports}"), "", &both)).unwrap();
-    let hinted = [(a1, "node-a", Some("zone-a")), (b1, "node-b", Some("zone-b"))];
-    c.write_manifest("zonal.yaml", &service("zonal", "10.96.1.16", &format!("  trafficDistribution: PreferSameZone\n{ports}"), "", &hinted)).unwrap();
-    c.write_manifest("remote.yaml", &service("remote", "10.96.1.17", ports, "", &[(b1, "node-b", None)])).unwrap();
+    c.write_manifest(
+        "itp.yaml",
+        &service(
+            "itp",
+            "10.96.1.15",
+            &format!("  internalTrafficPolicy: Local\n{ports}"),
+            "",
+            &both,
+        ),
+    )
+    .unwrap();
+    let hinted = [
+        (a1, "node-a", Some("zone-a")),
+        (b1, "node-b", Some("zone-b")),
+    ];
+    c.write_manifest(
+        "zonal.yaml",
+        &service(
+            "zonal",
+            "10.96.1.16",
+            &format!("  trafficDistribution: PreferSameZone\n{ports}"),
+            "",
+            &hinted,
+        ),
+    )
+    .unwrap();
+    c.write_manifest(
+        "remote.yaml",
+        &service("remote", "10.96.1.17", ports, "", &[(b1, "node-b", None)]),
+    )
+    .unwrap();
     for node in 0..2 {
         wait_backends(&c, node, "10.96.1.15:80", 1);
         wait_backends(&c, node, "10.96.1.16:80", 1);
     }
-    let find = |node: usize, name: &str| c.nodes[node].node.pods.iter().position(|p| p.name == name).unwrap();
+    let find = |node: usize, name: &str| {
+        c.nodes[node]
+            .node
+            .pods
+            .iter()
+            .position(|p| p.name == name)
+            .unwrap()
+    };
     let (ia, ib) = (find(0, "client-a"), find(1, "client-b"));
     let client_a = &c.nodes[0].node.pods[ia].netns;
     let client_b = &c.nodes[1].node.pods[ib].netns;
     for (client, local) in [(client_a, "a1"), (client_b, "b1")] {
         for vip in ["10.96.1.15", "10.96.1.16"] {
             let (by_backend, _) = tally(&http_requests(client, &format!("http://{vip}/"), 20));
-            assert_eq!(by_backend.keys().collect::<Vec<_>>(), vec![local], "{vip}: {by_backend:?}");
+            assert_eq!(
+                by_backend.keys().collect::<Vec<_>>(),
+                vec![local],
+                "{vip}: {by_backend:?}"
+            );
         }
     }
     // A pod reaching a backend on the other node through a cluster IP: replies come back
     // through the node's external interface and are restored there.
     let (by_backend, peers) = tally(&http_requests(client_a, "http://10.96.1.17/", 5));
     assert_eq!(by_backend.get("b1"), Some(&5));
-    assert!(peers.iter().all(|p| *p == c.nodes[0].node.pods[ia].ip.to_string()), "{peers:?}");
+    assert!(
+        peers
+            .iter()
+            .all(|p| *p == c.nodes[0].node.pods[ia].ip.to_string()),
+        "{peers:?}"
+    );
 
     // internalTrafficPolicy Local with no endpoint on the node: dropped, not refused.
-    c.write_manifest("itp.yaml", &service("itp", "10.96.1.15", &format!("  internalTrafficPolicy: Local\n{ports}"), "", &both[..1])).unwrap();
+    c.write_manifest(
+        "itp.yaml",
+        &service(
+            "itp",
+            "10.96.1.15",
+            &format!("  internalTrafficPolicy: Local\n{ports}"),
+            "",
+            &both[..1],
+        ),
+    )
+    .unwrap();
     wait_backends(&c, 1, "10.96.1.15:80", 0);
     let client_b = &c.nodes[1].node.pods[ib].netns;
     assert_eq!(probe(client_b, "http://10.96.1.15/"), "timeout");
@@ -296,23 +475,116 @@ fn bad_external_settings_are_reported_and_skipped() {
     let mut c = cluster([&[], &[]], 1);
     let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
     let eps = [(a1, "node-a", None), (b1, "node-b", None)];
-    c.write_manifest("out-of-range.yaml", &service("outofrange", "10.96.1.20", &format!("  type: NodePort\n{}", ports(20080, 30058)), "", &eps)).unwrap();
-    c.write_manifest("first.yaml", &service("first", "10.96.1.21", &format!("  type: NodePort\n{}", ports(30090, 30059)), "", &eps)).unwrap();
-    c.write_manifest("second.yaml", &service("second", "10.96.1.22", &format!("  type: NodePort\n{}", ports(30090, 30060)), "", &eps)).unwrap();
-    let bad_ranges = format!("  type: LoadBalancer\n  loadBalancerSourceRanges: [\"not-a-cidr\"]\n{}", ports(30091, 30061));
-    c.write_manifest("bad-ranges.yaml", &service("badranges", "10.96.1.23", &bad_ranges, "loadBalancer: {ingress: [{ip: 198.51.100.60}]}", &eps)).unwrap();
+    c.write_manifest(
+        "out-of-range.yaml",
+        &service(
+            "outofrange",
+            "10.96.1.20",
+            &format!("  type: NodePort\n{}", ports(20080, 30058)),
+            "",
+            &eps,
+        ),
+    )
+    .unwrap();
+    c.write_manifest(
+        "first.yaml",
+        &service(
+            "first",
+            "10.96.1.21",
+            &format!("  type: NodePort\n{}", ports(30090, 30059)),
+            "",
+            &eps,
+        ),
+    )
+    .unwrap();
+    c.write_manifest(
+        "second.yaml",
+        &service(
+            "second",
+            "10.96.1.22",
+            &format!("  type: NodePort\n{}", ports(30090, 30060)),
+            "",
+            &eps,
+        ),
+    )
+    .unwrap();
+    let bad_ranges = format!(
+        "  type: LoadBalancer\n  loadBalancerSourceRanges: [\"not-a-cidr\"]\n{}",
+        ports(30091, 30061)
+    );
+    c.write_manifest(
+        "bad-ranges.yaml",
+        &service(
+            "badranges",
+            "10.96.1.23",
+            &bad_ranges,
+            "loadBalancer: {ingress: [{ip: 198.51.100.60}]}",
+            &eps,
+        ),
+    )
+    .unwrap();
     wait_backends(&c, 0, "10.96.1.20:80", 2);
     wait_backends(&c, 0, "192.0.2.11:30090", 2);
-    wait_until(Duration::from_secs(5), || c.agents[0].log_text().contains("not-a-cidr")).unwrap();
+    wait_until(Duration::from_secs(5), || {
+        c.agents[0].log_text().contains("not-a-cidr")
+    })
+    .unwrap();
     let log = c.agents[0].log_text();
-    assert!(log.contains("nodePort 20080 is outside the node port range"), "{log}");
-    assert!(log.contains("is already used by Service default/first"), "{log}");
+    assert!(
+        log.contains("nodePort 20080 is outside the node port range"),
+        "{log}"
+    );
+    assert!(
+        log.contains("is already used by Service default/first"),
+        "{log}"
+    );
     // What is valid works: the cluster IP of the bad node port, the first owner of 30090.
     assert!(probe(&c.clients[0], "http://192.0.2.11:30090/").starts_with(['a', 'b']));
     // Not a frontend: the node's own stack answers, with nothing listening there.
     assert_eq!(probe(&c.clients[0], "http://192.0.2.11:20080/"), "refused");
     // No valid source range: the load balancer IP is not served rather than open to all.
     let answer = probe(&c.clients[0], "http://198.51.100.60/");
-    assert!(answer == "refused" || answer == "timeout", "served: {answer}");
+    assert!(
+        answer == "refused" || answer == "timeout",
+        "served: {answer}"
+    );
     assert!(probe(&c.clients[0], "http://192.0.2.11:30091/").starts_with(['a', 'b']));
+}
+
+#[test]
+fn icmp_errors_about_node_port_flows_reach_the_external_client() {
+    require_root!();
+    let mut c = cluster([&[], &[]], 1);
+    let a1 = ip_of(&mut c, "a1");
+    // The slice's UDP port is one nothing listens on: a1 answers ICMP port unreachable to the
+    // node's SNAT address; the client must get it about the node port it used.
+    let manifest = service(
+        "closed",
+        "10.96.1.30",
+        &format!("  type: NodePort\n{}", ports(30092, 30062)),
+        "",
+        &[(a1, "node-a", None)],
+    )
+    .replace("port: 5353, protocol: UDP", "port: 5999, protocol: UDP");
+    c.write_manifest("closed.yaml", &manifest).unwrap();
+    wait_backends(&c, 0, "192.0.2.11:30062", 1);
+    let probe = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.connect((sys.argv[1], int(sys.argv[2])))
+t = time.monotonic()
+try:
+    s.send(b"hello")
+    s.recv(100)
+    print("answered")
+except ConnectionRefusedError:
+    print("refused", time.monotonic() - t)
+except socket.timeout:
+    print("timeout")
+"#;
+    let out = c.clients[0]
+        .run("python3", &["-c", probe, NODE_A, "30062"])
+        .unwrap();
+    assert!(out.starts_with("refused"), "{out}");
 }

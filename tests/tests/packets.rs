@@ -24,6 +24,7 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const HAIRPIN_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const LOCAL_ONLY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 0, 9, 9);
 const HAIRPIN_SNAT: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
@@ -165,6 +166,36 @@ fn reset(src: SocketAddrV4, dst: SocketAddrV4, seq: u32, ack: u32, flags: u8) ->
     f
 }
 
+/// The first 28 bytes of a frame's IP packet (header and 8 bytes), as an ICMP error quotes
+/// them, with its addresses and ports replaced and its header checksum recomputed (the quoted
+/// L4 checksum is left alone, as NAT devices leave it).
+fn quote(frame: &[u8], src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
+    let mut q = frame[14..14 + 28].to_vec();
+    q[12..16].copy_from_slice(&src.ip().octets());
+    q[16..20].copy_from_slice(&dst.ip().octets());
+    q[20..22].copy_from_slice(&src.port().to_be_bytes());
+    q[22..24].copy_from_slice(&dst.port().to_be_bytes());
+    q[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&[&q[..20]]);
+    q[10..12].copy_from_slice(&c);
+    q
+}
+
+/// An ICMP error (`kind` = [type, code]) from `src` to `dst` quoting `quoted`.
+fn icmp_error(
+    macs: ([u8; 6], [u8; 6]),
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    kind: [u8; 2],
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut icmp = vec![kind[0], kind[1], 0, 0, 0, 0, 0x05, 0xdc]; // next-hop MTU 1500
+    let c = checksum(&[&icmp, quoted]);
+    icmp[2..4].copy_from_slice(&c);
+    let ip = ipv4_header(1, (20 + 8 + quoted.len()) as u16, src, dst, 64, 7, 0);
+    [&macs.0[..], &macs.1, &[0x08, 0x00], &ip, &icmp, quoted].concat()
+}
+
 struct Case {
     description: &'static str,
     input: Vec<u8>,
@@ -187,6 +218,15 @@ fn cases() -> Vec<Case> {
         TO_NODE,
         sock(CLIENT, 40002),
         sock(EMPTY_VIP, 53),
+        L4::Udp {
+            payload: b"query",
+            zero_checksum: false,
+        },
+    );
+    let udp_query = frame(
+        TO_NODE,
+        sock(CLIENT, 40001),
+        sock(VIP, 53),
         L4::Udp {
             payload: b"query",
             zero_checksum: false,
@@ -286,6 +326,42 @@ fn cases() -> Vec<Case> {
                 sock(VIP, 53),
                 sock(CLIENT, 40001),
                 udp(b"answer", false),
+            ),
+            verdict: TC_ACT_OK,
+        },
+        Case {
+            description: "a backend's port unreachable reaches the client about the cluster IP",
+            input: icmp_error(
+                TO_NODE,
+                BACKEND,
+                CLIENT,
+                [3, 3],
+                &quote(&udp_query, sock(CLIENT, 40001), sock(BACKEND, 5353)),
+            ),
+            expected: icmp_error(
+                TO_NODE,
+                VIP,
+                CLIENT,
+                [3, 3],
+                &quote(&udp_query, sock(CLIENT, 40001), sock(VIP, 53)),
+            ),
+            verdict: TC_ACT_OK,
+        },
+        Case {
+            description: "fragmentation needed about a reply reaches the backend about its own packet",
+            input: icmp_error(
+                TO_NODE,
+                ROUTER,
+                VIP,
+                [3, 4],
+                &quote(&udp_query, sock(VIP, 53), sock(CLIENT, 40001)),
+            ),
+            expected: icmp_error(
+                TO_NODE,
+                ROUTER,
+                BACKEND,
+                [3, 4],
+                &quote(&udp_query, sock(BACKEND, 5353), sock(CLIENT, 40001)),
             ),
             verdict: TC_ACT_OK,
         },
