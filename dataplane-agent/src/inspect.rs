@@ -1,13 +1,14 @@
-//! `services` and `flows`: what the pinned maps hold, as tables for people and JSON for tools.
-//! Reads only the pins, so it works while the agent is stopped.
+//! `services`, `backends`, `flows`, `stats` and `graph`: what the pinned maps hold, as tables
+//! for people and JSON for tools. Reads only the pins, so it works while the agent is stopped.
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
 };
 
 use dataplane_common::{
-    BACKEND_STATE_TERMINATING, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CtEntry, CtKey,
-    ServiceKey, TrafficStats,
+    BACKEND_STATE_TERMINATING, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT,
+    CtEntry, CtKey, FRONTEND_KIND_EXTERNAL_IP, FRONTEND_KIND_LOAD_BALANCER,
+    FRONTEND_KIND_NODE_PORT, FrontendName, ServiceKey, TrafficStats, drop_reason,
 };
 use serde::Serialize;
 
@@ -17,6 +18,48 @@ use crate::{datapath::maps::PinnedMaps, plan::Protocol};
 pub struct Counters {
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// Who a frontend belongs to, from the names the agent records beside the maps.
+#[derive(Debug, Serialize, Clone, Default, PartialEq, Eq)]
+pub struct FrontendLabel {
+    /// `namespace/name`, or "" when unknown.
+    pub service: String,
+    pub port: String,
+    pub kind: &'static str,
+}
+
+fn text(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+fn label(names: &BTreeMap<u32, FrontendName>, frontend_id: u32) -> FrontendLabel {
+    let Some(name) = names.get(&frontend_id) else {
+        return FrontendLabel {
+            kind: "",
+            ..Default::default()
+        };
+    };
+    FrontendLabel {
+        service: text(&name.service),
+        port: text(&name.port),
+        kind: match name.kind {
+            FRONTEND_KIND_NODE_PORT => "NodePort",
+            FRONTEND_KIND_LOAD_BALANCER => "LoadBalancer",
+            FRONTEND_KIND_EXTERNAL_IP => "ExternalIP",
+            _ => "ClusterIP",
+        },
+    }
+}
+
+fn names(maps: &PinnedMaps) -> anyhow::Result<BTreeMap<u32, FrontendName>> {
+    let mut out = BTreeMap::new();
+    for entry in maps.names.iter() {
+        let (id, name) = entry?;
+        out.insert(id, name);
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Serialize)]
@@ -34,6 +77,9 @@ pub struct ServiceView {
     pub frontend: String,
     pub protocol: String,
     pub frontend_id: u32,
+    pub service: String,
+    pub port: String,
+    pub kind: &'static str,
     pub packets: u64,
     pub bytes: u64,
     pub connections: u64,
@@ -48,7 +94,10 @@ pub struct FlowView {
     pub backend: String,
     pub backend_id: u32,
     pub frontend_id: u32,
+    pub service: String,
     pub hairpin: bool,
+    /// The source the backend saw, when external traffic was SNATed to the node.
+    pub snat: Option<String>,
     pub to_backend: Counters,
     pub to_client: Counters,
     pub age_seconds: f64,
@@ -65,11 +114,19 @@ fn socket(addr: [u8; 4], port: u16) -> String {
     SocketAddrV4::new(Ipv4Addr::from(addr), port).to_string()
 }
 
+fn stats(array: &aya::maps::Array<aya::maps::MapData, TrafficStats>, id: u32) -> TrafficStats {
+    array.get(&id, 0).unwrap_or_default()
+}
+
 pub fn services(maps: &PinnedMaps) -> anyhow::Result<Vec<ServiceView>> {
+    let names = names(maps)?;
     let mut frontends: BTreeMap<(u8, [u8; 4], u16), (u32, u16)> = BTreeMap::new();
     let mut slots: BTreeMap<ServiceKey, u32> = BTreeMap::new();
     for entry in maps.services.iter() {
         let (key, value) = entry?;
+        if key.scope != dataplane_common::SCOPE_DEFAULT {
+            continue; // the pods' view of a frontend shown once, by its default entry
+        }
         if key.backend_slot == 0 {
             frontends.insert(
                 (key.proto, key.addr, key.port),
@@ -79,8 +136,6 @@ pub fn services(maps: &PinnedMaps) -> anyhow::Result<Vec<ServiceView>> {
             slots.insert(key, value.backend_id);
         }
     }
-    let stats =
-        |array: &aya::maps::Array<_, TrafficStats>, id: u32| array.get(&id, 0).unwrap_or_default();
     let mut out = Vec::new();
     for ((proto, addr, port), (rev_nat_id, count)) in frontends {
         let s = stats(&maps.service_stats, rev_nat_id);
@@ -113,16 +168,72 @@ pub fn services(maps: &PinnedMaps) -> anyhow::Result<Vec<ServiceView>> {
                 connections: b.connections,
             });
         }
+        let name = label(&names, rev_nat_id);
         out.push(ServiceView {
             frontend: socket(addr, port),
             protocol: protocol_name(proto),
             frontend_id: rev_nat_id,
+            service: name.service,
+            port: name.port,
+            kind: name.kind,
             packets: s.packets,
             bytes: s.bytes,
             connections: s.connections,
             backends,
         });
     }
+    Ok(out)
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendView {
+    pub backend_id: u32,
+    pub address: String,
+    pub protocol: String,
+    pub state: &'static str,
+    /// The services (`namespace/name`) whose frontends use it.
+    pub services: Vec<String>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub connections: u64,
+}
+
+pub fn backends(maps: &PinnedMaps) -> anyhow::Result<Vec<BackendView>> {
+    let mut used_by: BTreeMap<u32, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for service in services(maps)? {
+        for b in &service.backends {
+            let owner = if service.service.is_empty() {
+                service.frontend.clone()
+            } else {
+                service.service.clone()
+            };
+            used_by.entry(b.backend_id).or_default().insert(owner);
+        }
+    }
+    let mut out = Vec::new();
+    for entry in maps.backends.iter() {
+        let (id, backend) = entry?;
+        let s = stats(&maps.backend_stats, id);
+        out.push(BackendView {
+            backend_id: id,
+            address: socket(backend.addr, backend.port),
+            protocol: protocol_name(backend.proto),
+            state: if backend.state == BACKEND_STATE_TERMINATING {
+                "terminating"
+            } else {
+                "active"
+            },
+            services: used_by
+                .remove(&id)
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+            packets: s.packets,
+            bytes: s.bytes,
+            connections: s.connections,
+        });
+    }
+    out.sort_by_key(|b| b.backend_id);
     Ok(out)
 }
 
@@ -140,6 +251,7 @@ fn monotonic_ns() -> u64 {
 type ReplyTuple = (u8, [u8; 4], u16, [u8; 4], u16);
 
 pub fn flows(maps: &PinnedMaps) -> anyhow::Result<Vec<FlowView>> {
+    let names = names(maps)?;
     let mut forward = Vec::new();
     let mut reply: BTreeMap<ReplyTuple, CtEntry> = BTreeMap::new();
     for entry in maps.conntrack.iter() {
@@ -160,15 +272,15 @@ pub fn flows(maps: &PinnedMaps) -> anyhow::Result<Vec<FlowView>> {
     let mut out: Vec<FlowView> = forward
         .into_iter()
         .map(|(key, fwd)| {
-            let hairpin = fwd.flags & CT_FLAG_HAIRPIN != 0;
-            let seen_client = if hairpin { fwd.peer_addr } else { key.saddr };
-            let back = reply.get(&(
-                key.proto,
-                fwd.nat_addr,
-                fwd.nat_port,
-                seen_client,
-                key.sport,
-            ));
+            let snat = fwd.flags & CT_FLAG_SNAT != 0;
+            let (seen_addr, seen_port) = if snat {
+                (fwd.peer_addr, fwd.peer_port)
+            } else if fwd.flags & CT_FLAG_HAIRPIN != 0 {
+                (fwd.peer_addr, key.sport)
+            } else {
+                (key.saddr, key.sport)
+            };
+            let back = reply.get(&(key.proto, fwd.nat_addr, fwd.nat_port, seen_addr, seen_port));
             let to_client = back
                 .map(|r| Counters {
                     packets: r.packets,
@@ -183,7 +295,9 @@ pub fn flows(maps: &PinnedMaps) -> anyhow::Result<Vec<FlowView>> {
                 backend: socket(fwd.nat_addr, fwd.nat_port),
                 backend_id: fwd.backend_id,
                 frontend_id: fwd.rev_nat_id,
-                hairpin,
+                service: label(&names, fwd.rev_nat_id).service,
+                hairpin: fwd.flags & CT_FLAG_HAIRPIN != 0,
+                snat: snat.then(|| socket(seen_addr, seen_port)),
                 to_backend: Counters {
                     packets: fwd.packets,
                     bytes: fwd.bytes,
@@ -198,16 +312,189 @@ pub fn flows(maps: &PinnedMaps) -> anyhow::Result<Vec<FlowView>> {
     Ok(out)
 }
 
+/// `flows` filters: every given one must match.
+#[derive(Debug, Default, Clone)]
+pub struct FlowFilter {
+    /// `namespace/name` (or its `name` alone).
+    pub service: Option<String>,
+    /// A backend `ip` or `ip:port`.
+    pub backend: Option<String>,
+    /// An address on any side of the flow.
+    pub ip: Option<String>,
+}
+
+impl FlowFilter {
+    pub fn matches(&self, flow: &FlowView) -> bool {
+        let host = |s: &str| s.split(':').next().unwrap_or("").to_string();
+        self.service
+            .as_ref()
+            .is_none_or(|s| flow.service == *s || flow.service.rsplit('/').next() == Some(s))
+            && self
+                .backend
+                .as_ref()
+                .is_none_or(|b| flow.backend == *b || host(&flow.backend) == *b)
+            && self.ip.as_ref().is_none_or(|ip| {
+                [&flow.client, &flow.frontend, &flow.backend]
+                    .iter()
+                    .any(|a| host(a) == *ip)
+                    || flow.snat.as_deref().is_some_and(|s| host(s) == *ip)
+            })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FlowSort {
+    /// By frontend, then client.
+    Frontend,
+    /// Most bytes (both ways) first.
+    Bytes,
+    /// Most packets (both ways) first.
+    Packets,
+}
+
+pub fn sort_flows(flows: &mut [FlowView], by: FlowSort) {
+    match by {
+        FlowSort::Frontend => {}
+        FlowSort::Bytes => {
+            flows.sort_by_key(|f| std::cmp::Reverse(f.to_backend.bytes + f.to_client.bytes))
+        }
+        FlowSort::Packets => {
+            flows.sort_by_key(|f| std::cmp::Reverse(f.to_backend.packets + f.to_client.packets))
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct MapUsage {
+    pub map: &'static str,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatsView {
+    pub services: Vec<ServiceView>,
+    pub drops: BTreeMap<&'static str, u64>,
+    pub conntrack_entries: u64,
+    pub maps: Vec<MapUsage>,
+}
+
+fn count<K, V, I: Iterator<Item = Result<(K, V), aya::maps::MapError>>>(iter: I) -> u64 {
+    iter.filter(|e| e.is_ok()).count() as u64
+}
+
+pub fn stats_view(maps: &PinnedMaps) -> anyhow::Result<StatsView> {
+    use dataplane_common::map_names as n;
+    let mut drops = BTreeMap::new();
+    for reason in 1..dataplane_common::capacity::DROP_REASONS {
+        let value = maps.drops.get(&reason, 0).unwrap_or(0);
+        if value > 0 || drop_reason::name(reason) != "unknown" {
+            drops.insert(drop_reason::name(reason), value);
+        }
+    }
+    let conntrack_entries = count(maps.conntrack.iter());
+    let capacity = |name: &'static str| maps.capacities.get(name).copied().unwrap_or(0) as u64;
+    let usage = |map: &'static str, entries: u64| MapUsage {
+        map,
+        entries,
+        capacity: capacity(map),
+    };
+    let maps_usage = vec![
+        usage(n::SERVICES, count(maps.services.iter())),
+        usage(n::BACKENDS, count(maps.backends.iter())),
+        usage(n::REV_NAT, count(maps.rev_nat.iter())),
+        usage(n::CONNTRACK, conntrack_entries),
+        usage(n::AFFINITY, count(maps.affinity.iter())),
+        usage(n::SOURCE_RANGES, count(maps.source_ranges.iter())),
+        usage(n::MAGLEV, count(maps.maglev.iter())),
+        usage(n::NAMES, count(maps.names.iter())),
+    ];
+    Ok(StatsView {
+        services: services(maps)?,
+        drops,
+        conntrack_entries,
+        maps: maps_usage,
+    })
+}
+
+/// The service graph: who talks to which service, and which backends serve it.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct GraphEdge {
+    pub from: String,
+    pub to: String,
+    pub connections: u64,
+    pub bytes: u64,
+}
+
+/// Edges client -> service and service -> backend, aggregated over the current flows.
+pub fn graph(flows: &[FlowView]) -> Vec<GraphEdge> {
+    let mut edges: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    for f in flows {
+        let service = if f.service.is_empty() {
+            f.frontend.clone()
+        } else {
+            f.service.clone()
+        };
+        let client = f.client.split(':').next().unwrap_or("").to_string();
+        let bytes = f.to_backend.bytes + f.to_client.bytes;
+        for key in [(client, service.clone()), (service, f.backend.clone())] {
+            let e = edges.entry(key).or_default();
+            e.0 += 1;
+            e.1 += bytes;
+        }
+    }
+    edges
+        .into_iter()
+        .map(|((from, to), (connections, bytes))| GraphEdge {
+            from,
+            to,
+            connections,
+            bytes,
+        })
+        .collect()
+}
+
+/// Graphviz DOT of the graph: services as boxes, clients and backends as ellipses.
+pub fn graph_dot(edges: &[GraphEdge]) -> String {
+    let mut out =
+        String::from("digraph services {\n  rankdir=LR;\n  node [fontname=\"Helvetica\"];\n");
+    let services: std::collections::BTreeSet<&str> = edges
+        .iter()
+        .filter(|e| edges.iter().any(|o| o.from == e.to))
+        .map(|e| e.to.as_str())
+        .collect();
+    for s in &services {
+        out.push_str(&format!(
+            "  \"{s}\" [shape=box, style=filled, fillcolor=\"#dde8ff\"];\n"
+        ));
+    }
+    for e in edges {
+        out.push_str(&format!(
+            "  \"{}\" -> \"{}\" [label=\"{} conn, {} B\"];\n",
+            e.from, e.to, e.connections, e.bytes
+        ));
+    }
+    out.push_str("}\n");
+    out
+}
+
 pub fn print_services(views: &[ServiceView]) {
     println!(
-        "{:<22} {:<5} {:>5} {:>8} {:>10} {:>12} {:>6}",
-        "FRONTEND", "PROTO", "ID", "BACKENDS", "PACKETS", "BYTES", "CONNS"
+        "{:<22} {:<5} {:<12} {:<28} {:>5} {:>8} {:>10} {:>12} {:>6}",
+        "FRONTEND", "PROTO", "KIND", "SERVICE", "ID", "BACKENDS", "PACKETS", "BYTES", "CONNS"
     );
     for s in views {
+        let service = if s.port.is_empty() {
+            s.service.clone()
+        } else {
+            format!("{}:{}", s.service, s.port)
+        };
         println!(
-            "{:<22} {:<5} {:>5} {:>8} {:>10} {:>12} {:>6}",
+            "{:<22} {:<5} {:<12} {:<28} {:>5} {:>8} {:>10} {:>12} {:>6}",
             s.frontend,
             s.protocol,
+            s.kind,
+            service,
             s.frontend_id,
             s.backends.len(),
             s.packets,
@@ -223,18 +510,48 @@ pub fn print_services(views: &[ServiceView]) {
     }
 }
 
+pub fn print_backends(views: &[BackendView]) {
+    println!(
+        "{:>6} {:<22} {:<5} {:<11} {:>10} {:>12} {:>6}  SERVICES",
+        "ID", "BACKEND", "PROTO", "STATE", "PACKETS", "BYTES", "CONNS"
+    );
+    for b in views {
+        println!(
+            "{:>6} {:<22} {:<5} {:<11} {:>10} {:>12} {:>6}  {}",
+            b.backend_id,
+            b.address,
+            b.protocol,
+            b.state,
+            b.packets,
+            b.bytes,
+            b.connections,
+            b.services.join(",")
+        );
+    }
+}
+
 pub fn print_flows(views: &[FlowView]) {
     println!(
-        "{:<5} {:<22} {:<22} {:<22} {:>8} {:>10} {:>8} {:>10} {:>8}",
-        "PROTO", "CLIENT", "FRONTEND", "BACKEND", "PKTS>", "BYTES>", "<PKTS", "<BYTES", "IDLE(s)"
+        "{:<5} {:<22} {:<22} {:<22} {:<20} {:>8} {:>10} {:>8} {:>10} {:>8}",
+        "PROTO",
+        "CLIENT",
+        "FRONTEND",
+        "BACKEND",
+        "SERVICE",
+        "PKTS>",
+        "BYTES>",
+        "<PKTS",
+        "<BYTES",
+        "IDLE(s)"
     );
     for f in views {
         println!(
-            "{:<5} {:<22} {:<22} {:<22} {:>8} {:>10} {:>8} {:>10} {:>8.1}",
+            "{:<5} {:<22} {:<22} {:<22} {:<20} {:>8} {:>10} {:>8} {:>10} {:>8.1}",
             f.protocol,
             f.client,
             f.frontend,
             f.backend,
+            f.service,
             f.to_backend.packets,
             f.to_backend.bytes,
             f.to_client.packets,
@@ -244,9 +561,39 @@ pub fn print_flows(views: &[FlowView]) {
     }
 }
 
+pub fn print_stats(view: &StatsView) {
+    println!(
+        "{:<22} {:<5} {:<28} {:>10} {:>12} {:>6}",
+        "FRONTEND", "PROTO", "SERVICE", "PACKETS", "BYTES", "CONNS"
+    );
+    for s in &view.services {
+        println!(
+            "{:<22} {:<5} {:<28} {:>10} {:>12} {:>6}",
+            s.frontend, s.protocol, s.service, s.packets, s.bytes, s.connections
+        );
+    }
+    println!("\nDROPS");
+    for (reason, count) in &view.drops {
+        println!("  {reason:<26} {count}");
+    }
+    println!("\nMAPS (entries / capacity)");
+    for m in &view.maps {
+        let percent = if m.capacity > 0 {
+            m.entries as f64 * 100.0 / m.capacity as f64
+        } else {
+            0.0
+        };
+        println!(
+            "  {:<18} {:>9} / {:<9} {:>6.2}%",
+            m.map, m.entries, m.capacity, percent
+        );
+    }
+    println!("\nconntrack entries: {}", view.conntrack_entries);
+}
+
 pub fn print_plan(plan: &crate::plan::Plan) {
     println!(
-        "{:<22} {:<5} {:<10} {:<30} {:<10} BACKENDS",
+        "{:<22} {:<5} {:<12} {:<30} {:<10} BACKENDS",
         "FRONTEND", "PROTO", "KIND", "SERVICE", "PORT"
     );
     for f in &plan.frontends {
@@ -261,7 +608,7 @@ pub fn print_plan(plan: &crate::plan::Plan) {
             backends.join(",")
         };
         println!(
-            "{:<22} {:<5} {:<10} {:<30} {:<10} {}",
+            "{:<22} {:<5} {:<12} {:<30} {:<10} {}",
             f.frontend.addr.to_string(),
             f.frontend.protocol.to_string(),
             format!("{:?}", f.kind),

@@ -5,6 +5,7 @@ pub mod endpoints;
 pub mod health;
 pub mod inspect;
 pub mod maglev;
+pub mod metrics;
 pub mod objects;
 pub mod plan;
 pub mod run;

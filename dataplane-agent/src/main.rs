@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use dataplane_agent::{
     datapath::{BpffsLayout, attach, layout::DEFAULT_BPFFS_DIR, maps::PinnedMaps},
-    inspect,
+    inspect::{self, FlowSort},
     objects::ClusterObjects,
     plan::{Algorithm, Cidr, NodeContext},
     run::{RunConfig, SourceConfig, run},
@@ -26,6 +26,36 @@ struct Cli {
 enum Output {
     Table,
     Json,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum GraphOutput {
+    Dot,
+    Svg,
+    Json,
+}
+
+/// SVG through Graphviz's `dot`, when it is installed.
+fn render_svg(dot: &str) -> anyhow::Result<String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("dot")
+        .arg("-Tsvg")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("SVG needs Graphviz's `dot` (apt-get install graphviz); -o dot and -o json work without it")?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(dot.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "dot failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
 }
 
 /// Where Kubernetes objects come from: a manifest directory, or the API server (in-cluster
@@ -182,12 +212,47 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Backends as the pinned maps hold them, with the services using them and counters.
+    Backends {
+        #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+        bpffs_dir: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Conntrack entries: client, frontend, backend, and packets/bytes each way.
     Flows {
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
+        /// Only flows of this service (`namespace/name`, or `name`).
+        #[arg(long)]
+        service: Option<String>,
+        /// Only flows to this backend (`ip` or `ip:port`).
+        #[arg(long)]
+        backend: Option<String>,
+        /// Only flows with this address on any side.
+        #[arg(long)]
+        ip: Option<String>,
+        #[arg(long, value_enum, default_value = "frontend")]
+        sort: FlowSort,
+        /// Refresh every second, like top (table output).
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Per-service and per-backend traffic, drops by reason, and each map's fill.
+    Stats {
+        #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+        bpffs_dir: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Who talks to which service and which backends serve it, from the current flows.
+    Graph {
+        #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+        bpffs_dir: PathBuf,
+        #[arg(short, long, value_enum, default_value = "dot")]
+        output: GraphOutput,
     },
 }
 
@@ -266,13 +331,74 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Flows { bpffs_dir, output } => {
-            let maps = PinnedMaps::open(&BpffsLayout::new(bpffs_dir))?;
-            let views = inspect::flows(&maps)?;
+        Command::Backends { bpffs_dir, output } => {
+            let views = inspect::backends(&PinnedMaps::open(&BpffsLayout::new(bpffs_dir))?)?;
             match output {
                 Output::Json => print_json(&views),
                 Output::Table => {
-                    inspect::print_flows(&views);
+                    inspect::print_backends(&views);
+                    Ok(())
+                }
+            }
+        }
+        Command::Flows {
+            bpffs_dir,
+            output,
+            service,
+            backend,
+            ip,
+            sort,
+            watch,
+        } => {
+            let maps = PinnedMaps::open(&BpffsLayout::new(bpffs_dir))?;
+            let filter = inspect::FlowFilter {
+                service,
+                backend,
+                ip,
+            };
+            loop {
+                let mut views: Vec<_> = inspect::flows(&maps)?
+                    .into_iter()
+                    .filter(|f| filter.matches(f))
+                    .collect();
+                inspect::sort_flows(&mut views, sort);
+                match output {
+                    Output::Json => print_json(&views)?,
+                    Output::Table => {
+                        if watch {
+                            print!("\x1b[2J\x1b[H"); // clear the screen, as top does
+                        }
+                        inspect::print_flows(&views);
+                    }
+                }
+                if !watch {
+                    return Ok(());
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
+        Command::Stats { bpffs_dir, output } => {
+            let view = inspect::stats_view(&PinnedMaps::open(&BpffsLayout::new(bpffs_dir))?)?;
+            match output {
+                Output::Json => print_json(&view),
+                Output::Table => {
+                    inspect::print_stats(&view);
+                    Ok(())
+                }
+            }
+        }
+        Command::Graph { bpffs_dir, output } => {
+            let flows = inspect::flows(&PinnedMaps::open(&BpffsLayout::new(bpffs_dir))?)?;
+            let edges = inspect::graph(&flows);
+            match output {
+                GraphOutput::Json => print_json(&serde_json::json!({ "edges": edges })),
+                GraphOutput::Dot => {
+                    print!("{}", inspect::graph_dot(&edges));
+                    Ok(())
+                }
+                GraphOutput::Svg => {
+                    let svg = render_svg(&inspect::graph_dot(&edges))?;
+                    print!("{svg}");
                     Ok(())
                 }
             }

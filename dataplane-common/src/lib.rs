@@ -28,9 +28,10 @@ pub mod map_names {
     pub const AFFINITY: &str = "dp_affinity_v1";
     pub const SOURCE_RANGES: &str = "dp_srcrange_v1";
     pub const MAGLEV: &str = "dp_maglev_v1";
-    pub const CONFIG: &str = "dp_config_v1";
+        pub const CONFIG: &str = "dp_config_v1";
+    pub const NAMES: &str = "dp_names_v1";
     /// Every map, in the order `cleanup` and the inspection tools walk them.
-    pub const ALL: [&str; 11] = [
+        pub const ALL: [&str; 12] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -40,8 +41,9 @@ pub mod map_names {
         DROPS,
         AFFINITY,
         SOURCE_RANGES,
-        MAGLEV,
+                MAGLEV,
         CONFIG,
+        NAMES,
     ];
 }
 
@@ -248,6 +250,26 @@ pub struct MaglevTable {
     pub backend_ids: [u32; MAGLEV_TABLE_SIZE],
 }
 
+/// What a frontend is, for people: written by the agent beside the datapath's maps (the
+/// programs never read it), so the inspection tools can name services while the agent is
+/// stopped. Strings are NUL-padded UTF-8, cut to fit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FrontendName {
+    /// `namespace/name`.
+    pub service: [u8; 96],
+    /// The service port's name.
+    pub port: [u8; 24],
+    /// `FRONTEND_KIND_*`.
+    pub kind: u8,
+    pub _pad: [u8; 7],
+}
+
+pub const FRONTEND_KIND_CLUSTER_IP: u8 = 0;
+pub const FRONTEND_KIND_NODE_PORT: u8 = 1;
+pub const FRONTEND_KIND_LOAD_BALANCER: u8 = 2;
+pub const FRONTEND_KIND_EXTERNAL_IP: u8 = 3;
+
 /// Node-wide settings the agent writes into `dp_config_v1` (one entry).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -324,8 +346,9 @@ mod user {
         AffinityKey,
         AffinityValue,
         SourceRangeKey,
-        MaglevTable,
+                MaglevTable,
         DatapathConfig,
+        FrontendName,
     );
 }
 
@@ -393,7 +416,10 @@ mod layout_tests {
         assert_eq!(size_of::<SourceRangeKey>(), 8);
         assert_eq!(offset_of!(SourceRangeKey, addr), 4);
         assert_eq!(size_of::<MaglevTable>(), 4 * MAGLEV_TABLE_SIZE);
-        assert_eq!(size_of::<DatapathConfig>(), 8);
+                assert_eq!(size_of::<DatapathConfig>(), 8);
+        assert_eq!(size_of::<FrontendName>(), 128);
+        assert_eq!(offset_of!(FrontendName, port), 96);
+        assert_eq!(offset_of!(FrontendName, kind), 120);
     }
 
     #[test]

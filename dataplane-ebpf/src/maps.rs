@@ -6,8 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use dataplane_common::{
-    AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, MaglevTable, RevNat,
-    ServiceKey, ServiceValue, SourceRangeKey, TrafficStats, capacity,
+    AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, FrontendName, MaglevTable,
+    RevNat, ServiceKey, ServiceValue, SourceRangeKey, TrafficStats, capacity,
 };
 
 #[btf_map(name = "dp_svc_v2")]
@@ -50,6 +50,10 @@ pub static MAGLEV: HashMap<
     { capacity::MAGLEV_SERVICES as usize },
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
+
+/// Written by the agent for the inspection tools; the programs never read it.
+#[btf_map(name = "dp_names_v1")]
+pub static NAMES: HashMap<u32, FrontendName, { capacity::FRONTENDS as usize }> = HashMap::new();
 
 #[btf_map(name = "dp_config_v1")]
 pub static CONFIG: Array<DatapathConfig, 1> = Array::new();

@@ -698,3 +698,116 @@ fn a_backends_icmp_error_reaches_the_client_about_the_cluster_ip() {
         "the client never learned: {out}"
     );
 }
+
+#[test]
+fn inspection_commands_name_services_filter_flows_and_graph_the_traffic() {
+    require_root!();
+    let cluster = Cluster::new(Wiring::Routed, [10, 244, 13]);
+    cluster.publish_web(&cluster.web_ips());
+    let web0 = cluster.node.pods[1].ip;
+    cluster
+        .agent
+        .write_manifest(
+            "other.yaml",
+            &service("other", "10.96.0.60", &[HTTP], &[web0]),
+        )
+        .unwrap();
+    cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
+    cluster.agent.wait_for_backends("10.96.0.60:80", 1).unwrap();
+    let to_web = http_requests(cluster.client(), &format!("http://{VIP}/"), 12);
+    let to_other = http_requests(cluster.client(), "http://10.96.0.60/", 4);
+    assert!(to_web.iter().chain(&to_other).all(|a| a.is_ok()));
+    let client_ip = cluster.node.pods[0].ip.to_string();
+
+    // services: names from the agent's records.
+    let services = cluster.agent.cli_json(&["services"]).unwrap();
+    let web = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["frontend"] == "10.96.0.10:80")
+        .unwrap();
+    assert_eq!(
+        (
+            web["service"].as_str(),
+            web["port"].as_str(),
+            web["kind"].as_str()
+        ),
+        (Some("default/web"), Some("http"), Some("ClusterIP"))
+    );
+
+    // flows: filters.
+    let flows = |args: &[&str]| {
+        cluster
+            .agent
+            .cli_json(&[&["flows"], args].concat())
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(flows(&["--service", "default/web"]), 12);
+    assert_eq!(flows(&["--service", "other"]), 4);
+    assert_eq!(
+        flows(&["--backend", &web0.to_string(), "--service", "other"]),
+        4
+    );
+    assert_eq!(flows(&["--ip", &client_ip]), 16);
+    assert_eq!(flows(&["--ip", "10.9.9.9"]), 0);
+
+    // graph: client -> service -> backend edges carrying the connections sent.
+    let graph = cluster.agent.cli_json(&["graph"]).unwrap();
+    let edges = graph["edges"].as_array().unwrap();
+    let edge = |from: &str, to: &str| {
+        edges
+            .iter()
+            .find(|e| e["from"] == from && e["to"] == to)
+            .map(|e| e["connections"].as_u64().unwrap())
+    };
+    assert_eq!(edge(&client_ip, "default/web"), Some(12), "{graph:#}");
+    assert_eq!(edge(&client_ip, "default/other"), Some(4), "{graph:#}");
+    let to_backends: u64 = edges
+        .iter()
+        .filter(|e| e["from"] == "default/web")
+        .map(|e| e["connections"].as_u64().unwrap())
+        .sum();
+    assert_eq!(to_backends, 12);
+    assert!(edges.iter().all(|e| e["bytes"].as_u64().unwrap() > 0));
+    let dot = cluster.agent.cli(&["graph", "-o", "dot"]).unwrap();
+    assert!(
+        dot.starts_with("digraph") && dot.contains("\"default/web\""),
+        "{dot}"
+    );
+    let svg = cluster.agent.cli(&["graph", "-o", "svg"]).unwrap();
+    assert!(
+        svg.contains("<svg"),
+        "graphviz output: {}",
+        &svg[..svg.len().min(200)]
+    );
+
+    // stats and backends.
+    let stats = cluster.agent.cli_json(&["stats"]).unwrap();
+    assert!(
+        stats["conntrack_entries"].as_u64().unwrap() >= 32,
+        "{stats:#}"
+    );
+    let ct = stats["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["map"] == "dp_ct_v1")
+        .unwrap();
+    assert!(ct["capacity"].as_u64().unwrap() > 0 && ct["entries"] == stats["conntrack_entries"]);
+    assert!(stats["drops"]["no_endpoints"].is_u64(), "{stats:#}");
+    let backends = cluster.agent.cli_json(&["backends"]).unwrap();
+    let b0 = backends
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == format!("{web0}:8080").as_str())
+        .unwrap();
+    assert_eq!(
+        b0["services"],
+        serde_json::json!(["default/other", "default/web"])
+    );
+}

@@ -65,7 +65,8 @@ impl Attachments {
             let Some(program) = self.program_for(&name) else {
                 continue;
             };
-                        match attach(datapath, program, &name).and_then(|how| accept_local(&name).map(|()| how)) {
+            match attach(datapath, program, &name).and_then(|how| accept_local(&name).map(|()| how))
+            {
                 Ok(how) => {
                     info!(interface = %name, ifindex = index, program, how, "datapath attached");
                     self.attached.insert(name, index);
@@ -92,7 +93,11 @@ fn accept_local(interface: &str) -> anyhow::Result<()> {
     std::fs::write(&path, "1").with_context(|| format!("setting {path}"))
 }
 
-fn attach(datapath: &mut LoadedDatapath, program: &str, interface: &str) -> anyhow::Result<&'static str> {
+fn attach(
+    datapath: &mut LoadedDatapath,
+    program: &str,
+    interface: &str,
+) -> anyhow::Result<&'static str> {
     let pin = datapath.layout.link(interface);
     if pin.exists() {
         match replace_program(datapath, program, &pin) {

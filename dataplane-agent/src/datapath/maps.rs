@@ -2,8 +2,8 @@
 //! work while the agent is stopped: everything they show is read from these pins).
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
 use dataplane_common::{
-    AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, MaglevTable, RevNat,
-    ServiceKey, ServiceValue, SourceRangeKey, TrafficStats, map_names,
+    AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, FrontendName, MaglevTable,
+    RevNat, ServiceKey, ServiceValue, SourceRangeKey, TrafficStats, map_names,
 };
 
 use super::BpffsLayout;
@@ -41,6 +41,7 @@ pub struct PinnedMaps {
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub maglev: HashMap<MapData, u32, MaglevTable>,
     pub config: Array<MapData, DatapathConfig>,
+    pub names: HashMap<MapData, u32, FrontendName>,
     /// `max_entries` of each map, by name.
     pub capacities: std::collections::BTreeMap<&'static str, u32>,
 }
@@ -60,6 +61,7 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         map_names::SOURCE_RANGES => (4 + size_of::<SourceRangeKey>(), 1),
         map_names::MAGLEV => (4, size_of::<MaglevTable>()),
         map_names::CONFIG => (4, size_of::<DatapathConfig>()),
+        map_names::NAMES => (4, size_of::<FrontendName>()),
         _ => return None,
     };
     Some((sizes.0 as u32, sizes.1 as u32))
@@ -143,6 +145,7 @@ impl PinnedMaps {
             source_ranges: typed!(LpmTrie, map_names::SOURCE_RANGES),
             maglev: typed!(HashMap, map_names::MAGLEV),
             config: typed!(Array, map_names::CONFIG),
+            names: typed!(HashMap, map_names::NAMES),
             capacities,
         })
     }

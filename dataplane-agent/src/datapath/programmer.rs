@@ -13,17 +13,19 @@ use std::{
 
 use aya::maps::{MapError, lpm_trie::Key};
 use dataplane_common::{
-    BACKEND_STATE_ACTIVE, Backend, DatapathConfig, MAGLEV_TABLE_SIZE, MaglevTable, RevNat,
-    SCOPE_DEFAULT, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL,
-    SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
-    ServiceKey, ServiceValue, SourceRangeKey, TrafficStats,
+    BACKEND_STATE_ACTIVE, Backend, DatapathConfig, FRONTEND_KIND_CLUSTER_IP,
+    FRONTEND_KIND_EXTERNAL_IP, FRONTEND_KIND_LOAD_BALANCER, FRONTEND_KIND_NODE_PORT, FrontendName,
+    MAGLEV_TABLE_SIZE, MaglevTable, RevNat, SCOPE_DEFAULT, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
+    SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV,
+    SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES, ServiceKey, ServiceValue, SourceRangeKey,
+    TrafficStats,
 };
 use tracing::{debug, warn};
 
 use super::maps::PinnedMaps;
 use crate::{
     maglev,
-    plan::{Algorithm, BackendAddr, Cidr, Frontend, FrontendAddr, Plan, Protocol},
+    plan::{Algorithm, BackendAddr, Cidr, Frontend, FrontendAddr, FrontendKind, Plan, Protocol},
 };
 
 /// Hands out small integer ids (never 0), preferring ids never used before and then the
@@ -98,7 +100,32 @@ pub struct Programmer {
     entries: HashMap<EntryKey, ProgrammedEntry>,
     source_ranges: HashMap<u32, BTreeSet<Cidr>>,
     maglev: HashMap<u32, Vec<u32>>,
+    names: HashMap<u32, FrontendName>,
     failures_total: u64,
+}
+
+/// The name record of a frontend, strings cut to fit on a character boundary.
+pub fn frontend_name(frontend: &Frontend) -> FrontendName {
+    fn copy<const N: usize>(text: &str) -> [u8; N] {
+        let mut out = [0u8; N];
+        let mut end = text.len().min(N);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        out[..end].copy_from_slice(&text.as_bytes()[..end]);
+        out
+    }
+    FrontendName {
+        service: copy(&frontend.service),
+        port: copy(&frontend.port_name),
+        kind: match frontend.kind {
+            FrontendKind::ClusterIP => FRONTEND_KIND_CLUSTER_IP,
+            FrontendKind::NodePort => FRONTEND_KIND_NODE_PORT,
+            FrontendKind::LoadBalancer => FRONTEND_KIND_LOAD_BALANCER,
+            FrontendKind::ExternalIP => FRONTEND_KIND_EXTERNAL_IP,
+        },
+        _pad: [0; 7],
+    }
 }
 
 fn ipv4(addr: SocketAddrV4) -> [u8; 4] {
@@ -207,6 +234,11 @@ impl Programmer {
                 .or_default()
                 .insert(cidr);
         }
+        let mut names = HashMap::new();
+        for entry in maps.names.iter() {
+            let (id, name) = entry?;
+            names.insert(id, name);
+        }
         let mut maglev = HashMap::new();
         for entry in maps.maglev.iter() {
             let (id, table) = entry?;
@@ -229,6 +261,7 @@ impl Programmer {
             entries,
             source_ranges,
             maglev,
+            names,
             failures_total: 0,
         };
         for key in orphans {
@@ -309,6 +342,9 @@ impl Programmer {
             let id = self.frontend_ids.remove(&frontend).expect("listed above");
             self.sync_maglev(id, None, &mut report);
             self.sync_source_ranges(id, &[], &mut report);
+            if self.names.remove(&id).is_some() {
+                let _ = self.maps.names.remove(&id);
+            }
             let _ = self.maps.rev_nat.remove(&id);
             self.frontend_id_allocator.release(id);
         }
@@ -350,6 +386,26 @@ impl Programmer {
                     "backend {} {}: {e}",
                     backend.addr, backend.protocol
                 )),
+            }
+        }
+
+        // Names, for the inspection tools (the datapath does not read them).
+        for frontend in &plan.frontends {
+            let Some(&id) = self.frontend_ids.get(&frontend.frontend) else {
+                continue;
+            };
+            let name = frontend_name(frontend);
+            if self.names.get(&id) != Some(&name) {
+                match self.maps.names.insert(id, name, 0) {
+                    Ok(()) => {
+                        self.names.insert(id, name);
+                    }
+                    Err(e) => report.failures.push(format!(
+                        "name of frontend {}: {}",
+                        frontend.frontend.addr,
+                        map_error(e)
+                    )),
+                }
             }
         }
 
