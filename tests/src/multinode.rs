@@ -62,7 +62,7 @@ pub fn node_objects(nodes: &[ClusterNode]) -> String {
 }
 
 pub struct MultiNode {
-    pub underlay: Underlay,
+    pub underlay: std::mem::ManuallyDrop<Underlay>,
     pub nodes: Vec<ClusterNode>,
     /// External clients, at .100, .101, ...
     pub clients: Vec<Netns>,
@@ -106,7 +106,7 @@ impl MultiNode {
         let manifests = std::env::temp_dir().join(unique("dataplane-cluster-"));
         std::fs::create_dir_all(&manifests)?;
         std::fs::write(manifests.join("nodes.yaml"), node_objects(&nodes))?;
-        Ok(Self { underlay, nodes, clients, manifests, agents: vec![] })
+        Ok(Self { underlay: std::mem::ManuallyDrop::new(underlay), nodes, clients, manifests, agents: vec![] })
     }
 
     /// Starts one agent per node on the shared manifests, serving external traffic on `eth0`.
@@ -144,6 +144,31 @@ impl MultiNode {
 impl Drop for MultiNode {
     fn drop(&mut self) {
         self.agents.clear();
+        self.nodes.clear();
+        self.clients.clear();
+        // SAFETY: dropped exactly once, here (`keep` skips this Drop).
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.underlay) };
         let _ = std::fs::remove_dir_all(&self.manifests);
+    }
+}
+
+impl MultiNode {
+    /// Leaves everything running; returns what to remove later (`cargo xtask demo --keep`).
+    pub fn keep(mut self) -> crate::Kept {
+        let mut kept = crate::Kept::default();
+        for agent in std::mem::take(&mut self.agents) {
+            kept = kept.merge(agent.keep());
+        }
+        let mut this = std::mem::ManuallyDrop::new(self);
+        for node in std::mem::take(&mut this.nodes) {
+            kept = kept.merge(node.node.keep());
+        }
+        for client in std::mem::take(&mut this.clients) {
+            kept.namespaces.push(client.name.clone());
+            std::mem::forget(client);
+        }
+        kept.namespaces.push(this.underlay.netns.name.clone());
+        kept.work_dirs.push(this.manifests.clone());
+        kept
     }
 }

@@ -1,4 +1,5 @@
-//! `cargo xtask <task>`: setup, build-ebpf, test, demo.
+//! `cargo xtask <task>`: setup, build-ebpf, test, demo, bench.
+mod bench;
 mod build;
 mod demo;
 mod setup;
@@ -43,6 +44,17 @@ enum Task {
         #[arg(long)]
         down: bool,
     },
+    /// Run the benchmark suite (root, about 10 minutes): per-packet cost, connection latency,
+    /// throughput, programming time and memory, against kube-proxy's rule structures; prints
+    /// a table and writes target/bench/report.json.
+    Bench {
+        /// A fast smoke run: fewer repeats, smaller scales.
+        #[arg(long)]
+        quick: bool,
+        /// Extra arguments for the bench binary (e.g. `-- --sections 1,4`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -74,6 +86,7 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf { release } => build::build_ebpf(release).map(|_| ()),
         Task::Test { args } => test(&args),
         Task::Demo { keep, down } => demo::demo(keep, down),
+        Task::Bench { quick, args } => bench::bench(quick, &args),
     }
 }
 
@@ -109,7 +122,21 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             "--nocapture",
         ])
         .args(args);
-    let e2e_ok = run_tests(&mut e2e, &mut totals)?;
+        let e2e_ok = run_tests(&mut e2e, &mut totals)?;
+    // The README's first command, as a user runs it.
+    if testbed::is_root() {
+        eprintln!("+ cargo xtask demo");
+        match demo::demo(false, false) {
+            Ok(()) => totals.passed += 1,
+            Err(e) => {
+                eprintln!("demo FAILED: {e:#}");
+                totals.failed += 1;
+            }
+        }
+    } else {
+        println!("SKIPPED: the demo needs root");
+        totals.skipped += 1;
+    }
     // libtest counts a skipped test as passed; the summary does not.
     let passed = totals.passed - totals.skipped.min(totals.passed);
     println!(

@@ -36,8 +36,10 @@ fn self_exe() -> PathBuf {
     std::env::current_exe().expect("the bench binary's path")
 }
 
-/// A node namespace with a client pod and two server pods running the compiled server (and
-/// iperf3 on the first).
+/// A node namespace with a client pod and a server pod running the compiled server (and
+/// iperf3). The server pod has a second address: the measured service's two endpoints are
+/// the server's two addresses, so a ClusterIP connection reaches the same process (and the
+/// same namespace) as a direct one, whichever endpoint it gets.
 struct BenchNode {
     label: &'static str,
     /// Dropped first: servers stop before their namespaces go.
@@ -45,14 +47,32 @@ struct BenchNode {
     node: Node,
 }
 
+/// The server pod's second address (its first is 10.244.1.11).
+const SERVER_SECOND_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 21);
+
 impl BenchNode {
     fn new(label: &'static str, iperf: bool) -> anyhow::Result<Self> {
         let mut node = Node::new(Wiring::Routed, SUBNET)?;
         cleanup::namespace(&node.netns.name);
-        for name in ["client", "srv1", "srv2"] {
+        for name in ["client", "server"] {
             let index = node.add_pod(name)?;
             cleanup::namespace(&node.pods[index].netns.name);
         }
+        let server = &node.pods[1];
+        server.netns.ip(&[
+            "addr",
+            "add",
+            &format!("{SERVER_SECOND_IP}/32"),
+            "dev",
+            "eth0",
+        ])?;
+        node.netns.ip(&[
+            "route",
+            "add",
+            &format!("{SERVER_SECOND_IP}/32"),
+            "dev",
+            &server.host_if,
+        ])?;
         let mut this = Self {
             label,
             processes: vec![],
@@ -60,13 +80,11 @@ impl BenchNode {
         };
         let exe = self_exe();
         let exe = exe.to_str().context("bench path")?;
-        for pod in 1..=2 {
-            let process = this.node.pods[pod]
-                .netns
-                .spawn(exe, &["serve", &TARGET_PORT.to_string()])?;
-            cleanup::pid(process.child.id());
-            this.processes.push(process);
-        }
+        let process = this.node.pods[1]
+            .netns
+            .spawn(exe, &["serve", &TARGET_PORT.to_string()])?;
+        cleanup::pid(process.child.id());
+        this.processes.push(process);
         if iperf {
             let process = this.node.pods[1]
                 .netns
@@ -84,8 +102,14 @@ impl BenchNode {
         &self.node.pods[0].netns
     }
 
+    /// The server pod's addresses: the measured service's endpoints.
     fn servers(&self) -> Vec<Ipv4Addr> {
-        vec![self.node.pods[1].ip, self.node.pods[2].ip]
+        vec![self.server(), SERVER_SECOND_IP]
+    }
+
+    /// The server pod's first address: direct connections and iperf3 go there.
+    fn server(&self) -> Ipv4Addr {
+        self.node.pods[1].ip
     }
 
     fn wait_connect(&self, addr: SocketAddrV4, timeout_ms: u64) -> anyhow::Result<()> {
@@ -527,29 +551,40 @@ impl KubeProxy {
     }
 
     /// Loads the rule set for `set` from scratch; returns the time the loader took (what
-    /// kube-proxy's sync spends in iptables-restore / nft).
-    fn program(self, node: &BenchNode, set: &[Service], dir: &Path) -> anyhow::Result<Duration> {
+    /// kube-proxy's sync spends in iptables-restore / nft). `noflush`: iptables modes as
+    /// kube-proxy runs them (jumps created first, then `-restore --noflush --counters`);
+    /// else one complete restore of the tables.
+    fn program(
+        self,
+        node: &BenchNode,
+        set: &[Service],
+        dir: &Path,
+        noflush: bool,
+    ) -> anyhow::Result<Duration> {
         self.reset(node)?;
-        let file = dir.join(format!("{}-{}.rules", self.label(), set.len()));
+        let file = dir.join(format!("{}-{}-{noflush}.rules", self.label(), set.len()));
         match self {
             KubeProxy::IptablesLegacy | KubeProxy::IptablesNft => {
                 let iptables = match self {
                     KubeProxy::IptablesLegacy => "iptables-legacy",
                     _ => "iptables-nft",
                 };
-                for args in services::IPTABLES_SETUP {
-                    self.run(node, iptables, args)?;
+                if noflush {
+                    for args in services::IPTABLES_SETUP {
+                        self.run(node, iptables, args)?;
+                    }
                 }
                 if !file.exists() {
-                    std::fs::write(&file, services::iptables_restore(set))?;
+                    std::fs::write(&file, services::iptables_restore(set, !noflush))?;
                 }
                 let restore = format!("{iptables}-restore");
+                let mut args = vec![];
+                if noflush {
+                    args.extend(["--noflush", "--counters"]);
+                }
+                args.push(file.to_str().unwrap());
                 let started = Instant::now();
-                self.run(
-                    node,
-                    &restore,
-                    &["--noflush", "--counters", file.to_str().unwrap()],
-                )?;
+                self.run(node, &restore, &args)?;
                 Ok(started.elapsed())
             }
             KubeProxy::Nftables => {
@@ -606,7 +641,13 @@ fn targets<'a>(
         Target {
             label: "direct".into(),
             node: direct,
-            addr: SocketAddrV4::new(direct.servers()[0], TARGET_PORT),
+            addr: SocketAddrV4::new(direct.server(), TARGET_PORT),
+            agent: None,
+        },
+        Target {
+            label: "direct, agent attached".into(),
+            node: ours,
+            addr: SocketAddrV4::new(ours.server(), TARGET_PORT),
             agent: None,
         },
     ];
@@ -665,7 +706,8 @@ fn latency_rows(
     labels: &[String],
     settings: &Settings,
 ) {
-    // results[0] is ours, results[1] direct, the rest kube-proxy modes.
+    // results[0] is ours, then direct, direct with the agent attached, then the kube-proxy
+    // modes.
     for (p, pick) in [("p50", 0usize), ("p99", 1)] {
         let value = |l: &Latency| if pick == 0 { l.p50 } else { l.p99 };
         let runs = |l: &Latency| {
@@ -686,7 +728,7 @@ fn latency_rows(
         }
         m = m.ratio_to("direct");
         if is_large {
-            let kube_proxy: Vec<String> = labels[2..].to_vec();
+            let kube_proxy: Vec<String> = labels[3..].to_vec();
             m = m.goal("<= 1.05x direct, < every kube-proxy mode", move |m| {
                 m.ratio.is_some_and(|r| r <= 1.05)
                     && kube_proxy.iter().all(|k| {
@@ -709,7 +751,7 @@ fn latency_rows(
             })
             .collect();
         m = m.note(format!(
-            "median over {} runs of the {p} of {} sequential connects from a client pod (compiled client, socket() to handshake done, closed with RST), after {} warm-up connects; kube-proxy modes: the same {} services x {} endpoints as rules, the measured service last; direct: to a server pod's address, no agent or rules; conntrack emptied before each run of ours; per-run {p}: {}",
+            "median over {} runs of the {p} of {} sequential connects from a client pod (compiled client, socket() to handshake done, closed with RST), after {} warm-up connects; the measured service's two endpoints are the server pod's two addresses; kube-proxy modes: the same {} services x {} endpoints as rules, the measured service last; direct: to the server pod's address in a node without agent or rules; direct, agent attached: the same in the agent's node (non-service path of the program); conntrack emptied before each run of ours; per-run {p}: {}",
             settings.latency_runs,
             settings.connections,
             settings.warmup_connections,
@@ -780,7 +822,7 @@ pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
                 mode.loader(),
                 large_set.len()
             );
-            let took = mode.program(node, &large_set, &work.0)?;
+            let took = mode.program(node, &large_set, &work.0, false)?;
             eprintln!("bench: {}: {:.2} s", mode.loader(), took.as_secs_f64());
             times.push(took.as_secs_f64());
         }
@@ -808,7 +850,7 @@ pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
             m.ratio_to("iptables-legacy-restore")
                 .goal("<= 0.5 s", |m| m.value.is_some_and(|v| v <= 0.5))
                 .note(format!(
-                    "agent: median of {} runs: one JSON manifest (Service + EndpointSlice) per service, all appearing at once by renaming their directory into the watched one, until every frontend's slot 0 counts all its backends (then verified in full); runs {agent_runs:?}; agent-reported sync time (parse + plan + apply) {agent_sync_us:?} us; baselines: the kube-proxy rule sets loaded from empty into a fresh namespace, iptables with `-restore --noflush --counters` (chains and jumps created beforehand as kube-proxy does), nftables in one `nft -f` transaction; {}",
+                    "agent: median of {} runs: one JSON manifest (Service + EndpointSlice) per service, all appearing at once by renaming their directory into the watched one, until every frontend's slot 0 counts all its backends (then verified in full); runs {agent_runs:?}; agent-reported sync time (parse + plan + apply) {agent_sync_us:?} us; baselines: the kube-proxy rule sets loaded from empty into a fresh namespace, iptables as one complete restore of the nat and filter tables (kube-proxy passes --noflush, which with iptables-nft 1.8 is several times slower at 1k services and impractical at 10k: see info.programming_small), nftables as one `nft -f` transaction (kube-proxy's first sync); {}",
                     settings.program_runs,
                     detail.join("; ")
                 )),
@@ -816,7 +858,7 @@ pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
     }
 
     // Sections 2 and 3 at the large scale.
-    let labels: Vec<String> = ["ours", "direct"]
+    let labels: Vec<String> = ["ours", "direct", "direct, agent attached"]
         .into_iter()
         .map(String::from)
         .chain(kube_proxy_modes.iter().map(|m| m.label().to_string()))
@@ -835,11 +877,11 @@ pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
         let mut direct_runs = Vec::new();
         let mut attached_runs = Vec::new();
         ours.iperf(IPERF_VIP, 1)?;
-        direct.iperf(direct.servers()[0], 1)?;
+        direct.iperf(direct.server(), 1)?;
         for _ in 0..settings.iperf_runs {
             via_service.push(ours.iperf(IPERF_VIP, settings.iperf_seconds)?);
-            direct_runs.push(direct.iperf(direct.servers()[0], settings.iperf_seconds)?);
-            attached_runs.push(ours.iperf(ours.servers()[0], settings.iperf_seconds)?);
+            direct_runs.push(direct.iperf(direct.server(), settings.iperf_seconds)?);
+            attached_runs.push(ours.iperf(ours.server(), settings.iperf_seconds)?);
         }
         report.push(
             Measurement::new(
@@ -931,8 +973,19 @@ pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
         let took_small = agent.appear(&small_set)?;
         let mut small_loads = Vec::new();
         for (mode, node) in &kube_proxy_nodes {
-            let took = mode.program(node, &small_set, &work.0)?;
-            small_loads.push(format!("{} {:.3} s", mode.loader(), took.as_secs_f64()));
+            // As kube-proxy runs them (iptables: --noflush, which iptables-nft 1.8 makes far
+            // slower at scale); recorded in the report's info.
+            let took = mode.program(node, &small_set, &work.0, true)?;
+            let flags = if *mode == KubeProxy::Nftables {
+                ""
+            } else {
+                " --noflush --counters"
+            };
+            small_loads.push(format!(
+                "{}{flags} {:.3} s",
+                mode.loader(),
+                took.as_secs_f64()
+            ));
         }
         eprintln!(
             "bench: {} services: agent {:.3} s; {}",

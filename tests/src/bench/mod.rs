@@ -176,6 +176,18 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut report = Report::default();
     machine_info(&settings, &mut report);
+    let load = read_trimmed("/proc/loadavg");
+    if load
+        .split_whitespace()
+        .next()
+        .and_then(|l| l.parse::<f64>().ok())
+        .is_some_and(|l| l > 0.5)
+    {
+        eprintln!(
+            "bench: warning: load average {load}: something else runs on this machine and will disturb the figures"
+        );
+    }
+    report.info.insert("loadavg_start".into(), load.into());
     println!(
         "dataplane-bench: kernel {}, {}; {} run",
         report.info["kernel"].as_str().unwrap_or("?"),
@@ -213,6 +225,9 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         );
     }
     let elapsed = started.elapsed();
+    report
+        .info
+        .insert("loadavg_end".into(), read_trimmed("/proc/loadavg").into());
     report
         .info
         .insert("duration_s".into(), elapsed.as_secs_f64().round().into());

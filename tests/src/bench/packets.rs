@@ -461,7 +461,7 @@ fn run_kind(kind: Kind, scale: &Scale, repeat: u32) -> anyhow::Result<f64> {
             let before = counted();
             let o = test_run(pod_ingress, &frame, repeat)?;
             let grew = counted() - before;
-            let expected = if repeat % 2 == 0 {
+            let expected = if repeat.is_multiple_of(2) {
                 FRONTEND_A
             } else {
                 FRONTEND_B
@@ -484,7 +484,7 @@ fn run_kind(kind: Kind, scale: &Scale, repeat: u32) -> anyhow::Result<f64> {
             let before = counted();
             let o = test_run(pod_ingress, &frame, repeat)?;
             let grew = counted() - before;
-            let expected = if repeat % 2 == 0 {
+            let expected = if repeat.is_multiple_of(2) {
                 FRONTEND_B
             } else {
                 FRONTEND_A
@@ -521,7 +521,48 @@ fn run_kind(kind: Kind, scale: &Scale, repeat: u32) -> anyhow::Result<f64> {
     Ok(outcome.ns)
 }
 
+/// Keeps the calling thread on one CPU while it lives, and restores its affinity after.
+/// BPF_PROG_TEST_RUN runs the program on the calling CPU; staying on one makes the runs
+/// comparable and the LRU conntrack's per-CPU lists (which decide what an insert evicts)
+/// behave the same in every run.
+struct PinnedToCpu(libc::cpu_set_t);
+
+impl PinnedToCpu {
+    fn last_cpu() -> anyhow::Result<(Self, usize)> {
+        // SAFETY: affinity calls on the current thread with a correctly sized set.
+        unsafe {
+            let mut saved: libc::cpu_set_t = std::mem::zeroed();
+            ensure!(
+                libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut saved) == 0,
+                "sched_getaffinity: {}",
+                std::io::Error::last_os_error()
+            );
+            let cpu = (0..libc::CPU_SETSIZE as usize)
+                .rev()
+                .find(|c| libc::CPU_ISSET(*c, &saved))
+                .context("no CPU in the affinity mask")?;
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut one);
+            ensure!(
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one) == 0,
+                "sched_setaffinity: {}",
+                std::io::Error::last_os_error()
+            );
+            Ok((Self(saved), cpu))
+        }
+    }
+}
+
+impl Drop for PinnedToCpu {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved above.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0) };
+    }
+}
+
 pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
+    let (_pinned, cpu) = PinnedToCpu::last_cpu()?;
+    report.info.insert("per_packet_cpu".into(), cpu.into());
     let mut scales = Vec::new();
     for &services in &settings.packet_scales {
         eprintln!("bench: per-packet: loading and programming datapaths with {services} services");

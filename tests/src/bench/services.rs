@@ -4,10 +4,10 @@
 //! manifests and as kube-proxy's iptables and nftables rule sets.
 use std::{fmt::Write, net::Ipv4Addr};
 
-/// The connection-latency service: both server pods, port 80 -> 8080.
+/// The connection-latency service: the server pod's two addresses, port 80 -> 8080.
 pub const MEASURED_VIP: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 10);
-/// The throughput service: the first server pod only (iperf3's control and data connections
-/// must reach the same server), port 5201.
+/// The throughput service: the server pod's first address only (iperf3's control and data
+/// connections must reach the same server), port 5201.
 pub const IPERF_VIP: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 11);
 pub const IPERF_PORT: u16 = 5201;
 pub const SERVICE_PORT: u16 = 80;
@@ -188,9 +188,12 @@ pub const IPTABLES_SETUP: &[&[&str]] = &[
     ],
 ];
 
-/// The `iptables-restore --noflush` input kube-proxy (iptables mode) writes for `set`:
+/// The iptables-restore input for `set`, in kube-proxy's iptables-mode structure:
 /// KUBE-SERVICES -> KUBE-SVC-* -> KUBE-SEP-* with `statistic --mode random` and DNAT.
-pub fn iptables_restore(set: &[Service]) -> String {
+/// `full`: a complete table (built-in chains and their jumps included) for a restore without
+/// `--noflush`; else what kube-proxy itself writes for `--noflush`, after creating the jumps
+/// with single commands (`IPTABLES_SETUP`).
+pub fn iptables_restore(set: &[Service], full: bool) -> String {
     let mut chains = String::new();
     let mut rules = String::new();
     let w = &mut rules;
@@ -244,20 +247,37 @@ pub fn iptables_restore(set: &[Service]) -> String {
             .unwrap();
         }
     }
+    // Built-in chains and their jumps, in a complete restore only (kube-proxy creates the
+    // jumps with single commands before a --noflush restore).
+    let (filter_builtin, filter_jumps, nat_builtin, nat_jumps) = if full {
+        (
+            ":INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n",
+            "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD
+",
+            ":PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n",
+            "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
+",
+        )
+    } else {
+        ("", "", "", "")
+    };
     format!(
         "*filter
-:KUBE-SERVICES - [0:0]
+{filter_builtin}:KUBE-SERVICES - [0:0]
 :KUBE-FORWARD - [0:0]
--A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+{filter_jumps}-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
 -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT
 -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
 COMMIT
 *nat
-:KUBE-SERVICES - [0:0]
+{nat_builtin}:KUBE-SERVICES - [0:0]
 :KUBE-POSTROUTING - [0:0]
 :KUBE-MARK-MASQ - [0:0]
 :KUBE-NODEPORTS - [0:0]
-{chains}-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+{chains}{nat_jumps}-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
 -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
 -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully
 -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
