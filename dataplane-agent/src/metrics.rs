@@ -46,7 +46,7 @@
 //! added up into one series (a scrape must not repeat a series).
 //!
 //! `prometheus-client` adds `_total` to a counter's name when it encodes it, so counters are
-//! registered without it (see [`encoded_name`]); the tests check the exposed names.
+//! registered without it (`encoded_name`); the tests check the exposed names.
 use std::{
     collections::HashMap,
     convert::Infallible,
@@ -311,8 +311,8 @@ where
     Ok(())
 }
 
-/// Rows with the same labels added up into one (at the first one's position), so that no series
-/// is exposed twice.
+/// Rows with the same labels added up into one (at the first one's position, saturating), so
+/// that no series is exposed twice.
 fn merge_rows<K: Hash + Eq + Copy, const N: usize>(
     rows: impl IntoIterator<Item = (K, [u64; N])>,
 ) -> Vec<(K, [u64; N])> {
@@ -322,7 +322,7 @@ fn merge_rows<K: Hash + Eq + Copy, const N: usize>(
         match index.get(&key) {
             Some(&i) => {
                 for (total, value) in merged[i].1.iter_mut().zip(values) {
-                    *total = total.wrapping_add(value);
+                    *total = total.saturating_add(value);
                 }
             }
             None => {
@@ -457,7 +457,7 @@ impl Collector for DatapathCollector {
 /// The agent's metrics, and the datapath's read at scrape time. Share it as `Arc<Metrics>`.
 #[derive(Debug)]
 pub struct Metrics {
-    /// The agent's metrics (through one collector, see [`write_metric`] on help texts).
+    /// The agent's metrics (through one collector: see `write_metric` on help texts).
     registry: Registry,
     agent: Arc<AgentMetrics>,
 }
@@ -762,7 +762,7 @@ mod tests {
     /// `name{a="b",...} value`, label values unescaped.
     fn parse_sample(line: &str) -> Sample {
         let name_end = line
-            .find(|c: char| c == '{' || c == ' ')
+            .find(['{', ' '])
             .unwrap_or_else(|| panic!("no value: {line:?}"));
         let name = &line[..name_end];
         assert!(valid_metric_name(name), "bad metric name in {line:?}");
@@ -1226,14 +1226,12 @@ mod tests {
         assert_eq!(count_at(&programming, "1"), 1.0);
         assert_eq!(count_at(&programming, "60"), 1.0);
         assert_eq!(count_at(&programming, "65"), 2.0);
-        assert_eq!(
-            value(
-                &families,
-                "kubeproxy_network_programming_duration_seconds_sum",
-                &[]
-            ),
-            61.7
+        let programming_sum = value(
+            &families,
+            "kubeproxy_network_programming_duration_seconds_sum",
+            &[],
         );
+        assert!((programming_sum - 61.7).abs() < 1e-9, "{programming_sum}");
 
         // Timestamps, change counters (added up), no-local gauges (set: the last sync's).
         for name in [
