@@ -618,3 +618,51 @@ pub fn print_plan(plan: &crate::plan::Plan) {
         );
     }
 }
+
+/// The kernel's counters for the metrics endpoint, from the pinned maps.
+pub fn metrics_snapshot(maps: &PinnedMaps) -> anyhow::Result<crate::metrics::DatapathSnapshot> {
+    use crate::metrics::{BackendCounters, DatapathSnapshot, MapPressure, ServiceCounters};
+    let view = stats_view(maps)?;
+    let mut snapshot = DatapathSnapshot {
+        drops: view
+            .drops
+            .iter()
+            .map(|(r, c)| (r.to_string(), *c))
+            .collect(),
+        conntrack_entries: view.conntrack_entries,
+        maps: view
+            .maps
+            .iter()
+            .map(|m| MapPressure {
+                map: m.map.into(),
+                entries: m.entries,
+                capacity: m.capacity,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    for s in &view.services {
+        snapshot.services.push(ServiceCounters {
+            service: s.service.clone(),
+            port: s.port.clone(),
+            protocol: s.protocol.clone(),
+            frontend: s.frontend.clone(),
+            kind: s.kind.to_string(),
+            packets: s.packets,
+            bytes: s.bytes,
+            connections: s.connections,
+        });
+        for b in &s.backends {
+            snapshot.backends.push(BackendCounters {
+                service: s.service.clone(),
+                port: s.port.clone(),
+                protocol: s.protocol.clone(),
+                backend: b.address.clone(),
+                packets: b.packets,
+                bytes: b.bytes,
+                connections: b.connections,
+            });
+        }
+    }
+    Ok(snapshot)
+}

@@ -189,6 +189,9 @@ enum Command {
         /// Where /healthz and /livez are served, as kube-proxy's flag.
         #[arg(long, default_value = "0.0.0.0:10256")]
         healthz_bind_address: std::net::SocketAddr,
+        /// Where Prometheus /metrics is served, as kube-proxy's flag.
+        #[arg(long, default_value = dataplane_agent::metrics::DEFAULT_METRICS_BIND_ADDRESS)]
+        metrics_bind_address: std::net::SocketAddr,
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
         /// Capacity of a map when it is created, as NAME=ENTRIES (repeatable), e.g.
@@ -268,7 +271,9 @@ enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -282,7 +287,7 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-        init_logging(cli.log_format);
+    init_logging(cli.log_format);
     match cli.command {
         Command::Run {
             source,
@@ -291,6 +296,7 @@ fn main() -> anyhow::Result<()> {
             external_interfaces,
             node,
             healthz_bind_address,
+            metrics_bind_address,
             bpffs_dir,
             map_sizes,
         } => {
@@ -303,6 +309,7 @@ fn main() -> anyhow::Result<()> {
                 bpffs_dir,
                 map_sizes: map_sizes.into_iter().collect(),
                 healthz_bind_address,
+                metrics_bind_address,
             };
             runtime()?.block_on(run(config))
         }

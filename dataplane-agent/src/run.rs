@@ -15,6 +15,7 @@ use crate::{
         programmer::Programmer,
     },
     health::{ProxyHealth, ServiceHealthServer},
+    metrics::Metrics,
     objects::ClusterObjects,
     plan::{self, NodeContext, Problem},
     source::{kube::ClusterWatch, manifests::ManifestDir},
@@ -40,6 +41,8 @@ pub struct RunConfig {
     pub node: NodeContext,
     /// Where /healthz and /livez are served (kube-proxy's --healthz-bind-address).
     pub healthz_bind_address: std::net::SocketAddr,
+    /// Where /metrics is served (kube-proxy's --metrics-bind-address).
+    pub metrics_bind_address: std::net::SocketAddr,
 }
 
 /// kube-proxy calls the proxy unhealthy when a change has waited this long to be programmed
@@ -152,6 +155,23 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let service_health =
         ServiceHealthServer::new(std::net::Ipv4Addr::UNSPECIFIED.into(), health.clone());
 
+    let metrics = Metrics::new();
+    let listener = tokio::net::TcpListener::bind(config.metrics_bind_address)
+        .await
+        .with_context(|| {
+            format!(
+                "binding --metrics-bind-address {}",
+                config.metrics_bind_address
+            )
+        })?;
+    // Scrapes read the kernel's counters from their own handles on the pinned maps.
+    let scrape_maps = std::sync::Mutex::new(PinnedMaps::open(&layout)?);
+    let scrape = std::sync::Arc::new(move || {
+        let maps = scrape_maps.lock().unwrap_or_else(|p| p.into_inner());
+        crate::inspect::metrics_snapshot(&maps).unwrap_or_default()
+    });
+    tokio::spawn(metrics.clone().serve(listener, scrape));
+
     let (changed_tx, mut changed) = mpsc::channel::<()>(1);
     let source = Source::start(&config.source, &config.node_name, changed_tx).await?;
     let external_globs = config
@@ -167,6 +187,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         reported: BTreeSet::new(),
         health,
         service_health,
+        metrics,
+        previous: ClusterObjects::default(),
     };
     agent.sync();
 
@@ -174,8 +196,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut resync = tokio::time::interval(RESYNC);
     loop {
         tokio::select! {
-                        Some(()) = changed.recv() => {
+                                    Some(()) = changed.recv() => {
                 agent.health.queued_update();
+                agent.metrics.queued();
                 tokio::time::sleep(DEBOUNCE).await;
                 while changed.try_recv().is_ok() {}
                 agent.sync();
@@ -201,6 +224,9 @@ struct Agent {
     reported: BTreeSet<Problem>,
     health: std::sync::Arc<ProxyHealth>,
     service_health: ServiceHealthServer,
+    metrics: std::sync::Arc<Metrics>,
+    /// The objects of the last sync, to count what changed.
+    previous: ClusterObjects,
 }
 
 impl Agent {
@@ -222,12 +248,23 @@ impl Agent {
         let plan = plan::compute(&objects, &self.node);
         let problems: BTreeSet<Problem> = plan.problems.iter().cloned().collect();
         for problem in problems.difference(&self.reported) {
+            let kind = problem
+                .object
+                .split_whitespace()
+                .next()
+                .unwrap_or("object")
+                .to_lowercase();
+            self.metrics.skipped(&kind);
             let file = self.source.origin(&problem.object);
             warn!(object = %problem.object, file, reason = %problem.reason, "skipping");
         }
         self.reported = problems;
         let report = self.programmer.apply(&plan);
         self.health.updated();
+        for _ in &report.failures {
+            self.metrics.skipped("map_full_or_write_failed");
+        }
+        self.record_sync(&objects, &plan, started.elapsed());
         for (port, error) in self.service_health.sync(&plan.health_checks) {
             warn!(port, %error, "cannot serve a health check node port; retrying at the next sync");
         }
@@ -240,6 +277,57 @@ impl Agent {
                 "datapath programmed"
             );
         }
+    }
+
+    /// kube-proxy's sync metrics: duration, what changed since the last sync, services whose
+    /// traffic policy leaves this node without endpoints, and programming latency from each
+    /// changed EndpointSlice's last-change-trigger-time.
+    fn record_sync(&mut self, objects: &ClusterObjects, plan: &plan::Plan, elapsed: Duration) {
+        fn changed<T: PartialEq>(
+            old: &std::collections::BTreeMap<String, T>,
+            new: &std::collections::BTreeMap<String, T>,
+        ) -> Vec<String> {
+            let mut names: Vec<String> = new
+                .iter()
+                .filter(|(k, v)| old.get(*k) != Some(v))
+                .map(|(k, _)| k.clone())
+                .collect();
+            names.extend(old.keys().filter(|k| !new.contains_key(*k)).cloned());
+            names
+        }
+        let service_changes = changed(&self.previous.services, &objects.services);
+        let slice_changes = changed(&self.previous.endpoint_slices, &objects.endpoint_slices);
+        let now = std::time::SystemTime::now();
+        for name in &slice_changes {
+            let trigger = objects
+                .endpoint_slices
+                .get(name)
+                .and_then(|s| s.metadata.annotations.as_ref())
+                .and_then(|a| a.get("endpoints.kubernetes.io/last-change-trigger-time"))
+                .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
+            if let Some(trigger) = trigger
+                && let Ok(latency) = now.duration_since(std::time::SystemTime::from(trigger))
+            {
+                self.metrics.network_programming(latency);
+            }
+        }
+        let no_local = |external: bool| {
+            let set: BTreeSet<(&str, &str)> = plan
+                .frontends
+                .iter()
+                .filter(|f| f.drop_when_empty && f.kind.is_external() == external)
+                .map(|f| (f.service.as_str(), f.port_name.as_str()))
+                .collect();
+            set.len() as i64
+        };
+        self.metrics.synced(
+            elapsed,
+            service_changes.len() as u64,
+            slice_changes.len() as u64,
+            no_local(false),
+            no_local(true),
+        );
+        self.previous = objects.clone();
     }
 
     /// This node's addresses, those on external interfaces first (the first is the SNAT

@@ -810,4 +810,32 @@ fn inspection_commands_name_services_filter_flows_and_graph_the_traffic() {
         b0["services"],
         serde_json::json!(["default/other", "default/web"])
     );
+
+    // Metrics, with kube-proxy's names, on the node's 127.0.0.1:10249.
+    let metrics = cluster
+        .node
+        .netns
+        .run("curl", &["-s", "http://127.0.0.1:10249/metrics"])
+        .unwrap();
+    for name in [
+        "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_service_changes_total",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "dataplane_conntrack_entries",
+        "dataplane_map_capacity{map=\"dp_ct_v1\"}",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("dataplane_service_connections_total")
+                && l.contains("frontend=\"10.96.0.60:80\"")
+        })
+        .unwrap_or_else(|| panic!("no connections metric for 10.96.0.60:80:\n{metrics}"));
+    assert!(
+        line.ends_with(" 4") && line.contains("service=\"default/other\""),
+        "{line}"
+    );
 }
