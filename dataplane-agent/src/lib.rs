@@ -10,3 +10,4 @@ pub mod objects;
 pub mod plan;
 pub mod run;
 pub mod source;
+pub mod trace;

@@ -1,4 +1,7 @@
-use std::path::PathBuf;
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -6,7 +9,7 @@ use dataplane_agent::{
     datapath::{BpffsLayout, attach, layout::DEFAULT_BPFFS_DIR, maps::PinnedMaps},
     inspect::{self, FlowSort},
     objects::ClusterObjects,
-    plan::{Algorithm, Cidr, NodeContext},
+    plan::{Algorithm, Cidr, NodeContext, Protocol},
     run::{RunConfig, SourceConfig, run},
     source::{kube as kube_source, manifests::ManifestDir},
 };
@@ -141,6 +144,29 @@ impl NodeArgs {
     }
 }
 
+fn parse_from(text: &str) -> Result<(Ipv4Addr, Option<u16>), String> {
+    match text.split_once(':') {
+        Some((ip, port)) => Ok((
+            ip.parse().map_err(|e| format!("{ip:?}: {e}"))?,
+            Some(port.parse().map_err(|e| format!("{port:?}: {e}"))?),
+        )),
+        None => Ok((text.parse().map_err(|e| format!("{text:?}: {e}"))?, None)),
+    }
+}
+
+fn parse_to(text: &str) -> Result<(SocketAddrV4, Protocol), String> {
+    let (addr, proto) = text.split_once('/').ok_or("expected IP:PORT/PROTO")?;
+    let protocol = match proto.to_ascii_uppercase().as_str() {
+        "TCP" => Protocol::Tcp,
+        "UDP" => Protocol::Udp,
+        other => return Err(format!("protocol {other}: TCP or UDP")),
+    };
+    Ok((
+        addr.parse().map_err(|e| format!("{addr:?}: {e}"))?,
+        protocol,
+    ))
+}
+
 fn parse_cidr(text: &str) -> Result<Cidr, String> {
     Cidr::parse(text)
 }
@@ -254,6 +280,23 @@ enum Command {
     },
     /// Per-service and per-backend traffic, drops by reason, and each map's fill.
     Stats {
+        #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+        bpffs_dir: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Run the live program on a synthetic packet (BPF_PROG_TEST_RUN, live maps) and show what
+    /// it did: frontend, backend and why, translation, verdict. Leaves no state behind.
+    Trace {
+        /// Source address, with a port or not (a free one is picked).
+        #[arg(long, value_parser = parse_from)]
+        from: (Ipv4Addr, Option<u16>),
+        /// Destination as IP:PORT/PROTO, e.g. 10.96.0.10:80/TCP.
+        #[arg(long, value_parser = parse_to)]
+        to: (SocketAddrV4, Protocol),
+        /// The program the packet enters: from a pod, or from an external interface.
+        #[arg(long, value_enum, default_value = "pod")]
+        entry: dataplane_agent::trace::Entry,
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
         #[arg(short, long, value_enum, default_value = "table")]
@@ -391,6 +434,32 @@ fn main() -> anyhow::Result<()> {
                     return Ok(());
                 }
                 std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
+        Command::Trace {
+            from,
+            to,
+            entry,
+            bpffs_dir,
+            output,
+        } => {
+            let port = from
+                .1
+                .unwrap_or_else(|| 40000 + (std::process::id() % 20000) as u16);
+            let layout = BpffsLayout::new(bpffs_dir);
+            let result = dataplane_agent::trace::trace(
+                &layout,
+                SocketAddrV4::new(from.0, port),
+                to.0,
+                to.1,
+                entry,
+            )?;
+            match output {
+                Output::Json => print_json(&result),
+                Output::Table => {
+                    dataplane_agent::trace::print(&result);
+                    Ok(())
+                }
             }
         }
         Command::Stats { bpffs_dir, output } => {

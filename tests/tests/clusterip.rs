@@ -839,3 +839,86 @@ fn inspection_commands_name_services_filter_flows_and_graph_the_traffic() {
         "{line}"
     );
 }
+
+#[test]
+fn trace_explains_a_packet_on_the_live_program_and_leaves_nothing_behind() {
+    require_root!();
+    let cluster = Cluster::new(Wiring::Routed, [10, 244, 14]);
+    cluster.publish_web(&cluster.web_ips());
+    cluster
+        .agent
+        .write_manifest("empty.yaml", &service("empty", "10.96.0.20", &[HTTP], &[]))
+        .unwrap();
+    cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
+    cluster.agent.wait_for_backends("10.96.0.20:80", 0).unwrap();
+    http_requests(cluster.client(), &format!("http://{VIP}/"), 3);
+    let client = cluster.node.pods[0].ip.to_string();
+    let flows_before = cluster.agent.cli_json(&["flows"]).unwrap();
+    let stats_before = cluster.agent.cli_json(&["stats"]).unwrap();
+
+    let trace = cluster
+        .agent
+        .cli_json(&[
+            "trace",
+            "--from",
+            &format!("{client}:45678"),
+            "--to",
+            "10.96.0.10:80/TCP",
+        ])
+        .unwrap();
+    assert_eq!(trace["service"], "default/web", "{trace:#}");
+    assert_eq!(trace["frontend"], "10.96.0.10:80/TCP");
+    assert!(
+        trace["choice"].as_str().unwrap().starts_with("random"),
+        "{trace:#}"
+    );
+    let backend = trace["backend"].as_str().unwrap().to_string();
+    assert!(
+        cluster
+            .web_ips()
+            .iter()
+            .any(|ip| backend == format!("{ip}:8080")),
+        "{trace:#}"
+    );
+    assert_eq!(
+        trace["translated"],
+        format!("{client}:45678 -> {backend} TCP").as_str()
+    );
+    assert_eq!(trace["verdict"], "forwarded (TC_ACT_OK)");
+
+    let refused = cluster
+        .agent
+        .cli_json(&["trace", "--from", &client, "--to", "10.96.0.20:80/TCP"])
+        .unwrap();
+    assert!(
+        refused["translated"].as_str().unwrap().ends_with("TCP RST"),
+        "{refused:#}"
+    );
+    assert!(
+        refused["verdict"].as_str().unwrap().starts_with("answered"),
+        "{refused:#}"
+    );
+    let elsewhere = cluster
+        .agent
+        .cli_json(&["trace", "--from", &client, "--to", "10.244.14.11:8080/TCP"])
+        .unwrap();
+    assert!(
+        elsewhere["frontend"].is_null() && elsewhere["verdict"] == "forwarded (TC_ACT_OK)",
+        "{elsewhere:#}"
+    );
+
+    // No flow, counter or drop from the traces.
+    assert_eq!(
+        cluster
+            .agent
+            .cli_json(&["flows"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        flows_before.as_array().unwrap().len()
+    );
+    let stats_after = cluster.agent.cli_json(&["stats"]).unwrap();
+    assert_eq!(stats_after["services"], stats_before["services"]);
+    assert_eq!(stats_after["drops"], stats_before["drops"]);
+}

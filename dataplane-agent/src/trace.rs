@@ -1,0 +1,321 @@
+//! `trace`: runs the live, pinned program on a synthetic packet through BPF_PROG_TEST_RUN,
+//! against the live maps, and explains what it did. The state a new flow creates (conntrack
+//! and affinity entries, counters) is taken out again afterwards, so live traffic and the
+//! inspection tools see no trace of the trace.
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use anyhow::Context;
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use dataplane_common::{
+    AffinityKey, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, CtEntry, CtKey,
+    MAGLEV_TABLE_SIZE, PROG_EXTERNAL_INGRESS, PROG_POD_INGRESS, SCOPE_DEFAULT, SVC_FLAG_AFFINITY,
+    SVC_FLAG_MAGLEV, ServiceKey, TrafficStats,
+};
+use serde::Serialize;
+
+use crate::{
+    datapath::{BpffsLayout, maps::PinnedMaps},
+    plan::Protocol,
+};
+
+/// Which program the synthetic packet enters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Entry {
+    /// As if sent by a pod (pod_ingress).
+    Pod,
+    /// As if arriving on an external interface (external_ingress).
+    External,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TraceResult {
+    pub packet: String,
+    pub program: &'static str,
+    /// The frontend matched, if any: `ip:port/PROTO` and its service.
+    pub frontend: Option<String>,
+    pub service: Option<String>,
+    /// How the backend was chosen: conntrack, affinity, maglev (with the slot), random.
+    pub choice: Option<String>,
+    pub backend: Option<String>,
+    /// The packet as it left the program.
+    pub translated: String,
+    pub verdict: &'static str,
+}
+
+fn checksum(chunks: &[&[u8]]) -> [u8; 2] {
+    let mut sum = 0u64;
+    for chunk in chunks {
+        for pair in chunk.chunks(2) {
+            sum += u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]) as u64;
+        }
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    (!(sum as u16)).to_be_bytes()
+}
+
+/// A TCP SYN or a UDP datagram with valid checksums.
+fn synthetic_packet(from: SocketAddrV4, to: SocketAddrV4, protocol: Protocol) -> Vec<u8> {
+    let (proto, mut l4) = match protocol {
+        Protocol::Tcp => {
+            let mut t = vec![0u8; 20];
+            t[4..8].copy_from_slice(&1u32.to_be_bytes());
+            t[12] = 5 << 4;
+            t[13] = 0x02; // SYN
+            t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+            (6u8, t)
+        }
+        Protocol::Udp => {
+            let mut u = vec![0u8; 8];
+            u.extend_from_slice(b"trace");
+            let len = u.len() as u16;
+            u[4..6].copy_from_slice(&len.to_be_bytes());
+            (17u8, u)
+        }
+    };
+    l4[0..2].copy_from_slice(&from.port().to_be_bytes());
+    l4[2..4].copy_from_slice(&to.port().to_be_bytes());
+    let len = l4.len() as u16;
+    let pseudo = [
+        &from.ip().octets()[..],
+        &to.ip().octets(),
+        &[0, proto],
+        &len.to_be_bytes(),
+    ]
+    .concat();
+    let at = if proto == 6 { 16 } else { 6 };
+    let c = checksum(&[&pseudo, &l4]);
+    l4[at..at + 2].copy_from_slice(&c);
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&(20 + len).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
+    ip.extend_from_slice(&from.ip().octets());
+    ip.extend_from_slice(&to.ip().octets());
+    let c = checksum(&[&ip]);
+    ip[10..12].copy_from_slice(&c);
+    let eth = [[0x02, 0, 0, 0, 0, 0xfe], [0x02, 0, 0, 0, 0, 0x01]].concat();
+    [&eth[..], &[0x08, 0x00], &ip, &l4].concat()
+}
+
+/// `src -> dst PROTO` of an IPv4 TCP/UDP frame, or what else it is.
+fn describe(frame: &[u8]) -> String {
+    if frame.len() < 38 || frame[12..14] != [0x08, 0x00] {
+        return format!("{} bytes, not IPv4", frame.len());
+    }
+    let ip = |o: usize| Ipv4Addr::new(frame[o], frame[o + 1], frame[o + 2], frame[o + 3]);
+    let port = |o: usize| u16::from_be_bytes([frame[o], frame[o + 1]]);
+    let l4 = 14 + (frame[14] & 0x0f) as usize * 4;
+    match frame[23] {
+        6 | 17 if frame.len() >= l4 + 4 => {
+            let proto = if frame[23] == 6 { "TCP" } else { "UDP" };
+            let flags = if frame[23] == 6 && frame.len() > l4 + 13 && frame[l4 + 13] & 0x04 != 0 {
+                " RST"
+            } else {
+                ""
+            };
+            format!(
+                "{}:{} -> {}:{} {proto}{flags}",
+                ip(26),
+                port(l4),
+                ip(30),
+                port(l4 + 2)
+            )
+        }
+        1 => format!(
+            "{} -> {} ICMP type {} code {}",
+            ip(26),
+            ip(30),
+            frame[l4],
+            frame[l4 + 1]
+        ),
+        p => format!("{} -> {} protocol {p}", ip(26), ip(30)),
+    }
+}
+
+/// The datapath's flow hash (lb.rs `flow_hash`): the same function, so the Maglev slot shown
+/// is the one the kernel used.
+fn flow_hash(saddr: Ipv4Addr, daddr: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> u32 {
+    fn mix(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    }
+    let mut h = 0x9e37_79b9u32;
+    h = mix(h ^ u32::from(saddr));
+    h = mix(h ^ u32::from(daddr));
+    h = mix(h ^ (((sport as u32) << 16) | dport as u32));
+    mix(h ^ proto as u32)
+}
+
+fn subtract(
+    maps: &mut aya::maps::Array<aya::maps::MapData, TrafficStats>,
+    id: u32,
+    packets: u64,
+    bytes: u64,
+    connections: u64,
+) {
+    if let Ok(mut s) = maps.get(&id, 0) {
+        s.packets = s.packets.saturating_sub(packets);
+        s.bytes = s.bytes.saturating_sub(bytes);
+        s.connections = s.connections.saturating_sub(connections);
+        let _ = maps.set(id, s, 0);
+    }
+}
+
+pub fn trace(
+    layout: &BpffsLayout,
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    protocol: Protocol,
+    entry: Entry,
+) -> anyhow::Result<TraceResult> {
+    let mut maps = PinnedMaps::open(layout)?;
+    let program_name = match entry {
+        Entry::Pod => PROG_POD_INGRESS,
+        Entry::External => PROG_EXTERNAL_INGRESS,
+    };
+    let program = SchedClassifier::from_pin(layout.program(program_name)).with_context(|| {
+        format!("no pinned {program_name} program: is the agent's datapath loaded?")
+    })?;
+    let proto = protocol.number();
+    let frontend_key = ServiceKey {
+        addr: to.ip().octets(),
+        port: to.port(),
+        proto,
+        scope: SCOPE_DEFAULT,
+        ..Default::default()
+    };
+    let service = maps.services.get(&frontend_key, 0).ok();
+    let forward = CtKey {
+        saddr: from.ip().octets(),
+        daddr: to.ip().octets(),
+        sport: from.port(),
+        dport: to.port(),
+        proto,
+        direction: CT_DIR_FORWARD,
+        _pad: [0; 2],
+    };
+    let known_flow = maps.conntrack.get(&forward, 0).ok();
+    let affinity_key = service.map(|s| AffinityKey {
+        service_port_id: s.service_port_id,
+        client: from.ip().octets(),
+    });
+    let known_affinity = affinity_key.and_then(|k| maps.affinity.get(&k, 0).ok());
+    let drops_before: Vec<u64> = (0..dataplane_common::capacity::DROP_REASONS)
+        .map(|r| maps.drops.get(&r, 0).unwrap_or(0))
+        .collect();
+
+    let input = synthetic_packet(from, to, protocol);
+    let mut output = vec![0u8; 512];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(&input),
+            data_out: Some(&mut output),
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    output.truncate(result.data_size_out as usize);
+
+    let created: Option<CtEntry> = maps.conntrack.get(&forward, 0).ok();
+    let mut choice = None;
+    let mut backend = None;
+    if let Some(flow) = created {
+        backend = Some(format!(
+            "{}",
+            SocketAddrV4::new(Ipv4Addr::from(flow.nat_addr), flow.nat_port)
+        ));
+        choice = Some(if known_flow.is_some() {
+            "conntrack: an established flow keeps its backend".to_string()
+        } else if known_affinity.is_some_and(|a| a.backend_id == flow.backend_id)
+            && service.is_some_and(|s| s.flags & SVC_FLAG_AFFINITY != 0)
+        {
+            "session affinity: this client's remembered backend".to_string()
+        } else if let Some(s) = service.filter(|s| s.flags & SVC_FLAG_MAGLEV != 0) {
+            let hash = flow_hash(*from.ip(), *to.ip(), from.port(), to.port(), proto);
+            let slot = (hash as u64 * MAGLEV_TABLE_SIZE as u64) >> 32;
+            format!(
+                "maglev: flow hash {hash:#010x} -> slot {slot} of {MAGLEV_TABLE_SIZE} (frontend id {})",
+                s.rev_nat_id
+            )
+        } else {
+            service
+                .map(|s| format!("random: one of {} backends", s.count))
+                .unwrap_or_default()
+        });
+        // Take the new flow out again: conntrack entries, affinity, counters.
+        if known_flow.is_none() {
+            let (client, client_port) = if flow.flags & CT_FLAG_SNAT != 0 {
+                (flow.peer_addr, flow.peer_port)
+            } else if flow.flags & CT_FLAG_HAIRPIN != 0 {
+                (flow.peer_addr, from.port())
+            } else {
+                (from.ip().octets(), from.port())
+            };
+            let reply = CtKey {
+                saddr: flow.nat_addr,
+                daddr: client,
+                sport: flow.nat_port,
+                dport: client_port,
+                proto,
+                direction: CT_DIR_REPLY,
+                _pad: [0; 2],
+            };
+            let _ = maps.conntrack.remove(&reply);
+            let _ = maps.conntrack.remove(&forward);
+            if let (Some(key), None) = (affinity_key, known_affinity) {
+                let _ = maps.affinity.remove(&key);
+            }
+            let bytes = input.len() as u64 - 14;
+            subtract(&mut maps.service_stats, flow.rev_nat_id, 1, bytes, 1);
+            subtract(&mut maps.backend_stats, flow.backend_id, 1, bytes, 1);
+        }
+    }
+    for (reason, before) in drops_before.iter().enumerate() {
+        let now = maps.drops.get(&(reason as u32), 0).unwrap_or(0);
+        if now > *before {
+            let _ = maps.drops.set(reason as u32, now - 1, 0); // this packet's drop
+        }
+    }
+    let names = crate::inspect::services(&maps)?;
+    let frontend_name = format!("{to}");
+    let service_name = names
+        .iter()
+        .find(|s| s.frontend == frontend_name && s.protocol == protocol.to_string())
+        .map(|s| s.service.clone());
+    Ok(TraceResult {
+        packet: describe(&input),
+        program: program_name,
+        frontend: service.map(|_| format!("{to}/{protocol}")),
+        service: service_name,
+        choice,
+        backend,
+        translated: describe(&output),
+        verdict: match result.return_value {
+            0 => "forwarded (TC_ACT_OK)",
+            2 => "dropped (TC_ACT_SHOT)",
+            7 => "answered: sent back to the client (TC_ACT_REDIRECT)",
+            _ => "other",
+        },
+    })
+}
+
+pub fn print(result: &TraceResult) {
+    println!("packet      {}", result.packet);
+    println!("program     {}", result.program);
+    match (&result.frontend, &result.service) {
+        (Some(f), Some(s)) => println!("frontend    {f}  ({s})"),
+        (Some(f), None) => println!("frontend    {f}"),
+        _ => println!("frontend    none: not a service address"),
+    }
+    if let Some(choice) = &result.choice {
+        println!(
+            "backend     {}  by {choice}",
+            result.backend.as_deref().unwrap_or("-")
+        );
+    }
+    println!("translated  {}", result.translated);
+    println!("verdict     {}", result.verdict);
+}
