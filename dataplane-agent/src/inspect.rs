@@ -237,7 +237,8 @@ pub fn backends(maps: &PinnedMaps) -> anyhow::Result<Vec<BackendView>> {
     Ok(out)
 }
 
-fn monotonic_ns() -> u64 {
+/// The clock `bpf_ktime_get_ns` reads (CLOCK_MONOTONIC), in nanoseconds.
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

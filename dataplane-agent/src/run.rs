@@ -53,6 +53,8 @@ const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(60);
 const INTERFACE_POLL: Duration = Duration::from_millis(200);
 /// Changes closer together than this are programmed together.
 const DEBOUNCE: Duration = Duration::from_millis(10);
+/// How often idle conntrack entries are collected.
+const CONNTRACK_GC: Duration = Duration::from_secs(30);
 /// A full recompute even without change events, in case one was missed.
 const RESYNC: Duration = Duration::from_secs(30);
 
@@ -194,6 +196,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 
     let mut interfaces = tokio::time::interval(INTERFACE_POLL);
     let mut resync = tokio::time::interval(RESYNC);
+    let mut conntrack_gc = tokio::time::interval(CONNTRACK_GC);
     loop {
         tokio::select! {
                                     Some(()) = changed.recv() => {
@@ -203,7 +206,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 while changed.try_recv().is_ok() {}
                 agent.sync();
             }
-            _ = resync.tick() => agent.sync(),
+                        _ = resync.tick() => agent.sync(),
+            _ = conntrack_gc.tick() => {
+                let removed = agent.programmer.collect_conntrack(crate::inspect::monotonic_ns());
+                if removed > 0 {
+                    tracing::debug!(removed, "idle conntrack entries removed");
+                }
+            }
             _ = interfaces.tick() => attachments.sync(&mut datapath),
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,

@@ -732,3 +732,81 @@ fn a_full_map_skips_what_does_not_fit_and_keeps_the_rest_working() {
         (TC_ACT_OK, Ipv4Addr::new(10, 0, 0, 1))
     );
 }
+
+#[test]
+fn idle_conntrack_entries_are_collected_by_protocol_timeout() {
+    require_root!();
+    let pins = Pins(BpffsLayout::new(
+        std::path::Path::new("/sys/fs/bpf").join(testbed::unique("dpgc")),
+    ));
+    let mut datapath = LoadedDatapath::load(&pins.0, &Default::default()).unwrap();
+    let mut programmer = Programmer::restore(PinnedMaps::open(&pins.0).unwrap()).unwrap();
+    let plan = Plan {
+        frontends: vec![
+            frontend(
+                "default/web",
+                VIP,
+                80,
+                Protocol::Tcp,
+                &[sock(BACKEND, 8080)],
+            ),
+            frontend(
+                "default/web",
+                VIP,
+                53,
+                Protocol::Udp,
+                &[sock(BACKEND, 5353)],
+            ),
+        ],
+        problems: vec![],
+        health_checks: vec![],
+    };
+    assert!(programmer.apply(&plan).failures.is_empty());
+    let run = |datapath: &mut LoadedDatapath, frame: Vec<u8>| {
+        let mut out = vec![0u8; 256];
+        datapath
+            .program(dataplane_common::PROG_POD_INGRESS)
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .unwrap();
+    };
+    run(&mut datapath, syn_to(VIP, 40500));
+    run(
+        &mut datapath,
+        frame(
+            TO_NODE,
+            sock(CLIENT, 40501),
+            sock(VIP, 53),
+            L4::Udp {
+                payload: b"q",
+                zero_checksum: false,
+            },
+        ),
+    );
+    let entries = || {
+        PinnedMaps::open(&pins.0)
+            .unwrap()
+            .conntrack
+            .keys()
+            .filter(|k| k.is_ok())
+            .count()
+    };
+    assert_eq!(entries(), 4, "a forward and a reply entry per flow");
+    let now = dataplane_agent::inspect::monotonic_ns();
+    assert_eq!(programmer.collect_conntrack(now), 0, "nothing is idle yet");
+    let hours = |h: u64| now + h * 3600 * 1_000_000_000;
+    assert_eq!(
+        programmer.collect_conntrack(hours(1)),
+        2,
+        "UDP idle for an hour goes, TCP stays"
+    );
+    assert_eq!(
+        programmer.collect_conntrack(hours(7)),
+        2,
+        "TCP idle past six hours goes"
+    );
+    assert_eq!(entries(), 0);
+}

@@ -806,3 +806,31 @@ mod tests {
         assert_eq!(got, vec![5, 6, 7, 8, 9, 2]);
     }
 }
+
+/// How long a flow may stay idle before conntrack forgets it. The LRU map evicts on its own
+/// when full; this keeps `flows` and the map's fill honest between those times.
+pub const TCP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+pub const OTHER_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+impl Programmer {
+    /// Removes conntrack entries idle longer than their protocol's timeout (both directions of
+    /// a flow go together, since each is looked up separately). Returns how many went.
+    pub fn collect_conntrack(&mut self, now_ns: u64) -> usize {
+        let mut expired = Vec::new();
+        for entry in self.maps.conntrack.iter() {
+            let Ok((key, value)) = entry else { continue };
+            let idle = if key.proto == dataplane_common::IPPROTO_TCP {
+                TCP_IDLE_TIMEOUT
+            } else {
+                OTHER_IDLE_TIMEOUT
+            };
+            if now_ns.saturating_sub(value.last_seen_ns) > idle.as_nanos() as u64 {
+                expired.push(key);
+            }
+        }
+        expired
+            .iter()
+            .filter(|key| self.maps.conntrack.remove(key).is_ok())
+            .count()
+    }
+}
