@@ -781,32 +781,6 @@ fn map_error(e: MapError) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_are_never_zero_and_reused_oldest_first() {
-        let mut ids = IdAllocator::new(4, &HashSet::new());
-        assert_eq!(
-            (ids.allocate(), ids.allocate(), ids.allocate()),
-            (Some(1), Some(2), Some(3))
-        );
-        assert_eq!(ids.allocate(), None, "limit 4 allows ids 1..=3");
-        ids.release(2);
-        ids.release(1);
-        assert_eq!((ids.allocate(), ids.allocate()), (Some(2), Some(1)));
-    }
-
-    #[test]
-    fn restored_ids_are_not_handed_out_again() {
-        let in_use: HashSet<u32> = [1, 3, 4].into();
-        let mut ids = IdAllocator::new(10, &in_use);
-        let got: Vec<_> = std::iter::from_fn(|| ids.allocate()).collect();
-        assert_eq!(got, vec![5, 6, 7, 8, 9, 2]);
-    }
-}
-
 /// How long a flow may stay idle before conntrack forgets it. The LRU map evicts on its own
 /// when full; this keeps `flows` and the map's fill honest between those times.
 pub const TCP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
@@ -832,5 +806,31 @@ impl Programmer {
             .iter()
             .filter(|key| self.maps.conntrack.remove(key).is_ok())
             .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_never_zero_and_reused_oldest_first() {
+        let mut ids = IdAllocator::new(4, &HashSet::new());
+        assert_eq!(
+            (ids.allocate(), ids.allocate(), ids.allocate()),
+            (Some(1), Some(2), Some(3))
+        );
+        assert_eq!(ids.allocate(), None, "limit 4 allows ids 1..=3");
+        ids.release(2);
+        ids.release(1);
+        assert_eq!((ids.allocate(), ids.allocate()), (Some(2), Some(1)));
+    }
+
+    #[test]
+    fn restored_ids_are_not_handed_out_again() {
+        let in_use: HashSet<u32> = [1, 3, 4].into();
+        let mut ids = IdAllocator::new(10, &in_use);
+        let got: Vec<_> = std::iter::from_fn(|| ids.allocate()).collect();
+        assert_eq!(got, vec![5, 6, 7, 8, 9, 2]);
     }
 }
