@@ -28,10 +28,10 @@ pub mod map_names {
     pub const AFFINITY: &str = "dp_affinity_v1";
     pub const SOURCE_RANGES: &str = "dp_srcrange_v1";
     pub const MAGLEV: &str = "dp_maglev_v1";
-        pub const CONFIG: &str = "dp_config_v1";
+    pub const CONFIG: &str = "dp_config_v1";
     pub const NAMES: &str = "dp_names_v1";
     /// Every map, in the order `cleanup` and the inspection tools walk them.
-        pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 12] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -41,7 +41,7 @@ pub mod map_names {
         DROPS,
         AFFINITY,
         SOURCE_RANGES,
-                MAGLEV,
+        MAGLEV,
         CONFIG,
         NAMES,
     ];
@@ -346,7 +346,7 @@ mod user {
         AffinityKey,
         AffinityValue,
         SourceRangeKey,
-                MaglevTable,
+        MaglevTable,
         DatapathConfig,
         FrontendName,
     );
@@ -416,7 +416,7 @@ mod layout_tests {
         assert_eq!(size_of::<SourceRangeKey>(), 8);
         assert_eq!(offset_of!(SourceRangeKey, addr), 4);
         assert_eq!(size_of::<MaglevTable>(), 4 * MAGLEV_TABLE_SIZE);
-                assert_eq!(size_of::<DatapathConfig>(), 8);
+        assert_eq!(size_of::<DatapathConfig>(), 8);
         assert_eq!(size_of::<FrontendName>(), 128);
         assert_eq!(offset_of!(FrontendName, port), 96);
         assert_eq!(offset_of!(FrontendName, kind), 120);

@@ -34,8 +34,10 @@ spec:
 ";
 
 fn slices(web: &[(String, &str)]) -> String {
-    let endpoints: String =
-        web.iter().map(|(ip, node)| format!("- {{addresses: [\"{ip}\"], nodeName: {node}}}\n")).collect();
+    let endpoints: String = web
+        .iter()
+        .map(|(ip, node)| format!("- {{addresses: [\"{ip}\"], nodeName: {node}}}\n"))
+        .collect();
     format!(
         "apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -55,7 +57,10 @@ endpoints:
 }
 
 pub fn demo(keep: bool, down: bool) -> anyhow::Result<()> {
-    anyhow::ensure!(testbed::is_root(), "the demo creates network namespaces and loads BPF: run it as root");
+    anyhow::ensure!(
+        testbed::is_root(),
+        "the demo creates network namespaces and loads BPF: run it as root"
+    );
     if down {
         return teardown();
     }
@@ -67,10 +72,16 @@ pub fn demo(keep: bool, down: bool) -> anyhow::Result<()> {
     step("installing what is missing and building (the first run takes a few minutes)");
     setup::setup()?;
     build::build_ebpf(true)?;
-    run(Command::new("cargo").current_dir(workspace_root()).args(["build", "-p", "dataplane-agent"]))?;
+    run(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "-p",
+        "dataplane-agent",
+    ]))?;
     let agent = workspace_root().join("target/debug/dataplane-agent");
 
-    step("creating a two-node cluster: node-a (zone-a) and node-b (zone-b) on an underlay, and an external client");
+    step(
+        "creating a two-node cluster: node-a (zone-a) and node-b (zone-b) on an underlay, and an external client",
+    );
     let mut cluster = MultiNode::new(&[&["client", "web-a"], &["web-b"]], 1)?;
     for name in ["web-a", "web-b"] {
         let pod = cluster.pod(name);
@@ -78,7 +89,9 @@ pub fn demo(keep: bool, down: bool) -> anyhow::Result<()> {
         eprintln!("    {name}: {} (HTTP :8080, UDP :5353)", pod.ip);
     }
 
-    step("starting one agent per node and publishing Services shop/web (ClusterIP + NodePort 30080) and shop/dns");
+    step(
+        "starting one agent per node and publishing Services shop/web (ClusterIP + NodePort 30080) and shop/dns",
+    );
     cluster.start_agents(&[])?;
     let web: Vec<(String, &str)> = vec![
         (cluster.pod("web-a").ip.to_string(), "node-a"),
@@ -90,17 +103,33 @@ pub fn demo(keep: bool, down: bool) -> anyhow::Result<()> {
     cluster.agents[0].wait_for_backends("192.0.2.11:30080", 2)?;
     eprintln!("    manifests: {}", cluster.manifests.display());
     for (agent, node) in cluster.agents.iter().zip(&cluster.nodes) {
-        eprintln!("    {}: {} pinned maps in {}", node.name, node.ip, agent.bpffs_dir.display());
+        eprintln!(
+            "    {}: {} pinned maps in {}",
+            node.name,
+            node.ip,
+            agent.bpffs_dir.display()
+        );
     }
 
-    step("traffic: 30 HTTP requests from pod client to the ClusterIP, 20 from the external client to node-a's NodePort, 3 DNS-style UDP requests");
+    step(
+        "traffic: 30 HTTP requests from pod client to the ClusterIP, 20 from the external client to node-a's NodePort, 3 DNS-style UDP requests",
+    );
     let client = &cluster.pod("client").netns;
-    report("client -> 10.96.0.10:80", &http_requests(client, "http://10.96.0.10/", 30))?;
+    report(
+        "client -> 10.96.0.10:80",
+        &http_requests(client, "http://10.96.0.10/", 30),
+    )?;
     let client = &cluster.pod("client").netns;
     for i in 0..3 {
-        eprintln!("    UDP: {}", udp_request(client, "10.96.0.53:53", Some(41000 + i), "hello")?);
+        eprintln!(
+            "    UDP: {}",
+            udp_request(client, "10.96.0.53:53", Some(41000 + i), "hello")?
+        );
     }
-    report("external -> 192.0.2.11:30080", &http_requests(&cluster.clients[0], "http://192.0.2.11:30080/", 20))?;
+    report(
+        "external -> 192.0.2.11:30080",
+        &http_requests(&cluster.clients[0], "http://192.0.2.11:30080/", 20),
+    )?;
     std::thread::sleep(Duration::from_millis(100));
 
     let node_a = &cluster.agents[0];
@@ -110,7 +139,9 @@ pub fn demo(keep: bool, down: bool) -> anyhow::Result<()> {
     print!("{}", node_a.cli(&["flows", "--sort", "bytes"])?);
     step("dataplane-agent stats   (node-a)");
     print!("{}", node_a.cli(&["stats"])?);
-    step("dataplane-agent graph   (node-a: who talks to which service, and which backends serve it)");
+    step(
+        "dataplane-agent graph   (node-a: who talks to which service, and which backends serve it)",
+    );
     let dot = node_a.cli(&["graph", "-o", "dot"])?;
     print!("{dot}");
     let out_dir = workspace_root().join("target/demo");
@@ -121,7 +152,10 @@ pub fn demo(keep: bool, down: bool) -> anyhow::Result<()> {
             std::fs::write(out_dir.join("graph.svg"), svg)?;
             eprintln!("    SVG: {}", out_dir.join("graph.svg").display());
         }
-        Err(e) => eprintln!("    no SVG ({e:#}); DOT: {}", out_dir.join("graph.dot").display()),
+        Err(e) => eprintln!(
+            "    no SVG ({e:#}); DOT: {}",
+            out_dir.join("graph.dot").display()
+        ),
     }
 
     if keep {
@@ -130,8 +164,16 @@ pub fn demo(keep: bool, down: bool) -> anyhow::Result<()> {
         let kept = cluster.keep();
         std::fs::write(state_file(), serde_json::to_string_pretty(&kept.to_json())?)?;
         step("left running (remove with `cargo xtask demo --down`). Try:");
-        eprintln!("    {} services --bpffs-dir {}", agent.display(), bpffs.display());
-        eprintln!("    {} flows --watch --bpffs-dir {}", agent.display(), bpffs.display());
+        eprintln!(
+            "    {} services --bpffs-dir {}",
+            agent.display(),
+            bpffs.display()
+        );
+        eprintln!(
+            "    {} flows --watch --bpffs-dir {}",
+            agent.display(),
+            bpffs.display()
+        );
         eprintln!("    bpftool map dump pinned {}/dp_svc_v2", bpffs.display());
         eprintln!("    nsenter --net=/run/netns/{client_ns} curl -s http://10.96.0.10/");
     } else {
@@ -144,8 +186,12 @@ pub fn demo(keep: bool, down: bool) -> anyhow::Result<()> {
 fn report(what: &str, answers: &[Result<String, String>]) -> anyhow::Result<()> {
     let mut by_backend = std::collections::BTreeMap::<String, usize>::new();
     for answer in answers {
-        let line = answer.as_ref().map_err(|e| anyhow::anyhow!("{what}: request failed: {e}"))?;
-        *by_backend.entry(line.split_whitespace().next().unwrap_or("?").to_string()).or_default() += 1;
+        let line = answer
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{what}: request failed: {e}"))?;
+        *by_backend
+            .entry(line.split_whitespace().next().unwrap_or("?").to_string())
+            .or_default() += 1;
     }
     eprintln!("    {what}: answers by backend {by_backend:?}");
     Ok(())
