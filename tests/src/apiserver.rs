@@ -28,7 +28,7 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct FakeApiServer {
     child: Child,
     dir: PathBuf,
-        port: u16,
+    port: u16,
     control_port: u16,
     kubeconfig: PathBuf,
     /// The network namespace the server runs in (`None`: this process's).
@@ -48,7 +48,7 @@ impl FakeApiServer {
 
     /// Starts a server with extra command line arguments, e.g. `["--port", "6443"]` or
     /// `["--bookmark-interval", "0.2"]`.
-        pub fn start_with_args(args: &[&str]) -> anyhow::Result<Self> {
+    pub fn start_with_args(args: &[&str]) -> anyhow::Result<Self> {
         Self::start_in(None, args)
     }
 
@@ -70,10 +70,12 @@ impl FakeApiServer {
         let port_file = dir.join("port");
         let control_port_file = dir.join("control-port");
         let log = fs::File::create(dir.join("log")).context("cannot create the server log")?;
-                let mut command = match &netns {
+        let mut command = match &netns {
             Some(path) => {
                 let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", path.display())).arg("--").arg("python3");
+                c.arg(format!("--net={}", path.display()))
+                    .arg("--")
+                    .arg("python3");
                 c
             }
             None => Command::new("python3"),
@@ -102,7 +104,7 @@ impl FakeApiServer {
         let mut server = Self {
             child,
             kubeconfig: dir.join("kubeconfig"),
-                        dir,
+            dir,
             port: 0,
             control_port: 0,
             netns,
@@ -287,7 +289,9 @@ preferences: {{}}
             .map(serde_json::to_vec)
             .transpose()?
             .unwrap_or_default();
-                let mut stream = self.connect_control().with_context(|| format!("{what}: cannot connect"))?;
+        let mut stream = self
+            .connect_control()
+            .with_context(|| format!("{what}: cannot connect"))?;
         stream.set_read_timeout(Some(CONTROL_TIMEOUT))?;
         stream.set_write_timeout(Some(CONTROL_TIMEOUT))?;
         let head = format!(

@@ -347,13 +347,16 @@ pub fn agent_binary() -> PathBuf {
 
 impl Agent {
     /// Starts the agent for `node`, attaching to its pod veths.
-        pub fn start(node: &Node, node_name: &str) -> anyhow::Result<Self> {
+    pub fn start(node: &Node, node_name: &str) -> anyhow::Result<Self> {
         Self::start_with(node, node_name, AgentOptions::default())
     }
 
     pub fn start_with(node: &Node, node_name: &str, options: AgentOptions) -> anyhow::Result<Self> {
         let work = std::env::temp_dir().join(unique("dataplane-e2e-"));
-                let manifests = options.shared_manifests.clone().unwrap_or_else(|| work.join("manifests"));
+        let manifests = options
+            .shared_manifests
+            .clone()
+            .unwrap_or_else(|| work.join("manifests"));
         std::fs::create_dir_all(&work)?;
         std::fs::create_dir_all(&manifests)?;
         let mut agent = Self {
@@ -365,7 +368,7 @@ impl Agent {
             netns_path: node.netns.path(),
             node_name: node_name.to_string(),
             pod_glob: node.pod_glob(),
-                        pod_interfaces: node.pods.iter().map(|p| p.host_if.clone()).collect(),
+            pod_interfaces: node.pods.iter().map(|p| p.host_if.clone()).collect(),
             options,
             work,
         };
@@ -385,8 +388,12 @@ impl Agent {
             .create(true)
             .append(true)
             .open(&self.log)?;
-                let mut command = Command::new("nsenter");
-        command.arg(format!("--net={}", self.netns_path.display())).arg("--").arg(&self.binary).arg("run");
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net={}", self.netns_path.display()))
+            .arg("--")
+            .arg(&self.binary)
+            .arg("run");
         match &self.options.kubeconfig {
             Some(kubeconfig) => command.arg("--kubeconfig").arg(kubeconfig),
             None => command.arg("--manifests").arg(&self.manifests),
@@ -396,7 +403,13 @@ impl Agent {
         }
         let child = command
             .args(&self.options.extra_args)
-            .args(["--node-name", &self.node_name, "--pod-interfaces", &self.pod_glob, "--bpffs-dir"])
+            .args([
+                "--node-name",
+                &self.node_name,
+                "--pod-interfaces",
+                &self.pod_glob,
+                "--bpffs-dir",
+            ])
             .arg(&self.bpffs_dir)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -496,7 +509,7 @@ impl Drop for Agent {
             .arg("--bpffs-dir")
             .arg(&self.bpffs_dir)
             .output();
-                let _ = std::fs::remove_dir_all(&self.work);
+        let _ = std::fs::remove_dir_all(&self.work);
     }
 }
 
@@ -669,7 +682,7 @@ impl Agent {
         Kept {
             pids: agent.process.iter().map(|p| p.child.id()).collect(),
             bpffs_dirs: vec![agent.bpffs_dir.clone()],
-                        work_dirs: vec![agent.work.clone()],
+            work_dirs: vec![agent.work.clone()],
             ..Default::default()
         }
     }

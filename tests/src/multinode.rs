@@ -31,7 +31,9 @@ impl Underlay {
     /// Plugs `ns` into the underlay as `eth0` with `ip/24`.
     pub fn plug(&self, ns: &Netns, ip: Ipv4Addr) -> anyhow::Result<()> {
         let port = unique("u");
-        self.netns.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
+        self.netns.ip(&[
+            "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ])?;
         self.netns.ip(&["link", "set", &port, "master", "br0"])?;
         self.netns.ip(&["link", "set", &port, "up"])?;
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
@@ -85,14 +87,21 @@ impl MultiNode {
             }
             let name = format!("node-{}", (b'a' + i as u8) as char);
             let zone = format!("zone-{}", (b'a' + i as u8) as char);
-            nodes.push(ClusterNode { name, zone, ip, node });
+            nodes.push(ClusterNode {
+                name,
+                zone,
+                ip,
+                node,
+            });
         }
         // Each node reaches the others' pod CIDRs through them.
         for (i, a) in nodes.iter().enumerate() {
             for (j, b) in nodes.iter().enumerate() {
                 if i != j {
                     let cidr = format!("10.244.{}.0/24", j + 1);
-                    a.node.netns.ip(&["route", "add", &cidr, "via", &b.ip.to_string()])?;
+                    a.node
+                        .netns
+                        .ip(&["route", "add", &cidr, "via", &b.ip.to_string()])?;
                 }
             }
         }
@@ -100,13 +109,25 @@ impl MultiNode {
         for k in 0..external_clients {
             let client = Netns::new("dpx")?;
             underlay.plug(&client, underlay_ip(100 + k as u8))?;
-            client.ip(&["route", "add", FRONTEND_NET, "via", &nodes[0].ip.to_string()])?;
+            client.ip(&[
+                "route",
+                "add",
+                FRONTEND_NET,
+                "via",
+                &nodes[0].ip.to_string(),
+            ])?;
             clients.push(client);
         }
         let manifests = std::env::temp_dir().join(unique("dataplane-cluster-"));
         std::fs::create_dir_all(&manifests)?;
         std::fs::write(manifests.join("nodes.yaml"), node_objects(&nodes))?;
-        Ok(Self { underlay: std::mem::ManuallyDrop::new(underlay), nodes, clients, manifests, agents: vec![] })
+        Ok(Self {
+            underlay: std::mem::ManuallyDrop::new(underlay),
+            nodes,
+            clients,
+            manifests,
+            agents: vec![],
+        })
     }
 
     /// Starts one agent per node on the shared manifests, serving external traffic on `eth0`.
@@ -118,7 +139,8 @@ impl MultiNode {
                 extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
                 ..Default::default()
             };
-            self.agents.push(Agent::start_with(&n.node, &n.name, options)?);
+            self.agents
+                .push(Agent::start_with(&n.node, &n.name, options)?);
         }
         Ok(())
     }

@@ -122,7 +122,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             "--nocapture",
         ])
         .args(args);
-        let e2e_ok = run_tests(&mut e2e, &mut totals)?;
+    let e2e_ok = run_tests(&mut e2e, &mut totals)?;
     // The README's first command, as a user runs it.
     if testbed::is_root() {
         eprintln!("+ cargo xtask demo");
