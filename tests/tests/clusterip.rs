@@ -461,6 +461,7 @@ fn every_map_prints_named_fields_in_bpftool() {
         ("dp_srcrange_v1", &[]),
         ("dp_maglev_v1", &[]),
         ("dp_config_v1", &["snat_addr"]),
+        ("dp_names_v1", &["service", "port", "kind"]),
     ];
     for name in dataplane_common::map_names::ALL {
         let path = cluster.agent.bpffs_dir.join(name);

@@ -105,7 +105,14 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     let mut totals = TestTotals::default();
     let mut unit = Command::new("cargo");
     unit.current_dir(&root)
-        .args(["test", "--workspace", "--exclude", "dataplane-tests", "--"])
+        .args([
+            "test",
+            "--no-fail-fast",
+            "--workspace",
+            "--exclude",
+            "dataplane-tests",
+            "--",
+        ])
         .args(args);
     let unit_ok = run_tests(&mut unit, &mut totals)?;
     // Privileged tests share the machine's two cores and time real traffic: one at a time.
@@ -115,6 +122,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         .env("DATAPLANE_AGENT_BIN", &agent)
         .args([
             "test",
+            "--no-fail-fast",
             "-p",
             "dataplane-tests",
             "--",
