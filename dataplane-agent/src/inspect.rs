@@ -8,7 +8,7 @@ use std::{
 use dataplane_common::{
     BACKEND_STATE_TERMINATING, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT,
     CtEntry, CtKey, FRONTEND_KIND_EXTERNAL_IP, FRONTEND_KIND_LOAD_BALANCER,
-    FRONTEND_KIND_NODE_PORT, FrontendName, ServiceKey, TrafficStats, drop_reason,
+    FRONTEND_KIND_NODE_PORT, FrontendName, ServiceKey, drop_reason,
 };
 use serde::Serialize;
 
@@ -114,9 +114,7 @@ fn socket(addr: [u8; 4], port: u16) -> String {
     SocketAddrV4::new(Ipv4Addr::from(addr), port).to_string()
 }
 
-fn stats(array: &aya::maps::Array<aya::maps::MapData, TrafficStats>, id: u32) -> TrafficStats {
-    array.get(&id, 0).unwrap_or_default()
-}
+use crate::datapath::maps::stats_sum as stats;
 
 pub fn services(maps: &PinnedMaps) -> anyhow::Result<Vec<ServiceView>> {
     let names = names(maps)?;
@@ -237,14 +235,14 @@ pub fn backends(maps: &PinnedMaps) -> anyhow::Result<Vec<BackendView>> {
     Ok(out)
 }
 
-/// The clock `bpf_ktime_get_ns` reads (CLOCK_MONOTONIC), in nanoseconds.
+/// The clock `bpf_ktime_get_coarse_ns` reads (CLOCK_MONOTONIC_COARSE), in nanoseconds.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: valid out-parameter; CLOCK_MONOTONIC is what bpf_ktime_get_ns reads.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // SAFETY: valid out-parameter.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

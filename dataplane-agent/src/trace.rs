@@ -150,18 +150,29 @@ fn flow_hash(saddr: Ipv4Addr, daddr: Ipv4Addr, sport: u16, dport: u16, proto: u8
     mix(h ^ proto as u32)
 }
 
+/// Takes one trace packet's counts back out of a per-CPU stats entry (from the CPU that
+/// counted it: the first with enough).
 fn subtract(
-    maps: &mut aya::maps::Array<aya::maps::MapData, TrafficStats>,
+    array: &mut aya::maps::PerCpuArray<aya::maps::MapData, TrafficStats>,
     id: u32,
     packets: u64,
     bytes: u64,
     connections: u64,
 ) {
-    if let Ok(mut s) = maps.get(&id, 0) {
-        s.packets = s.packets.saturating_sub(packets);
-        s.bytes = s.bytes.saturating_sub(bytes);
-        s.connections = s.connections.saturating_sub(connections);
-        let _ = maps.set(id, s, 0);
+    let Ok(values) = array.get(&id, 0) else {
+        return;
+    };
+    let mut values: Vec<TrafficStats> = values.iter().copied().collect();
+    if let Some(v) = values
+        .iter_mut()
+        .find(|v| v.packets >= packets && v.bytes >= bytes && v.connections >= connections)
+    {
+        v.packets -= packets;
+        v.bytes -= bytes;
+        v.connections -= connections;
+        if let Ok(values) = aya::maps::PerCpuValues::try_from(values) {
+            let _ = array.set(id, values, 0);
+        }
     }
 }
 

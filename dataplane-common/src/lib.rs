@@ -22,8 +22,8 @@ pub mod map_names {
     pub const BACKENDS: &str = "dp_backends_v1";
     pub const REV_NAT: &str = "dp_revnat_v1";
     pub const CONNTRACK: &str = "dp_ct_v1";
-    pub const SERVICE_STATS: &str = "dp_svc_stats_v1";
-    pub const BACKEND_STATS: &str = "dp_be_stats_v1";
+    pub const SERVICE_STATS: &str = "dp_svc_stats_v2";
+    pub const BACKEND_STATS: &str = "dp_be_stats_v2";
     pub const DROPS: &str = "dp_drops_v1";
     pub const AFFINITY: &str = "dp_affinity_v1";
     pub const SOURCE_RANGES: &str = "dp_srcrange_v1";
@@ -198,7 +198,8 @@ pub struct CtEntry {
     pub packets: u64,
     /// IP-layer bytes (IP header included).
     pub bytes: u64,
-    /// `bpf_ktime_get_ns` at creation and at the last packet (monotonic clock).
+    /// `bpf_ktime_get_coarse_ns` at creation and at the last packet (CLOCK_MONOTONIC_COARSE:
+    /// a jiffy's resolution is plenty for ages and idle times, and it costs less per packet).
     pub created_ns: u64,
     pub last_seen_ns: u64,
     pub backend_id: u32,
@@ -279,7 +280,8 @@ pub struct DatapathConfig {
     pub _pad: [u8; 4],
 }
 
-/// Packets, bytes (IP layer, both directions) and new connections of a frontend or backend.
+/// Packets, bytes (IP layer, both directions) and new connections of a frontend or backend,
+/// in per-CPU arrays (each CPU adds to its own copy without atomics; readers sum them).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct TrafficStats {

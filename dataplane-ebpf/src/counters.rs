@@ -21,15 +21,16 @@ pub fn count_flow_packet(entry: *mut CtEntry, bytes: u64, now: u64) {
     }
 }
 
+/// Per-CPU values: only this CPU writes them while the program runs, so plain adds do.
 #[inline(always)]
 fn count_traffic(stats: Option<*mut TrafficStats>, bytes: u64, new_connection: bool) {
     if let Some(stats) = stats {
-        // SAFETY: array values live as long as the map.
+        // SAFETY: this CPU's copy of an array value, alive as long as the map.
         unsafe {
-            add(&raw mut (*stats).packets, 1);
-            add(&raw mut (*stats).bytes, bytes);
+            (*stats).packets += 1;
+            (*stats).bytes += bytes;
             if new_connection {
-                add(&raw mut (*stats).connections, 1);
+                (*stats).connections += 1;
             }
         }
     }

@@ -2,7 +2,7 @@
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     btf_maps::lpm_trie::Key,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     programs::TcContext,
 };
 use dataplane_common::{
@@ -57,7 +57,7 @@ pub fn handle(ctx: &TcContext, pkt: &Packet, origin: Origin) -> i32 {
     } else {
         (frontend, service)
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let key = forward_key(pkt);
     // Separate calls, not nested ones: the verifier limits the stack of a call chain.
     if let Some(verdict) = established(ctx, pkt, &key, now) {
@@ -387,7 +387,7 @@ fn from_backend(ctx: &TcContext, pkt: &Packet) -> i32 {
     let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
         return TC_ACT_OK;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: a value from a lookup in this run; fields copied out.
     let known = unsafe { *entry };
     count_flow_packet(entry, pkt.ip_len as u64, now);

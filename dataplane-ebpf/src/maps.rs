@@ -2,7 +2,7 @@
 //! `dataplane_common::map_names` (the agent checks every one at load time).
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use dataplane_common::{
@@ -25,11 +25,13 @@ pub static REV_NAT: HashMap<u32, RevNat, { capacity::FRONTENDS as usize }> = Has
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize }> =
     LruHashMap::new();
 
-#[btf_map(name = "dp_svc_stats_v1")]
-pub static SERVICE_STATS: Array<TrafficStats, { capacity::FRONTENDS as usize }> = Array::new();
+#[btf_map(name = "dp_svc_stats_v2")]
+pub static SERVICE_STATS: PerCpuArray<TrafficStats, { capacity::FRONTENDS as usize }> =
+    PerCpuArray::new();
 
-#[btf_map(name = "dp_be_stats_v1")]
-pub static BACKEND_STATS: Array<TrafficStats, { capacity::BACKENDS as usize }> = Array::new();
+#[btf_map(name = "dp_be_stats_v2")]
+pub static BACKEND_STATS: PerCpuArray<TrafficStats, { capacity::BACKENDS as usize }> =
+    PerCpuArray::new();
 
 #[btf_map(name = "dp_drops_v1")]
 pub static DROPS: Array<u64, { capacity::DROP_REASONS as usize }> = Array::new();

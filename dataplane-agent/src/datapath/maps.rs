@@ -1,6 +1,6 @@
 //! Typed handles on the pinned maps, for the agent and for the inspection commands (which
 //! work while the agent is stopped: everything they show is read from these pins).
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues};
 use dataplane_common::{
     AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, FrontendName, MaglevTable,
     RevNat, ServiceKey, ServiceValue, SourceRangeKey, TrafficStats, map_names,
@@ -34,8 +34,8 @@ pub struct PinnedMaps {
     pub backends: HashMap<MapData, u32, Backend>,
     pub rev_nat: HashMap<MapData, u32, RevNat>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
-    pub service_stats: Array<MapData, TrafficStats>,
-    pub backend_stats: Array<MapData, TrafficStats>,
+    pub service_stats: PerCpuArray<MapData, TrafficStats>,
+    pub backend_stats: PerCpuArray<MapData, TrafficStats>,
     pub drops: Array<MapData, u64>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
@@ -138,8 +138,8 @@ impl PinnedMaps {
             backends: typed!(HashMap, map_names::BACKENDS),
             rev_nat: typed!(HashMap, map_names::REV_NAT),
             conntrack: typed!(HashMap, map_names::CONNTRACK),
-            service_stats: typed!(Array, map_names::SERVICE_STATS),
-            backend_stats: typed!(Array, map_names::BACKEND_STATS),
+            service_stats: typed!(PerCpuArray, map_names::SERVICE_STATS),
+            backend_stats: typed!(PerCpuArray, map_names::BACKEND_STATS),
             drops: typed!(Array, map_names::DROPS),
             affinity: typed!(HashMap, map_names::AFFINITY),
             source_ranges: typed!(LpmTrie, map_names::SOURCE_RANGES),
@@ -149,4 +149,29 @@ impl PinnedMaps {
             capacities,
         })
     }
+}
+
+/// Sums a per-CPU stats entry over the CPUs (zero when unreadable).
+pub fn stats_sum(array: &PerCpuArray<MapData, TrafficStats>, id: u32) -> TrafficStats {
+    let mut total = TrafficStats::default();
+    if let Ok(values) = array.get(&id, 0) {
+        for v in values.iter() {
+            total.packets += v.packets;
+            total.bytes += v.bytes;
+            total.connections += v.connections;
+        }
+    }
+    total
+}
+
+/// Zeroes a per-CPU stats entry on every CPU (an id handed to a new frontend or backend).
+pub fn stats_reset(
+    array: &mut PerCpuArray<MapData, TrafficStats>,
+    id: u32,
+) -> Result<(), aya::maps::MapError> {
+    let cpus = aya::util::nr_cpus().map_err(|(call, io_error)| {
+        aya::maps::MapError::SyscallError(aya::sys::SyscallError { call, io_error })
+    })?;
+    let zeros = PerCpuValues::try_from(vec![TrafficStats::default(); cpus])?;
+    array.set(id, zeros, 0)
 }

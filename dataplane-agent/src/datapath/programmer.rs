@@ -18,11 +18,10 @@ use dataplane_common::{
     MAGLEV_TABLE_SIZE, MaglevTable, RevNat, SCOPE_DEFAULT, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
     SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV,
     SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES, ServiceKey, ServiceValue, SourceRangeKey,
-    TrafficStats,
 };
 use tracing::{debug, warn};
 
-use super::maps::PinnedMaps;
+use super::maps::{PinnedMaps, stats_reset};
 use crate::{
     maglev,
     plan::{Algorithm, BackendAddr, Cidr, Frontend, FrontendAddr, FrontendKind, Plan, Protocol},
@@ -543,10 +542,7 @@ impl Programmer {
             state: BACKEND_STATE_ACTIVE,
         };
         // A reused id starts its counters from zero.
-        let written = self
-            .maps
-            .backend_stats
-            .set(id, TrafficStats::default(), 0)
+        let written = stats_reset(&mut self.maps.backend_stats, id)
             .and_then(|()| self.maps.backends.insert(id, value, 0));
         written.map(|()| id).map_err(|e| {
             self.backend_ids.release(id);
@@ -572,10 +568,7 @@ impl Programmer {
             port: frontend.addr.port(),
             _pad: [0; 2],
         };
-        let written = self
-            .maps
-            .service_stats
-            .set(id, TrafficStats::default(), 0)
+        let written = stats_reset(&mut self.maps.service_stats, id)
             .and_then(|()| self.maps.rev_nat.insert(id, rev_nat, 0));
         if let Err(e) = written {
             self.frontend_id_allocator.release(id);
