@@ -361,16 +361,14 @@ fn new_flow(
 }
 
 fn translate_forward(ctx: &TcContext, pkt: &Packet, entry: &CtEntry) -> i32 {
-    let rewritten = nat::set_destination(ctx, pkt, entry.nat_addr, entry.nat_port).and_then(|()| {
-        if entry.flags & CT_FLAG_SNAT != 0 {
-            nat::set_source(ctx, pkt, entry.peer_addr, entry.peer_port)
-        } else if entry.flags & CT_FLAG_HAIRPIN != 0 {
-            nat::set_source_addr(ctx, pkt, entry.peer_addr)
-        } else {
-            Ok(())
-        }
-    });
-    verdict(rewritten)
+    let snat = entry.flags & CT_FLAG_SNAT != 0;
+    let rewrite = nat::Rewrite {
+        daddr: Some(entry.nat_addr),
+        dport: Some(entry.nat_port),
+        saddr: (entry.flags & (CT_FLAG_SNAT | CT_FLAG_HAIRPIN) != 0).then_some(entry.peer_addr),
+        sport: snat.then_some(entry.peer_port),
+    };
+    verdict(nat::rewrite(ctx, pkt, rewrite))
 }
 
 /// A packet that matched no frontend: a backend's reply to a translated flow, or not ours.
@@ -392,16 +390,14 @@ fn from_backend(ctx: &TcContext, pkt: &Packet) -> i32 {
     let known = unsafe { *entry };
     count_flow_packet(entry, pkt.ip_len as u64, now);
     count_service_packet(known.rev_nat_id, known.backend_id, pkt.ip_len as u64, false);
-    let rewritten = nat::set_source(ctx, pkt, known.nat_addr, known.nat_port).and_then(|()| {
-        if known.flags & CT_FLAG_SNAT != 0 {
-            nat::set_destination(ctx, pkt, known.peer_addr, known.peer_port)
-        } else if known.flags & CT_FLAG_HAIRPIN != 0 {
-            nat::set_destination_addr(ctx, pkt, known.peer_addr)
-        } else {
-            Ok(())
-        }
-    });
-    verdict(rewritten)
+    let snat = known.flags & CT_FLAG_SNAT != 0;
+    let rewrite = nat::Rewrite {
+        saddr: Some(known.nat_addr),
+        sport: Some(known.nat_port),
+        daddr: (known.flags & (CT_FLAG_SNAT | CT_FLAG_HAIRPIN) != 0).then_some(known.peer_addr),
+        dport: snat.then_some(known.peer_port),
+    };
+    verdict(nat::rewrite(ctx, pkt, rewrite))
 }
 
 #[inline(always)]

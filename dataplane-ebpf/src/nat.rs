@@ -1,68 +1,125 @@
-//! Address and port rewrites with incremental IP and L4 checksum updates.
+//! Address and port rewrites. Addresses, ports and the IP header checksum are written with
+//! direct packet access; the L4 checksum goes through `bpf_l4_csum_replace` with a
+//! precomputed difference — one call for the addresses (they are in the pseudo-header, whose
+//! handling depends on the skb's checksum state, e.g. CHECKSUM_PARTIAL from a local veth) and
+//! one for the ports. Two helper calls per packet instead of one per field.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
 use dataplane_common::{IPPROTO_UDP, Ipv4};
 
-use crate::packet::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet};
+use crate::packet::{ETH_HLEN, Packet};
 
 type Result = core::result::Result<(), i64>;
 
-/// UDP checksum 0 means "none": keep it 0 instead of turning it into a wrong value.
+/// The new source and destination; `None` keeps a field.
+pub struct Rewrite {
+    pub saddr: Option<Ipv4>,
+    pub sport: Option<u16>,
+    pub daddr: Option<Ipv4>,
+    pub dport: Option<u16>,
+}
+
+/// One's-complement addition with end-around carry (the kernel's `csum_add`).
 #[inline(always)]
-fn l4_flags(pkt: &Packet) -> u64 {
-    if pkt.proto == IPPROTO_UDP {
+fn csum_add(a: u32, b: u32) -> u32 {
+    let (sum, carry) = a.overflowing_add(b);
+    sum.wrapping_add(carry as u32)
+}
+
+/// The difference replacing `old` with `new` makes to a one's-complement sum.
+#[inline(always)]
+fn csum_replace(diff: u32, old: u32, new: u32) -> u32 {
+    csum_add(csum_add(diff, !old), new)
+}
+
+#[inline(always)]
+fn fold(sum: u32) -> u16 {
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+#[inline(always)]
+fn ptr_at_mut<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+#[repr(C)]
+struct Addresses {
+    check: u16,
+    saddr: Ipv4,
+    daddr: Ipv4,
+}
+
+pub fn rewrite(ctx: &TcContext, pkt: &Packet, r: Rewrite) -> Result {
+    // Differences, with every value as it sits in the packet (network order).
+    let mut addr_diff = 0u32;
+    let saddr = r.saddr.unwrap_or(pkt.saddr);
+    let daddr = r.daddr.unwrap_or(pkt.daddr);
+    if saddr != pkt.saddr {
+        addr_diff = csum_replace(
+            addr_diff,
+            u32::from_ne_bytes(pkt.saddr),
+            u32::from_ne_bytes(saddr),
+        );
+    }
+    if daddr != pkt.daddr {
+        addr_diff = csum_replace(
+            addr_diff,
+            u32::from_ne_bytes(pkt.daddr),
+            u32::from_ne_bytes(daddr),
+        );
+    }
+    let mut port_diff = 0u32;
+    let sport = r.sport.unwrap_or(pkt.sport);
+    let dport = r.dport.unwrap_or(pkt.dport);
+    if sport != pkt.sport {
+        port_diff = csum_replace(port_diff, pkt.sport.to_be() as u32, sport.to_be() as u32);
+    }
+    if dport != pkt.dport {
+        port_diff = csum_replace(port_diff, pkt.dport.to_be() as u32, dport.to_be() as u32);
+    }
+
+    // The IP header: addresses, and its checksum updated by the same difference (RFC 1624).
+    if saddr != pkt.saddr || daddr != pkt.daddr {
+        let ip = ptr_at_mut::<Addresses>(ctx, ETH_HLEN + 10).ok_or(-1i64)?;
+        // SAFETY: bounds checked by ptr_at_mut; the program may write packet data.
+        unsafe {
+            let check = !fold(csum_add((!(*ip).check) as u32 & 0xffff, addr_diff));
+            (*ip).check = check;
+            (*ip).saddr = saddr;
+            (*ip).daddr = daddr;
+        }
+    }
+    if sport != pkt.sport || dport != pkt.dport {
+        let ports = ptr_at_mut::<[u16; 2]>(ctx, pkt.l4_off()).ok_or(-1i64)?;
+        // SAFETY: as above.
+        unsafe { *ports = [sport.to_be(), dport.to_be()] };
+    }
+
+    // The L4 checksum, by the helper that knows the skb's checksum state. UDP checksum 0
+    // means "none": it stays 0 rather than turning into a wrong value.
+    let udp = if pkt.proto == IPPROTO_UDP {
         BPF_F_MARK_MANGLED_0 as u64
     } else {
         0
+    };
+    if addr_diff != 0 {
+        ctx.l4_csum_replace(
+            pkt.l4_csum_off(),
+            0,
+            addr_diff as u64,
+            BPF_F_PSEUDO_HDR as u64 | udp,
+        )?;
     }
-}
-
-#[inline(always)]
-fn set_addr(ctx: &TcContext, pkt: &Packet, field_off: usize, old: Ipv4, new: Ipv4) -> Result {
-    if old == new {
-        return Ok(());
+    if port_diff != 0 {
+        ctx.l4_csum_replace(pkt.l4_csum_off(), 0, port_diff as u64, udp)?;
     }
-    let (from, to) = (
-        u32::from_ne_bytes(old) as u64,
-        u32::from_ne_bytes(new) as u64,
-    );
-    // The address is part of the L4 pseudo-header, so both checksums change.
-    ctx.l4_csum_replace(
-        pkt.l4_csum_off(),
-        from,
-        to,
-        BPF_F_PSEUDO_HDR as u64 | 4 | l4_flags(pkt),
-    )?;
-    ctx.l3_csum_replace(IP_CSUM_OFF, from, to, 4)?;
-    ctx.store(field_off, &new, 0)
-}
-
-#[inline(always)]
-fn set_port(ctx: &TcContext, pkt: &Packet, field_off: usize, old: u16, new: u16) -> Result {
-    if old == new {
-        return Ok(());
-    }
-    let (from, to) = (old.to_be() as u64, new.to_be() as u64);
-    ctx.l4_csum_replace(pkt.l4_csum_off(), from, to, 2 | l4_flags(pkt))?;
-    ctx.store(field_off, &new.to_be(), 0)
-}
-
-pub fn set_source(ctx: &TcContext, pkt: &Packet, addr: Ipv4, port: u16) -> Result {
-    set_addr(ctx, pkt, IP_SADDR_OFF, pkt.saddr, addr)?;
-    set_port(ctx, pkt, pkt.l4_off(), pkt.sport, port)
-}
-
-pub fn set_destination(ctx: &TcContext, pkt: &Packet, addr: Ipv4, port: u16) -> Result {
-    set_addr(ctx, pkt, IP_DADDR_OFF, pkt.daddr, addr)?;
-    set_port(ctx, pkt, pkt.l4_off() + 2, pkt.dport, port)
-}
-
-pub fn set_source_addr(ctx: &TcContext, pkt: &Packet, addr: Ipv4) -> Result {
-    set_addr(ctx, pkt, IP_SADDR_OFF, pkt.saddr, addr)
-}
-
-pub fn set_destination_addr(ctx: &TcContext, pkt: &Packet, addr: Ipv4) -> Result {
-    set_addr(ctx, pkt, IP_DADDR_OFF, pkt.daddr, addr)
+    Ok(())
 }
