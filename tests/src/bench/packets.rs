@@ -23,7 +23,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{Context, bail, ensure};
 use aya::{
-    maps::{Array, HashMap, Map, MapData},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use dataplane_agent::datapath::{
@@ -182,7 +182,7 @@ struct Instance {
     backends: HashMap<MapData, u32, Backend>,
     rev_nat: HashMap<MapData, u32, RevNat>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
-    service_stats: Array<MapData, TrafficStats>,
+    service_stats: PerCpuArray<MapData, TrafficStats>,
     drops: Array<MapData, u64>,
     pool_backends: u32,
     fillers: u32,
@@ -312,9 +312,10 @@ impl Instance {
     }
 
     fn connections(&self, frontend_id: u32) -> u64 {
+        // Per-CPU counters: summed over the CPUs.
         self.service_stats
             .get(&frontend_id, 0)
-            .map(|s| s.connections)
+            .map(|values| values.iter().map(|s| s.connections).sum())
             .unwrap_or(0)
     }
 
@@ -760,4 +761,38 @@ fn record_program_info(main: &Instance, report: &mut Report) {
         }
     }
     report.info.insert("programs".into(), info.into());
+}
+
+/// `per-packet-loop KIND SERVICES SECONDS` (for profiling with perf or `bpftool prog
+/// profile`): programs SERVICES services and runs KIND packets (noop, non-service,
+/// established, new-flow, reply) for SECONDS, printing each run's ns per packet.
+pub fn profile_loop(args: &[String]) -> anyhow::Result<()> {
+    let [kind, services, seconds] = args else {
+        bail!(
+            "usage: per-packet-loop noop|non-service|established|new-flow|reply SERVICES SECONDS"
+        );
+    };
+    let kind = match kind.as_str() {
+        "noop" => None,
+        "non-service" => Some(Kind::NonService),
+        "established" => Some(Kind::Established),
+        "new-flow" => Some(Kind::NewFlow),
+        "reply" => Some(Kind::Reply),
+        other => bail!("unknown kind {other:?}"),
+    };
+    let (_pinned, cpu) = PinnedToCpu::last_cpu()?;
+    let scale = Scale::new(services.parse()?)?;
+    eprintln!(
+        "per-packet-loop: pod_ingress id {}, running on CPU {cpu}",
+        scale.main.program(PROG_POD_INGRESS)?.info()?.id()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds.parse()?);
+    while std::time::Instant::now() < deadline {
+        let ns = match kind {
+            None => run_noop(&scale, 1_000_000)?,
+            Some(kind) => run_kind(kind, &scale, 1_000_000)?,
+        };
+        println!("{ns}");
+    }
+    Ok(())
 }
