@@ -149,7 +149,7 @@ pub fn services(maps: &PinnedMaps) -> anyhow::Result<Vec<ServiceView>> {
             let Some(&backend_id) = slots.get(&key) else {
                 continue;
             };
-            let Ok(backend) = maps.backends.get(&backend_id, 0) else {
+            let Some(backend) = maps.backends.get(&backend_id, 0).ok().filter(|b| b.addr != [0; 4]) else {
                 continue;
             };
             let b = stats(&maps.backend_stats, backend_id);
@@ -209,8 +209,7 @@ pub fn backends(maps: &PinnedMaps) -> anyhow::Result<Vec<BackendView>> {
         }
     }
     let mut out = Vec::new();
-    for entry in maps.backends.iter() {
-        let (id, backend) = entry?;
+    for (id, backend) in crate::datapath::maps::backends_in_use(&maps.backends) {
         let s = stats(&maps.backend_stats, id);
         out.push(BackendView {
             backend_id: id,
@@ -400,7 +399,12 @@ pub fn stats_view(maps: &PinnedMaps) -> anyhow::Result<StatsView> {
     };
     let maps_usage = vec![
         usage(n::SERVICES, count(maps.services.iter())),
-        usage(n::BACKENDS, count(maps.backends.iter())),
+        usage(n::BACKENDS, {
+            // Counted from the services' slots: cheaper than reading the whole array.
+            let ids: std::collections::BTreeSet<u32> =
+                services(maps)?.iter().flat_map(|s| s.backends.iter().map(|b| b.backend_id)).collect();
+            ids.len() as u64
+        }),
         usage(n::REV_NAT, count(maps.rev_nat.iter())),
         usage(n::CONNTRACK, conntrack_entries),
         usage(n::AFFINITY, count(maps.affinity.iter())),

@@ -19,7 +19,7 @@ pub const IPPROTO_UDP: u8 = 17;
 /// agent's `--bpffs-dir`. The kernel keeps 15 characters of a map name.
 pub mod map_names {
     pub const SERVICES: &str = "dp_svc_v2";
-    pub const BACKENDS: &str = "dp_backends_v1";
+        pub const BACKENDS: &str = "dp_backends_v2";
     pub const REV_NAT: &str = "dp_revnat_v1";
     pub const CONNTRACK: &str = "dp_ct_v1";
     pub const SERVICE_STATS: &str = "dp_svc_stats_v2";
@@ -149,7 +149,7 @@ pub const SVC_FLAG_MAGLEV: u16 = 64;
 pub const BACKEND_STATE_ACTIVE: u8 = 0;
 pub const BACKEND_STATE_TERMINATING: u8 = 1;
 
-/// Value of the backend map, keyed by backend id (`u32`, never 0).
+/// Value of the backend array, indexed by backend id (never 0); an unused id holds zeroes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Backend {

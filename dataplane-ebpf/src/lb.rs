@@ -105,14 +105,23 @@ fn reply_key(pkt: &Packet, entry: &CtEntry) -> CtKey {
     }
 }
 
-/// Is the backend this flow was sent to still programmed (same id, same address)?
+/// Is the backend this flow was sent to still programmed (same id, same address)? An array
+/// lookup, which the verifier inlines: no helper call on the established path.
 #[inline(always)]
 fn backend_alive(backend_id: u32, addr: [u8; 4], port: u16) -> bool {
     match BACKENDS.get_ptr(backend_id) {
-        // SAFETY: a value from a lookup in this run.
+        // SAFETY: a value from a lookup in this run. Unused ids hold zeroes.
         Some(b) => unsafe { (*b).addr == addr && (*b).port == port },
         None => false,
     }
+}
+
+/// The backend with this id, if the id is in use (unused array slots hold zeroes).
+#[inline(always)]
+fn backend(backend_id: u32) -> Option<dataplane_common::Backend> {
+    // SAFETY: a value from a lookup in this run.
+    let b = unsafe { *BACKENDS.get_ptr(backend_id)? };
+    (b.addr != [0; 4]).then_some(b)
 }
 
 /// A packet of a known flow: translated as conntrack remembers, or — when its backend is
@@ -185,7 +194,7 @@ fn choose_backend(
         let remembered = unsafe { &mut *remembered };
         let fresh = now.saturating_sub(remembered.last_used_ns)
             < svc.affinity_timeout as u64 * 1_000_000_000;
-        if fresh && BACKENDS.get_ptr(remembered.backend_id).is_some() {
+        if fresh && backend(remembered.backend_id).is_some() {
             remembered.last_used_ns = now;
             return Some(remembered.backend_id);
         }
@@ -283,12 +292,10 @@ fn new_flow(
         count_drop(drop_reason::BACKEND_MISSING);
         return TC_ACT_SHOT;
     };
-    let Some(backend) = BACKENDS.get_ptr(backend_id) else {
+    let Some(backend) = backend(backend_id) else {
         count_drop(drop_reason::BACKEND_MISSING);
         return TC_ACT_SHOT;
     };
-    // SAFETY: a value from a lookup in this run.
-    let backend = unsafe { *backend };
 
     let mut entry = CtEntry {
         packets: 1,

@@ -14,8 +14,9 @@ use dataplane_common::{
 pub static SERVICES: HashMap<ServiceKey, ServiceValue, { capacity::SERVICES as usize }> =
     HashMap::new();
 
-#[btf_map(name = "dp_backends_v1")]
-pub static BACKENDS: HashMap<u32, Backend, { capacity::BACKENDS as usize }> = HashMap::new();
+/// Indexed by backend id; unused ids hold zeroes. An array, so the per-packet lookup is inlined.
+#[btf_map(name = "dp_backends_v2")]
+pub static BACKENDS: Array<Backend, { capacity::BACKENDS as usize }> = Array::new();
 
 /// Read by the agent and inspection tools (the datapath keeps the frontend in conntrack).
 #[btf_map(name = "dp_revnat_v1")]

@@ -451,7 +451,7 @@ fn every_map_prints_named_fields_in_bpftool() {
             "dp_svc_v2",
             &["backend_slot", "rev_nat_id", "count", "service_port_id"],
         ),
-        ("dp_backends_v1", &["addr", "port", "state"]),
+        ("dp_backends_v2", &["addr", "port", "state"]),
         ("dp_revnat_v1", &["addr", "port"]),
         ("dp_ct_v1", &["saddr", "direction", "packets", "nat_addr"]),
         ("dp_svc_stats_v2", &["packets", "bytes", "connections"]),

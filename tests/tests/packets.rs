@@ -653,7 +653,7 @@ fn a_full_map_skips_what_does_not_fit_and_keeps_the_rest_working() {
     ));
     let sizes = [
         (dataplane_common::map_names::SERVICES.to_string(), 8),
-        ("dp_backends_v1".to_string(), 4),
+        (dataplane_common::map_names::BACKENDS.to_string(), 5),
     ]
     .into();
     let mut datapath = LoadedDatapath::load(&pins.0, &sizes).unwrap();
@@ -663,7 +663,7 @@ fn a_full_map_skips_what_does_not_fit_and_keeps_the_rest_working() {
     let fe =
         |n, backends: &[SocketAddrV4]| frontend("default/svc", vip(n), 80, Protocol::Tcp, backends);
 
-    // 6 of 8 service entries, 3 of 4 backends.
+    // 6 of 8 service entries, 3 of the 4 backend ids (1..=4) the 5-entry array allows.
     let mut frontends = vec![
         fe(1, &[backend(1), backend(2), backend(3)]),
         fe(2, &[backend(1)]),
@@ -686,7 +686,7 @@ fn a_full_map_skips_what_does_not_fit_and_keeps_the_rest_working() {
     let failures = report.failures.join("\n");
     assert_eq!(report.failures.len(), 2, "{failures}");
     assert!(
-        failures.contains("backend 10.0.0.5:8080") && failures.contains("map is full"),
+        failures.contains("backend 10.0.0.5:8080") && failures.contains("no free backend id"),
         "{failures}"
     );
     assert!(failures.contains("frontend 10.96.1.4:80"), "{failures}");

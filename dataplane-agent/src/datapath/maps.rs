@@ -31,7 +31,8 @@ pub enum MapsError {
 
 pub struct PinnedMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
-    pub backends: HashMap<MapData, u32, Backend>,
+    /// Indexed by backend id; unused ids hold zeroes.
+    pub backends: Array<MapData, Backend>,
     pub rev_nat: HashMap<MapData, u32, RevNat>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub service_stats: PerCpuArray<MapData, TrafficStats>,
@@ -113,12 +114,15 @@ fn open(
 }
 
 impl PinnedMaps {
-    /// Exclusive upper bounds for (backend ids, frontend ids): ids index the stats arrays.
-    /// (The id-keyed hash maps can be smaller; an insert into a full one fails and is
-    /// reported like any full map.)
+    /// Exclusive upper bounds for (backend ids, frontend ids): ids index the stats arrays and
+    /// the backend array. (The rev-NAT hash map can be smaller: an insert into it then fails
+    /// and is reported like any full map.)
     pub fn id_limits(&self) -> (u32, u32) {
         let max = |name: &str| self.capacities.get(name).copied().unwrap_or(0);
-        (max(map_names::BACKEND_STATS), max(map_names::SERVICE_STATS))
+        (
+            max(map_names::BACKEND_STATS).min(max(map_names::BACKENDS)),
+            max(map_names::SERVICE_STATS),
+        )
     }
 
     pub fn open(layout: &BpffsLayout) -> Result<Self, MapsError> {
@@ -135,7 +139,7 @@ impl PinnedMaps {
         }
         Ok(Self {
             services: typed!(HashMap, map_names::SERVICES),
-            backends: typed!(HashMap, map_names::BACKENDS),
+            backends: typed!(Array, map_names::BACKENDS),
             rev_nat: typed!(HashMap, map_names::REV_NAT),
             conntrack: typed!(HashMap, map_names::CONNTRACK),
             service_stats: typed!(PerCpuArray, map_names::SERVICE_STATS),
@@ -174,4 +178,13 @@ pub fn stats_reset(
     })?;
     let zeros = PerCpuValues::try_from(vec![TrafficStats::default(); cpus])?;
     array.set(id, zeros, 0)
+}
+
+/// The backends in use, by id (the array's non-zero entries).
+pub fn backends_in_use(array: &Array<MapData, Backend>) -> Vec<(u32, Backend)> {
+    array
+        .iter()
+        .enumerate()
+        .filter_map(|(id, b)| b.ok().filter(|b| b.addr != [0; 4]).map(|b| (id as u32, b)))
+        .collect()
 }

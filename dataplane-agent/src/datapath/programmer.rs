@@ -164,8 +164,7 @@ impl Programmer {
     /// Reads back what earlier runs programmed.
     pub fn restore(maps: PinnedMaps) -> Result<Self, MapError> {
         let mut backends = HashMap::new();
-        for entry in maps.backends.iter() {
-            let (id, b) = entry?;
+        for (id, b) in super::maps::backends_in_use(&maps.backends) {
             let Some(protocol) = Protocol::from_number(b.proto) else {
                 continue;
             };
@@ -433,7 +432,7 @@ impl Programmer {
             .map(|(b, id)| (*b, *id))
             .collect();
         for (backend, id) in gone {
-            let _ = self.maps.backends.remove(&id);
+            let _ = self.maps.backends.set(id, Backend::default(), 0);
             self.backends.remove(&backend);
             self.backend_ids.release(id);
             report.deletes += 1;
@@ -543,7 +542,7 @@ impl Programmer {
         };
         // A reused id starts its counters from zero.
         let written = stats_reset(&mut self.maps.backend_stats, id)
-            .and_then(|()| self.maps.backends.insert(id, value, 0));
+            .and_then(|()| self.maps.backends.set(id, value, 0));
         written.map(|()| id).map_err(|e| {
             self.backend_ids.release(id);
             map_error(e)
