@@ -76,8 +76,10 @@ impl Source {
         match config {
             SourceConfig::Manifests(path) => {
                 let mut watcher =
-                    notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                        if event.is_ok() {
+                                        notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                        // Only what changes the objects: the agent's own reads of the files
+                        // (access events) must not trigger another read.
+                        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
                             let _ = changed.try_send(());
                         }
                     })?;
@@ -128,7 +130,8 @@ impl Source {
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // Before anything else: a SIGTERM during start-up must stop the agent between steps,
     // never kill it halfway through attaching.
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let layout = BpffsLayout::new(&config.bpffs_dir);
     let mut datapath = LoadedDatapath::load(&layout, &config.map_sizes)?;
     let programmer =
@@ -214,7 +217,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 }
             }
             _ = interfaces.tick() => attachments.sync(&mut datapath),
-            _ = tokio::signal::ctrl_c() => break,
+                        _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
         }
     }

@@ -949,9 +949,6 @@ fn the_daemonsets_capabilities_suffice_and_each_is_needed() {
 }
 
 #[test]
-#[ignore = "the agent sets accept_local through /proc/sys, which is read-only in a \
-            non-privileged container; setting it over rtnetlink (RTM_SETLINK, IFLA_INET_CONF) \
-            needs only CAP_NET_ADMIN"]
 fn the_agent_runs_cleanly_behind_a_read_only_proc_sys() {
     let Some(sandbox) = sandbox_or_skip() else {
         return;

@@ -65,8 +65,11 @@ impl Attachments {
             let Some(program) = self.program_for(&name) else {
                 continue;
             };
-            match attach(datapath, program, &name).and_then(|how| accept_local(&name).map(|()| how))
-            {
+            if let Err(e) = accept_local(index) {
+                // Traffic NATed to or from the node's own address needs it; the rest works.
+                warn!(interface = %name, error = %e, "cannot set accept_local");
+            }
+            match attach(datapath, program, &name) {
                 Ok(how) => {
                     info!(interface = %name, ifindex = index, program, how, "datapath attached");
                     self.attached.insert(name, index);
@@ -87,10 +90,61 @@ impl Attachments {
 /// Lets the interface take packets whose source is one of the node's own addresses. After
 /// SNAT to the node (external traffic) or reverse NAT to a node port (replies), such packets
 /// still go through the node's routing, which drops a local source arriving from outside
-/// ("martian source") unless `accept_local` is set.
-fn accept_local(interface: &str) -> anyhow::Result<()> {
-    let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
-    std::fs::write(&path, "1").with_context(|| format!("setting {path}"))
+/// ("martian source") unless `accept_local` is set. Set over rtnetlink (RTM_SETLINK, the
+/// interface's IPv4 devconf), which needs CAP_NET_ADMIN but not a writable /proc/sys — a
+/// container's /proc/sys is read-only.
+pub fn accept_local(ifindex: u32) -> std::io::Result<()> {
+    const RTM_SETLINK: u16 = 19;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_ACK: u16 = 4;
+    const NLMSG_ERROR: u16 = 2;
+    const IFLA_AF_SPEC: u16 = 26;
+    const IFLA_INET_CONF: u16 = 1;
+    const IPV4_DEVCONF_ACCEPT_LOCAL: u16 = 23;
+    fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + payload.len());
+        out.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+    let devconf = attr(IPV4_DEVCONF_ACCEPT_LOCAL, &1u32.to_ne_bytes());
+    let af_spec = attr(IFLA_AF_SPEC, &attr(libc::AF_INET as u16, &attr(IFLA_INET_CONF, &devconf)));
+    let mut ifinfo = [0u8; 16]; // family AF_UNSPEC, type 0, index, flags 0, change 0
+    ifinfo[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+    let len = (16 + ifinfo.len() + af_spec.len()) as u32;
+    let mut message = Vec::with_capacity(len as usize);
+    message.extend_from_slice(&len.to_ne_bytes());
+    message.extend_from_slice(&RTM_SETLINK.to_ne_bytes());
+    message.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    message.extend_from_slice(&ifinfo);
+    message.extend_from_slice(&af_spec);
+
+    // SAFETY: plain socket calls on a descriptor this function owns (closed on return).
+    unsafe {
+        let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let owned = <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd);
+        if libc::send(fd, message.as_ptr().cast(), message.len(), 0) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut reply = [0u8; 256];
+        let n = libc::recv(fd, reply.as_mut_ptr().cast(), reply.len(), 0);
+        drop(owned);
+        if n < 20 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let kind = u16::from_ne_bytes([reply[4], reply[5]]);
+        let error = i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]);
+        if kind != NLMSG_ERROR || error != 0 {
+            return Err(std::io::Error::from_raw_os_error(-error));
+        }
+    }
+    Ok(())
 }
 
 fn attach(
