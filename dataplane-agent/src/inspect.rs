@@ -149,7 +149,12 @@ pub fn services(maps: &PinnedMaps) -> anyhow::Result<Vec<ServiceView>> {
             let Some(&backend_id) = slots.get(&key) else {
                 continue;
             };
-            let Some(backend) = maps.backends.get(&backend_id, 0).ok().filter(|b| b.addr != [0; 4]) else {
+            let Some(backend) = maps
+                .backends
+                .get(&backend_id, 0)
+                .ok()
+                .filter(|b| b.addr != [0; 4])
+            else {
                 continue;
             };
             let b = stats(&maps.backend_stats, backend_id);
@@ -401,8 +406,10 @@ pub fn stats_view(maps: &PinnedMaps) -> anyhow::Result<StatsView> {
         usage(n::SERVICES, count(maps.services.iter())),
         usage(n::BACKENDS, {
             // Counted from the services' slots: cheaper than reading the whole array.
-            let ids: std::collections::BTreeSet<u32> =
-                services(maps)?.iter().flat_map(|s| s.backends.iter().map(|b| b.backend_id)).collect();
+            let ids: std::collections::BTreeSet<u32> = services(maps)?
+                .iter()
+                .flat_map(|s| s.backends.iter().map(|b| b.backend_id))
+                .collect();
             ids.len() as u64
         }),
         usage(n::REV_NAT, count(maps.rev_nat.iter())),

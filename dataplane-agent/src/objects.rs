@@ -1,6 +1,6 @@
 //! The Kubernetes objects the agent acts on, as one snapshot keyed by `namespace/name`.
 //! Every source (manifest directory, API server) fills the same snapshot; the planner reads it.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -23,20 +23,22 @@ pub fn object_name(
 /// Label that joins an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 
+/// Objects are shared (`Arc`), not copied: a snapshot of 10,000 services costs pointers, and
+/// an object that did not change is the same allocation from one snapshot to the next.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterObjects {
-    pub services: BTreeMap<ObjectName, Service>,
-    pub endpoint_slices: BTreeMap<ObjectName, EndpointSlice>,
+    pub services: BTreeMap<ObjectName, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<ObjectName, Arc<EndpointSlice>>,
     /// This node (the one named by `--node-name`), once seen.
-    pub node: Option<Node>,
+    pub node: Option<Arc<Node>>,
 }
 
 /// One object of a kind the agent understands.
 #[derive(Clone, Debug)]
 pub enum Object {
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
-    Node(Box<Node>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    Node(Arc<Node>),
 }
 
 impl Object {
@@ -55,15 +57,15 @@ impl ClusterObjects {
     pub fn apply(&mut self, object: Object, node_name: &str) {
         match object {
             Object::Service(svc) => {
-                self.services.insert(object_name(&svc.metadata), *svc);
+                self.services.insert(object_name(&svc.metadata), svc);
             }
             Object::EndpointSlice(slice) => {
                 self.endpoint_slices
-                    .insert(object_name(&slice.metadata), *slice);
+                    .insert(object_name(&slice.metadata), slice);
             }
             Object::Node(node) => {
                 if node.metadata.name.as_deref() == Some(node_name) {
-                    self.node = Some(*node);
+                    self.node = Some(node);
                 }
             }
         }

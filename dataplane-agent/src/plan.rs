@@ -639,7 +639,7 @@ fn valid_port(port: i32) -> Result<u16, String> {
 }
 
 fn slices_by_service(
-    slices: &BTreeMap<ObjectName, EndpointSlice>,
+    slices: &BTreeMap<ObjectName, std::sync::Arc<EndpointSlice>>,
 ) -> BTreeMap<ObjectName, Vec<(&ObjectName, &EndpointSlice)>> {
     let mut by_service: BTreeMap<ObjectName, Vec<(&ObjectName, &EndpointSlice)>> = BTreeMap::new();
     for (slice_name, slice) in slices {

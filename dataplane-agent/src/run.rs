@@ -76,7 +76,7 @@ impl Source {
         match config {
             SourceConfig::Manifests(path) => {
                 let mut watcher =
-                                        notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                    notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                         // Only what changes the objects: the agent's own reads of the files
                         // (access events) must not trigger another read.
                         if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
@@ -130,7 +130,7 @@ impl Source {
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // Before anything else: a SIGTERM during start-up must stop the agent between steps,
     // never kill it halfway through attaching.
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let layout = BpffsLayout::new(&config.bpffs_dir);
     let mut datapath = LoadedDatapath::load(&layout, &config.map_sizes)?;
@@ -249,7 +249,7 @@ impl Agent {
         let Some(objects) = self.source.snapshot(&self.node.name) else {
             return;
         };
-        self.health.set_node(objects.node.as_ref());
+        self.health.set_node(objects.node.as_deref());
         // SNAT for external traffic uses the node's primary address.
         let primary = plan::primary_addresses(&objects);
         if let Some(addr) = primary.first().or(self.node.local_addresses.first())
@@ -276,7 +276,7 @@ impl Agent {
         for _ in &report.failures {
             self.metrics.skipped("map_full_or_write_failed");
         }
-        self.record_sync(&objects, &plan, started.elapsed());
+        self.record_sync(objects, &plan, started.elapsed());
         for (port, error) in self.service_health.sync(&plan.health_checks) {
             warn!(port, %error, "cannot serve a health check node port; retrying at the next sync");
         }
@@ -294,14 +294,19 @@ impl Agent {
     /// kube-proxy's sync metrics: duration, what changed since the last sync, services whose
     /// traffic policy leaves this node without endpoints, and programming latency from each
     /// changed EndpointSlice's last-change-trigger-time.
-    fn record_sync(&mut self, objects: &ClusterObjects, plan: &plan::Plan, elapsed: Duration) {
+    fn record_sync(&mut self, objects: ClusterObjects, plan: &plan::Plan, elapsed: Duration) {
+        /// Names added, removed or changed; an unchanged object is usually the same allocation,
+        /// so the comparison is a pointer check.
         fn changed<T: PartialEq>(
-            old: &std::collections::BTreeMap<String, T>,
-            new: &std::collections::BTreeMap<String, T>,
+            old: &std::collections::BTreeMap<String, std::sync::Arc<T>>,
+            new: &std::collections::BTreeMap<String, std::sync::Arc<T>>,
         ) -> Vec<String> {
+            let same = |a: &std::sync::Arc<T>, b: &std::sync::Arc<T>| {
+                std::sync::Arc::ptr_eq(a, b) || **a == **b
+            };
             let mut names: Vec<String> = new
                 .iter()
-                .filter(|(k, v)| old.get(*k) != Some(v))
+                .filter(|(k, v)| !old.get(*k).is_some_and(|o| same(o, v)))
                 .map(|(k, _)| k.clone())
                 .collect();
             names.extend(old.keys().filter(|k| !new.contains_key(*k)).cloned());
@@ -339,7 +344,7 @@ impl Agent {
             no_local(false),
             no_local(true),
         );
-        self.previous = objects.clone();
+        self.previous = objects;
     }
 
     /// This node's addresses, those on external interfaces first (the first is the SNAT

@@ -109,7 +109,10 @@ pub fn accept_local(ifindex: u32) -> std::io::Result<()> {
         out
     }
     let devconf = attr(IPV4_DEVCONF_ACCEPT_LOCAL, &1u32.to_ne_bytes());
-    let af_spec = attr(IFLA_AF_SPEC, &attr(libc::AF_INET as u16, &attr(IFLA_INET_CONF, &devconf)));
+    let af_spec = attr(
+        IFLA_AF_SPEC,
+        &attr(libc::AF_INET as u16, &attr(IFLA_INET_CONF, &devconf)),
+    );
     let mut ifinfo = [0u8; 16]; // family AF_UNSPEC, type 0, index, flags 0, change 0
     ifinfo[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
     let len = (16 + ifinfo.len() + af_spec.len()) as u32;
@@ -124,7 +127,11 @@ pub fn accept_local(ifindex: u32) -> std::io::Result<()> {
 
     // SAFETY: plain socket calls on a descriptor this function owns (closed on return).
     unsafe {
-        let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE);
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        );
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }

@@ -98,7 +98,7 @@ pub struct Programmer {
     frontend_id_allocator: IdAllocator,
     entries: HashMap<EntryKey, ProgrammedEntry>,
     source_ranges: HashMap<u32, BTreeSet<Cidr>>,
-        maglev: HashMap<u32, Vec<u32>>,
+    maglev: HashMap<u32, Vec<u32>>,
     /// The (backend, id) list each Maglev table was built from.
     maglev_inputs: HashMap<u32, Vec<(SocketAddrV4, u32)>>,
     names: HashMap<u32, FrontendName>,
@@ -260,7 +260,7 @@ impl Programmer {
             frontend_id_allocator: IdAllocator::new(frontend_limit, &frontend_in_use),
             entries,
             source_ranges,
-                        maglev,
+            maglev,
             maglev_inputs: HashMap::new(),
             names,
             failures_total: 0,
@@ -607,7 +607,7 @@ impl Programmer {
                     Some((*b, *self.backends.get(&BackendAddr { addr: *b, protocol })?))
                 })
                 .collect();
-                        let maglev = settings.flags & SVC_FLAG_MAGLEV != 0 && !backends.is_empty();
+            let maglev = settings.flags & SVC_FLAG_MAGLEV != 0 && !backends.is_empty();
             // Building a table is the costliest step of a sync: only when its inputs change.
             let table = if !maglev {
                 None
@@ -615,7 +615,10 @@ impl Programmer {
                 self.maglev.get(&rev_nat_id).cloned()
             } else {
                 let addrs: Vec<SocketAddrV4> = backends.iter().map(|(a, _)| *a).collect();
-                let table: Vec<u32> = maglev::table(&addrs, MAGLEV_TABLE_SIZE).into_iter().map(|i| backends[i].1).collect();
+                let table: Vec<u32> = maglev::table(&addrs, MAGLEV_TABLE_SIZE)
+                    .into_iter()
+                    .map(|i| backends[i].1)
+                    .collect();
                 self.maglev_inputs.insert(rev_nat_id, backends.clone());
                 Some(table)
             };
@@ -716,7 +719,7 @@ impl Programmer {
                         "Maglev table of frontend id {rev_nat_id}: {}",
                         map_error(e)
                     ));
-                                        self.maglev.remove(&rev_nat_id);
+                    self.maglev.remove(&rev_nat_id);
                     self.maglev_inputs.remove(&rev_nat_id);
                     let _ = self.maps.maglev.remove(&rev_nat_id);
                     return false;
@@ -726,7 +729,7 @@ impl Programmer {
                 true
             }
             Some(_) => true,
-                        None => {
+            None => {
                 self.maglev_inputs.remove(&rev_nat_id);
                 if self.maglev.remove(&rev_nat_id).is_some() {
                     let _ = self.maps.maglev.remove(&rev_nat_id);

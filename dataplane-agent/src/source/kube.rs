@@ -92,19 +92,19 @@ impl ClusterWatch {
         for svc in self.services.state() {
             objects
                 .services
-                .insert(object_name(&svc.metadata), (*svc).clone());
+                .insert(object_name(&svc.metadata), svc.clone());
         }
         for slice in self.slices.state() {
             objects
                 .endpoint_slices
-                .insert(object_name(&slice.metadata), (*slice).clone());
+                .insert(object_name(&slice.metadata), slice.clone());
         }
         objects.node = self
             .node
             .state()
             .into_iter()
             .find(|n| n.metadata.name.as_deref() == Some(node_name))
-            .map(|n| (*n).clone());
+            .map(|n| n.clone());
         objects
     }
 }

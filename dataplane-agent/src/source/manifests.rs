@@ -230,11 +230,15 @@ fn parse_value(
             }
             return;
         }
-        ("v1", "Service") => serde_yaml::from_value(value).map(|s| Object::Service(Box::new(s))),
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
-            serde_yaml::from_value(value).map(|s| Object::EndpointSlice(Box::new(s)))
+        ("v1", "Service") => {
+            serde_yaml::from_value(value).map(|s| Object::Service(std::sync::Arc::new(s)))
         }
-        ("v1", "Node") => serde_yaml::from_value(value).map(|n| Object::Node(Box::new(n))),
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            serde_yaml::from_value(value).map(|s| Object::EndpointSlice(std::sync::Arc::new(s)))
+        }
+        ("v1", "Node") => {
+            serde_yaml::from_value(value).map(|n| Object::Node(std::sync::Arc::new(n)))
+        }
         _ => {
             // Other kinds (Deployments, Pods...) may share the directory; they are not ours.
             return;
