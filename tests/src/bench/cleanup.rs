@@ -16,6 +16,8 @@ struct Registry {
     agent_dirs: Vec<(PathBuf, PathBuf)>,
     /// Directories removed recursively (pin directories on bpffs, work directories).
     dirs: Vec<PathBuf>,
+    /// Directories kept for the whole run (the private binaries), removed at exit only.
+    exit_dirs: Vec<PathBuf>,
 }
 
 fn registry() -> &'static Mutex<Registry> {
@@ -48,9 +50,19 @@ pub fn dir(path: PathBuf) {
     with(|r| r.dirs.push(path));
 }
 
-/// Removes whatever is still registered (idempotent: already-removed things are skipped).
+pub fn exit_dir(path: PathBuf) {
+    with(|r| r.exit_dirs.push(path));
+}
+
+/// Removes whatever is still registered, except the exit directories (idempotent:
+/// already-removed things are skipped).
 pub fn teardown() {
-    let registry = with(std::mem::take);
+    let registry = with(|r| {
+        let exit_dirs = std::mem::take(&mut r.exit_dirs);
+        let taken = std::mem::take(r);
+        r.exit_dirs = exit_dirs;
+        taken
+    });
     for pid in &registry.pids {
         // SAFETY: signalling processes this bench started.
         unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
@@ -75,6 +87,14 @@ pub fn teardown() {
     }
 }
 
+/// `teardown`, then the exit directories too.
+pub fn teardown_all() {
+    teardown();
+    for dir in with(|r| std::mem::take(&mut r.exit_dirs)) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// Blocks SIGINT/SIGTERM/SIGHUP in this thread (call before any other thread starts, so every
 /// thread inherits the mask) and handles them in a dedicated thread: teardown, then exit.
 /// Child processes do not inherit the mask: std resets it before exec.
@@ -91,7 +111,7 @@ pub fn install_signal_thread() {
             let mut sig: libc::c_int = 0;
             libc::sigwait(&set, &mut sig);
             eprintln!("\nbench: signal {sig}: removing namespaces, pins and processes");
-            teardown();
+            teardown_all();
             std::process::exit(128 + sig);
         });
     }

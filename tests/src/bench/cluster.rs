@@ -16,13 +16,14 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, MapData};
 use dataplane_agent::datapath::BpffsLayout;
 use dataplane_common::{Backend, CtEntry, CtKey, IPPROTO_TCP, ServiceKey, ServiceValue, map_names};
 use testbed::{Netns, Node, Process, Wiring};
 
 use super::{
     Settings, cleanup,
+    maps::{IdMap, open},
     report::{Measurement, Report},
     scale_label as label,
     services::{self, IPERF_PORT, IPERF_VIP, MEASURED_VIP, SERVICE_PORT, Service, TARGET_PORT},
@@ -32,8 +33,21 @@ use super::{
 const NODE_NAME: &str = "bench-node";
 const SUBNET: [u8; 3] = [10, 244, 1];
 
+/// The bench binary the namespaces run (`serve`, `connect-client`): the private copy made at
+/// start (see `mod.rs`), so that a rebuild of target/release during the run changes nothing.
 fn self_exe() -> PathBuf {
-    std::env::current_exe().expect("the bench binary's path")
+    super::private_binary("dataplane-bench")
+}
+
+/// Scratch space on tmpfs: manifests and rule files never wait for the disk.
+fn scratch_dir(prefix: &str) -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    base.join(testbed::unique(prefix))
 }
 
 /// A node namespace with a client pod and a server pod running the compiled server (and
@@ -45,6 +59,17 @@ struct BenchNode {
     /// Dropped first: servers stop before their namespaces go.
     processes: Vec<Process>,
     node: Node,
+}
+
+/// Client and servers run pinned to these CPUs in every mode: where the two ends of a
+/// connection run (same CPU or not) changes its latency by a third on this machine, and the
+/// scheduler's choice persists for seconds, so unpinned runs of one mode would differ more
+/// than the modes do. The packets' softirq work follows the sending side's CPU.
+const CLIENT_CPU: usize = 0;
+
+fn server_cpu() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus > 1 { 1 } else { 0 }
 }
 
 /// The server pod's second address (its first is 10.244.1.11).
@@ -80,15 +105,18 @@ impl BenchNode {
         };
         let exe = self_exe();
         let exe = exe.to_str().context("bench path")?;
+        let port = TARGET_PORT.to_string();
+        let server_cpu = server_cpu().to_string();
         let process = this.node.pods[1]
             .netns
-            .spawn(exe, &["serve", &TARGET_PORT.to_string()])?;
+            .spawn("taskset", &["-c", &server_cpu, exe, "serve", &port])?;
         cleanup::pid(process.child.id());
         this.processes.push(process);
         if iperf {
+            let port = IPERF_PORT.to_string();
             let process = this.node.pods[1]
                 .netns
-                .spawn("iperf3", &["-s", "-p", &IPERF_PORT.to_string()])?;
+                .spawn("taskset", &["-c", &server_cpu, "iperf3", "-s", "-p", &port])?;
             cleanup::pid(process.child.id());
             this.processes.push(process);
         }
@@ -131,7 +159,9 @@ impl BenchNode {
     fn connects(&self, addr: SocketAddrV4, count: usize) -> anyhow::Result<Vec<f64>> {
         let out = self
             .client()
-            .command(self_exe().to_str().unwrap())
+            .command("taskset")
+            .args(["-c", &CLIENT_CPU.to_string()])
+            .arg(self_exe())
             .args(["connect-client", &addr.to_string(), &count.to_string()])
             .output()?;
         ensure!(
@@ -156,7 +186,8 @@ impl BenchNode {
             std::thread::sleep(Duration::from_millis(200));
             let out = self
                 .client()
-                .command("iperf3")
+                .command("taskset")
+                .args(["-c", &CLIENT_CPU.to_string(), "iperf3"])
                 .args([
                     "-c",
                     &addr.to_string(),
@@ -190,22 +221,14 @@ struct BenchAgent {
     manifests: PathBuf,
     log: PathBuf,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
-    backends: HashMap<MapData, u32, Backend>,
+    backends: IdMap<Backend>,
     /// Bulk directories written so far (names are never reused).
     generation: usize,
 }
 
-fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(
-    layout: &BpffsLayout,
-    name: &str,
-) -> anyhow::Result<T> {
-    let data = MapData::from_pin(layout.map(name)).with_context(|| format!("opening {name}"))?;
-    Ok(T::try_from(Map::from_map_data(data)?)?)
-}
-
 impl BenchAgent {
     fn start(node: &BenchNode, binary: &Path) -> anyhow::Result<Self> {
-        let work = std::env::temp_dir().join(testbed::unique("dataplane-bench-"));
+        let work = scratch_dir("dataplane-bench-");
         cleanup::dir(work.clone());
         let manifests = work.join("manifests");
         std::fs::create_dir_all(&manifests)?;
@@ -224,6 +247,7 @@ impl BenchAgent {
             .arg("--bpffs-dir")
             .arg(&bpffs)
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -248,7 +272,7 @@ impl BenchAgent {
         }
         Ok(Self {
             services: open(&layout, map_names::SERVICES)?,
-            backends: open(&layout, map_names::BACKENDS)?,
+            backends: IdMap::open(&layout, map_names::BACKENDS)?,
             process: Some(process),
             pid,
             binary: binary.to_path_buf(),
@@ -260,8 +284,9 @@ impl BenchAgent {
         })
     }
 
+    /// The agent's log, without terminal colour codes.
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
     }
 
     fn bulk_dir(&self) -> PathBuf {
@@ -277,7 +302,9 @@ impl BenchAgent {
     /// all its backends.
     fn appear(&mut self, set: &[Service]) -> anyhow::Result<Duration> {
         self.generation += 1;
-        let stage = self.manifests.join(format!(".stage{}", self.generation));
+        // Staged next to (not inside) the watched directory: writing 10k files there would
+        // make the agent sync over and over before the measured moment.
+        let stage = self.work.join(format!("stage{}", self.generation));
         std::fs::create_dir_all(&stage)?;
         for s in set {
             std::fs::write(
@@ -317,7 +344,7 @@ impl BenchAgent {
     /// Moves the bulk directory out of the watched tree; returns when no frontend is left.
     fn disappear(&mut self, set: &[Service]) -> anyhow::Result<Duration> {
         self.generation += 1;
-        let gone = self.manifests.join(format!(".gone{}", self.generation));
+        let gone = self.work.join(format!("gone{}", self.generation));
         let started = Instant::now();
         std::fs::rename(self.bulk_dir(), &gone)?;
         let mut next = 0;
@@ -350,7 +377,8 @@ impl BenchAgent {
                     .backend_id;
                 let backend = self
                     .backends
-                    .get(&id, 0)
+                    .get(id)
+                    .filter(|b| b.addr != [0; 4])
                     .with_context(|| format!("{}: backend {id} missing", s.name))?;
                 ensure!(
                     backend.port == s.target_port,
@@ -376,8 +404,9 @@ impl BenchAgent {
         (1..=slot0.count).any(|slot| {
             self.services
                 .get(&key(s.vip, s.port, slot), 0)
-                .and_then(|v| self.backends.get(&v.backend_id, 0))
-                .is_ok_and(|b| Ipv4Addr::from(b.addr) == addr)
+                .ok()
+                .and_then(|v| self.backends.get(v.backend_id))
+                .is_some_and(|b| Ipv4Addr::from(b.addr) == addr)
         })
     }
 
@@ -430,6 +459,17 @@ impl BenchAgent {
             .lines()
             .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// CPU time (user + system) the agent has used so far.
+    fn cpu_time(&self) -> Option<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Some(Duration::from_millis(ticks * 1000 / hz))
     }
 
     /// Each map's memory as the kernel accounts it (`memlock` in the map's fdinfo).
@@ -487,6 +527,9 @@ impl Drop for BenchAgent {
             .arg(self.layout.dir())
             .output();
         let _ = std::fs::remove_dir_all(self.layout.dir());
+        if let Some(keep) = std::env::var_os("DATAPLANE_BENCH_AGENT_LOG") {
+            let _ = std::fs::copy(&self.log, keep);
+        }
         let _ = std::fs::remove_dir_all(&self.work);
     }
 }
@@ -499,6 +542,24 @@ fn key(vip: Ipv4Addr, port: u16, slot: u16) -> ServiceKey {
         proto: IPPROTO_TCP,
         ..Default::default()
     }
+}
+
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn tail(text: &str, lines: usize) -> String {
@@ -613,6 +674,7 @@ struct Target<'a> {
     label: String,
     node: &'a BenchNode,
     addr: SocketAddrV4,
+    /// The agent whose conntrack is emptied before each run (targets in its node).
     agent: Option<&'a BenchAgent>,
 }
 
@@ -648,7 +710,10 @@ fn targets<'a>(
             label: "direct, agent attached".into(),
             node: ours,
             addr: SocketAddrV4::new(ours.server(), TARGET_PORT),
-            agent: None,
+            // Conntrack keeps closed flows' reply entries; a direct connection reusing a
+            // client port that a ClusterIP flow to the same backend used gets its SYN-ACK
+            // reverse-NATed to the ClusterIP and times out. Emptied before each run.
+            agent: Some(agent),
         },
     ];
     for (mode, node) in kube_proxy_nodes {
@@ -751,7 +816,7 @@ fn latency_rows(
             })
             .collect();
         m = m.note(format!(
-            "median over {} runs of the {p} of {} sequential connects from a client pod (compiled client, socket() to handshake done, closed with RST), after {} warm-up connects; the measured service's two endpoints are the server pod's two addresses; kube-proxy modes: the same {} services x {} endpoints as rules, the measured service last; direct: to the server pod's address in a node without agent or rules; direct, agent attached: the same in the agent's node (non-service path of the program); conntrack emptied before each run of ours; per-run {p}: {}",
+            "median over {} runs of the {p} of {} sequential connects from a client pod (compiled client, socket() to handshake done, closed with RST), after {} warm-up connects; the measured service's two endpoints are the server pod's two addresses; kube-proxy modes: the same {} services x {} endpoints as rules, the measured service last; direct: to the server pod's address in a node without agent or rules; direct, agent attached: the same in the agent's node (non-service path of the program); conntrack emptied before each run in the agent's node (stale reply entries of closed ClusterIP flows would capture direct connections reusing a client port); per-run {p}: {}",
             settings.latency_runs,
             settings.connections,
             settings.warmup_connections,
@@ -764,7 +829,7 @@ fn latency_rows(
 }
 
 pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
-    let work = WorkDir(std::env::temp_dir().join(testbed::unique("dataplane-bench-rules-")));
+    let work = WorkDir(scratch_dir("dataplane-bench-rules-"));
     cleanup::dir(work.0.clone());
     std::fs::create_dir_all(&work.0)?;
 
@@ -850,7 +915,7 @@ pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
             m.ratio_to("iptables-legacy-restore")
                 .goal("<= 0.5 s", |m| m.value.is_some_and(|v| v <= 0.5))
                 .note(format!(
-                    "agent: median of {} runs: one JSON manifest (Service + EndpointSlice) per service, all appearing at once by renaming their directory into the watched one, until every frontend's slot 0 counts all its backends (then verified in full); runs {agent_runs:?}; agent-reported sync time (parse + plan + apply) {agent_sync_us:?} us; baselines: the kube-proxy rule sets loaded from empty into a fresh namespace, iptables as one complete restore of the nat and filter tables (kube-proxy passes --noflush, which with iptables-nft 1.8 is several times slower at 1k services and impractical at 10k: see info.programming_small), nftables as one `nft -f` transaction (kube-proxy's first sync); {}",
+                    "agent: median of {} runs after a warm-up run: one JSON manifest (Service + EndpointSlice) per service, all appearing at once by renaming their directory into the watched one, until every frontend's slot 0 counts all its backends (then verified in full); runs {agent_runs:?}; agent-reported sync time (parse + plan + apply) {agent_sync_us:?} us; baselines: the kube-proxy rule sets loaded from empty into a fresh namespace, iptables as one complete restore of the nat and filter tables (kube-proxy passes --noflush, which with iptables-nft 1.8 is several times slower at 1k services and impractical at 10k: see info.programming_small), nftables as one `nft -f` transaction (kube-proxy's first sync); {}",
                     settings.program_runs,
                     detail.join("; ")
                 )),
@@ -876,11 +941,17 @@ pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
         let mut via_service = Vec::new();
         let mut direct_runs = Vec::new();
         let mut attached_runs = Vec::new();
+        // Conntrack emptied before each run in the agent's node (see `targets`).
+        agent.clear_conntrack()?;
         ours.iperf(IPERF_VIP, 1)?;
         direct.iperf(direct.server(), 1)?;
+        agent.clear_conntrack()?;
+        ours.iperf(ours.server(), 1)?;
         for _ in 0..settings.iperf_runs {
+            agent.clear_conntrack()?;
             via_service.push(ours.iperf(IPERF_VIP, settings.iperf_seconds)?);
             direct_runs.push(direct.iperf(direct.server(), settings.iperf_seconds)?);
+            agent.clear_conntrack()?;
             attached_runs.push(ours.iperf(ours.server(), settings.iperf_seconds)?);
         }
         report.push(
@@ -903,7 +974,9 @@ pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
     let mut large_set = large_set;
     if settings.wants(4) {
         eprintln!("bench: {} single endpoint changes", settings.changes);
-        let changes = agent.endpoint_changes(&mut large_set, settings.changes)?;
+        let warmup = (settings.changes / 20).max(2);
+        let changes = agent.endpoint_changes(&mut large_set, warmup + settings.changes)?;
+        let changes = changes[warmup..].to_vec();
         for (p, q) in [("p50", 50.0), ("p99", 99.0)] {
             let mut m = Measurement::new(
                 "4 programming",
@@ -918,7 +991,7 @@ pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
                 m = m.goal("<= 10 ms", |m| m.value.is_some_and(|v| v <= 10.0));
             }
             report.push(m.note(format!(
-                "{} changes, each replacing one endpoint address of a different service (its manifest file rewritten and renamed into place) with {} services present, timed until the service's slots name a backend with the new address (polled every 0.1 ms); min {:.2} ms, max {:.2} ms",
+                "{} changes after a few warm-up ones, each replacing one endpoint address of a different service (its manifest file rewritten and renamed into place) with {} services present, timed until the service's slots name a backend with the new address (polled every 0.1 ms); min {:.2} ms, max {:.2} ms",
                 changes.len(),
                 label(settings.large),
                 changes.iter().copied().fold(f64::INFINITY, f64::min),
@@ -944,6 +1017,27 @@ pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
             .note(format!(
                 "VmHWM of the agent process after {} bulk loads of the set and the endpoint changes; current VmRSS {now:.1} MB",
                 settings.program_runs
+            )),
+        );
+        // The agent at rest: nothing changes, nothing is measured.
+        let rest = Duration::from_secs(if settings.quick { 3 } else { 10 });
+        let before = agent.cpu_time();
+        std::thread::sleep(rest);
+        let used = agent
+            .cpu_time()
+            .zip(before)
+            .map(|(a, b)| a.saturating_sub(b));
+        report.push(
+            Measurement::new(
+                "5 memory",
+                format!("agent CPU at rest, {} services", label(settings.large)),
+                "%",
+                used.map(|u| 100.0 * u.as_secs_f64() / rest.as_secs_f64())
+                    .unwrap_or(f64::NAN),
+            )
+            .note(format!(
+                "user + system CPU time of the agent over {} s in which no object changes (% of one CPU)",
+                rest.as_secs()
             )),
         );
         let maps = agent.map_memory();

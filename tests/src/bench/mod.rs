@@ -9,6 +9,7 @@
 //! asserted: the exit status only says whether every section could run.
 mod cleanup;
 mod cluster;
+mod maps;
 mod net;
 mod packets;
 mod report;
@@ -62,7 +63,7 @@ impl Settings {
             endpoints: 10,
             connections: 5_000,
             warmup_connections: 500,
-            latency_runs: 5,
+            latency_runs: 15,
             program_runs: 3,
             nft_program_runs: 1,
             changes: 200,
@@ -86,7 +87,7 @@ impl Settings {
             endpoints: 10,
             connections: 1_000,
             warmup_connections: 100,
-            latency_runs: 3,
+            latency_runs: 5,
             program_runs: 1,
             nft_program_runs: 1,
             changes: 20,
@@ -102,7 +103,8 @@ impl Settings {
 }
 
 const USAGE: &str = "usage: dataplane-bench [--quick] [--out FILE] [--agent BINARY] [--sections 1,2,...]
-       dataplane-bench connect-client ADDR:PORT COUNT | wait-connect ADDR:PORT TIMEOUT_MS | serve PORT...";
+       dataplane-bench connect-client ADDR:PORT COUNT | wait-connect ADDR:PORT TIMEOUT_MS | serve PORT...
+       dataplane-bench per-packet-loop KIND SERVICES SECONDS   (for perf / bpftool prog profile)";
 
 pub fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -110,6 +112,12 @@ pub fn main() -> ExitCode {
         Some("connect-client") => net::connect_client(&args[1..]),
         Some("wait-connect") => net::wait_connect(&args[1..]),
         Some("serve") => net::serve(&args[1..]),
+        Some("per-packet-loop") => {
+            cleanup::install_signal_thread();
+            let result = packets::profile_loop(&args[1..]);
+            cleanup::teardown();
+            result
+        }
         _ => bench(&args),
     };
     match result {
@@ -160,6 +168,16 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         "agent binary {} not built (cargo build --release -p dataplane-agent)",
         agent.display()
     );
+    cleanup::install_signal_thread();
+    // Private copies of both binaries: a rebuild of target/release while the bench runs
+    // (another shell, an IDE) must not pull them from under the namespaces.
+    let agent = make_private_copies(&exe, &agent)?;
+    let result = run(settings_for(quick, agent, sections), out);
+    cleanup::teardown_all();
+    result
+}
+
+fn settings_for(quick: bool, agent: PathBuf, sections: Option<Vec<u8>>) -> Settings {
     let mut settings = if quick {
         Settings::quick(agent)
     } else {
@@ -168,11 +186,14 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     if let Some(sections) = sections {
         settings.sections = sections;
     }
+    settings
+}
+
+fn run(settings: Settings, out: Option<PathBuf>) -> anyhow::Result<()> {
+    let quick = settings.quick;
     let out = out.unwrap_or_else(|| {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/report.json")
     });
-
-    cleanup::install_signal_thread();
     let started = Instant::now();
     let mut report = Report::default();
     machine_info(&settings, &mut report);
@@ -250,6 +271,34 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     }
     anyhow::ensure!(failed.is_empty(), "sections {failed:?} could not run");
     Ok(())
+}
+
+fn private_dir() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    base.join(format!("dataplane-bench-bin-{}", std::process::id()))
+}
+
+/// The private copy of `name` (made by `make_private_copies`).
+pub fn private_binary(name: &str) -> PathBuf {
+    private_dir().join(name)
+}
+
+/// Copies the bench binary and the agent into a private directory (removed at exit);
+/// returns the agent's copy.
+fn make_private_copies(bench: &Path, agent: &Path) -> anyhow::Result<PathBuf> {
+    let dir = private_dir();
+    std::fs::create_dir_all(&dir)?;
+    cleanup::exit_dir(dir.clone());
+    std::fs::copy(bench, dir.join("dataplane-bench"))
+        .with_context(|| format!("copying {}", bench.display()))?;
+    std::fs::copy(agent, dir.join("dataplane-agent"))
+        .with_context(|| format!("copying {}", agent.display()))?;
+    Ok(dir.join("dataplane-agent"))
 }
 
 /// "10", "10k": service counts as the rows name them.

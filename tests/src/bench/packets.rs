@@ -23,7 +23,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{Context, bail, ensure};
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use dataplane_agent::datapath::{
@@ -38,6 +38,7 @@ use serde_json::json;
 
 use super::{
     Settings, cleanup,
+    maps::{IdMap, open},
     report::{Measurement, Report},
     scale_label,
     stats::median,
@@ -167,19 +168,11 @@ impl Drop for PinDir {
     }
 }
 
-fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(
-    layout: &BpffsLayout,
-    name: &str,
-) -> anyhow::Result<T> {
-    let data = MapData::from_pin(layout.map(name)).with_context(|| format!("opening {name}"))?;
-    Ok(T::try_from(Map::from_map_data(data)?)?)
-}
-
 /// One loaded datapath with its maps, programmed by hand.
 struct Instance {
     datapath: LoadedDatapath,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
-    backends: HashMap<MapData, u32, Backend>,
+    backends: IdMap<Backend>,
     rev_nat: HashMap<MapData, u32, RevNat>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
@@ -215,7 +208,7 @@ impl Instance {
         let mut instance = Self {
             datapath,
             services: open(&layout, map_names::SERVICES)?,
-            backends: open(&layout, map_names::BACKENDS)?,
+            backends: IdMap::open(&layout, map_names::BACKENDS)?,
             rev_nat: open(&layout, map_names::REV_NAT)?,
             conntrack: open(&layout, map_names::CONNTRACK)?,
             service_stats: open(&layout, map_names::SERVICE_STATS)?,
@@ -252,7 +245,7 @@ impl Instance {
             proto: IPPROTO_TCP,
             state: BACKEND_STATE_ACTIVE,
         };
-        self.backends.insert(id, value, 0)?;
+        self.backends.insert(id, value)?;
         Ok(())
     }
 
