@@ -19,7 +19,7 @@ pub const IPPROTO_UDP: u8 = 17;
 /// agent's `--bpffs-dir`. The kernel keeps 15 characters of a map name.
 pub mod map_names {
     pub const SERVICES: &str = "dp_svc_v2";
-        pub const BACKENDS: &str = "dp_backends_v2";
+    pub const BACKENDS: &str = "dp_backends_v2";
     pub const REV_NAT: &str = "dp_revnat_v1";
     pub const CONNTRACK: &str = "dp_ct_v1";
     pub const SERVICE_STATS: &str = "dp_svc_stats_v2";
