@@ -103,8 +103,7 @@ impl ClusterWatch {
             .node
             .state()
             .into_iter()
-            .find(|n| n.metadata.name.as_deref() == Some(node_name))
-            .map(|n| n.clone());
+            .find(|n| n.metadata.name.as_deref() == Some(node_name));
         objects
     }
 }
