@@ -67,8 +67,8 @@ impl Settings {
             program_runs: 3,
             nft_program_runs: 1,
             changes: 200,
-            iperf_seconds: 3,
-            iperf_runs: 3,
+            iperf_seconds: 5,
+            iperf_runs: 5,
             agent_binary,
             sections: vec![1, 2, 3, 4, 5, 6],
         }

@@ -41,7 +41,7 @@ use super::{
     maps::{IdMap, open},
     report::{Measurement, Report},
     scale_label,
-    stats::median,
+    stats::{median, percentile},
 };
 
 const SECTION: &str = "1 per-packet";
@@ -669,6 +669,8 @@ fn single_run_cross_check(
     let frame = tcp_frame(CLIENT, FRONTEND_C, TCP_SYN);
     let mut noop_runs = Vec::new();
     let mut flow_runs = Vec::new();
+    // Per run: p50, p99 and p99.9 of the single runs' times.
+    let mut tails = Vec::new();
     let mut conntrack = main_conntrack(main)?;
     for run in 0..=settings.runs {
         let mut noop_total = 0.0;
@@ -677,6 +679,7 @@ fn single_run_cross_check(
         }
         let before = main.connections(3);
         let mut flow_total = 0.0;
+        let mut singles = Vec::with_capacity(count);
         for client in &clients {
             let outcome = test_run(prog, &tcp_frame(*client, FRONTEND_C, TCP_SYN), 1)?;
             ensure!(
@@ -684,6 +687,7 @@ fn single_run_cross_check(
                 "a new flow to C was not sent to its backend"
             );
             flow_total += outcome.ns;
+            singles.push(outcome.ns);
         }
         let grew = main.connections(3) - before;
         ensure!(
@@ -698,6 +702,14 @@ fn single_run_cross_check(
         if run > 0 {
             noop_runs.push(noop_total / count as f64);
             flow_runs.push(flow_total / count as f64);
+            let p50 = percentile(&singles, 50.0);
+            let slow = singles.iter().filter(|ns| **ns > 4.0 * p50).count();
+            tails.push((
+                p50,
+                percentile(&singles, 99.0),
+                percentile(&singles, 99.9),
+                format!("{:.2}%", 100.0 * slow as f64 / count as f64),
+            ));
         }
     }
     let noop_single = median(&noop_runs);
@@ -724,7 +736,7 @@ fn single_run_cross_check(
         .baseline("noop single", noop_single)
         .ratio_to("noop single")
         .note(format!(
-            "{how}; each run a distinct flow into an ample conntrack map (cross-check of the repeated new-flow row without LRU eviction); runs {flow_runs:?}"
+            "{how}; each run a distinct flow into an ample conntrack map (cross-check of the repeated new-flow row without LRU eviction); runs {flow_runs:?}; per run (p50, p99, p99.9 in ns, share of runs slower than 4x p50) of the single runs: {tails:?}"
         )),
     );
     Ok(())
