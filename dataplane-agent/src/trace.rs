@@ -133,23 +133,6 @@ fn describe(frame: &[u8]) -> String {
     }
 }
 
-/// The datapath's flow hash (lb.rs `flow_hash`): the same function, so the Maglev slot shown
-/// is the one the kernel used.
-fn flow_hash(saddr: Ipv4Addr, daddr: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> u32 {
-    fn mix(mut h: u32) -> u32 {
-        h ^= h >> 16;
-        h = h.wrapping_mul(0x85eb_ca6b);
-        h ^= h >> 13;
-        h = h.wrapping_mul(0xc2b2_ae35);
-        h ^ (h >> 16)
-    }
-    let mut h = 0x9e37_79b9u32;
-    h = mix(h ^ u32::from(saddr));
-    h = mix(h ^ u32::from(daddr));
-    h = mix(h ^ (((sport as u32) << 16) | dport as u32));
-    mix(h ^ proto as u32)
-}
-
 /// Takes one trace packet's counts back out of a per-CPU stats entry (from the CPU that
 /// counted it: the first with enough).
 fn subtract(
@@ -245,8 +228,14 @@ pub fn trace(
         {
             "session affinity: this client's remembered backend".to_string()
         } else if let Some(s) = service.filter(|s| s.flags & SVC_FLAG_MAGLEV != 0) {
-            let hash = flow_hash(*from.ip(), *to.ip(), from.port(), to.port(), proto);
-            let slot = (hash as u64 * MAGLEV_TABLE_SIZE as u64) >> 32;
+            let hash = dataplane_common::flow_hash(
+                u32::from(*from.ip()),
+                u32::from(*to.ip()),
+                from.port(),
+                to.port(),
+                proto,
+            );
+            let slot = dataplane_common::maglev_slot(hash);
             format!(
                 "maglev: flow hash {hash:#010x} -> slot {slot} of {MAGLEV_TABLE_SIZE} (frontend id {})",
                 s.rev_nat_id

@@ -66,6 +66,33 @@ pub mod capacity {
     pub const MAGLEV_SERVICES: u32 = 4_096;
 }
 
+/// The flow hash Maglev indexes with: fixed-seed (murmur3's finalizer per word), so every node
+/// maps a flow to the same slot. Addresses as big-endian numbers, ports host order. One
+/// definition for the datapath and for `trace`, which shows the slot the kernel used.
+#[inline(always)]
+pub fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    #[inline(always)]
+    fn mix(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    }
+    let mut h = 0x9e37_79b9u32;
+    h = mix(h ^ saddr);
+    h = mix(h ^ daddr);
+    h = mix(h ^ (((sport as u32) << 16) | dport as u32));
+    mix(h ^ proto as u32)
+}
+
+/// The Maglev slot of a flow hash: multiply-shift range reduction (as even as a modulo, and
+/// bounded in a way the verifier can follow).
+#[inline(always)]
+pub fn maglev_slot(hash: u32) -> usize {
+    ((hash as u64 * MAGLEV_TABLE_SIZE as u64) >> 32) as usize
+}
+
 /// Entries of a Maglev lookup table: a prime, so every backend's permutation covers it, and
 /// large against the backend count, so removing one of N backends moves close to 1/N of the
 /// entries (Katran uses 65537; 4093 keeps a table at 16 KiB — the agent's tests measure the

@@ -7,10 +7,10 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     AffinityKey, AffinityValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT,
-    CtEntry, CtKey, HAIRPIN_SNAT_ADDR, IPPROTO_TCP, MAGLEV_TABLE_SIZE, SCOPE_INTERNAL,
-    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL,
-    SVC_FLAG_MAGLEV, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES, ServiceKey, ServiceValue,
-    SourceRangeKey, drop_reason,
+    CtEntry, CtKey, HAIRPIN_SNAT_ADDR, IPPROTO_TCP, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
+    SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV,
+    SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES, ServiceKey, ServiceValue, SourceRangeKey,
+    drop_reason,
 };
 
 use crate::{
@@ -157,22 +157,15 @@ fn source_allowed(pkt: &Packet, svc: &ServiceValue) -> bool {
     SOURCE_RANGES.get(&key).is_some()
 }
 
-/// A fixed-seed hash of the flow, the same on every node (murmur3's finalizer per word).
 #[inline(always)]
 fn flow_hash(pkt: &Packet) -> u32 {
-    #[inline(always)]
-    fn mix(mut h: u32) -> u32 {
-        h ^= h >> 16;
-        h = h.wrapping_mul(0x85eb_ca6b);
-        h ^= h >> 13;
-        h = h.wrapping_mul(0xc2b2_ae35);
-        h ^ (h >> 16)
-    }
-    let mut h = 0x9e37_79b9u32;
-    h = mix(h ^ u32::from_be_bytes(pkt.saddr));
-    h = mix(h ^ u32::from_be_bytes(pkt.daddr));
-    h = mix(h ^ (((pkt.sport as u32) << 16) | pkt.dport as u32));
-    mix(h ^ pkt.proto as u32)
+    dataplane_common::flow_hash(
+        u32::from_be_bytes(pkt.saddr),
+        u32::from_be_bytes(pkt.daddr),
+        pkt.sport,
+        pkt.dport,
+        pkt.proto,
+    )
 }
 
 /// The backend id for a new flow: the one a live affinity entry names, else from the Maglev
@@ -201,13 +194,9 @@ fn choose_backend(
     }
     let backend_id = if svc.flags & SVC_FLAG_MAGLEV != 0 {
         let table = MAGLEV.get_ptr(svc.rev_nat_id)?;
-        // Multiply-shift range reduction: as even as a modulo, cheaper, and bounded in a way
-        // the verifier can follow.
-        // (black_box keeps LLVM from folding the scaling into the shift, which would leave
-        // the verifier a bound one element too loose.)
-        let index = core::hint::black_box(
-            ((flow_hash(pkt) as u64 * MAGLEV_TABLE_SIZE as u64) >> 32) as usize,
-        );
+        // black_box keeps LLVM from folding the slot's scaling into the shift, which would
+        // leave the verifier a bound one element too loose.
+        let index = core::hint::black_box(dataplane_common::maglev_slot(flow_hash(pkt)));
         // SAFETY: a value from a lookup in this run; index is below the table's length.
         unsafe { *(*table).backend_ids.get(index)? }
     } else {
