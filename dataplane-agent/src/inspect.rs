@@ -6,7 +6,7 @@ use std::{
 };
 
 use dataplane_common::{
-    BACKEND_STATE_TERMINATING, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT,
+    BACKEND_STATE_TERMINATING, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_FLAG_REPLY, CT_FLAG_SNAT,
     CtEntry, CtKey, FRONTEND_KIND_EXTERNAL_IP, FRONTEND_KIND_LOAD_BALANCER,
     FRONTEND_KIND_NODE_PORT, FrontendName, ServiceKey, drop_reason,
 };
@@ -96,6 +96,8 @@ pub struct FlowView {
     pub frontend_id: u32,
     pub service: String,
     pub hairpin: bool,
+    /// The TCP connection sent FIN or RST: conntrack forgets it after a short idle time.
+    pub closing: bool,
     /// The source the backend saw, when external traffic was SNATed to the node.
     pub snat: Option<String>,
     pub to_backend: Counters,
@@ -259,15 +261,13 @@ pub fn flows(maps: &PinnedMaps) -> anyhow::Result<Vec<FlowView>> {
     let mut reply: BTreeMap<ReplyTuple, CtEntry> = BTreeMap::new();
     for entry in maps.conntrack.iter() {
         let (key, value): (CtKey, CtEntry) = entry?;
-        match key.direction {
-            CT_DIR_FORWARD => forward.push((key, value)),
-            CT_DIR_REPLY => {
-                reply.insert(
-                    (key.proto, key.saddr, key.sport, key.daddr, key.dport),
-                    value,
-                );
-            }
-            _ => {}
+        if value.flags & CT_FLAG_REPLY == 0 {
+            forward.push((key, value));
+        } else {
+            reply.insert(
+                (key.proto, key.saddr, key.sport, key.daddr, key.dport),
+                value,
+            );
         }
     }
     let now = monotonic_ns();
@@ -300,6 +300,7 @@ pub fn flows(maps: &PinnedMaps) -> anyhow::Result<Vec<FlowView>> {
                 frontend_id: fwd.rev_nat_id,
                 service: label(&names, fwd.rev_nat_id).service,
                 hairpin: fwd.flags & CT_FLAG_HAIRPIN != 0,
+                closing: (fwd.flags | back.map_or(0, |r| r.flags)) & CT_FLAG_CLOSING != 0,
                 snat: snat.then(|| socket(seen_addr, seen_port)),
                 to_backend: Counters {
                     packets: fwd.packets,

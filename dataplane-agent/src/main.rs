@@ -221,7 +221,7 @@ enum Command {
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
         /// Capacity of a map when it is created, as NAME=ENTRIES (repeatable), e.g.
-        /// dp_ct_v1=1048576.
+        /// dp_ct_v2=1048576.
         #[arg(long = "map-size", value_parser = parse_map_size)]
         map_sizes: Vec<(String, u32)>,
     },
@@ -314,8 +314,10 @@ enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: in `kubectl logs` and files they are escape-code noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

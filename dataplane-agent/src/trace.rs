@@ -7,9 +7,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use anyhow::Context;
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use dataplane_common::{
-    AffinityKey, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, CtEntry, CtKey,
-    MAGLEV_TABLE_SIZE, PROG_EXTERNAL_INGRESS, PROG_POD_INGRESS, SCOPE_DEFAULT, SVC_FLAG_AFFINITY,
-    SVC_FLAG_MAGLEV, ServiceKey, TrafficStats,
+    AffinityKey, CT_FLAG_HAIRPIN, CT_FLAG_REPLY, CT_FLAG_SNAT, CtEntry, CtKey, MAGLEV_TABLE_SIZE,
+    PROG_EXTERNAL_INGRESS, PROG_POD_INGRESS, SCOPE_DEFAULT, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV,
+    ServiceKey, TrafficStats,
 };
 use serde::Serialize;
 
@@ -183,16 +183,21 @@ pub fn trace(
         ..Default::default()
     };
     let service = maps.services.get(&frontend_key, 0).ok();
-    let forward = CtKey {
-        saddr: from.ip().octets(),
-        daddr: to.ip().octets(),
-        sport: from.port(),
-        dport: to.port(),
+    let forward = CtKey::new(
+        from.ip().octets(),
+        to.ip().octets(),
+        from.port(),
+        to.port(),
         proto,
-        direction: CT_DIR_FORWARD,
-        _pad: [0; 2],
+    );
+    // A reply entry on this tuple would be another flow's, not one this packet continues.
+    let forward_entry = |maps: &PinnedMaps| {
+        maps.conntrack
+            .get(&forward, 0)
+            .ok()
+            .filter(|e: &CtEntry| e.flags & CT_FLAG_REPLY == 0)
     };
-    let known_flow = maps.conntrack.get(&forward, 0).ok();
+    let known_flow = forward_entry(&maps);
     let affinity_key = service.map(|s| AffinityKey {
         service_port_id: s.service_port_id,
         client: from.ip().octets(),
@@ -213,7 +218,7 @@ pub fn trace(
         .context("BPF_PROG_TEST_RUN")?;
     output.truncate(result.data_size_out as usize);
 
-    let created: Option<CtEntry> = maps.conntrack.get(&forward, 0).ok();
+    let created = forward_entry(&maps);
     let mut choice = None;
     let mut backend = None;
     if let Some(flow) = created {
@@ -254,15 +259,7 @@ pub fn trace(
             } else {
                 (from.ip().octets(), from.port())
             };
-            let reply = CtKey {
-                saddr: flow.nat_addr,
-                daddr: client,
-                sport: flow.nat_port,
-                dport: client_port,
-                proto,
-                direction: CT_DIR_REPLY,
-                _pad: [0; 2],
-            };
+            let reply = CtKey::new(flow.nat_addr, client, flow.nat_port, client_port, proto);
             let _ = maps.conntrack.remove(&reply);
             let _ = maps.conntrack.remove(&forward);
             if let (Some(key), None) = (affinity_key, known_affinity) {

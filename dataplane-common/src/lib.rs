@@ -21,7 +21,10 @@ pub mod map_names {
     pub const SERVICES: &str = "dp_svc_v2";
     pub const BACKENDS: &str = "dp_backends_v2";
     pub const REV_NAT: &str = "dp_revnat_v1";
-    pub const CONNTRACK: &str = "dp_ct_v1";
+    pub const CONNTRACK: &str = "dp_ct_v2";
+    /// The conntrack map before v2 (keys carried a direction byte); an upgraded agent
+    /// moves its flows into `CONNTRACK` and removes it.
+    pub const CONNTRACK_V1: &str = "dp_ct_v1";
     pub const SERVICE_STATS: &str = "dp_svc_stats_v2";
     pub const BACKEND_STATS: &str = "dp_be_stats_v2";
     pub const DROPS: &str = "dp_drops_v1";
@@ -195,11 +198,10 @@ pub struct RevNat {
     pub _pad: [u8; 2],
 }
 
-pub const CT_DIR_FORWARD: u8 = 0;
-pub const CT_DIR_REPLY: u8 = 1;
-
 /// Conntrack key: the tuple as the packet carries it when it reaches the program.
-/// Forward entries are keyed client -> frontend, reply entries backend -> client.
+/// Forward entries are keyed client -> frontend, reply entries backend -> client; the two
+/// never share a tuple (that would be one packet meaning two flows), so one lookup on a
+/// packet's own tuple finds either, and the entry's `CT_FLAG_REPLY` tells which.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -208,14 +210,36 @@ pub struct CtKey {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub direction: u8,
-    pub _pad: [u8; 2],
+    // Two fields, not `[u8; 3]`: zeroing an odd-sized array compiles to a memset call the
+    // verifier rejects.
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
+
+impl CtKey {
+    #[inline(always)]
+    pub const fn new(saddr: Ipv4, daddr: Ipv4, sport: u16, dport: u16, proto: u8) -> Self {
+        Self {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
 }
 
 /// The flow went to the client's own pod: its source was replaced by `HAIRPIN_SNAT_ADDR`.
 pub const CT_FLAG_HAIRPIN: u16 = 1;
 /// External traffic whose source was replaced by the node's address and `peer_port`.
 pub const CT_FLAG_SNAT: u16 = 2;
+/// A reply entry (backend -> client); without it, a forward entry (client -> frontend).
+pub const CT_FLAG_REPLY: u16 = 4;
+/// The TCP connection sent a FIN or RST: the entry goes after a short idle time, and a new
+/// SYN on its tuple starts a new flow instead of reusing it.
+pub const CT_FLAG_CLOSING: u16 = 8;
 
 /// Conntrack value. Counters are added to in place (atomically) by the datapath; each entry
 /// counts the packets travelling in its own direction.
@@ -421,7 +445,6 @@ mod layout_tests {
         assert_eq!(offset_of!(CtKey, sport), 8);
         assert_eq!(offset_of!(CtKey, dport), 10);
         assert_eq!(offset_of!(CtKey, proto), 12);
-        assert_eq!(offset_of!(CtKey, direction), 13);
         assert_eq!(size_of::<CtEntry>(), 56);
         assert_eq!(align_of::<CtEntry>(), 8);
         assert_eq!(offset_of!(CtEntry, bytes), 8);

@@ -13,8 +13,7 @@
 //! Rare packets: parsed with bpf_skb_load_bytes, off the per-packet fast path.
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use dataplane_common::{
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, CtKey, IPPROTO_TCP, IPPROTO_UDP,
-    Ipv4,
+    CT_FLAG_HAIRPIN, CT_FLAG_REPLY, CT_FLAG_SNAT, CtKey, IPPROTO_TCP, IPPROTO_UDP, Ipv4,
 };
 
 use crate::{
@@ -117,26 +116,21 @@ pub fn translate_error(ctx: &TcContext) -> i32 {
     let Some(e) = parse(ctx) else {
         return TC_ACT_OK;
     };
-    let key = |saddr, sport, daddr, dport, direction| CtKey {
-        saddr,
-        daddr,
-        sport,
-        dport,
-        proto: e.proto,
-        direction,
-        _pad: [0; 2],
-    };
-    // About a packet towards a backend: the quoted tuple, turned around, is the reply's.
-    let reply = key(
+    // The quoted tuple, turned around, is the tuple of the flow's other direction.
+    let key = CtKey::new(
         e.inner_daddr,
-        e.inner_dport,
         e.inner_saddr,
+        e.inner_dport,
         e.inner_sport,
-        CT_DIR_REPLY,
+        e.proto,
     );
-    if let Some(entry) = CONNTRACK.get_ptr(reply) {
-        // SAFETY: a value from a lookup in this run; copied out at once.
-        let entry = unsafe { *entry };
+    let Some(entry) = CONNTRACK.get_ptr(&key) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: a value from a lookup in this run; copied out at once.
+    let entry = unsafe { *entry };
+    if entry.flags & CT_FLAG_REPLY != 0 {
+        // About a packet towards a backend.
         let client = entry.flags & (CT_FLAG_SNAT | CT_FLAG_HAIRPIN) != 0;
         let rewritten = set_inner_addr(ctx, INNER_DADDR_OFF, e.inner_daddr, entry.nat_addr)
             .and_then(|()| set_inner_port(ctx, INNER_DPORT_OFF, e.inner_dport, entry.nat_port))
@@ -169,36 +163,23 @@ pub fn translate_error(ctx: &TcContext) -> i32 {
             aya_ebpf::bindings::TC_ACT_SHOT
         };
     }
-    // About a backend's reply as the client saw it: the forward tuple, turned around.
-    let forward = key(
-        e.inner_daddr,
-        e.inner_dport,
-        e.inner_saddr,
-        e.inner_sport,
-        CT_DIR_FORWARD,
-    );
-    if let Some(entry) = CONNTRACK.get_ptr(forward) {
-        // SAFETY: as above.
-        let entry = unsafe { *entry };
-        if entry.flags & CT_FLAG_HAIRPIN != 0 {
-            return TC_ACT_OK;
-        }
-        let rewritten = set_inner_addr(ctx, INNER_SADDR_OFF, e.inner_saddr, entry.nat_addr)
-            .and_then(|()| set_inner_port(ctx, INNER_SPORT_OFF, e.inner_sport, entry.nat_port))
-            .and_then(|()| set_outer_addr(ctx, IP_DADDR_OFF, e.outer_daddr, entry.nat_addr))
-            .and_then(|()| {
-                if entry.flags & CT_FLAG_SNAT == 0 {
-                    return Ok(());
-                }
-                set_inner_addr(ctx, INNER_DADDR_OFF, e.inner_daddr, entry.peer_addr).and_then(
-                    |()| set_inner_port(ctx, INNER_DPORT_OFF, e.inner_dport, entry.peer_port),
-                )
-            });
-        return if rewritten.is_ok() {
-            TC_ACT_OK
-        } else {
-            aya_ebpf::bindings::TC_ACT_SHOT
-        };
+    // About a backend's reply as the client saw it (the entry is the forward one).
+    if entry.flags & CT_FLAG_HAIRPIN != 0 {
+        return TC_ACT_OK;
     }
-    TC_ACT_OK
+    let rewritten = set_inner_addr(ctx, INNER_SADDR_OFF, e.inner_saddr, entry.nat_addr)
+        .and_then(|()| set_inner_port(ctx, INNER_SPORT_OFF, e.inner_sport, entry.nat_port))
+        .and_then(|()| set_outer_addr(ctx, IP_DADDR_OFF, e.outer_daddr, entry.nat_addr))
+        .and_then(|()| {
+            if entry.flags & CT_FLAG_SNAT == 0 {
+                return Ok(());
+            }
+            set_inner_addr(ctx, INNER_DADDR_OFF, e.inner_daddr, entry.peer_addr)
+                .and_then(|()| set_inner_port(ctx, INNER_DPORT_OFF, e.inner_dport, entry.peer_port))
+        });
+    if rewritten.is_ok() {
+        TC_ACT_OK
+    } else {
+        aya_ebpf::bindings::TC_ACT_SHOT
+    }
 }

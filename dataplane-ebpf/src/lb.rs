@@ -6,7 +6,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{
-    AffinityKey, AffinityValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT,
+    AffinityKey, AffinityValue, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_FLAG_REPLY, CT_FLAG_SNAT,
     CtEntry, CtKey, HAIRPIN_SNAT_ADDR, IPPROTO_TCP, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
     SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV,
     SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES, ServiceKey, ServiceValue, SourceRangeKey,
@@ -17,7 +17,7 @@ use crate::{
     counters::{count_drop, count_flow_packet, count_service_packet},
     maps::{AFFINITY, BACKENDS, CONFIG, CONNTRACK, MAGLEV, SERVICES, SOURCE_RANGES},
     nat,
-    packet::Packet,
+    packet::{Packet, TCP_SYN},
     refuse,
 };
 
@@ -30,17 +30,61 @@ pub enum Origin {
     External,
 }
 
+/// Everything on the per-packet path is inlined into the entry point: each call and return
+/// costs a few nanoseconds (more with the CPU's return-thunk mitigations), which on an
+/// established flow is a good share of the total. New flows, rare, get their own frame.
+#[inline(always)]
 pub fn handle(ctx: &TcContext, pkt: &Packet, origin: Origin) -> i32 {
-    let frontend = ServiceKey {
+    // One lookup on the packet's own tuple finds a known flow in either direction: on the
+    // established path, conntrack is the only hash lookup.
+    let key = tuple_key(pkt);
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        // SAFETY: a value from a lookup in this run.
+        if unsafe { (*entry).flags } & CT_FLAG_REPLY != 0 {
+            return reply(ctx, pkt, entry, now);
+        }
+        if let Some(verdict) = established(ctx, pkt, &key, entry, now) {
+            return verdict;
+        }
+    }
+    let Some(service) = SERVICES.get_ptr(frontend_key(pkt)) else {
+        return TC_ACT_OK;
+    };
+    match to_frontend(ctx, pkt, service, origin) {
+        NewFlow::Verdict(verdict) => verdict,
+        NewFlow::Refuse => refuse::connection(ctx, pkt),
+    }
+}
+
+/// What became of a new flow. A refusal is built by the caller: its frame is large, and
+/// the verifier caps the stack of the whole call chain.
+enum NewFlow {
+    Verdict(i32),
+    Refuse,
+}
+
+/// The frontend a packet is addressed to (default scope, slot 0).
+#[inline(always)]
+fn frontend_key(pkt: &Packet) -> ServiceKey {
+    ServiceKey {
         addr: pkt.daddr,
         port: pkt.dport,
         backend_slot: 0,
         proto: pkt.proto,
         ..Default::default()
-    };
-    let Some(service) = SERVICES.get_ptr(frontend) else {
-        return from_backend(ctx, pkt);
-    };
+    }
+}
+
+/// The first packet of a flow to a frontend: the scope and source checks, then a backend.
+#[inline(never)]
+fn to_frontend(
+    ctx: &TcContext,
+    pkt: &Packet,
+    service: *const ServiceValue,
+    origin: Origin,
+) -> NewFlow {
+    let frontend = frontend_key(pkt);
     // SAFETY: a value from a lookup in this run; copied out at once.
     let service = unsafe { *service };
     let (frontend, service) = if origin == Origin::Pod && service.flags & SVC_FLAG_TWO_SCOPES != 0 {
@@ -57,35 +101,25 @@ pub fn handle(ctx: &TcContext, pkt: &Packet, origin: Origin) -> i32 {
     } else {
         (frontend, service)
     };
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let key = forward_key(pkt);
-    // Separate calls, not nested ones: the verifier limits the stack of a call chain.
-    if let Some(verdict) = established(ctx, pkt, &key, now) {
-        return verdict;
-    }
     if service.flags & SVC_FLAG_SOURCE_RANGES != 0
         && origin == Origin::External
         && !source_allowed(pkt, &service)
     {
         count_drop(drop_reason::SOURCE_RANGE);
-        return TC_ACT_SHOT;
+        return NewFlow::Verdict(TC_ACT_SHOT);
     }
-    new_flow(ctx, pkt, &frontend, &service, &key, now, origin)
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    new_flow(ctx, pkt, &frontend, &service, &tuple_key(pkt), now, origin)
 }
 
-fn forward_key(pkt: &Packet) -> CtKey {
-    CtKey {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        direction: CT_DIR_FORWARD,
-        _pad: [0; 2],
-    }
+/// The conntrack key of a packet as it arrives.
+#[inline(always)]
+fn tuple_key(pkt: &Packet) -> CtKey {
+    CtKey::new(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto)
 }
 
 /// The reply tuple of a forward flow: from the backend to whoever it saw as the client.
+#[inline(always)]
 fn reply_key(pkt: &Packet, entry: &CtEntry) -> CtKey {
     let (client, client_port) = if entry.flags & CT_FLAG_SNAT != 0 {
         (entry.peer_addr, entry.peer_port)
@@ -94,15 +128,36 @@ fn reply_key(pkt: &Packet, entry: &CtEntry) -> CtKey {
     } else {
         (pkt.saddr, pkt.sport)
     };
-    CtKey {
-        saddr: entry.nat_addr,
-        daddr: client,
-        sport: entry.nat_port,
-        dport: client_port,
-        proto: pkt.proto,
-        direction: CT_DIR_REPLY,
-        _pad: [0; 2],
-    }
+    CtKey::new(
+        entry.nat_addr,
+        client,
+        entry.nat_port,
+        client_port,
+        pkt.proto,
+    )
+}
+
+/// The forward tuple of a reply entry (`reply` is its key): from the client, as it sent it,
+/// to the frontend.
+#[inline(always)]
+fn forward_key_of_reply(reply: &CtKey, entry: &CtEntry) -> CtKey {
+    let client = if entry.flags & (CT_FLAG_SNAT | CT_FLAG_HAIRPIN) != 0 {
+        entry.peer_addr
+    } else {
+        reply.daddr
+    };
+    let client_port = if entry.flags & CT_FLAG_SNAT != 0 {
+        entry.peer_port
+    } else {
+        reply.dport
+    };
+    CtKey::new(
+        client,
+        entry.nat_addr,
+        client_port,
+        entry.nat_port,
+        reply.proto,
+    )
 }
 
 /// Is the backend this flow was sent to still programmed (same id, same address)? An array
@@ -124,20 +179,44 @@ fn backend(backend_id: u32) -> Option<dataplane_common::Backend> {
     (b.addr != [0; 4]).then_some(b)
 }
 
+/// A TCP FIN or RST: both entries of the flow (this one, and the other direction's at
+/// `other`) are marked closing (see `CT_FLAG_CLOSING`). Rare packets: the second lookup
+/// costs nothing on the per-packet path.
+#[inline(always)]
+fn note_closing(entry: *mut CtEntry, other: &CtKey) {
+    // SAFETY: `entry` came from a lookup in this run.
+    unsafe { (*entry).flags |= CT_FLAG_CLOSING };
+    if let Some(other) = CONNTRACK.get_ptr_mut(other) {
+        // SAFETY: as above.
+        unsafe { (*other).flags |= CT_FLAG_CLOSING };
+    }
+}
+
 /// A packet of a known flow: translated as conntrack remembers, or — when its backend is
-/// gone — `None` to choose anew (UDP, or a TCP SYN reusing the tuple), or a reset (TCP).
-fn established(ctx: &TcContext, pkt: &Packet, key: &CtKey, now: u64) -> Option<i32> {
-    let entry = CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: a value from a lookup in this run; fields copied out.
-    let known = unsafe { *entry };
-    if backend_alive(known.backend_id, known.nat_addr, known.nat_port) {
+/// gone, or a SYN reopens a closed connection's tuple — `None` to choose anew (UDP, or a TCP
+/// SYN), or a reset (TCP).
+#[inline(always)]
+fn established(
+    ctx: &TcContext,
+    pkt: &Packet,
+    key: &CtKey,
+    entry: *mut CtEntry,
+    now: u64,
+) -> Option<i32> {
+    // SAFETY: a value from a lookup in this run, read in place.
+    let known = unsafe { &*entry };
+    let reopened = known.flags & CT_FLAG_CLOSING != 0 && pkt.is_tcp_open();
+    if !reopened && backend_alive(known.backend_id, known.nat_addr, known.nat_port) {
         count_flow_packet(entry, pkt.ip_len as u64, now);
         count_service_packet(known.rev_nat_id, known.backend_id, pkt.ip_len as u64, false);
-        return Some(translate_forward(ctx, pkt, &known));
+        if pkt.is_tcp_close() {
+            note_closing(entry, &reply_key(pkt, known));
+        }
+        return Some(translate_forward(ctx, pkt, known));
     }
-    // The backend went away. Forget the flow; a TCP connection in progress cannot move, so
+    // Forget the flow. A TCP connection in progress whose backend went away cannot move, so
     // the client is told at once instead of hanging on retransmits.
-    let _ = CONNTRACK.remove(reply_key(pkt, &known));
+    let _ = CONNTRACK.remove(&reply_key(pkt, known));
     let _ = CONNTRACK.remove(key);
     if pkt.proto == IPPROTO_TCP && !pkt.is_tcp_open() {
         count_drop(drop_reason::BACKEND_GONE);
@@ -237,16 +316,8 @@ fn snat_port(
         random_ephemeral_port()
     };
     for _ in 0..4 {
-        let reply = CtKey {
-            saddr: backend_addr,
-            daddr: snat_addr,
-            sport: backend_port,
-            dport: candidate,
-            proto: pkt.proto,
-            direction: CT_DIR_REPLY,
-            _pad: [0; 2],
-        };
-        if CONNTRACK.get_ptr(reply).is_none() {
+        let reply = CtKey::new(backend_addr, snat_addr, backend_port, candidate, pkt.proto);
+        if CONNTRACK.get_ptr(&reply).is_none() {
             return Some(candidate);
         }
         candidate = random_ephemeral_port();
@@ -268,22 +339,22 @@ fn new_flow(
     key: &CtKey,
     now: u64,
     origin: Origin,
-) -> i32 {
+) -> NewFlow {
     if svc.count == 0 {
         if svc.flags & SVC_FLAG_DROP_WHEN_EMPTY != 0 {
             count_drop(drop_reason::NO_LOCAL_ENDPOINTS);
-            return TC_ACT_SHOT;
+            return NewFlow::Verdict(TC_ACT_SHOT);
         }
         count_drop(drop_reason::NO_ENDPOINTS);
-        return refuse::connection(ctx, pkt);
+        return NewFlow::Refuse;
     }
     let Some(backend_id) = choose_backend(pkt, frontend, svc, now) else {
         count_drop(drop_reason::BACKEND_MISSING);
-        return TC_ACT_SHOT;
+        return NewFlow::Verdict(TC_ACT_SHOT);
     };
     let Some(backend) = backend(backend_id) else {
         count_drop(drop_reason::BACKEND_MISSING);
-        return TC_ACT_SHOT;
+        return NewFlow::Verdict(TC_ACT_SHOT);
     };
 
     let mut entry = CtEntry {
@@ -306,11 +377,11 @@ fn new_flow(
     if external_snat {
         // Replies must come back through this node: the source becomes the node's address.
         let Some(config) = CONFIG.get(0) else {
-            return TC_ACT_SHOT;
+            return NewFlow::Verdict(TC_ACT_SHOT);
         };
         let Some(port) = snat_port(pkt, config.snat_addr, backend.addr, backend.port) else {
             count_drop(drop_reason::SNAT_PORTS_EXHAUSTED);
-            return TC_ACT_SHOT;
+            return NewFlow::Verdict(TC_ACT_SHOT);
         };
         entry.flags = CT_FLAG_SNAT;
         entry.peer_addr = config.snat_addr;
@@ -339,7 +410,9 @@ fn new_flow(
     } else {
         0
     };
-    let reply_inserted = CONNTRACK.insert(reply_key, entry, 0).is_ok();
+    entry.flags |= CT_FLAG_REPLY;
+    let reply_inserted = CONNTRACK.insert(&reply_key, &entry, 0).is_ok();
+    entry.flags &= !CT_FLAG_REPLY;
     entry.packets = 1;
     entry.bytes = pkt.ip_len as u64;
     (
@@ -348,50 +421,60 @@ fn new_flow(
         entry.peer_addr,
         entry.peer_port,
     ) = forward;
-    if !reply_inserted || CONNTRACK.insert(key, entry, 0).is_err() {
+    if !reply_inserted || CONNTRACK.insert(key, &entry, 0).is_err() {
         count_drop(drop_reason::CT_INSERT_FAILED);
-        return TC_ACT_SHOT;
+        return NewFlow::Verdict(TC_ACT_SHOT);
     }
     count_service_packet(svc.rev_nat_id, backend_id, pkt.ip_len as u64, true);
-    translate_forward(ctx, pkt, &entry)
+    NewFlow::Verdict(translate_forward(ctx, pkt, &entry))
 }
 
+#[inline(always)]
 fn translate_forward(ctx: &TcContext, pkt: &Packet, entry: &CtEntry) -> i32 {
     let snat = entry.flags & CT_FLAG_SNAT != 0;
     let rewrite = nat::Rewrite {
-        daddr: Some(entry.nat_addr),
-        dport: Some(entry.nat_port),
-        saddr: (entry.flags & (CT_FLAG_SNAT | CT_FLAG_HAIRPIN) != 0).then_some(entry.peer_addr),
-        sport: snat.then_some(entry.peer_port),
+        daddr: entry.nat_addr,
+        dport: entry.nat_port,
+        saddr: if entry.flags & (CT_FLAG_SNAT | CT_FLAG_HAIRPIN) != 0 {
+            entry.peer_addr
+        } else {
+            pkt.saddr
+        },
+        sport: if snat { entry.peer_port } else { pkt.sport },
     };
     verdict(nat::rewrite(ctx, pkt, rewrite))
 }
 
-/// A packet that matched no frontend: a backend's reply to a translated flow, or not ours.
-fn from_backend(ctx: &TcContext, pkt: &Packet) -> i32 {
-    let key = CtKey {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        direction: CT_DIR_REPLY,
-        _pad: [0; 2],
-    };
-    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
+/// A backend's reply to a translated flow: back to the client, from the frontend.
+#[inline(always)]
+fn reply(ctx: &TcContext, pkt: &Packet, entry: *mut CtEntry, now: u64) -> i32 {
+    // SAFETY: a value from a lookup in this run, read in place.
+    let known = unsafe { &*entry };
+    if pkt.proto == IPPROTO_TCP && pkt.tcp_flags & TCP_SYN != 0 && known.flags & CT_FLAG_CLOSING != 0
+    {
+        // A SYN-ACK on a closed flow's tuple answers a SYN that went straight to the pod from
+        // the same client port (a reopened service flow gets fresh entries): the old flow
+        // must not capture this connection.
+        let key = tuple_key(pkt);
+        let _ = CONNTRACK.remove(&forward_key_of_reply(&key, known));
+        let _ = CONNTRACK.remove(&key);
         return TC_ACT_OK;
-    };
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    // SAFETY: a value from a lookup in this run; fields copied out.
-    let known = unsafe { *entry };
+    }
     count_flow_packet(entry, pkt.ip_len as u64, now);
     count_service_packet(known.rev_nat_id, known.backend_id, pkt.ip_len as u64, false);
+    if pkt.is_tcp_close() {
+        note_closing(entry, &forward_key_of_reply(&tuple_key(pkt), known));
+    }
     let snat = known.flags & CT_FLAG_SNAT != 0;
     let rewrite = nat::Rewrite {
-        saddr: Some(known.nat_addr),
-        sport: Some(known.nat_port),
-        daddr: (known.flags & (CT_FLAG_SNAT | CT_FLAG_HAIRPIN) != 0).then_some(known.peer_addr),
-        dport: snat.then_some(known.peer_port),
+        saddr: known.nat_addr,
+        sport: known.nat_port,
+        daddr: if known.flags & (CT_FLAG_SNAT | CT_FLAG_HAIRPIN) != 0 {
+            known.peer_addr
+        } else {
+            pkt.daddr
+        },
+        dport: if snat { known.peer_port } else { pkt.dport },
     };
     verdict(nat::rewrite(ctx, pkt, rewrite))
 }

@@ -22,7 +22,7 @@ pub static BACKENDS: Array<Backend, { capacity::BACKENDS as usize }> = Array::ne
 #[btf_map(name = "dp_revnat_v1")]
 pub static REV_NAT: HashMap<u32, RevNat, { capacity::FRONTENDS as usize }> = HashMap::new();
 
-#[btf_map(name = "dp_ct_v1")]
+#[btf_map(name = "dp_ct_v2")]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize }> =
     LruHashMap::new();
 

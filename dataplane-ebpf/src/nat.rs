@@ -13,12 +13,14 @@ use crate::packet::{ETH_HLEN, Packet};
 
 type Result = core::result::Result<(), i64>;
 
-/// The new source and destination; `None` keeps a field.
+/// The new source and destination; a field equal to the packet's is left alone. (Plain
+/// values, not `Option`s: a `None`'s undefined payload lets LLVM spill any register, and the
+/// verifier rejects a partial spill of a pointer.)
 pub struct Rewrite {
-    pub saddr: Option<Ipv4>,
-    pub sport: Option<u16>,
-    pub daddr: Option<Ipv4>,
-    pub dport: Option<u16>,
+    pub saddr: Ipv4,
+    pub sport: u16,
+    pub daddr: Ipv4,
+    pub dport: u16,
 }
 
 /// One's-complement addition with end-around carry (the kernel's `csum_add`).
@@ -57,11 +59,11 @@ struct Addresses {
     daddr: Ipv4,
 }
 
+#[inline(always)]
 pub fn rewrite(ctx: &TcContext, pkt: &Packet, r: Rewrite) -> Result {
     // Differences, with every value as it sits in the packet (network order).
     let mut addr_diff = 0u32;
-    let saddr = r.saddr.unwrap_or(pkt.saddr);
-    let daddr = r.daddr.unwrap_or(pkt.daddr);
+    let (saddr, daddr) = (r.saddr, r.daddr);
     if saddr != pkt.saddr {
         addr_diff = csum_replace(
             addr_diff,
@@ -77,8 +79,7 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, r: Rewrite) -> Result {
         );
     }
     let mut port_diff = 0u32;
-    let sport = r.sport.unwrap_or(pkt.sport);
-    let dport = r.dport.unwrap_or(pkt.dport);
+    let (sport, dport) = (r.sport, r.dport);
     if sport != pkt.sport {
         port_diff = csum_replace(port_diff, pkt.sport.to_be() as u32, sport.to_be() as u32);
     }

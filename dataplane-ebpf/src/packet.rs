@@ -41,6 +41,12 @@ impl Packet {
         self.l4_off() + if self.proto == IPPROTO_TCP { 16 } else { 6 }
     }
 
+    /// A TCP segment that ends a connection (FIN or RST).
+    #[inline(always)]
+    pub fn is_tcp_close(&self) -> bool {
+        self.proto == IPPROTO_TCP && self.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    }
+
     /// A TCP segment that opens a connection (SYN without ACK).
     #[inline(always)]
     pub fn is_tcp_open(&self) -> bool {

@@ -362,7 +362,8 @@ import os, socket, sys, time
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), 3)
 s.sendall(b"GET / HTTP/1.0\r\n")
 print("open", flush=True)
-while not os.path.exists(sys.argv[3]):
+deadline = time.monotonic() + 60  # a failed test never writes the file: do not linger
+while not os.path.exists(sys.argv[3]) and time.monotonic() < deadline:
     time.sleep(0.01)
 s.settimeout(3)
 t = time.monotonic()
@@ -440,6 +441,52 @@ fn flows_leave_a_backend_that_disappears() {
 }
 
 #[test]
+fn a_closed_service_flow_does_not_capture_a_direct_connection_from_its_port() {
+    require_root!();
+    let cluster = Cluster::new(Wiring::Routed, [10, 244, 12]);
+    let ips = cluster.web_ips();
+    cluster.publish_web(&ips[..1]);
+    cluster.agent.wait_for_backends("10.96.0.10:80", 1).unwrap();
+    let curl_from_port = |url: &str| {
+        cluster.client().run(
+            "curl",
+            &["-s", "--max-time", "3", "--local-port", "41000", url],
+        )
+    };
+
+    let via_service = curl_from_port(&format!("http://{VIP}/")).unwrap();
+    assert!(via_service.starts_with("web-0"), "{via_service}");
+    let client = format!("{}:41000", cluster.node.pods[0].ip);
+    wait_until(Duration::from_secs(3), || {
+        let flows = cluster.agent.cli_json(&["flows"]).unwrap();
+        flows
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["client"] == client.as_str() && f["closing"] == true)
+    })
+    .unwrap_or_else(|e| {
+        let flows = cluster.agent.cli_json(&["flows"]).unwrap();
+        panic!("the finished connection shows as closing in `flows` ({e}): {flows:#}")
+    });
+
+    // Same client port, straight to the pod: its answer must not be turned into the
+    // service's (the client would reset it).
+    let direct = curl_from_port(&format!("http://{}:8080/", ips[0]))
+        .expect("a direct connection from the service flow's client port");
+    assert!(direct.starts_with("web-0"), "{direct}");
+    let flows = cluster.agent.cli_json(&["flows"]).unwrap();
+    assert!(
+        !flows
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["client"] == client.as_str()),
+        "the closed flow's entries are gone: {flows:#}"
+    );
+}
+
+#[test]
 fn every_map_prints_named_fields_in_bpftool() {
     require_root!();
     let cluster = Cluster::new(Wiring::Routed, [10, 244, 9]);
@@ -453,7 +500,10 @@ fn every_map_prints_named_fields_in_bpftool() {
         ),
         ("dp_backends_v2", &["addr", "port", "state"]),
         ("dp_revnat_v1", &["addr", "port"]),
-        ("dp_ct_v1", &["saddr", "direction", "packets", "nat_addr"]),
+        (
+            "dp_ct_v2",
+            &["saddr", "proto", "packets", "flags", "nat_addr"],
+        ),
         ("dp_svc_stats_v2", &["packets", "bytes", "connections"]),
         ("dp_be_stats_v2", &["packets", "bytes", "connections"]),
         ("dp_drops_v1", &["\"value\": 0"]),
@@ -536,6 +586,122 @@ fn stopping_the_agent_keeps_traffic_and_cleanup_removes_everything() {
     assert!(
         answers[0].is_err(),
         "the service still answers after cleanup"
+    );
+}
+
+#[test]
+fn upgrading_from_conntrack_v1_keeps_open_connections() {
+    require_root!();
+    let mut cluster = Cluster::new(Wiring::Routed, [10, 244, 13]);
+    cluster.publish_web(&cluster.web_ips());
+    cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
+    let go = cluster.agent.manifests.parent().unwrap().join("go");
+    let mut holder = cluster
+        .client()
+        .command("python3")
+        .args(["-c", HOLD, VIP, "80", go.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut held = std::io::BufReader::new(holder.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut held, &mut line).unwrap();
+    assert_eq!(line.trim(), "open");
+    let before = cluster.agent.cli_json(&["flows"]).unwrap();
+    assert_eq!(before.as_array().unwrap().len(), 1, "{before:#}");
+
+    // What the previous release left behind: its conntrack map (direction byte at key
+    // offset 13, no reply flag), and no v2 entries.
+    cluster.agent.stop();
+    let v1 = cluster.agent.bpffs_dir.join("dp_ct_v1");
+    let v2 = cluster.agent.bpffs_dir.join("dp_ct_v2");
+    let (v1, v2) = (v1.to_str().unwrap(), v2.to_str().unwrap());
+    bpftool(&[
+        "map", "create", v1, "type", "lru_hash", "key", "16", "value", "56", "entries", "1024",
+        "name", "dp_ct_v1",
+    ]);
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
+    for entry in bpftool_json(&["map", "dump", "pinned", v2])
+        .as_array()
+        .unwrap()
+    {
+        let bytes = |field: &str| -> Vec<u8> {
+            entry[field]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| {
+                    u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+                })
+                .collect()
+        };
+        let (mut key, mut value) = (bytes("key"), bytes("value"));
+        let flags = u16::from_le_bytes([value[46], value[47]]);
+        key[13] = u8::from(flags & dataplane_common::CT_FLAG_REPLY != 0);
+        value[46..48].copy_from_slice(&(flags & !dataplane_common::CT_FLAG_REPLY).to_le_bytes());
+        let mut args = vec![
+            "map".to_string(),
+            "update".into(),
+            "pinned".into(),
+            v1.into(),
+            "key".into(),
+            "hex".into(),
+        ];
+        args.extend(hex(&key));
+        args.extend(["value".into(), "hex".into()]);
+        args.extend(hex(&value));
+        bpftool(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let mut args = vec![
+            "map".to_string(),
+            "delete".into(),
+            "pinned".into(),
+            v2.into(),
+            "key".into(),
+            "hex".into(),
+        ];
+        args.extend(hex(&bytes("key")));
+        bpftool(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+
+    cluster.agent.restart().unwrap();
+    wait_until(Duration::from_secs(5), || {
+        cluster
+            .agent
+            .log_text()
+            .contains("conntrack moved from dp_ct_v1")
+    })
+    .unwrap();
+    let log = cluster.agent.log_text();
+    assert!(log.contains("moved=2 failed=0"), "{log}");
+    assert!(!std::path::Path::new(v1).exists(), "the v1 map is unpinned");
+    let after = cluster.agent.cli_json(&["flows"]).unwrap();
+    let fields = |v: &serde_json::Value| {
+        let f = &v[0];
+        (
+            f["client"].clone(),
+            f["backend"].clone(),
+            f["to_backend"].clone(),
+            f["to_client"].clone(),
+        )
+    };
+    assert_eq!(fields(&before), fields(&after), "{after:#}");
+
+    std::fs::write(&go, "").unwrap();
+    let mut outcome = String::new();
+    std::io::Read::read_to_string(&mut held, &mut outcome).unwrap();
+    holder.wait().unwrap();
+    assert!(outcome.starts_with("data"), "held connection: {outcome}");
+}
+
+fn bpftool(args: &[&str]) {
+    let out = std::process::Command::new("bpftool")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -796,7 +962,7 @@ fn inspection_commands_name_services_filter_flows_and_graph_the_traffic() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|m| m["map"] == "dp_ct_v1")
+        .find(|m| m["map"] == "dp_ct_v2")
         .unwrap();
     assert!(ct["capacity"].as_u64().unwrap() > 0 && ct["entries"] == stats["conntrack_entries"]);
     assert!(stats["drops"]["no_endpoints"].is_u64(), "{stats:#}");
@@ -824,7 +990,7 @@ fn inspection_commands_name_services_filter_flows_and_graph_the_traffic() {
         "kubeproxy_sync_proxy_rules_service_changes_total",
         "kubeproxy_sync_proxy_rules_endpoint_changes_total",
         "dataplane_conntrack_entries",
-        "dataplane_map_capacity{map=\"dp_ct_v1\"}",
+        "dataplane_map_capacity{map=\"dp_ct_v2\"}",
     ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }

@@ -810,3 +810,82 @@ fn idle_conntrack_entries_are_collected_by_protocol_timeout() {
     );
     assert_eq!(entries(), 0);
 }
+
+#[test]
+fn a_closed_tcp_flow_reopens_on_a_new_syn_and_goes_after_a_short_idle_time() {
+    require_root!();
+    let pins = Pins(BpffsLayout::new(
+        std::path::Path::new("/sys/fs/bpf").join(testbed::unique("dpfin")),
+    ));
+    let mut datapath = LoadedDatapath::load(&pins.0, &Default::default()).unwrap();
+    let mut programmer = Programmer::restore(PinnedMaps::open(&pins.0).unwrap()).unwrap();
+    let plan = Plan {
+        frontends: vec![frontend(
+            "default/web",
+            VIP,
+            80,
+            Protocol::Tcp,
+            &[sock(BACKEND, 8080)],
+        )],
+        problems: vec![],
+        health_checks: vec![],
+    };
+    assert!(programmer.apply(&plan).failures.is_empty());
+    let mut run = |flags: u8| {
+        let input = frame(
+            TO_NODE,
+            sock(CLIENT, 40600),
+            sock(VIP, 80),
+            L4::Tcp {
+                flags,
+                seq: 1,
+                ack: 0,
+            },
+        );
+        let mut out = vec![0u8; 256];
+        let result = datapath
+            .program(dataplane_common::PROG_POD_INGRESS)
+            .test_run(TestRunOptions {
+                data_in: Some(&input),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(result.return_value, TC_ACT_OK);
+    };
+    let maps = || PinnedMaps::open(&pins.0).unwrap();
+    let flags = || -> Vec<u16> {
+        let mut flags: Vec<u16> = maps()
+            .conntrack
+            .iter()
+            .map(|e| e.unwrap().1.flags & dataplane_common::CT_FLAG_CLOSING)
+            .collect();
+        flags.sort();
+        flags
+    };
+    let connections = || {
+        // The only frontend has the first id.
+        dataplane_agent::datapath::maps::stats_sum(&maps().service_stats, 1).connections
+    };
+
+    run(SYN);
+    assert_eq!(flags(), [0, 0], "an open flow: forward and reply entries");
+    run(0x11); // FIN, ACK
+    let closing = dataplane_common::CT_FLAG_CLOSING;
+    assert_eq!(flags(), [closing, closing], "a FIN marks both entries");
+    let now = dataplane_agent::inspect::monotonic_ns();
+    assert_eq!(programmer.collect_conntrack(now), 0, "not idle yet");
+
+    // The client reuses the tuple: a new connection, not the old one's leftovers.
+    run(SYN);
+    assert_eq!(flags(), [0, 0], "the SYN opened a fresh flow");
+    assert_eq!(connections(), 2);
+
+    run(0x04); // RST
+    let seconds = |s: u64| now + s * 1_000_000_000;
+    assert_eq!(
+        programmer.collect_conntrack(seconds(11)),
+        2,
+        "a closed flow goes after ten idle seconds"
+    );
+}

@@ -789,6 +789,9 @@ fn map_error(e: MapError) -> String {
 /// when full; this keeps `flows` and the map's fill honest between those times.
 pub const TCP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
 pub const OTHER_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// A TCP flow that sent FIN or RST (conntrack's CLOSE timeout): late retransmits still get
+/// translated, and the client port is free for a direct connection soon after.
+pub const CLOSING_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Programmer {
     /// Removes conntrack entries idle longer than their protocol's timeout (both directions of
@@ -797,7 +800,9 @@ impl Programmer {
         let mut expired = Vec::new();
         for entry in self.maps.conntrack.iter() {
             let Ok((key, value)) = entry else { continue };
-            let idle = if key.proto == dataplane_common::IPPROTO_TCP {
+            let idle = if value.flags & dataplane_common::CT_FLAG_CLOSING != 0 {
+                CLOSING_IDLE_TIMEOUT
+            } else if key.proto == dataplane_common::IPPROTO_TCP {
                 TCP_IDLE_TIMEOUT
             } else {
                 OTHER_IDLE_TIMEOUT

@@ -31,8 +31,8 @@ use dataplane_agent::datapath::{
     loader::{LoadedDatapath, MapSizes},
 };
 use dataplane_common::{
-    BACKEND_STATE_ACTIVE, Backend, CT_DIR_FORWARD, CT_DIR_REPLY, CtEntry, CtKey, IPPROTO_TCP,
-    PROG_POD_INGRESS, RevNat, ServiceKey, ServiceValue, TrafficStats, drop_reason, map_names,
+    BACKEND_STATE_ACTIVE, Backend, CtEntry, CtKey, IPPROTO_TCP, PROG_POD_INGRESS, RevNat,
+    ServiceKey, ServiceValue, TrafficStats, drop_reason, map_names,
 };
 use serde_json::json;
 
@@ -123,16 +123,14 @@ fn source(frame: &[u8]) -> SocketAddrV4 {
     )
 }
 
-fn ct_key(src: SocketAddrV4, dst: SocketAddrV4, direction: u8) -> CtKey {
-    CtKey {
-        saddr: src.ip().octets(),
-        daddr: dst.ip().octets(),
-        sport: src.port(),
-        dport: dst.port(),
-        proto: IPPROTO_TCP,
-        direction,
-        ..Default::default()
-    }
+fn ct_key(src: SocketAddrV4, dst: SocketAddrV4) -> CtKey {
+    CtKey::new(
+        src.ip().octets(),
+        dst.ip().octets(),
+        src.port(),
+        dst.port(),
+        IPPROTO_TCP,
+    )
 }
 
 fn service_key(f: SocketAddrV4, slot: u16) -> ServiceKey {
@@ -432,11 +430,11 @@ fn run_noop(scale: &Scale, repeat: u32) -> anyhow::Result<f64> {
 /// time; the kernel's average ns per repeat.
 fn run_kind(kind: Kind, scale: &Scale, repeat: u32) -> anyhow::Result<f64> {
     let (main, fresh) = (&scale.main, &scale.fresh);
-    let fwd_a = ct_key(CLIENT, FRONTEND_A, CT_DIR_FORWARD);
-    let fwd_b = ct_key(CLIENT, FRONTEND_B, CT_DIR_FORWARD);
+    let fwd_a = ct_key(CLIENT, FRONTEND_A);
+    let fwd_b = ct_key(CLIENT, FRONTEND_B);
     // Replies: from B (the backend of the flow to A), and from A (the backend of B's flow).
-    let rev_b = ct_key(FRONTEND_B, CLIENT, CT_DIR_REPLY);
-    let rev_a = ct_key(FRONTEND_A, CLIENT, CT_DIR_REPLY);
+    let rev_b = ct_key(FRONTEND_B, CLIENT);
+    let rev_a = ct_key(FRONTEND_A, CLIENT);
     let pod_ingress = main.program(PROG_POD_INGRESS)?;
     let outcome = match kind {
         Kind::NonService => {
@@ -696,8 +694,8 @@ fn single_run_cross_check(
         );
         // Leave conntrack as it was (outside the measured runs).
         for client in &clients {
-            let _ = conntrack.remove(&ct_key(*client, FRONTEND_C, CT_DIR_FORWARD));
-            let _ = conntrack.remove(&ct_key(BACKEND_C, *client, CT_DIR_REPLY));
+            let _ = conntrack.remove(&ct_key(*client, FRONTEND_C));
+            let _ = conntrack.remove(&ct_key(BACKEND_C, *client));
         }
         if run > 0 {
             noop_runs.push(noop_total / count as f64);
