@@ -22,6 +22,9 @@ pub static BACKENDS: Array<Backend, { capacity::BACKENDS as usize }> = Array::ne
 #[btf_map(name = "dp_revnat_v1")]
 pub static REV_NAT: HashMap<u32, RevNat, { capacity::FRONTENDS as usize }> = HashMap::new();
 
+/// One LRU list shared by every CPU, not `BPF_F_NO_COMMON_LRU`: per-CPU lists would split the
+/// capacity evenly between CPUs, so a node whose new flows land on a few CPUs (one NIC queue)
+/// would evict live flows long before the map is full.
 #[btf_map(name = "dp_ct_v2")]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize }> =
     LruHashMap::new();
