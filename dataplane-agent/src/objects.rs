@@ -86,6 +86,29 @@ pub enum Object {
 }
 
 impl Object {
+    /// A Service as kept: lists trimmed to their length (a parser that does not know a
+    /// list's length leaves room to grow, which over 10,000s of objects is most of the
+    /// memory).
+    pub fn service(mut service: Service) -> Self {
+        if let Some(spec) = &mut service.spec {
+            spec.ports.as_mut().map(Vec::shrink_to_fit);
+            spec.cluster_ips.as_mut().map(Vec::shrink_to_fit);
+        }
+        Object::Service(Arc::new(service))
+    }
+
+    /// An EndpointSlice as kept (see [`Object::service`]).
+    pub fn endpoint_slice(mut slice: EndpointSlice) -> Self {
+        slice.ports.as_mut().map(Vec::shrink_to_fit);
+        if let Some(endpoints) = &mut slice.endpoints {
+            endpoints.shrink_to_fit();
+            for endpoint in endpoints {
+                endpoint.addresses.shrink_to_fit();
+            }
+        }
+        Object::EndpointSlice(Arc::new(slice))
+    }
+
     pub fn key(&self) -> ObjectKey {
         let (kind, name) = match self {
             Object::Service(s) => (Kind::Service, object_name(&s.metadata)),

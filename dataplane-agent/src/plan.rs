@@ -720,6 +720,7 @@ fn plan_service(
         }
     }
     plan.health_check = health_check(service, local_endpoints);
+    plan.frontends.shrink_to_fit(); // kept for every service
     Some(plan)
 }
 

@@ -188,3 +188,60 @@ pub fn backends_in_use(array: &Array<MapData, Backend>) -> Vec<(u32, Backend)> {
         .filter_map(|(id, b)| b.ok().filter(|b| b.addr != [0; 4]).map(|b| (id as u32, b)))
         .collect()
 }
+
+/// Writes `keys[i] -> values[i]` for every key with one syscall: BPF_MAP_UPDATE_BATCH, which
+/// aya 0.14 does not wrap (hash and array maps support it). In a per-CPU map each key has
+/// one `V` per possible CPU. On failure, says how many entries were written first.
+pub fn update_batch<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, aya::maps::MapError)> {
+    use std::os::fd::{AsFd, AsRawFd};
+    /// The `batch` member of the kernel's `union bpf_attr`.
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    if keys.is_empty() {
+        return Ok(());
+    }
+    debug_assert_eq!(values.len() % keys.len(), 0);
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` points at `keys.len()` keys and their values, which outlive the call;
+    // the kernel writes back only `attr.count`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        let io_error = std::io::Error::last_os_error();
+        let error = aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_update_batch",
+            io_error,
+        });
+        return Err((attr.count as usize, error));
+    }
+    Ok(())
+}

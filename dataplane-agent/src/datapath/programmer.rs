@@ -11,17 +11,18 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use aya::maps::{MapError, lpm_trie::Key};
+use aya::maps::{IterableMap, MapError, lpm_trie::Key};
 use dataplane_common::{
     BACKEND_STATE_ACTIVE, Backend, DatapathConfig, FRONTEND_KIND_CLUSTER_IP,
     FRONTEND_KIND_EXTERNAL_IP, FRONTEND_KIND_LOAD_BALANCER, FRONTEND_KIND_NODE_PORT, FrontendName,
     MAGLEV_TABLE_SIZE, MaglevTable, RevNat, SCOPE_DEFAULT, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
     SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV,
     SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES, ServiceKey, ServiceValue, SourceRangeKey,
+    TrafficStats,
 };
 use tracing::{debug, warn};
 
-use super::maps::{PinnedMaps, stats_reset};
+use super::maps::{PinnedMaps, stats_reset, update_batch};
 use crate::{
     maglev,
     plan::{Algorithm, BackendAddr, Cidr, Frontend, FrontendAddr, FrontendKind, Plan, Protocol},
@@ -416,20 +417,7 @@ impl Programmer {
             .collect();
         new_backends.sort();
         new_backends.dedup();
-        for backend in new_backends {
-            match self.add_backend(&backend) {
-                Ok(id) => {
-                    self.backends.insert(backend, id);
-                    self.backend_uses.insert(id, (backend, 0));
-                    unused.push(id); // in case no entry ends up using it
-                    report.writes += 1;
-                }
-                Err(e) => report.failures.push(format!(
-                    "backend {} {}: {e}",
-                    backend.addr, backend.protocol
-                )),
-            }
-        }
+        self.add_backends(&new_backends, &mut unused, &mut report);
 
         // Names, for the inspection tools (the datapath does not read them).
         for frontend in frontends {
@@ -610,24 +598,60 @@ impl Programmer {
         out
     }
 
-    fn add_backend(&mut self, backend: &BackendAddr) -> Result<u32, String> {
-        let id = self
-            .backend_ids
-            .allocate()
-            .ok_or("no free backend id (capacity reached)")?;
-        let value = Backend {
-            addr: ipv4(backend.addr),
-            port: backend.addr.port(),
-            proto: backend.protocol.number(),
-            state: BACKEND_STATE_ACTIVE,
-        };
-        // A reused id starts its counters from zero.
-        let written = stats_reset(&mut self.maps.backend_stats, id)
-            .and_then(|()| self.maps.backends.set(id, value, 0));
-        written.map(|()| id).map_err(|e| {
-            self.backend_ids.release(id);
-            map_error(e)
-        })
+    /// Gives each new backend an id and writes them all, counters first (from zero: an id
+    /// may have been used before), with one syscall per map: a bulk load adds 100,000s.
+    fn add_backends(
+        &mut self,
+        new: &[BackendAddr],
+        unused: &mut Vec<u32>,
+        report: &mut ApplyReport,
+    ) {
+        let mut ids = Vec::with_capacity(new.len());
+        for backend in new {
+            match self.backend_ids.allocate() {
+                Some(id) => ids.push(id),
+                None => report.failures.push(format!(
+                    "backend {} {}: no free backend id (capacity reached)",
+                    backend.addr, backend.protocol
+                )),
+            }
+        }
+        let values: Vec<Backend> = new
+            .iter()
+            .zip(&ids)
+            .map(|(b, _)| Backend {
+                addr: ipv4(b.addr),
+                port: b.addr.port(),
+                proto: b.protocol.number(),
+                state: BACKEND_STATE_ACTIVE,
+            })
+            .collect();
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n);
+        let zeros = vec![TrafficStats::default(); ids.len() * cpus];
+        let (mut written, mut error) = (ids.len(), None);
+        if let Err((n, e)) = update_batch(self.maps.backend_stats.map(), &ids, &zeros) {
+            (written, error) = (n, Some(map_error(e)));
+        }
+        let backends = self.maps.backends.map();
+        if let Err((n, e)) = update_batch(backends, &ids[..written], &values[..written]) {
+            (written, error) = (n, Some(map_error(e)));
+        }
+        for (i, (backend, id)) in new.iter().zip(&ids).enumerate() {
+            if i < written {
+                self.backends.insert(*backend, *id);
+                self.backend_uses.insert(*id, (*backend, 0));
+                unused.push(*id); // in case no entry ends up using it
+                report.writes += 1;
+            } else {
+                self.backend_ids.release(*id);
+                report.failures.push(format!(
+                    "backend {} {}: {}",
+                    backend.addr,
+                    backend.protocol,
+                    error.as_deref().unwrap_or("not written")
+                ));
+            }
+        }
     }
 
     /// The frontend's id, allocating it (and its rev-NAT entry) when new.
@@ -714,32 +738,33 @@ impl Programmer {
             return Ok(());
         }
         let old_slots = current.map(|c| &c.backends[..c.written]).unwrap_or(&[]);
-        // Slots: only those that change. If the map fills up, the frontend keeps the slots
-        // that were written; the rest are reported.
+        // Slots: only those that change, in one syscall. If the map fills up, the frontend
+        // keeps the slots that were written; the rest are reported.
+        let (keys, values): (Vec<ServiceKey>, Vec<ServiceValue>) = ids
+            .iter()
+            .enumerate()
+            .filter(|(i, id)| old_slots.get(*i) != Some(id))
+            .map(|(i, id)| {
+                let value = ServiceValue {
+                    backend_id: *id,
+                    ..Default::default()
+                };
+                (service_key(&entry.key, i as u16 + 1), value)
+            })
+            .unzip();
         let mut written = ids.len();
         let mut short = None;
-        for (i, id) in ids.iter().enumerate() {
-            if old_slots.get(i) == Some(id) {
-                continue;
-            }
-            let value = ServiceValue {
-                backend_id: *id,
-                ..Default::default()
-            };
-            if let Err(e) =
-                self.maps
-                    .services
-                    .insert(service_key(&entry.key, i as u16 + 1), value, 0)
-            {
+        match update_batch(self.maps.services.map(), &keys, &values) {
+            Ok(()) => report.writes += keys.len(),
+            Err((n, e)) => {
+                report.writes += n;
+                written = keys[n].backend_slot as usize - 1;
                 short = Some(format!(
-                    "{}; serving {i} of {} backends",
+                    "{}; serving {written} of {} backends",
                     map_error(e),
                     ids.len()
                 ));
-                written = i;
-                break;
             }
-            report.writes += 1;
         }
         let old_written = old_slots.len();
         let unchanged = current.is_some_and(|c| c.written == written && c.settings == settings);

@@ -56,7 +56,7 @@ impl ClusterWatch {
             Api::<Service>::all(client.clone()),
             selector.clone(),
             Kind::Service,
-            |s| Object::Service(Arc::new(s)),
+            Object::service,
             &synced[0],
             &inbox,
         );
@@ -64,7 +64,7 @@ impl ClusterWatch {
             Api::<EndpointSlice>::all(client.clone()),
             selector,
             Kind::EndpointSlice,
-            |s| Object::EndpointSlice(Arc::new(s)),
+            Object::endpoint_slice,
             &synced[1],
             &inbox,
         );

@@ -439,10 +439,8 @@ fn parse_document(file: &Path, position: &str, body: Body, out: &mut Parsed) {
             }
             return;
         }
-        ("v1", "Service") => body.typed().map(|s| Object::Service(Arc::new(s))),
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
-            body.typed().map(|s| Object::EndpointSlice(Arc::new(s)))
-        }
+        ("v1", "Service") => body.typed().map(Object::service),
+        ("discovery.k8s.io/v1", "EndpointSlice") => body.typed().map(Object::endpoint_slice),
         ("v1", "Node") => body.typed().map(|n| Object::Node(Arc::new(n))),
         _ => {
             // Other kinds (Deployments, Pods...) may share the directory; they are not ours.
