@@ -1,6 +1,6 @@
 //! Typed handles on the pinned maps, for the agent and for the inspection commands (which
 //! work while the agent is stopped: everything they show is read from these pins).
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use dataplane_common::{
     AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, FrontendName, MaglevTable,
     RevNat, ServiceKey, ServiceValue, SourceRangeKey, TrafficStats, map_names,
@@ -166,18 +166,6 @@ pub fn stats_sum(array: &PerCpuArray<MapData, TrafficStats>, id: u32) -> Traffic
         }
     }
     total
-}
-
-/// Zeroes a per-CPU stats entry on every CPU (an id handed to a new frontend or backend).
-pub fn stats_reset(
-    array: &mut PerCpuArray<MapData, TrafficStats>,
-    id: u32,
-) -> Result<(), aya::maps::MapError> {
-    let cpus = aya::util::nr_cpus().map_err(|(call, io_error)| {
-        aya::maps::MapError::SyscallError(aya::sys::SyscallError { call, io_error })
-    })?;
-    let zeros = PerCpuValues::try_from(vec![TrafficStats::default(); cpus])?;
-    array.set(id, zeros, 0)
 }
 
 /// The backends in use, by id (the array's non-zero entries).

@@ -22,7 +22,7 @@ use dataplane_common::{
 };
 use tracing::{debug, warn};
 
-use super::maps::{PinnedMaps, stats_reset, update_batch};
+use super::maps::{PinnedMaps, update_batch};
 use crate::{
     maglev,
     plan::{Algorithm, BackendAddr, Cidr, Frontend, FrontendAddr, FrontendKind, Plan, Protocol},
@@ -393,17 +393,7 @@ impl Programmer {
         }
 
         // 2. Ids (and rev-NAT entries) of new frontends, then backends that are new.
-        for frontend in frontends {
-            if let Err(e) = self.frontend_id(&frontend.frontend, &mut report) {
-                report.failures.push(format!(
-                    "{:?} frontend {} {} of {}: {e}",
-                    frontend.kind,
-                    frontend.frontend.addr,
-                    frontend.frontend.protocol,
-                    frontend.service
-                ));
-            }
-        }
+        self.add_frontends(frontends, &mut report);
         let wanted = self.wanted_entries(frontends);
         let mut new_backends: Vec<BackendAddr> = wanted
             .iter()
@@ -420,30 +410,10 @@ impl Programmer {
         self.add_backends(&new_backends, &mut unused, &mut report);
 
         // Names, for the inspection tools (the datapath does not read them).
-        for frontend in frontends {
-            let Some(&id) = self.frontend_ids.get(&frontend.frontend) else {
-                continue;
-            };
-            let name = frontend_name(frontend);
-            if self.names.get(&id) != Some(&name) {
-                match self.maps.names.insert(id, name, 0) {
-                    Ok(()) => {
-                        self.names.insert(id, name);
-                    }
-                    Err(e) => report.failures.push(format!(
-                        "name of frontend {}: {}",
-                        frontend.frontend.addr,
-                        map_error(e)
-                    )),
-                }
-            }
-        }
+        self.sync_names(frontends, &mut report);
 
         // 3. Frontends: id and rev-NAT, Maglev table, source ranges, slots, then slot 0.
         for entry in &wanted {
-            if !self.frontend_ids.contains_key(&entry.key.frontend) {
-                continue; // reported above
-            }
             if let Err(e) = self.program_entry(entry, &mut unused, &mut report) {
                 report.failures.push(format!(
                     "{:?} frontend {} {} of {}: {e}",
@@ -459,13 +429,17 @@ impl Programmer {
         // backend gone on their next packet (UDP moves, TCP is reset).
         unused.sort();
         unused.dedup();
+        unused.retain(|id| {
+            self.backend_uses
+                .get(id)
+                .is_some_and(|(_, users)| *users == 0)
+        });
+        let zeros = vec![Backend::default(); unused.len()];
+        let _ = update_batch(self.maps.backends.map(), &unused, &zeros);
         for id in unused {
-            let Some(&(backend, 0)) = self.backend_uses.get(&id) else {
-                continue; // in use, or already gone
-            };
-            self.backend_uses.remove(&id);
-            let _ = self.maps.backends.set(id, Backend::default(), 0);
-            self.backends.remove(&backend);
+            if let Some((backend, _)) = self.backend_uses.remove(&id) {
+                self.backends.remove(&backend);
+            }
             self.backend_ids.release(id);
             report.deletes += 1;
         }
@@ -654,33 +628,85 @@ impl Programmer {
         }
     }
 
-    /// The frontend's id, allocating it (and its rev-NAT entry) when new.
-    fn frontend_id(
-        &mut self,
-        frontend: &FrontendAddr,
-        report: &mut ApplyReport,
-    ) -> Result<u32, String> {
-        if let Some(id) = self.frontend_ids.get(frontend) {
-            return Ok(*id);
-        }
-        let id = self
-            .frontend_id_allocator
-            .allocate()
-            .ok_or("no free frontend id (capacity reached)")?;
-        let rev_nat = RevNat {
-            addr: ipv4(frontend.addr),
-            port: frontend.addr.port(),
-            _pad: [0; 2],
+    /// Ids (and rev-NAT entries, counters from zero) for the frontends that have none, with
+    /// one syscall per map. `frontends` names each frontend once.
+    fn add_frontends(&mut self, frontends: &[&Frontend], report: &mut ApplyReport) {
+        let failure = |f: &Frontend, e: &str| {
+            format!(
+                "{:?} frontend {} {} of {}: {e}",
+                f.kind, f.frontend.addr, f.frontend.protocol, f.service
+            )
         };
-        let written = stats_reset(&mut self.maps.service_stats, id)
-            .and_then(|()| self.maps.rev_nat.insert(id, rev_nat, 0));
-        if let Err(e) = written {
-            self.frontend_id_allocator.release(id);
-            return Err(map_error(e));
+        let mut new = Vec::new();
+        for f in frontends {
+            if self.frontend_ids.contains_key(&f.frontend) {
+                continue;
+            }
+            match self.frontend_id_allocator.allocate() {
+                Some(id) => new.push((*f, id)),
+                None => report
+                    .failures
+                    .push(failure(f, "no free frontend id (capacity reached)")),
+            }
         }
-        report.writes += 1;
-        self.frontend_ids.insert(*frontend, id);
-        Ok(id)
+        let ids: Vec<u32> = new.iter().map(|(_, id)| *id).collect();
+        let rev_nats: Vec<RevNat> = new
+            .iter()
+            .map(|(f, _)| RevNat {
+                addr: ipv4(f.frontend.addr),
+                port: f.frontend.addr.port(),
+                _pad: [0; 2],
+            })
+            .collect();
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n);
+        let zeros = vec![TrafficStats::default(); ids.len() * cpus];
+        let (mut written, mut error) = (ids.len(), None);
+        if let Err((n, e)) = update_batch(self.maps.service_stats.map(), &ids, &zeros) {
+            (written, error) = (n, Some(map_error(e)));
+        }
+        let rev_nat = self.maps.rev_nat.map();
+        if let Err((n, e)) = update_batch(rev_nat, &ids[..written], &rev_nats[..written]) {
+            (written, error) = (n, Some(map_error(e)));
+        }
+        for (i, (f, id)) in new.into_iter().enumerate() {
+            if i < written {
+                self.frontend_ids.insert(f.frontend, id);
+                report.writes += 1;
+            } else {
+                self.frontend_id_allocator.release(id);
+                let e = error.as_deref().unwrap_or("not written");
+                report.failures.push(failure(f, e));
+            }
+        }
+    }
+
+    /// Writes the name records that changed, with one syscall.
+    fn sync_names(&mut self, frontends: &[&Frontend], report: &mut ApplyReport) {
+        let changed: Vec<(u32, FrontendName, FrontendAddr)> = frontends
+            .iter()
+            .filter_map(|f| {
+                let id = *self.frontend_ids.get(&f.frontend)?;
+                let name = frontend_name(f);
+                (self.names.get(&id) != Some(&name)).then_some((id, name, f.frontend))
+            })
+            .collect();
+        let ids: Vec<u32> = changed.iter().map(|(id, _, _)| *id).collect();
+        let names: Vec<FrontendName> = changed.iter().map(|(_, name, _)| *name).collect();
+        let (written, error) = match update_batch(self.maps.names.map(), &ids, &names) {
+            Ok(()) => (ids.len(), None),
+            Err((n, e)) => (n, Some(map_error(e))),
+        };
+        for (i, (id, name, frontend)) in changed.into_iter().enumerate() {
+            if i < written {
+                self.names.insert(id, name);
+            } else {
+                report.failures.push(format!(
+                    "name of frontend {}: {}",
+                    frontend.addr,
+                    error.as_deref().unwrap_or("not written")
+                ));
+            }
+        }
     }
 
     fn program_entry(
@@ -689,7 +715,9 @@ impl Programmer {
         unused: &mut Vec<u32>,
         report: &mut ApplyReport,
     ) -> Result<(), String> {
-        let rev_nat_id = self.frontend_id(&entry.key.frontend, report)?;
+        let Some(&rev_nat_id) = self.frontend_ids.get(&entry.key.frontend) else {
+            return Ok(()); // no id: reported when it was refused
+        };
         let mut settings = entry.settings;
         if settings.service_port_id == 0 {
             settings.service_port_id = rev_nat_id; // a service port's first frontend

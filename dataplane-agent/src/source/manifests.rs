@@ -109,15 +109,17 @@ impl ManifestDir {
         for path in gone {
             self.forget(&path, &mut touched);
         }
-        for (path, (modified, len)) in present {
-            let fresh = self
-                .files
-                .get(&path)
-                .is_some_and(|f| f.modified == modified && f.len == len && modified.is_some());
-            if !fresh {
-                self.read(path, &mut touched);
-            }
-        }
+        let stale = present
+            .into_iter()
+            .filter(|(path, (modified, len))| {
+                !self
+                    .files
+                    .get(path)
+                    .is_some_and(|f| f.modified == *modified && f.len == *len && modified.is_some())
+            })
+            .map(|(path, _)| path)
+            .collect();
+        self.read(stale, &mut touched);
         Ok(self.deltas(touched))
     }
 
@@ -125,6 +127,7 @@ impl ManifestDir {
     /// directory that appeared or went, or a file that is gone), and returns what changed.
     pub fn update(&mut self, paths: impl IntoIterator<Item = PathBuf>) -> Vec<Delta> {
         let mut touched = BTreeSet::new();
+        let mut read = BTreeSet::new();
         for path in paths {
             let Ok(relative) = path.strip_prefix(&self.dir) else {
                 continue;
@@ -154,10 +157,9 @@ impl ManifestDir {
             for file in gone {
                 self.forget(&file, &mut touched);
             }
-            for file in present {
-                self.read(file, &mut touched);
-            }
+            read.extend(present);
         }
+        self.read(read.into_iter().collect(), &mut touched);
         self.deltas(touched)
     }
 
@@ -171,41 +173,33 @@ impl ManifestDir {
         }
     }
 
-    fn read(&mut self, path: PathBuf, touched: &mut BTreeSet<ObjectKey>) {
-        self.forget(&path, touched);
-        let meta = std::fs::metadata(&path).ok();
-        let (modified, len) = (
-            meta.as_ref().and_then(|m| m.modified().ok()),
-            meta.as_ref().map_or(0, |m| m.len()),
-        );
-        let (objects, skipped) = match std::fs::read_to_string(&path) {
-            Ok(text) => parse_documents(&path, &text),
-            Err(e) => (
-                vec![],
-                vec![Skipped {
-                    file: path.clone(),
-                    object: "file".into(),
-                    reason: format!("cannot read: {e}"),
-                }],
-            ),
-        };
-        for s in &skipped {
-            warn!(file = %s.file.display(), object = %s.object, reason = %s.reason, "skipping manifest document");
+    /// Reads and parses `paths`, in parallel (a directory that appears brings 10,000s of
+    /// files), then records what they define.
+    fn read(&mut self, paths: Vec<PathBuf>, touched: &mut BTreeSet<ObjectKey>) {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = paths.len().div_ceil(threads).max(64);
+        let parsed: Vec<ParsedFile> = std::thread::scope(|scope| {
+            let workers: Vec<_> = paths
+                .chunks(chunk)
+                .map(|c| scope.spawn(move || c.iter().map(|p| parse_file(p)).collect::<Vec<_>>()))
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("parsing does not panic"))
+                .collect()
+        });
+        for (path, parsed) in paths.into_iter().zip(parsed) {
+            self.forget(&path, touched);
+            for s in &parsed.skipped {
+                warn!(file = %s.file.display(), object = %s.object, reason = %s.reason, "skipping manifest document");
+            }
+            for object in &parsed.objects {
+                let key = object.key();
+                self.origins.insert((key.clone(), path.clone()));
+                touched.insert(key);
+            }
+            self.files.insert(path, parsed);
         }
-        for object in &objects {
-            let key = object.key();
-            self.origins.insert((key.clone(), path.clone()));
-            touched.insert(key);
-        }
-        self.files.insert(
-            path,
-            ParsedFile {
-                modified,
-                len,
-                objects,
-                skipped,
-            },
-        );
     }
 
     /// The file `key` is taken from: the last in path order that defines it.
@@ -236,6 +230,37 @@ impl ManifestDir {
                 }
             })
             .collect()
+    }
+}
+
+fn parse_file(path: &Path) -> ParsedFile {
+    use std::io::Read;
+    let mut text = String::new();
+    let read = std::fs::File::open(path).and_then(|mut file| {
+        let meta = file.metadata()?;
+        file.read_to_string(&mut text)?;
+        Ok(meta)
+    });
+    match read {
+        Ok(meta) => {
+            let (objects, skipped) = parse_documents(path, &text);
+            ParsedFile {
+                modified: meta.modified().ok(),
+                len: meta.len(),
+                objects,
+                skipped,
+            }
+        }
+        Err(e) => ParsedFile {
+            modified: None,
+            len: 0,
+            objects: vec![],
+            skipped: vec![Skipped {
+                file: path.into(),
+                object: "file".into(),
+                reason: format!("cannot read: {e}"),
+            }],
+        },
     }
 }
 
