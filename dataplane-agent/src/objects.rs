@@ -7,9 +7,12 @@ use std::{
     time::SystemTime,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::{EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 /// `namespace/name`, the way Kubernetes tools print an object.
@@ -32,7 +35,7 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// The service a slice belongs to (`namespace/<service-name label>`), if labelled.
-pub fn slice_service(slice: &EndpointSlice) -> Option<ObjectName> {
+pub fn slice_service(slice: &Slice) -> Option<ObjectName> {
     let service = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
     Some(format!(
         "{}/{service}",
@@ -81,7 +84,7 @@ impl ObjectKey {
 #[derive(Clone, Debug)]
 pub enum Object {
     Service(Arc<Service>),
-    EndpointSlice(Arc<EndpointSlice>),
+    EndpointSlice(Arc<Slice>),
     Node(Arc<Node>),
 }
 
@@ -97,16 +100,39 @@ impl Object {
         Object::Service(Arc::new(service))
     }
 
-    /// An EndpointSlice as kept (see [`Object::service`]).
-    pub fn endpoint_slice(mut slice: EndpointSlice) -> Self {
-        slice.ports.as_mut().map(Vec::shrink_to_fit);
-        if let Some(endpoints) = &mut slice.endpoints {
-            endpoints.shrink_to_fit();
-            for endpoint in endpoints {
-                endpoint.addresses.shrink_to_fit();
+    /// An EndpointSlice as kept: what the planner reads of it (see [`Slice`]).
+    pub fn endpoint_slice(slice: EndpointSlice) -> Self {
+        let mut ports = slice.ports;
+        ports.as_mut().map(Vec::shrink_to_fit);
+        let endpoints = slice.endpoints.into_iter().flatten().map(|e| {
+            let conditions = e.conditions.unwrap_or_default();
+            let hints = e.hints.unwrap_or_default();
+            SliceEndpoint {
+                address: e.addresses.into_iter().next(),
+                ready: conditions.ready,
+                serving: conditions.serving,
+                terminating: conditions.terminating,
+                node_name: e.node_name,
+                zone_hints: hints
+                    .for_zones
+                    .into_iter()
+                    .flatten()
+                    .map(|z| z.name)
+                    .collect(),
+                node_hints: hints
+                    .for_nodes
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.name)
+                    .collect(),
             }
-        }
-        Object::EndpointSlice(Arc::new(slice))
+        });
+        Object::EndpointSlice(Arc::new(Slice {
+            metadata: slice.metadata,
+            address_type: slice.address_type,
+            ports,
+            endpoints: endpoints.collect(),
+        }))
     }
 
     pub fn key(&self) -> ObjectKey {
@@ -122,6 +148,31 @@ impl Object {
     pub fn describe(&self) -> String {
         self.key().to_string()
     }
+}
+
+/// An EndpointSlice as the agent keeps it: its endpoints reduced to what the planner reads.
+/// The API's form of an endpoint takes 350 bytes before its first address; at 10,000s of
+/// services the endpoints would be most of the agent's memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Slice {
+    pub metadata: ObjectMeta,
+    pub address_type: String,
+    pub ports: Option<Vec<EndpointPort>>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SliceEndpoint {
+    /// The first address: the only one that counts.
+    pub address: Option<String>,
+    /// The conditions as given (absent is not false: see `plan`).
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+    pub node_name: Option<String>,
+    /// Topology hints: `forZones` and `forNodes` names.
+    pub zone_hints: Vec<String>,
+    pub node_hints: Vec<String>,
 }
 
 /// A change a source observed.
@@ -165,7 +216,7 @@ impl Touched {
 #[derive(Clone, Debug, Default)]
 pub struct ClusterObjects {
     services: BTreeMap<ObjectName, Arc<Service>>,
-    endpoint_slices: BTreeMap<ObjectName, Arc<EndpointSlice>>,
+    endpoint_slices: BTreeMap<ObjectName, Arc<Slice>>,
     /// This node (the one named by `--node-name`), once seen.
     node: Option<Arc<Node>>,
     /// Service -> its slices (by the service-name label), to plan one service.
@@ -185,7 +236,7 @@ impl ClusterObjects {
     pub fn slices_of<'a>(
         &'a self,
         service: &str,
-    ) -> impl Iterator<Item = (&'a ObjectName, &'a EndpointSlice)> {
+    ) -> impl Iterator<Item = (&'a ObjectName, &'a Slice)> {
         self.slices_by_service
             .get(service)
             .into_iter()
@@ -284,7 +335,7 @@ impl ClusterObjects {
         self.apply(Delta::Apply(object), node_name, &mut Touched::default());
     }
 
-    fn unindex(&mut self, name: &str, old: &EndpointSlice, touched: &mut Touched) {
+    fn unindex(&mut self, name: &str, old: &Slice, touched: &mut Touched) {
         let Some(service) = slice_service(old) else {
             return;
         };

@@ -7,15 +7,12 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
-    discovery::v1::{Endpoint, EndpointSlice},
-};
+use k8s_openapi::api::core::v1::{Service, ServicePort};
 use serde::Serialize;
 
 use crate::{
     endpoints::{self, EndpointInfo, PortPolicy},
-    objects::{ClusterObjects, LABEL_SERVICE_NAME, ObjectName, object_name},
+    objects::{ClusterObjects, LABEL_SERVICE_NAME, ObjectName, Slice, SliceEndpoint, object_name},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -608,7 +605,7 @@ fn plan_service(
         return None; // headless, or IPv6-only (this datapath is IPv4)
     }
     let settings = ServiceSettings::of(service, node, &mut plan.problems);
-    let slices: Vec<(&ObjectName, &EndpointSlice)> = objects
+    let slices: Vec<(&ObjectName, &Slice)> = objects
         .slices_of(name)
         .filter(|(_, s)| proxied_by_us(&s.metadata))
         .collect();
@@ -914,7 +911,7 @@ struct ServiceEndpoints {
 
 impl ServiceEndpoints {
     fn collect(
-        slices: &[(&ObjectName, &EndpointSlice)],
+        slices: &[(&ObjectName, &Slice)],
         node_name: &str,
         problems: &mut Vec<Problem>,
     ) -> Self {
@@ -935,9 +932,7 @@ impl ServiceEndpoints {
                 }
                 _ => continue, // FQDN slices are not for proxies
             }
-            if slice.ports.as_ref().is_none_or(|p| p.is_empty())
-                && slice.endpoints.as_ref().is_some_and(|e| !e.is_empty())
-            {
+            if slice.ports.as_ref().is_none_or(|p| p.is_empty()) && !slice.endpoints.is_empty() {
                 problems.push(problem(
                     "has endpoints but no ports; its endpoints are not used".into(),
                 ));
@@ -958,8 +953,8 @@ impl ServiceEndpoints {
                 };
                 has_ports = true;
                 let set = by_port.entry((name.clone(), protocol)).or_default();
-                for endpoint in slice.endpoints.iter().flatten() {
-                    let Some(address) = endpoint.addresses.first() else {
+                for endpoint in &slice.endpoints {
+                    let Some(address) = endpoint.address.as_ref() else {
                         continue;
                     };
                     let Ok(ip) = address.parse::<Ipv4Addr>() else {
@@ -996,7 +991,7 @@ impl ServiceEndpoints {
     }
 }
 
-fn service_of(slices: &[(&ObjectName, &EndpointSlice)]) -> String {
+fn service_of(slices: &[(&ObjectName, &Slice)]) -> String {
     slices
         .first()
         .map(|(_, s)| {
@@ -1017,27 +1012,15 @@ fn service_of(slices: &[(&ObjectName, &EndpointSlice)]) -> String {
 
 /// An endpoint's conditions as upstream reads them: absent `ready` and `serving` mean true,
 /// absent `terminating` means false.
-fn endpoint_info(endpoint: &Endpoint, addr: SocketAddrV4, node_name: &str) -> EndpointInfo {
-    let conditions = endpoint.conditions.as_ref();
-    let hints = endpoint.hints.as_ref();
+fn endpoint_info(endpoint: &SliceEndpoint, addr: SocketAddrV4, node_name: &str) -> EndpointInfo {
     EndpointInfo {
         addr,
-        ready: conditions.and_then(|c| c.ready).unwrap_or(true),
-        serving: conditions.and_then(|c| c.serving).unwrap_or(true),
-        terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+        ready: endpoint.ready.unwrap_or(true),
+        serving: endpoint.serving.unwrap_or(true),
+        terminating: endpoint.terminating.unwrap_or(false),
         local: !node_name.is_empty() && endpoint.node_name.as_deref() == Some(node_name),
-        zone_hints: hints
-            .and_then(|h| h.for_zones.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|z| z.name.clone())
-            .collect(),
-        node_hints: hints
-            .and_then(|h| h.for_nodes.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|n| n.name.clone())
-            .collect(),
+        zone_hints: endpoint.zone_hints.iter().cloned().collect(),
+        node_hints: endpoint.node_hints.iter().cloned().collect(),
     }
 }
 
