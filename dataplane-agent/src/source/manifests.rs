@@ -7,7 +7,7 @@
 //! directory that appears is listed), and says which objects changed. [`ManifestDir::rescan`]
 //! checks the whole tree (at start, periodically, and when the watcher lost events).
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeSet, HashMap, HashSet},
     path::{Path, PathBuf},
     sync::Arc,
     time::SystemTime,
@@ -51,7 +51,7 @@ struct ParsedFile {
 #[derive(Default)]
 pub struct ManifestDir {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, ParsedFile>,
+    files: HashMap<PathBuf, ParsedFile>,
     /// Which files define each object. An object in several files is taken from the last
     /// file in path order, as if the files were applied in order.
     origins: BTreeSet<(ObjectKey, PathBuf)>,
@@ -80,7 +80,9 @@ impl ManifestDir {
         self.rescan()?;
         let mut cluster = ClusterObjects::default();
         let mut skipped = Vec::new();
-        for file in self.files.values() {
+        let mut files: Vec<(&PathBuf, &ParsedFile)> = self.files.iter().collect();
+        files.sort_by_key(|(path, _)| *path); // a later file's copy of an object wins
+        for (_, file) in files {
             for object in &file.objects {
                 cluster.insert(object.clone(), node_name);
             }
@@ -92,7 +94,7 @@ impl ManifestDir {
     /// Checks every file's size and modification time and re-reads those that changed (the
     /// safety net for changes the watcher did not report).
     pub fn rescan(&mut self) -> std::io::Result<Vec<Delta>> {
-        let mut present = BTreeMap::new();
+        let mut present = HashMap::new();
         for path in manifest_files(&self.dir)? {
             let Ok(meta) = std::fs::metadata(&path) else {
                 continue; // vanished between listing and reading
@@ -127,7 +129,7 @@ impl ManifestDir {
     /// directory that appeared or went, or a file that is gone), and returns what changed.
     pub fn update(&mut self, paths: impl IntoIterator<Item = PathBuf>) -> Vec<Delta> {
         let mut touched = BTreeSet::new();
-        let mut read = BTreeSet::new();
+        let mut read = HashSet::new();
         for path in paths {
             let Ok(relative) = path.strip_prefix(&self.dir) else {
                 continue;
@@ -138,20 +140,23 @@ impl ManifestDir {
             {
                 continue; // editors' and writers' temporary files
             }
-            let present = if path.is_dir() {
-                manifest_files(&path).unwrap_or_default()
-            } else if is_manifest(&path) && path.is_file() {
-                vec![path.clone()]
-            } else {
-                vec![]
-            };
-            // Paths sort by component, so everything known under `path` follows it.
+            if is_manifest(&path) && path.is_file() {
+                read.insert(path);
+                continue;
+            }
+            if !path.is_dir() && self.files.contains_key(&path) {
+                self.forget(&path, &mut touched);
+                continue;
+            }
+            // A directory that appeared, changed or went (rare: a walk of what is known).
+            let present: HashSet<PathBuf> = manifest_files(&path)
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
             let gone: Vec<PathBuf> = self
                 .files
-                .range(path.clone()..)
-                .map(|(p, _)| p)
-                .take_while(|p| p.starts_with(&path))
-                .filter(|p| present.binary_search(p).is_err())
+                .keys()
+                .filter(|p| p.starts_with(&path) && !present.contains(*p))
                 .cloned()
                 .collect();
             for file in gone {
@@ -271,6 +276,7 @@ fn is_manifest(path: &Path) -> bool {
     )
 }
 
+/// The manifest files under `dir`, in no particular order.
 fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
@@ -295,7 +301,6 @@ fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             }
         }
     }
-    files.sort();
     Ok(files)
 }
 
