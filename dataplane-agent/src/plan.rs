@@ -384,13 +384,14 @@ impl Planner {
         let all = touched.is_none() || self.node.as_ref() != Some(&inputs);
         let mut old_frontends = BTreeSet::new();
         let mut contested = BTreeSet::new();
-        for name in &names {
+        let list: Vec<&ObjectName> = names.iter().collect();
+        let plans = crate::parallel::map(&list, |name| {
+            let service = objects.services().get(*name)?;
+            plan_service(name, service, objects, node, &inputs)
+        });
+        for (name, new) in names.iter().zip(plans) {
             old_frontends.extend(self.owned(name).map(|f| f.frontend));
             let old = self.services.remove(name);
-            let new = objects
-                .services()
-                .get(name)
-                .and_then(|svc| plan_service(name, svc, objects, node, &inputs));
             let old_addrs: Vec<FrontendAddr> = old
                 .iter()
                 .flat_map(|p| &p.frontends)

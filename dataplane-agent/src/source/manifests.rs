@@ -181,18 +181,7 @@ impl ManifestDir {
     /// Reads and parses `paths`, in parallel (a directory that appears brings 10,000s of
     /// files), then records what they define.
     fn read(&mut self, paths: Vec<PathBuf>, touched: &mut BTreeSet<ObjectKey>) {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let chunk = paths.len().div_ceil(threads).max(64);
-        let parsed: Vec<ParsedFile> = std::thread::scope(|scope| {
-            let workers: Vec<_> = paths
-                .chunks(chunk)
-                .map(|c| scope.spawn(move || c.iter().map(|p| parse_file(p)).collect::<Vec<_>>()))
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|w| w.join().expect("parsing does not panic"))
-                .collect()
-        });
+        let parsed = crate::parallel::map(&paths, |path| parse_file(path));
         for (path, parsed) in paths.into_iter().zip(parsed) {
             self.forget(&path, touched);
             for s in &parsed.skipped {
