@@ -383,7 +383,7 @@ impl Planner {
         };
         let all = touched.is_none() || self.node.as_ref() != Some(&inputs);
         let mut old_frontends = BTreeSet::new();
-        let mut contested = BTreeSet::new();
+        let mut owners: BTreeMap<FrontendAddr, Option<ObjectName>> = BTreeMap::new();
         let list: Vec<&ObjectName> = names.iter().collect();
         let plans = crate::parallel::map(&list, |name| {
             let service = objects.services().get(*name)?;
@@ -402,12 +402,10 @@ impl Planner {
                 .flat_map(|p| &p.frontends)
                 .map(|f| f.frontend)
                 .collect();
-            // Frontends another service also wants may change hands.
+            // Frontends another service also wants may change hands: note who had them.
             for addr in old_addrs.iter().chain(&new_addrs) {
-                if let Some(owner) = self.owner(addr)
-                    && owner != name
-                {
-                    contested.insert((*addr, owner.clone()));
+                if !owners.contains_key(addr) {
+                    owners.insert(*addr, self.owner(addr).cloned());
                 }
             }
             for addr in old_addrs {
@@ -435,11 +433,12 @@ impl Planner {
             all,
             ..Default::default()
         };
-        for (addr, old_owner) in contested {
-            if self.owner(&addr) != Some(&old_owner) {
+        for (addr, old_owner) in owners {
+            let owner = self.owner(&addr);
+            if owner != old_owner.as_ref() {
                 old_frontends.insert(addr);
-                update.services.insert(old_owner);
-                update.services.extend(self.owner(&addr).cloned());
+                update.services.extend(owner.cloned());
+                update.services.extend(old_owner);
             }
         }
         let mut new_frontends = BTreeSet::new();
@@ -1132,6 +1131,77 @@ spec: {clusterIP: None, ports: [{port: 80}]}
             frontends,
             ["10.96.0.10:53", "10.96.0.10:80", "10.96.0.11:81"]
         );
+    }
+
+    /// Applies `yaml`'s objects to `objects`, plans what they touched, and checks the
+    /// planner then agrees with a plan computed from scratch.
+    fn change(
+        planner: &mut Planner,
+        objects: &mut ClusterObjects,
+        yaml: &str,
+        delete: &[&str],
+    ) -> PlanUpdate {
+        let mut touched = crate::objects::Touched::default();
+        let (parsed, _) = parse_documents(std::path::Path::new("t.yaml"), yaml);
+        for o in parsed {
+            objects.apply(crate::objects::Delta::Apply(o), "node-a", &mut touched);
+        }
+        for key in delete {
+            let key = crate::objects::ObjectKey::parse(key).unwrap();
+            objects.apply(crate::objects::Delta::Delete(key), "node-a", &mut touched);
+        }
+        let node = NodeContext::named("node-a");
+        let update = planner.update(objects, &node, Some(&touched.services));
+        let whole = compute(objects, &node);
+        let kept: Vec<&Frontend> = planner.frontends();
+        assert_eq!(kept, whole.frontends.iter().collect::<Vec<_>>());
+        update
+    }
+
+    #[test]
+    fn a_change_plans_only_what_it_touched_and_agrees_with_a_whole_plan() {
+        let mut planner = Planner::default();
+        let mut objects = ClusterObjects::default();
+        let first = change(&mut planner, &mut objects, WEB, &[]);
+        assert!(first.all);
+        // A second service claims web's cluster IP and port: web keeps it (first by name).
+        let rival = "apiVersion: v1
+kind: Service
+metadata: {name: zz, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
+";
+        let update = change(&mut planner, &mut objects, rival, &[]);
+        assert!(!update.all);
+        assert_eq!(update.services, BTreeSet::from(["shop/zz".to_string()]));
+        assert!(update.removed.is_empty());
+        assert_eq!(update.problems.len(), 1, "{:?}", update.problems);
+        assert!(
+            update.problems[0]
+                .reason
+                .contains("already used by Service shop/web")
+        );
+        // One slice changes: only web is planned again.
+        let slice = "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-b, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.9]}]
+";
+        let update = change(&mut planner, &mut objects, slice, &[]);
+        assert_eq!(update.services, BTreeSet::from(["shop/web".to_string()]));
+        // web goes: the rival takes the frontend over, web's other frontend is removed.
+        let update = change(&mut planner, &mut objects, "", &["Service shop/web"]);
+        assert_eq!(
+            update.services,
+            BTreeSet::from(["shop/web".to_string(), "shop/zz".to_string()])
+        );
+        let dns = FrontendAddr {
+            addr: "10.96.0.10:53".parse().unwrap(),
+            protocol: Protocol::Udp,
+        };
+        assert_eq!(update.removed, vec![dns]);
+        assert_eq!(planner.frontends()[0].service, "shop/zz");
     }
 
     #[test]

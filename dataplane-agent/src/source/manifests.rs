@@ -528,6 +528,58 @@ endpoints: [{addresses: [10.0.0.1]}]
     }
 
     #[test]
+    fn update_reads_only_the_reported_paths_and_reports_what_changed() {
+        let root = tempfile::tempdir().unwrap();
+        let svc = |name: &str, ip: &str| {
+            format!(
+                r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}"}},"spec":{{"clusterIP":"{ip}"}}}}"#
+            )
+        };
+        std::fs::write(root.path().join("a.json"), svc("a", "10.96.0.1")).unwrap();
+        let mut dir = ManifestDir::new(root.path());
+        let keys = |deltas: Vec<Delta>| -> Vec<String> {
+            deltas
+                .iter()
+                .map(|d| match d {
+                    Delta::Apply(o) => format!("apply {}", o.key()),
+                    Delta::Delete(k) => format!("delete {k}"),
+                    Delta::Relist(..) => unreachable!(),
+                })
+                .collect()
+        };
+        assert_eq!(keys(dir.rescan().unwrap()), ["apply Service default/a"]);
+        // A directory appears (renamed in): all its files are read.
+        let sub = root.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join("b.json"), svc("b", "10.96.0.2")).unwrap();
+        std::fs::write(sub.join("a.yaml"), svc("a", "10.96.0.3")).unwrap();
+        assert_eq!(
+            keys(dir.update([sub.clone()])),
+            ["apply Service default/a", "apply Service default/b"]
+        );
+        assert_eq!(
+            dir.origin("Service default/a"),
+            Some(sub.join("a.yaml").as_path())
+        );
+        // A file another one overrides changes: nothing to report.
+        std::fs::write(root.path().join("a.json"), svc("a", "10.96.0.4")).unwrap();
+        let deltas = dir.update([root.path().join("a.json")]);
+        assert!(matches!(&deltas[..], [Delta::Apply(Object::Service(s))]
+            if s.spec.as_ref().unwrap().cluster_ip.as_deref() == Some("10.96.0.3")));
+        // The directory goes: b is deleted, a falls back to the other file.
+        std::fs::remove_dir_all(&sub).unwrap();
+        let deltas = dir.update([sub]);
+        assert_eq!(
+            keys(deltas),
+            ["apply Service default/a", "delete Service default/b"]
+        );
+        assert_eq!(
+            dir.origin("Service default/a"),
+            Some(root.path().join("a.json").as_path())
+        );
+    }
+
+    #[test]
     fn json_lists_are_expanded() {
         let text = r#"{"apiVersion":"v1","kind":"List","items":[
             {"apiVersion":"v1","kind":"Node","metadata":{"name":"n1"}},
