@@ -143,11 +143,6 @@ impl Object {
         };
         ObjectKey { kind, name }
     }
-
-    /// `Kind namespace/name`, the form messages about objects use.
-    pub fn describe(&self) -> String {
-        self.key().to_string()
-    }
 }
 
 /// An EndpointSlice as the agent keeps it: its endpoints reduced to what the planner reads.
@@ -196,20 +191,6 @@ pub struct Touched {
     pub slice_changes: u64,
     /// The last-change-trigger-time of each changed slice that has one.
     pub triggers: Vec<SystemTime>,
-}
-
-impl Touched {
-    pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && !self.node
-    }
-
-    pub fn merge(&mut self, other: Touched) {
-        self.services.extend(other.services);
-        self.node |= other.node;
-        self.service_changes += other.service_changes;
-        self.slice_changes += other.slice_changes;
-        self.triggers.extend(other.triggers);
-    }
 }
 
 /// Objects are shared (`Arc`), not copied: a source and this store hold the same allocation.

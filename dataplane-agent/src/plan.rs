@@ -404,7 +404,12 @@ impl Planner {
                 .collect();
             // Frontends another service also wants may change hands: note who had them.
             for addr in old_addrs.iter().chain(&new_addrs) {
-                if !owners.contains_key(addr) {
+                let contested = self
+                    .claims
+                    .range((*addr, String::new())..)
+                    .take_while(|(a, _)| a == addr)
+                    .any(|(_, other)| other != name);
+                if contested && !owners.contains_key(addr) {
                     owners.insert(*addr, self.owner(addr).cloned());
                 }
             }
@@ -510,6 +515,7 @@ impl Planner {
         self.frontends_of(self.services.keys())
     }
 
+    /// Frontends the services want (one two services want counts twice).
     pub fn frontend_count(&self) -> usize {
         self.claims.len()
     }

@@ -168,6 +168,25 @@ pub fn stats_sum(array: &PerCpuArray<MapData, TrafficStats>, id: u32) -> Traffic
     total
 }
 
+/// Zeroes per-CPU stats entries on every CPU (ids handed to new frontends or backends), a
+/// few thousand per syscall. On failure, says how many were zeroed first.
+pub fn stats_reset(
+    array: &PerCpuArray<MapData, TrafficStats>,
+    ids: &[u32],
+) -> Result<(), (usize, aya::maps::MapError)> {
+    use aya::maps::IterableMap;
+    // The kernel reads each CPU's value 8-byte aligned: no padding between them.
+    const _: () = assert!(std::mem::size_of::<TrafficStats>().is_multiple_of(8));
+    const CHUNK: usize = 4096;
+    let cpus = aya::util::nr_cpus().map_or(1, |n| n);
+    let zeros = vec![TrafficStats::default(); ids.len().min(CHUNK) * cpus];
+    for (i, chunk) in ids.chunks(CHUNK).enumerate() {
+        let values = &zeros[..chunk.len() * cpus];
+        update_batch(array.map(), chunk, values).map_err(|(n, e)| (i * CHUNK + n, e))?;
+    }
+    Ok(())
+}
+
 /// The backends in use, by id (the array's non-zero entries).
 pub fn backends_in_use(array: &Array<MapData, Backend>) -> Vec<(u32, Backend)> {
     array

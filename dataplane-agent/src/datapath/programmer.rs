@@ -18,11 +18,10 @@ use dataplane_common::{
     MAGLEV_TABLE_SIZE, MaglevTable, RevNat, SCOPE_DEFAULT, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
     SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV,
     SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES, ServiceKey, ServiceValue, SourceRangeKey,
-    TrafficStats,
 };
 use tracing::{debug, warn};
 
-use super::maps::{PinnedMaps, update_batch};
+use super::maps::{PinnedMaps, stats_reset, update_batch};
 use crate::{
     maglev,
     plan::{Algorithm, BackendAddr, Cidr, Frontend, FrontendAddr, FrontendKind, Plan, Protocol},
@@ -600,10 +599,8 @@ impl Programmer {
                 state: BACKEND_STATE_ACTIVE,
             })
             .collect();
-        let cpus = aya::util::nr_cpus().map_or(1, |n| n);
-        let zeros = vec![TrafficStats::default(); ids.len() * cpus];
         let (mut written, mut error) = (ids.len(), None);
-        if let Err((n, e)) = update_batch(self.maps.backend_stats.map(), &ids, &zeros) {
+        if let Err((n, e)) = stats_reset(&self.maps.backend_stats, &ids) {
             (written, error) = (n, Some(map_error(e)));
         }
         let backends = self.maps.backends.map();
@@ -658,10 +655,8 @@ impl Programmer {
                 _pad: [0; 2],
             })
             .collect();
-        let cpus = aya::util::nr_cpus().map_or(1, |n| n);
-        let zeros = vec![TrafficStats::default(); ids.len() * cpus];
         let (mut written, mut error) = (ids.len(), None);
-        if let Err((n, e)) = update_batch(self.maps.service_stats.map(), &ids, &zeros) {
+        if let Err((n, e)) = stats_reset(&self.maps.service_stats, &ids) {
             (written, error) = (n, Some(map_error(e)));
         }
         let rev_nat = self.maps.rev_nat.map();
