@@ -761,9 +761,21 @@ impl Programmer {
             return Ok(());
         }
         let old_slots = current.map(|c| &c.backends[..c.written]).unwrap_or(&[]);
-        // Slots: only those that change, in one syscall. If the map fills up, the frontend
-        // keeps the slots that were written; the rest are reported.
-        let (keys, values): (Vec<ServiceKey>, Vec<ServiceValue>) = ids
+        // Slots that change, then slot 0 (when it changes), in one syscall: the kernel writes
+        // them in order. If the map fills up, the frontend keeps the slots that were written
+        // and slot 0 counts only those; the rest are reported.
+        let slot0 = |count: usize| ServiceValue {
+            backend_id: 0,
+            rev_nat_id,
+            count: count as u16,
+            flags: settings.flags,
+            affinity_timeout: settings.affinity_timeout,
+            service_port_id: settings.service_port_id,
+        };
+        let slot0_unchanged = |written: usize| {
+            current.is_some_and(|c| c.written == written && c.settings == settings)
+        };
+        let (mut keys, mut values): (Vec<ServiceKey>, Vec<ServiceValue>) = ids
             .iter()
             .enumerate()
             .filter(|(i, id)| old_slots.get(*i) != Some(id))
@@ -775,42 +787,40 @@ impl Programmer {
                 (service_key(&entry.key, i as u16 + 1), value)
             })
             .unzip();
+        let slots = keys.len();
+        if !slot0_unchanged(ids.len()) {
+            keys.push(service_key(&entry.key, 0));
+            values.push(slot0(ids.len()));
+        }
         let mut written = ids.len();
         let mut short = None;
-        match update_batch(self.maps.services.map(), &keys, &values) {
-            Ok(()) => report.writes += keys.len(),
+        let result = update_batch(self.maps.services.map(), &keys, &values);
+        report.writes += result.as_ref().map_or_else(|(n, _)| *n, |()| keys.len());
+        match result {
+            Ok(()) => {}
+            // On failure at slot 0 the slots stay written; the next apply retries slot 0.
+            Err((n, e)) if n == slots => {
+                self.scratch = ids;
+                return Err(map_error(e));
+            }
             Err((n, e)) => {
-                report.writes += n;
                 written = keys[n].backend_slot as usize - 1;
                 short = Some(format!(
                     "{}; serving {written} of {} backends",
                     map_error(e),
                     ids.len()
                 ));
+                if !slot0_unchanged(written) {
+                    let key = service_key(&entry.key, 0);
+                    if let Err(e) = self.maps.services.insert(key, slot0(written), 0) {
+                        self.scratch = ids;
+                        return Err(map_error(e));
+                    }
+                    report.writes += 1;
+                }
             }
         }
         let old_written = old_slots.len();
-        let unchanged = current.is_some_and(|c| c.written == written && c.settings == settings);
-        if !unchanged {
-            let value = ServiceValue {
-                backend_id: 0,
-                rev_nat_id,
-                count: written as u16,
-                flags: settings.flags,
-                affinity_timeout: settings.affinity_timeout,
-                service_port_id: settings.service_port_id,
-            };
-            // On failure the slots stay written; the next apply retries slot 0.
-            if let Err(e) = self
-                .maps
-                .services
-                .insert(service_key(&entry.key, 0), value, 0)
-            {
-                self.scratch = ids;
-                return Err(map_error(e));
-            }
-            report.writes += 1;
-        }
         for slot in written + 1..=old_written {
             let _ = self
                 .maps
