@@ -7,6 +7,7 @@ pub mod inspect;
 pub mod maglev;
 pub mod metrics;
 pub mod objects;
+pub mod parallel;
 pub mod plan;
 pub mod run;
 pub mod source;

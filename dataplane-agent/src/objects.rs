@@ -1,10 +1,18 @@
-//! The Kubernetes objects the agent acts on, as one snapshot keyed by `namespace/name`.
-//! Every source (manifest directory, API server) fills the same snapshot; the planner reads it.
-use std::{collections::BTreeMap, sync::Arc};
+//! The Kubernetes objects the agent acts on, keyed by `namespace/name`. Sources report changes
+//! as [`Delta`]s; applying them says which services' plans may have changed ([`Touched`]), so a
+//! change costs the planner one service, not all of them.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::SystemTime,
+};
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::{EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 /// `namespace/name`, the way Kubernetes tools print an object.
@@ -23,51 +31,306 @@ pub fn object_name(
 /// Label that joins an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 
-/// Objects are shared (`Arc`), not copied: a snapshot of 10,000 services costs pointers, and
-/// an object that did not change is the same allocation from one snapshot to the next.
-#[derive(Clone, Debug, Default)]
-pub struct ClusterObjects {
-    pub services: BTreeMap<ObjectName, Arc<Service>>,
-    pub endpoint_slices: BTreeMap<ObjectName, Arc<EndpointSlice>>,
-    /// This node (the one named by `--node-name`), once seen.
-    pub node: Option<Arc<Node>>,
+/// Annotation the EndpointSlice controller sets to when the change behind a slice happened.
+pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// The service a slice belongs to (`namespace/<service-name label>`), if labelled.
+pub fn slice_service(slice: &Slice) -> Option<ObjectName> {
+    let service = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    Some(format!(
+        "{}/{service}",
+        slice.metadata.namespace.as_deref().unwrap_or("default")
+    ))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+/// Which object: its kind and `namespace/name` (a Node's plain name).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub name: ObjectName,
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} {}", self.kind, self.name)
+    }
+}
+
+impl ObjectKey {
+    /// The `Kind name` form messages use, back into a key.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (kind, name) = text.split_once(' ')?;
+        let kind = match kind {
+            "Service" => Kind::Service,
+            "EndpointSlice" => Kind::EndpointSlice,
+            "Node" => Kind::Node,
+            _ => return None,
+        };
+        Some(Self {
+            kind,
+            name: name.to_string(),
+        })
+    }
 }
 
 /// One object of a kind the agent understands.
 #[derive(Clone, Debug)]
 pub enum Object {
     Service(Arc<Service>),
-    EndpointSlice(Arc<EndpointSlice>),
+    EndpointSlice(Arc<Slice>),
     Node(Arc<Node>),
 }
 
 impl Object {
-    /// `Kind namespace/name`, the form messages about objects use.
-    pub fn describe(&self) -> String {
-        match self {
-            Object::Service(s) => format!("Service {}", object_name(&s.metadata)),
-            Object::EndpointSlice(s) => format!("EndpointSlice {}", object_name(&s.metadata)),
-            Object::Node(n) => format!("Node {}", n.metadata.name.as_deref().unwrap_or("")),
+    /// A Service as kept: lists trimmed to their length (a parser that does not know a
+    /// list's length leaves room to grow, which over 10,000s of objects is most of the
+    /// memory).
+    pub fn service(mut service: Service) -> Self {
+        if let Some(spec) = &mut service.spec {
+            spec.ports.as_mut().map(Vec::shrink_to_fit);
+            spec.cluster_ips.as_mut().map(Vec::shrink_to_fit);
         }
+        Object::Service(Arc::new(service))
+    }
+
+    /// An EndpointSlice as kept: what the planner reads of it (see [`Slice`]).
+    pub fn endpoint_slice(slice: EndpointSlice) -> Self {
+        let mut ports = slice.ports;
+        ports.as_mut().map(Vec::shrink_to_fit);
+        let endpoints = slice.endpoints.into_iter().flatten().map(|e| {
+            let conditions = e.conditions.unwrap_or_default();
+            let hints = e.hints.unwrap_or_default();
+            SliceEndpoint {
+                address: e.addresses.into_iter().next(),
+                ready: conditions.ready,
+                serving: conditions.serving,
+                terminating: conditions.terminating,
+                node_name: e.node_name,
+                zone_hints: hints
+                    .for_zones
+                    .into_iter()
+                    .flatten()
+                    .map(|z| z.name)
+                    .collect(),
+                node_hints: hints
+                    .for_nodes
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.name)
+                    .collect(),
+            }
+        });
+        Object::EndpointSlice(Arc::new(Slice {
+            metadata: slice.metadata,
+            address_type: slice.address_type,
+            ports,
+            endpoints: endpoints.collect(),
+        }))
+    }
+
+    pub fn key(&self) -> ObjectKey {
+        let (kind, name) = match self {
+            Object::Service(s) => (Kind::Service, object_name(&s.metadata)),
+            Object::EndpointSlice(s) => (Kind::EndpointSlice, object_name(&s.metadata)),
+            Object::Node(n) => (Kind::Node, n.metadata.name.clone().unwrap_or_default()),
+        };
+        ObjectKey { kind, name }
     }
 }
 
+/// An EndpointSlice as the agent keeps it: its endpoints reduced to what the planner reads.
+/// The API's form of an endpoint takes 350 bytes before its first address; at 10,000s of
+/// services the endpoints would be most of the agent's memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Slice {
+    pub metadata: ObjectMeta,
+    pub address_type: String,
+    pub ports: Option<Vec<EndpointPort>>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SliceEndpoint {
+    /// The first address: the only one that counts.
+    pub address: Option<String>,
+    /// The conditions as given (absent is not false: see `plan`).
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+    pub node_name: Option<String>,
+    /// Topology hints: `forZones` and `forNodes` names.
+    pub zone_hints: Vec<String>,
+    pub node_hints: Vec<String>,
+}
+
+/// A change a source observed.
+#[derive(Debug)]
+pub enum Delta {
+    /// Added or changed.
+    Apply(Object),
+    Delete(ObjectKey),
+    /// Every object of the kind (a relist): the others of that kind are gone.
+    Relist(Kind, Vec<Object>),
+}
+
+/// What applying deltas changed: the services to plan again, and kube-proxy's change counts.
+#[derive(Debug, Default)]
+pub struct Touched {
+    /// Services whose plan may differ (their Service or one of their slices changed).
+    pub services: BTreeSet<ObjectName>,
+    /// This node's Node changed.
+    pub node: bool,
+    pub service_changes: u64,
+    pub slice_changes: u64,
+    /// The last-change-trigger-time of each changed slice that has one.
+    pub triggers: Vec<SystemTime>,
+}
+
+/// Objects are shared (`Arc`), not copied: a source and this store hold the same allocation.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterObjects {
+    services: BTreeMap<ObjectName, Arc<Service>>,
+    endpoint_slices: BTreeMap<ObjectName, Arc<Slice>>,
+    /// This node (the one named by `--node-name`), once seen.
+    node: Option<Arc<Node>>,
+    /// Service -> its slices (by the service-name label), to plan one service.
+    slices_by_service: BTreeMap<ObjectName, BTreeSet<ObjectName>>,
+}
+
 impl ClusterObjects {
-    /// Adds or replaces an object. Nodes other than `node_name` are ignored.
-    pub fn apply(&mut self, object: Object, node_name: &str) {
-        match object {
-            Object::Service(svc) => {
-                self.services.insert(object_name(&svc.metadata), svc);
+    pub fn services(&self) -> &BTreeMap<ObjectName, Arc<Service>> {
+        &self.services
+    }
+
+    pub fn node(&self) -> Option<&Node> {
+        self.node.as_deref()
+    }
+
+    /// The slices labelled for `service`.
+    pub fn slices_of<'a>(
+        &'a self,
+        service: &str,
+    ) -> impl Iterator<Item = (&'a ObjectName, &'a Slice)> {
+        self.slices_by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| Some((name, &**self.endpoint_slices.get(name)?)))
+    }
+
+    /// Applies one change (a Node other than `node_name` is ignored), noting what it touched.
+    pub fn apply(&mut self, delta: Delta, node_name: &str, touched: &mut Touched) {
+        match delta {
+            Delta::Apply(Object::Service(svc)) => {
+                let name = object_name(&svc.metadata);
+                if self.services.get(&name).is_some_and(|old| same(old, &svc)) {
+                    return;
+                }
+                self.services.insert(name.clone(), svc);
+                touched.service_changes += 1;
+                touched.services.insert(name);
             }
-            Object::EndpointSlice(slice) => {
-                self.endpoint_slices
-                    .insert(object_name(&slice.metadata), slice);
+            Delta::Apply(Object::EndpointSlice(slice)) => {
+                let name = object_name(&slice.metadata);
+                if let Some(old) = self.endpoint_slices.get(&name) {
+                    if same(old, &slice) {
+                        return;
+                    }
+                    let old = old.clone();
+                    self.unindex(&name, &old, touched);
+                }
+                let trigger = slice
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(ANNOTATION_TRIGGER_TIME))
+                    .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
+                touched.triggers.extend(trigger.map(SystemTime::from));
+                touched.slice_changes += 1;
+                if let Some(service) = slice_service(&slice) {
+                    touched.services.insert(service.clone());
+                    self.slices_by_service
+                        .entry(service)
+                        .or_default()
+                        .insert(name.clone());
+                }
+                self.endpoint_slices.insert(name, slice);
             }
-            Object::Node(node) => {
-                if node.metadata.name.as_deref() == Some(node_name) {
-                    self.node = Some(node);
+            Delta::Apply(Object::Node(node)) => {
+                if node.metadata.name.as_deref() != Some(node_name)
+                    || self.node.as_ref().is_some_and(|old| same(old, &node))
+                {
+                    return;
+                }
+                self.node = Some(node);
+                touched.node = true;
+            }
+            Delta::Delete(key) => match key.kind {
+                Kind::Service => {
+                    if self.services.remove(&key.name).is_some() {
+                        touched.service_changes += 1;
+                        touched.services.insert(key.name);
+                    }
+                }
+                Kind::EndpointSlice => {
+                    if let Some(old) = self.endpoint_slices.remove(&key.name) {
+                        touched.slice_changes += 1;
+                        self.unindex(&key.name, &old, touched);
+                    }
+                }
+                Kind::Node => {
+                    if key.name == node_name && self.node.take().is_some() {
+                        touched.node = true;
+                    }
+                }
+            },
+            Delta::Relist(kind, objects) => {
+                let keep: BTreeSet<ObjectKey> = objects.iter().map(Object::key).collect();
+                let gone: Vec<ObjectName> = match kind {
+                    Kind::Service => self.services.keys().cloned().collect(),
+                    Kind::EndpointSlice => self.endpoint_slices.keys().cloned().collect(),
+                    Kind::Node => self.node.iter().map(|_| node_name.to_string()).collect(),
+                };
+                for name in gone {
+                    let key = ObjectKey { kind, name };
+                    if !keep.contains(&key) {
+                        self.apply(Delta::Delete(key), node_name, touched);
+                    }
+                }
+                for object in objects {
+                    self.apply(Delta::Apply(object), node_name, touched);
                 }
             }
         }
     }
+
+    /// Adds or replaces an object (a snapshot being built; nothing is noted).
+    pub fn insert(&mut self, object: Object, node_name: &str) {
+        self.apply(Delta::Apply(object), node_name, &mut Touched::default());
+    }
+
+    fn unindex(&mut self, name: &str, old: &Slice, touched: &mut Touched) {
+        let Some(service) = slice_service(old) else {
+            return;
+        };
+        if let Some(set) = self.slices_by_service.get_mut(&service) {
+            set.remove(name);
+            if set.is_empty() {
+                self.slices_by_service.remove(&service);
+            }
+        }
+        touched.services.insert(service);
+    }
+}
+
+/// An unchanged object is usually the same allocation, so this is mostly a pointer check.
+fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
 }

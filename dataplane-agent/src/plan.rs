@@ -1,20 +1,18 @@
 //! The desired state of this node's datapath, computed from the cluster's objects alone: every
 //! frontend and the backends new connections there may use. `run` programs exactly this, and
-//! `plan` prints it, so the two cannot disagree.
+//! `plan` prints it, so the two cannot disagree. The plan is kept per service ([`Planner`]):
+//! a change plans again only the services it touched.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
-    discovery::v1::{Endpoint, EndpointSlice},
-};
+use k8s_openapi::api::core::v1::{Service, ServicePort};
 use serde::Serialize;
 
 use crate::{
     endpoints::{self, EndpointInfo, PortPolicy},
-    objects::{ClusterObjects, LABEL_SERVICE_NAME, ObjectName, object_name},
+    objects::{ClusterObjects, LABEL_SERVICE_NAME, ObjectName, Slice, SliceEndpoint, object_name},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -280,8 +278,7 @@ impl NodeContext {
 /// The node's InternalIP addresses (IPv4), from its Node object.
 pub fn primary_addresses(objects: &ClusterObjects) -> Vec<Ipv4Addr> {
     let addresses = objects
-        .node
-        .as_ref()
+        .node()
         .and_then(|n| n.status.as_ref())
         .and_then(|s| s.addresses.as_ref());
     addresses
@@ -292,171 +289,442 @@ pub fn primary_addresses(objects: &ClusterObjects) -> Vec<Ipv4Addr> {
         .collect()
 }
 
+/// The whole plan at once (the `plan` command, tests).
 pub fn compute(objects: &ClusterObjects, node: &NodeContext) -> Plan {
-    let mut plan = Plan::default();
-    let zone = objects
-        .node
-        .as_ref()
-        .and_then(|n| n.metadata.labels.as_ref())
-        .and_then(|l| l.get(LABEL_ZONE))
-        .cloned()
-        .unwrap_or_default();
-    let nodeport_addresses = node.nodeport_addresses(objects);
-    let slices = slices_by_service(&objects.endpoint_slices);
-    let mut seen: BTreeMap<FrontendAddr, ObjectName> = BTreeMap::new();
-    for (name, service) in &objects.services {
-        let problem = |reason: String| Problem {
-            object: format!("Service {name}"),
-            reason,
-        };
-        let Some(spec) = &service.spec else { continue };
-        if spec.type_.as_deref() == Some("ExternalName") || !proxied_by_us(&service.metadata) {
-            continue;
-        }
-        let cluster_ips = match cluster_ips(service) {
-            Ok(ips) => ips,
-            Err(reason) => {
-                plan.problems.push(problem(reason));
-                continue;
-            }
-        };
-        if cluster_ips.is_empty() {
-            continue; // headless, or IPv6-only (this datapath is IPv4)
-        }
-        let settings = ServiceSettings::of(service, node, &mut plan.problems);
-        let mut local_endpoints = 0;
-        let service_slices = slices.get(name).map(Vec::as_slice).unwrap_or(&[]);
-        let endpoints = ServiceEndpoints::collect(service_slices, &node.name, &mut plan.problems);
-        for port in spec.ports.iter().flatten() {
-            let port_name = port.name.clone().unwrap_or_default();
-            let (protocol, number) = match service_port(port) {
-                Ok(p) => p,
-                Err(reason) => {
-                    plan.problems
-                        .push(problem(format!("port {port_name:?}: {reason}")));
-                    continue;
-                }
-            };
-            let policy = port_policy(service, port);
-            let categorized = match endpoints.for_port(&port_name, protocol) {
-                Some(port_endpoints) => {
-                    endpoints::categorize(port_endpoints, &policy, &node.name, &zone)
-                }
-                None => {
-                    if endpoints.has_ports {
-                        plan.problems.push(problem(format!(
-                            "port {port_name:?} ({protocol}) matches no port of its EndpointSlices"
-                        )));
-                    }
-                    // No endpoints: the frontends exist and refuse connections.
-                    Default::default()
-                }
-            };
-            let mut frontends = vec![];
-            let internal = categorized.internal(&policy);
-            local_endpoints = local_endpoints.max(categorized.local.as_ref().map_or(0, Vec::len));
-            for ip in &cluster_ips {
-                frontends.push((FrontendKind::ClusterIP, SocketAddrV4::new(*ip, number)));
-            }
-            match port.node_port {
-                Some(node_port) if policy.externally_accessible && node_port != 0 => {
-                    match u16::try_from(node_port).ok().filter(|p| (node.nodeport_range.0..=node.nodeport_range.1).contains(p)) {
-                        Some(node_port) => frontends.extend(
-                            nodeport_addresses.iter().map(|ip| (FrontendKind::NodePort, SocketAddrV4::new(*ip, node_port))),
-                        ),
-                        None => plan.problems.push(problem(format!(
-                            "port {port_name:?}: nodePort {node_port} is outside the node port range {}-{}",
-                            node.nodeport_range.0, node.nodeport_range.1
-                        ))),
-                    }
-                }
-                _ => {}
-            }
-            if let Some(ips) = &settings.load_balancer_ips {
-                frontends.extend(
-                    ips.iter()
-                        .map(|ip| (FrontendKind::LoadBalancer, SocketAddrV4::new(*ip, number))),
-                );
-            }
-            frontends.extend(
-                settings
-                    .external_ips
-                    .iter()
-                    .map(|ip| (FrontendKind::ExternalIP, SocketAddrV4::new(*ip, number))),
-            );
-
-            for (kind, addr) in frontends {
-                let frontend = FrontendAddr { addr, protocol };
-                if let Some(owner) = seen.get(&frontend) {
-                    plan.problems.push(problem(format!(
-                        "{kind:?} frontend {addr} {protocol} is already used by Service {owner}"
-                    )));
-                    continue;
-                }
-                seen.insert(frontend, name.clone());
-                let external = kind.is_external();
-                let mut backends = if external {
-                    categorized.external(&policy)
-                } else {
-                    internal.clone()
-                };
-                backends.sort();
-                let external_local = external && policy.external_local;
-                let algorithm = settings
-                    .algorithm
-                    .or(node.algorithm)
-                    .unwrap_or(if external {
-                        Algorithm::Maglev
-                    } else {
-                        Algorithm::Random
-                    });
-                plan.frontends.push(Frontend {
-                    service: name.clone(),
-                    port_name: port_name.clone(),
-                    kind,
-                    frontend,
-                    drop_when_empty: backends.is_empty() && categorized.has_any,
-                    backends,
-                    external_local,
-                    internal_backends: external_local.then(|| {
-                        let mut all = categorized.cluster.clone().unwrap_or_default();
-                        all.sort();
-                        all
-                    }),
-                    affinity_timeout: settings.affinity_timeout,
-                    source_ranges: if kind == FrontendKind::LoadBalancer {
-                        settings.source_ranges.clone()
-                    } else {
-                        vec![]
-                    },
-                    algorithm,
-                });
-            }
-        }
-        // kube-proxy serves a health check node port for externalTrafficPolicy Local services
-        // that are externally reachable, saying whether this node has local endpoints.
-        let health_port = spec
-            .health_check_node_port
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p != 0);
-        let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
-        if let (Some(port), true) = (health_port, etp_local) {
-            plan.health_checks.push(crate::health::ServiceHealth {
-                namespace: service
-                    .metadata
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| "default".into()),
-                name: service.metadata.name.clone().unwrap_or_default(),
-                port,
-                local_endpoints,
-            });
-        }
-    }
-    plan.frontends.sort_by_key(|f| f.frontend);
+    let mut planner = Planner::default();
+    planner.update(objects, node, None);
+    let mut plan = Plan {
+        frontends: planner.frontends().into_iter().cloned().collect(),
+        health_checks: planner.health_checks.values().cloned().collect(),
+        problems: planner
+            .services
+            .keys()
+            .flat_map(|name| planner.problems_of(name))
+            .collect(),
+    };
     plan.problems.sort();
     plan.problems.dedup();
     plan
+}
+
+/// What every service's plan depends on besides its own objects.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct NodeInputs {
+    zone: String,
+    nodeport_addresses: Vec<Ipv4Addr>,
+}
+
+/// One service's part of the plan.
+#[derive(Debug)]
+struct ServicePlan {
+    /// Its frontends, each address once; one another service also wants goes to the service
+    /// first by name.
+    frontends: Vec<Frontend>,
+    /// Problems of the service and its slices (conflicts with other services come on top).
+    problems: Vec<Problem>,
+    /// The problems last reported, to report each once.
+    reported: Vec<Problem>,
+    health_check: Option<crate::health::ServiceHealth>,
+    /// Ports of it whose policy leaves this node without endpoints: (internal, external).
+    no_local: (i64, i64),
+}
+
+/// The plan kept per service, so that a change recomputes only the services it touches.
+#[derive(Debug, Default)]
+pub struct Planner {
+    node: Option<NodeInputs>,
+    services: BTreeMap<ObjectName, ServicePlan>,
+    /// Every (frontend, service wanting it); the first service of a frontend owns it.
+    claims: BTreeSet<(FrontendAddr, ObjectName)>,
+    health_checks: BTreeMap<ObjectName, crate::health::ServiceHealth>,
+    no_local: (i64, i64),
+}
+
+/// What one [`Planner::update`] changed, for the programmer and the logs.
+#[derive(Debug, Default)]
+pub struct PlanUpdate {
+    /// Services whose frontends may differ: program all of theirs.
+    pub services: BTreeSet<ObjectName>,
+    /// Frontends no service has any more.
+    pub removed: Vec<FrontendAddr>,
+    /// Problems not reported before.
+    pub problems: Vec<Problem>,
+    /// Every service was planned again.
+    pub all: bool,
+}
+
+impl Planner {
+    /// Plans the `touched` services again; every service when `touched` is `None`, when
+    /// nothing was planned yet, or when what all services depend on changed (this node's
+    /// zone or node port addresses; other changes to its Node do not matter here).
+    pub fn update(
+        &mut self,
+        objects: &ClusterObjects,
+        node: &NodeContext,
+        touched: Option<&BTreeSet<ObjectName>>,
+    ) -> PlanUpdate {
+        let inputs = NodeInputs {
+            zone: objects
+                .node()
+                .and_then(|n| n.metadata.labels.as_ref())
+                .and_then(|l| l.get(LABEL_ZONE))
+                .cloned()
+                .unwrap_or_default(),
+            nodeport_addresses: node.nodeport_addresses(objects),
+        };
+        let names: BTreeSet<ObjectName> = match touched {
+            Some(touched) if self.node.as_ref() == Some(&inputs) => touched.clone(),
+            _ => self
+                .services
+                .keys()
+                .chain(objects.services().keys())
+                .cloned()
+                .collect(),
+        };
+        let all = touched.is_none() || self.node.as_ref() != Some(&inputs);
+        let mut old_frontends = BTreeSet::new();
+        let mut owners: BTreeMap<FrontendAddr, Option<ObjectName>> = BTreeMap::new();
+        let list: Vec<&ObjectName> = names.iter().collect();
+        let plans = crate::parallel::map(&list, |name| {
+            let service = objects.services().get(*name)?;
+            plan_service(name, service, objects, node, &inputs)
+        });
+        for (name, new) in names.iter().zip(plans) {
+            old_frontends.extend(self.owned(name).map(|f| f.frontend));
+            let old = self.services.remove(name);
+            let old_addrs: Vec<FrontendAddr> = old
+                .iter()
+                .flat_map(|p| &p.frontends)
+                .map(|f| f.frontend)
+                .collect();
+            let new_addrs: Vec<FrontendAddr> = new
+                .iter()
+                .flat_map(|p| &p.frontends)
+                .map(|f| f.frontend)
+                .collect();
+            // Frontends another service also wants may change hands: note who had them.
+            for addr in old_addrs.iter().chain(&new_addrs) {
+                let contested = self
+                    .claims
+                    .range((*addr, String::new())..)
+                    .take_while(|(a, _)| a == addr)
+                    .any(|(_, other)| other != name);
+                if contested && !owners.contains_key(addr) {
+                    owners.insert(*addr, self.owner(addr).cloned());
+                }
+            }
+            for addr in old_addrs {
+                self.claims.remove(&(addr, name.clone()));
+            }
+            for addr in new_addrs {
+                self.claims.insert((addr, name.clone()));
+            }
+            let (reported, no_local) = old.map(|p| (p.reported, p.no_local)).unwrap_or_default();
+            self.no_local.0 -= no_local.0;
+            self.no_local.1 -= no_local.1;
+            match new.as_ref().and_then(|p| p.health_check.clone()) {
+                Some(h) => self.health_checks.insert(name.clone(), h),
+                None => self.health_checks.remove(name),
+            };
+            if let Some(mut plan) = new {
+                plan.reported = reported;
+                plan.no_local = no_local;
+                self.services.insert(name.clone(), plan);
+            }
+        }
+        self.node = Some(inputs);
+        let mut update = PlanUpdate {
+            services: names,
+            all,
+            ..Default::default()
+        };
+        for (addr, old_owner) in owners {
+            let owner = self.owner(&addr);
+            if owner != old_owner.as_ref() {
+                old_frontends.insert(addr);
+                update.services.extend(owner.cloned());
+                update.services.extend(old_owner);
+            }
+        }
+        let mut new_frontends = BTreeSet::new();
+        for name in &update.services {
+            new_frontends.extend(self.owned(name).map(|f| f.frontend));
+            let problems = self.problems_of(name);
+            let no_local = self.count_no_local(name);
+            let Some(plan) = self.services.get_mut(name) else {
+                continue;
+            };
+            self.no_local.0 += no_local.0 - plan.no_local.0;
+            self.no_local.1 += no_local.1 - plan.no_local.1;
+            plan.no_local = no_local;
+            update.problems.extend(
+                problems
+                    .iter()
+                    .filter(|p| !plan.reported.contains(p))
+                    .cloned(),
+            );
+            plan.reported = problems;
+        }
+        update.removed = old_frontends.difference(&new_frontends).copied().collect();
+        update
+    }
+
+    /// Ports of `service` whose policy leaves this node without endpoints, among the
+    /// frontends it owns: (internal, external).
+    fn count_no_local(&self, service: &str) -> (i64, i64) {
+        let count = |external: bool| {
+            let ports: BTreeSet<&str> = self
+                .owned(service)
+                .filter(|f| f.drop_when_empty && f.kind.is_external() == external)
+                .map(|f| f.port_name.as_str())
+                .collect();
+            ports.len() as i64
+        };
+        (count(false), count(true))
+    }
+
+    fn owner(&self, addr: &FrontendAddr) -> Option<&ObjectName> {
+        self.claims
+            .range((*addr, String::new())..)
+            .next()
+            .filter(|(a, _)| a == addr)
+            .map(|(_, name)| name)
+    }
+
+    /// The frontends `service` programs: those it owns.
+    fn owned<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Frontend> + 'a {
+        self.services
+            .get(service)
+            .into_iter()
+            .flat_map(|p| &p.frontends)
+            .filter(move |f| self.owner(&f.frontend).map(String::as_str) == Some(service))
+    }
+
+    /// The frontends of `services` that they own.
+    pub fn frontends_of<'a>(
+        &'a self,
+        services: impl IntoIterator<Item = &'a ObjectName>,
+    ) -> Vec<&'a Frontend> {
+        let mut out: Vec<&Frontend> = services.into_iter().flat_map(|s| self.owned(s)).collect();
+        out.sort_by_key(|f| f.frontend);
+        out
+    }
+
+    /// Every frontend of the plan, sorted by address.
+    pub fn frontends(&self) -> Vec<&Frontend> {
+        self.frontends_of(self.services.keys())
+    }
+
+    /// Frontends the services want (one two services want counts twice).
+    pub fn frontend_count(&self) -> usize {
+        self.claims.len()
+    }
+
+    /// Services whose traffic policy leaves this node without endpoints: (internal, external).
+    pub fn no_local_endpoints(&self) -> (i64, i64) {
+        self.no_local
+    }
+
+    /// Health check node ports to serve (externalTrafficPolicy Local services).
+    pub fn health_checks(&self) -> Vec<crate::health::ServiceHealth> {
+        self.health_checks.values().cloned().collect()
+    }
+
+    fn problems_of(&self, service: &str) -> Vec<Problem> {
+        let Some(plan) = self.services.get(service) else {
+            return vec![];
+        };
+        let mut problems = plan.problems.clone();
+        for f in &plan.frontends {
+            if let Some(owner) = self.owner(&f.frontend).filter(|o| *o != service) {
+                problems.push(conflict(service, f, owner));
+            }
+        }
+        problems
+    }
+}
+
+fn conflict(service: &str, f: &Frontend, owner: &str) -> Problem {
+    Problem {
+        object: format!("Service {service}"),
+        reason: format!(
+            "{:?} frontend {} {} is already used by Service {owner}",
+            f.kind, f.frontend.addr, f.frontend.protocol
+        ),
+    }
+}
+
+/// kube-proxy serves a health check node port for externalTrafficPolicy Local services that
+/// are externally reachable, saying whether this node has local endpoints.
+fn health_check(service: &Service, local_endpoints: usize) -> Option<crate::health::ServiceHealth> {
+    let spec = service.spec.as_ref()?;
+    let port = spec
+        .health_check_node_port
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0)?;
+    (spec.external_traffic_policy.as_deref() == Some("Local")).then(|| {
+        crate::health::ServiceHealth {
+            namespace: service
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            name: service.metadata.name.clone().unwrap_or_default(),
+            port,
+            local_endpoints,
+        }
+    })
+}
+
+/// One service's frontends and problems; `None` when it has no frontends to plan (not for
+/// this proxy, ExternalName, headless).
+fn plan_service(
+    name: &ObjectName,
+    service: &Service,
+    objects: &ClusterObjects,
+    node: &NodeContext,
+    inputs: &NodeInputs,
+) -> Option<ServicePlan> {
+    let mut plan = ServicePlan {
+        frontends: vec![],
+        problems: vec![],
+        reported: vec![],
+        health_check: None,
+        no_local: (0, 0),
+    };
+    let problem = |reason: String| Problem {
+        object: format!("Service {name}"),
+        reason,
+    };
+    let spec = service.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") || !proxied_by_us(&service.metadata) {
+        return None;
+    }
+    let cluster_ips = match cluster_ips(service) {
+        Ok(ips) => ips,
+        Err(reason) => {
+            plan.problems.push(problem(reason));
+            return Some(plan);
+        }
+    };
+    if cluster_ips.is_empty() {
+        return None; // headless, or IPv6-only (this datapath is IPv4)
+    }
+    let settings = ServiceSettings::of(service, node, &mut plan.problems);
+    let slices: Vec<(&ObjectName, &Slice)> = objects
+        .slices_of(name)
+        .filter(|(_, s)| proxied_by_us(&s.metadata))
+        .collect();
+    let endpoints = ServiceEndpoints::collect(&slices, &node.name, &mut plan.problems);
+    let mut seen = BTreeSet::new();
+    let mut local_endpoints = 0;
+    for port in spec.ports.iter().flatten() {
+        let port_name = port.name.clone().unwrap_or_default();
+        let (protocol, number) = match service_port(port) {
+            Ok(p) => p,
+            Err(reason) => {
+                plan.problems
+                    .push(problem(format!("port {port_name:?}: {reason}")));
+                continue;
+            }
+        };
+        let policy = port_policy(service, port);
+        let categorized = match endpoints.for_port(&port_name, protocol) {
+            Some(port_endpoints) => {
+                endpoints::categorize(port_endpoints, &policy, &node.name, &inputs.zone)
+            }
+            None => {
+                if endpoints.has_ports {
+                    plan.problems.push(problem(format!(
+                        "port {port_name:?} ({protocol}) matches no port of its EndpointSlices"
+                    )));
+                }
+                // No endpoints: the frontends exist and refuse connections.
+                Default::default()
+            }
+        };
+        let mut frontends = vec![];
+        let internal = categorized.internal(&policy);
+        local_endpoints = local_endpoints.max(categorized.local.as_ref().map_or(0, Vec::len));
+        for ip in &cluster_ips {
+            frontends.push((FrontendKind::ClusterIP, SocketAddrV4::new(*ip, number)));
+        }
+        match port.node_port {
+            Some(node_port) if policy.externally_accessible && node_port != 0 => {
+                match u16::try_from(node_port).ok().filter(|p| (node.nodeport_range.0..=node.nodeport_range.1).contains(p)) {
+                    Some(node_port) => frontends.extend(
+                        inputs.nodeport_addresses.iter().map(|ip| (FrontendKind::NodePort, SocketAddrV4::new(*ip, node_port))),
+                    ),
+                    None => plan.problems.push(problem(format!(
+                        "port {port_name:?}: nodePort {node_port} is outside the node port range {}-{}",
+                        node.nodeport_range.0, node.nodeport_range.1
+                    ))),
+                }
+            }
+            _ => {}
+        }
+        if let Some(ips) = &settings.load_balancer_ips {
+            frontends.extend(
+                ips.iter()
+                    .map(|ip| (FrontendKind::LoadBalancer, SocketAddrV4::new(*ip, number))),
+            );
+        }
+        frontends.extend(
+            settings
+                .external_ips
+                .iter()
+                .map(|ip| (FrontendKind::ExternalIP, SocketAddrV4::new(*ip, number))),
+        );
+
+        for (kind, addr) in frontends {
+            let frontend = FrontendAddr { addr, protocol };
+            let external = kind.is_external();
+            let mut backends = if external {
+                categorized.external(&policy)
+            } else {
+                internal.clone()
+            };
+            backends.sort();
+            let external_local = external && policy.external_local;
+            let algorithm = settings
+                .algorithm
+                .or(node.algorithm)
+                .unwrap_or(if external {
+                    Algorithm::Maglev
+                } else {
+                    Algorithm::Random
+                });
+            let f = Frontend {
+                service: name.clone(),
+                port_name: port_name.clone(),
+                kind,
+                frontend,
+                drop_when_empty: backends.is_empty() && categorized.has_any,
+                backends,
+                external_local,
+                internal_backends: external_local.then(|| {
+                    let mut all = categorized.cluster.clone().unwrap_or_default();
+                    all.sort();
+                    all
+                }),
+                affinity_timeout: settings.affinity_timeout,
+                source_ranges: if kind == FrontendKind::LoadBalancer {
+                    settings.source_ranges.clone()
+                } else {
+                    vec![]
+                },
+                algorithm,
+            };
+            if !seen.insert(frontend) {
+                plan.problems.push(conflict(name, &f, name));
+                continue;
+            }
+            plan.frontends.push(f);
+        }
+    }
+    plan.health_check = health_check(service, local_endpoints);
+    plan.frontends.shrink_to_fit(); // kept for every service
+    Some(plan)
 }
 
 /// Per-service settings that apply to every port.
@@ -638,32 +906,6 @@ fn valid_port(port: i32) -> Result<u16, String> {
     }
 }
 
-fn slices_by_service(
-    slices: &BTreeMap<ObjectName, std::sync::Arc<EndpointSlice>>,
-) -> BTreeMap<ObjectName, Vec<(&ObjectName, &EndpointSlice)>> {
-    let mut by_service: BTreeMap<ObjectName, Vec<(&ObjectName, &EndpointSlice)>> = BTreeMap::new();
-    for (slice_name, slice) in slices {
-        if !proxied_by_us(&slice.metadata) {
-            continue;
-        }
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_SERVICE_NAME))
-        else {
-            continue;
-        };
-        let mut meta = slice.metadata.clone();
-        meta.name = Some(service.clone());
-        by_service
-            .entry(object_name(&meta))
-            .or_default()
-            .push((slice_name, slice));
-    }
-    by_service
-}
-
 /// A service's endpoints from all its slices, grouped by slice port (name, protocol) and
 /// deduplicated by address and port as upstream's EndpointSliceCache does (a local copy of a
 /// duplicate wins).
@@ -675,7 +917,7 @@ struct ServiceEndpoints {
 
 impl ServiceEndpoints {
     fn collect(
-        slices: &[(&ObjectName, &EndpointSlice)],
+        slices: &[(&ObjectName, &Slice)],
         node_name: &str,
         problems: &mut Vec<Problem>,
     ) -> Self {
@@ -696,9 +938,7 @@ impl ServiceEndpoints {
                 }
                 _ => continue, // FQDN slices are not for proxies
             }
-            if slice.ports.as_ref().is_none_or(|p| p.is_empty())
-                && slice.endpoints.as_ref().is_some_and(|e| !e.is_empty())
-            {
+            if slice.ports.as_ref().is_none_or(|p| p.is_empty()) && !slice.endpoints.is_empty() {
                 problems.push(problem(
                     "has endpoints but no ports; its endpoints are not used".into(),
                 ));
@@ -719,8 +959,8 @@ impl ServiceEndpoints {
                 };
                 has_ports = true;
                 let set = by_port.entry((name.clone(), protocol)).or_default();
-                for endpoint in slice.endpoints.iter().flatten() {
-                    let Some(address) = endpoint.addresses.first() else {
+                for endpoint in &slice.endpoints {
+                    let Some(address) = endpoint.address.as_ref() else {
                         continue;
                     };
                     let Ok(ip) = address.parse::<Ipv4Addr>() else {
@@ -757,7 +997,7 @@ impl ServiceEndpoints {
     }
 }
 
-fn service_of(slices: &[(&ObjectName, &EndpointSlice)]) -> String {
+fn service_of(slices: &[(&ObjectName, &Slice)]) -> String {
     slices
         .first()
         .map(|(_, s)| {
@@ -778,27 +1018,15 @@ fn service_of(slices: &[(&ObjectName, &EndpointSlice)]) -> String {
 
 /// An endpoint's conditions as upstream reads them: absent `ready` and `serving` mean true,
 /// absent `terminating` means false.
-fn endpoint_info(endpoint: &Endpoint, addr: SocketAddrV4, node_name: &str) -> EndpointInfo {
-    let conditions = endpoint.conditions.as_ref();
-    let hints = endpoint.hints.as_ref();
+fn endpoint_info(endpoint: &SliceEndpoint, addr: SocketAddrV4, node_name: &str) -> EndpointInfo {
     EndpointInfo {
         addr,
-        ready: conditions.and_then(|c| c.ready).unwrap_or(true),
-        serving: conditions.and_then(|c| c.serving).unwrap_or(true),
-        terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+        ready: endpoint.ready.unwrap_or(true),
+        serving: endpoint.serving.unwrap_or(true),
+        terminating: endpoint.terminating.unwrap_or(false),
         local: !node_name.is_empty() && endpoint.node_name.as_deref() == Some(node_name),
-        zone_hints: hints
-            .and_then(|h| h.for_zones.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|z| z.name.clone())
-            .collect(),
-        node_hints: hints
-            .and_then(|h| h.for_nodes.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|n| n.name.clone())
-            .collect(),
+        zone_hints: endpoint.zone_hints.iter().cloned().collect(),
+        node_hints: endpoint.node_hints.iter().cloned().collect(),
     }
 }
 
@@ -812,7 +1040,7 @@ mod tests {
         assert!(skipped.is_empty(), "{skipped:?}");
         let mut cluster = ClusterObjects::default();
         for o in objects {
-            cluster.apply(o, "node-a");
+            cluster.insert(o, "node-a");
         }
         compute(&cluster, &NodeContext::named("node-a"))
     }
@@ -909,6 +1137,77 @@ spec: {clusterIP: None, ports: [{port: 80}]}
             frontends,
             ["10.96.0.10:53", "10.96.0.10:80", "10.96.0.11:81"]
         );
+    }
+
+    /// Applies `yaml`'s objects to `objects`, plans what they touched, and checks the
+    /// planner then agrees with a plan computed from scratch.
+    fn change(
+        planner: &mut Planner,
+        objects: &mut ClusterObjects,
+        yaml: &str,
+        delete: &[&str],
+    ) -> PlanUpdate {
+        let mut touched = crate::objects::Touched::default();
+        let (parsed, _) = parse_documents(std::path::Path::new("t.yaml"), yaml);
+        for o in parsed {
+            objects.apply(crate::objects::Delta::Apply(o), "node-a", &mut touched);
+        }
+        for key in delete {
+            let key = crate::objects::ObjectKey::parse(key).unwrap();
+            objects.apply(crate::objects::Delta::Delete(key), "node-a", &mut touched);
+        }
+        let node = NodeContext::named("node-a");
+        let update = planner.update(objects, &node, Some(&touched.services));
+        let whole = compute(objects, &node);
+        let kept: Vec<&Frontend> = planner.frontends();
+        assert_eq!(kept, whole.frontends.iter().collect::<Vec<_>>());
+        update
+    }
+
+    #[test]
+    fn a_change_plans_only_what_it_touched_and_agrees_with_a_whole_plan() {
+        let mut planner = Planner::default();
+        let mut objects = ClusterObjects::default();
+        let first = change(&mut planner, &mut objects, WEB, &[]);
+        assert!(first.all);
+        // A second service claims web's cluster IP and port: web keeps it (first by name).
+        let rival = "apiVersion: v1
+kind: Service
+metadata: {name: zz, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
+";
+        let update = change(&mut planner, &mut objects, rival, &[]);
+        assert!(!update.all);
+        assert_eq!(update.services, BTreeSet::from(["shop/zz".to_string()]));
+        assert!(update.removed.is_empty());
+        assert_eq!(update.problems.len(), 1, "{:?}", update.problems);
+        assert!(
+            update.problems[0]
+                .reason
+                .contains("already used by Service shop/web")
+        );
+        // One slice changes: only web is planned again.
+        let slice = "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-b, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.9]}]
+";
+        let update = change(&mut planner, &mut objects, slice, &[]);
+        assert_eq!(update.services, BTreeSet::from(["shop/web".to_string()]));
+        // web goes: the rival takes the frontend over, web's other frontend is removed.
+        let update = change(&mut planner, &mut objects, "", &["Service shop/web"]);
+        assert_eq!(
+            update.services,
+            BTreeSet::from(["shop/web".to_string(), "shop/zz".to_string()])
+        );
+        let dns = FrontendAddr {
+            addr: "10.96.0.10:53".parse().unwrap(),
+            protocol: Protocol::Udp,
+        };
+        assert_eq!(update.removed, vec![dns]);
+        assert_eq!(planner.frontends()[0].service, "shop/zz");
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! `dataplane-agent run`: load and attach the datapath, then keep the maps equal to the plan
 //! computed from the cluster's objects (a manifest directory or the API server), reacting to
-//! changes within milliseconds. Level-triggered: every change recomputes the whole plan and
-//! applies the difference.
-use std::{collections::BTreeSet, path::PathBuf, time::Duration};
+//! changes within milliseconds. A change plans and programs again only the services it
+//! touched; a periodic full sync re-reads, recomputes and applies everything, in case a change
+//! was missed.
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use notify::Watcher;
-use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
@@ -16,9 +16,9 @@ use crate::{
     },
     health::{ProxyHealth, ServiceHealthServer},
     metrics::Metrics,
-    objects::ClusterObjects,
-    plan::{self, NodeContext, Problem},
-    source::{kube::ClusterWatch, manifests::ManifestDir},
+    objects::{ClusterObjects, Delta, Touched},
+    plan::{self, NodeContext, Planner},
+    source::{Inbox, Pending, kube::ClusterWatch, manifests::ManifestDir},
 };
 
 pub enum SourceConfig {
@@ -51,11 +51,9 @@ const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How often interfaces are listed to find new pods' veths.
 const INTERFACE_POLL: Duration = Duration::from_millis(200);
-/// Changes closer together than this are programmed together.
-const DEBOUNCE: Duration = Duration::from_millis(10);
 /// How often idle conntrack entries are collected.
 const CONNTRACK_GC: Duration = Duration::from_secs(30);
-/// A full recompute even without change events, in case one was missed.
+/// A full read, recompute and apply even without change events, in case one was missed.
 const RESYNC: Duration = Duration::from_secs(30);
 
 /// Where the objects come from, started and ready to be read.
@@ -71,16 +69,18 @@ impl Source {
     async fn start(
         config: &SourceConfig,
         node_name: &str,
-        changed: mpsc::Sender<()>,
+        inbox: Arc<Inbox>,
     ) -> anyhow::Result<Self> {
         match config {
             SourceConfig::Manifests(path) => {
                 let mut watcher =
                     notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                        // Only what changes the objects: the agent's own reads of the files
-                        // (access events) must not trigger another read.
-                        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
-                            let _ = changed.try_send(());
+                        match event {
+                            // The agent's own reads of the files must not trigger another read.
+                            Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => {}
+                            Ok(e) if !e.need_rescan() => inbox.push(|p| p.paths.extend(e.paths)),
+                            // Events were lost (queue overflow): only a full read is safe.
+                            _ => inbox.push(|p| p.rescan = true),
                         }
                     })?;
                 watcher
@@ -93,25 +93,32 @@ impl Source {
             }
             SourceConfig::Cluster { kubeconfig } => {
                 let client = crate::source::kube::client(kubeconfig.as_deref()).await?;
-                Ok(Self::Cluster(ClusterWatch::start(
-                    client, node_name, changed,
-                )))
+                Ok(Self::Cluster(ClusterWatch::start(client, node_name, inbox)))
             }
         }
     }
 
-    /// The complete current objects, or `None` while they are not known completely (the
-    /// first lists are not in yet, or the directory cannot be read).
-    fn snapshot(&mut self, node_name: &str) -> Option<ClusterObjects> {
+    /// The changes in `pending`, the manifest files read as needed (all of them when `full`);
+    /// `None` when the directory cannot be read.
+    fn changes(&mut self, pending: Pending, full: bool) -> Option<Vec<Delta>> {
         match self {
-            Self::Manifests { dir, .. } => match dir.load(node_name) {
-                Ok((objects, _skipped)) => Some(objects),
+            Self::Manifests { dir, .. } if full => match dir.rescan() {
+                Ok(deltas) => Some(deltas),
                 Err(e) => {
                     warn!(dir = %dir.dir().display(), error = %e, "cannot read manifests; keeping the current datapath");
                     None
                 }
             },
-            Self::Cluster(watch) => watch.synced().then(|| watch.snapshot(node_name)),
+            Self::Manifests { dir, .. } => Some(dir.update(pending.paths)),
+            Self::Cluster(_) => Some(pending.deltas),
+        }
+    }
+
+    /// The objects are known completely (the API server's first lists are in).
+    fn ready(&self) -> bool {
+        match self {
+            Self::Manifests { .. } => true,
+            Self::Cluster(watch) => watch.synced(),
         }
     }
 
@@ -177,8 +184,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     });
     tokio::spawn(metrics.clone().serve(listener, scrape));
 
-    let (changed_tx, mut changed) = mpsc::channel::<()>(1);
-    let source = Source::start(&config.source, &config.node_name, changed_tx).await?;
+    let inbox = Arc::new(Inbox::default());
+    let source = Source::start(&config.source, &config.node_name, inbox.clone()).await?;
     let external_globs = config
         .external_interfaces
         .iter()
@@ -186,30 +193,33 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .collect();
     let mut agent = Agent {
         source,
+        inbox,
+        objects: ClusterObjects::default(),
+        planner: Planner::default(),
         programmer,
         node: config.node.clone(),
         external_globs,
-        reported: BTreeSet::new(),
         health,
         service_health,
         metrics,
-        previous: ClusterObjects::default(),
+        touched: Touched::default(),
+        rescan: false,
     };
-    agent.sync();
+    agent.sync(true);
 
     let mut interfaces = tokio::time::interval(INTERFACE_POLL);
-    let mut resync = tokio::time::interval(RESYNC);
+    let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + RESYNC, RESYNC);
     let mut conntrack_gc = tokio::time::interval(CONNTRACK_GC);
     loop {
         tokio::select! {
-                                    Some(()) = changed.recv() => {
+            // Leading edge: the first change is programmed at once; whatever arrives while a
+            // sync runs waits in the inbox and goes together into the next one.
+            () = agent.inbox.changed() => {
                 agent.health.queued_update();
                 agent.metrics.queued();
-                tokio::time::sleep(DEBOUNCE).await;
-                while changed.try_recv().is_ok() {}
-                agent.sync();
+                agent.sync(false);
             }
-                        _ = resync.tick() => agent.sync(),
+            _ = resync.tick() => agent.sync(true),
             _ = conntrack_gc.tick() => {
                 let removed = agent.programmer.collect_conntrack(crate::inspect::monotonic_ns());
                 if removed > 0 {
@@ -217,7 +227,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 }
             }
             _ = interfaces.tick() => attachments.sync(&mut datapath),
-                        _ = interrupt.recv() => break,
+            _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
         }
     }
@@ -226,40 +236,60 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The level-triggered loop's state: where objects come from, what the maps hold, and what
-/// has been reported already.
+/// The loop's state: where objects come from, the objects, the plan, what the maps hold, and
+/// what changed but is not programmed yet.
 struct Agent {
     source: Source,
+    inbox: Arc<Inbox>,
+    objects: ClusterObjects,
+    planner: Planner,
     programmer: Programmer,
     node: NodeContext,
     external_globs: Vec<glob::Pattern>,
-    reported: BTreeSet<Problem>,
-    health: std::sync::Arc<ProxyHealth>,
+    health: Arc<ProxyHealth>,
     service_health: ServiceHealthServer,
-    metrics: std::sync::Arc<Metrics>,
-    /// The objects of the last sync, to count what changed.
-    previous: ClusterObjects,
+    metrics: Arc<Metrics>,
+    /// Changes applied to `objects` and not programmed yet (the source was not ready).
+    touched: Touched,
+    /// The directory could not be read at the last full sync: read it all again.
+    rescan: bool,
 }
 
 impl Agent {
-    /// Recomputes the whole plan and applies the difference.
-    fn sync(&mut self) {
+    /// Programs what changed since the last sync: the services touched, or, when `full`,
+    /// every service (the whole plan is applied and anything else programmed goes).
+    fn sync(&mut self, full: bool) {
         let started = std::time::Instant::now();
-        self.refresh_addresses();
-        let Some(objects) = self.source.snapshot(&self.node.name) else {
+        let pending = self.inbox.take();
+        let full = full || pending.rescan || self.rescan;
+        let Some(deltas) = self.source.changes(pending, full) else {
+            self.rescan = true;
             return;
         };
-        self.health.set_node(objects.node.as_deref());
+        self.rescan = false;
+        for delta in deltas {
+            self.objects
+                .apply(delta, &self.node.name, &mut self.touched);
+        }
+        if !self.source.ready() {
+            return;
+        }
+        let touched = std::mem::take(&mut self.touched);
+        self.refresh_addresses();
+        self.health.set_node(self.objects.node());
         // SNAT for external traffic uses the node's primary address.
-        let primary = plan::primary_addresses(&objects);
+        let primary = plan::primary_addresses(&self.objects);
         if let Some(addr) = primary.first().or(self.node.local_addresses.first())
             && let Err(e) = self.programmer.set_snat_address(*addr)
         {
             warn!(error = %e, "cannot write the SNAT address");
         }
-        let plan = plan::compute(&objects, &self.node);
-        let problems: BTreeSet<Problem> = plan.problems.iter().cloned().collect();
-        for problem in problems.difference(&self.reported) {
+        let update = self.planner.update(
+            &self.objects,
+            &self.node,
+            (!full).then_some(&touched.services),
+        );
+        for problem in &update.problems {
             let kind = problem
                 .object
                 .split_whitespace()
@@ -270,19 +300,24 @@ impl Agent {
             let file = self.source.origin(&problem.object);
             warn!(object = %problem.object, file, reason = %problem.reason, "skipping");
         }
-        self.reported = problems;
-        let report = self.programmer.apply(&plan);
+        let report = if update.all {
+            self.programmer.apply_all(&self.planner.frontends())
+        } else {
+            let frontends = self.planner.frontends_of(&update.services);
+            self.programmer.apply_changes(&frontends, &update.removed)
+        };
         self.health.updated();
         for _ in &report.failures {
             self.metrics.skipped("map_full_or_write_failed");
         }
-        self.record_sync(objects, &plan, started.elapsed());
-        for (port, error) in self.service_health.sync(&plan.health_checks) {
+        self.record_sync(&touched, started.elapsed());
+        for (port, error) in self.service_health.sync(&self.planner.health_checks()) {
             warn!(port, %error, "cannot serve a health check node port; retrying at the next sync");
         }
         if report.writes + report.deletes > 0 {
             info!(
-                frontends = plan.frontends.len(),
+                frontends = self.planner.frontend_count(),
+                services = update.services.len(),
                 writes = report.writes,
                 deletes = report.deletes,
                 elapsed_us = started.elapsed().as_micros() as u64,
@@ -294,57 +329,21 @@ impl Agent {
     /// kube-proxy's sync metrics: duration, what changed since the last sync, services whose
     /// traffic policy leaves this node without endpoints, and programming latency from each
     /// changed EndpointSlice's last-change-trigger-time.
-    fn record_sync(&mut self, objects: ClusterObjects, plan: &plan::Plan, elapsed: Duration) {
-        /// Names added, removed or changed; an unchanged object is usually the same allocation,
-        /// so the comparison is a pointer check.
-        fn changed<T: PartialEq>(
-            old: &std::collections::BTreeMap<String, std::sync::Arc<T>>,
-            new: &std::collections::BTreeMap<String, std::sync::Arc<T>>,
-        ) -> Vec<String> {
-            let same = |a: &std::sync::Arc<T>, b: &std::sync::Arc<T>| {
-                std::sync::Arc::ptr_eq(a, b) || **a == **b
-            };
-            let mut names: Vec<String> = new
-                .iter()
-                .filter(|(k, v)| !old.get(*k).is_some_and(|o| same(o, v)))
-                .map(|(k, _)| k.clone())
-                .collect();
-            names.extend(old.keys().filter(|k| !new.contains_key(*k)).cloned());
-            names
-        }
-        let service_changes = changed(&self.previous.services, &objects.services);
-        let slice_changes = changed(&self.previous.endpoint_slices, &objects.endpoint_slices);
+    fn record_sync(&mut self, touched: &Touched, elapsed: Duration) {
         let now = std::time::SystemTime::now();
-        for name in &slice_changes {
-            let trigger = objects
-                .endpoint_slices
-                .get(name)
-                .and_then(|s| s.metadata.annotations.as_ref())
-                .and_then(|a| a.get("endpoints.kubernetes.io/last-change-trigger-time"))
-                .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
-            if let Some(trigger) = trigger
-                && let Ok(latency) = now.duration_since(std::time::SystemTime::from(trigger))
-            {
+        for trigger in &touched.triggers {
+            if let Ok(latency) = now.duration_since(*trigger) {
                 self.metrics.network_programming(latency);
             }
         }
-        let no_local = |external: bool| {
-            let set: BTreeSet<(&str, &str)> = plan
-                .frontends
-                .iter()
-                .filter(|f| f.drop_when_empty && f.kind.is_external() == external)
-                .map(|f| (f.service.as_str(), f.port_name.as_str()))
-                .collect();
-            set.len() as i64
-        };
+        let (no_local_internal, no_local_external) = self.planner.no_local_endpoints();
         self.metrics.synced(
             elapsed,
-            service_changes.len() as u64,
-            slice_changes.len() as u64,
-            no_local(false),
-            no_local(true),
+            touched.service_changes,
+            touched.slice_changes,
+            no_local_internal,
+            no_local_external,
         );
-        self.previous = objects;
     }
 
     /// This node's addresses, those on external interfaces first (the first is the SNAT

@@ -1,6 +1,6 @@
 //! Typed handles on the pinned maps, for the agent and for the inspection commands (which
 //! work while the agent is stopped: everything they show is read from these pins).
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use dataplane_common::{
     AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, FrontendName, MaglevTable,
     RevNat, ServiceKey, ServiceValue, SourceRangeKey, TrafficStats, map_names,
@@ -168,16 +168,23 @@ pub fn stats_sum(array: &PerCpuArray<MapData, TrafficStats>, id: u32) -> Traffic
     total
 }
 
-/// Zeroes a per-CPU stats entry on every CPU (an id handed to a new frontend or backend).
+/// Zeroes per-CPU stats entries on every CPU (ids handed to new frontends or backends), a
+/// few thousand per syscall. On failure, says how many were zeroed first.
 pub fn stats_reset(
-    array: &mut PerCpuArray<MapData, TrafficStats>,
-    id: u32,
-) -> Result<(), aya::maps::MapError> {
-    let cpus = aya::util::nr_cpus().map_err(|(call, io_error)| {
-        aya::maps::MapError::SyscallError(aya::sys::SyscallError { call, io_error })
-    })?;
-    let zeros = PerCpuValues::try_from(vec![TrafficStats::default(); cpus])?;
-    array.set(id, zeros, 0)
+    array: &PerCpuArray<MapData, TrafficStats>,
+    ids: &[u32],
+) -> Result<(), (usize, aya::maps::MapError)> {
+    use aya::maps::IterableMap;
+    // The kernel reads each CPU's value 8-byte aligned: no padding between them.
+    const _: () = assert!(std::mem::size_of::<TrafficStats>().is_multiple_of(8));
+    const CHUNK: usize = 4096;
+    let cpus = aya::util::nr_cpus().map_or(1, |n| n);
+    let zeros = vec![TrafficStats::default(); ids.len().min(CHUNK) * cpus];
+    for (i, chunk) in ids.chunks(CHUNK).enumerate() {
+        let values = &zeros[..chunk.len() * cpus];
+        update_batch(array.map(), chunk, values).map_err(|(n, e)| (i * CHUNK + n, e))?;
+    }
+    Ok(())
 }
 
 /// The backends in use, by id (the array's non-zero entries).
@@ -187,4 +194,61 @@ pub fn backends_in_use(array: &Array<MapData, Backend>) -> Vec<(u32, Backend)> {
         .enumerate()
         .filter_map(|(id, b)| b.ok().filter(|b| b.addr != [0; 4]).map(|b| (id as u32, b)))
         .collect()
+}
+
+/// Writes `keys[i] -> values[i]` for every key with one syscall: BPF_MAP_UPDATE_BATCH, which
+/// aya 0.14 does not wrap (hash and array maps support it). In a per-CPU map each key has
+/// one `V` per possible CPU. On failure, says how many entries were written first.
+pub fn update_batch<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, aya::maps::MapError)> {
+    use std::os::fd::{AsFd, AsRawFd};
+    /// The `batch` member of the kernel's `union bpf_attr`.
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    if keys.is_empty() {
+        return Ok(());
+    }
+    debug_assert_eq!(values.len() % keys.len(), 0);
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` points at `keys.len()` keys and their values, which outlive the call;
+    // the kernel writes back only `attr.count`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        let io_error = std::io::Error::last_os_error();
+        let error = aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_update_batch",
+            io_error,
+        });
+        return Err((attr.count as usize, error));
+    }
+    Ok(())
 }

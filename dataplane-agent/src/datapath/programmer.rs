@@ -11,7 +11,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use aya::maps::{MapError, lpm_trie::Key};
+use aya::maps::{IterableMap, MapError, lpm_trie::Key};
 use dataplane_common::{
     BACKEND_STATE_ACTIVE, Backend, DatapathConfig, FRONTEND_KIND_CLUSTER_IP,
     FRONTEND_KIND_EXTERNAL_IP, FRONTEND_KIND_LOAD_BALANCER, FRONTEND_KIND_NODE_PORT, FrontendName,
@@ -21,7 +21,7 @@ use dataplane_common::{
 };
 use tracing::{debug, warn};
 
-use super::maps::{PinnedMaps, stats_reset};
+use super::maps::{PinnedMaps, stats_reset, update_batch};
 use crate::{
     maglev,
     plan::{Algorithm, BackendAddr, Cidr, Frontend, FrontendAddr, FrontendKind, Plan, Protocol},
@@ -76,8 +76,10 @@ struct EntrySettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ProgrammedEntry {
     settings: EntrySettings,
-    /// Backend id in each slot, slot 1 first.
-    slots: Vec<u32>,
+    /// Every backend id the entry uses (its slots, and its Maglev table), slot 1 first...
+    backends: Vec<u32>,
+    /// ...of which this many are in slots (fewer only when the map ran full).
+    written: usize,
 }
 
 /// What one `apply` changed, and what it could not do.
@@ -92,6 +94,8 @@ pub struct ApplyReport {
 pub struct Programmer {
     maps: PinnedMaps,
     backends: HashMap<BackendAddr, u32>,
+    /// Each backend id's address and how many entries use it: the last user gone, it goes.
+    backend_uses: HashMap<u32, (BackendAddr, u32)>,
     backend_ids: IdAllocator,
     /// Frontend (rev-NAT) id of each frontend address, shared by its scopes.
     frontend_ids: HashMap<FrontendAddr, u32>,
@@ -103,6 +107,8 @@ pub struct Programmer {
     maglev_inputs: HashMap<u32, Vec<(SocketAddrV4, u32)>>,
     names: HashMap<u32, FrontendName>,
     failures_total: u64,
+    /// Reused for each entry's backend ids, so an unchanged entry costs no allocation.
+    scratch: Vec<u32>,
 }
 
 /// The name record of a frontend, strings cut to fit on a character boundary.
@@ -200,7 +206,8 @@ impl Programmer {
                     entry_key,
                     ProgrammedEntry {
                         settings,
-                        slots: vec![],
+                        backends: vec![],
+                        written: 0,
                     },
                 );
             } else {
@@ -214,12 +221,13 @@ impl Programmer {
             let mut list = slots.remove(key).unwrap_or_default();
             list.sort();
             // Slots are dense from 1; anything else is repaired by the next apply.
-            programmed.slots = list
+            programmed.backends = list
                 .iter()
                 .enumerate()
                 .take_while(|(i, (slot, _))| *slot as usize == i + 1)
                 .map(|(_, (_, id))| *id)
                 .collect();
+            programmed.written = programmed.backends.len();
         }
         let mut source_ranges: HashMap<u32, BTreeSet<Cidr>> = HashMap::new();
         for key in maps.source_ranges.keys() {
@@ -252,9 +260,17 @@ impl Programmer {
         let (backend_limit, frontend_limit) = maps.id_limits();
         let backend_in_use: HashSet<u32> = backends.values().copied().collect();
         let frontend_in_use: HashSet<u32> = frontend_ids.values().copied().collect();
+        let mut backend_uses: HashMap<u32, (BackendAddr, u32)> =
+            backends.iter().map(|(b, id)| (*id, (*b, 0))).collect();
+        for id in entries.values().flat_map(|e| &e.backends) {
+            if let Some((_, users)) = backend_uses.get_mut(id) {
+                *users += 1;
+            }
+        }
         let mut programmer = Self {
             maps,
             backends,
+            backend_uses,
             backend_ids: IdAllocator::new(backend_limit, &backend_in_use),
             frontend_ids,
             frontend_id_allocator: IdAllocator::new(frontend_limit, &frontend_in_use),
@@ -264,6 +280,7 @@ impl Programmer {
             maglev_inputs: HashMap::new(),
             names,
             failures_total: 0,
+            scratch: vec![],
         };
         for key in orphans {
             let _ = programmer.maps.services.remove(&key);
@@ -297,50 +314,67 @@ impl Programmer {
         Ok(())
     }
 
+    /// Makes the maps hold exactly `plan`.
     pub fn apply(&mut self, plan: &Plan) -> ApplyReport {
-        let mut report = ApplyReport::default();
-        let wanted_keys: HashSet<EntryKey> = plan
-            .frontends
-            .iter()
-            .flat_map(|f| {
-                let internal = f.internal_backends.is_some().then_some(SCOPE_INTERNAL);
-                [Some(SCOPE_DEFAULT), internal]
-                    .into_iter()
-                    .flatten()
-                    .map(|scope| EntryKey {
-                        frontend: f.frontend,
-                        scope,
-                    })
-            })
+        let frontends: Vec<&Frontend> = plan.frontends.iter().collect();
+        self.apply_all(&frontends)
+    }
+
+    /// Makes the maps hold exactly `frontends`: whatever else is programmed goes, backends
+    /// included (the start-up sync and the periodic resync).
+    pub fn apply_all(&mut self, frontends: &[&Frontend]) -> ApplyReport {
+        let wanted: HashSet<FrontendAddr> = frontends.iter().map(|f| f.frontend).collect();
+        let mut removed: Vec<FrontendAddr> = self
+            .frontend_ids
+            .keys()
+            .chain(self.entries.keys().map(|k| &k.frontend))
+            .filter(|f| !wanted.contains(f))
+            .copied()
             .collect();
-        let wanted_frontends: HashSet<FrontendAddr> =
-            plan.frontends.iter().map(|f| f.frontend).collect();
+        removed.sort();
+        removed.dedup();
+        // Every backend is a candidate: those no entry uses (left by an earlier run) go too.
+        let unused = self.backends.values().copied().collect();
+        self.apply_changes_with(frontends, &removed, unused)
+    }
+
+    /// Programs `frontends` and removes the frontends `removed`; everything else stays as it
+    /// is. `frontends` must hold all frontends of each service port it names (they share a
+    /// service-port id).
+    pub fn apply_changes(
+        &mut self,
+        frontends: &[&Frontend],
+        removed: &[FrontendAddr],
+    ) -> ApplyReport {
+        self.apply_changes_with(frontends, removed, vec![])
+    }
+
+    /// `unused`: backend ids to delete at the end unless an entry uses them; ids whose last
+    /// user goes during this apply are added.
+    fn apply_changes_with(
+        &mut self,
+        frontends: &[&Frontend],
+        removed: &[FrontendAddr],
+        mut unused: Vec<u32>,
+    ) -> ApplyReport {
+        let mut report = ApplyReport::default();
 
         // 1. Entries and frontends that are gone: slot 0 first, so no new flow picks a slot
         // being removed; first of all, so their room serves new ones.
-        let mut gone: Vec<EntryKey> = self
-            .entries
-            .keys()
-            .filter(|k| !wanted_keys.contains(k))
-            .copied()
-            .collect();
-        gone.sort();
-        for key in gone {
-            let programmed = self.entries.remove(&key).expect("listed above");
-            let _ = self.maps.services.remove(&service_key(&key, 0));
-            for slot in 1..=programmed.slots.len() {
-                let _ = self.maps.services.remove(&service_key(&key, slot as u16));
+        for frontend in removed {
+            for scope in [SCOPE_DEFAULT, SCOPE_INTERNAL] {
+                self.remove_entry(
+                    EntryKey {
+                        frontend: *frontend,
+                        scope,
+                    },
+                    &mut unused,
+                    &mut report,
+                );
             }
-            report.deletes += 1;
-        }
-        let gone: Vec<FrontendAddr> = self
-            .frontend_ids
-            .keys()
-            .filter(|f| !wanted_frontends.contains(f))
-            .copied()
-            .collect();
-        for frontend in gone {
-            let id = self.frontend_ids.remove(&frontend).expect("listed above");
+            let Some(id) = self.frontend_ids.remove(frontend) else {
+                continue;
+            };
             self.sync_maglev(id, None, &mut report);
             self.sync_source_ranges(id, &[], &mut report);
             if self.names.remove(&id).is_some() {
@@ -349,21 +383,18 @@ impl Programmer {
             let _ = self.maps.rev_nat.remove(&id);
             self.frontend_id_allocator.release(id);
         }
+        for frontend in frontends.iter().filter(|f| f.internal_backends.is_none()) {
+            let key = EntryKey {
+                frontend: frontend.frontend,
+                scope: SCOPE_INTERNAL,
+            };
+            self.remove_entry(key, &mut unused, &mut report);
+        }
 
         // 2. Ids (and rev-NAT entries) of new frontends, then backends that are new.
-        for frontend in &plan.frontends {
-            if let Err(e) = self.frontend_id(&frontend.frontend, &mut report) {
-                report.failures.push(format!(
-                    "{:?} frontend {} {} of {}: {e}",
-                    frontend.kind,
-                    frontend.frontend.addr,
-                    frontend.frontend.protocol,
-                    frontend.service
-                ));
-            }
-        }
-        let wanted = self.wanted_entries(plan);
-        let wanted_backends: HashSet<BackendAddr> = wanted
+        self.add_frontends(frontends, &mut report);
+        let wanted = self.wanted_entries(frontends);
+        let mut new_backends: Vec<BackendAddr> = wanted
             .iter()
             .flat_map(|w| {
                 w.backends.iter().map(|b| BackendAddr {
@@ -371,51 +402,18 @@ impl Programmer {
                     protocol: w.key.frontend.protocol,
                 })
             })
-            .collect();
-        let mut new_backends: Vec<&BackendAddr> = wanted_backends
-            .iter()
             .filter(|b| !self.backends.contains_key(b))
             .collect();
         new_backends.sort();
-        for backend in new_backends {
-            match self.add_backend(backend) {
-                Ok(id) => {
-                    self.backends.insert(*backend, id);
-                    report.writes += 1;
-                }
-                Err(e) => report.failures.push(format!(
-                    "backend {} {}: {e}",
-                    backend.addr, backend.protocol
-                )),
-            }
-        }
+        new_backends.dedup();
+        self.add_backends(&new_backends, &mut unused, &mut report);
 
         // Names, for the inspection tools (the datapath does not read them).
-        for frontend in &plan.frontends {
-            let Some(&id) = self.frontend_ids.get(&frontend.frontend) else {
-                continue;
-            };
-            let name = frontend_name(frontend);
-            if self.names.get(&id) != Some(&name) {
-                match self.maps.names.insert(id, name, 0) {
-                    Ok(()) => {
-                        self.names.insert(id, name);
-                    }
-                    Err(e) => report.failures.push(format!(
-                        "name of frontend {}: {}",
-                        frontend.frontend.addr,
-                        map_error(e)
-                    )),
-                }
-            }
-        }
+        self.sync_names(frontends, &mut report);
 
         // 3. Frontends: id and rev-NAT, Maglev table, source ranges, slots, then slot 0.
         for entry in &wanted {
-            if !self.frontend_ids.contains_key(&entry.key.frontend) {
-                continue; // reported above
-            }
-            if let Err(e) = self.program_entry(entry, &mut report) {
+            if let Err(e) = self.program_entry(entry, &mut unused, &mut report) {
                 report.failures.push(format!(
                     "{:?} frontend {} {} of {}: {e}",
                     entry.frontend.kind,
@@ -428,15 +426,19 @@ impl Programmer {
 
         // 4. Backends no frontend uses any more. Conntrack entries still naming them see the
         // backend gone on their next packet (UDP moves, TCP is reset).
-        let gone: Vec<(BackendAddr, u32)> = self
-            .backends
-            .iter()
-            .filter(|(b, _)| !wanted_backends.contains(b))
-            .map(|(b, id)| (*b, *id))
-            .collect();
-        for (backend, id) in gone {
-            let _ = self.maps.backends.set(id, Backend::default(), 0);
-            self.backends.remove(&backend);
+        unused.sort();
+        unused.dedup();
+        unused.retain(|id| {
+            self.backend_uses
+                .get(id)
+                .is_some_and(|(_, users)| *users == 0)
+        });
+        let zeros = vec![Backend::default(); unused.len()];
+        let _ = update_batch(self.maps.backends.map(), &unused, &zeros);
+        for id in unused {
+            if let Some((backend, _)) = self.backend_uses.remove(&id) {
+                self.backends.remove(&backend);
+            }
             self.backend_ids.release(id);
             report.deletes += 1;
         }
@@ -447,10 +449,47 @@ impl Programmer {
         report
     }
 
+    /// Deletes an entry from the map (slot 0 first) and forgets it.
+    fn remove_entry(&mut self, key: EntryKey, unused: &mut Vec<u32>, report: &mut ApplyReport) {
+        let Some(programmed) = self.entries.remove(&key) else {
+            return;
+        };
+        let _ = self.maps.services.remove(&service_key(&key, 0));
+        for slot in 1..=programmed.written {
+            let _ = self.maps.services.remove(&service_key(&key, slot as u16));
+        }
+        self.release(&programmed.backends, unused);
+        report.deletes += 1;
+    }
+
+    /// Records what an entry now holds, counting the backends it uses.
+    fn set_entry(&mut self, key: EntryKey, entry: ProgrammedEntry, unused: &mut Vec<u32>) {
+        for id in &entry.backends {
+            if let Some((_, users)) = self.backend_uses.get_mut(id) {
+                *users += 1;
+            }
+        }
+        if let Some(old) = self.entries.insert(key, entry) {
+            self.release(&old.backends, unused);
+        }
+    }
+
+    /// One user fewer for each of `ids`; those left without any are noted in `unused`.
+    fn release(&mut self, ids: &[u32], unused: &mut Vec<u32>) {
+        for id in ids {
+            if let Some((_, users)) = self.backend_uses.get_mut(id) {
+                *users -= 1;
+                if *users == 0 {
+                    unused.push(*id);
+                }
+            }
+        }
+    }
+
     /// Every service-map entry the plan needs, with the settings of its slot 0.
-    fn wanted_entries<'a>(&self, plan: &'a Plan) -> Vec<WantedEntry<'a>> {
-        let mut out = Vec::new();
-        for frontend in &plan.frontends {
+    fn wanted_entries<'a>(&self, frontends: &[&'a Frontend]) -> Vec<WantedEntry<'a>> {
+        let mut out = Vec::with_capacity(frontends.len());
+        for &frontend in frontends {
             let mut flags = 0;
             if frontend.drop_when_empty {
                 flags |= SVC_FLAG_DROP_WHEN_EMPTY;
@@ -532,152 +571,257 @@ impl Programmer {
         out
     }
 
-    fn add_backend(&mut self, backend: &BackendAddr) -> Result<u32, String> {
-        let id = self
-            .backend_ids
-            .allocate()
-            .ok_or("no free backend id (capacity reached)")?;
-        let value = Backend {
-            addr: ipv4(backend.addr),
-            port: backend.addr.port(),
-            proto: backend.protocol.number(),
-            state: BACKEND_STATE_ACTIVE,
-        };
-        // A reused id starts its counters from zero.
-        let written = stats_reset(&mut self.maps.backend_stats, id)
-            .and_then(|()| self.maps.backends.set(id, value, 0));
-        written.map(|()| id).map_err(|e| {
-            self.backend_ids.release(id);
-            map_error(e)
-        })
+    /// Gives each new backend an id and writes them all, counters first (from zero: an id
+    /// may have been used before), with one syscall per map: a bulk load adds 100,000s.
+    fn add_backends(
+        &mut self,
+        new: &[BackendAddr],
+        unused: &mut Vec<u32>,
+        report: &mut ApplyReport,
+    ) {
+        let mut ids = Vec::with_capacity(new.len());
+        for backend in new {
+            match self.backend_ids.allocate() {
+                Some(id) => ids.push(id),
+                None => report.failures.push(format!(
+                    "backend {} {}: no free backend id (capacity reached)",
+                    backend.addr, backend.protocol
+                )),
+            }
+        }
+        let values: Vec<Backend> = new
+            .iter()
+            .zip(&ids)
+            .map(|(b, _)| Backend {
+                addr: ipv4(b.addr),
+                port: b.addr.port(),
+                proto: b.protocol.number(),
+                state: BACKEND_STATE_ACTIVE,
+            })
+            .collect();
+        let (mut written, mut error) = (ids.len(), None);
+        if let Err((n, e)) = stats_reset(&self.maps.backend_stats, &ids) {
+            (written, error) = (n, Some(map_error(e)));
+        }
+        let backends = self.maps.backends.map();
+        if let Err((n, e)) = update_batch(backends, &ids[..written], &values[..written]) {
+            (written, error) = (n, Some(map_error(e)));
+        }
+        for (i, (backend, id)) in new.iter().zip(&ids).enumerate() {
+            if i < written {
+                self.backends.insert(*backend, *id);
+                self.backend_uses.insert(*id, (*backend, 0));
+                unused.push(*id); // in case no entry ends up using it
+                report.writes += 1;
+            } else {
+                self.backend_ids.release(*id);
+                report.failures.push(format!(
+                    "backend {} {}: {}",
+                    backend.addr,
+                    backend.protocol,
+                    error.as_deref().unwrap_or("not written")
+                ));
+            }
+        }
     }
 
-    /// The frontend's id, allocating it (and its rev-NAT entry) when new.
-    fn frontend_id(
-        &mut self,
-        frontend: &FrontendAddr,
-        report: &mut ApplyReport,
-    ) -> Result<u32, String> {
-        if let Some(id) = self.frontend_ids.get(frontend) {
-            return Ok(*id);
-        }
-        let id = self
-            .frontend_id_allocator
-            .allocate()
-            .ok_or("no free frontend id (capacity reached)")?;
-        let rev_nat = RevNat {
-            addr: ipv4(frontend.addr),
-            port: frontend.addr.port(),
-            _pad: [0; 2],
+    /// Ids (and rev-NAT entries, counters from zero) for the frontends that have none, with
+    /// one syscall per map. `frontends` names each frontend once.
+    fn add_frontends(&mut self, frontends: &[&Frontend], report: &mut ApplyReport) {
+        let failure = |f: &Frontend, e: &str| {
+            format!(
+                "{:?} frontend {} {} of {}: {e}",
+                f.kind, f.frontend.addr, f.frontend.protocol, f.service
+            )
         };
-        let written = stats_reset(&mut self.maps.service_stats, id)
-            .and_then(|()| self.maps.rev_nat.insert(id, rev_nat, 0));
-        if let Err(e) = written {
-            self.frontend_id_allocator.release(id);
-            return Err(map_error(e));
+        let mut new = Vec::new();
+        for f in frontends {
+            if self.frontend_ids.contains_key(&f.frontend) {
+                continue;
+            }
+            match self.frontend_id_allocator.allocate() {
+                Some(id) => new.push((*f, id)),
+                None => report
+                    .failures
+                    .push(failure(f, "no free frontend id (capacity reached)")),
+            }
         }
-        report.writes += 1;
-        self.frontend_ids.insert(*frontend, id);
-        Ok(id)
+        let ids: Vec<u32> = new.iter().map(|(_, id)| *id).collect();
+        let rev_nats: Vec<RevNat> = new
+            .iter()
+            .map(|(f, _)| RevNat {
+                addr: ipv4(f.frontend.addr),
+                port: f.frontend.addr.port(),
+                _pad: [0; 2],
+            })
+            .collect();
+        let (mut written, mut error) = (ids.len(), None);
+        if let Err((n, e)) = stats_reset(&self.maps.service_stats, &ids) {
+            (written, error) = (n, Some(map_error(e)));
+        }
+        let rev_nat = self.maps.rev_nat.map();
+        if let Err((n, e)) = update_batch(rev_nat, &ids[..written], &rev_nats[..written]) {
+            (written, error) = (n, Some(map_error(e)));
+        }
+        for (i, (f, id)) in new.into_iter().enumerate() {
+            if i < written {
+                self.frontend_ids.insert(f.frontend, id);
+                report.writes += 1;
+            } else {
+                self.frontend_id_allocator.release(id);
+                let e = error.as_deref().unwrap_or("not written");
+                report.failures.push(failure(f, e));
+            }
+        }
+    }
+
+    /// Writes the name records that changed, with one syscall.
+    fn sync_names(&mut self, frontends: &[&Frontend], report: &mut ApplyReport) {
+        let changed: Vec<(u32, FrontendName, FrontendAddr)> = frontends
+            .iter()
+            .filter_map(|f| {
+                let id = *self.frontend_ids.get(&f.frontend)?;
+                let name = frontend_name(f);
+                (self.names.get(&id) != Some(&name)).then_some((id, name, f.frontend))
+            })
+            .collect();
+        let ids: Vec<u32> = changed.iter().map(|(id, _, _)| *id).collect();
+        let names: Vec<FrontendName> = changed.iter().map(|(_, name, _)| *name).collect();
+        let (written, error) = match update_batch(self.maps.names.map(), &ids, &names) {
+            Ok(()) => (ids.len(), None),
+            Err((n, e)) => (n, Some(map_error(e))),
+        };
+        for (i, (id, name, frontend)) in changed.into_iter().enumerate() {
+            if i < written {
+                self.names.insert(id, name);
+            } else {
+                report.failures.push(format!(
+                    "name of frontend {}: {}",
+                    frontend.addr,
+                    error.as_deref().unwrap_or("not written")
+                ));
+            }
+        }
     }
 
     fn program_entry(
         &mut self,
         entry: &WantedEntry,
+        unused: &mut Vec<u32>,
         report: &mut ApplyReport,
     ) -> Result<(), String> {
-        let rev_nat_id = self.frontend_id(&entry.key.frontend, report)?;
+        let Some(&rev_nat_id) = self.frontend_ids.get(&entry.key.frontend) else {
+            return Ok(()); // no id: reported when it was refused
+        };
         let mut settings = entry.settings;
         if settings.service_port_id == 0 {
             settings.service_port_id = rev_nat_id; // a service port's first frontend
         }
         let protocol = entry.key.frontend.protocol;
-        let mut ids: Vec<u32> = entry
+        let mut ids = std::mem::take(&mut self.scratch);
+        ids.clear();
+        let backends = &self.backends;
+        let resolved = entry
             .backends
             .iter()
-            .filter_map(|b| self.backends.get(&BackendAddr { addr: *b, protocol }))
-            .copied()
-            .take(u16::MAX as usize)
-            .collect();
+            .filter_map(|b| Some((*b, *backends.get(&BackendAddr { addr: *b, protocol })?)));
+        ids.extend(resolved.clone().map(|(_, id)| id).take(u16::MAX as usize));
         if entry.key.scope == SCOPE_DEFAULT {
-            let backends: Vec<(SocketAddrV4, u32)> = entry
-                .backends
-                .iter()
-                .filter_map(|b| {
-                    Some((*b, *self.backends.get(&BackendAddr { addr: *b, protocol })?))
-                })
-                .collect();
-            let maglev = settings.flags & SVC_FLAG_MAGLEV != 0 && !backends.is_empty();
+            let maglev = settings.flags & SVC_FLAG_MAGLEV != 0 && !ids.is_empty();
             // Building a table is the costliest step of a sync: only when its inputs change.
-            let table = if !maglev {
-                None
-            } else if self.maglev_inputs.get(&rev_nat_id) == Some(&backends) {
-                self.maglev.get(&rev_nat_id).cloned()
+            let inputs_unchanged = self
+                .maglev_inputs
+                .get(&rev_nat_id)
+                .is_some_and(|inputs| inputs.iter().copied().eq(resolved.clone()));
+            let written = if !maglev {
+                self.sync_maglev(rev_nat_id, None, report)
+            } else if inputs_unchanged {
+                true // written when the inputs were recorded
             } else {
+                let backends: Vec<(SocketAddrV4, u32)> = resolved.collect();
                 let addrs: Vec<SocketAddrV4> = backends.iter().map(|(a, _)| *a).collect();
                 let table: Vec<u32> = maglev::table(&addrs, MAGLEV_TABLE_SIZE)
                     .into_iter()
                     .map(|i| backends[i].1)
                     .collect();
-                self.maglev_inputs.insert(rev_nat_id, backends.clone());
-                Some(table)
+                self.maglev_inputs.insert(rev_nat_id, backends);
+                self.sync_maglev(rev_nat_id, Some(table), report)
             };
-            if !self.sync_maglev(rev_nat_id, table, report) {
+            if !written {
                 settings.flags &= !SVC_FLAG_MAGLEV; // no table: fall back to random slots
             }
             self.sync_source_ranges(rev_nat_id, &entry.frontend.source_ranges, report);
         }
 
-        let current = self.entries.get(&entry.key).cloned();
-        let old_slots = current.as_ref().map(|c| c.slots.as_slice()).unwrap_or(&[]);
-        // Slots: only those that change. If the map fills up, the frontend keeps the slots
-        // that were written; the rest are reported.
+        let current = self.entries.get(&entry.key);
+        if current
+            .is_some_and(|c| c.settings == settings && c.backends == ids && c.written == ids.len())
+        {
+            self.scratch = ids;
+            return Ok(());
+        }
+        let old_slots = current.map(|c| &c.backends[..c.written]).unwrap_or(&[]);
+        // Slots that change, then slot 0 (when it changes), in one syscall: the kernel writes
+        // them in order. If the map fills up, the frontend keeps the slots that were written
+        // and slot 0 counts only those; the rest are reported.
+        let slot0 = |count: usize| ServiceValue {
+            backend_id: 0,
+            rev_nat_id,
+            count: count as u16,
+            flags: settings.flags,
+            affinity_timeout: settings.affinity_timeout,
+            service_port_id: settings.service_port_id,
+        };
+        let slot0_unchanged = |written: usize| {
+            current.is_some_and(|c| c.written == written && c.settings == settings)
+        };
+        let (mut keys, mut values): (Vec<ServiceKey>, Vec<ServiceValue>) = ids
+            .iter()
+            .enumerate()
+            .filter(|(i, id)| old_slots.get(*i) != Some(id))
+            .map(|(i, id)| {
+                let value = ServiceValue {
+                    backend_id: *id,
+                    ..Default::default()
+                };
+                (service_key(&entry.key, i as u16 + 1), value)
+            })
+            .unzip();
+        let slots = keys.len();
+        if !slot0_unchanged(ids.len()) {
+            keys.push(service_key(&entry.key, 0));
+            values.push(slot0(ids.len()));
+        }
         let mut written = ids.len();
         let mut short = None;
-        for (i, id) in ids.iter().enumerate() {
-            if old_slots.get(i) == Some(id) {
-                continue;
+        let result = update_batch(self.maps.services.map(), &keys, &values);
+        report.writes += result.as_ref().map_or_else(|(n, _)| *n, |()| keys.len());
+        match result {
+            Ok(()) => {}
+            // On failure at slot 0 the slots stay written; the next apply retries slot 0.
+            Err((n, e)) if n == slots => {
+                self.scratch = ids;
+                return Err(map_error(e));
             }
-            let value = ServiceValue {
-                backend_id: *id,
-                ..Default::default()
-            };
-            if let Err(e) =
-                self.maps
-                    .services
-                    .insert(service_key(&entry.key, i as u16 + 1), value, 0)
-            {
+            Err((n, e)) => {
+                written = keys[n].backend_slot as usize - 1;
                 short = Some(format!(
-                    "{}; serving {i} of {} backends",
+                    "{}; serving {written} of {} backends",
                     map_error(e),
                     ids.len()
                 ));
-                written = i;
-                break;
+                if !slot0_unchanged(written) {
+                    let key = service_key(&entry.key, 0);
+                    if let Err(e) = self.maps.services.insert(key, slot0(written), 0) {
+                        self.scratch = ids;
+                        return Err(map_error(e));
+                    }
+                    report.writes += 1;
+                }
             }
-            report.writes += 1;
         }
-        ids.truncate(written);
-        let unchanged = current
-            .as_ref()
-            .is_some_and(|c| c.slots.len() == ids.len() && c.settings == settings);
-        if !unchanged {
-            let value = ServiceValue {
-                backend_id: 0,
-                rev_nat_id,
-                count: ids.len() as u16,
-                flags: settings.flags,
-                affinity_timeout: settings.affinity_timeout,
-                service_port_id: settings.service_port_id,
-            };
-            // On failure the slots stay written; the next apply retries slot 0.
-            self.maps
-                .services
-                .insert(service_key(&entry.key, 0), value, 0)
-                .map_err(map_error)?;
-            report.writes += 1;
-        }
-        for slot in ids.len() + 1..=old_slots.len() {
+        let old_written = old_slots.len();
+        for slot in written + 1..=old_written {
             let _ = self
                 .maps
                 .services
@@ -690,13 +834,12 @@ impl Programmer {
                 entry.key.frontend.addr, protocol
             ));
         }
-        self.entries.insert(
-            entry.key,
-            ProgrammedEntry {
-                settings,
-                slots: ids,
-            },
-        );
+        let programmed = ProgrammedEntry {
+            settings,
+            backends: ids,
+            written,
+        };
+        self.set_entry(entry.key, programmed, unused);
         Ok(())
     }
 

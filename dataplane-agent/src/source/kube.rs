@@ -1,7 +1,7 @@
 //! Cluster source: Services, EndpointSlices and this node's Node from the API server, with
 //! kube-rs watchers (list, then watch; relist on 410; exponential backoff when the API server
-//! is away) feeding reflector stores. The stores keep the last state through any outage, so
-//! losing the API server never changes the datapath.
+//! is away) whose events become [`Delta`]s. The agent keeps the last state through any
+//! outage, so losing the API server never changes the datapath.
 use std::sync::{
     Arc,
     atomic::{AtomicBool, Ordering},
@@ -14,13 +14,13 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Resource,
-    runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
+    runtime::{WatchStreamExt, watcher},
 };
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::objects::{ClusterObjects, object_name};
+use super::Inbox;
+use crate::objects::{ClusterObjects, Delta, Kind, Object, Touched};
 
 /// kube-proxy's own filter: services (and their slices) meant for another proxy, and headless
 /// ones, are not watched at all.
@@ -40,45 +40,43 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Clie
     Ok(Client::try_from(config)?)
 }
 
-/// Watches the three kinds; `changed` gets a message after every change once all three have
-/// been listed completely.
+/// Watches the three kinds and reports their changes to `inbox`; a (re)list is reported as a
+/// whole at its end, so the objects are held once: by the agent, not by a watcher cache too.
 pub struct ClusterWatch {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    node: Store<Node>,
     synced: [Arc<AtomicBool>; 3],
 }
 
 impl ClusterWatch {
-    pub fn start(client: Client, node_name: &str, changed: mpsc::Sender<()>) -> Self {
+    pub fn start(client: Client, node_name: &str, inbox: Arc<Inbox>) -> Self {
         let selector = watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
         let node_selector =
             watcher::Config::default().fields(&format!("metadata.name={node_name}"));
         let synced = [(); 3].map(|_| Arc::new(AtomicBool::new(false)));
-        let services = spawn_reflector(
+        spawn_watch(
             Api::<Service>::all(client.clone()),
             selector.clone(),
+            Kind::Service,
+            Object::service,
             &synced[0],
-            &changed,
+            &inbox,
         );
-        let slices = spawn_reflector(
+        spawn_watch(
             Api::<EndpointSlice>::all(client.clone()),
             selector,
+            Kind::EndpointSlice,
+            Object::endpoint_slice,
             &synced[1],
-            &changed,
+            &inbox,
         );
-        let node = spawn_reflector(
+        spawn_watch(
             Api::<Node>::all(client),
             node_selector,
+            Kind::Node,
+            |n| Object::Node(Arc::new(n)),
             &synced[2],
-            &changed,
+            &inbox,
         );
-        Self {
-            services,
-            slices,
-            node,
-            synced,
-        }
+        Self { synced }
     }
 
     /// All three kinds have been listed completely at least once. Until then nothing may be
@@ -86,35 +84,16 @@ impl ClusterWatch {
     pub fn synced(&self) -> bool {
         self.synced.iter().all(|s| s.load(Ordering::Acquire))
     }
-
-    pub fn snapshot(&self, node_name: &str) -> ClusterObjects {
-        let mut objects = ClusterObjects::default();
-        for svc in self.services.state() {
-            objects
-                .services
-                .insert(object_name(&svc.metadata), svc.clone());
-        }
-        for slice in self.slices.state() {
-            objects
-                .endpoint_slices
-                .insert(object_name(&slice.metadata), slice.clone());
-        }
-        objects.node = self
-            .node
-            .state()
-            .into_iter()
-            .find(|n| n.metadata.name.as_deref() == Some(node_name));
-        objects
-    }
 }
 
-fn spawn_reflector<K>(
+fn spawn_watch<K>(
     api: Api<K>,
     config: watcher::Config,
+    kind: Kind,
+    wrap: fn(K) -> Object,
     synced: &Arc<AtomicBool>,
-    changed: &mpsc::Sender<()>,
-) -> Store<K>
-where
+    inbox: &Arc<Inbox>,
+) where
     K: Resource<DynamicType = ()>
         + Clone
         + DeserializeOwned
@@ -123,48 +102,52 @@ where
         + Sync
         + 'static,
 {
-    let (reader, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api, config)).default_backoff();
-    tokio::spawn(drive(
-        stream,
-        K::kind(&()).into_owned(),
-        synced.clone(),
-        changed.clone(),
-    ));
-    reader
+    let stream = watcher(api, config).default_backoff();
+    tokio::spawn(drive(stream, kind, wrap, synced.clone(), inbox.clone()));
 }
 
 async fn drive<K>(
     stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
-    kind: String,
+    kind: Kind,
+    wrap: fn(K) -> Object,
     synced: Arc<AtomicBool>,
-    changed: mpsc::Sender<()>,
+    inbox: Arc<Inbox>,
 ) {
     let mut stream = std::pin::pin!(stream);
     let mut failing = false;
+    let mut listing = Vec::new();
     while let Some(event) = stream.next().await {
         match event {
             Ok(event) => {
                 if failing {
-                    info!(kind, "watch recovered");
+                    info!(?kind, "watch recovered");
                     failing = false;
                 }
-                match event {
-                    // Mid-relist: the store swaps in the new list at InitDone.
-                    watcher::Event::Init | watcher::Event::InitApply(_) => continue,
+                let delta = match event {
+                    // Mid-relist: the list counts as a whole at InitDone.
+                    watcher::Event::Init => {
+                        listing.clear();
+                        continue;
+                    }
+                    watcher::Event::InitApply(object) => {
+                        listing.push(wrap(object));
+                        continue;
+                    }
                     watcher::Event::InitDone => {
                         if !synced.swap(true, Ordering::AcqRel) {
-                            info!(kind, "initial list complete");
+                            info!(?kind, "initial list complete");
                         }
+                        Delta::Relist(kind, std::mem::take(&mut listing))
                     }
-                    watcher::Event::Apply(_) | watcher::Event::Delete(_) => {}
-                }
-                let _ = changed.try_send(());
+                    watcher::Event::Apply(object) => Delta::Apply(wrap(object)),
+                    watcher::Event::Delete(object) => Delta::Delete(wrap(object).key()),
+                };
+                inbox.push(|p| p.deltas.push(delta));
             }
             Err(e) => {
-                // The backoff retries; the stores and the datapath stay as they are.
+                // The backoff retries; the objects and the datapath stay as they are.
                 if !failing {
-                    warn!(kind, error = %e, "watch failed; keeping the datapath as it is and retrying");
+                    warn!(?kind, error = %e, "watch failed; keeping the datapath as it is and retrying");
                     failing = true;
                 }
             }
@@ -172,17 +155,21 @@ async fn drive<K>(
     }
 }
 
-/// One complete read, for `plan`: the same watchers, until each has listed once.
+/// One complete read, for `plan`: the same watches, until each has listed once.
 pub async fn load_once(client: Client, node_name: &str) -> anyhow::Result<ClusterObjects> {
-    let (tx, mut rx) = mpsc::channel(1);
-    let watch = ClusterWatch::start(client, node_name, tx);
+    let inbox = Arc::new(Inbox::default());
+    let watch = ClusterWatch::start(client, node_name, inbox.clone());
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     while !watch.synced() {
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
             "the API server did not answer within 30 s"
         );
-        let _ = tokio::time::timeout(std::time::Duration::from_millis(100), rx.recv()).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(100), inbox.changed()).await;
     }
-    Ok(watch.snapshot(node_name))
+    let mut objects = ClusterObjects::default();
+    for delta in inbox.take().deltas {
+        objects.apply(delta, node_name, &mut Touched::default());
+    }
+    Ok(objects)
 }

@@ -2,16 +2,22 @@
 //! agent keeps watching. Files are multi-document; each document is one object or a `List`.
 //! A document that does not parse is skipped with a message naming the file and object, and
 //! the rest of the directory still counts.
+//!
+//! The watcher names the paths that changed: [`ManifestDir::update`] reads just those (a
+//! directory that appears is listed), and says which objects changed. [`ManifestDir::rescan`]
+//! checks the whole tree (at start, periodically, and when the watcher lost events).
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeSet, HashMap, HashSet},
     path::{Path, PathBuf},
+    sync::Arc,
     time::SystemTime,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_json::value::RawValue;
 use tracing::warn;
 
-use crate::objects::{ClusterObjects, Object};
+use crate::objects::{ClusterObjects, Delta, Object, ObjectKey};
 
 /// Why a document was skipped: what a user needs to find and fix it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,124 +51,273 @@ struct ParsedFile {
 #[derive(Default)]
 pub struct ManifestDir {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, ParsedFile>,
-    /// `Kind namespace/name` -> the file it came from, for messages about the object.
-    origins: BTreeMap<String, PathBuf>,
+    files: HashMap<PathBuf, ParsedFile>,
+    /// Which files define each object. An object in several files is taken from the last
+    /// file in path order, as if the files were applied in order.
+    origins: BTreeSet<(ObjectKey, PathBuf)>,
 }
 
 impl ManifestDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
-            files: BTreeMap::new(),
-            origins: BTreeMap::new(),
+            ..Default::default()
         }
     }
 
     /// The file an object (`Kind namespace/name`) was read from.
     pub fn origin(&self, object: &str) -> Option<&Path> {
-        self.origins.get(object).map(PathBuf::as_path)
+        self.winner(&ObjectKey::parse(object)?)
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Re-reads what changed and returns the objects of the whole directory, logging each
-    /// newly skipped document once.
+    /// Re-reads what changed in the whole tree and returns the objects of the whole
+    /// directory, logging each newly skipped document once.
     pub fn load(&mut self, node_name: &str) -> std::io::Result<(ClusterObjects, Vec<Skipped>)> {
-        let mut present = BTreeMap::new();
-        for path in manifest_files(&self.dir)? {
-            let meta = match std::fs::metadata(&path) {
-                Ok(meta) => meta,
-                Err(_) => continue, // vanished between listing and reading
-            };
-            present.insert(path, (meta.modified().ok(), meta.len()));
-        }
-        self.files.retain(|path, _| present.contains_key(path));
-        for (path, (modified, len)) in present {
-            let fresh = self
-                .files
-                .get(&path)
-                .is_some_and(|f| f.modified == modified && f.len == len && modified.is_some());
-            if fresh {
-                continue;
-            }
-            let parsed = match std::fs::read_to_string(&path) {
-                Ok(text) => {
-                    let (objects, skipped) = parse_documents(&path, &text);
-                    ParsedFile {
-                        modified,
-                        len,
-                        objects,
-                        skipped,
-                    }
-                }
-                Err(e) => ParsedFile {
-                    modified,
-                    len,
-                    objects: vec![],
-                    skipped: vec![Skipped {
-                        file: path.clone(),
-                        object: "file".into(),
-                        reason: format!("cannot read: {e}"),
-                    }],
-                },
-            };
-            for s in &parsed.skipped {
-                warn!(file = %s.file.display(), object = %s.object, reason = %s.reason, "skipping manifest document");
-            }
-            self.files.insert(path, parsed);
-        }
+        self.rescan()?;
         let mut cluster = ClusterObjects::default();
         let mut skipped = Vec::new();
-        self.origins.clear();
-        for (path, file) in &self.files {
+        let mut files: Vec<(&PathBuf, &ParsedFile)> = self.files.iter().collect();
+        files.sort_by_key(|(path, _)| *path); // a later file's copy of an object wins
+        for (_, file) in files {
             for object in &file.objects {
-                self.origins.insert(object.describe(), path.clone());
-                cluster.apply(object.clone(), node_name);
+                cluster.insert(object.clone(), node_name);
             }
             skipped.extend(file.skipped.iter().cloned());
         }
         Ok((cluster, skipped))
     }
+
+    /// Checks every file's size and modification time and re-reads those that changed (the
+    /// safety net for changes the watcher did not report).
+    pub fn rescan(&mut self) -> std::io::Result<Vec<Delta>> {
+        let mut present = HashMap::new();
+        for path in manifest_files(&self.dir)? {
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue; // vanished between listing and reading
+            };
+            present.insert(path, (meta.modified().ok(), meta.len()));
+        }
+        let mut touched = BTreeSet::new();
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !present.contains_key(*p))
+            .cloned()
+            .collect();
+        for path in gone {
+            self.forget(&path, &mut touched);
+        }
+        let stale = present
+            .into_iter()
+            .filter(|(path, (modified, len))| {
+                !self
+                    .files
+                    .get(path)
+                    .is_some_and(|f| f.modified == *modified && f.len == *len && modified.is_some())
+            })
+            .map(|(path, _)| path)
+            .collect();
+        self.read(stale, &mut touched);
+        Ok(self.deltas(touched))
+    }
+
+    /// Re-reads the files at `paths`, which the watcher reported changed (a path may be a
+    /// directory that appeared or went, or a file that is gone), and returns what changed.
+    pub fn update(&mut self, paths: impl IntoIterator<Item = PathBuf>) -> Vec<Delta> {
+        let mut touched = BTreeSet::new();
+        let mut read = HashSet::new();
+        for path in paths {
+            let Ok(relative) = path.strip_prefix(&self.dir) else {
+                continue;
+            };
+            if relative
+                .iter()
+                .any(|c| c.to_string_lossy().starts_with('.'))
+            {
+                continue; // editors' and writers' temporary files
+            }
+            if is_manifest(&path) && path.is_file() {
+                read.insert(path);
+                continue;
+            }
+            if !path.is_dir() && self.files.contains_key(&path) {
+                self.forget(&path, &mut touched);
+                continue;
+            }
+            // A directory that appeared, changed or went (rare: a walk of what is known).
+            let present: HashSet<PathBuf> = manifest_files(&path)
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+            let gone: Vec<PathBuf> = self
+                .files
+                .keys()
+                .filter(|p| p.starts_with(&path) && !present.contains(*p))
+                .cloned()
+                .collect();
+            for file in gone {
+                self.forget(&file, &mut touched);
+            }
+            read.extend(present);
+        }
+        self.read(read.into_iter().collect(), &mut touched);
+        self.deltas(touched)
+    }
+
+    fn forget(&mut self, path: &Path, touched: &mut BTreeSet<ObjectKey>) {
+        if let Some(old) = self.files.remove(path) {
+            for object in &old.objects {
+                let key = object.key();
+                self.origins.remove(&(key.clone(), path.to_path_buf()));
+                touched.insert(key);
+            }
+        }
+    }
+
+    /// Reads and parses `paths`, in parallel (a directory that appears brings 10,000s of
+    /// files), then records what they define.
+    fn read(&mut self, paths: Vec<PathBuf>, touched: &mut BTreeSet<ObjectKey>) {
+        let parsed = crate::parallel::map(&paths, |path| parse_file(path));
+        for (path, parsed) in paths.into_iter().zip(parsed) {
+            self.forget(&path, touched);
+            for s in &parsed.skipped {
+                warn!(file = %s.file.display(), object = %s.object, reason = %s.reason, "skipping manifest document");
+            }
+            for object in &parsed.objects {
+                let key = object.key();
+                self.origins.insert((key.clone(), path.clone()));
+                touched.insert(key);
+            }
+            self.files.insert(path, parsed);
+        }
+    }
+
+    /// The file `key` is taken from: the last in path order that defines it.
+    fn winner(&self, key: &ObjectKey) -> Option<&Path> {
+        let from = (key.clone(), PathBuf::new());
+        self.origins
+            .range(from..)
+            .take_while(|(k, _)| k == key)
+            .last()
+            .map(|(_, p)| p.as_path())
+    }
+
+    /// The current version of each touched object, or its deletion.
+    fn deltas(&self, touched: BTreeSet<ObjectKey>) -> Vec<Delta> {
+        touched
+            .into_iter()
+            .map(|key| {
+                let object = self.winner(&key).and_then(|path| {
+                    self.files[path]
+                        .objects
+                        .iter()
+                        .rev()
+                        .find(|o| o.key() == key)
+                });
+                match object {
+                    Some(object) => Delta::Apply(object.clone()),
+                    None => Delta::Delete(key),
+                }
+            })
+            .collect()
+    }
 }
 
+fn parse_file(path: &Path) -> ParsedFile {
+    use std::io::Read;
+    let mut text = String::new();
+    let read = std::fs::File::open(path).and_then(|mut file| {
+        let meta = file.metadata()?;
+        file.read_to_string(&mut text)?;
+        Ok(meta)
+    });
+    match read {
+        Ok(meta) => {
+            let (objects, skipped) = parse_documents(path, &text);
+            ParsedFile {
+                modified: meta.modified().ok(),
+                len: meta.len(),
+                objects,
+                skipped,
+            }
+        }
+        Err(e) => ParsedFile {
+            modified: None,
+            len: 0,
+            objects: vec![],
+            skipped: vec![Skipped {
+                file: path.into(),
+                object: "file".into(),
+                reason: format!("cannot read: {e}"),
+            }],
+        },
+    }
+}
+
+fn is_manifest(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
+}
+
+/// The manifest files under `dir`, in no particular order.
 fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(dir) = pending.pop() {
         for entry in std::fs::read_dir(&dir)? {
-            let path = entry?.path();
+            let entry = entry?;
+            let path = entry.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if name.starts_with('.') {
                 continue; // editors' and writers' temporary files
             }
-            if path.is_dir() {
+            // The entry's type needs no stat, except for symbolic links.
+            let is_dir = match entry.file_type() {
+                Ok(t) if t.is_symlink() => path.is_dir(),
+                Ok(t) => t.is_dir(),
+                Err(_) => continue,
+            };
+            if is_dir {
                 pending.push(path);
-            } else if matches!(
-                path.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml" | "json")
-            ) {
+            } else if is_manifest(&path) {
                 files.push(path);
             }
         }
     }
-    files.sort();
     Ok(files)
 }
 
 /// Parses every document in `text`. Exposed for tests and for other sources of raw manifests.
+/// JSON (a `.json` file, or text that starts like JSON) goes straight into the typed objects;
+/// anything else, or JSON that does not parse, is read as YAML.
 pub fn parse_documents(file: &Path, text: &str) -> (Vec<Object>, Vec<Skipped>) {
-    let mut objects = Vec::new();
-    let mut skipped = Vec::new();
+    let mut out = Parsed::default();
+    let json =
+        file.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with(['{', '[']);
+    if json {
+        let documents: Result<Vec<&RawValue>, _> = serde_json::Deserializer::from_str(text)
+            .into_iter::<&RawValue>()
+            .collect();
+        if let Ok(documents) = documents {
+            for (index, document) in documents.into_iter().enumerate() {
+                let position = format!("document {}", index + 1);
+                parse_document(file, &position, Body::Json(document), &mut out);
+            }
+            return (out.objects, out.skipped);
+        }
+    }
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let position = format!("document {}", index + 1);
-        let value = match serde_yaml::Value::deserialize(document) {
-            Ok(serde_yaml::Value::Null) => continue, // empty document
-            Ok(value) => value,
+        match serde_yaml::Value::deserialize(document) {
+            Ok(value) => parse_document(file, &position, Body::Yaml(value), &mut out),
             Err(e) => {
-                skipped.push(Skipped {
+                out.skipped.push(Skipped {
                     file: file.into(),
                     object: position,
                     reason: format!("invalid YAML: {e}"),
@@ -170,85 +325,160 @@ pub fn parse_documents(file: &Path, text: &str) -> (Vec<Object>, Vec<Skipped>) {
                 // The YAML stream cannot be resynchronised after a syntax error.
                 break;
             }
-        };
-        parse_value(file, &position, value, &mut objects, &mut skipped);
+        }
     }
-    (objects, skipped)
+    (out.objects, out.skipped)
 }
 
-fn parse_value(
-    file: &Path,
-    position: &str,
-    value: serde_yaml::Value,
-    objects: &mut Vec<Object>,
-    skipped: &mut Vec<Skipped>,
-) {
-    let text = |key: &str| {
-        value
-            .get(key)
-            .and_then(|v| v.as_str())
-            .unwrap_or("")
-            .to_string()
-    };
-    let (api_version, kind) = (text("apiVersion"), text("kind"));
-    let meta_text = |key: &str| {
-        value
-            .get("metadata")
-            .and_then(|m| m.get(key))
-            .and_then(|v| v.as_str())
-            .map(str::to_string)
-    };
-    let name = meta_text("name");
+#[derive(Default)]
+struct Parsed {
+    objects: Vec<Object>,
+    skipped: Vec<Skipped>,
+}
+
+/// One document, JSON kept as text until its kind is known, so that it is parsed once into
+/// its type; YAML has to be read into a value first.
+enum Body<'a> {
+    Json(&'a RawValue),
+    Yaml(serde_yaml::Value),
+}
+
+/// What identifies a document. Fields of the wrong type read as absent, as in a YAML value.
+#[derive(Default)]
+struct Header {
+    api_version: String,
+    kind: String,
+    name: Option<String>,
+    namespace: Option<String>,
+}
+
+impl Body<'_> {
+    fn header(&self) -> Header {
+        match self {
+            Body::Json(raw) => {
+                #[derive(Deserialize)]
+                struct Fields<'a> {
+                    #[serde(rename = "apiVersion", borrow)]
+                    api_version: Option<&'a RawValue>,
+                    #[serde(borrow)]
+                    kind: Option<&'a RawValue>,
+                    #[serde(borrow)]
+                    metadata: Option<&'a RawValue>,
+                }
+                #[derive(Deserialize)]
+                struct Meta<'a> {
+                    #[serde(borrow)]
+                    name: Option<&'a RawValue>,
+                    #[serde(borrow)]
+                    namespace: Option<&'a RawValue>,
+                }
+                let text = |v: Option<&RawValue>| {
+                    v.and_then(|v| serde_json::from_str::<String>(v.get()).ok())
+                };
+                let Ok(fields) = serde_json::from_str::<Fields>(raw.get()) else {
+                    return Header::default(); // not an object
+                };
+                let meta = fields
+                    .metadata
+                    .and_then(|m| serde_json::from_str::<Meta>(m.get()).ok());
+                Header {
+                    api_version: text(fields.api_version).unwrap_or_default(),
+                    kind: text(fields.kind).unwrap_or_default(),
+                    name: meta.as_ref().and_then(|m| text(m.name)),
+                    namespace: meta.as_ref().and_then(|m| text(m.namespace)),
+                }
+            }
+            Body::Yaml(value) => {
+                let text =
+                    |v: Option<&serde_yaml::Value>| v.and_then(|v| v.as_str()).map(str::to_string);
+                let meta = |key: &str| text(value.get("metadata").and_then(|m| m.get(key)));
+                Header {
+                    api_version: text(value.get("apiVersion")).unwrap_or_default(),
+                    kind: text(value.get("kind")).unwrap_or_default(),
+                    name: meta("name"),
+                    namespace: meta("namespace"),
+                }
+            }
+        }
+    }
+
+    fn is_null(&self) -> bool {
+        match self {
+            Body::Json(raw) => raw.get() == "null",
+            Body::Yaml(value) => value.is_null(),
+        }
+    }
+
+    /// A `List`'s items.
+    fn items(self) -> Vec<Self> {
+        match self {
+            Body::Json(raw) => {
+                #[derive(Deserialize)]
+                struct List<'a> {
+                    #[serde(borrow, default)]
+                    items: Vec<&'a RawValue>,
+                }
+                serde_json::from_str::<List>(raw.get())
+                    .map(|l| l.items.into_iter().map(Body::Json).collect())
+                    .unwrap_or_default()
+            }
+            Body::Yaml(mut value) => match value.get_mut("items").map(std::mem::take) {
+                Some(serde_yaml::Value::Sequence(items)) => {
+                    items.into_iter().map(Body::Yaml).collect()
+                }
+                _ => vec![],
+            },
+        }
+    }
+
+    fn typed<T: DeserializeOwned>(self) -> Result<T, String> {
+        match self {
+            Body::Json(raw) => serde_json::from_str(raw.get()).map_err(|e| e.to_string()),
+            Body::Yaml(value) => serde_yaml::from_value(value).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+fn parse_document(file: &Path, position: &str, body: Body, out: &mut Parsed) {
+    if body.is_null() {
+        return; // empty document
+    }
+    let header = body.header();
+    let kind = header.kind.as_str();
     let label = format!(
         "{} {}/{} ({position})",
-        if kind.is_empty() { "object" } else { &kind },
-        meta_text("namespace").unwrap_or_else(|| "default".into()),
-        name.clone().unwrap_or_default()
+        if kind.is_empty() { "object" } else { kind },
+        header.namespace.as_deref().unwrap_or("default"),
+        header.name.as_deref().unwrap_or_default()
     );
-    let skip = |reason: String, skipped: &mut Vec<Skipped>| {
-        skipped.push(Skipped {
-            file: file.into(),
-            object: label.clone(),
-            reason,
-        })
-    };
-    let typed = match (api_version.as_str(), kind.as_str()) {
+    let typed = match (header.api_version.as_str(), kind) {
         ("v1", "List") => {
-            let items = value
-                .get("items")
-                .and_then(|v| v.as_sequence())
-                .cloned()
-                .unwrap_or_default();
-            for (i, item) in items.into_iter().enumerate() {
-                parse_value(
-                    file,
-                    &format!("{position}, item {}", i + 1),
-                    item,
-                    objects,
-                    skipped,
-                );
+            for (i, item) in body.items().into_iter().enumerate() {
+                parse_document(file, &format!("{position}, item {}", i + 1), item, out);
             }
             return;
         }
-        ("v1", "Service") => {
-            serde_yaml::from_value(value).map(|s| Object::Service(std::sync::Arc::new(s)))
-        }
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
-            serde_yaml::from_value(value).map(|s| Object::EndpointSlice(std::sync::Arc::new(s)))
-        }
-        ("v1", "Node") => {
-            serde_yaml::from_value(value).map(|n| Object::Node(std::sync::Arc::new(n)))
-        }
+        ("v1", "Service") => body.typed().map(Object::service),
+        ("discovery.k8s.io/v1", "EndpointSlice") => body.typed().map(Object::endpoint_slice),
+        ("v1", "Node") => body.typed().map(|n| Object::Node(Arc::new(n))),
         _ => {
             // Other kinds (Deployments, Pods...) may share the directory; they are not ours.
             return;
         }
     };
-    match typed {
-        Ok(object) if name.is_some() => objects.push(object),
-        Ok(_) => skip("metadata.name is missing".into(), skipped),
-        Err(e) => skip(format!("does not match the {kind} schema: {e}"), skipped),
-    }
+    let reason = match typed {
+        Ok(object) if header.name.is_some() => {
+            out.objects.push(object);
+            return;
+        }
+        Ok(_) => "metadata.name is missing".to_string(),
+        Err(e) => format!("does not match the {kind} schema: {e}"),
+    };
+    out.skipped.push(Skipped {
+        file: file.into(),
+        object: label,
+        reason,
+    });
 }
 
 #[cfg(test)]
@@ -295,6 +525,58 @@ endpoints: [{addresses: [10.0.0.1]}]
         assert!(objects.is_empty());
         assert_eq!(skipped.len(), 1);
         assert!(skipped[0].reason.contains("invalid YAML"));
+    }
+
+    #[test]
+    fn update_reads_only_the_reported_paths_and_reports_what_changed() {
+        let root = tempfile::tempdir().unwrap();
+        let svc = |name: &str, ip: &str| {
+            format!(
+                r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}"}},"spec":{{"clusterIP":"{ip}"}}}}"#
+            )
+        };
+        std::fs::write(root.path().join("a.json"), svc("a", "10.96.0.1")).unwrap();
+        let mut dir = ManifestDir::new(root.path());
+        let keys = |deltas: Vec<Delta>| -> Vec<String> {
+            deltas
+                .iter()
+                .map(|d| match d {
+                    Delta::Apply(o) => format!("apply {}", o.key()),
+                    Delta::Delete(k) => format!("delete {k}"),
+                    Delta::Relist(..) => unreachable!(),
+                })
+                .collect()
+        };
+        assert_eq!(keys(dir.rescan().unwrap()), ["apply Service default/a"]);
+        // A directory appears (renamed in): all its files are read.
+        let sub = root.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join("b.json"), svc("b", "10.96.0.2")).unwrap();
+        std::fs::write(sub.join("a.yaml"), svc("a", "10.96.0.3")).unwrap();
+        assert_eq!(
+            keys(dir.update([sub.clone()])),
+            ["apply Service default/a", "apply Service default/b"]
+        );
+        assert_eq!(
+            dir.origin("Service default/a"),
+            Some(sub.join("a.yaml").as_path())
+        );
+        // A file another one overrides changes: nothing to report.
+        std::fs::write(root.path().join("a.json"), svc("a", "10.96.0.4")).unwrap();
+        let deltas = dir.update([root.path().join("a.json")]);
+        assert!(matches!(&deltas[..], [Delta::Apply(Object::Service(s))]
+            if s.spec.as_ref().unwrap().cluster_ip.as_deref() == Some("10.96.0.3")));
+        // The directory goes: b is deleted, a falls back to the other file.
+        std::fs::remove_dir_all(&sub).unwrap();
+        let deltas = dir.update([sub]);
+        assert_eq!(
+            keys(deltas),
+            ["apply Service default/a", "delete Service default/b"]
+        );
+        assert_eq!(
+            dir.origin("Service default/a"),
+            Some(root.path().join("a.json").as_path())
+        );
     }
 
     #[test]
