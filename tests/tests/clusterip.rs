@@ -440,6 +440,21 @@ fn flows_leave_a_backend_that_disappears() {
     assert!(outcome.starts_with("reset"), "{outcome}");
 }
 
+/// One HTTP/1.0 GET from a fixed local port; prints the body.
+const GET_FROM_PORT: &str = r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[3])))
+s.settimeout(3)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+data = b""
+while chunk := s.recv(4096):
+    data += chunk
+print(data.split(b"\r\n\r\n", 1)[1].decode(), end="")
+"#;
+
 #[test]
 fn a_closed_service_flow_does_not_capture_a_direct_connection_from_its_port() {
     require_root!();
@@ -447,14 +462,14 @@ fn a_closed_service_flow_does_not_capture_a_direct_connection_from_its_port() {
     let ips = cluster.web_ips();
     cluster.publish_web(&ips[..1]);
     cluster.agent.wait_for_backends("10.96.0.10:80", 1).unwrap();
-    let curl_from_port = |url: &str| {
-        cluster.client().run(
-            "curl",
-            &["-s", "--max-time", "3", "--local-port", "41000", url],
-        )
+    // SO_REUSEADDR: whichever side closed first, the port is free for another destination.
+    let get_from_port = |ip: &str, port: &str| {
+        cluster
+            .client()
+            .run("python3", &["-c", GET_FROM_PORT, ip, port, "41000"])
     };
 
-    let via_service = curl_from_port(&format!("http://{VIP}/")).unwrap();
+    let via_service = get_from_port(VIP, "80").unwrap();
     assert!(via_service.starts_with("web-0"), "{via_service}");
     let client = format!("{}:41000", cluster.node.pods[0].ip);
     wait_until(Duration::from_secs(3), || {
@@ -472,7 +487,7 @@ fn a_closed_service_flow_does_not_capture_a_direct_connection_from_its_port() {
 
     // Same client port, straight to the pod: its answer must not be turned into the
     // service's (the client would reset it).
-    let direct = curl_from_port(&format!("http://{}:8080/", ips[0]))
+    let direct = get_from_port(&ips[0].to_string(), "8080")
         .expect("a direct connection from the service flow's client port");
     assert!(direct.starts_with("web-0"), "{direct}");
     let flows = cluster.agent.cli_json(&["flows"]).unwrap();
