@@ -45,6 +45,49 @@ impl Cluster {
             .write_manifest("web.yaml", &service("web", VIP, &[HTTP, DNS], endpoints))
             .unwrap();
     }
+
+    /// A TCP connection from the client pod to the service's port 80, open with half a
+    /// request sent, until `HeldConnection::finish`.
+    fn hold_connection(&self) -> HeldConnection {
+        let go = self.agent.manifests.parent().unwrap().join("go");
+        let mut child = self
+            .client()
+            .command("python3")
+            .args(["-c", HOLD, VIP, "80", go.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        assert_eq!(line.trim(), "open");
+        HeldConnection { child, stdout, go }
+    }
+}
+
+struct HeldConnection {
+    child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    go: std::path::PathBuf,
+}
+
+impl HeldConnection {
+    /// Sends the rest of the request: "data", "reset", "closed" or "timeout", and the seconds
+    /// the answer took.
+    fn finish(mut self) -> String {
+        std::fs::write(&self.go, "").unwrap();
+        let mut outcome = String::new();
+        std::io::Read::read_to_string(&mut self.stdout, &mut outcome).unwrap();
+        outcome
+    }
+}
+
+impl Drop for HeldConnection {
+    /// Also when a test fails before `finish`: no client left behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Which backend answered each request ("web-N"), and the client addresses they saw.
@@ -362,8 +405,7 @@ import os, socket, sys, time
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), 3)
 s.sendall(b"GET / HTTP/1.0\r\n")
 print("open", flush=True)
-deadline = time.monotonic() + 60  # a failed test never writes the file: do not linger
-while not os.path.exists(sys.argv[3]) and time.monotonic() < deadline:
+while not os.path.exists(sys.argv[3]):
     time.sleep(0.01)
 s.settimeout(3)
 t = time.monotonic()
@@ -405,18 +447,7 @@ fn flows_leave_a_backend_that_disappears() {
     // TCP: a connection whose backend is gone is reset, not left hanging.
     cluster.publish_web(&[ips[2]]);
     cluster.agent.wait_for_backends("10.96.0.10:80", 1).unwrap();
-    let go = cluster.agent.manifests.parent().unwrap().join("go");
-    let mut holder = cluster
-        .client()
-        .command("python3")
-        .args(["-c", HOLD, VIP, "80", go.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(holder.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-    assert_eq!(line.trim(), "open");
+    let held = cluster.hold_connection();
     cluster.publish_web(&ips[..1]);
     cluster.agent.wait_for_backends("10.96.0.10:80", 1).unwrap();
     wait_until(Duration::from_secs(5), || {
@@ -433,10 +464,7 @@ fn flows_leave_a_backend_that_disappears() {
             })
     })
     .unwrap();
-    std::fs::write(&go, "").unwrap();
-    let mut outcome = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut outcome).unwrap();
-    holder.wait().unwrap();
+    let outcome = held.finish();
     assert!(outcome.starts_with("reset"), "{outcome}");
 }
 
@@ -610,18 +638,7 @@ fn upgrading_from_conntrack_v1_keeps_open_connections() {
     let mut cluster = Cluster::new(Wiring::Routed, [10, 244, 13]);
     cluster.publish_web(&cluster.web_ips());
     cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
-    let go = cluster.agent.manifests.parent().unwrap().join("go");
-    let mut holder = cluster
-        .client()
-        .command("python3")
-        .args(["-c", HOLD, VIP, "80", go.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut held = std::io::BufReader::new(holder.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut held, &mut line).unwrap();
-    assert_eq!(line.trim(), "open");
+    let held = cluster.hold_connection();
     let before = cluster.agent.cli_json(&["flows"]).unwrap();
     assert_eq!(before.as_array().unwrap().len(), 1, "{before:#}");
 
@@ -701,10 +718,7 @@ fn upgrading_from_conntrack_v1_keeps_open_connections() {
     };
     assert_eq!(fields(&before), fields(&after), "{after:#}");
 
-    std::fs::write(&go, "").unwrap();
-    let mut outcome = String::new();
-    std::io::Read::read_to_string(&mut held, &mut outcome).unwrap();
-    holder.wait().unwrap();
+    let outcome = held.finish();
     assert!(outcome.starts_with("data"), "held connection: {outcome}");
 }
 
@@ -771,18 +785,7 @@ fn restarting_the_agent_keeps_every_connection_and_service() {
     cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
 
     // A connection held open across the restart (half a request sent before it)...
-    let go = cluster.agent.manifests.parent().unwrap().join("go");
-    let mut holder = cluster
-        .client()
-        .command("python3")
-        .args(["-c", HOLD, VIP, "80", go.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut held = std::io::BufReader::new(holder.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut held, &mut line).unwrap();
-    assert_eq!(line.trim(), "open");
+    let held = cluster.hold_connection();
     // ...and a client sending requests all through it.
     let load = cluster
         .client()
@@ -826,10 +829,7 @@ fn restarting_the_agent_keeps_every_connection_and_service() {
         "ids changed across the restart"
     );
 
-    std::fs::write(&go, "").unwrap();
-    let mut outcome = String::new();
-    std::io::Read::read_to_string(&mut held, &mut outcome).unwrap();
-    holder.wait().unwrap();
+    let outcome = held.finish();
     assert!(outcome.starts_with("data"), "held connection: {outcome}");
 
     let out = load.wait_with_output().unwrap();

@@ -9,7 +9,12 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::programs::{TestRun, TestRunOptions};
 use dataplane_agent::{
-    datapath::{BpffsLayout, loader::LoadedDatapath, maps::PinnedMaps, programmer::Programmer},
+    datapath::{
+        BpffsLayout,
+        loader::{LoadedDatapath, MapSizes},
+        maps::PinnedMaps,
+        programmer::Programmer,
+    },
     plan::{Algorithm, Frontend, FrontendAddr, FrontendKind, Plan, Protocol},
 };
 use testbed::require_root;
@@ -544,14 +549,36 @@ impl Drop for Pins {
     }
 }
 
+/// The datapath loaded under pins of its own (removed when `Pins` drops, which a tuple
+/// binding does last), and the agent's programmer on its maps.
+fn load(prefix: &str, sizes: &MapSizes) -> (Pins, LoadedDatapath, Programmer) {
+    let pins = Pins(BpffsLayout::new(
+        std::path::Path::new("/sys/fs/bpf").join(testbed::unique(prefix)),
+    ));
+    let datapath = LoadedDatapath::load(&pins.0, sizes).unwrap();
+    let programmer = Programmer::restore(PinnedMaps::open(&pins.0).unwrap()).unwrap();
+    (pins, datapath, programmer)
+}
+
+/// Runs `pod_ingress` on `input`: the verdict and the frame it left with.
+fn run_pod_ingress(datapath: &mut LoadedDatapath, input: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; 256];
+    let result = datapath
+        .program(dataplane_common::PROG_POD_INGRESS)
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .unwrap();
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
 #[test]
 fn packet_fixtures_through_bpf_prog_test_run() {
     require_root!();
-    let pins = Pins(BpffsLayout::new(
-        std::path::Path::new("/sys/fs/bpf").join(testbed::unique("dpfix")),
-    ));
-    let mut datapath = LoadedDatapath::load(&pins.0, &Default::default()).unwrap();
-    let mut programmer = Programmer::restore(PinnedMaps::open(&pins.0).unwrap()).unwrap();
+    let (_pins, mut datapath, mut programmer) = load("dpfix", &Default::default());
     let plan = Plan {
         frontends: vec![
             frontend(
@@ -588,22 +615,13 @@ fn packet_fixtures_through_bpf_prog_test_run() {
     let report = programmer.apply(&plan);
     assert!(report.failures.is_empty(), "{:?}", report.failures);
 
-    let program = datapath.program(dataplane_common::PROG_POD_INGRESS);
     let mut failures = Vec::new();
     for case in cases() {
-        let mut out = vec![0u8; 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(&case.input),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .unwrap();
-        out.truncate(result.data_size_out as usize);
-        if result.return_value != case.verdict || out != case.expected {
+        let (verdict, out) = run_pod_ingress(&mut datapath, &case.input);
+        if verdict != case.verdict || out != case.expected {
             failures.push(format!(
                 "{}:\n  verdict {} (expected {})\n  got      {:02x?}\n  expected {:02x?}",
-                case.description, result.return_value, case.verdict, out, case.expected
+                case.description, verdict, case.verdict, out, case.expected
             ));
         }
     }
@@ -629,35 +647,19 @@ fn destination_of(
     vip: Ipv4Addr,
     client_port: u16,
 ) -> (u32, Ipv4Addr) {
-    let input = syn_to(vip, client_port);
-    let mut out = vec![0u8; 256];
-    let result = datapath
-        .program(dataplane_common::PROG_POD_INGRESS)
-        .test_run(TestRunOptions {
-            data_in: Some(&input),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .unwrap();
-    (
-        result.return_value,
-        Ipv4Addr::new(out[30], out[31], out[32], out[33]),
-    )
+    let (verdict, out) = run_pod_ingress(datapath, &syn_to(vip, client_port));
+    (verdict, Ipv4Addr::new(out[30], out[31], out[32], out[33]))
 }
 
 #[test]
 fn a_full_map_skips_what_does_not_fit_and_keeps_the_rest_working() {
     require_root!();
-    let pins = Pins(BpffsLayout::new(
-        std::path::Path::new("/sys/fs/bpf").join(testbed::unique("dpfull")),
-    ));
     let sizes = [
         (dataplane_common::map_names::SERVICES.to_string(), 8),
         (dataplane_common::map_names::BACKENDS.to_string(), 5),
     ]
     .into();
-    let mut datapath = LoadedDatapath::load(&pins.0, &sizes).unwrap();
-    let mut programmer = Programmer::restore(PinnedMaps::open(&pins.0).unwrap()).unwrap();
+    let (_pins, mut datapath, mut programmer) = load("dpfull", &sizes);
     let vip = |n| Ipv4Addr::new(10, 96, 1, n);
     let backend = |n| sock(Ipv4Addr::new(10, 0, 0, n), 8080);
     let fe =
@@ -736,11 +738,7 @@ fn a_full_map_skips_what_does_not_fit_and_keeps_the_rest_working() {
 #[test]
 fn idle_conntrack_entries_are_collected_by_protocol_timeout() {
     require_root!();
-    let pins = Pins(BpffsLayout::new(
-        std::path::Path::new("/sys/fs/bpf").join(testbed::unique("dpgc")),
-    ));
-    let mut datapath = LoadedDatapath::load(&pins.0, &Default::default()).unwrap();
-    let mut programmer = Programmer::restore(PinnedMaps::open(&pins.0).unwrap()).unwrap();
+    let (pins, mut datapath, mut programmer) = load("dpgc", &Default::default());
     let plan = Plan {
         frontends: vec![
             frontend(
@@ -762,17 +760,7 @@ fn idle_conntrack_entries_are_collected_by_protocol_timeout() {
         health_checks: vec![],
     };
     assert!(programmer.apply(&plan).failures.is_empty());
-    let run = |datapath: &mut LoadedDatapath, frame: Vec<u8>| {
-        let mut out = vec![0u8; 256];
-        datapath
-            .program(dataplane_common::PROG_POD_INGRESS)
-            .test_run(TestRunOptions {
-                data_in: Some(&frame),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .unwrap();
-    };
+    let run = |datapath: &mut LoadedDatapath, frame: Vec<u8>| run_pod_ingress(datapath, &frame);
     run(&mut datapath, syn_to(VIP, 40500));
     run(
         &mut datapath,
@@ -814,11 +802,7 @@ fn idle_conntrack_entries_are_collected_by_protocol_timeout() {
 #[test]
 fn a_closed_tcp_flow_reopens_on_a_new_syn_and_goes_after_a_short_idle_time() {
     require_root!();
-    let pins = Pins(BpffsLayout::new(
-        std::path::Path::new("/sys/fs/bpf").join(testbed::unique("dpfin")),
-    ));
-    let mut datapath = LoadedDatapath::load(&pins.0, &Default::default()).unwrap();
-    let mut programmer = Programmer::restore(PinnedMaps::open(&pins.0).unwrap()).unwrap();
+    let (pins, mut datapath, mut programmer) = load("dpfin", &Default::default());
     let plan = Plan {
         frontends: vec![frontend(
             "default/web",
@@ -842,16 +826,7 @@ fn a_closed_tcp_flow_reopens_on_a_new_syn_and_goes_after_a_short_idle_time() {
                 ack: 0,
             },
         );
-        let mut out = vec![0u8; 256];
-        let result = datapath
-            .program(dataplane_common::PROG_POD_INGRESS)
-            .test_run(TestRunOptions {
-                data_in: Some(&input),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(result.return_value, TC_ACT_OK);
+        assert_eq!(run_pod_ingress(&mut datapath, &input).0, TC_ACT_OK);
     };
     let maps = || PinnedMaps::open(&pins.0).unwrap();
     let flags = || -> Vec<u16> {
