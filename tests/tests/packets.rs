@@ -541,6 +541,35 @@ fn frontend(
     }
 }
 
+/// A plan of just these frontends.
+fn plan_of(frontends: Vec<Frontend>) -> Plan {
+    Plan {
+        frontends,
+        problems: vec![],
+        health_checks: vec![],
+    }
+}
+
+/// The `web` service: TCP 80 to BACKEND:8080, UDP 53 to BACKEND:5353.
+fn web_frontends() -> [Frontend; 2] {
+    [
+        frontend(
+            "default/web",
+            VIP,
+            80,
+            Protocol::Tcp,
+            &[sock(BACKEND, 8080)],
+        ),
+        frontend(
+            "default/web",
+            VIP,
+            53,
+            Protocol::Udp,
+            &[sock(BACKEND, 5353)],
+        ),
+    ]
+}
+
 struct Pins(BpffsLayout);
 
 impl Drop for Pins {
@@ -579,39 +608,26 @@ fn run_pod_ingress(datapath: &mut LoadedDatapath, input: &[u8]) -> (u32, Vec<u8>
 fn packet_fixtures_through_bpf_prog_test_run() {
     require_root!();
     let (_pins, mut datapath, mut programmer) = load("dpfix", &Default::default());
-    let plan = Plan {
-        frontends: vec![
-            frontend(
-                "default/web",
-                VIP,
-                80,
-                Protocol::Tcp,
-                &[sock(BACKEND, 8080)],
-            ),
-            frontend(
-                "default/web",
-                VIP,
-                53,
-                Protocol::Udp,
-                &[sock(BACKEND, 5353)],
-            ),
-            frontend("default/empty", EMPTY_VIP, 80, Protocol::Tcp, &[]),
-            frontend("default/empty", EMPTY_VIP, 53, Protocol::Udp, &[]),
-            frontend(
-                "default/self",
-                HAIRPIN_VIP,
-                80,
-                Protocol::Tcp,
-                &[sock(BACKEND, 8080)],
-            ),
-            Frontend {
-                drop_when_empty: true,
-                ..frontend("default/node-local", LOCAL_ONLY_VIP, 80, Protocol::Tcp, &[])
-            },
-        ],
-        problems: vec![],
-        health_checks: vec![],
-    };
+    let plan = plan_of(
+        web_frontends()
+            .into_iter()
+            .chain([
+                frontend("default/empty", EMPTY_VIP, 80, Protocol::Tcp, &[]),
+                frontend("default/empty", EMPTY_VIP, 53, Protocol::Udp, &[]),
+                frontend(
+                    "default/self",
+                    HAIRPIN_VIP,
+                    80,
+                    Protocol::Tcp,
+                    &[sock(BACKEND, 8080)],
+                ),
+                Frontend {
+                    drop_when_empty: true,
+                    ..frontend("default/node-local", LOCAL_ONLY_VIP, 80, Protocol::Tcp, &[])
+                },
+            ])
+            .collect(),
+    );
     let report = programmer.apply(&plan);
     assert!(report.failures.is_empty(), "{:?}", report.failures);
 
@@ -670,21 +686,13 @@ fn a_full_map_skips_what_does_not_fit_and_keeps_the_rest_working() {
         fe(1, &[backend(1), backend(2), backend(3)]),
         fe(2, &[backend(1)]),
     ];
-    let report = programmer.apply(&Plan {
-        frontends: frontends.clone(),
-        problems: vec![],
-        health_checks: vec![],
-    });
+    let report = programmer.apply(&plan_of(frontends.clone()));
     assert!(report.failures.is_empty(), "{:?}", report.failures);
 
     // Two more backends (one fits) and two more frontends (one fits).
     frontends.push(fe(3, &[backend(4), backend(5)]));
     frontends.push(fe(4, &[backend(1)]));
-    let report = programmer.apply(&Plan {
-        frontends: frontends.clone(),
-        problems: vec![],
-        health_checks: vec![],
-    });
+    let report = programmer.apply(&plan_of(frontends.clone()));
     let failures = report.failures.join("\n");
     assert_eq!(report.failures.len(), 2, "{failures}");
     assert!(
@@ -718,11 +726,7 @@ fn a_full_map_skips_what_does_not_fit_and_keeps_the_rest_working() {
 
     // Room frees up: the next apply programs what was skipped.
     frontends.remove(1);
-    let report = programmer.apply(&Plan {
-        frontends,
-        problems: vec![],
-        health_checks: vec![],
-    });
+    let report = programmer.apply(&plan_of(frontends));
     assert_eq!(
         report.failures.len(),
         1,
@@ -739,26 +743,7 @@ fn a_full_map_skips_what_does_not_fit_and_keeps_the_rest_working() {
 fn idle_conntrack_entries_are_collected_by_protocol_timeout() {
     require_root!();
     let (pins, mut datapath, mut programmer) = load("dpgc", &Default::default());
-    let plan = Plan {
-        frontends: vec![
-            frontend(
-                "default/web",
-                VIP,
-                80,
-                Protocol::Tcp,
-                &[sock(BACKEND, 8080)],
-            ),
-            frontend(
-                "default/web",
-                VIP,
-                53,
-                Protocol::Udp,
-                &[sock(BACKEND, 5353)],
-            ),
-        ],
-        problems: vec![],
-        health_checks: vec![],
-    };
+    let plan = plan_of(web_frontends().into());
     assert!(programmer.apply(&plan).failures.is_empty());
     let run = |datapath: &mut LoadedDatapath, frame: Vec<u8>| run_pod_ingress(datapath, &frame);
     run(&mut datapath, syn_to(VIP, 40500));
@@ -803,17 +788,13 @@ fn idle_conntrack_entries_are_collected_by_protocol_timeout() {
 fn a_closed_tcp_flow_reopens_on_a_new_syn_and_goes_after_a_short_idle_time() {
     require_root!();
     let (pins, mut datapath, mut programmer) = load("dpfin", &Default::default());
-    let plan = Plan {
-        frontends: vec![frontend(
-            "default/web",
-            VIP,
-            80,
-            Protocol::Tcp,
-            &[sock(BACKEND, 8080)],
-        )],
-        problems: vec![],
-        health_checks: vec![],
-    };
+    let plan = plan_of(vec![frontend(
+        "default/web",
+        VIP,
+        80,
+        Protocol::Tcp,
+        &[sock(BACKEND, 8080)],
+    )]);
     assert!(programmer.apply(&plan).failures.is_empty());
     let mut run = |flags: u8| {
         let input = frame(
