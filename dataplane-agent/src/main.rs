@@ -13,7 +13,6 @@ use dataplane_agent::{
     run::{RunConfig, SourceConfig, run},
     source::{kube as kube_source, manifests::ManifestDir},
 };
-use dataplane_common::{PROG_EXTERNAL_INGRESS, PROG_POD_INGRESS};
 
 #[derive(Parser)]
 #[command(
@@ -207,9 +206,21 @@ enum Command {
         #[arg(long, value_delimiter = ',', required = true)]
         pod_interfaces: Vec<String>,
         /// Globs of the node's external interfaces (node ports, load-balancer and external IPs
-        /// are served there, and other nodes' replies arrive there).
-        #[arg(long, value_delimiter = ',')]
+        /// are served there, and other nodes' replies arrive there): uplinks and the overlay
+        /// devices of common CNIs (Calico IPIP, VXLAN and WireGuard; flannel VXLAN and
+        /// WireGuard).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "eth*,ens*,eno*,enp*,bond*,tunl0,vxlan.calico,wireguard.cali,flannel.1,flannel-wg"
+        )]
         external_interfaces: Vec<String>,
+        /// Source ports for traffic SNATed to the node (externalTrafficPolicy Cluster), as
+        /// LOW-HIGH: outside the node's ephemeral ports (net.ipv4.ip_local_port_range) and
+        /// the node port range, so a SNATed flow never takes the tuple of the node's own
+        /// connection. Checked at start.
+        #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
+        snat_port_range: (u16, u16),
         #[command(flatten)]
         node: NodeArgs,
         /// Where /healthz and /livez are served, as kube-proxy's flag.
@@ -344,8 +355,10 @@ fn main() -> anyhow::Result<()> {
             metrics_bind_address,
             bpffs_dir,
             map_sizes,
+            snat_port_range,
         } => {
             let config = RunConfig {
+                snat_ports: snat_port_range,
                 source: source.config(),
                 node: node.context(&node_name),
                 node_name,
@@ -504,7 +517,7 @@ fn cleanup(layout: &BpffsLayout) -> anyhow::Result<()> {
     for link in attach::detach_all(layout) {
         eprintln!("detached {link}");
     }
-    let mut pins: Vec<PathBuf> = [PROG_POD_INGRESS, PROG_EXTERNAL_INGRESS]
+    let mut pins: Vec<PathBuf> = dataplane_common::PROGRAMS
         .iter()
         .map(|name| layout.program(name))
         .collect();
@@ -518,6 +531,7 @@ fn cleanup(layout: &BpffsLayout) -> anyhow::Result<()> {
             eprintln!("removed {}", pin.display());
         }
     }
+    let _ = std::fs::remove_dir(layout.egress_links_dir());
     let _ = std::fs::remove_dir(layout.links_dir());
     std::fs::remove_dir(layout.dir()).with_context(|| {
         format!(

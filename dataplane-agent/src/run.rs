@@ -43,6 +43,59 @@ pub struct RunConfig {
     pub healthz_bind_address: std::net::SocketAddr,
     /// Where /metrics is served (kube-proxy's --metrics-bind-address).
     pub metrics_bind_address: std::net::SocketAddr,
+    /// Source ports for SNATed external flows (`--snat-port-range`), inclusive.
+    pub snat_ports: (u16, u16),
+}
+
+/// Checks `--snat-port-range` against the ports the node uses itself: its ephemeral ports
+/// (`net.ipv4.ip_local_port_range` of this network namespace) and the node port range. A SNAT
+/// port in either could give a SNATed flow the tuple of one of the node's own connections.
+pub fn check_snat_ports(
+    snat: (u16, u16),
+    node_ports: (u16, u16),
+    ephemeral: (u16, u16),
+) -> anyhow::Result<()> {
+    anyhow::ensure!(snat.0 > 0, "--snat-port-range cannot include port 0");
+    let overlaps = |(a, b): (u16, u16)| snat.0 <= b && a <= snat.1;
+    let range = |(a, b): (u16, u16)| format!("{a}-{b}");
+    anyhow::ensure!(
+        !overlaps(ephemeral),
+        "--snat-port-range {} overlaps the node's ephemeral ports {} \
+         (net.ipv4.ip_local_port_range): SNATed flows could take the tuple of the node's own \
+         connections; choose a range outside it, e.g. {}",
+        range(snat),
+        range(ephemeral),
+        suggested_snat_range(node_ports, ephemeral),
+    );
+    anyhow::ensure!(
+        !overlaps(node_ports),
+        "--snat-port-range {} overlaps the node port range {} (--service-node-port-range)",
+        range(snat),
+        range(node_ports),
+    );
+    Ok(())
+}
+
+/// A range clear of both, for the error message: above the higher one, else below the lower.
+fn suggested_snat_range(node_ports: (u16, u16), ephemeral: (u16, u16)) -> String {
+    let top = node_ports.1.max(ephemeral.1);
+    let bottom = node_ports.0.min(ephemeral.0);
+    if top < 65_000 {
+        format!("{}-65535", top + 1)
+    } else {
+        format!("1024-{}", bottom.saturating_sub(1).max(1025))
+    }
+}
+
+/// The node's ephemeral port range, as this network namespace has it.
+pub fn ephemeral_ports() -> anyhow::Result<(u16, u16)> {
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let mut ports = text.split_whitespace().map(str::parse::<u16>);
+    match (ports.next(), ports.next()) {
+        (Some(Ok(low)), Some(Ok(high))) => Ok((low, high)),
+        _ => anyhow::bail!("{path} holds {text:?}, not two ports"),
+    }
 }
 
 /// kube-proxy calls the proxy unhealthy when a change has waited this long to be programmed
@@ -139,6 +192,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // never kill it halfway through attaching.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    // Settings are checked before anything is loaded, attached or pinned.
+    check_snat_ports(
+        config.snat_ports,
+        config.node.nodeport_range,
+        ephemeral_ports()?,
+    )?;
     let layout = BpffsLayout::new(&config.bpffs_dir);
     let mut datapath = LoadedDatapath::load(&layout, &config.map_sizes)?;
     let programmer =
@@ -197,6 +256,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         objects: ClusterObjects::default(),
         planner: Planner::default(),
         programmer,
+        snat_ports: config.snat_ports,
         node: config.node.clone(),
         external_globs,
         health,
@@ -244,6 +304,7 @@ struct Agent {
     objects: ClusterObjects,
     planner: Planner,
     programmer: Programmer,
+    snat_ports: (u16, u16),
     node: NodeContext,
     external_globs: Vec<glob::Pattern>,
     health: Arc<ProxyHealth>,
@@ -280,7 +341,7 @@ impl Agent {
         // SNAT for external traffic uses the node's primary address.
         let primary = plan::primary_addresses(&self.objects);
         if let Some(addr) = primary.first().or(self.node.local_addresses.first())
-            && let Err(e) = self.programmer.set_snat_address(*addr)
+            && let Err(e) = self.programmer.set_snat(*addr, self.snat_ports)
         {
             warn!(error = %e, "cannot write the SNAT address");
         }

@@ -282,6 +282,8 @@ pub fn trace(
         .iter()
         .find(|s| s.frontend == frontend_name && s.protocol == protocol.to_string())
         .map(|s| s.service.clone());
+    // A redirect either forwards the translated packet (FIB) or sends an answer back.
+    let answered = output.get(30..34) == Some(&from.ip().octets()[..]);
     Ok(TraceResult {
         packet: describe(&input),
         program: program_name,
@@ -293,7 +295,8 @@ pub fn trace(
         verdict: match result.return_value {
             0 => "forwarded (TC_ACT_OK)",
             2 => "dropped (TC_ACT_SHOT)",
-            7 => "answered: sent back to the client (TC_ACT_REDIRECT)",
+            7 if answered => "answered: sent back to the client (TC_ACT_REDIRECT)",
+            7 => "forwarded: out of the interface the FIB names, past netfilter (TC_ACT_REDIRECT)",
             _ => "other",
         },
     })

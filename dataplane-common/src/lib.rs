@@ -33,8 +33,10 @@ pub mod map_names {
     pub const MAGLEV: &str = "dp_maglev_v1";
     pub const CONFIG: &str = "dp_config_v1";
     pub const NAMES: &str = "dp_names_v1";
+    pub const FRAGMENTS: &str = "dp_frag_v1";
+    pub const HOST_FLOWS: &str = "dp_hostflow_v1";
     /// Every map, in the order `cleanup` and the inspection tools walk them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -47,6 +49,8 @@ pub mod map_names {
         MAGLEV,
         CONFIG,
         NAMES,
+        FRAGMENTS,
+        HOST_FLOWS,
     ];
 }
 
@@ -67,6 +71,10 @@ pub mod capacity {
     pub const SOURCE_RANGES: u32 = 16_384;
     /// Frontends using Maglev (each has a table of `MAGLEV_TABLE_SIZE` backend ids).
     pub const MAGLEV_SERVICES: u32 = 4_096;
+    /// Datagrams in flight as fragments at once (first fragment seen, last not yet).
+    pub const FRAGMENTS: u32 = 8_192;
+    /// The node's own flows seen leaving on a frontend's address and port.
+    pub const HOST_FLOWS: u32 = 65_536;
 }
 
 /// The flow hash Maglev indexes with: fixed-seed (murmur3's finalizer per word), so every node
@@ -105,6 +113,19 @@ pub const MAGLEV_TABLE_SIZE: usize = 4093;
 /// Names of the tc programs, as pinned under the bpffs directory.
 pub const PROG_POD_INGRESS: &str = "pod_ingress";
 pub const PROG_EXTERNAL_INGRESS: &str = "external_ingress";
+/// `external_ingress` built for Layer-3 devices (no link header: WireGuard, IPIP, TUN).
+pub const PROG_EXTERNAL_INGRESS_L3: &str = "external_ingress_l3";
+/// At egress of external interfaces: notes the node's own flows from frontends.
+pub const PROG_EXTERNAL_EGRESS: &str = "external_egress";
+pub const PROG_EXTERNAL_EGRESS_L3: &str = "external_egress_l3";
+/// Every program the agent loads and pins.
+pub const PROGRAMS: [&str; 5] = [
+    PROG_POD_INGRESS,
+    PROG_EXTERNAL_INGRESS,
+    PROG_EXTERNAL_INGRESS_L3,
+    PROG_EXTERNAL_EGRESS,
+    PROG_EXTERNAL_EGRESS_L3,
+];
 
 /// Source address used when a pod reaches itself through a service (hairpin). The pod would
 /// drop a packet carrying its own address as source, so the datapath replaces it with this
@@ -328,8 +349,56 @@ pub const FRONTEND_KIND_EXTERNAL_IP: u8 = 3;
 pub struct DatapathConfig {
     /// Source address for SNATed external traffic: the node's own address.
     pub snat_addr: Ipv4,
-    pub _pad: [u8; 4],
+    /// The source ports SNATed flows take (`--snat-port-range`, inclusive, host order): a
+    /// range neither the node's ephemeral ports nor node ports use, so a SNATed flow never
+    /// shares a tuple with a connection of the node's own. (These two fields were `_pad` in
+    /// the first layout: the size is unchanged, so the map keeps its name.)
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
 }
+
+/// The SNAT source ports when `--snat-port-range` is not given: above Linux's default
+/// ephemeral range (32768-60999) and the default node port range (30000-32767).
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61_000, 65_535);
+
+/// A datagram's fragments as IPv4 groups them (RFC 791: source, destination, protocol and
+/// identification), as they arrive on the interface, before any translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub saddr: Ipv4,
+    pub daddr: Ipv4,
+    /// The IP header's identification field, network order as in the packet.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// The L4 ports of a fragmented datagram, read from its first fragment (host order): the
+/// later fragments carry no L4 header, and are looked up and translated with these.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentPorts {
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: [u8; 4],
+    /// When the first fragment was seen; stale entries are ignored (`FRAGMENT_TIMEOUT_NS`).
+    pub first_seen_ns: u64,
+}
+
+/// Linux's own reassembly timeout (`net.ipv4.ipfrag_time`, 30 s).
+pub const FRAGMENT_TIMEOUT_NS: u64 = 30_000_000_000;
+
+/// A flow the node itself sends out of an external interface from the address and port of a
+/// frontend (its own connection, or a pod's connection the node SNATed there), keyed by the
+/// tuple its replies arrive with. Such replies are the node's, not new connections to the
+/// frontend. The value is when the node last sent on it (ns since boot).
+pub type HostFlowKey = CtKey;
+
+/// How long a host flow keeps its replies away from the frontend after the node last sent on
+/// it: Linux's `nf_conntrack_udp_timeout_stream` (the longest of its UDP timeouts); a TCP
+/// reply is never a SYN, so TCP needs no entry at all.
+pub const HOST_FLOW_TIMEOUT_NS: u64 = 120_000_000_000;
 
 /// Packets, bytes (IP layer, both directions) and new connections of a frontend or backend,
 /// in per-CPU arrays (each CPU adds to its own copy without atomics; readers sum them).
@@ -402,6 +471,8 @@ mod user {
         MaglevTable,
         DatapathConfig,
         FrontendName,
+        FragmentKey,
+        FragmentPorts,
     );
 }
 
@@ -469,6 +540,13 @@ mod layout_tests {
         assert_eq!(offset_of!(SourceRangeKey, addr), 4);
         assert_eq!(size_of::<MaglevTable>(), 4 * MAGLEV_TABLE_SIZE);
         assert_eq!(size_of::<DatapathConfig>(), 8);
+        assert_eq!(offset_of!(DatapathConfig, snat_port_min), 4);
+        assert_eq!(offset_of!(DatapathConfig, snat_port_max), 6);
+        assert_eq!(size_of::<FragmentKey>(), 12);
+        assert_eq!(offset_of!(FragmentKey, id), 8);
+        assert_eq!(offset_of!(FragmentKey, proto), 10);
+        assert_eq!(size_of::<FragmentPorts>(), 16);
+        assert_eq!(offset_of!(FragmentPorts, first_seen_ns), 8);
         assert_eq!(size_of::<FrontendName>(), 128);
         assert_eq!(offset_of!(FrontendName, port), 96);
         assert_eq!(offset_of!(FrontendName, kind), 120);

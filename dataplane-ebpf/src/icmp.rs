@@ -17,15 +17,17 @@ use dataplane_common::{
 };
 
 use crate::{
+    forward::forward_icmp_error,
     maps::CONNTRACK,
-    packet::{ETH_HLEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
+    packet::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, is_ipv4},
 };
 
 const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
-/// The outer header must be option-free, as must the quoted one: the offsets are fixed.
-const ICMP_OFF: usize = ETH_HLEN + 20;
+/// Offsets from the IP header. The outer header must be option-free, as must the quoted one:
+/// the offsets are fixed.
+const ICMP_OFF: usize = 20;
 const ICMP_CSUM_OFF: usize = ICMP_OFF + 2;
 const INNER_IP_OFF: usize = ICMP_OFF + 8;
 const INNER_CSUM_OFF: usize = INNER_IP_OFF + 10;
@@ -35,6 +37,7 @@ const INNER_SPORT_OFF: usize = INNER_IP_OFF + 20;
 const INNER_DPORT_OFF: usize = INNER_IP_OFF + 22;
 
 struct IcmpError {
+    ttl: u8,
     outer_saddr: Ipv4,
     outer_daddr: Ipv4,
     proto: u8,
@@ -44,27 +47,27 @@ struct IcmpError {
     inner_dport: u16,
 }
 
-fn parse(ctx: &TcContext) -> Option<IcmpError> {
-    let eth_proto: u16 = ctx.load(12).ok()?;
-    if eth_proto != 0x0800u16.to_be() {
+fn parse<const L2: usize>(ctx: &TcContext) -> Option<IcmpError> {
+    if !is_ipv4::<L2>(ctx) {
         return None;
     }
-    let outer: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
+    let outer: [u8; 20] = ctx.load(L2).ok()?;
     let fragment = u16::from_be_bytes([outer[6], outer[7]]) & 0x1fff;
     if outer[0] != 0x45 || outer[9] != IPPROTO_ICMP || fragment != 0 {
         return None;
     }
-    let icmp_type: u8 = ctx.load(ICMP_OFF).ok()?;
+    let icmp_type: u8 = ctx.load(L2 + ICMP_OFF).ok()?;
     if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED {
         return None;
     }
-    let inner: [u8; 20] = ctx.load(INNER_IP_OFF).ok()?;
+    let inner: [u8; 20] = ctx.load(L2 + INNER_IP_OFF).ok()?;
     let proto = inner[9];
     if inner[0] != 0x45 || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
         return None;
     }
-    let ports: [u8; 4] = ctx.load(INNER_SPORT_OFF).ok()?;
+    let ports: [u8; 4] = ctx.load(L2 + INNER_SPORT_OFF).ok()?;
     Some(IcmpError {
+        ttl: outer[8],
         outer_saddr: [outer[12], outer[13], outer[14], outer[15]],
         outer_daddr: [outer[16], outer[17], outer[18], outer[19]],
         proto,
@@ -77,7 +80,7 @@ fn parse(ctx: &TcContext) -> Option<IcmpError> {
 
 type Result = core::result::Result<(), i64>;
 
-fn set_outer_addr(ctx: &TcContext, off: usize, old: Ipv4, new: Ipv4) -> Result {
+fn set_outer_addr<const L2: usize>(ctx: &TcContext, off: usize, old: Ipv4, new: Ipv4) -> Result {
     if old == new {
         return Ok(());
     }
@@ -85,13 +88,13 @@ fn set_outer_addr(ctx: &TcContext, off: usize, old: Ipv4, new: Ipv4) -> Result {
         u32::from_ne_bytes(old) as u64,
         u32::from_ne_bytes(new) as u64,
     );
-    ctx.l3_csum_replace(IP_CSUM_OFF, from, to, 4)?;
-    ctx.store(off, &new, 0)
+    ctx.l3_csum_replace(L2 + IP_CSUM_OFF, from, to, 4)?;
+    ctx.store(L2 + off, &new, 0)
 }
 
 /// The quoted header's checksum absorbs the change, so the ICMP checksum (which covers the
 /// quoted header) stays right without an update.
-fn set_inner_addr(ctx: &TcContext, off: usize, old: Ipv4, new: Ipv4) -> Result {
+fn set_inner_addr<const L2: usize>(ctx: &TcContext, off: usize, old: Ipv4, new: Ipv4) -> Result {
     if old == new {
         return Ok(());
     }
@@ -99,21 +102,21 @@ fn set_inner_addr(ctx: &TcContext, off: usize, old: Ipv4, new: Ipv4) -> Result {
         u32::from_ne_bytes(old) as u64,
         u32::from_ne_bytes(new) as u64,
     );
-    ctx.l3_csum_replace(INNER_CSUM_OFF, from, to, 4)?;
-    ctx.store(off, &new, 0)
+    ctx.l3_csum_replace(L2 + INNER_CSUM_OFF, from, to, 4)?;
+    ctx.store(L2 + off, &new, 0)
 }
 
-fn set_inner_port(ctx: &TcContext, off: usize, old: u16, new: u16) -> Result {
+fn set_inner_port<const L2: usize>(ctx: &TcContext, off: usize, old: u16, new: u16) -> Result {
     if old == new {
         return Ok(());
     }
-    ctx.l4_csum_replace(ICMP_CSUM_OFF, old.to_be() as u64, new.to_be() as u64, 2)?;
-    ctx.store(off, &new.to_be(), 0)
+    ctx.l4_csum_replace(L2 + ICMP_CSUM_OFF, old.to_be() as u64, new.to_be() as u64, 2)?;
+    ctx.store(L2 + off, &new.to_be(), 0)
 }
 
 /// Translates an ICMP error about a translated flow; anything else passes untouched.
-pub fn translate_error(ctx: &TcContext) -> i32 {
-    let Some(e) = parse(ctx) else {
+pub fn translate_error<const L2: usize>(ctx: &TcContext) -> i32 {
+    let Some(e) = parse::<L2>(ctx) else {
         return TC_ACT_OK;
     };
     // The quoted tuple, turned around, is the tuple of the flow's other direction.
@@ -132,12 +135,12 @@ pub fn translate_error(ctx: &TcContext) -> i32 {
     if entry.flags & CT_FLAG_REPLY != 0 {
         // About a packet towards a backend.
         let client = entry.flags & (CT_FLAG_SNAT | CT_FLAG_HAIRPIN) != 0;
-        let rewritten = set_inner_addr(ctx, INNER_DADDR_OFF, e.inner_daddr, entry.nat_addr)
-            .and_then(|()| set_inner_port(ctx, INNER_DPORT_OFF, e.inner_dport, entry.nat_port))
+        let rewritten = set_inner_addr::<L2>(ctx, INNER_DADDR_OFF, e.inner_daddr, entry.nat_addr)
+            .and_then(|()| set_inner_port::<L2>(ctx, INNER_DPORT_OFF, e.inner_dport, entry.nat_port))
             .and_then(|()| {
                 // An error from the backend itself now comes from the frontend.
                 if e.outer_saddr == e.inner_daddr {
-                    set_outer_addr(ctx, IP_SADDR_OFF, e.outer_saddr, entry.nat_addr)
+                    set_outer_addr::<L2>(ctx, IP_SADDR_OFF, e.outer_saddr, entry.nat_addr)
                 } else {
                     Ok(())
                 }
@@ -151,35 +154,47 @@ pub fn translate_error(ctx: &TcContext) -> i32 {
                 } else {
                     e.inner_sport
                 };
-                set_inner_addr(ctx, INNER_SADDR_OFF, e.inner_saddr, entry.peer_addr)
-                    .and_then(|()| set_inner_port(ctx, INNER_SPORT_OFF, e.inner_sport, port))
+                set_inner_addr::<L2>(ctx, INNER_SADDR_OFF, e.inner_saddr, entry.peer_addr)
+                    .and_then(|()| set_inner_port::<L2>(ctx, INNER_SPORT_OFF, e.inner_sport, port))
                     .and_then(|()| {
-                        set_outer_addr(ctx, IP_DADDR_OFF, e.outer_daddr, entry.peer_addr)
+                        set_outer_addr::<L2>(ctx, IP_DADDR_OFF, e.outer_daddr, entry.peer_addr)
                     })
             });
-        return if rewritten.is_ok() {
-            TC_ACT_OK
+        let saddr = if e.outer_saddr == e.inner_daddr {
+            entry.nat_addr
         } else {
-            aya_ebpf::bindings::TC_ACT_SHOT
+            e.outer_saddr
         };
+        let daddr = if client {
+            entry.peer_addr
+        } else {
+            e.outer_daddr
+        };
+        return forward::<L2>(ctx, rewritten, saddr, daddr, e.ttl);
     }
     // About a backend's reply as the client saw it (the entry is the forward one).
     if entry.flags & CT_FLAG_HAIRPIN != 0 {
         return TC_ACT_OK;
     }
-    let rewritten = set_inner_addr(ctx, INNER_SADDR_OFF, e.inner_saddr, entry.nat_addr)
-        .and_then(|()| set_inner_port(ctx, INNER_SPORT_OFF, e.inner_sport, entry.nat_port))
-        .and_then(|()| set_outer_addr(ctx, IP_DADDR_OFF, e.outer_daddr, entry.nat_addr))
+    let rewritten = set_inner_addr::<L2>(ctx, INNER_SADDR_OFF, e.inner_saddr, entry.nat_addr)
+        .and_then(|()| set_inner_port::<L2>(ctx, INNER_SPORT_OFF, e.inner_sport, entry.nat_port))
+        .and_then(|()| set_outer_addr::<L2>(ctx, IP_DADDR_OFF, e.outer_daddr, entry.nat_addr))
         .and_then(|()| {
             if entry.flags & CT_FLAG_SNAT == 0 {
                 return Ok(());
             }
-            set_inner_addr(ctx, INNER_DADDR_OFF, e.inner_daddr, entry.peer_addr)
-                .and_then(|()| set_inner_port(ctx, INNER_DPORT_OFF, e.inner_dport, entry.peer_port))
+            set_inner_addr::<L2>(ctx, INNER_DADDR_OFF, e.inner_daddr, entry.peer_addr)
+                .and_then(|()| set_inner_port::<L2>(ctx, INNER_DPORT_OFF, e.inner_dport, entry.peer_port))
         });
-    if rewritten.is_ok() {
-        TC_ACT_OK
-    } else {
-        aya_ebpf::bindings::TC_ACT_SHOT
+    forward::<L2>(ctx, rewritten, e.outer_saddr, entry.nat_addr, e.ttl)
+}
+
+/// A translated error goes on like the flow's own packets (past netfilter, which tracks no
+/// flow it belongs to and would call it INVALID).
+#[inline(always)]
+fn forward<const L2: usize>(ctx: &TcContext, rewritten: Result, saddr: Ipv4, daddr: Ipv4, ttl: u8) -> i32 {
+    match rewritten {
+        Ok(()) => forward_icmp_error::<L2>(ctx, saddr, daddr, ttl),
+        Err(_) => aya_ebpf::bindings::TC_ACT_SHOT,
     }
 }

@@ -1,13 +1,14 @@
 //! Service load balancing: frontend lookup, conntrack, backend selection, NAT.
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     btf_maps::lpm_trie::Key,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     programs::TcContext,
 };
 use dataplane_common::{
     AffinityKey, AffinityValue, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_FLAG_REPLY, CT_FLAG_SNAT,
-    CtEntry, CtKey, HAIRPIN_SNAT_ADDR, IPPROTO_TCP, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
+    CtEntry, CtKey, DEFAULT_SNAT_PORTS, HAIRPIN_SNAT_ADDR, HOST_FLOW_TIMEOUT_NS, IPPROTO_TCP, IPPROTO_UDP,
+    SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
     SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV,
     SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES, ServiceKey, ServiceValue, SourceRangeKey,
     drop_reason,
@@ -15,9 +16,10 @@ use dataplane_common::{
 
 use crate::{
     counters::{count_drop, count_flow_packet, count_service_packet},
-    maps::{AFFINITY, BACKENDS, CONFIG, CONNTRACK, MAGLEV, SERVICES, SOURCE_RANGES},
+    forward::translate_and_forward,
+    maps::{AFFINITY, BACKENDS, CONFIG, CONNTRACK, HOST_FLOWS, MAGLEV, SERVICES, SOURCE_RANGES},
     nat,
-    packet::{Packet, TCP_SYN},
+    packet::{Fragment, Packet, TCP_SYN},
     refuse,
 };
 
@@ -34,33 +36,65 @@ pub enum Origin {
 /// costs a few nanoseconds (more with the CPU's return-thunk mitigations), which on an
 /// established flow is a good share of the total. New flows, rare, get their own frame.
 #[inline(always)]
-pub fn handle(ctx: &TcContext, pkt: &Packet, origin: Origin) -> i32 {
+pub fn handle<const L2: usize>(ctx: &TcContext, pkt: &Packet, origin: Origin) -> i32 {
     // One lookup on the packet's own tuple finds a known flow in either direction: on the
     // established path, conntrack is the only hash lookup.
     let key = tuple_key(pkt);
     if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
         let now = unsafe { bpf_ktime_get_coarse_ns() };
+        pkt.remember_fragment_ports(now);
         // SAFETY: a value from a lookup in this run.
         if unsafe { (*entry).flags } & CT_FLAG_REPLY != 0 {
-            return reply(ctx, pkt, entry, now);
+            return reply::<L2>(ctx, pkt, entry, now);
         }
-        if let Some(verdict) = established(ctx, pkt, &key, entry, now) {
+        if let Some(verdict) = established::<L2>(ctx, pkt, &key, entry, now) {
             return verdict;
         }
+    }
+    // A later fragment never starts a flow: only its first fragment has the L4 header.
+    if pkt.fragment == Fragment::Later {
+        return TC_ACT_OK;
     }
     let Some(service) = SERVICES.get_ptr(frontend_key(pkt)) else {
         return TC_ACT_OK;
     };
-    match to_frontend(ctx, pkt, service, origin) {
+    if origin == Origin::External && !opens_connection(pkt) {
+        return TC_ACT_OK;
+    }
+    match to_frontend(pkt, service, origin) {
         NewFlow::Verdict(verdict) => verdict,
-        NewFlow::Refuse => refuse::connection(ctx, pkt),
+        NewFlow::Forward(rewrite) => translate_and_forward::<L2>(ctx, pkt, rewrite),
+        NewFlow::Refuse => refuse::connection::<L2>(ctx, pkt),
     }
 }
 
-/// What became of a new flow. A refusal is built by the caller: its frame is large, and
-/// the verifier caps the stack of the whole call chain.
+/// Can this packet from outside the node, addressed to a frontend with no flow of ours, open
+/// a connection there? Only a TCP SYN can; a UDP datagram can unless it answers a flow the
+/// node itself sent from that address and port (its own, or a pod's it SNATed there: node
+/// ports lie inside the ports a `--random-fully` SNAT picks). Everything else belongs to the
+/// node's own connections and goes to its stack.
+#[inline(always)]
+fn opens_connection(pkt: &Packet) -> bool {
+    match pkt.proto {
+        IPPROTO_TCP => pkt.is_tcp_open(),
+        IPPROTO_UDP => match HOST_FLOWS.get_ptr_mut(&tuple_key(pkt)) {
+            Some(last_sent) => {
+                let now = unsafe { bpf_ktime_get_coarse_ns() };
+                // SAFETY: a value from a lookup in this run.
+                now.saturating_sub(unsafe { *last_sent }) > HOST_FLOW_TIMEOUT_NS
+            }
+            None => true,
+        },
+        _ => true,
+    }
+}
+
+/// What became of a new flow. The translation and a refusal are done by the caller: their
+/// frames are large, and the verifier caps the stack of the whole call chain.
 enum NewFlow {
     Verdict(i32),
+    /// Translate as given and forward.
+    Forward(nat::Rewrite),
     Refuse,
 }
 
@@ -79,7 +113,6 @@ fn frontend_key(pkt: &Packet) -> ServiceKey {
 /// The first packet of a flow to a frontend: the scope and source checks, then a backend.
 #[inline(never)]
 fn to_frontend(
-    ctx: &TcContext,
     pkt: &Packet,
     service: *const ServiceValue,
     origin: Origin,
@@ -109,7 +142,7 @@ fn to_frontend(
         return NewFlow::Verdict(TC_ACT_SHOT);
     }
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    new_flow(ctx, pkt, &frontend, &service, &tuple_key(pkt), now, origin)
+    new_flow(pkt, &frontend, &service, &tuple_key(pkt), now, origin)
 }
 
 /// The conntrack key of a packet as it arrives.
@@ -196,7 +229,7 @@ fn note_closing(entry: *mut CtEntry, other: &CtKey) {
 /// gone, or a SYN reopens a closed connection's tuple — `None` to choose anew (UDP, or a TCP
 /// SYN), or a reset (TCP).
 #[inline(always)]
-fn established(
+fn established<const L2: usize>(
     ctx: &TcContext,
     pkt: &Packet,
     key: &CtKey,
@@ -212,7 +245,7 @@ fn established(
         if pkt.is_tcp_close() {
             note_closing(entry, &reply_key(pkt, known));
         }
-        return Some(translate_forward(ctx, pkt, known));
+        return Some(translate_forward::<L2>(ctx, pkt, known));
     }
     // Forget the flow. A TCP connection in progress whose backend went away cannot move, so
     // the client is told at once instead of hanging on retransmits.
@@ -220,7 +253,7 @@ fn established(
     let _ = CONNTRACK.remove(key);
     if pkt.proto == IPPROTO_TCP && !pkt.is_tcp_open() {
         count_drop(drop_reason::BACKEND_GONE);
-        return Some(refuse::tcp_reset(ctx, pkt));
+        return Some(refuse::tcp_reset::<L2>(ctx, pkt));
     }
     None
 }
@@ -279,7 +312,8 @@ fn choose_backend(
         // SAFETY: a value from a lookup in this run; index is below the table's length.
         unsafe { *(*table).backend_ids.get(index)? }
     } else {
-        let slot = (unsafe { bpf_get_prandom_u32() } % svc.count as u32) as u16 + 1;
+        // checked: a `%` the compiler cannot prove safe links a panic the verifier rejects.
+        let slot = unsafe { bpf_get_prandom_u32() }.checked_rem(svc.count as u32)? as u16 + 1;
         let slot_value = SERVICES.get_ptr(ServiceKey {
             backend_slot: slot,
             ..*frontend
@@ -301,38 +335,39 @@ fn choose_backend(
     Some(backend_id)
 }
 
-/// A source port for SNAT that no other flow to this backend uses: the client's own port when
-/// free, else a few random ones from the ephemeral range.
-fn snat_port(
-    pkt: &Packet,
-    snat_addr: [u8; 4],
-    backend_addr: [u8; 4],
-    backend_port: u16,
-) -> Option<u16> {
-    // Ports below the ephemeral range could collide with node ports on the node's address.
-    let mut candidate = if pkt.sport >= 32768 {
+/// How many ports a new SNATed flow tries before it gives up (counted as
+/// `SNAT_PORTS_EXHAUSTED`): with a range a quarter full, all eight are taken once in 65,536.
+const SNAT_PORT_TRIES: usize = 8;
+
+/// Claims a SNAT source port for a flow to the backend in `reply` (whose `dport` is set
+/// here) by inserting the flow's reply entry under it: the insert fails when the tuple is
+/// taken, so two CPUs can never share a port. The client's own port is tried first when it
+/// lies in the range (the backend sees the port the client used), then random ones. Returns
+/// the port, or `None` when every try was taken.
+#[inline(always)]
+fn claim_snat_port(pkt: &Packet, reply: &mut CtKey, entry: &CtEntry, min: u16, max: u16) -> Option<u16> {
+    let span = (max as u32).saturating_sub(min as u32) + 1;
+    let mut candidate = if pkt.sport >= min && pkt.sport <= max {
         pkt.sport
     } else {
-        random_ephemeral_port()
+        random_port(min, span)
     };
-    for _ in 0..4 {
-        let reply = CtKey::new(backend_addr, snat_addr, backend_port, candidate, pkt.proto);
-        if CONNTRACK.get_ptr(&reply).is_none() {
+    for _ in 0..SNAT_PORT_TRIES {
+        reply.dport = candidate;
+        if CONNTRACK.insert(&*reply, entry, BPF_NOEXIST as u64).is_ok() {
             return Some(candidate);
         }
-        candidate = random_ephemeral_port();
+        candidate = random_port(min, span);
     }
     None
 }
 
-/// A port from Linux's default ephemeral range, 32768-60999.
 #[inline(always)]
-fn random_ephemeral_port() -> u16 {
-    32768 + (unsafe { bpf_get_prandom_u32() } % 28232) as u16
+fn random_port(min: u16, span: u32) -> u16 {
+    min.wrapping_add((unsafe { bpf_get_prandom_u32() } % span) as u16)
 }
 
 fn new_flow(
-    ctx: &TcContext,
     pkt: &Packet,
     frontend: &ServiceKey,
     svc: &ServiceValue,
@@ -374,18 +409,21 @@ fn new_flow(
     let external_snat = origin == Origin::External
         && svc.flags & SVC_FLAG_EXTERNAL != 0
         && svc.flags & SVC_FLAG_EXTERNAL_LOCAL == 0;
+    // The ports this flow's SNAT may take (first, last), if it has one.
+    let mut snat = None;
     if external_snat {
-        // Replies must come back through this node: the source becomes the node's address.
+        // Replies must come back through this node: the source becomes the node's address,
+        // the port is claimed below with the reply entry.
         let Some(config) = CONFIG.get(0) else {
-            return NewFlow::Verdict(TC_ACT_SHOT);
-        };
-        let Some(port) = snat_port(pkt, config.snat_addr, backend.addr, backend.port) else {
-            count_drop(drop_reason::SNAT_PORTS_EXHAUSTED);
             return NewFlow::Verdict(TC_ACT_SHOT);
         };
         entry.flags = CT_FLAG_SNAT;
         entry.peer_addr = config.snat_addr;
-        entry.peer_port = port;
+        snat = Some(if config.snat_port_min != 0 && config.snat_port_min <= config.snat_port_max {
+            (config.snat_port_min, config.snat_port_max)
+        } else {
+            DEFAULT_SNAT_PORTS
+        });
     } else if backend.addr == pkt.saddr {
         // A pod reaching itself: give the packet a source the pod will accept and route back.
         entry.flags = CT_FLAG_HAIRPIN;
@@ -393,8 +431,8 @@ fn new_flow(
     }
     // Reply entry first: by the time the backend can answer, it exists. One struct, turned
     // from the reply's view into the forward one, keeps the stack small.
-    let reply_key = reply_key(pkt, &entry);
-    let forward = (
+    let mut reply_key = reply_key(pkt, &entry);
+    let mut forward = (
         entry.nat_addr,
         entry.nat_port,
         entry.peer_addr,
@@ -411,7 +449,19 @@ fn new_flow(
         0
     };
     entry.flags |= CT_FLAG_REPLY;
-    let reply_inserted = CONNTRACK.insert(&reply_key, &entry, 0).is_ok();
+    let reply_inserted = match snat {
+        Some((min, max)) => match claim_snat_port(pkt, &mut reply_key, &entry, min, max) {
+            Some(port) => {
+                forward.3 = port;
+                true
+            }
+            None => {
+                count_drop(drop_reason::SNAT_PORTS_EXHAUSTED);
+                return NewFlow::Verdict(TC_ACT_SHOT);
+            }
+        },
+        None => CONNTRACK.insert(&reply_key, &entry, 0).is_ok(),
+    };
     entry.flags &= !CT_FLAG_REPLY;
     entry.packets = 1;
     entry.bytes = pkt.ip_len as u64;
@@ -422,17 +472,27 @@ fn new_flow(
         entry.peer_port,
     ) = forward;
     if !reply_inserted || CONNTRACK.insert(key, &entry, 0).is_err() {
+        if reply_inserted {
+            let _ = CONNTRACK.remove(&reply_key);
+        }
         count_drop(drop_reason::CT_INSERT_FAILED);
         return NewFlow::Verdict(TC_ACT_SHOT);
     }
     count_service_packet(svc.rev_nat_id, backend_id, pkt.ip_len as u64, true);
-    NewFlow::Verdict(translate_forward(ctx, pkt, &entry))
+    pkt.remember_fragment_ports(now);
+    NewFlow::Forward(forward_rewrite(pkt, &entry))
 }
 
 #[inline(always)]
-fn translate_forward(ctx: &TcContext, pkt: &Packet, entry: &CtEntry) -> i32 {
+fn translate_forward<const L2: usize>(ctx: &TcContext, pkt: &Packet, entry: &CtEntry) -> i32 {
+    translate_and_forward::<L2>(ctx, pkt, forward_rewrite(pkt, entry))
+}
+
+/// How a packet of a flow towards its backend is rewritten, by its forward entry.
+#[inline(always)]
+fn forward_rewrite(pkt: &Packet, entry: &CtEntry) -> nat::Rewrite {
     let snat = entry.flags & CT_FLAG_SNAT != 0;
-    let rewrite = nat::Rewrite {
+    nat::Rewrite {
         daddr: entry.nat_addr,
         dport: entry.nat_port,
         saddr: if entry.flags & (CT_FLAG_SNAT | CT_FLAG_HAIRPIN) != 0 {
@@ -441,13 +501,12 @@ fn translate_forward(ctx: &TcContext, pkt: &Packet, entry: &CtEntry) -> i32 {
             pkt.saddr
         },
         sport: if snat { entry.peer_port } else { pkt.sport },
-    };
-    verdict(nat::rewrite(ctx, pkt, rewrite))
+    }
 }
 
 /// A backend's reply to a translated flow: back to the client, from the frontend.
 #[inline(always)]
-fn reply(ctx: &TcContext, pkt: &Packet, entry: *mut CtEntry, now: u64) -> i32 {
+fn reply<const L2: usize>(ctx: &TcContext, pkt: &Packet, entry: *mut CtEntry, now: u64) -> i32 {
     // SAFETY: a value from a lookup in this run, read in place.
     let known = unsafe { &*entry };
     if pkt.proto == IPPROTO_TCP && pkt.tcp_flags & TCP_SYN != 0 && known.flags & CT_FLAG_CLOSING != 0
@@ -476,16 +535,5 @@ fn reply(ctx: &TcContext, pkt: &Packet, entry: *mut CtEntry, now: u64) -> i32 {
         },
         dport: if snat { known.peer_port } else { pkt.dport },
     };
-    verdict(nat::rewrite(ctx, pkt, rewrite))
-}
-
-#[inline(always)]
-fn verdict(rewritten: Result<(), i64>) -> i32 {
-    match rewritten {
-        Ok(()) => TC_ACT_OK,
-        Err(_) => {
-            count_drop(drop_reason::REWRITE_FAILED);
-            TC_ACT_SHOT
-        }
-    }
+    translate_and_forward::<L2>(ctx, pkt, rewrite)
 }

@@ -1,8 +1,13 @@
-//! The kernel datapath. One tc program, attached at ingress of every pod-facing interface on
-//! the node, does three things:
+//! The kernel datapath. The same service load balancing runs at ingress of every pod-facing
+//! interface and of the node's external interfaces:
 //! - packets to a service frontend get a backend (conntrack keeps a flow on it) and DNAT;
 //! - backend replies are reverse-NATed back to the frontend address;
+//! - translated packets leave through the interface the FIB names, past netfilter;
 //! - everything else passes untouched after two hash lookups.
+//!
+//! External interfaces also get an egress program that notes the node's own flows from a
+//! frontend's address and port, so their replies are not taken for new connections.
+//! Ethernet and Layer-3 devices (WireGuard, IPIP, TUN) each get their own build of a program.
 //!
 //! Entry points stay thin (aya's style); the work lives in the modules below.
 #![no_std]
@@ -13,6 +18,8 @@
 mod bench_noop;
 mod checksum;
 mod counters;
+mod forward;
+mod host_flows;
 mod icmp;
 mod lb;
 mod maps;
@@ -21,25 +28,47 @@ mod packet;
 mod refuse;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
+use packet::ETH_HLEN;
+
+/// Everything arriving on an interface: a TCP/UDP packet goes through load balancing; an ICMP
+/// error about a translated flow is translated; anything else passes untouched.
+#[inline(always)]
+fn ingress<const L2: usize>(ctx: &TcContext, origin: lb::Origin) -> i32 {
+    match packet::parse::<L2>(ctx) {
+        Some(pkt) => lb::handle::<L2>(ctx, &pkt, origin),
+        None => icmp::translate_error::<L2>(ctx),
+    }
+}
 
 /// Ingress of pod-facing interfaces: traffic from pods.
 #[classifier]
 pub fn pod_ingress(ctx: TcContext) -> i32 {
-    match packet::parse(&ctx) {
-        Some(pkt) => lb::handle(&ctx, &pkt, lb::Origin::Pod),
-        // Not IPv4 TCP/UDP: an ICMP error about a translated flow, or not ours.
-        None => icmp::translate_error(&ctx),
-    }
+    ingress::<ETH_HLEN>(&ctx, lb::Origin::Pod)
 }
 
 /// Ingress of the node's external interfaces: clients outside the cluster reaching node
 /// ports, load-balancer IPs and external IPs, and backends on other nodes replying.
 #[classifier]
 pub fn external_ingress(ctx: TcContext) -> i32 {
-    match packet::parse(&ctx) {
-        Some(pkt) => lb::handle(&ctx, &pkt, lb::Origin::External),
-        None => icmp::translate_error(&ctx),
-    }
+    ingress::<ETH_HLEN>(&ctx, lb::Origin::External)
+}
+
+/// `external_ingress` for Layer-3 devices (no link header): WireGuard, IPIP tunnels.
+#[classifier]
+pub fn external_ingress_l3(ctx: TcContext) -> i32 {
+    ingress::<0>(&ctx, lb::Origin::External)
+}
+
+/// Egress of the node's external interfaces: notes the node's own flows from frontends.
+#[classifier]
+pub fn external_egress(ctx: TcContext) -> i32 {
+    host_flows::note::<ETH_HLEN>(&ctx)
+}
+
+/// `external_egress` for Layer-3 devices.
+#[classifier]
+pub fn external_egress_l3(ctx: TcContext) -> i32 {
+    host_flows::note::<0>(&ctx)
 }
 
 #[cfg(not(test))]

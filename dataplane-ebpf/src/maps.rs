@@ -6,8 +6,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use dataplane_common::{
-    AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, FrontendName, MaglevTable,
-    RevNat, ServiceKey, ServiceValue, SourceRangeKey, TrafficStats, capacity,
+    AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, FragmentKey,
+    FragmentPorts, FrontendName, HostFlowKey, MaglevTable, RevNat, ServiceKey, ServiceValue,
+    SourceRangeKey, TrafficStats, capacity,
 };
 
 #[btf_map(name = "dp_svc_v2")]
@@ -63,3 +64,14 @@ pub static NAMES: HashMap<u32, FrontendName, { capacity::FRONTENDS as usize }> =
 
 #[btf_map(name = "dp_config_v1")]
 pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
+
+/// The ports of fragmented datagrams being translated, from their first fragment.
+#[btf_map(name = "dp_frag_v1")]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { capacity::FRAGMENTS as usize }> =
+    LruHashMap::new();
+
+/// The node's own UDP flows from a frontend's address and port (see `host_flows`): reply
+/// tuple -> when the node last sent on it.
+#[btf_map(name = "dp_hostflow_v1")]
+pub static HOST_FLOWS: LruHashMap<HostFlowKey, u64, { capacity::HOST_FLOWS as usize }> =
+    LruHashMap::new();

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use dataplane_common::{IPPROTO_UDP, Ipv4};
 
-use crate::packet::{ETH_HLEN, Packet};
+use crate::packet::{IP_CSUM_OFF, Packet};
 
 type Result = core::result::Result<(), i64>;
 
@@ -60,7 +60,7 @@ struct Addresses {
 }
 
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, pkt: &Packet, r: Rewrite) -> Result {
+pub fn rewrite<const L2: usize>(ctx: &TcContext, pkt: &Packet, r: Rewrite) -> Result {
     // Differences, with every value as it sits in the packet (network order).
     let mut addr_diff = 0u32;
     let (saddr, daddr) = (r.saddr, r.daddr);
@@ -79,7 +79,13 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, r: Rewrite) -> Result {
         );
     }
     let mut port_diff = 0u32;
-    let (sport, dport) = (r.sport, r.dport);
+    // A later fragment has no L4 header: only its addresses change (the first fragment's
+    // L4 checksum covers the whole datagram, ports and pseudo-header included).
+    let (sport, dport) = if pkt.has_l4_header() {
+        (r.sport, r.dport)
+    } else {
+        (pkt.sport, pkt.dport)
+    };
     if sport != pkt.sport {
         port_diff = csum_replace(port_diff, pkt.sport.to_be() as u32, sport.to_be() as u32);
     }
@@ -89,7 +95,7 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, r: Rewrite) -> Result {
 
     // The IP header: addresses, and its checksum updated by the same difference (RFC 1624).
     if saddr != pkt.saddr || daddr != pkt.daddr {
-        let ip = ptr_at_mut::<Addresses>(ctx, ETH_HLEN + 10).ok_or(-1i64)?;
+        let ip = ptr_at_mut::<Addresses>(ctx, L2 + IP_CSUM_OFF).ok_or(-1i64)?;
         // SAFETY: bounds checked by ptr_at_mut; the program may write packet data.
         unsafe {
             let check = !fold(csum_add((!(*ip).check) as u32 & 0xffff, addr_diff));
@@ -99,7 +105,7 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, r: Rewrite) -> Result {
         }
     }
     if sport != pkt.sport || dport != pkt.dport {
-        let ports = ptr_at_mut::<[u16; 2]>(ctx, pkt.l4_off()).ok_or(-1i64)?;
+        let ports = ptr_at_mut::<[u16; 2]>(ctx, pkt.l4_off).ok_or(-1i64)?;
         // SAFETY: as above.
         unsafe { *ports = [sport.to_be(), dport.to_be()] };
     }
@@ -111,7 +117,7 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, r: Rewrite) -> Result {
     } else {
         0
     };
-    if addr_diff != 0 {
+    if addr_diff != 0 && pkt.has_l4_header() {
         ctx.l4_csum_replace(
             pkt.l4_csum_off(),
             0,

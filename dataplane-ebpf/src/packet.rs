@@ -1,19 +1,45 @@
 //! Header parsing with direct packet access: the fields the datapath needs, copied out once,
 //! so later rewrites (which invalidate packet pointers) work from these copies.
-use aya_ebpf::programs::TcContext;
-use dataplane_common::{IPPROTO_TCP, IPPROTO_UDP, Ipv4};
+//!
+//! `L2` is the length of the link-layer header in front of the IPv4 header: 14 on Ethernet
+//! devices (veths, bridges, VXLAN), 0 on Layer-3 devices (WireGuard, IPIP, TUN), where the
+//! packet starts with its IP header. Each program is compiled for one of the two, so every
+//! offset stays a constant the verifier sees.
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+use dataplane_common::{
+    FRAGMENT_TIMEOUT_NS, FragmentKey, FragmentPorts, IPPROTO_TCP, IPPROTO_UDP, Ipv4,
+};
+
+use crate::maps::FRAGMENTS;
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
-/// Offsets inside the IPv4 header, relative to the frame start.
-pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
-pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
+/// Offsets inside the IPv4 header.
+pub const IP_TTL_OFF: usize = 8;
+pub const IP_CSUM_OFF: usize = 10;
+pub const IP_SADDR_OFF: usize = 12;
+pub const IP_DADDR_OFF: usize = 16;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
+
+/// IPv4 flags and fragment offset (host order).
+const IP_DF: u16 = 0x4000;
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
+
+/// Where a packet stands in a fragmented datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// A whole datagram.
+    None,
+    /// The first fragment: it carries the L4 header, the rest of the datagram follows.
+    First,
+    /// A later fragment: no L4 header; its ports come from the first fragment.
+    Later,
+}
 
 /// What the datapath knows about an IPv4 TCP/UDP packet. Ports are host order.
 pub struct Packet {
@@ -23,22 +49,32 @@ pub struct Packet {
     pub dport: u16,
     pub proto: u8,
     pub tcp_flags: u8,
-    /// IPv4 header length in bytes; the L4 header starts at `ETH_HLEN + ip_hlen`.
-    pub ip_hlen: usize,
+    pub ttl: u8,
+    /// The don't-fragment bit is set: a packet too big for the next hop is answered with
+    /// ICMP "fragmentation needed" instead of being fragmented.
+    pub dont_fragment: bool,
+    pub fragment: Fragment,
+    /// IPv4 identification (network order), which groups fragments.
+    pub ip_id: u16,
+    /// Offset of the L4 header from the frame start (link header + IPv4 header).
+    pub l4_off: usize,
     /// IP total length, the byte count the counters use.
     pub ip_len: u16,
+    /// IPv4 header length in bytes.
+    pub ip_hlen: usize,
 }
 
 impl Packet {
-    #[inline(always)]
-    pub fn l4_off(&self) -> usize {
-        ETH_HLEN + self.ip_hlen
-    }
-
     /// Offset of the L4 checksum field.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
-        self.l4_off() + if self.proto == IPPROTO_TCP { 16 } else { 6 }
+        self.l4_off + if self.proto == IPPROTO_TCP { 16 } else { 6 }
+    }
+
+    /// The packet carries an L4 header (not a later fragment).
+    #[inline(always)]
+    pub fn has_l4_header(&self) -> bool {
+        self.fragment != Fragment::Later
     }
 
     /// A TCP segment that ends a connection (FIN or RST).
@@ -52,13 +88,33 @@ impl Packet {
     pub fn is_tcp_open(&self) -> bool {
         self.proto == IPPROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
-}
 
-#[repr(C)]
-struct EthHdr {
-    dst: [u8; 6],
-    src: [u8; 6],
-    proto: u16,
+    /// The key grouping this packet's datagram's fragments.
+    #[inline(always)]
+    fn fragment_key(&self) -> FragmentKey {
+        FragmentKey {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            id: self.ip_id,
+            proto: self.proto,
+            _pad: 0,
+        }
+    }
+
+    /// A first fragment of a datagram the datapath translates: its ports are remembered so
+    /// the later fragments (no L4 header) find the same flow.
+    #[inline(always)]
+    pub fn remember_fragment_ports(&self, now: u64) {
+        if self.fragment == Fragment::First {
+            let ports = FragmentPorts {
+                sport: self.sport,
+                dport: self.dport,
+                _pad: [0; 4],
+                first_seen_ns: now,
+            };
+            let _ = FRAGMENTS.insert(&self.fragment_key(), &ports, 0);
+        }
+    }
 }
 
 #[repr(C)]
@@ -76,7 +132,7 @@ struct Ipv4Hdr {
 }
 
 /// Bytes from the frame start that parsing needs in the linear part of the skb at most:
-/// Ethernet, a maximal IPv4 header and the TCP header up to its flags.
+/// the link header, a maximal IPv4 header and the TCP header up to its flags.
 const PARSE_LEN: u32 = (ETH_HLEN + 60 + 14) as u32;
 
 #[inline(always)]
@@ -88,11 +144,25 @@ fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     Some((start + offset) as *const T)
 }
 
+/// Is this an IPv4 packet? On Ethernet, by its EtherType; on a Layer-3 device, by the skb's
+/// protocol (set by the device from the packet's version).
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Option<Packet> {
-    let eth = ptr_at::<EthHdr>(ctx, 0)?;
-    // SAFETY: bounds checked by ptr_at.
-    if unsafe { (*eth).proto } != ETH_P_IP.to_be() {
+pub fn is_ipv4<const L2: usize>(ctx: &TcContext) -> bool {
+    if L2 == ETH_HLEN {
+        match ptr_at::<u16>(ctx, 12) {
+            // SAFETY: bounds checked by ptr_at.
+            Some(proto) => unsafe { *proto == ETH_P_IP.to_be() },
+            None => false,
+        }
+    } else {
+        // SAFETY: reads the program's own context.
+        unsafe { (*ctx.skb.skb).protocol == ETH_P_IP.to_be() as u32 }
+    }
+}
+
+#[inline(always)]
+pub fn parse<const L2: usize>(ctx: &TcContext) -> Option<Packet> {
+    if !is_ipv4::<L2>(ctx) {
         return None;
     }
     if ctx.data_end() - ctx.data() < PARSE_LEN as usize
@@ -101,36 +171,61 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         // Headers may sit in paged data; make them linear (rare on veth).
         ctx.pull_data(core::cmp::min(ctx.len(), PARSE_LEN)).ok()?;
     }
-    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    let ip = ptr_at::<Ipv4Hdr>(ctx, L2)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
     let ip_hlen = ((ip.version_ihl & 0x0f) as usize) * 4;
-    if ip_hlen < 20 || u16::from_be(ip.frag_off) & 0x1fff != 0 {
+    if ip_hlen < 20 {
         return None;
     }
     let proto = ip.proto;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return None;
     }
-    let (saddr, daddr, ip_len) = (ip.saddr, ip.daddr, u16::from_be(ip.tot_len));
-    let l4 = ETH_HLEN + ip_hlen;
-    let ports = ptr_at::<[u16; 2]>(ctx, l4)?;
+    let frag_off = u16::from_be(ip.frag_off);
+    let fragment = if frag_off & IP_OFFSET != 0 {
+        Fragment::Later
+    } else if frag_off & IP_MF != 0 {
+        Fragment::First
+    } else {
+        Fragment::None
+    };
+    let mut pkt = Packet {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: 0,
+        dport: 0,
+        proto,
+        tcp_flags: 0,
+        ttl: ip.ttl,
+        dont_fragment: frag_off & IP_DF != 0,
+        fragment,
+        ip_id: ip.id,
+        l4_off: L2 + ip_hlen,
+        ip_len: u16::from_be(ip.tot_len),
+        ip_hlen,
+    };
+    if fragment == Fragment::Later {
+        // The datagram's ports, as its first fragment had them. Without them the fragment
+        // cannot be matched to a flow: not one the datapath translates, or its first
+        // fragment was lost or overtaken; either way the stack gets it as it is.
+        let ports = unsafe { *FRAGMENTS.get_ptr(&pkt.fragment_key())? };
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        if now.saturating_sub(ports.first_seen_ns) > FRAGMENT_TIMEOUT_NS {
+            return None;
+        }
+        pkt.sport = ports.sport;
+        pkt.dport = ports.dport;
+        return Some(pkt);
+    }
+    let ports = ptr_at::<[u16; 2]>(ctx, pkt.l4_off)?;
     // SAFETY: bounds checked by ptr_at.
     let [sport, dport] = unsafe { *ports };
-    let tcp_flags = if proto == IPPROTO_TCP {
+    pkt.sport = u16::from_be(sport);
+    pkt.dport = u16::from_be(dport);
+    if proto == IPPROTO_TCP {
         // SAFETY: bounds checked by ptr_at.
-        unsafe { *ptr_at::<u8>(ctx, l4 + 13)? }
-    } else {
-        0
-    };
-    Some(Packet {
-        saddr,
-        daddr,
-        sport: u16::from_be(sport),
-        dport: u16::from_be(dport),
-        proto,
-        tcp_flags,
-        ip_hlen,
-        ip_len,
-    })
+        pkt.tcp_flags = unsafe { *ptr_at::<u8>(ctx, pkt.l4_off + 13)? };
+    }
+    Some(pkt)
 }

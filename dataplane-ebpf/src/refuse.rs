@@ -1,7 +1,11 @@
-//! Answers the datapath sends itself, turning the received packet into the reply in place and
-//! redirecting it back out of the interface it came from: a TCP reset, or an ICMP port
-//! unreachable (what kube-proxy's REJECT rule sends), so a client of a service without
-//! endpoints fails at once instead of timing out.
+//! Answers the datapath sends itself, turning the received packet into the answer in place
+//! and redirecting it back out of the interface it came from:
+//! - a TCP reset or an ICMP port unreachable (what kube-proxy's REJECT rule sends), so a
+//!   client of a service without endpoints fails at once instead of timing out;
+//! - the ICMP errors a router sends about a packet it cannot forward (time exceeded,
+//!   fragmentation needed), which the node would otherwise send about the *translated*
+//!   packet: built here about the packet as the client sent it, so the client's stack
+//!   matches the error to its socket (path MTU discovery through services).
 use aya_ebpf::{
     bindings::TC_ACT_SHOT,
     helpers::{bpf_redirect, bpf_skb_change_tail},
@@ -11,28 +15,32 @@ use dataplane_common::{IPPROTO_TCP, Ipv4};
 
 use crate::{
     checksum,
-    packet::{ETH_HLEN, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{ETH_HLEN, Fragment, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_EXC_TTL: u8 = 0;
 
-pub fn connection(ctx: &TcContext, pkt: &Packet) -> i32 {
+pub fn connection<const L2: usize>(ctx: &TcContext, pkt: &Packet) -> i32 {
     if pkt.proto == IPPROTO_TCP {
-        tcp_reset(ctx, pkt)
+        tcp_reset::<L2>(ctx, pkt)
     } else {
-        icmp_port_unreachable(ctx, pkt)
+        let error = IcmpError::new(ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, pkt.daddr);
+        icmp_error::<L2>(ctx, pkt, &error)
     }
 }
 
 /// A reset for the segment in `ctx`, as RFC 9293 3.10.7.1 builds it, from the address the
 /// client sent to.
-pub fn tcp_reset(ctx: &TcContext, pkt: &Packet) -> i32 {
-    if pkt.tcp_flags & TCP_RST != 0 {
+pub fn tcp_reset<const L2: usize>(ctx: &TcContext, pkt: &Packet) -> i32 {
+    if pkt.tcp_flags & TCP_RST != 0 || !pkt.has_l4_header() {
         return TC_ACT_SHOT; // never answer a reset
     }
-    let l4 = pkt.l4_off();
+    let l4 = pkt.l4_off;
     let (Ok(seq), Ok(ack), Ok(data_off)) = (
         ctx.load::<u32>(l4 + 4),
         ctx.load::<u32>(l4 + 8),
@@ -71,25 +79,67 @@ pub fn tcp_reset(ctx: &TcContext, pkt: &Packet) -> i32 {
     tcp[17] = csum[1];
 
     let ip = ipv4_header(IPPROTO_TCP, 40, pkt.daddr, pkt.saddr);
-    send_back(ctx, &ip, &tcp, &[])
+    send_back::<L2, 20, 0>(ctx, &ip, &tcp, &[])
 }
 
-/// ICMP destination unreachable (port) quoting the IP header and 8 bytes of the datagram.
-pub fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet) -> i32 {
-    if pkt.ip_hlen != 20 {
-        return TC_ACT_SHOT; // quoting an options header is not worth the code; drop instead
+/// The packet's TTL ran out on this hop: ICMP time exceeded, from the node (`from`).
+pub fn time_exceeded<const L2: usize>(ctx: &TcContext, pkt: &Packet, from: Ipv4) -> i32 {
+    icmp_error::<L2>(ctx, pkt, &IcmpError::new(ICMP_TIME_EXCEEDED, ICMP_EXC_TTL, 0, from))
+}
+
+/// The packet (don't-fragment set) is bigger than the next hop's `mtu`: ICMP fragmentation
+/// needed, from the node (`from`).
+pub fn fragmentation_needed<const L2: usize>(
+    ctx: &TcContext,
+    pkt: &Packet,
+    mtu: u16,
+    from: Ipv4,
+) -> i32 {
+    let error = IcmpError::new(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu, from);
+    icmp_error::<L2>(ctx, pkt, &error)
+}
+
+/// An ICMP error to send (one argument: BPF functions take at most five).
+struct IcmpError {
+    icmp_type: u8,
+    code: u8,
+    /// The next-hop MTU field (RFC 1191; 0 where unused).
+    mtu: u16,
+    /// The error's source address.
+    from: Ipv4,
+}
+
+impl IcmpError {
+    #[inline(always)]
+    fn new(icmp_type: u8, code: u8, mtu: u16, from: Ipv4) -> Self {
+        Self {
+            icmp_type,
+            code,
+            mtu,
+            from,
+        }
     }
-    let Ok(quoted) = ctx.load::<[u8; 28]>(ETH_HLEN) else {
+}
+
+/// An ICMP error quoting the packet's IP header and first 8 bytes of its payload (RFC 792).
+fn icmp_error<const L2: usize>(ctx: &TcContext, pkt: &Packet, error: &IcmpError) -> i32 {
+    // Quoting an options header is not worth the code, and no error is ever sent about a
+    // later fragment (RFC 1122 3.2.2): drop instead.
+    if pkt.ip_hlen != 20 || pkt.fragment == Fragment::Later {
+        return TC_ACT_SHOT;
+    }
+    let Ok(quoted) = ctx.load::<[u8; 28]>(L2) else {
         return TC_ACT_SHOT;
     };
     let mut icmp = [0u8; 8];
-    icmp[0] = ICMP_DEST_UNREACH;
-    icmp[1] = ICMP_PORT_UNREACH;
+    icmp[0] = error.icmp_type;
+    icmp[1] = error.code;
+    icmp[6..8].copy_from_slice(&error.mtu.to_be_bytes());
     let csum = checksum::finish(checksum::add_bytes(checksum::add_bytes(0, &icmp), &quoted));
     icmp[2] = csum[0];
     icmp[3] = csum[1];
-    let ip = ipv4_header(IPPROTO_ICMP, 20 + 8 + 28, pkt.daddr, pkt.saddr);
-    send_back(ctx, &ip, &icmp, &quoted)
+    let ip = ipv4_header(IPPROTO_ICMP, 20 + 8 + 28, error.from, pkt.saddr);
+    send_back::<L2, 8, 28>(ctx, &ip, &icmp, &quoted)
 }
 
 fn pseudo_header_sum(saddr: Ipv4, daddr: Ipv4, proto: u8, len: u16) -> u64 {
@@ -113,37 +163,42 @@ fn ipv4_header(proto: u8, total_len: u16, saddr: Ipv4, daddr: Ipv4) -> [u8; 20] 
     h
 }
 
-/// Rewrites the frame as `ip | l4 | payload` with the MAC addresses swapped, and sends it
-/// back out of the interface it arrived on (towards the client pod).
-fn send_back<const L4: usize, const P: usize>(
+/// Rewrites the frame as `ip | l4 | payload` (on Ethernet, with the MAC addresses swapped),
+/// and sends it back out of the interface it arrived on (towards the client).
+fn send_back<const L2: usize, const L4: usize, const P: usize>(
     ctx: &TcContext,
     ip: &[u8; 20],
     l4: &[u8; L4],
     payload: &[u8; P],
 ) -> i32 {
-    let Ok(macs) = ctx.load::<[u8; 12]>(0) else {
-        return TC_ACT_SHOT;
-    };
     let mut eth = [0u8; 14];
-    eth[0..6].copy_from_slice(&macs[6..12]);
-    eth[6..12].copy_from_slice(&macs[0..6]);
-    eth[12] = 0x08; // IPv4
-    let len = (ETH_HLEN + 20 + L4 + P) as u32;
+    if L2 == ETH_HLEN {
+        let Ok(macs) = ctx.load::<[u8; 12]>(0) else {
+            return TC_ACT_SHOT;
+        };
+        eth[0..6].copy_from_slice(&macs[6..12]);
+        eth[6..12].copy_from_slice(&macs[0..6]);
+        eth[12] = 0x08; // IPv4
+    }
+    let len = (L2 + 20 + L4 + P) as u32;
     // SAFETY: the skb is the program's own context.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, len, 0) } != 0 {
         return TC_ACT_SHOT;
     }
-    let stored = ctx
-        .store(0, &eth, 0)
-        .and_then(|()| ctx.store(ETH_HLEN, ip, 0))
-        .and_then(|()| ctx.store(ETH_HLEN + 20, l4, 0))
-        .and_then(|()| {
-            if P > 0 {
-                ctx.store(ETH_HLEN + 20 + L4, payload, 0)
-            } else {
-                Ok(())
-            }
-        });
+    let stored = (if L2 == ETH_HLEN {
+        ctx.store(0, &eth, 0)
+    } else {
+        Ok(())
+    })
+    .and_then(|()| ctx.store(L2, ip, 0))
+    .and_then(|()| ctx.store(L2 + 20, l4, 0))
+    .and_then(|()| {
+        if P > 0 {
+            ctx.store(L2 + 20 + L4, payload, 0)
+        } else {
+            Ok(())
+        }
+    });
     if stored.is_err() {
         return TC_ACT_SHOT;
     }

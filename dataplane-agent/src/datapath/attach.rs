@@ -1,7 +1,9 @@
-//! Attaching the programs at tc ingress (tcx): `pod_ingress` on pod-facing interfaces,
-//! `external_ingress` on the node's external interfaces, and keeping them there across agent
-//! restarts: each link is pinned per interface; a restarted agent swaps its new program into
-//! the pinned link atomically, so no packet passes unprocessed.
+//! Attaching the programs (tcx): `pod_ingress` at ingress of pod-facing interfaces;
+//! `external_ingress` at ingress and `external_egress` at egress of the node's external
+//! interfaces (their `_l3` builds on devices without an Ethernet header: WireGuard, IPIP);
+//! and keeping them there across agent restarts: each link is pinned per interface and
+//! direction; a restarted agent swaps its new program into the pinned link atomically, so no
+//! packet passes unprocessed.
 use std::collections::BTreeMap;
 
 use anyhow::Context;
@@ -10,16 +12,26 @@ use aya::programs::{
     links::{FdLink, LinkError, PinnedLink},
     tc::SchedClassifierLink,
 };
-use dataplane_common::{PROG_EXTERNAL_INGRESS, PROG_POD_INGRESS};
+use dataplane_common::{
+    PROG_EXTERNAL_EGRESS, PROG_EXTERNAL_EGRESS_L3, PROG_EXTERNAL_INGRESS, PROG_EXTERNAL_INGRESS_L3,
+    PROG_POD_INGRESS,
+};
 use tracing::{info, warn};
 
 use super::loader::LoadedDatapath;
 
-/// Interfaces a program is attached to, by name, with the ifindex it was attached at.
+/// What an interface is to the datapath.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Role {
+    Pod,
+    External,
+}
+
+/// Interfaces the programs are attached to, by name, with the ifindex they were attached at.
 pub struct Attachments {
     attached: BTreeMap<String, u32>,
-    /// (interface globs, program) in priority order: pod globs first.
-    rules: Vec<(Vec<glob::Pattern>, &'static str)>,
+    /// (interface globs, role) in priority order: pod globs first.
+    rules: Vec<(Vec<glob::Pattern>, Role)>,
 }
 
 fn patterns(globs: &[String]) -> anyhow::Result<Vec<glob::Pattern>> {
@@ -34,17 +46,17 @@ impl Attachments {
         Ok(Self {
             attached: BTreeMap::new(),
             rules: vec![
-                (patterns(pod_globs)?, PROG_POD_INGRESS),
-                (patterns(external_globs)?, PROG_EXTERNAL_INGRESS),
+                (patterns(pod_globs)?, Role::Pod),
+                (patterns(external_globs)?, Role::External),
             ],
         })
     }
 
-    fn program_for(&self, interface: &str) -> Option<&'static str> {
+    fn role_of(&self, interface: &str) -> Option<Role> {
         self.rules
             .iter()
             .find(|(globs, _)| globs.iter().any(|p| p.matches(interface)))
-            .map(|(_, program)| *program)
+            .map(|(_, role)| *role)
     }
 
     /// Attaches to every matching interface not yet attached (or recreated since).
@@ -62,16 +74,38 @@ impl Attachments {
             if self.attached.contains_key(&name) {
                 continue;
             }
-            let Some(program) = self.program_for(&name) else {
+            let Some(role) = self.role_of(&name) else {
                 continue;
             };
             if let Err(e) = accept_local(index) {
                 // Traffic NATed to or from the node's own address needs it; the rest works.
                 warn!(interface = %name, error = %e, "cannot set accept_local");
             }
-            match attach(datapath, program, &name) {
-                Ok(how) => {
-                    info!(interface = %name, ifindex = index, program, how, "datapath attached");
+            let layer3 = match has_ethernet_header(&name) {
+                Ok(ethernet) => !ethernet,
+                Err(e) => {
+                    warn!(interface = %name, error = %e, "cannot read the link type");
+                    continue;
+                }
+            };
+            let links = match role {
+                Role::Pod => vec![(PROG_POD_INGRESS, Direction::Ingress)],
+                Role::External if layer3 => vec![
+                    (PROG_EXTERNAL_INGRESS_L3, Direction::Ingress),
+                    (PROG_EXTERNAL_EGRESS_L3, Direction::Egress),
+                ],
+                Role::External => vec![
+                    (PROG_EXTERNAL_INGRESS, Direction::Ingress),
+                    (PROG_EXTERNAL_EGRESS, Direction::Egress),
+                ],
+            };
+            let attached = links.into_iter().try_for_each(|(program, direction)| {
+                let how = attach(datapath, program, direction, &name)?;
+                info!(interface = %name, ifindex = index, program, how, "datapath attached");
+                anyhow::Ok(())
+            });
+            match attached {
+                Ok(()) => {
                     self.attached.insert(name, index);
                 }
                 // Interfaces come and go (a pod deleted mid-attach); retried next round.
@@ -154,12 +188,44 @@ pub fn accept_local(ifindex: u32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Is this a device with an Ethernet header (ARPHRD_ETHER: veths, bridges, VXLAN), rather than
+/// a Layer-3 one (WireGuard, IPIP, TUN)? Asked with SIOCGIFHWADDR, in this network namespace.
+pub fn has_ethernet_header(interface: &str) -> std::io::Result<bool> {
+    const ARPHRD_ETHER: u16 = 1;
+    // SAFETY: an ioctl on a socket this function owns, with a zeroed ifreq holding the name.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let _owned = <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd);
+        let mut request: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in request.ifr_name.iter_mut().zip(interface.bytes().take(15)) {
+            *dst = src as libc::c_char;
+        }
+        if libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut request) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(request.ifr_ifru.ifru_hwaddr.sa_family == ARPHRD_ETHER)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Direction {
+    Ingress,
+    Egress,
+}
+
 fn attach(
     datapath: &mut LoadedDatapath,
     program: &str,
+    direction: Direction,
     interface: &str,
 ) -> anyhow::Result<&'static str> {
-    let pin = datapath.layout.link(interface);
+    let (pin, attach_type) = match direction {
+        Direction::Ingress => (datapath.layout.link(interface), TcAttachType::Ingress),
+        Direction::Egress => (datapath.layout.egress_link(interface), TcAttachType::Egress),
+    };
     if pin.exists() {
         match replace_program(datapath, program, &pin) {
             Ok(()) => return Ok("replaced program in pinned link"),
@@ -171,7 +237,7 @@ fn attach(
         }
     }
     let program = datapath.program(program);
-    let id = program.attach(interface, TcAttachType::Ingress)?;
+    let id = program.attach(interface, attach_type)?;
     let link: FdLink = program.take_link(id)?.try_into()?;
     link.pin(&pin)
         .with_context(|| format!("pinning link at {}", pin.display()))?;
@@ -245,11 +311,12 @@ pub fn local_addresses() -> std::io::Result<Vec<(String, std::net::Ipv4Addr)>> {
 /// Detaches every pinned link under the layout (used by `cleanup`).
 pub fn detach_all(layout: &super::BpffsLayout) -> Vec<String> {
     let mut removed = Vec::new();
-    let Ok(entries) = std::fs::read_dir(layout.links_dir()) else {
-        return removed;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
+    let pins = [layout.links_dir(), layout.egress_links_dir()]
+        .into_iter()
+        .filter_map(|dir| std::fs::read_dir(dir).ok())
+        .flat_map(|entries| entries.flatten().map(|e| e.path()))
+        .filter(|path| !path.is_dir());
+    for path in pins {
         match PinnedLink::from_pin(&path).map(|l| l.unpin()) {
             // Dropping the last reference to the link detaches it.
             Ok(Ok(link)) => {

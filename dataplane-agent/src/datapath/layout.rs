@@ -1,5 +1,6 @@
 //! Where the agent pins things under `--bpffs-dir`. Maps sit at the top (so that
-//! `bpftool map dump pinned <dir>/<map>` works), the program beside them, links in `links/`.
+//! `bpftool map dump pinned <dir>/<map>` works), the programs beside them, ingress links in
+//! `links/`, egress links in `links/egress/`, one pin per interface.
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/dataplane";
@@ -31,8 +32,18 @@ impl BpffsLayout {
         self.dir.join("links")
     }
 
+    /// The pin of an interface's ingress link.
     pub fn link(&self, interface: &str) -> PathBuf {
-        self.links_dir().join(interface)
+        self.links_dir().join(pin_name(interface))
+    }
+
+    pub fn egress_links_dir(&self) -> PathBuf {
+        self.links_dir().join("egress")
+    }
+
+    /// The pin of an interface's egress link.
+    pub fn egress_link(&self, interface: &str) -> PathBuf {
+        self.egress_links_dir().join(pin_name(interface))
     }
 
     /// Creates the directories, after checking they live on a bpf filesystem (pins anywhere
@@ -51,9 +62,16 @@ impl BpffsLayout {
                 self.dir.display()
             );
         }
-        std::fs::create_dir_all(self.links_dir())?;
+        std::fs::create_dir_all(self.egress_links_dir())?;
         Ok(())
     }
+}
+
+/// bpffs refuses names with a dot ("reserved for future extensions"), and overlay devices
+/// have them (`vxlan.calico`, `flannel.1`): a dot is pinned as `:`, which no interface name
+/// may contain.
+fn pin_name(interface: &str) -> String {
+    interface.replace('.', ":")
 }
 
 pub fn is_bpffs(path: &Path) -> bool {

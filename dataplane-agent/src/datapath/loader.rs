@@ -3,7 +3,7 @@
 //! and pins the program so tools can find the live one.
 use anyhow::Context;
 use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
-use dataplane_common::{PROG_EXTERNAL_INGRESS, PROG_POD_INGRESS, map_names};
+use dataplane_common::{PROGRAMS, map_names};
 
 use super::{BpffsLayout, maps::check_pinned_layout};
 
@@ -49,7 +49,7 @@ impl LoadedDatapath {
             anyhow::ensure!(ebpf.map(name).is_some(), "the BPF object has no map {name}");
         }
         migrate_conntrack_v1(layout, &mut ebpf)?;
-        for name in [PROG_POD_INGRESS, PROG_EXTERNAL_INGRESS] {
+        for name in PROGRAMS {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("the BPF object has no {name} program"))?
@@ -69,7 +69,7 @@ impl LoadedDatapath {
         })
     }
 
-    /// `PROG_POD_INGRESS` or `PROG_EXTERNAL_INGRESS`.
+    /// One of `dataplane_common::PROGRAMS`.
     pub fn program(&mut self, name: &str) -> &mut SchedClassifier {
         self.ebpf
             .program_mut(name)

@@ -2,8 +2,9 @@
 //! work while the agent is stopped: everything they show is read from these pins).
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use dataplane_common::{
-    AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, FrontendName, MaglevTable,
-    RevNat, ServiceKey, ServiceValue, SourceRangeKey, TrafficStats, map_names,
+    AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, FragmentKey,
+    FragmentPorts, FrontendName, HostFlowKey, MaglevTable, RevNat, ServiceKey, ServiceValue,
+    SourceRangeKey, TrafficStats, map_names,
 };
 
 use super::BpffsLayout;
@@ -63,6 +64,8 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         map_names::MAGLEV => (4, size_of::<MaglevTable>()),
         map_names::CONFIG => (4, size_of::<DatapathConfig>()),
         map_names::NAMES => (4, size_of::<FrontendName>()),
+        map_names::FRAGMENTS => (size_of::<FragmentKey>(), size_of::<FragmentPorts>()),
+        map_names::HOST_FLOWS => (size_of::<HostFlowKey>(), 8),
         _ => return None,
     };
     Some((sizes.0 as u32, sizes.1 as u32))

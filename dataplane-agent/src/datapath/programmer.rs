@@ -302,11 +302,12 @@ impl Programmer {
         self.failures_total
     }
 
-    /// The source address for SNATed external traffic.
-    pub fn set_snat_address(&mut self, addr: Ipv4Addr) -> Result<(), MapError> {
+    /// The source address and ports for SNATed external traffic.
+    pub fn set_snat(&mut self, addr: Ipv4Addr, (min, max): (u16, u16)) -> Result<(), MapError> {
         let config = DatapathConfig {
             snat_addr: addr.octets(),
-            _pad: [0; 4],
+            snat_port_min: min,
+            snat_port_max: max,
         };
         if self.maps.config.get(&0, 0).ok() != Some(config) {
             self.maps.config.set(0, config, 0)?;

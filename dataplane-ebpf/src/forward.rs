@@ -1,0 +1,221 @@
+//! Forwarding a translated packet the way Cilium's BPF host routing does: a FIB lookup for its
+//! new destination, then straight out of the interface the FIB names (`bpf_redirect_neigh`,
+//! which resolves the next hop's link address). The packet skips the node's second routing
+//! pass and netfilter: the kernel's connection tracking never sees a half-translated flow
+//! (the forward direction translated before it, the reply after), so rules such as
+//! kube-proxy's `--ctstate INVALID -j DROP` or a strict `rp_filter` cannot drop it.
+//!
+//! What the FIB does not forward (the node itself, blackholes, a disabled forwarding) goes to
+//! the stack as before. The lookup happens before the rewrite, so that a packet this hop
+//! cannot forward (TTL exhausted, too big with don't-fragment set) is answered with an ICMP
+//! error quoting it as the client sent it.
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
+        TC_ACT_OK, TC_ACT_SHOT, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
+        bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS, bpf_fib_lookup, bpf_redir_neigh,
+    },
+    helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect_neigh, bpf_skb_change_head},
+    programs::TcContext,
+};
+use dataplane_common::Ipv4;
+
+use crate::{
+    counters::count_drop,
+    maps::CONFIG,
+    nat,
+    packet::{ETH_HLEN, IP_CSUM_OFF, IP_TTL_OFF, Packet},
+    refuse,
+};
+use dataplane_common::drop_reason;
+
+const AF_INET: u8 = 2;
+const IPPROTO_ICMP: u8 = 1;
+const ETH_P_IP: u16 = 0x0800;
+
+/// Where the FIB sends a packet.
+#[derive(Clone, Copy)]
+pub enum Route {
+    /// Out of this interface, towards this next hop (network order).
+    Interface { ifindex: u32, next_hop: u32 },
+    /// Too big for the interface the FIB names, whose MTU this is.
+    TooBig { mtu: u16 },
+    /// Local delivery, or nothing the FIB forwards: the stack decides.
+    Stack,
+}
+
+/// The route for a packet of `proto` from `saddr:sport` to `daddr:dport` (host order)
+/// entering on this interface. A frame of its own: the lookup structure is large, and the
+/// verifier caps the stack of the whole call chain (entry point + new flow + this).
+#[inline(never)]
+fn route(
+    ctx: &TcContext,
+    proto: u8,
+    (saddr, sport): (Ipv4, u16),
+    (daddr, dport): (Ipv4, u16),
+) -> Route {
+    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = proto;
+    params.sport = sport.to_be();
+    params.dport = dport.to_be();
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
+    // SAFETY: reads the program's own context.
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // tot_len stays 0: the kernel checks the skb itself against the MTU, GSO-aware.
+    // SAFETY: params is a valid, fully initialised lookup structure on this stack.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    // SAFETY: unions of integers, written by the helper.
+    let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            // A GSO packet passes the kernel's check whatever its segment size: a pod with a
+            // larger MTU than the next hop sends segments that would be dropped there.
+            // SAFETY: reads the program's own context.
+            if unsafe { (*ctx.skb.skb).gso_size } != 0 {
+                let mut checked_mtu = 0u32;
+                // SAFETY: checks the program's own skb against the interface's MTU.
+                let fits = unsafe {
+                    bpf_check_mtu(
+                        ctx.skb.skb as *mut _,
+                        params.ifindex,
+                        &mut checked_mtu,
+                        0,
+                        BPF_MTU_CHK_SEGS as u64,
+                    )
+                };
+                if fits != BPF_MTU_CHK_RET_SUCCESS as i64 {
+                    return Route::TooBig {
+                        mtu: checked_mtu as u16,
+                    };
+                }
+            }
+            Route::Interface {
+                ifindex: params.ifindex,
+                // SAFETY: as above.
+                next_hop: unsafe { params.__bindgen_anon_4.ipv4_dst },
+            }
+        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Route::TooBig { mtu },
+        _ => Route::Stack,
+    }
+}
+
+/// The node's address, as the source of the ICMP errors it sends as a router.
+#[inline(always)]
+fn node_address(pkt: &Packet) -> Ipv4 {
+    match CONFIG.get(0) {
+        Some(config) if config.snat_addr != [0; 4] => config.snat_addr,
+        _ => pkt.daddr,
+    }
+}
+
+/// Rewrites the packet and sends it on: out of the interface the FIB names, or to the stack.
+/// A packet this hop cannot forward is answered as a router would, about the packet as it
+/// arrived.
+#[inline(always)]
+pub fn translate_and_forward<const L2: usize>(
+    ctx: &TcContext,
+    pkt: &Packet,
+    rewrite: nat::Rewrite,
+) -> i32 {
+    let route = route(
+        ctx,
+        pkt.proto,
+        (rewrite.saddr, rewrite.sport),
+        (rewrite.daddr, rewrite.dport),
+    );
+    let forwarded = !matches!(route, Route::Stack);
+    if forwarded && pkt.ttl <= 1 {
+        return refuse::time_exceeded::<L2>(ctx, pkt, node_address(pkt));
+    }
+    if let Route::TooBig { mtu } = route
+        && pkt.dont_fragment
+    {
+        return refuse::fragmentation_needed::<L2>(ctx, pkt, mtu, node_address(pkt));
+    }
+    if nat::rewrite::<L2>(ctx, pkt, rewrite).is_err() {
+        count_drop(drop_reason::REWRITE_FAILED);
+        return TC_ACT_SHOT;
+    }
+    match route {
+        Route::Interface { ifindex, next_hop } => redirect::<L2>(ctx, ifindex, next_hop),
+        // Too big without don't-fragment: the stack fragments it on its way out.
+        Route::TooBig { .. } | Route::Stack => TC_ACT_OK,
+    }
+}
+
+/// Forwards an ICMP error already translated in place (from `saddr` to `daddr`, with this
+/// `ttl`) the same way, without answering for it: no ICMP error is ever sent about an ICMP
+/// error; what this hop cannot forward goes to the stack.
+#[inline(always)]
+pub fn forward_icmp_error<const L2: usize>(
+    ctx: &TcContext,
+    saddr: Ipv4,
+    daddr: Ipv4,
+    ttl: u8,
+) -> i32 {
+    match route(ctx, IPPROTO_ICMP, (saddr, 0), (daddr, 0)) {
+        Route::Interface { ifindex, next_hop } if ttl > 1 => redirect::<L2>(ctx, ifindex, next_hop),
+        _ => TC_ACT_OK,
+    }
+}
+
+/// Decrements the TTL (as the stack's forwarding would) and hands the packet to the
+/// interface's neighbour output, which fills in the link header.
+#[inline(always)]
+fn redirect<const L2: usize>(ctx: &TcContext, ifindex: u32, next_hop: u32) -> i32 {
+    if decrement_ttl::<L2>(ctx).is_none() {
+        return TC_ACT_SHOT;
+    }
+    if L2 == 0 {
+        // The neighbour output takes an Ethernet frame (it replaces the header): a packet
+        // from a Layer-3 device gets a placeholder one.
+        // SAFETY: the skb is the program's own context.
+        if unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_HLEN as u32, 0) } != 0
+            || ctx.store(12, &ETH_P_IP.to_be(), 0).is_err()
+        {
+            return TC_ACT_SHOT;
+        }
+    }
+    let mut next = bpf_redir_neigh {
+        nh_family: AF_INET as u32,
+        __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: next_hop },
+    };
+    // SAFETY: `next` is a valid structure on this stack.
+    unsafe {
+        bpf_redirect_neigh(
+            ifindex,
+            &mut next,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        ) as i32
+    }
+}
+
+/// TTL minus one, with the header checksum updated as the kernel's `ip_decrease_ttl` does.
+#[inline(always)]
+fn decrement_ttl<const L2: usize>(ctx: &TcContext) -> Option<()> {
+    let start = ctx.data();
+    if start + L2 + IP_CSUM_OFF + 2 > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: bounds checked above; the program may write packet data.
+    unsafe {
+        let ttl = (start + L2 + IP_TTL_OFF) as *mut u8;
+        let check = (start + L2 + IP_CSUM_OFF) as *mut u16;
+        let sum = *check as u32 + 0x0100u16.to_be() as u32;
+        *check = (sum + (sum >= 0xffff) as u32) as u16;
+        *ttl -= 1;
+    }
+    Some(())
+}
