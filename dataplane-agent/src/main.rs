@@ -219,7 +219,7 @@ enum Command {
         /// LOW-HIGH: outside the node's ephemeral ports (net.ipv4.ip_local_port_range) and
         /// the node port range, so a SNATed flow never takes the tuple of the node's own
         /// connection. Checked at start.
-        #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
+        #[arg(long, default_value = dataplane_agent::run::DEFAULT_SNAT_PORT_RANGE, value_parser = parse_port_range)]
         snat_port_range: (u16, u16),
         #[command(flatten)]
         node: NodeArgs,

@@ -47,26 +47,45 @@ pub struct RunConfig {
     pub snat_ports: (u16, u16),
 }
 
+/// `--snat-port-range` when not given (the datapath's own fallback is the same range).
+pub const DEFAULT_SNAT_PORT_RANGE: &str = "61000-65535";
+
+/// The ports the node picks for its own connections: `net.ipv4.ip_local_port_range` less
+/// `net.ipv4.ip_local_reserved_ports`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EphemeralPorts {
+    pub range: (u16, u16),
+    /// Inclusive ranges the kernel never picks.
+    pub reserved: Vec<(u16, u16)>,
+}
+
+impl EphemeralPorts {
+    fn contains(&self, port: u16) -> bool {
+        (self.range.0..=self.range.1).contains(&port)
+            && !self.reserved.iter().any(|(a, b)| (*a..=*b).contains(&port))
+    }
+}
+
 /// Checks `--snat-port-range` against the ports the node uses itself: its ephemeral ports
-/// (`net.ipv4.ip_local_port_range` of this network namespace) and the node port range. A SNAT
-/// port in either could give a SNATed flow the tuple of one of the node's own connections.
+/// (of this network namespace) and the node port range. A SNAT port in either could give a
+/// SNATed flow the tuple of one of the node's own connections.
 pub fn check_snat_ports(
     snat: (u16, u16),
     node_ports: (u16, u16),
-    ephemeral: (u16, u16),
+    ephemeral: &EphemeralPorts,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(snat.0 > 0, "--snat-port-range cannot include port 0");
-    let overlaps = |(a, b): (u16, u16)| snat.0 <= b && a <= snat.1;
     let range = |(a, b): (u16, u16)| format!("{a}-{b}");
+    anyhow::ensure!(snat.0 > 0, "--snat-port-range cannot include port 0");
     anyhow::ensure!(
-        !overlaps(ephemeral),
+        !(snat.0..=snat.1).any(|p| ephemeral.contains(p)),
         "--snat-port-range {} overlaps the node's ephemeral ports {} \
-         (net.ipv4.ip_local_port_range): SNATed flows could take the tuple of the node's own \
-         connections; choose a range outside it, e.g. {}",
+         (net.ipv4.ip_local_port_range, less net.ipv4.ip_local_reserved_ports): SNATed flows \
+         could take the tuple of the node's own connections; choose a range outside it, or \
+         reserve it with net.ipv4.ip_local_reserved_ports",
         range(snat),
-        range(ephemeral),
-        suggested_snat_range(node_ports, ephemeral),
+        range(ephemeral.range),
     );
+    let overlaps = |(a, b): (u16, u16)| snat.0 <= b && a <= snat.1;
     anyhow::ensure!(
         !overlaps(node_ports),
         "--snat-port-range {} overlaps the node port range {} (--service-node-port-range)",
@@ -76,26 +95,33 @@ pub fn check_snat_ports(
     Ok(())
 }
 
-/// A range clear of both, for the error message: above the higher one, else below the lower.
-fn suggested_snat_range(node_ports: (u16, u16), ephemeral: (u16, u16)) -> String {
-    let top = node_ports.1.max(ephemeral.1);
-    let bottom = node_ports.0.min(ephemeral.0);
-    if top < 65_000 {
-        format!("{}-65535", top + 1)
-    } else {
-        format!("1024-{}", bottom.saturating_sub(1).max(1025))
-    }
+/// The node's ephemeral ports, as this network namespace has them.
+pub fn ephemeral_ports() -> anyhow::Result<EphemeralPorts> {
+    let read =
+        |path: &str| std::fs::read_to_string(path).with_context(|| format!("reading {path}"));
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = read(path)?;
+    let mut ports = text.split_whitespace().map(str::parse::<u16>);
+    let range = match (ports.next(), ports.next()) {
+        (Some(Ok(low)), Some(Ok(high))) => (low, high),
+        _ => anyhow::bail!("{path} holds {text:?}, not two ports"),
+    };
+    let path = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    let reserved = parse_port_list(&read(path)?)
+        .with_context(|| format!("{path} is not a list of ports and ranges"))?;
+    Ok(EphemeralPorts { range, reserved })
 }
 
-/// The node's ephemeral port range, as this network namespace has it.
-pub fn ephemeral_ports() -> anyhow::Result<(u16, u16)> {
-    let path = "/proc/sys/net/ipv4/ip_local_port_range";
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-    let mut ports = text.split_whitespace().map(str::parse::<u16>);
-    match (ports.next(), ports.next()) {
-        (Some(Ok(low)), Some(Ok(high))) => Ok((low, high)),
-        _ => anyhow::bail!("{path} holds {text:?}, not two ports"),
-    }
+/// `1000,2000-2100` (the sysctl's format; empty for none) as inclusive ranges.
+fn parse_port_list(text: &str) -> Option<Vec<(u16, u16)>> {
+    text.trim()
+        .split(',')
+        .filter(|item| !item.is_empty())
+        .map(|item| match item.split_once('-') {
+            Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+            None => item.parse().ok().map(|p| (p, p)),
+        })
+        .collect()
 }
 
 /// kube-proxy calls the proxy unhealthy when a change has waited this long to be programmed
@@ -196,7 +222,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     check_snat_ports(
         config.snat_ports,
         config.node.nodeport_range,
-        ephemeral_ports()?,
+        &ephemeral_ports()?,
     )?;
     let layout = BpffsLayout::new(&config.bpffs_dir);
     let mut datapath = LoadedDatapath::load(&layout, &config.map_sizes)?;
@@ -425,5 +451,64 @@ impl Agent {
             }
             Err(e) => warn!(error = %e, "cannot list this node's addresses"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DEFAULT_SNAT_PORT_RANGE, EphemeralPorts, check_snat_ports, parse_port_list};
+
+    const NODE_PORTS: (u16, u16) = (30000, 32767);
+
+    fn linux_default() -> EphemeralPorts {
+        EphemeralPorts {
+            range: (32768, 60999),
+            reserved: vec![],
+        }
+    }
+
+    #[test]
+    fn the_default_snat_range_is_clear_of_linux_defaults_and_the_datapath_agrees() {
+        let (low, high) = DEFAULT_SNAT_PORT_RANGE.split_once('-').unwrap();
+        let default = (low.parse().unwrap(), high.parse().unwrap());
+        assert_eq!(default, dataplane_common::DEFAULT_SNAT_PORTS);
+        check_snat_ports(default, NODE_PORTS, &linux_default()).unwrap();
+    }
+
+    #[test]
+    fn snat_ranges_overlapping_the_nodes_own_ports_are_refused_with_the_flag_named() {
+        let ephemeral = check_snat_ports((32000, 33000), NODE_PORTS, &linux_default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            ephemeral.contains("--snat-port-range 32000-33000"),
+            "{ephemeral}"
+        );
+        assert!(ephemeral.contains("32768-60999"), "{ephemeral}");
+        let node_ports = check_snat_ports((29000, 30001), NODE_PORTS, &linux_default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            node_ports.contains("node port range 30000-32767"),
+            "{node_ports}"
+        );
+        assert!(check_snat_ports((0, 10), NODE_PORTS, &linux_default()).is_err());
+        check_snat_ports((20000, 29999), NODE_PORTS, &linux_default()).unwrap();
+    }
+
+    #[test]
+    fn reserved_ports_make_room_inside_a_wide_ephemeral_range() {
+        let wide = EphemeralPorts {
+            range: (1024, 65535),
+            reserved: parse_port_list("61000-65535\n").unwrap(),
+        };
+        check_snat_ports((61000, 65535), NODE_PORTS, &wide).unwrap();
+        assert!(check_snat_ports((60000, 61000), NODE_PORTS, &wide).is_err());
+        assert_eq!(parse_port_list("\n"), Some(vec![]));
+        assert_eq!(
+            parse_port_list("80,8000-8100\n"),
+            Some(vec![(80, 80), (8000, 8100)])
+        );
+        assert_eq!(parse_port_list("x"), None);
     }
 }

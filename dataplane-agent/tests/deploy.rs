@@ -917,9 +917,10 @@ fn the_daemonsets_capabilities_suffice_and_each_is_needed() {
         &["interface=veth-dp0", "interface=eth-dp0"],
     );
     assert!(running, "the restarted agent stopped\n{log}");
+    // Three links: the pod veth's ingress, the external interface's ingress and egress.
     assert_eq!(
         log.matches("replaced program in pinned link").count(),
-        2,
+        3,
         "{log}"
     );
 

@@ -553,7 +553,10 @@ fn every_map_prints_named_fields_in_bpftool() {
         ("dp_affinity_v1", &[]),
         ("dp_srcrange_v1", &[]),
         ("dp_maglev_v1", &[]),
-        ("dp_config_v1", &["snat_addr", "snat_port_min", "snat_port_max"]),
+        (
+            "dp_config_v1",
+            &["snat_addr", "snat_port_min", "snat_port_max"],
+        ),
         ("dp_names_v1", &["service", "port", "kind"]),
         // Filled by fragmented datagrams and by the node's own UDP flows from a frontend.
         ("dp_frag_v1", &[]),
