@@ -3,6 +3,11 @@
 //! proxy ARP, or veths enslaved to a bridge), and real servers in the pods. Used by the
 //! end-to-end tests and by `cargo xtask demo`.
 //!
+//! Nodes carry what a real node's network stack has besides the datapath ([`Node::new`]):
+//! kube-proxy's `KUBE-FORWARD` chain dropping conntrack-INVALID packets, a pod-egress
+//! MASQUERADE as the Amazon VPC CNI installs it, and strict reverse-path filtering (Calico
+//! sets it on its workload interfaces). [`Node::bare`] leaves them out.
+//!
 //! Everything created here is removed on drop (namespaces, pins, processes), so a failing
 //! test leaves nothing behind. Traffic only ever goes to addresses inside these namespaces.
 use std::{
@@ -119,6 +124,50 @@ impl Netns {
         )
     }
 
+    /// Runs to completion with `input` on its stdin; stdout on success.
+    pub fn run_with_input(
+        &self,
+        program: &str,
+        args: &[&str],
+        input: &str,
+    ) -> anyhow::Result<String> {
+        let what = format!("{program} {}", args.join(" "));
+        let mut child = self
+            .command(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot run {what}"))?;
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes())?;
+        check(child.wait_with_output(), &what)
+    }
+
+    /// A sysctl's value in this namespace (many, like `ip_local_port_range`, are per namespace).
+    pub fn sysctl_value(&self, key: &str) -> anyhow::Result<String> {
+        Ok(self.run("sysctl", &["-n", key])?.trim().to_string())
+    }
+
+    /// A counter of `/proc/net/netstat` or `/proc/net/snmp` as this namespace sees it, by its
+    /// `nstat` name (`TcpExtIPReversePathFilter`, `IpReasmFails`, `IcmpOutTimeExcds`...).
+    pub fn netstat(&self, name: &str) -> anyhow::Result<u64> {
+        let text = self.run("cat", &["/proc/net/netstat", "/proc/net/snmp"])?;
+        let lines: Vec<&str> = text.lines().collect();
+        // Pairs of lines: "Prefix: Name Name ..." then "Prefix: value value ...".
+        for pair in lines.chunks(2) {
+            let [names, values] = pair else { continue };
+            let (prefix, names) = names.split_once(": ").unwrap_or_default();
+            let values = values.split_once(": ").map(|v| v.1).unwrap_or_default();
+            for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
+                if format!("{prefix}{n}") == name {
+                    return Ok(v.parse()?);
+                }
+            }
+        }
+        bail!("no counter {name} in /proc/net/netstat or /proc/net/snmp")
+    }
+
     pub fn spawn(&self, program: &str, args: &[&str]) -> anyhow::Result<Process> {
         let child = self
             .command(program)
@@ -175,25 +224,39 @@ impl Pod {
     /// Starts the echo server (HTTP on `tcp_port`, UDP echo on `udp_port`); it answers with
     /// the pod's name and the peer address it saw.
     pub fn serve(&mut self, tcp_port: u16, udp_port: u16) -> anyhow::Result<()> {
+        self.serve_with_line_echo(tcp_port, udp_port, None)
+    }
+
+    /// [`Pod::serve`], and with `line_port` a TCP server that answers every line on a
+    /// connection ("<pod> <peer-ip>:<peer-port> <line>"), for connections held open.
+    pub fn serve_with_line_echo(
+        &mut self,
+        tcp_port: u16,
+        udp_port: u16,
+        line_port: Option<u16>,
+    ) -> anyhow::Result<()> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/echo_server.py");
-        let process = self.netns.spawn(
-            "python3",
-            &[
-                script.to_str().unwrap(),
-                &self.name,
-                &tcp_port.to_string(),
-                &udp_port.to_string(),
-            ],
-        )?;
+        let mut args = vec![
+            script.to_str().unwrap().to_string(),
+            self.name.clone(),
+            tcp_port.to_string(),
+            udp_port.to_string(),
+        ];
+        args.extend(line_port.map(|p| p.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let process = self.netns.spawn("python3", &args)?;
         self.processes.push(process);
-        // Ready when the TCP port accepts.
+        // Ready when the TCP ports accept.
+        let ports: Vec<u16> = [Some(tcp_port), line_port].into_iter().flatten().collect();
         wait_until(Duration::from_secs(10), || {
-            self.netns
-                .run("python3", &["-c", &format!(
-                    "import socket; socket.create_connection(('{}', {tcp_port}), 0.2).close()",
-                    self.ip
-                )])
-                .is_ok()
+            ports.iter().all(|port| {
+                self.netns
+                    .run("python3", &["-c", &format!(
+                        "import socket; socket.create_connection(('{}', {port}), 0.2).close()",
+                        self.ip
+                    )])
+                    .is_ok()
+            })
         })
         .with_context(|| format!("echo server in {} did not start", self.name))
     }
@@ -208,12 +271,57 @@ pub struct Node {
     pub pods: Vec<Pod>,
     /// Interface name prefix of the node-side veths; the agent attaches to `<prefix>*`.
     pub veth_prefix: String,
+    /// Whether the node has a real node's netfilter rules and reverse-path filtering.
+    pub realistic: bool,
+    /// MTU of pod veths added from now on (both ends); `None`: the kernel's default, 1500.
+    pub pod_mtu: Option<u32>,
 }
 
 pub const ROUTED_GATEWAY: &str = "169.254.1.1";
 
+/// The cluster's pod network: every node's pod subnet lies in it.
+pub const POD_NETWORK: &str = "10.244.0.0/16";
+
+/// What a Kubernetes node's netfilter holds besides the datapath, loaded into every
+/// [`Node::new`]: kube-proxy's `KUBE-FORWARD` chain (it keeps it in every mode, jumped to from
+/// FORWARD) with its rule dropping packets conntrack finds INVALID, and a pod-egress SNAT as
+/// the Amazon VPC CNI installs it (pods' traffic to anything outside the pod network and not
+/// to the node itself leaves with the node's address, from a random port).
+pub const NODE_RULESET: &str = "*filter
+:KUBE-FORWARD - [0:0]
+-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+COMMIT
+*nat
+-A POSTROUTING -s 10.244.0.0/16 ! -d 10.244.0.0/16 -m addrtype ! --dst-type LOCAL -j MASQUERADE --random-fully
+COMMIT
+";
+
 impl Node {
+    /// A node as a real one is: [`NODE_RULESET`] in its netfilter, and strict reverse-path
+    /// filtering (`rp_filter=1`) on every interface (`all`) and on each pod veth. Strict
+    /// filtering on `all` keeps the underlay working: every source a node receives is
+    /// routed back through the interface it came in on (pods through their veth or the
+    /// bridge, other nodes' pods through the underlay or the tunnel, clients and nodes on
+    /// the underlay's subnet), and the nodes of [`multinode`] have a default route there.
+    ///
+    /// `DATAPLANE_TESTBED_BARE_NODES=1` makes every node bare instead: a diagnostic, to tell a
+    /// fault of the datapath from one of its interplay with the node's stack.
     pub fn new(wiring: Wiring, subnet: [u8; 3]) -> anyhow::Result<Self> {
+        let mut node = Self::bare(wiring, subnet)?;
+        if std::env::var_os("DATAPLANE_TESTBED_BARE_NODES").is_some_and(|v| v == "1") {
+            return Ok(node);
+        }
+        node.netns.sysctl("net.ipv4.conf.all.rp_filter", "1")?;
+        node.netns
+            .run_with_input("iptables-restore", &["--noflush"], NODE_RULESET)?;
+        node.realistic = true;
+        Ok(node)
+    }
+
+    /// A node without netfilter rules or reverse-path filtering: only for measurements that
+    /// load their own rule sets (`cargo xtask bench` builds kube-proxy's on its nodes).
+    pub fn bare(wiring: Wiring, subnet: [u8; 3]) -> anyhow::Result<Self> {
         let netns = Netns::new("dpn")?;
         netns.sysctl("net.ipv4.ip_forward", "1")?;
         let veth_prefix = unique("v");
@@ -233,7 +341,42 @@ impl Node {
             subnet,
             pods: vec![],
             veth_prefix,
+            realistic: false,
+            pod_mtu: None,
         })
+    }
+
+    /// Packets the INVALID rule of `KUBE-FORWARD` dropped (its packet counter). A datapath
+    /// that hands the node's conntrack half a connection (a reply it never saw the request
+    /// of) shows here.
+    pub fn invalid_drops(&self) -> anyhow::Result<u64> {
+        let text = self.netns.run(
+            "iptables",
+            &["-t", "filter", "-L", "KUBE-FORWARD", "-v", "-x", "-n"],
+        )?;
+        text.lines()
+            .find(|l| l.contains("DROP") && l.contains("INVALID"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no INVALID drop rule in KUBE-FORWARD:\n{text}"))
+    }
+
+    /// Packets the node dropped for failing the reverse-path filter.
+    pub fn rp_filter_drops(&self) -> anyhow::Result<u64> {
+        self.netns.netstat("TcpExtIPReversePathFilter")
+    }
+
+    /// What the node's stack dropped that a datapath can cause, for assertion messages:
+    /// netfilter's INVALID drops, reverse-path filter drops, failed reassemblies.
+    pub fn drop_report(&self) -> String {
+        let show =
+            |r: anyhow::Result<u64>| r.map_or_else(|e| format!("? ({e})"), |v| v.to_string());
+        format!(
+            "KUBE-FORWARD INVALID drops {}, rp_filter drops {}, reassembly failures {}",
+            show(self.invalid_drops()),
+            show(self.rp_filter_drops()),
+            show(self.netns.netstat("IpReasmFails")),
+        )
     }
 
     pub fn pod_glob(&self) -> String {
@@ -259,6 +402,15 @@ impl Node {
             "netns",
             &netns.name,
         ])?;
+        if let Some(mtu) = self.pod_mtu {
+            let mtu = mtu.to_string();
+            self.netns.ip(&["link", "set", &host_if, "mtu", &mtu])?;
+            netns.ip(&["link", "set", "eth0", "mtu", &mtu])?;
+        }
+        if self.realistic {
+            self.netns
+                .sysctl(&format!("net.ipv4.conf.{host_if}.rp_filter"), "1")?;
+        }
         match self.wiring {
             Wiring::Routed => {
                 netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
@@ -338,6 +490,17 @@ pub struct AgentOptions {
     pub extra_args: Vec<String>,
 }
 
+/// How an agent that was expected to refuse its configuration ended.
+#[derive(Debug)]
+pub struct AgentExit {
+    /// `None`: still running at the deadline (and killed).
+    pub status: Option<std::process::ExitStatus>,
+    /// Its stdout and stderr.
+    pub output: String,
+    /// Whatever it left under its `--bpffs-dir` (removed since).
+    pub pinned: Vec<PathBuf>,
+}
+
 pub fn agent_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("DATAPLANE_AGENT_BIN") {
         return PathBuf::from(path);
@@ -352,6 +515,13 @@ impl Agent {
     }
 
     pub fn start_with(node: &Node, node_name: &str, options: AgentOptions) -> anyhow::Result<Self> {
+        let mut agent = Self::new(node, node_name, options)?;
+        agent.restart()?;
+        Ok(agent)
+    }
+
+    /// The agent's directories, not started yet.
+    fn new(node: &Node, node_name: &str, options: AgentOptions) -> anyhow::Result<Self> {
         let work = std::env::temp_dir().join(unique("dataplane-e2e-"));
         let manifests = options
             .shared_manifests
@@ -359,7 +529,7 @@ impl Agent {
             .unwrap_or_else(|| work.join("manifests"));
         std::fs::create_dir_all(&work)?;
         std::fs::create_dir_all(&manifests)?;
-        let mut agent = Self {
+        let agent = Self {
             log: work.join("agent.log"),
             manifests,
             bpffs_dir: PathBuf::from("/sys/fs/bpf").join(unique("dpt")),
@@ -372,7 +542,6 @@ impl Agent {
             options,
             work,
         };
-        agent.restart()?;
         Ok(agent)
     }
 
@@ -384,6 +553,32 @@ impl Agent {
             "agent binary {} not built",
             self.binary.display()
         );
+        let child = self.command()?.spawn()?;
+        self.process = Some(Process { child });
+        // Ready once the maps are pinned and every pod interface has its link, and every
+        // external interface named exactly (not by a glob).
+        let bpffs = self.bpffs_dir.clone();
+        let external = self.options.external_interfaces.iter();
+        let exact = external
+            .flat_map(|e| e.split(','))
+            .filter(|e| !e.contains(['*', '?', '[']))
+            .map(String::from);
+        let links: Vec<PathBuf> = self
+            .pod_interfaces
+            .iter()
+            .cloned()
+            .chain(exact)
+            .map(|i| bpffs.join("links").join(i))
+            .collect();
+        wait_until(Duration::from_secs(10), || {
+            bpffs.join(dataplane_common::map_names::SERVICES).exists()
+                && links.iter().all(|l| l.exists())
+        })
+        .map_err(|e| e.context(format!("agent did not start; log:\n{}", self.log_text())))
+    }
+
+    /// `dataplane-agent run` in the node's namespace, logging to the agent's log.
+    fn command(&self) -> anyhow::Result<Command> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -401,7 +596,7 @@ impl Agent {
         if let Some(external) = &self.options.external_interfaces {
             command.args(["--external-interfaces", external]);
         }
-        let child = command
+        command
             .args(&self.options.extra_args)
             .args([
                 "--node-name",
@@ -414,21 +609,48 @@ impl Agent {
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        self.process = Some(Process { child });
-        // Ready once the maps are pinned and every pod interface has its link.
-        let bpffs = self.bpffs_dir.clone();
-        let links: Vec<PathBuf> = self
-            .pod_interfaces
-            .iter()
-            .map(|i| bpffs.join("links").join(i))
-            .collect();
-        wait_until(Duration::from_secs(10), || {
-            bpffs.join(dataplane_common::map_names::SERVICES).exists()
-                && links.iter().all(|l| l.exists())
+            .stderr(log);
+        Ok(command)
+    }
+
+    /// Runs the agent for `node` as [`Agent::start_with`] would, expecting it to exit on its
+    /// own (a configuration it refuses) within `timeout`; killed if it does not.
+    pub fn run_to_exit(
+        node: &Node,
+        node_name: &str,
+        options: AgentOptions,
+        timeout: Duration,
+    ) -> anyhow::Result<AgentExit> {
+        let agent = Self::new(node, node_name, options)?;
+        anyhow::ensure!(
+            agent.binary.exists(),
+            "agent binary {} not built",
+            agent.binary.display()
+        );
+        let mut process = Process {
+            child: agent.command()?.spawn()?,
+        };
+        let mut status = None;
+        let _ = wait_until(timeout, || {
+            status = process.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        drop(process);
+        let mut pinned = vec![];
+        let mut dirs = vec![agent.bpffs_dir.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs.push(entry.path());
+                }
+                pinned.push(entry.path());
+            }
+        }
+        Ok(AgentExit {
+            status,
+            output: agent.log_text(),
+            pinned,
         })
-        .map_err(|e| e.context(format!("agent did not start; log:\n{}", self.log_text())))
     }
 
     /// Stops the agent the way a DaemonSet update does (SIGTERM); the datapath stays.
@@ -577,6 +799,92 @@ pub fn udp_request(
         );
     }
     Ok(text)
+}
+
+/// Opens one TCP connection (from `source_port` when given), then for every line on stdin
+/// sends it and prints the line answered: "open" or "error ..." first, then per exchange the
+/// answer, "closed" or "error ...".
+const LINE_CLIENT: &str = r#"
+import socket, sys
+host, port, source_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+try:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if source_port:
+        s.bind(("", source_port))
+    s.settimeout(3)
+    s.connect((host, port))
+    print("open", flush=True)
+except OSError as e:
+    print("error", repr(e), flush=True)
+    sys.exit()
+answers = s.makefile("rb")
+for line in sys.stdin:
+    try:
+        s.sendall(line.encode())
+        answer = answers.readline()
+        print(answer.decode().strip() if answer else "closed", flush=True)
+    except OSError as e:
+        print("error", repr(e), flush=True)
+"#;
+
+/// A TCP connection held open to a line echo server ([`Pod::serve_with_line_echo`]), one
+/// request and answer at a time, for as long as the test keeps it; killed on drop.
+pub struct LineConnection {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl LineConnection {
+    /// Connects from `client` to `target` ("host:port"), from `source_port` when given;
+    /// fails when the connection is not established within 3 s.
+    pub fn open(client: &Netns, target: &str, source_port: Option<u16>) -> anyhow::Result<Self> {
+        let (host, port) = target.rsplit_once(':').context("target is host:port")?;
+        let source_port = source_port.unwrap_or(0).to_string();
+        let mut child = client
+            .command("python3")
+            .args(["-c", LINE_CLIENT, host, port, &source_port])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut this = Self {
+            stdin: child.stdin.take().unwrap(),
+            stdout: std::io::BufReader::new(child.stdout.take().unwrap()),
+            child,
+        };
+        let first = this.read_line()?;
+        if first != "open" {
+            bail!("connection to {target} not established: {first}");
+        }
+        Ok(this)
+    }
+
+    /// Sends `line` and returns the answer; fails when none comes within 3 s.
+    pub fn exchange(&mut self, line: &str) -> anyhow::Result<String> {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}")?;
+        self.stdin.flush()?;
+        let answer = self.read_line()?;
+        if answer == "closed" || answer.starts_with("error") {
+            bail!("no answer to {line:?}: {answer}");
+        }
+        Ok(answer)
+    }
+
+    fn read_line(&mut self) -> anyhow::Result<String> {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut self.stdout, &mut line)?;
+        Ok(line.trim().to_string())
+    }
+}
+
+impl Drop for LineConnection {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// What a testbed left running on purpose (`cargo xtask demo --keep`), and how to remove it.

@@ -3,9 +3,13 @@
 //! nowhere), each node's pod CIDR routed to it from the others, and an "external client"
 //! namespace on the same underlay. One agent per node, all reading one shared manifest
 //! directory (the cluster's objects), each with its own `--node-name` and `--bpffs-dir`.
-use std::{net::Ipv4Addr, path::PathBuf};
+//!
+//! Options ([`ClusterOptions`]): jumbo-frame pod veths over the 1500-byte underlay (as on
+//! AWS), and an L3 overlay: pod CIDRs routed through a TUN device named as Calico's WireGuard
+//! device, carried between nodes by a userspace relay (`assets/tun_relay.py`).
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
-use crate::{Agent, AgentOptions, Netns, Node, Wiring, unique};
+use crate::{Agent, AgentOptions, Netns, Node, Process, Wiring, unique, wait_until};
 
 /// The underlay's addresses: nodes are .11, .12, ...; external clients .100, .101, ...
 pub fn underlay_ip(last: u8) -> Ipv4Addr {
@@ -15,6 +19,38 @@ pub fn underlay_ip(last: u8) -> Ipv4Addr {
 /// Load-balancer and external IPs are taken from here; external clients route it via the
 /// first node, as a load balancer in front of the cluster would deliver it.
 pub const FRONTEND_NET: &str = "198.51.100.0/24";
+
+/// The underlay's MTU, as on AWS and most clouds.
+pub const UNDERLAY_MTU: u32 = 1500;
+
+/// The nodes' default gateway: an address on the underlay that nothing answers, so a node
+/// routes as a real one (everything unknown out of `eth0`) and nothing leaves the testbed.
+pub const UNDERLAY_GATEWAY: &str = "192.0.2.1";
+
+/// The overlay's device in each node: Calico's WireGuard device name (a TUN device here,
+/// link/none like WireGuard's), its MTU (WireGuard's default) and the relay's UDP port.
+pub const TUNNEL_DEVICE: &str = "wireguard.cali";
+pub const TUNNEL_MTU: u32 = 1420;
+pub const TUNNEL_PORT: u16 = 51820;
+
+/// How the nodes' pod networks are joined.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Overlay {
+    /// Each node's pod CIDR is routed via that node's underlay address.
+    #[default]
+    None,
+    /// Each node's pod CIDR is routed into [`TUNNEL_DEVICE`], a TUN device whose relay sends
+    /// the packets to the node owning the destination over UDP; agents attach to it as an
+    /// external interface.
+    Tun,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClusterOptions {
+    /// MTU of the pod veths, both ends (AWS: 9001); default the kernel's 1500.
+    pub pod_mtu: Option<u32>,
+    pub overlay: Overlay,
+}
 
 pub struct Underlay {
     pub netns: Netns,
@@ -36,6 +72,9 @@ impl Underlay {
         ])?;
         self.netns.ip(&["link", "set", &port, "master", "br0"])?;
         self.netns.ip(&["link", "set", &port, "up"])?;
+        let mtu = UNDERLAY_MTU.to_string();
+        self.netns.ip(&["link", "set", &port, "mtu", &mtu])?;
+        ns.ip(&["link", "set", "eth0", "mtu", &mtu])?;
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         Ok(())
@@ -71,17 +110,31 @@ pub struct MultiNode {
     pub manifests: PathBuf,
     /// One per node, in the same order; started by [`MultiNode::start_agents`].
     pub agents: Vec<Agent>,
+    pub options: ClusterOptions,
+    /// The overlay's relays, one per node.
+    relays: Vec<Process>,
 }
 
 impl MultiNode {
     /// `pods[i]` names the pods of node i (their servers are started by the caller).
     pub fn new(pods: &[&[&str]], external_clients: usize) -> anyhow::Result<Self> {
+        Self::with(pods, external_clients, ClusterOptions::default())
+    }
+
+    pub fn with(
+        pods: &[&[&str]],
+        external_clients: usize,
+        options: ClusterOptions,
+    ) -> anyhow::Result<Self> {
         let underlay = Underlay::new()?;
         let mut nodes = Vec::new();
         for (i, names) in pods.iter().enumerate() {
             let mut node = Node::new(Wiring::Routed, [10, 244, i as u8 + 1])?;
+            node.pod_mtu = options.pod_mtu;
             let ip = underlay_ip(11 + i as u8);
             underlay.plug(&node.netns, ip)?;
+            node.netns
+                .ip(&["route", "add", "default", "via", UNDERLAY_GATEWAY])?;
             for name in *names {
                 node.add_pod(name)?;
             }
@@ -94,15 +147,31 @@ impl MultiNode {
                 node,
             });
         }
-        // Each node reaches the others' pod CIDRs through them.
+        // Each node reaches the others' pod CIDRs through them, or through the tunnel.
+        let mut relays = Vec::new();
         for (i, a) in nodes.iter().enumerate() {
-            for (j, b) in nodes.iter().enumerate() {
-                if i != j {
-                    let cidr = format!("10.244.{}.0/24", j + 1);
-                    a.node
-                        .netns
-                        .ip(&["route", "add", &cidr, "via", &b.ip.to_string()])?;
-                }
+            let peers: Vec<(String, Ipv4Addr)> = nodes
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(j, b)| (format!("10.244.{}.0/24", j + 1), b.ip))
+                .collect();
+            if options.overlay == Overlay::Tun {
+                relays.push(start_tunnel(&a.node.netns, a.ip, &peers)?);
+            }
+            for (cidr, peer) in &peers {
+                match options.overlay {
+                    Overlay::None => {
+                        a.node
+                            .netns
+                            .ip(&["route", "add", cidr, "via", &peer.to_string()])?
+                    }
+                    Overlay::Tun => {
+                        a.node
+                            .netns
+                            .ip(&["route", "add", cidr, "dev", TUNNEL_DEVICE])?
+                    }
+                };
             }
         }
         let mut clients = Vec::new();
@@ -127,15 +196,26 @@ impl MultiNode {
             clients,
             manifests,
             agents: vec![],
+            options,
+            relays,
         })
     }
 
-    /// Starts one agent per node on the shared manifests, serving external traffic on `eth0`.
+    /// The agents' `--external-interfaces`: the underlay, and the tunnel if there is one.
+    pub fn external_interfaces(&self) -> String {
+        match self.options.overlay {
+            Overlay::None => "eth0".into(),
+            Overlay::Tun => format!("eth0,{TUNNEL_DEVICE}"),
+        }
+    }
+
+    /// Starts one agent per node on the shared manifests, serving external traffic on `eth0`
+    /// (and the tunnel device).
     pub fn start_agents(&mut self, extra_args: &[&str]) -> anyhow::Result<()> {
         for n in &self.nodes {
             let options = AgentOptions {
                 shared_manifests: Some(self.manifests.clone()),
-                external_interfaces: Some("eth0".into()),
+                external_interfaces: Some(self.external_interfaces()),
                 extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
                 ..Default::default()
             };
@@ -163,9 +243,45 @@ impl MultiNode {
     }
 }
 
+/// Creates [`TUNNEL_DEVICE`] in `node` and starts its relay, sending packets for each
+/// `(cidr, peer)` to that peer node's relay; returns once the relay holds the device.
+fn start_tunnel(
+    node: &Netns,
+    ip: Ipv4Addr,
+    peers: &[(String, Ipv4Addr)],
+) -> anyhow::Result<Process> {
+    node.ip(&["tuntap", "add", "mode", "tun", "name", TUNNEL_DEVICE])?;
+    node.ip(&[
+        "link",
+        "set",
+        TUNNEL_DEVICE,
+        "mtu",
+        &TUNNEL_MTU.to_string(),
+        "up",
+    ])?;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tun_relay.py");
+    let mut args = vec![
+        script.to_str().unwrap().to_string(),
+        TUNNEL_DEVICE.to_string(),
+        ip.to_string(),
+        TUNNEL_PORT.to_string(),
+    ];
+    args.extend(peers.iter().map(|(cidr, peer)| format!("{cidr}={peer}")));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let relay = node.spawn("python3", &args)?;
+    // A TUN device has carrier while a process holds it.
+    wait_until(Duration::from_secs(10), || {
+        node.ip(&["link", "show", TUNNEL_DEVICE])
+            .is_ok_and(|l| l.contains("LOWER_UP") && !l.contains("NO-CARRIER"))
+    })
+    .map_err(|e| e.context(format!("relay never attached to {TUNNEL_DEVICE}")))?;
+    Ok(relay)
+}
+
 impl Drop for MultiNode {
     fn drop(&mut self) {
         self.agents.clear();
+        self.relays.clear();
         self.nodes.clear();
         self.clients.clear();
         // SAFETY: dropped exactly once, here (`keep` skips this Drop).
@@ -182,6 +298,10 @@ impl MultiNode {
             kept = kept.merge(agent.keep());
         }
         let mut this = std::mem::ManuallyDrop::new(self);
+        for relay in std::mem::take(&mut this.relays) {
+            kept.pids.push(relay.child.id());
+            std::mem::forget(relay);
+        }
         for node in std::mem::take(&mut this.nodes) {
             kept = kept.merge(node.node.keep());
         }

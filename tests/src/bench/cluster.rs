@@ -77,7 +77,7 @@ const SERVER_SECOND_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 21);
 
 impl BenchNode {
     fn new(label: &'static str, iperf: bool) -> anyhow::Result<Self> {
-        let mut node = Node::new(Wiring::Routed, SUBNET)?;
+        let mut node = Node::bare(Wiring::Routed, SUBNET)?;
         cleanup::namespace(&node.netns.name);
         for name in ["client", "server"] {
             let index = node.add_pod(name)?;
