@@ -336,35 +336,40 @@ fn choose_backend(
 }
 
 /// How many ports a new SNATed flow tries before it gives up (counted as
-/// `SNAT_PORTS_EXHAUSTED`): with a range a quarter full, all eight are taken once in 65,536.
-const SNAT_PORT_TRIES: usize = 8;
+/// `SNAT_PORTS_EXHAUSTED`).
+const SNAT_PORT_TRIES: u32 = 8;
 
 /// Claims a SNAT source port for a flow to the backend in `reply` (whose `dport` is set
 /// here) by inserting the flow's reply entry under it: the insert fails when the tuple is
 /// taken, so two CPUs can never share a port. The client's own port is tried first when it
-/// lies in the range (the backend sees the port the client used), then random ones. Returns
-/// the port, or `None` when every try was taken.
-#[inline(always)]
-fn claim_snat_port(pkt: &Packet, reply: &mut CtKey, entry: &CtEntry, min: u16, max: u16) -> Option<u16> {
+/// lies in the range (the backend sees the port the client used), else a random one; then
+/// the ports after it, wrapping around the range (as Linux picks ephemeral ports), so a
+/// small range is searched whole. Returns the port, or 0 when every try was taken.
+///
+/// A frame of its own (the unrolled tries would overflow the new-flow frame's stack budget),
+/// so plain scalars in and out: BPF functions take five arguments at most, an `Option`
+/// return counts as one more.
+#[inline(never)]
+fn claim_snat_port(client_port: u16, reply: &mut CtKey, entry: &CtEntry, (min, max): (u16, u16)) -> u16 {
     let span = (max as u32).saturating_sub(min as u32) + 1;
-    let mut candidate = if pkt.sport >= min && pkt.sport <= max {
-        pkt.sport
+    // The candidate's place in the range.
+    let first = if client_port >= min && client_port <= max {
+        (client_port - min) as u32
     } else {
-        random_port(min, span)
+        (unsafe { bpf_get_prandom_u32() }) % span
     };
-    for _ in 0..SNAT_PORT_TRIES {
+    // A constant trip count: the loop unrolls, and the verifier walks straight-line code.
+    for i in 0..SNAT_PORT_TRIES {
+        if i >= span {
+            break;
+        }
+        let candidate = min.wrapping_add(((first + i) % span) as u16);
         reply.dport = candidate;
         if CONNTRACK.insert(&*reply, entry, BPF_NOEXIST as u64).is_ok() {
-            return Some(candidate);
+            return candidate;
         }
-        candidate = random_port(min, span);
     }
-    None
-}
-
-#[inline(always)]
-fn random_port(min: u16, span: u32) -> u16 {
-    min.wrapping_add((unsafe { bpf_get_prandom_u32() } % span) as u16)
+    0
 }
 
 fn new_flow(
@@ -450,14 +455,14 @@ fn new_flow(
     };
     entry.flags |= CT_FLAG_REPLY;
     let reply_inserted = match snat {
-        Some((min, max)) => match claim_snat_port(pkt, &mut reply_key, &entry, min, max) {
-            Some(port) => {
-                forward.3 = port;
-                true
-            }
-            None => {
+        Some(range) => match claim_snat_port(pkt.sport, &mut reply_key, &entry, range) {
+            0 => {
                 count_drop(drop_reason::SNAT_PORTS_EXHAUSTED);
                 return NewFlow::Verdict(TC_ACT_SHOT);
+            }
+            port => {
+                forward.3 = port;
+                true
             }
         },
         None => CONNTRACK.insert(&reply_key, &entry, 0).is_ok(),

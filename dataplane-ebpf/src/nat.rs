@@ -105,7 +105,7 @@ pub fn rewrite<const L2: usize>(ctx: &TcContext, pkt: &Packet, r: Rewrite) -> Re
         }
     }
     if sport != pkt.sport || dport != pkt.dport {
-        let ports = ptr_at_mut::<[u16; 2]>(ctx, pkt.l4_off).ok_or(-1i64)?;
+        let ports = ptr_at_mut::<[u16; 2]>(ctx, pkt.l4_off as usize).ok_or(-1i64)?;
         // SAFETY: as above.
         unsafe { *ports = [sport.to_be(), dport.to_be()] };
     }

@@ -56,19 +56,21 @@ pub struct Packet {
     pub fragment: Fragment,
     /// IPv4 identification (network order), which groups fragments.
     pub ip_id: u16,
-    /// Offset of the L4 header from the frame start (link header + IPv4 header).
-    pub l4_off: usize,
+    /// Offset of the L4 header from the frame start (link header + IPv4 header). Small
+    /// integer types throughout: this struct lives on the entry point's stack, whose budget
+    /// the whole call chain shares.
+    pub l4_off: u16,
     /// IP total length, the byte count the counters use.
     pub ip_len: u16,
     /// IPv4 header length in bytes.
-    pub ip_hlen: usize,
+    pub ip_hlen: u8,
 }
 
 impl Packet {
     /// Offset of the L4 checksum field.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
-        self.l4_off + if self.proto == IPPROTO_TCP { 16 } else { 6 }
+        self.l4_off as usize + if self.proto == IPPROTO_TCP { 16 } else { 6 }
     }
 
     /// The packet carries an L4 header (not a later fragment).
@@ -201,9 +203,9 @@ pub fn parse<const L2: usize>(ctx: &TcContext) -> Option<Packet> {
         dont_fragment: frag_off & IP_DF != 0,
         fragment,
         ip_id: ip.id,
-        l4_off: L2 + ip_hlen,
+        l4_off: (L2 + ip_hlen) as u16,
         ip_len: u16::from_be(ip.tot_len),
-        ip_hlen,
+        ip_hlen: ip_hlen as u8,
     };
     if fragment == Fragment::Later {
         // The datagram's ports, as its first fragment had them. Without them the fragment
@@ -218,14 +220,15 @@ pub fn parse<const L2: usize>(ctx: &TcContext) -> Option<Packet> {
         pkt.dport = ports.dport;
         return Some(pkt);
     }
-    let ports = ptr_at::<[u16; 2]>(ctx, pkt.l4_off)?;
+    let l4_off = L2 + ip_hlen;
+    let ports = ptr_at::<[u16; 2]>(ctx, l4_off)?;
     // SAFETY: bounds checked by ptr_at.
     let [sport, dport] = unsafe { *ports };
     pkt.sport = u16::from_be(sport);
     pkt.dport = u16::from_be(dport);
     if proto == IPPROTO_TCP {
         // SAFETY: bounds checked by ptr_at.
-        pkt.tcp_flags = unsafe { *ptr_at::<u8>(ctx, pkt.l4_off + 13)? };
+        pkt.tcp_flags = unsafe { *ptr_at::<u8>(ctx, l4_off + 13)? };
     }
     Some(pkt)
 }

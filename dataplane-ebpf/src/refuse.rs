@@ -40,7 +40,7 @@ pub fn tcp_reset<const L2: usize>(ctx: &TcContext, pkt: &Packet) -> i32 {
     if pkt.tcp_flags & TCP_RST != 0 || !pkt.has_l4_header() {
         return TC_ACT_SHOT; // never answer a reset
     }
-    let l4 = pkt.l4_off;
+    let l4 = pkt.l4_off as usize;
     let (Ok(seq), Ok(ack), Ok(data_off)) = (
         ctx.load::<u32>(l4 + 4),
         ctx.load::<u32>(l4 + 8),

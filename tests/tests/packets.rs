@@ -5,6 +5,11 @@
 //! equality proves the incremental checksum updates too.
 //!
 //! Cases run in order: the reply cases rely on conntrack entries the forward cases created.
+//!
+//! Each test runs in a network namespace of its own (its thread's), because the datapath
+//! forwards translated packets through a FIB lookup in the namespace the test run happens in:
+//! with forwarding off there (a new namespace's default), every translated packet goes to the
+//! stack (`TC_ACT_OK`), whatever the machine's own routes; the forwarding test adds routes.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::programs::{TestRun, TestRunOptions};
@@ -578,9 +583,37 @@ impl Drop for Pins {
     }
 }
 
+/// Moves the calling thread (the test's) into a new network namespace with only `lo`, up.
+/// BPF_PROG_TEST_RUN runs the program on the loopback device of the caller's namespace, so
+/// the FIB the datapath asks is this one. The namespace goes with the thread.
+fn isolate_network() {
+    // SAFETY: unshare affects only the calling thread's namespaces.
+    assert_eq!(
+        unsafe { libc::unshare(libc::CLONE_NEWNET) },
+        0,
+        "unshare(CLONE_NEWNET)"
+    );
+    ip(&["link", "set", "lo", "up"]);
+}
+
+/// Runs `ip ARGS` in the calling thread's network namespace (a child inherits it).
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The datapath loaded under pins of its own (removed when `Pins` drops, which a tuple
-/// binding does last), and the agent's programmer on its maps.
+/// binding does last), and the agent's programmer on its maps; the test's thread in a
+/// network namespace of its own.
 fn load(prefix: &str, sizes: &MapSizes) -> (Pins, LoadedDatapath, Programmer) {
+    isolate_network();
     let pins = Pins(BpffsLayout::new(
         std::path::Path::new("/sys/fs/bpf").join(testbed::unique(prefix)),
     ));
@@ -591,9 +624,14 @@ fn load(prefix: &str, sizes: &MapSizes) -> (Pins, LoadedDatapath, Programmer) {
 
 /// Runs `pod_ingress` on `input`: the verdict and the frame it left with.
 fn run_pod_ingress(datapath: &mut LoadedDatapath, input: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; 256];
+    run_program(datapath, dataplane_common::PROG_POD_INGRESS, input)
+}
+
+/// Runs one of the datapath's programs on `input`: the verdict and the frame it left with.
+fn run_program(datapath: &mut LoadedDatapath, program: &str, input: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; 2048];
     let result = datapath
-        .program(dataplane_common::PROG_POD_INGRESS)
+        .program(program)
         .test_run(TestRunOptions {
             data_in: Some(input),
             data_out: Some(&mut out),
@@ -843,5 +881,281 @@ fn a_closed_tcp_flow_reopens_on_a_new_syn_and_goes_after_a_short_idle_time() {
         programmer.collect_conntrack(seconds(11)),
         2,
         "a closed flow goes after ten idle seconds"
+    );
+}
+
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+
+/// `frame` with another TTL and IP flags byte (0x40: don't fragment), header checksum
+/// recomputed from scratch.
+fn with_ttl_and_flags(mut f: Vec<u8>, ttl: u8, flags: u8) -> Vec<u8> {
+    f[14 + 8] = ttl;
+    f[14 + 6] = flags;
+    f[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let c = checksum(&[&f[14..34]]);
+    f[14 + 10..14 + 12].copy_from_slice(&c);
+    f
+}
+
+/// The ICMP error a router sends about `original` (`kind` = [type, code], `mtu` in the
+/// next-hop MTU field), as the datapath builds it: from `from` to the original's source,
+/// quoting its IP header and first 8 bytes, sent back to the client.
+fn router_error(kind: [u8; 2], mtu: u16, from: Ipv4Addr, original: &[u8]) -> Vec<u8> {
+    let quoted = &original[14..14 + 28];
+    let to = Ipv4Addr::new(original[26], original[27], original[28], original[29]);
+    let mut icmp = vec![kind[0], kind[1], 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    let c = checksum(&[&icmp, quoted]);
+    icmp[2..4].copy_from_slice(&c);
+    let ip = ipv4_header(1, 20 + 8 + 28, from, to, 64, 0, 0x40);
+    [
+        &CLIENT_MAC[..],
+        &NODE_MAC,
+        &[0x08, 0x00],
+        &ip,
+        &icmp,
+        quoted,
+    ]
+    .concat()
+}
+
+/// A UDP datagram from `src` to `dst` (IP id `id`) as two fragments: the first with the UDP
+/// header and 16 bytes of `payload` (more-fragments set), the second with the rest at offset
+/// 24.
+fn udp_fragments(
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    payload: &[u8],
+    (id, ttl): (u16, u8),
+) -> [Vec<u8>; 2] {
+    let whole = frame(
+        TO_NODE,
+        src,
+        dst,
+        L4::Udp {
+            payload,
+            zero_checksum: false,
+        },
+    );
+    let udp = &whole[34..];
+    let (first, rest) = udp.split_at(24);
+    let fragment = |data: &[u8], flags_offset: u16| {
+        let mut ip = ipv4_header(17, 20 + data.len() as u16, *src.ip(), *dst.ip(), ttl, id, 0);
+        ip[6..8].copy_from_slice(&flags_offset.to_be_bytes());
+        ip[10..12].copy_from_slice(&[0, 0]);
+        let c = checksum(&[&ip]);
+        ip[10..12].copy_from_slice(&c);
+        [&TO_NODE.0[..], &TO_NODE.1, &[0x08, 0x00], &ip, data].concat()
+    };
+    [fragment(first, 0x2000), fragment(rest, 3)]
+}
+
+/// Translated packets leave through the interface the FIB names (`TC_ACT_REDIRECT`, TTL
+/// decremented as a router does), past netfilter; packets this hop cannot forward are
+/// answered as a router would, about the packet as the client sent it; fragments of a
+/// datagram are translated like its first.
+#[test]
+fn translated_packets_are_forwarded_by_the_fib_or_answered_as_a_router() {
+    require_root!();
+    let (_pins, mut datapath, mut programmer) = load("dpfwd", &Default::default());
+    // Backends behind an interface with a small MTU; forwarding on.
+    ip(&[
+        "link", "add", "fwd0", "mtu", "1280", "type", "veth", "peer", "name", "fwd1",
+    ]);
+    ip(&["link", "set", "fwd0", "up"]);
+    ip(&["link", "set", "fwd1", "up"]);
+    ip(&["route", "add", "10.0.0.0/24", "dev", "fwd0"]);
+    let out = std::process::Command::new("sysctl")
+        .args(["-qw", "net.ipv4.ip_forward=1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        programmer
+            .apply(&plan_of(web_frontends().into()))
+            .failures
+            .is_empty()
+    );
+    programmer.set_snat(NODE, (61000, 61001)).unwrap();
+
+    let tcp = |flags| L4::Tcp {
+        flags,
+        seq: 1,
+        ack: 0,
+    };
+    let syn = frame(TO_NODE, sock(CLIENT, 40700), sock(VIP, 80), tcp(SYN));
+    let expired = with_ttl_and_flags(
+        frame(TO_NODE, sock(CLIENT, 40701), sock(VIP, 80), tcp(SYN)),
+        1,
+        0x40,
+    );
+    let big = with_ttl_and_flags(
+        frame(
+            TO_NODE,
+            sock(CLIENT, 40702),
+            sock(VIP, 53),
+            L4::Udp {
+                payload: &[7u8; 1372],
+                zero_checksum: false,
+            },
+        ),
+        64,
+        0x40,
+    );
+    let payload: Vec<u8> = (0..40).collect();
+    let [first, later] = udp_fragments(sock(CLIENT, 40703), sock(VIP, 53), &payload, (1, 64));
+    let [first_out, later_out] =
+        udp_fragments(sock(CLIENT, 40703), sock(BACKEND, 5353), &payload, (1, 63));
+    let [_, orphan] = udp_fragments(sock(CLIENT, 40704), sock(VIP, 53), &payload, (2, 64));
+    let cases = [
+        Case {
+            description: "a SYN to a ClusterIP goes to its backend through the FIB, TTL - 1",
+            expected: with_ttl_and_flags(
+                frame(TO_NODE, sock(CLIENT, 40700), sock(BACKEND, 8080), tcp(SYN)),
+                63,
+                0,
+            ),
+            input: syn,
+            verdict: TC_ACT_REDIRECT,
+        },
+        Case {
+            description: "a packet whose TTL runs out here gets time exceeded about the cluster IP",
+            expected: router_error([11, 0], 0, NODE, &expired),
+            input: expired,
+            verdict: TC_ACT_REDIRECT,
+        },
+        Case {
+            description: "a don't-fragment datagram too big for the backend's route gets fragmentation needed",
+            expected: router_error([3, 4], 1280, NODE, &big),
+            input: big,
+            verdict: TC_ACT_REDIRECT,
+        },
+        Case {
+            description: "the first fragment of a datagram to a ClusterIP is translated, ports included",
+            input: first,
+            expected: first_out,
+            verdict: TC_ACT_REDIRECT,
+        },
+        Case {
+            description: "its later fragment (no UDP header) is translated by the first one's ports",
+            input: later,
+            expected: later_out,
+            verdict: TC_ACT_REDIRECT,
+        },
+        Case {
+            description: "a later fragment whose first was never seen passes untouched",
+            expected: orphan.clone(),
+            input: orphan,
+            verdict: TC_ACT_OK,
+        },
+    ];
+    let mut failures = Vec::new();
+    for case in cases {
+        let (verdict, out) = run_pod_ingress(&mut datapath, &case.input);
+        if verdict != case.verdict || out != case.expected {
+            failures.push(format!(
+                "{}:\n  verdict {} (expected {})\n  got      {:02x?}\n  expected {:02x?}",
+                case.description, verdict, case.verdict, out, case.expected
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// On external frontends only a TCP SYN opens a flow, and a UDP datagram answering a flow the
+/// node itself sent from the frontend's address and port (seen by the egress program) goes to
+/// the stack. SNAT ports come from the configured range, each claimed once.
+#[test]
+fn external_frontends_open_flows_only_for_new_connections_with_ports_from_the_snat_range() {
+    require_root!();
+    let (pins, mut datapath, mut programmer) = load("dpext", &Default::default());
+    let node_port = |port, protocol, backend| Frontend {
+        kind: FrontendKind::NodePort,
+        algorithm: Algorithm::Maglev,
+        ..frontend("default/web", NODE, port, protocol, &[backend])
+    };
+    let plan = plan_of(vec![
+        node_port(30080, Protocol::Tcp, sock(BACKEND, 8080)),
+        node_port(30053, Protocol::Udp, sock(BACKEND, 5353)),
+    ]);
+    assert!(programmer.apply(&plan).failures.is_empty());
+    programmer.set_snat(NODE, (61000, 61001)).unwrap();
+    let ingress = dataplane_common::PROG_EXTERNAL_INGRESS;
+    let tcp = |flags| L4::Tcp {
+        flags,
+        seq: 1,
+        ack: 1,
+    };
+    let udp = L4::Udp {
+        payload: b"dns",
+        zero_checksum: false,
+    };
+
+    let ack = frame(TO_NODE, sock(REMOTE, 50000), sock(NODE, 30080), tcp(0x10));
+    assert_eq!(
+        run_program(&mut datapath, ingress, &ack),
+        (TC_ACT_OK, ack.clone()),
+        "an ACK with no flow (the node's own connection) passes untouched"
+    );
+    let syn_ack = frame(
+        TO_NODE,
+        sock(REMOTE, 50000),
+        sock(NODE, 30080),
+        tcp(SYN_ACK),
+    );
+    assert_eq!(
+        run_program(&mut datapath, ingress, &syn_ack),
+        (TC_ACT_OK, syn_ack.clone()),
+        "a SYN-ACK with no flow passes untouched"
+    );
+
+    let mut snat_ports = Vec::new();
+    for client_port in [50001, 50002] {
+        let syn = frame(
+            TO_NODE,
+            sock(REMOTE, client_port),
+            sock(NODE, 30080),
+            tcp(SYN),
+        );
+        let (verdict, out) = run_program(&mut datapath, ingress, &syn);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(&out[26..30], &NODE.octets(), "SNATed to the node");
+        assert_eq!(&out[30..34], &BACKEND.octets());
+        snat_ports.push(u16::from_be_bytes([out[34], out[35]]));
+    }
+    snat_ports.sort();
+    assert_eq!(snat_ports, [61000, 61001], "each port of the range, once");
+    let syn = frame(TO_NODE, sock(REMOTE, 50003), sock(NODE, 30080), tcp(SYN));
+    let (verdict, _) = run_program(&mut datapath, ingress, &syn);
+    assert_eq!(verdict, TC_ACT_SHOT, "no SNAT port left");
+    let exhausted = PinnedMaps::open(&pins.0)
+        .unwrap()
+        .drops
+        .get(&dataplane_common::drop_reason::SNAT_PORTS_EXHAUSTED, 0)
+        .unwrap();
+    assert_eq!(exhausted, 1);
+
+    // The node sends from its node port (as a --random-fully SNAT may pick it): the answer is
+    // the node's, not a new connection to the service.
+    let sent = frame(TO_NODE, sock(NODE, 30053), sock(REMOTE, 53), udp);
+    assert_eq!(
+        run_program(&mut datapath, dataplane_common::PROG_EXTERNAL_EGRESS, &sent),
+        (TC_ACT_OK, sent.clone()),
+        "egress never changes a packet"
+    );
+    let answer = frame(TO_NODE, sock(REMOTE, 53), sock(NODE, 30053), udp);
+    assert_eq!(
+        run_program(&mut datapath, ingress, &answer),
+        (TC_ACT_OK, answer.clone()),
+        "the answer to the node's own flow passes untouched"
+    );
+    let query = frame(TO_NODE, sock(REMOTE, 54), sock(NODE, 30053), udp);
+    let (verdict, out) = run_program(&mut datapath, ingress, &query);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        &out[30..34],
+        &BACKEND.octets(),
+        "another client's datagram is served"
     );
 }
