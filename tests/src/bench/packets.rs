@@ -19,6 +19,15 @@
 //!   averages single runs (repeat = 1) of distinct new flows into an ample conntrack map,
 //!   against single runs of the no-op.
 //! - A non-service packet is not rewritten; checked: the output equals the input.
+//!
+//! The datapath sends a translated packet through a FIB lookup: out of the interface the FIB
+//! names (`bpf_redirect_neigh`, TTL decremented), or to the stack where the FIB does not
+//! forward. The section runs on a thread in a network namespace of its own, where the
+//! translated addresses have a route, and measures both: the rows without "forwarded" with
+//! forwarding off on the test device (the FIB answers "not forwarded" at once; the path the
+//! packet took before the FIB step existed, plus that answer), the "forwarded" rows with it
+//! on (lookup, TTL, redirect). A forwarded packet's TTL drops at every repeat, so those rows
+//! run many short test runs of `FORWARDED_REPEAT` repeats from TTL 255.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{Context, bail, ensure};
@@ -47,6 +56,9 @@ use super::{
 const SECTION: &str = "1 per-packet";
 const NOOP: &str = "bench_noop";
 const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+/// Repeats per test run of a forwarded packet: it starts at TTL 255 and loses one per repeat.
+const FORWARDED_REPEAT: u32 = 200;
 
 const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 5), 40000);
 const FRONTEND_A: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 255, 1), 80);
@@ -81,6 +93,10 @@ fn checksum(chunks: &[&[u8]]) -> [u8; 2] {
 
 /// Ethernet + IPv4 + TCP (no payload), checksums computed.
 pub fn tcp_frame(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
+    tcp_frame_with_ttl(src, dst, flags, 64)
+}
+
+fn tcp_frame_with_ttl(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, ttl: u8) -> Vec<u8> {
     let mut tcp = vec![0u8; 20];
     tcp[0..2].copy_from_slice(&src.port().to_be_bytes());
     tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
@@ -100,7 +116,7 @@ pub fn tcp_frame(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
     .concat();
     let c = checksum(&[&pseudo, &tcp]);
     tcp[16..18].copy_from_slice(&c);
-    let mut ip = vec![0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, 64, IPPROTO_TCP, 0, 0];
+    let mut ip = vec![0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, ttl, IPPROTO_TCP, 0, 0];
     ip.extend_from_slice(&src.ip().octets());
     ip.extend_from_slice(&dst.ip().octets());
     let c = checksum(&[&ip]);
@@ -346,14 +362,18 @@ enum Kind {
     Established,
     NewFlow,
     Reply,
+    EstablishedForwarded,
+    ReplyForwarded,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [
+    const ALL: [Kind; 6] = [
         Kind::NonService,
         Kind::Established,
         Kind::NewFlow,
         Kind::Reply,
+        Kind::EstablishedForwarded,
+        Kind::ReplyForwarded,
     ];
 
     fn label(self) -> &'static str {
@@ -362,7 +382,13 @@ impl Kind {
             Kind::Established => "established flow",
             Kind::NewFlow => "new flow",
             Kind::Reply => "reply",
+            Kind::EstablishedForwarded => "established flow, forwarded by the FIB",
+            Kind::ReplyForwarded => "reply, forwarded by the FIB",
         }
+    }
+
+    fn forwarded(self) -> bool {
+        matches!(self, Kind::EstablishedForwarded | Kind::ReplyForwarded)
     }
 
     fn method(self) -> &'static str {
@@ -376,6 +402,12 @@ impl Kind {
             }
             Kind::Reply => {
                 "TCP ACK from the backend, reverse NAT; A/B pair so every repeat is a reply packet; checked: reply entries counted exactly one packet per repeat"
+            }
+            Kind::EstablishedForwarded => {
+                "as the established row, with forwarding on: FIB lookup, TTL decrement, bpf_redirect_neigh; runs of 200 repeats from TTL 255; checked: verdict TC_ACT_REDIRECT, one conntrack packet per repeat"
+            }
+            Kind::ReplyForwarded => {
+                "as the reply row, with forwarding on: FIB lookup, TTL decrement, bpf_redirect_neigh; runs of 200 repeats from TTL 255; checked: verdict TC_ACT_REDIRECT, one reply-entry packet per repeat"
             }
         }
     }
@@ -429,6 +461,9 @@ fn run_noop(scale: &Scale, repeat: u32) -> anyhow::Result<f64> {
 /// One run of `repeat` repeats of a `kind` packet, checked to have taken that path every
 /// time; the kernel's average ns per repeat.
 fn run_kind(kind: Kind, scale: &Scale, repeat: u32) -> anyhow::Result<f64> {
+    if kind.forwarded() {
+        return run_forwarded(kind, scale, repeat);
+    }
     let (main, fresh) = (&scale.main, &scale.fresh);
     let fwd_a = ct_key(CLIENT, FRONTEND_A);
     let fwd_b = ct_key(CLIENT, FRONTEND_B);
@@ -493,6 +528,7 @@ fn run_kind(kind: Kind, scale: &Scale, repeat: u32) -> anyhow::Result<f64> {
             );
             o
         }
+        Kind::EstablishedForwarded | Kind::ReplyForwarded => unreachable!("run_forwarded"),
         Kind::NewFlow => {
             let frame = tcp_frame(CLIENT, FRONTEND_A, TCP_SYN);
             let failed = fresh.drops(drop_reason::CT_INSERT_FAILED);
@@ -511,6 +547,94 @@ fn run_kind(kind: Kind, scale: &Scale, repeat: u32) -> anyhow::Result<f64> {
         }
     };
     Ok(outcome.ns)
+}
+
+/// About `repeat` repeats of an established or reply packet with forwarding on, as runs of
+/// `FORWARDED_REPEAT` from TTL 255 (each repeat decrements it); the mean of the kernel's
+/// per-repeat averages.
+fn run_forwarded(kind: Kind, scale: &Scale, repeat: u32) -> anyhow::Result<f64> {
+    let main = &scale.main;
+    let (frame, keys) = match kind {
+        Kind::EstablishedForwarded => (
+            tcp_frame_with_ttl(CLIENT, FRONTEND_A, TCP_ACK, 255),
+            [ct_key(CLIENT, FRONTEND_A), ct_key(CLIENT, FRONTEND_B)],
+        ),
+        _ => (
+            tcp_frame_with_ttl(FRONTEND_B, CLIENT, TCP_ACK, 255),
+            [ct_key(FRONTEND_A, CLIENT), ct_key(FRONTEND_B, CLIENT)],
+        ),
+    };
+    let counted = || main.ct_packets(&keys[0]) + main.ct_packets(&keys[1]);
+    let pod_ingress = main.program(PROG_POD_INGRESS)?;
+    let runs = repeat.div_ceil(FORWARDED_REPEAT);
+    let _forwarding = Forwarding::on()?;
+    let before = counted();
+    let mut total = 0.0;
+    for _ in 0..runs {
+        let o = test_run(pod_ingress, &frame, FORWARDED_REPEAT)?;
+        ensure!(
+            o.retval == TC_ACT_REDIRECT,
+            "verdict {} (not forwarded by the FIB)",
+            o.retval
+        );
+        total += o.ns;
+    }
+    let grew = counted() - before;
+    ensure!(
+        grew == (runs * FORWARDED_REPEAT) as u64,
+        "{grew} packets counted for {} repeats",
+        runs * FORWARDED_REPEAT
+    );
+    Ok(total / runs as f64)
+}
+
+/// Forwarding on the test runs' device (loopback) while it lives: the FIB then forwards the
+/// translated packets over the namespace's route instead of answering "not forwarded".
+struct Forwarding;
+
+const LO_FORWARDING: &str = "/proc/sys/net/ipv4/conf/lo/forwarding";
+
+impl Forwarding {
+    fn on() -> anyhow::Result<Self> {
+        std::fs::write(LO_FORWARDING, "1").context(LO_FORWARDING)?;
+        Ok(Self)
+    }
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        let _ = std::fs::write(LO_FORWARDING, "0");
+    }
+}
+
+/// Moves the calling thread into a network namespace of its own (it goes with the thread)
+/// with a route for every address the bench translates to, through a veth pair, and IP
+/// forwarding on except on loopback (see `Forwarding`). BPF_PROG_TEST_RUN runs programs on
+/// the caller's loopback, so this is the FIB they see, whatever the machine's own.
+fn isolate_network() -> anyhow::Result<()> {
+    // SAFETY: unshare changes only the calling thread's namespaces.
+    ensure!(
+        unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0,
+        "unshare(CLONE_NEWNET): {}",
+        std::io::Error::last_os_error()
+    );
+    for args in [
+        &["link", "set", "lo", "up"][..],
+        &["link", "add", "bench0", "type", "veth", "peer", "name", "bench1"],
+        &["link", "set", "bench0", "up"],
+        &["link", "set", "bench1", "up"],
+        &["route", "add", "10.0.0.0/8", "dev", "bench0"],
+    ] {
+        let out = std::process::Command::new("ip").args(args).output()?;
+        ensure!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+    std::fs::write(LO_FORWARDING, "0")?;
+    Ok(())
 }
 
 /// Keeps the calling thread on one CPU while it lives, and restores its affinity after.
@@ -553,6 +677,18 @@ impl Drop for PinnedToCpu {
 }
 
 pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                isolate_network()?;
+                run_isolated(settings, report)
+            })
+            .join()
+            .unwrap_or_else(|_| bail!("the per-packet thread panicked"))
+    })
+}
+
+fn run_isolated(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
     let (_pinned, cpu) = PinnedToCpu::last_cpu()?;
     report.info.insert("per_packet_cpu".into(), cpu.into());
     let mut scales = Vec::new();
@@ -613,7 +749,7 @@ pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
                 .baseline("noop", noop_ns)
                 .ratio_to("noop")
                 .note(format!("{how}; {}; runs {:?}", kind.method(), runs[k][s]));
-            if *kind == Kind::Established {
+            if matches!(kind, Kind::Established | Kind::EstablishedForwarded) {
                 m = m.goal("<= 3x noop", |m| m.ratio.is_some_and(|r| r <= 3.0));
             }
             report.push(m);
