@@ -141,11 +141,20 @@ const RST_ACK: u8 = 0x14;
 
 /// What the datapath must answer to a UDP datagram for a service without endpoints.
 fn icmp_port_unreachable(request: &[u8]) -> Vec<u8> {
-    let quoted = &request[14..14 + 28];
-    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    answered_icmp_error([3, 3], 0, EMPTY_VIP, request)
+}
+
+/// An ICMP error the datapath answers `original` with (`kind` = [type, code], `mtu` in the
+/// next-hop MTU field): from `from` to the original's source, quoting its IP header and
+/// first 8 bytes, sent back to the client (IP id 0, don't-fragment, TTL 64).
+fn answered_icmp_error(kind: [u8; 2], mtu: u16, from: Ipv4Addr, original: &[u8]) -> Vec<u8> {
+    let quoted = &original[14..14 + 28];
+    let to = Ipv4Addr::new(original[26], original[27], original[28], original[29]);
+    let mut icmp = vec![kind[0], kind[1], 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
     let c = checksum(&[&icmp, quoted]);
     icmp[2..4].copy_from_slice(&c);
-    let ip = ipv4_header(1, 20 + 8 + 28, EMPTY_VIP, CLIENT, 64, 0, 0x40);
+    let ip = ipv4_header(1, 20 + 8 + 28, from, to, 64, 0, 0x40);
     [
         &CLIENT_MAC[..],
         &NODE_MAC,
@@ -898,28 +907,6 @@ fn with_ttl_and_flags(mut f: Vec<u8>, ttl: u8, flags: u8) -> Vec<u8> {
     f
 }
 
-/// The ICMP error a router sends about `original` (`kind` = [type, code], `mtu` in the
-/// next-hop MTU field), as the datapath builds it: from `from` to the original's source,
-/// quoting its IP header and first 8 bytes, sent back to the client.
-fn router_error(kind: [u8; 2], mtu: u16, from: Ipv4Addr, original: &[u8]) -> Vec<u8> {
-    let quoted = &original[14..14 + 28];
-    let to = Ipv4Addr::new(original[26], original[27], original[28], original[29]);
-    let mut icmp = vec![kind[0], kind[1], 0, 0, 0, 0];
-    icmp.extend_from_slice(&mtu.to_be_bytes());
-    let c = checksum(&[&icmp, quoted]);
-    icmp[2..4].copy_from_slice(&c);
-    let ip = ipv4_header(1, 20 + 8 + 28, from, to, 64, 0, 0x40);
-    [
-        &CLIENT_MAC[..],
-        &NODE_MAC,
-        &[0x08, 0x00],
-        &ip,
-        &icmp,
-        quoted,
-    ]
-    .concat()
-}
-
 /// A UDP datagram from `src` to `dst` (IP id `id`) as two fragments: the first with the UDP
 /// header and 16 bytes of `payload` (more-fragments set), the second with the rest at offset
 /// 24.
@@ -1021,13 +1008,13 @@ fn translated_packets_are_forwarded_by_the_fib_or_answered_as_a_router() {
         },
         Case {
             description: "a packet whose TTL runs out here gets time exceeded about the cluster IP",
-            expected: router_error([11, 0], 0, NODE, &expired),
+            expected: answered_icmp_error([11, 0], 0, NODE, &expired),
             input: expired,
             verdict: TC_ACT_REDIRECT,
         },
         Case {
             description: "a don't-fragment datagram too big for the backend's route gets fragmentation needed",
-            expected: router_error([3, 4], 1280, NODE, &big),
+            expected: answered_icmp_error([3, 4], 1280, NODE, &big),
             input: big,
             verdict: TC_ACT_REDIRECT,
         },

@@ -620,7 +620,9 @@ fn isolate_network() -> anyhow::Result<()> {
     );
     for args in [
         &["link", "set", "lo", "up"][..],
-        &["link", "add", "bench0", "type", "veth", "peer", "name", "bench1"],
+        &[
+            "link", "add", "bench0", "type", "veth", "peer", "name", "bench1",
+        ],
         &["link", "set", "bench0", "up"],
         &["link", "set", "bench1", "up"],
         &["route", "add", "10.0.0.0/8", "dev", "bench0"],
