@@ -110,7 +110,12 @@ fn set_inner_port<const L2: usize>(ctx: &TcContext, off: usize, old: u16, new: u
     if old == new {
         return Ok(());
     }
-    ctx.l4_csum_replace(L2 + ICMP_CSUM_OFF, old.to_be() as u64, new.to_be() as u64, 2)?;
+    ctx.l4_csum_replace(
+        L2 + ICMP_CSUM_OFF,
+        old.to_be() as u64,
+        new.to_be() as u64,
+        2,
+    )?;
     ctx.store(L2 + off, &new.to_be(), 0)
 }
 
@@ -136,7 +141,9 @@ pub fn translate_error<const L2: usize>(ctx: &TcContext) -> i32 {
         // About a packet towards a backend.
         let client = entry.flags & (CT_FLAG_SNAT | CT_FLAG_HAIRPIN) != 0;
         let rewritten = set_inner_addr::<L2>(ctx, INNER_DADDR_OFF, e.inner_daddr, entry.nat_addr)
-            .and_then(|()| set_inner_port::<L2>(ctx, INNER_DPORT_OFF, e.inner_dport, entry.nat_port))
+            .and_then(|()| {
+                set_inner_port::<L2>(ctx, INNER_DPORT_OFF, e.inner_dport, entry.nat_port)
+            })
             .and_then(|()| {
                 // An error from the backend itself now comes from the frontend.
                 if e.outer_saddr == e.inner_daddr {
@@ -183,8 +190,9 @@ pub fn translate_error<const L2: usize>(ctx: &TcContext) -> i32 {
             if entry.flags & CT_FLAG_SNAT == 0 {
                 return Ok(());
             }
-            set_inner_addr::<L2>(ctx, INNER_DADDR_OFF, e.inner_daddr, entry.peer_addr)
-                .and_then(|()| set_inner_port::<L2>(ctx, INNER_DPORT_OFF, e.inner_dport, entry.peer_port))
+            set_inner_addr::<L2>(ctx, INNER_DADDR_OFF, e.inner_daddr, entry.peer_addr).and_then(
+                |()| set_inner_port::<L2>(ctx, INNER_DPORT_OFF, e.inner_dport, entry.peer_port),
+            )
         });
     forward::<L2>(ctx, rewritten, e.outer_saddr, entry.nat_addr, e.ttl)
 }
@@ -192,7 +200,13 @@ pub fn translate_error<const L2: usize>(ctx: &TcContext) -> i32 {
 /// A translated error goes on like the flow's own packets (past netfilter, which tracks no
 /// flow it belongs to and would call it INVALID).
 #[inline(always)]
-fn forward<const L2: usize>(ctx: &TcContext, rewritten: Result, saddr: Ipv4, daddr: Ipv4, ttl: u8) -> i32 {
+fn forward<const L2: usize>(
+    ctx: &TcContext,
+    rewritten: Result,
+    saddr: Ipv4,
+    daddr: Ipv4,
+    ttl: u8,
+) -> i32 {
     match rewritten {
         Ok(()) => forward_icmp_error::<L2>(ctx, saddr, daddr, ttl),
         Err(_) => aya_ebpf::bindings::TC_ACT_SHOT,

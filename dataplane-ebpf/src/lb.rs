@@ -7,11 +7,10 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     AffinityKey, AffinityValue, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_FLAG_REPLY, CT_FLAG_SNAT,
-    CtEntry, CtKey, DEFAULT_SNAT_PORTS, HAIRPIN_SNAT_ADDR, HOST_FLOW_TIMEOUT_NS, IPPROTO_TCP, IPPROTO_UDP,
-    SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
-    SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV,
-    SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES, ServiceKey, ServiceValue, SourceRangeKey,
-    drop_reason,
+    CtEntry, CtKey, DEFAULT_SNAT_PORTS, HAIRPIN_SNAT_ADDR, HOST_FLOW_TIMEOUT_NS, IPPROTO_TCP,
+    IPPROTO_UDP, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL,
+    SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
+    ServiceKey, ServiceValue, SourceRangeKey, drop_reason,
 };
 
 use crate::{
@@ -77,7 +76,7 @@ pub fn handle<const L2: usize>(ctx: &TcContext, pkt: &Packet, origin: Origin) ->
 fn opens_connection(pkt: &Packet) -> bool {
     match pkt.proto {
         IPPROTO_TCP => pkt.is_tcp_open(),
-        IPPROTO_UDP => match HOST_FLOWS.get_ptr_mut(&tuple_key(pkt)) {
+        IPPROTO_UDP => match HOST_FLOWS.get_ptr(&tuple_key(pkt)) {
             Some(last_sent) => {
                 let now = unsafe { bpf_ktime_get_coarse_ns() };
                 // SAFETY: a value from a lookup in this run.
@@ -112,11 +111,7 @@ fn frontend_key(pkt: &Packet) -> ServiceKey {
 
 /// The first packet of a flow to a frontend: the scope and source checks, then a backend.
 #[inline(never)]
-fn to_frontend(
-    pkt: &Packet,
-    service: *const ServiceValue,
-    origin: Origin,
-) -> NewFlow {
+fn to_frontend(pkt: &Packet, service: *const ServiceValue, origin: Origin) -> NewFlow {
     let frontend = frontend_key(pkt);
     // SAFETY: a value from a lookup in this run; copied out at once.
     let service = unsafe { *service };
@@ -350,7 +345,12 @@ const SNAT_PORT_TRIES: u32 = 8;
 /// so plain scalars in and out: BPF functions take five arguments at most, an `Option`
 /// return counts as one more.
 #[inline(never)]
-fn claim_snat_port(client_port: u16, reply: &mut CtKey, entry: &CtEntry, (min, max): (u16, u16)) -> u16 {
+fn claim_snat_port(
+    client_port: u16,
+    reply: &mut CtKey,
+    entry: &CtEntry,
+    (min, max): (u16, u16),
+) -> u16 {
     let span = (max as u32).saturating_sub(min as u32) + 1;
     // The candidate's place in the range.
     let first = if client_port >= min && client_port <= max {
@@ -424,11 +424,13 @@ fn new_flow(
         };
         entry.flags = CT_FLAG_SNAT;
         entry.peer_addr = config.snat_addr;
-        snat = Some(if config.snat_port_min != 0 && config.snat_port_min <= config.snat_port_max {
-            (config.snat_port_min, config.snat_port_max)
-        } else {
-            DEFAULT_SNAT_PORTS
-        });
+        snat = Some(
+            if config.snat_port_min != 0 && config.snat_port_min <= config.snat_port_max {
+                (config.snat_port_min, config.snat_port_max)
+            } else {
+                DEFAULT_SNAT_PORTS
+            },
+        );
     } else if backend.addr == pkt.saddr {
         // A pod reaching itself: give the packet a source the pod will accept and route back.
         entry.flags = CT_FLAG_HAIRPIN;
@@ -514,7 +516,9 @@ fn forward_rewrite(pkt: &Packet, entry: &CtEntry) -> nat::Rewrite {
 fn reply<const L2: usize>(ctx: &TcContext, pkt: &Packet, entry: *mut CtEntry, now: u64) -> i32 {
     // SAFETY: a value from a lookup in this run, read in place.
     let known = unsafe { &*entry };
-    if pkt.proto == IPPROTO_TCP && pkt.tcp_flags & TCP_SYN != 0 && known.flags & CT_FLAG_CLOSING != 0
+    if pkt.proto == IPPROTO_TCP
+        && pkt.tcp_flags & TCP_SYN != 0
+        && known.flags & CT_FLAG_CLOSING != 0
     {
         // A SYN-ACK on a closed flow's tuple answers a SYN that went straight to the pod from
         // the same client port (a reopened service flow gets fresh entries): the old flow

@@ -84,7 +84,11 @@ pub fn tcp_reset<const L2: usize>(ctx: &TcContext, pkt: &Packet) -> i32 {
 
 /// The packet's TTL ran out on this hop: ICMP time exceeded, from the node (`from`).
 pub fn time_exceeded<const L2: usize>(ctx: &TcContext, pkt: &Packet, from: Ipv4) -> i32 {
-    icmp_error::<L2>(ctx, pkt, &IcmpError::new(ICMP_TIME_EXCEEDED, ICMP_EXC_TTL, 0, from))
+    icmp_error::<L2>(
+        ctx,
+        pkt,
+        &IcmpError::new(ICMP_TIME_EXCEEDED, ICMP_EXC_TTL, 0, from),
+    )
 }
 
 /// The packet (don't-fragment set) is bigger than the next hop's `mtu`: ICMP fragmentation
