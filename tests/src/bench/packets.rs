@@ -388,7 +388,16 @@ impl Kind {
     }
 
     fn forwarded(self) -> bool {
-        matches!(self, Kind::EstablishedForwarded | Kind::ReplyForwarded)
+        self.unforwarded().is_some()
+    }
+
+    /// For a forwarded kind, the same packet handed to the stack.
+    fn unforwarded(self) -> Option<Kind> {
+        match self {
+            Kind::EstablishedForwarded => Some(Kind::Established),
+            Kind::ReplyForwarded => Some(Kind::Reply),
+            _ => None,
+        }
     }
 
     fn method(self) -> &'static str {
@@ -747,10 +756,18 @@ fn run_isolated(settings: &Settings, report: &mut Report) -> anyhow::Result<()> 
         for (s, scale) in scales.iter().enumerate() {
             let ns = median(&runs[k][s]);
             let name = format!("{}, {} services", kind.label(), scale_label(scale.services));
-            let mut m = Measurement::new(SECTION, name, "ns", ns)
-                .baseline("noop", noop_ns)
-                .ratio_to("noop")
-                .note(format!("{how}; {}; runs {:?}", kind.method(), runs[k][s]));
+            let mut m = Measurement::new(SECTION, name, "ns", ns).baseline("noop", noop_ns);
+            if let Some(unforwarded) = kind.unforwarded() {
+                // What the FIB step costs: the same packet handed to the stack.
+                let u = Kind::ALL
+                    .iter()
+                    .position(|k| *k == unforwarded)
+                    .expect("in ALL");
+                m = m.baseline("to the stack", median(&runs[u][s]));
+            }
+            let mut m =
+                m.ratio_to("noop")
+                    .note(format!("{how}; {}; runs {:?}", kind.method(), runs[k][s]));
             if matches!(kind, Kind::Established | Kind::EstablishedForwarded) {
                 m = m.goal("<= 3x noop", |m| m.ratio.is_some_and(|r| r <= 3.0));
             }
