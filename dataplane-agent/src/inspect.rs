@@ -1,7 +1,7 @@
 //! `services`, `backends`, `flows`, `stats` and `graph`: what the pinned maps hold, as tables
 //! for people and JSON for tools. Reads only the pins, so it works while the agent is stopped.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
@@ -252,22 +252,16 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// A reply entry's tuple: protocol, backend address and port, client address and port.
-type ReplyTuple = (u8, [u8; 4], u16, [u8; 4], u16);
-
 pub fn flows(maps: &PinnedMaps) -> anyhow::Result<Vec<FlowView>> {
     let names = names(maps)?;
     let mut forward = Vec::new();
-    let mut reply: BTreeMap<ReplyTuple, CtEntry> = BTreeMap::new();
+    let mut reply: HashMap<CtKey, CtEntry> = HashMap::new();
     for entry in maps.conntrack.iter() {
         let (key, value): (CtKey, CtEntry) = entry?;
         if value.flags & CT_FLAG_REPLY == 0 {
             forward.push((key, value));
         } else {
-            reply.insert(
-                (key.proto, key.saddr, key.sport, key.daddr, key.dport),
-                value,
-            );
+            reply.insert(key, value);
         }
     }
     let now = monotonic_ns();
@@ -283,7 +277,7 @@ pub fn flows(maps: &PinnedMaps) -> anyhow::Result<Vec<FlowView>> {
             } else {
                 (key.saddr, key.sport)
             };
-            let back = reply.get(&(key.proto, fwd.nat_addr, fwd.nat_port, seen_addr, seen_port));
+            let back = reply.get(&key.reply_of(&fwd));
             let to_client = back
                 .map(|r| Counters {
                     packets: r.packets,

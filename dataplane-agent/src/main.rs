@@ -1,16 +1,20 @@
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
+    time::Duration,
 };
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use dataplane_agent::{
-    datapath::{BpffsLayout, attach, layout::DEFAULT_BPFFS_DIR, maps::PinnedMaps},
+    datapath::{
+        BpffsLayout, attach, layout::DEFAULT_BPFFS_DIR, maps::PinnedMaps,
+        programmer::ConntrackTimeouts,
+    },
     inspect::{self, FlowSort},
     objects::ClusterObjects,
     plan::{Algorithm, Cidr, NodeContext, Protocol},
-    run::{RunConfig, SourceConfig, run},
+    run::{RunConfig, SourceConfig, parse_go_duration, run},
     source::{kube as kube_source, manifests::ManifestDir},
 };
 
@@ -221,6 +225,21 @@ enum Command {
         /// connection. Checked at start.
         #[arg(long, default_value = dataplane_agent::run::DEFAULT_SNAT_PORT_RANGE, value_parser = parse_port_range)]
         snat_port_range: (u16, u16),
+        /// Idle time after which an open TCP connection is forgotten (kube-proxy's flag).
+        #[arg(long, default_value = "24h", value_parser = parse_go_duration)]
+        conntrack_tcp_timeout_established: Duration,
+        /// Idle time after which a TCP connection that sent a FIN (possibly half-closed,
+        /// still carrying data the other way) is forgotten (kube-proxy's flag).
+        #[arg(long, default_value = "1h", value_parser = parse_go_duration)]
+        conntrack_tcp_timeout_close_wait: Duration,
+        /// Idle time after which a UDP flow that never saw a reply is forgotten (kube-proxy's
+        /// flag; default Linux's nf_conntrack_udp_timeout).
+        #[arg(long, default_value = "30s", value_parser = parse_go_duration)]
+        conntrack_udp_timeout: Duration,
+        /// Idle time after which a UDP flow that saw replies is forgotten (kube-proxy's flag;
+        /// default Linux's nf_conntrack_udp_timeout_stream).
+        #[arg(long, default_value = "120s", value_parser = parse_go_duration)]
+        conntrack_udp_timeout_stream: Duration,
         #[command(flatten)]
         node: NodeArgs,
         /// Where /healthz and /livez are served, as kube-proxy's flag.
@@ -356,9 +375,19 @@ fn main() -> anyhow::Result<()> {
             bpffs_dir,
             map_sizes,
             snat_port_range,
+            conntrack_tcp_timeout_established,
+            conntrack_tcp_timeout_close_wait,
+            conntrack_udp_timeout,
+            conntrack_udp_timeout_stream,
         } => {
             let config = RunConfig {
                 snat_ports: snat_port_range,
+                conntrack_timeouts: ConntrackTimeouts {
+                    tcp_established: conntrack_tcp_timeout_established,
+                    tcp_close_wait: conntrack_tcp_timeout_close_wait,
+                    udp: conntrack_udp_timeout,
+                    udp_stream: conntrack_udp_timeout_stream,
+                },
                 source: source.config(),
                 node: node.context(&node_name),
                 node_name,

@@ -45,6 +45,45 @@ pub struct RunConfig {
     pub metrics_bind_address: std::net::SocketAddr,
     /// Source ports for SNATed external flows (`--snat-port-range`), inclusive.
     pub snat_ports: (u16, u16),
+    /// kube-proxy's `--conntrack-*` timeouts.
+    pub conntrack_timeouts: crate::datapath::programmer::ConntrackTimeouts,
+}
+
+/// A duration as Go writes it (kube-proxy's flags take these): a sequence of decimal numbers,
+/// each with an optional fraction and a unit (`ns`, `us`/`µs`, `ms`, `s`, `m`, `h`), e.g.
+/// `90s`, `1h30m`, `1.5h`; `0` alone means zero.
+pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("{text:?} is not a duration (e.g. 90s, 1h30m, 24h)");
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut rest = text;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let number: f64 = rest[..number_len].parse().map_err(|_| bad())?;
+        rest = &rest[number_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let seconds = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        total += number * seconds;
+        rest = &rest[unit_len..];
+    }
+    Ok(Duration::from_secs_f64(total))
 }
 
 /// `--snat-port-range` when not given (the datapath's own fallback is the same range).
@@ -226,8 +265,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     )?;
     let layout = BpffsLayout::new(&config.bpffs_dir);
     let mut datapath = LoadedDatapath::load(&layout, &config.map_sizes)?;
-    let programmer =
+    let mut programmer =
         Programmer::restore(PinnedMaps::open(&layout)?).context("reading back the pinned maps")?;
+    programmer.set_conntrack_timeouts(config.conntrack_timeouts);
     let mut attachments = Attachments::new(&config.pod_interfaces, &config.external_interfaces)?;
     info!(
         bpffs_dir = %layout.dir().display(),
@@ -456,7 +496,26 @@ impl Agent {
 
 #[cfg(test)]
 mod tests {
-    use super::{DEFAULT_SNAT_PORT_RANGE, EphemeralPorts, check_snat_ports, parse_port_list};
+    use std::time::Duration;
+
+    use super::{
+        DEFAULT_SNAT_PORT_RANGE, EphemeralPorts, check_snat_ports, parse_go_duration,
+        parse_port_list,
+    };
+
+    #[test]
+    fn durations_parse_as_go_writes_them() {
+        let secs = Duration::from_secs;
+        assert_eq!(parse_go_duration("24h"), Ok(secs(86_400)));
+        assert_eq!(parse_go_duration("1h30m"), Ok(secs(5_400)));
+        assert_eq!(parse_go_duration("1.5h"), Ok(secs(5_400)));
+        assert_eq!(parse_go_duration("90s"), Ok(secs(90)));
+        assert_eq!(parse_go_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
+        for bad in ["", "10", "1d", "h", "-5s", "1h x"] {
+            assert!(parse_go_duration(bad).is_err(), "{bad:?}");
+        }
+    }
 
     const NODE_PORTS: (u16, u16) = (30000, 32767);
 

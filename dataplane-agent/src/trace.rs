@@ -7,9 +7,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use anyhow::Context;
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use dataplane_common::{
-    AffinityKey, CT_FLAG_HAIRPIN, CT_FLAG_REPLY, CT_FLAG_SNAT, CtEntry, CtKey, MAGLEV_TABLE_SIZE,
-    PROG_EXTERNAL_INGRESS, PROG_POD_INGRESS, SCOPE_DEFAULT, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV,
-    ServiceKey, TrafficStats,
+    AffinityKey, CT_FLAG_REPLY, CtEntry, CtKey, MAGLEV_TABLE_SIZE, PROG_EXTERNAL_INGRESS,
+    PROG_POD_INGRESS, SCOPE_DEFAULT, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, ServiceKey, TrafficStats,
 };
 use serde::Serialize;
 
@@ -252,14 +251,7 @@ pub fn trace(
         });
         // Take the new flow out again: conntrack entries, affinity, counters.
         if known_flow.is_none() {
-            let (client, client_port) = if flow.flags & CT_FLAG_SNAT != 0 {
-                (flow.peer_addr, flow.peer_port)
-            } else if flow.flags & CT_FLAG_HAIRPIN != 0 {
-                (flow.peer_addr, from.port())
-            } else {
-                (from.ip().octets(), from.port())
-            };
-            let reply = CtKey::new(flow.nat_addr, client, flow.nat_port, client_port, proto);
+            let reply = forward.reply_of(&flow);
             let _ = maps.conntrack.remove(&reply);
             let _ = maps.conntrack.remove(&forward);
             if let (Some(key), None) = (affinity_key, known_affinity) {

@@ -250,6 +250,52 @@ impl CtKey {
             _pad1: 0,
         }
     }
+
+    /// The tuple of a flow's replies, for its forward entry `forward` under this key: from
+    /// the backend to whoever the backend saw as the client (the client itself, the node's
+    /// SNAT address and port, or the hairpin address with the client's port). The one place
+    /// this rule is written: the datapath, the agent's conntrack collection and the tools
+    /// all use it.
+    #[inline(always)]
+    pub fn reply_of(&self, forward: &CtEntry) -> CtKey {
+        let (client, client_port) = if forward.flags & CT_FLAG_SNAT != 0 {
+            (forward.peer_addr, forward.peer_port)
+        } else if forward.flags & CT_FLAG_HAIRPIN != 0 {
+            (forward.peer_addr, self.sport)
+        } else {
+            (self.saddr, self.sport)
+        };
+        CtKey::new(
+            forward.nat_addr,
+            client,
+            forward.nat_port,
+            client_port,
+            self.proto,
+        )
+    }
+
+    /// The forward tuple of a flow, for its reply entry `reply` under this key: from the
+    /// client, as it sent it, to the frontend. The inverse of `reply_of`.
+    #[inline(always)]
+    pub fn forward_of(&self, reply: &CtEntry) -> CtKey {
+        let client = if reply.flags & (CT_FLAG_SNAT | CT_FLAG_HAIRPIN) != 0 {
+            reply.peer_addr
+        } else {
+            self.daddr
+        };
+        let client_port = if reply.flags & CT_FLAG_SNAT != 0 {
+            reply.peer_port
+        } else {
+            self.dport
+        };
+        CtKey::new(
+            client,
+            reply.nat_addr,
+            client_port,
+            reply.nat_port,
+            self.proto,
+        )
+    }
 }
 
 /// The flow went to the client's own pod: its source was replaced by `HAIRPIN_SNAT_ADDR`.
@@ -258,9 +304,12 @@ pub const CT_FLAG_HAIRPIN: u16 = 1;
 pub const CT_FLAG_SNAT: u16 = 2;
 /// A reply entry (backend -> client); without it, a forward entry (client -> frontend).
 pub const CT_FLAG_REPLY: u16 = 4;
-/// The TCP connection sent a FIN or RST: the entry goes after a short idle time, and a new
-/// SYN on its tuple starts a new flow instead of reusing it.
+/// The TCP connection sent a FIN or RST: the flow is forgotten after the close-wait timeout
+/// (a reset one sooner), and a new SYN on its tuple starts a new flow instead of reusing it.
 pub const CT_FLAG_CLOSING: u16 = 8;
+/// The TCP connection was reset (RST): it goes sooner than one closed with FIN, which may be
+/// half-closed and still carry data.
+pub const CT_FLAG_RESET: u16 = 16;
 
 /// Conntrack value. Counters are added to in place (atomically) by the datapath; each entry
 /// counts the packets travelling in its own direction.

@@ -181,11 +181,17 @@ fn redirect<const L2: usize>(ctx: &TcContext, ifindex: u32, next_hop: u32) -> i3
         // The neighbour output takes an Ethernet frame (it replaces the header): a packet
         // from a Layer-3 device gets a placeholder one.
         // SAFETY: the skb is the program's own context.
-        if unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_HLEN as u32, 0) } != 0
-            || ctx.store(12, &ETH_P_IP.to_be(), 0).is_err()
-        {
+        if unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_HLEN as u32, 0) } != 0 {
             return TC_ACT_SHOT;
         }
+        // Written in place (a helper store would need the value on this frame's stack,
+        // which the verifier's cap on the call chain cannot spare).
+        let start = ctx.data();
+        if start + ETH_HLEN > ctx.data_end() {
+            return TC_ACT_SHOT;
+        }
+        // SAFETY: bounds checked above; the program may write packet data.
+        unsafe { *((start + 12) as *mut u16) = ETH_P_IP.to_be() };
     }
     let mut next = bpf_redir_neigh {
         nh_family: AF_INET as u32,

@@ -6,11 +6,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{
-    AffinityKey, AffinityValue, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_FLAG_REPLY, CT_FLAG_SNAT,
-    CtEntry, CtKey, DEFAULT_SNAT_PORTS, HAIRPIN_SNAT_ADDR, HOST_FLOW_TIMEOUT_NS, IPPROTO_TCP,
-    IPPROTO_UDP, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL,
-    SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
-    ServiceKey, ServiceValue, SourceRangeKey, drop_reason,
+    AffinityKey, AffinityValue, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_FLAG_REPLY, CT_FLAG_RESET,
+    CT_FLAG_SNAT, CtEntry, CtKey, DEFAULT_SNAT_PORTS, HAIRPIN_SNAT_ADDR, HOST_FLOW_TIMEOUT_NS,
+    IPPROTO_TCP, IPPROTO_UDP, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_WHEN_EMPTY,
+    SVC_FLAG_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV, SVC_FLAG_SOURCE_RANGES,
+    SVC_FLAG_TWO_SCOPES, ServiceKey, ServiceValue, SourceRangeKey, drop_reason,
 };
 
 use crate::{
@@ -18,7 +18,7 @@ use crate::{
     forward::translate_and_forward,
     maps::{AFFINITY, BACKENDS, CONFIG, CONNTRACK, HOST_FLOWS, MAGLEV, SERVICES, SOURCE_RANGES},
     nat,
-    packet::{Fragment, Packet, TCP_SYN},
+    packet::{Fragment, Packet, TCP_RST, TCP_SYN},
     refuse,
 };
 
@@ -60,7 +60,15 @@ pub fn handle<const L2: usize>(ctx: &TcContext, pkt: &Packet, origin: Origin) ->
     if origin == Origin::External && !opens_connection(pkt) {
         return TC_ACT_OK;
     }
-    match to_frontend(pkt, service, origin) {
+    // Two frames side by side rather than nested: the verifier caps the stack of the whole
+    // call chain, and each is large.
+    let mut chosen = Chosen::default();
+    let new_flow = match to_frontend(pkt, service, origin, &mut chosen) {
+        CHOSEN => open_flow(pkt, &chosen),
+        REFUSE => NewFlow::Refuse,
+        verdict => NewFlow::Verdict(verdict),
+    };
+    match new_flow {
         NewFlow::Verdict(verdict) => verdict,
         NewFlow::Forward(rewrite) => translate_and_forward::<L2>(ctx, pkt, rewrite),
         NewFlow::Refuse => refuse::connection::<L2>(ctx, pkt),
@@ -88,6 +96,18 @@ fn opens_connection(pkt: &Packet) -> bool {
     }
 }
 
+/// What `to_frontend` chose for a new flow, handed to `open_flow`: the frontend entry's
+/// settings (after the scope choice) and the backend.
+#[derive(Default)]
+struct Chosen {
+    rev_nat_id: u32,
+    flags: u16,
+    origin_external: bool,
+    backend_id: u32,
+    backend: dataplane_common::Backend,
+    now: u64,
+}
+
 /// What became of a new flow. The translation and a refusal are done by the caller: their
 /// frames are large, and the verifier caps the stack of the whole call chain.
 enum NewFlow {
@@ -109,35 +129,71 @@ fn frontend_key(pkt: &Packet) -> ServiceKey {
     }
 }
 
-/// The first packet of a flow to a frontend: the scope and source checks, then a backend.
+/// `to_frontend` filled in its `Chosen`: the flow is to be opened.
+const CHOSEN: i32 = -1;
+/// `to_frontend` found no endpoints to use: the connection is to be refused.
+const REFUSE: i32 = -2;
+
+/// The first packet of a flow to a frontend: the scope and source checks, then a backend
+/// (into `chosen`; returns `CHOSEN`), or `REFUSE`, or the verdict for the packet. A plain
+/// integer result: an enum returned through memory leaves a stack pointer in the return
+/// register, which the verifier rejects.
 #[inline(never)]
-fn to_frontend(pkt: &Packet, service: *const ServiceValue, origin: Origin) -> NewFlow {
-    let frontend = frontend_key(pkt);
-    // SAFETY: a value from a lookup in this run; copied out at once.
-    let service = unsafe { *service };
-    let (frontend, service) = if origin == Origin::Pod && service.flags & SVC_FLAG_TWO_SCOPES != 0 {
+fn to_frontend(
+    pkt: &Packet,
+    service: *const ServiceValue,
+    origin: Origin,
+    chosen: &mut Chosen,
+) -> i32 {
+    let mut frontend = frontend_key(pkt);
+    // Read in place, not copied: this frame is on the verifier's capped call chain.
+    // SAFETY: a value from a lookup in this run, valid for the rest of it.
+    let mut svc = unsafe { &*service };
+    if origin == Origin::Pod && svc.flags & SVC_FLAG_TWO_SCOPES != 0 {
         // Pods reaching an externalTrafficPolicy=Local frontend use every endpoint.
         let internal = ServiceKey {
             scope: SCOPE_INTERNAL,
             ..frontend
         };
-        match SERVICES.get_ptr(internal) {
+        if let Some(value) = SERVICES.get_ptr(internal) {
+            frontend = internal;
             // SAFETY: as above.
-            Some(value) => (internal, unsafe { *value }),
-            None => (frontend, service),
+            svc = unsafe { &*value };
         }
-    } else {
-        (frontend, service)
-    };
-    if service.flags & SVC_FLAG_SOURCE_RANGES != 0
+    }
+    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0
         && origin == Origin::External
-        && !source_allowed(pkt, &service)
+        && !source_allowed(pkt, svc)
     {
         count_drop(drop_reason::SOURCE_RANGE);
-        return NewFlow::Verdict(TC_ACT_SHOT);
+        return TC_ACT_SHOT;
+    }
+    if svc.count == 0 {
+        if svc.flags & SVC_FLAG_DROP_WHEN_EMPTY != 0 {
+            count_drop(drop_reason::NO_LOCAL_ENDPOINTS);
+            return TC_ACT_SHOT;
+        }
+        count_drop(drop_reason::NO_ENDPOINTS);
+        return REFUSE;
     }
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    new_flow(pkt, &frontend, &service, &tuple_key(pkt), now, origin)
+    let Some(backend_id) = choose_backend(pkt, &frontend, svc, now) else {
+        count_drop(drop_reason::BACKEND_MISSING);
+        return TC_ACT_SHOT;
+    };
+    let Some(backend) = backend(backend_id) else {
+        count_drop(drop_reason::BACKEND_MISSING);
+        return TC_ACT_SHOT;
+    };
+    *chosen = Chosen {
+        rev_nat_id: svc.rev_nat_id,
+        flags: svc.flags,
+        origin_external: origin == Origin::External,
+        backend_id,
+        backend,
+        now,
+    };
+    CHOSEN
 }
 
 /// The conntrack key of a packet as it arrives.
@@ -149,43 +205,7 @@ fn tuple_key(pkt: &Packet) -> CtKey {
 /// The reply tuple of a forward flow: from the backend to whoever it saw as the client.
 #[inline(always)]
 fn reply_key(pkt: &Packet, entry: &CtEntry) -> CtKey {
-    let (client, client_port) = if entry.flags & CT_FLAG_SNAT != 0 {
-        (entry.peer_addr, entry.peer_port)
-    } else if entry.flags & CT_FLAG_HAIRPIN != 0 {
-        (entry.peer_addr, pkt.sport)
-    } else {
-        (pkt.saddr, pkt.sport)
-    };
-    CtKey::new(
-        entry.nat_addr,
-        client,
-        entry.nat_port,
-        client_port,
-        pkt.proto,
-    )
-}
-
-/// The forward tuple of a reply entry (`reply` is its key): from the client, as it sent it,
-/// to the frontend.
-#[inline(always)]
-fn forward_key_of_reply(reply: &CtKey, entry: &CtEntry) -> CtKey {
-    let client = if entry.flags & (CT_FLAG_SNAT | CT_FLAG_HAIRPIN) != 0 {
-        entry.peer_addr
-    } else {
-        reply.daddr
-    };
-    let client_port = if entry.flags & CT_FLAG_SNAT != 0 {
-        entry.peer_port
-    } else {
-        reply.dport
-    };
-    CtKey::new(
-        client,
-        entry.nat_addr,
-        client_port,
-        entry.nat_port,
-        reply.proto,
-    )
+    tuple_key(pkt).reply_of(entry)
 }
 
 /// Is the backend this flow was sent to still programmed (same id, same address)? An array
@@ -207,22 +227,33 @@ fn backend(backend_id: u32) -> Option<dataplane_common::Backend> {
     (b.addr != [0; 4]).then_some(b)
 }
 
-/// A TCP FIN or RST: both entries of the flow (this one, and the other direction's at
-/// `other`) are marked closing (see `CT_FLAG_CLOSING`). Rare packets: the second lookup
-/// costs nothing on the per-packet path.
+/// A TCP FIN or RST (`reset`): both entries of the flow (this one, and the other
+/// direction's at `other`) are marked closing (see `CT_FLAG_CLOSING`), and reset after an
+/// RST (`CT_FLAG_RESET`: the agent forgets such flows sooner). Rare packets: the second
+/// lookup costs nothing on the per-packet path.
 #[inline(always)]
-fn note_closing(entry: *mut CtEntry, other: &CtKey) {
+fn note_closing(entry: *mut CtEntry, other: &CtKey, reset: bool) {
+    let flags = if reset {
+        CT_FLAG_CLOSING | CT_FLAG_RESET
+    } else {
+        CT_FLAG_CLOSING
+    };
     // SAFETY: `entry` came from a lookup in this run.
-    unsafe { (*entry).flags |= CT_FLAG_CLOSING };
+    unsafe { (*entry).flags |= flags };
     if let Some(other) = CONNTRACK.get_ptr_mut(other) {
         // SAFETY: as above.
-        unsafe { (*other).flags |= CT_FLAG_CLOSING };
+        unsafe { (*other).flags |= flags };
     }
 }
 
-/// A packet of a known flow: translated as conntrack remembers, or — when its backend is
-/// gone, or a SYN reopens a closed connection's tuple — `None` to choose anew (UDP, or a TCP
-/// SYN), or a reset (TCP).
+/// A packet of a known flow: translated as conntrack remembers, or `None` to choose anew —
+/// when a SYN reopens a closed connection's tuple, or a UDP flow's backend is gone.
+///
+/// kube-proxy's semantics: a TCP connection keeps its backend until it ends, even once the
+/// endpoint is gone from every EndpointSlice (the pod may still be draining; kube-proxy
+/// flushes only UDP conntrack entries); a UDP flow keeps its backend while it is an endpoint
+/// of the service in any condition (the agent keeps such backends programmed), and moves
+/// to a current one when it is gone.
 #[inline(always)]
 fn established<const L2: usize>(
     ctx: &TcContext,
@@ -233,23 +264,22 @@ fn established<const L2: usize>(
 ) -> Option<i32> {
     // SAFETY: a value from a lookup in this run, read in place.
     let known = unsafe { &*entry };
-    let reopened = known.flags & CT_FLAG_CLOSING != 0 && pkt.is_tcp_open();
-    if !reopened && backend_alive(known.backend_id, known.nat_addr, known.nat_port) {
+    let keeps_backend = if pkt.proto == IPPROTO_TCP {
+        known.flags & CT_FLAG_CLOSING == 0 || !pkt.is_tcp_open()
+    } else {
+        backend_alive(known.backend_id, known.nat_addr, known.nat_port)
+    };
+    if keeps_backend {
         count_flow_packet(entry, pkt.ip_len as u64, now);
         count_service_packet(known.rev_nat_id, known.backend_id, pkt.ip_len as u64, false);
         if pkt.is_tcp_close() {
-            note_closing(entry, &reply_key(pkt, known));
+            note_closing(entry, &reply_key(pkt, known), pkt.tcp_flags & TCP_RST != 0);
         }
         return Some(translate_forward::<L2>(ctx, pkt, known));
     }
-    // Forget the flow. A TCP connection in progress whose backend went away cannot move, so
-    // the client is told at once instead of hanging on retransmits.
+    // Forget the flow; its next packet (this one) starts a new one.
     let _ = CONNTRACK.remove(&reply_key(pkt, known));
     let _ = CONNTRACK.remove(key);
-    if pkt.proto == IPPROTO_TCP && !pkt.is_tcp_open() {
-        count_drop(drop_reason::BACKEND_GONE);
-        return Some(refuse::tcp_reset::<L2>(ctx, pkt));
-    }
     None
 }
 
@@ -341,10 +371,9 @@ const SNAT_PORT_TRIES: u32 = 8;
 /// the ports after it, wrapping around the range (as Linux picks ephemeral ports), so a
 /// small range is searched whole. Returns the port, or 0 when every try was taken.
 ///
-/// A frame of its own (the unrolled tries would overflow the new-flow frame's stack budget),
-/// so plain scalars in and out: BPF functions take five arguments at most, an `Option`
-/// return counts as one more.
-#[inline(never)]
+/// Plain scalars in and out (BPF functions take five arguments at most, and an `Option`
+/// return counts as one more), should it ever need a frame of its own.
+#[inline(always)]
 fn claim_snat_port(
     client_port: u16,
     reply: &mut CtKey,
@@ -372,38 +401,18 @@ fn claim_snat_port(
     0
 }
 
-fn new_flow(
-    pkt: &Packet,
-    frontend: &ServiceKey,
-    svc: &ServiceValue,
-    key: &CtKey,
-    now: u64,
-    origin: Origin,
-) -> NewFlow {
-    if svc.count == 0 {
-        if svc.flags & SVC_FLAG_DROP_WHEN_EMPTY != 0 {
-            count_drop(drop_reason::NO_LOCAL_ENDPOINTS);
-            return NewFlow::Verdict(TC_ACT_SHOT);
-        }
-        count_drop(drop_reason::NO_ENDPOINTS);
-        return NewFlow::Refuse;
-    }
-    let Some(backend_id) = choose_backend(pkt, frontend, svc, now) else {
-        count_drop(drop_reason::BACKEND_MISSING);
-        return NewFlow::Verdict(TC_ACT_SHOT);
-    };
-    let Some(backend) = backend(backend_id) else {
-        count_drop(drop_reason::BACKEND_MISSING);
-        return NewFlow::Verdict(TC_ACT_SHOT);
-    };
-
+/// Opens the flow `chosen` describes: its conntrack entries (the reply's first, with the
+/// SNAT port claimed there), counters, then the translation to do.
+#[inline(never)]
+fn open_flow(pkt: &Packet, chosen: &Chosen) -> NewFlow {
+    let (now, backend_id, backend) = (chosen.now, chosen.backend_id, chosen.backend);
     let mut entry = CtEntry {
         packets: 1,
         bytes: pkt.ip_len as u64,
         created_ns: now,
         last_seen_ns: now,
         backend_id,
-        rev_nat_id: svc.rev_nat_id,
+        rev_nat_id: chosen.rev_nat_id,
         nat_addr: backend.addr,
         nat_port: backend.port,
         flags: 0,
@@ -411,9 +420,9 @@ fn new_flow(
         peer_port: 0,
         _pad: [0; 2],
     };
-    let external_snat = origin == Origin::External
-        && svc.flags & SVC_FLAG_EXTERNAL != 0
-        && svc.flags & SVC_FLAG_EXTERNAL_LOCAL == 0;
+    let external_snat = chosen.origin_external
+        && chosen.flags & SVC_FLAG_EXTERNAL != 0
+        && chosen.flags & SVC_FLAG_EXTERNAL_LOCAL == 0;
     // The ports this flow's SNAT may take (first, last), if it has one.
     let mut snat = None;
     if external_snat {
@@ -478,14 +487,14 @@ fn new_flow(
         entry.peer_addr,
         entry.peer_port,
     ) = forward;
-    if !reply_inserted || CONNTRACK.insert(key, &entry, 0).is_err() {
+    if !reply_inserted || CONNTRACK.insert(&tuple_key(pkt), &entry, 0).is_err() {
         if reply_inserted {
             let _ = CONNTRACK.remove(&reply_key);
         }
         count_drop(drop_reason::CT_INSERT_FAILED);
         return NewFlow::Verdict(TC_ACT_SHOT);
     }
-    count_service_packet(svc.rev_nat_id, backend_id, pkt.ip_len as u64, true);
+    count_service_packet(chosen.rev_nat_id, backend_id, pkt.ip_len as u64, true);
     pkt.remember_fragment_ports(now);
     NewFlow::Forward(forward_rewrite(pkt, &entry))
 }
@@ -524,14 +533,15 @@ fn reply<const L2: usize>(ctx: &TcContext, pkt: &Packet, entry: *mut CtEntry, no
         // the same client port (a reopened service flow gets fresh entries): the old flow
         // must not capture this connection.
         let key = tuple_key(pkt);
-        let _ = CONNTRACK.remove(&forward_key_of_reply(&key, known));
+        let _ = CONNTRACK.remove(&key.forward_of(known));
         let _ = CONNTRACK.remove(&key);
         return TC_ACT_OK;
     }
     count_flow_packet(entry, pkt.ip_len as u64, now);
     count_service_packet(known.rev_nat_id, known.backend_id, pkt.ip_len as u64, false);
     if pkt.is_tcp_close() {
-        note_closing(entry, &forward_key_of_reply(&tuple_key(pkt), known));
+        let reset = pkt.tcp_flags & TCP_RST != 0;
+        note_closing(entry, &tuple_key(pkt).forward_of(known), reset);
     }
     let snat = known.flags & CT_FLAG_SNAT != 0;
     let rewrite = nat::Rewrite {

@@ -25,6 +25,9 @@ const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_EXC_TTL: u8 = 0;
 
+/// Refuses a connection to a service without endpoints. Inlined: the answer's builder gets
+/// the frame, not one more level of the call chain whose stack the verifier caps.
+#[inline(always)]
 pub fn connection<const L2: usize>(ctx: &TcContext, pkt: &Packet) -> i32 {
     if pkt.proto == IPPROTO_TCP {
         tcp_reset::<L2>(ctx, pkt)
@@ -35,7 +38,9 @@ pub fn connection<const L2: usize>(ctx: &TcContext, pkt: &Packet) -> i32 {
 }
 
 /// A reset for the segment in `ctx`, as RFC 9293 3.10.7.1 builds it, from the address the
-/// client sent to.
+/// client sent to. Never inlined: the segment it builds must not sit in the entry point's
+/// frame, which every call chain includes.
+#[inline(never)]
 pub fn tcp_reset<const L2: usize>(ctx: &TcContext, pkt: &Packet) -> i32 {
     if pkt.tcp_flags & TCP_RST != 0 || !pkt.has_l4_header() {
         return TC_ACT_SHOT; // never answer a reset
@@ -126,6 +131,8 @@ impl IcmpError {
 }
 
 /// An ICMP error quoting the packet's IP header and first 8 bytes of its payload (RFC 792).
+/// Never inlined, as `tcp_reset`.
+#[inline(never)]
 fn icmp_error<const L2: usize>(ctx: &TcContext, pkt: &Packet, error: &IcmpError) -> i32 {
     // Quoting an options header is not worth the code, and no error is ever sent about a
     // later fragment (RFC 1122 3.2.2): drop instead.

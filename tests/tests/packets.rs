@@ -824,9 +824,9 @@ fn idle_conntrack_entries_are_collected_by_protocol_timeout() {
         "UDP idle for an hour goes, TCP stays"
     );
     assert_eq!(
-        programmer.collect_conntrack(hours(7)),
+        programmer.collect_conntrack(hours(25)),
         2,
-        "TCP idle past six hours goes"
+        "TCP idle past a day (kube-proxy's --conntrack-tcp-timeout-established) goes"
     );
     assert_eq!(entries(), 0);
 }
@@ -878,6 +878,11 @@ fn a_closed_tcp_flow_reopens_on_a_new_syn_and_goes_after_a_short_idle_time() {
     assert_eq!(flags(), [closing, closing], "a FIN marks both entries");
     let now = dataplane_agent::inspect::monotonic_ns();
     assert_eq!(programmer.collect_conntrack(now), 0, "not idle yet");
+    assert_eq!(
+        programmer.collect_conntrack(now + 600 * 1_000_000_000),
+        0,
+        "a connection closed one way may still carry data the other way: kept for minutes"
+    );
 
     // The client reuses the tuple: a new connection, not the old one's leftovers.
     run(SYN);
@@ -1145,4 +1150,76 @@ fn external_frontends_open_flows_only_for_new_connections_with_ports_from_the_sn
         &BACKEND.octets(),
         "another client's datagram is served"
     );
+}
+
+/// A flow's two entries live and expire as one: a UDP client that keeps sending keeps the
+/// entry its (silent) server's answer needs, for as long as the client sends.
+#[test]
+fn a_flows_entries_expire_together_by_its_latest_packet() {
+    require_root!();
+    let (pins, mut datapath, mut programmer) = load("dpct", &Default::default());
+    assert!(
+        programmer
+            .apply(&plan_of(web_frontends().into()))
+            .failures
+            .is_empty()
+    );
+    let query = |port| {
+        frame(
+            TO_NODE,
+            sock(CLIENT, port),
+            sock(VIP, 53),
+            L4::Udp {
+                payload: b"q",
+                zero_checksum: false,
+            },
+        )
+    };
+    let answer = frame(
+        TO_NODE,
+        sock(BACKEND, 5353),
+        sock(CLIENT, 41000),
+        L4::Udp {
+            payload: b"a",
+            zero_checksum: false,
+        },
+    );
+    run_pod_ingress(&mut datapath, &query(41000));
+    run_pod_ingress(&mut datapath, &answer);
+    // The server has been silent for 165 s; the client sent just now.
+    let now = dataplane_agent::inspect::monotonic_ns();
+    let seconds = |s: u64| s * 1_000_000_000;
+    let maps = PinnedMaps::open(&pins.0).unwrap();
+    let reply_key = dataplane_common::CtKey::new(
+        BACKEND.octets(),
+        CLIENT.octets(),
+        5353,
+        41000,
+        dataplane_common::IPPROTO_UDP,
+    );
+    let mut reply = maps.conntrack.get(&reply_key, 0).unwrap();
+    reply.last_seen_ns = now - seconds(165);
+    let mut conntrack = maps.conntrack;
+    conntrack.insert(reply_key, reply, 0).unwrap();
+    assert_eq!(
+        programmer.collect_conntrack(now),
+        0,
+        "the client's packets keep both"
+    );
+    assert_eq!(
+        programmer.collect_conntrack(now + seconds(60)),
+        0,
+        "an answered flow idle for a minute stays (udp-timeout-stream 120 s)"
+    );
+    assert_eq!(
+        programmer.collect_conntrack(now + seconds(121)),
+        2,
+        "both entries go together"
+    );
+
+    // A flow that never saw an answer goes after the shorter UDP timeout.
+    run_pod_ingress(&mut datapath, &query(41001));
+    let now = dataplane_agent::inspect::monotonic_ns();
+    assert_eq!(programmer.collect_conntrack(now + seconds(29)), 0);
+    assert_eq!(programmer.collect_conntrack(now + seconds(31)), 2);
 }

@@ -9,6 +9,7 @@
 use std::{
     collections::{BTreeSet, HashMap, HashSet, VecDeque},
     net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
 };
 
 use aya::maps::{IterableMap, MapError, lpm_trie::Key};
@@ -107,6 +108,7 @@ pub struct Programmer {
     maglev_inputs: HashMap<u32, Vec<(SocketAddrV4, u32)>>,
     names: HashMap<u32, FrontendName>,
     failures_total: u64,
+    conntrack_timeouts: ConntrackTimeouts,
     /// Reused for each entry's backend ids, so an unchanged entry costs no allocation.
     scratch: Vec<u32>,
 }
@@ -280,6 +282,7 @@ impl Programmer {
             maglev_inputs: HashMap::new(),
             names,
             failures_total: 0,
+            conntrack_timeouts: ConntrackTimeouts::default(),
             scratch: vec![],
         };
         for key in orphans {
@@ -929,30 +932,103 @@ fn map_error(e: MapError) -> String {
     }
 }
 
-/// How long a flow may stay idle before conntrack forgets it. The LRU map evicts on its own
-/// when full; this keeps `flows` and the map's fill honest between those times.
-pub const TCP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
-pub const OTHER_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
-/// A TCP flow that sent FIN or RST (conntrack's CLOSE timeout): late retransmits still get
+/// How long an idle flow stays in conntrack: kube-proxy's `--conntrack-*` flags, with its
+/// defaults (the UDP ones are Linux's `nf_conntrack_udp_timeout{,_stream}`). The LRU map
+/// evicts on its own when full; these decide everything else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackTimeouts {
+    /// An open TCP connection (`--conntrack-tcp-timeout-established`, 24h).
+    pub tcp_established: Duration,
+    /// A TCP connection after a FIN, possibly half-closed and still carrying data the other
+    /// way (`--conntrack-tcp-timeout-close-wait`, 1h).
+    pub tcp_close_wait: Duration,
+    /// A UDP (or other) flow that never saw a reply (`--conntrack-udp-timeout`, 30s).
+    pub udp: Duration,
+    /// A UDP flow that saw replies (`--conntrack-udp-timeout-stream`, 120s).
+    pub udp_stream: Duration,
+}
+
+impl Default for ConntrackTimeouts {
+    fn default() -> Self {
+        Self {
+            tcp_established: Duration::from_secs(24 * 3600),
+            tcp_close_wait: Duration::from_secs(3600),
+            udp: Duration::from_secs(30),
+            udp_stream: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A TCP connection reset by either side (Linux's CLOSE state): late retransmits still get
 /// translated, and the client port is free for a direct connection soon after.
-pub const CLOSING_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const TCP_RESET_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ConntrackTimeouts {
+    /// The idle time after which a flow goes: `flags` of both its entries, `answered` when its
+    /// reply direction carried packets.
+    pub fn for_flow(&self, proto: u8, flags: u16, answered: bool) -> Duration {
+        use dataplane_common::{CT_FLAG_CLOSING, CT_FLAG_RESET, IPPROTO_TCP};
+        match proto {
+            IPPROTO_TCP if flags & CT_FLAG_RESET != 0 => TCP_RESET_TIMEOUT,
+            IPPROTO_TCP if flags & CT_FLAG_CLOSING != 0 => self.tcp_close_wait,
+            IPPROTO_TCP => self.tcp_established,
+            _ if answered => self.udp_stream,
+            _ => self.udp,
+        }
+    }
+
+    /// The shortest idle time any flow of this protocol can have: below it nothing goes.
+    fn shortest(&self, proto: u8) -> Duration {
+        if proto == dataplane_common::IPPROTO_TCP {
+            TCP_RESET_TIMEOUT
+        } else {
+            self.udp.min(self.udp_stream)
+        }
+    }
+}
 
 impl Programmer {
-    /// Removes conntrack entries idle longer than their protocol's timeout (both directions of
-    /// a flow go together, since each is looked up separately). Returns how many went.
+    pub fn set_conntrack_timeouts(&mut self, timeouts: ConntrackTimeouts) {
+        self.conntrack_timeouts = timeouts;
+    }
+
+    /// Removes flows idle longer than their timeout. A flow's two entries live and expire as
+    /// one: its idle time is that of its most recent packet in either direction (a UDP server
+    /// silent for minutes while its client keeps sending keeps both). An entry whose other
+    /// half is gone (evicted) goes by its own. Returns how many entries went.
     pub fn collect_conntrack(&mut self, now_ns: u64) -> usize {
-        let mut expired = Vec::new();
+        use dataplane_common::CT_FLAG_REPLY;
+        let timeouts = self.conntrack_timeouts;
+        let idle = |last_seen_ns: u64| Duration::from_nanos(now_ns.saturating_sub(last_seen_ns));
+        let mut expired = HashSet::new();
         for entry in self.maps.conntrack.iter() {
             let Ok((key, value)) = entry else { continue };
-            let idle = if value.flags & dataplane_common::CT_FLAG_CLOSING != 0 {
-                CLOSING_IDLE_TIMEOUT
-            } else if key.proto == dataplane_common::IPPROTO_TCP {
-                TCP_IDLE_TIMEOUT
+            // Most entries are recent: only candidates cost a lookup of their other half.
+            if idle(value.last_seen_ns) <= timeouts.shortest(key.proto) {
+                continue;
+            }
+            let (other_key, is_reply) = if value.flags & CT_FLAG_REPLY != 0 {
+                (key.forward_of(&value), true)
             } else {
-                OTHER_IDLE_TIMEOUT
+                (key.reply_of(&value), false)
             };
-            if now_ns.saturating_sub(value.last_seen_ns) > idle.as_nanos() as u64 {
-                expired.push(key);
+            let other = self.maps.conntrack.get(&other_key, 0).ok();
+            let (flags, last_seen, answered) = match &other {
+                Some(o) => {
+                    let reply_packets = if is_reply { value.packets } else { o.packets };
+                    (
+                        value.flags | o.flags,
+                        value.last_seen_ns.max(o.last_seen_ns),
+                        reply_packets > 0,
+                    )
+                }
+                None => (value.flags, value.last_seen_ns, is_reply),
+            };
+            if idle(last_seen) > timeouts.for_flow(key.proto, flags, answered) {
+                expired.insert(key);
+                if other.is_some() {
+                    expired.insert(other_key);
+                }
             }
         }
         expired
