@@ -198,6 +198,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 #[derive(Subcommand)]
+// Parsed once per process: `run`'s many flags need no box.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Program the datapath from Kubernetes objects and keep it in sync.
     Run {
