@@ -159,6 +159,10 @@ pub struct Frontend {
     /// For an external-local frontend: the backends pods reaching it use (every usable
     /// endpoint, kube-proxy's short circuit for in-cluster clients).
     pub internal_backends: Option<Vec<SocketAddrV4>>,
+    /// The service port's other endpoints, in any condition (terminating, not ready, or
+    /// left out by policy), sorted: no new connection goes to them, but flows already there
+    /// keep them (kube-proxy's conntrack semantics), so they stay programmed.
+    pub retained: Vec<SocketAddrV4>,
     /// sessionAffinity ClientIP: seconds a client keeps its backend.
     pub affinity_timeout: Option<u32>,
     /// loadBalancerSourceRanges (LoadBalancer frontends only); empty allows every source.
@@ -198,6 +202,9 @@ pub struct FrontendJson<'a> {
     pub kind: FrontendKind,
     pub frontend: String,
     pub backends: Vec<String>,
+    /// Endpoints kept for the flows already there (`Frontend::retained`); omitted when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub retained: Vec<String>,
 }
 
 impl Frontend {
@@ -209,6 +216,7 @@ impl Frontend {
             kind: self.kind,
             frontend: self.frontend.addr.to_string(),
             backends: self.backends.iter().map(|b| b.to_string()).collect(),
+            retained: self.retained.iter().map(|b| b.to_string()).collect(),
         }
     }
 }
@@ -629,6 +637,7 @@ fn plan_service(
             }
         };
         let policy = port_policy(service, port);
+        let port_endpoints = endpoints.for_port(&port_name, protocol).unwrap_or_default();
         let categorized = match endpoints.for_port(&port_name, protocol) {
             Some(port_endpoints) => {
                 endpoints::categorize(port_endpoints, &policy, &node.name, &inputs.zone)
@@ -686,6 +695,22 @@ fn plan_service(
             };
             backends.sort();
             let external_local = external && policy.external_local;
+            let internal_backends = external_local.then(|| {
+                let mut all = categorized.cluster.clone().unwrap_or_default();
+                all.sort();
+                all
+            });
+            let mut retained: Vec<SocketAddrV4> = port_endpoints
+                .iter()
+                .map(|e| e.addr)
+                .filter(|a| {
+                    backends.binary_search(a).is_err()
+                        && internal_backends
+                            .as_ref()
+                            .is_none_or(|all| all.binary_search(a).is_err())
+                })
+                .collect();
+            retained.sort();
             let algorithm = settings
                 .algorithm
                 .or(node.algorithm)
@@ -702,11 +727,8 @@ fn plan_service(
                 drop_when_empty: backends.is_empty() && categorized.has_any,
                 backends,
                 external_local,
-                internal_backends: external_local.then(|| {
-                    let mut all = categorized.cluster.clone().unwrap_or_default();
-                    all.sort();
-                    all
-                }),
+                internal_backends,
+                retained,
                 affinity_timeout: settings.affinity_timeout,
                 source_ranges: if kind == FrontendKind::LoadBalancer {
                     settings.source_ranges.clone()
@@ -1084,10 +1106,13 @@ endpoints:
         assert_eq!(
             serde_json::Value::Array(json),
             serde_json::json!([
+                // The unready endpoint takes no new connection, but stays for flows on it.
                 {"service": "shop/web", "port": "dns", "protocol": "UDP", "kind": "ClusterIP",
-                 "frontend": "10.96.0.10:53", "backends": ["10.0.0.1:5353"]},
+                 "frontend": "10.96.0.10:53", "backends": ["10.0.0.1:5353"],
+                 "retained": ["10.0.0.2:5353"]},
                 {"service": "shop/web", "port": "http", "protocol": "TCP", "kind": "ClusterIP",
-                 "frontend": "10.96.0.10:80", "backends": ["10.0.0.1:8080", "10.0.0.3:8080"]},
+                 "frontend": "10.96.0.10:80", "backends": ["10.0.0.1:8080", "10.0.0.3:8080"],
+                 "retained": ["10.0.0.2:8080"]},
             ])
         );
     }

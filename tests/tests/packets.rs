@@ -549,6 +549,7 @@ fn frontend(
         drop_when_empty: false,
         external_local: false,
         internal_backends: None,
+        retained: vec![],
         affinity_timeout: None,
         source_ranges: vec![],
         algorithm: Algorithm::Random,

@@ -81,6 +81,8 @@ struct ProgrammedEntry {
     backends: Vec<u32>,
     /// ...of which this many are in slots (fewer only when the map ran full).
     written: usize,
+    /// Backend ids kept for flows already on them (`Frontend::retained`), in no slot.
+    retained: Vec<u32>,
 }
 
 /// What one `apply` changed, and what it could not do.
@@ -167,6 +169,8 @@ struct WantedEntry<'a> {
     frontend: &'a Frontend,
     key: EntryKey,
     backends: &'a [SocketAddrV4],
+    /// Kept programmed, in no slot (the default-scope entry holds them for the frontend).
+    retained: &'a [SocketAddrV4],
     settings: EntrySettings,
 }
 
@@ -210,6 +214,8 @@ impl Programmer {
                         settings,
                         backends: vec![],
                         written: 0,
+                        // Not in the maps: the first apply counts them again.
+                        retained: vec![],
                     },
                 );
             } else {
@@ -401,7 +407,7 @@ impl Programmer {
         let mut new_backends: Vec<BackendAddr> = wanted
             .iter()
             .flat_map(|w| {
-                w.backends.iter().map(|b| BackendAddr {
+                w.backends.iter().chain(w.retained).map(|b| BackendAddr {
                     addr: *b,
                     protocol: w.key.frontend.protocol,
                 })
@@ -463,18 +469,20 @@ impl Programmer {
             let _ = self.maps.services.remove(&service_key(&key, slot as u16));
         }
         self.release(&programmed.backends, unused);
+        self.release(&programmed.retained, unused);
         report.deletes += 1;
     }
 
     /// Records what an entry now holds, counting the backends it uses.
     fn set_entry(&mut self, key: EntryKey, entry: ProgrammedEntry, unused: &mut Vec<u32>) {
-        for id in &entry.backends {
+        for id in entry.backends.iter().chain(&entry.retained) {
             if let Some((_, users)) = self.backend_uses.get_mut(id) {
                 *users += 1;
             }
         }
         if let Some(old) = self.entries.insert(key, entry) {
             self.release(&old.backends, unused);
+            self.release(&old.retained, unused);
         }
     }
 
@@ -529,6 +537,7 @@ impl Programmer {
                 frontend,
                 key: frontend_key,
                 backends: &frontend.backends,
+                retained: &frontend.retained,
                 settings,
             });
             if let Some(internal) = &frontend.internal_backends {
@@ -545,6 +554,7 @@ impl Programmer {
                     frontend,
                     key,
                     backends: internal,
+                    retained: &[],
                     settings,
                 });
             }
@@ -757,10 +767,18 @@ impl Programmer {
             self.sync_source_ranges(rev_nat_id, &entry.frontend.source_ranges, report);
         }
 
+        let retained: Vec<u32> = entry
+            .retained
+            .iter()
+            .filter_map(|b| self.backends.get(&BackendAddr { addr: *b, protocol }).copied())
+            .collect();
         let current = self.entries.get(&entry.key);
-        if current
-            .is_some_and(|c| c.settings == settings && c.backends == ids && c.written == ids.len())
-        {
+        if current.is_some_and(|c| {
+            c.settings == settings
+                && c.backends == ids
+                && c.written == ids.len()
+                && c.retained == retained
+        }) {
             self.scratch = ids;
             return Ok(());
         }
@@ -842,6 +860,7 @@ impl Programmer {
             settings,
             backends: ids,
             written,
+            retained,
         };
         self.set_entry(entry.key, programmed, unused);
         Ok(())
