@@ -1224,3 +1224,43 @@ fn a_flows_entries_expire_together_by_its_latest_packet() {
     assert_eq!(programmer.collect_conntrack(now + seconds(29)), 0);
     assert_eq!(programmer.collect_conntrack(now + seconds(31)), 2);
 }
+
+/// Session affinity returns a remembered backend only while it still takes new connections
+/// on the service port: once it left (here: terminating, kept only for its flows), the
+/// client's next connection gets a fresh choice, and its open connection stays where it is.
+#[test]
+fn session_affinity_forgets_a_backend_that_left_the_service() {
+    require_root!();
+    let (_pins, mut datapath, mut programmer) = load("dpaff", &Default::default());
+    let backends = [sock(BACKEND, 8080), sock(Ipv4Addr::new(10, 0, 0, 3), 8080)];
+    let with = |backends: &[SocketAddrV4], retained: &[SocketAddrV4]| {
+        plan_of(vec![Frontend {
+            affinity_timeout: Some(600),
+            retained: retained.to_vec(),
+            ..frontend("default/aff", VIP, 80, Protocol::Tcp, backends)
+        }])
+    };
+    assert!(programmer.apply(&with(&backends, &[])).failures.is_empty());
+    let (verdict, first) = destination_of(&mut datapath, VIP, 42000);
+    assert_eq!(verdict, TC_ACT_OK);
+    for port in 42001..42010 {
+        assert_eq!(
+            destination_of(&mut datapath, VIP, port).1,
+            first,
+            "affinity: the same backend"
+        );
+    }
+    let (left, stays): (Vec<_>, Vec<_>) = backends.iter().partition(|b| *b.ip() == first);
+    assert!(programmer.apply(&with(&stays, &left)).failures.is_empty());
+    let (_, next) = destination_of(&mut datapath, VIP, 42010);
+    assert_eq!(
+        next,
+        *stays[0].ip(),
+        "a fresh choice, not the backend that left"
+    );
+    assert_eq!(
+        destination_of(&mut datapath, VIP, 42000).1,
+        first,
+        "the open connection keeps its backend"
+    );
+}

@@ -111,6 +111,9 @@ pub struct Programmer {
     names: HashMap<u32, FrontendName>,
     failures_total: u64,
     conntrack_timeouts: ConntrackTimeouts,
+    /// (service-port id, backend id) pairs whose backend left the slots of a frontend with
+    /// session affinity during this apply: their affinity entries go at its end.
+    affinity_lost: HashSet<(u32, u32)>,
     /// Reused for each entry's backend ids, so an unchanged entry costs no allocation.
     scratch: Vec<u32>,
 }
@@ -289,6 +292,7 @@ impl Programmer {
             names,
             failures_total: 0,
             conntrack_timeouts: ConntrackTimeouts::default(),
+            affinity_lost: HashSet::new(),
             scratch: vec![],
         };
         for key in orphans {
@@ -434,8 +438,11 @@ impl Programmer {
             }
         }
 
+        // Session affinity must not send a client back to a backend that left the service.
+        self.forget_affinity_to_lost_backends();
+
         // 4. Backends no frontend uses any more. Conntrack entries still naming them see the
-        // backend gone on their next packet (UDP moves, TCP is reset).
+        // backend gone on their next packet (UDP moves; TCP keeps going to the address).
         unused.sort();
         unused.dedup();
         unused.retain(|id| {
@@ -457,6 +464,28 @@ impl Programmer {
             warn!(failure, "could not program");
         }
         report
+    }
+
+    /// Removes the session-affinity entries that remember a backend which has left the
+    /// service port (it may still serve flows already on it, but no new connection): the
+    /// client's next connection gets a fresh choice, as kube-proxy's per-endpoint affinity
+    /// does. A walk of the affinity map, only when an affinity service lost a backend.
+    fn forget_affinity_to_lost_backends(&mut self) {
+        if self.affinity_lost.is_empty() {
+            return;
+        }
+        let lost = std::mem::take(&mut self.affinity_lost);
+        let stale: Vec<dataplane_common::AffinityKey> = self
+            .maps
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, value)| lost.contains(&(key.service_port_id, value.backend_id)))
+            .map(|(key, _)| key)
+            .collect();
+        for key in stale {
+            let _ = self.maps.affinity.remove(&key);
+        }
     }
 
     /// Deletes an entry from the map (slot 0 first) and forgets it.
@@ -770,9 +799,22 @@ impl Programmer {
         let retained: Vec<u32> = entry
             .retained
             .iter()
-            .filter_map(|b| self.backends.get(&BackendAddr { addr: *b, protocol }).copied())
+            .filter_map(|b| {
+                self.backends
+                    .get(&BackendAddr { addr: *b, protocol })
+                    .copied()
+            })
             .collect();
         let current = self.entries.get(&entry.key);
+        if settings.flags & SVC_FLAG_AFFINITY != 0
+            && let Some(c) = current
+        {
+            let lost = c.backends[..c.written]
+                .iter()
+                .filter(|id| !ids.contains(id));
+            self.affinity_lost
+                .extend(lost.map(|id| (settings.service_port_id, *id)));
+        }
         if current.is_some_and(|c| {
             c.settings == settings
                 && c.backends == ids
