@@ -545,6 +545,8 @@ fn cleanup(layout: &BpffsLayout) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    // Not under a running agent: it would attach again what this detaches.
+    let _lock = layout.lock()?;
     for link in attach::detach_all(layout) {
         eprintln!("detached {link}");
     }

@@ -193,9 +193,22 @@ impl Source {
             SourceConfig::Manifests(path) => {
                 let mut watcher =
                     notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                        use notify::{
+                            EventKind,
+                            event::{AccessKind, AccessMode, ModifyKind},
+                        };
                         match event {
+                            // A file written in place is read once its writer closes it, not
+                            // while it is half written.
+                            Ok(e) if matches!(e.kind, EventKind::Modify(ModifyKind::Data(_))) => {}
+                            Ok(e)
+                                if e.kind
+                                    == EventKind::Access(AccessKind::Close(AccessMode::Write)) =>
+                            {
+                                inbox.push(|p| p.paths.extend(e.paths))
+                            }
                             // The agent's own reads of the files must not trigger another read.
-                            Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => {}
+                            Ok(e) if matches!(e.kind, EventKind::Access(_)) => {}
                             Ok(e) if !e.need_rescan() => inbox.push(|p| p.paths.extend(e.paths)),
                             // Events were lost (queue overflow): only a full read is safe.
                             _ => inbox.push(|p| p.rescan = true),
@@ -264,6 +277,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         &ephemeral_ports()?,
     )?;
     let layout = BpffsLayout::new(&config.bpffs_dir);
+    let _lock = layout.lock()?;
     let mut datapath = LoadedDatapath::load(&layout, &config.map_sizes)?;
     let mut programmer =
         Programmer::restore(PinnedMaps::open(&layout)?).context("reading back the pinned maps")?;

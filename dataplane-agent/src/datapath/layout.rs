@@ -67,6 +67,33 @@ impl BpffsLayout {
     }
 }
 
+/// This agent's hold on a bpffs directory (an exclusive `flock` on it), released when the
+/// process exits, however it exits.
+pub struct DirLock(#[allow(dead_code)] std::fs::File);
+
+impl BpffsLayout {
+    /// Takes the directory for this process: one agent per `--bpffs-dir`. Two would fight over
+    /// every map and link; the second fails here, before it touches any of them.
+    pub fn lock(&self) -> anyhow::Result<DirLock> {
+        use std::os::fd::AsRawFd;
+        self.create()?;
+        let dir = std::fs::File::open(&self.dir)?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let error = std::io::Error::last_os_error();
+            anyhow::ensure!(
+                error.kind() != std::io::ErrorKind::WouldBlock,
+                "another dataplane-agent holds --bpffs-dir {}: one agent per directory \
+                 (stop it first, or give this one a directory of its own)",
+                self.dir.display()
+            );
+            return Err(anyhow::Error::new(error)
+                .context(format!("locking --bpffs-dir {}", self.dir.display())));
+        }
+        Ok(DirLock(dir))
+    }
+}
+
 /// bpffs refuses names with a dot ("reserved for future extensions"), and overlay devices
 /// have them (`vxlan.calico`, `flannel.1`): a dot is pinned as `:`, which no interface name
 /// may contain.

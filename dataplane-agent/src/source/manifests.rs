@@ -26,6 +26,9 @@ pub struct Skipped {
     /// `Kind namespace/name` where the document got that far, else its position.
     pub object: String,
     pub reason: String,
+    /// The file could not be read to its end (an I/O error, or a syntax error after which
+    /// the YAML stream cannot be followed): what it defines is not known, rather than bad.
+    pub unreadable: bool,
 }
 
 impl std::fmt::Display for Skipped {
@@ -128,6 +131,15 @@ impl ManifestDir {
     /// Re-reads the files at `paths`, which the watcher reported changed (a path may be a
     /// directory that appeared or went, or a file that is gone), and returns what changed.
     pub fn update(&mut self, paths: impl IntoIterator<Item = PathBuf>) -> Vec<Delta> {
+        let paths: Vec<PathBuf> = paths.into_iter().collect();
+        if paths.iter().any(|p| is_atomic_writer_path(&self.dir, p)) {
+            // A ConfigMap volume's update: the kubelet swaps its `..data` symlink, so every
+            // file changes at once while no event names one. Read them all.
+            return self.rescan().unwrap_or_else(|e| {
+                warn!(dir = %self.dir.display(), error = %e, "cannot read manifests");
+                vec![]
+            });
+        }
         let mut touched = BTreeSet::new();
         let mut read = HashSet::new();
         for path in paths {
@@ -183,6 +195,14 @@ impl ManifestDir {
     fn read(&mut self, paths: Vec<PathBuf>, touched: &mut BTreeSet<ObjectKey>) {
         let parsed = crate::parallel::map(&paths, |path| parse_file(path));
         for (path, parsed) in paths.into_iter().zip(parsed) {
+            if let Some(s) = parsed.skipped.iter().find(|s| s.unreadable)
+                && self.files.contains_key(&path)
+            {
+                // Half written, or broken by an edit: its objects stay as last read, rather
+                // than vanishing (and their services with them) until it is fixed.
+                warn!(file = %path.display(), object = %s.object, reason = %s.reason, "cannot read manifest file; keeping its last good objects");
+                continue;
+            }
             self.forget(&path, touched);
             for s in &parsed.skipped {
                 warn!(file = %s.file.display(), object = %s.object, reason = %s.reason, "skipping manifest document");
@@ -253,9 +273,20 @@ fn parse_file(path: &Path) -> ParsedFile {
                 file: path.into(),
                 object: "file".into(),
                 reason: format!("cannot read: {e}"),
+                unreadable: true,
             }],
         },
     }
+}
+
+/// A path of the kubelet's atomic writer (ConfigMap and Secret volumes): `..data`, its
+/// temporary `..data_tmp` and the timestamped `..2026_...` directories.
+fn is_atomic_writer_path(dir: &Path, path: &Path) -> bool {
+    path.strip_prefix(dir).is_ok_and(|relative| {
+        relative
+            .iter()
+            .any(|c| c.to_string_lossy().starts_with(".."))
+    })
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -321,6 +352,7 @@ pub fn parse_documents(file: &Path, text: &str) -> (Vec<Object>, Vec<Skipped>) {
                     file: file.into(),
                     object: position,
                     reason: format!("invalid YAML: {e}"),
+                    unreadable: true,
                 });
                 // The YAML stream cannot be resynchronised after a syntax error.
                 break;
@@ -478,6 +510,7 @@ fn parse_document(file: &Path, position: &str, body: Body, out: &mut Parsed) {
         file: file.into(),
         object: label,
         reason,
+        unreadable: false,
     });
 }
 
@@ -577,6 +610,87 @@ endpoints: [{addresses: [10.0.0.1]}]
             dir.origin("Service default/a"),
             Some(root.path().join("a.json").as_path())
         );
+    }
+
+    fn svc_yaml(name: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}}}\n"
+        )
+    }
+
+    fn applied_ips(deltas: &[Delta]) -> Vec<String> {
+        deltas
+            .iter()
+            .map(|d| match d {
+                Delta::Apply(Object::Service(s)) => s
+                    .spec
+                    .as_ref()
+                    .unwrap()
+                    .cluster_ip
+                    .clone()
+                    .unwrap_or_default(),
+                Delta::Apply(o) => format!("apply {}", o.key()),
+                Delta::Delete(k) => format!("delete {k}"),
+                Delta::Relist(..) => unreachable!(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_read_to_its_end_keeps_its_last_good_objects() {
+        let root = tempfile::tempdir().unwrap();
+        let file = root.path().join("web.yaml");
+        std::fs::write(
+            &file,
+            svc_yaml("web", "10.96.0.1") + "---\n" + &svc_yaml("db", "10.96.0.2"),
+        )
+        .unwrap();
+        let mut dir = ManifestDir::new(root.path());
+        assert_eq!(applied_ips(&dir.rescan().unwrap()).len(), 2);
+        // Half written: a syntax error where the writer stopped. Nothing is deleted.
+        std::fs::write(&file, svc_yaml("web", "10.96.0.1") + "---\nkind: [Serv").unwrap();
+        assert!(dir.update([file.clone()]).is_empty());
+        // Written out: read as usual.
+        std::fs::write(&file, svc_yaml("web", "10.96.0.9")).unwrap();
+        assert_eq!(
+            applied_ips(&dir.update([file.clone()])),
+            ["delete Service default/db", "10.96.0.9"]
+        );
+        // A schema error in one document is that document's problem only.
+        std::fs::write(
+            &file,
+            svc_yaml("web", "10.96.0.9")
+                + "---\napiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: 7}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            applied_ips(&dir.update([file.clone()])),
+            ["10.96.0.9"],
+            "web read again, x skipped"
+        );
+    }
+
+    #[test]
+    fn a_configmap_volume_update_is_read_at_once() {
+        // The kubelet's atomic writer: files are symlinks through `..data`, which is swapped.
+        let root = tempfile::tempdir().unwrap();
+        let version = |n: u32, ip: &str| {
+            let dir = root.path().join(format!("..2026_11_27_{n}"));
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(dir.join("web.yaml"), svc_yaml("web", ip)).unwrap();
+            dir
+        };
+        let first = version(1, "10.96.0.1");
+        std::os::unix::fs::symlink(&first, root.path().join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/web.yaml", root.path().join("web.yaml")).unwrap();
+        let mut dir = ManifestDir::new(root.path());
+        assert_eq!(applied_ips(&dir.rescan().unwrap()), ["10.96.0.1"]);
+        let second = version(2, "10.96.0.2");
+        std::os::unix::fs::symlink(&second, root.path().join("..data_tmp")).unwrap();
+        std::fs::rename(root.path().join("..data_tmp"), root.path().join("..data")).unwrap();
+        // What the watcher reports: the swap, naming no manifest file.
+        let deltas = dir.update([root.path().join("..data_tmp"), root.path().join("..data")]);
+        assert_eq!(applied_ips(&deltas), ["10.96.0.2"]);
     }
 
     #[test]
