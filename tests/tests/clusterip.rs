@@ -1120,3 +1120,18 @@ fn trace_explains_a_packet_on_the_live_program_and_leaves_nothing_behind() {
     assert_eq!(stats_after["services"], stats_before["services"]);
     assert_eq!(stats_after["drops"], stats_before["drops"]);
 }
+
+/// A deleted pod's veth leaves no link pin behind (its link is defunct); the others stay.
+#[test]
+fn the_link_pin_of_a_vanished_interface_is_removed() {
+    require_root!();
+    let cluster = Cluster::new(Wiring::Routed, [10, 244, 14]);
+    let gone = cluster.node.pods[3].host_if.clone();
+    let kept = cluster.node.pods[1].host_if.clone();
+    let pin = |interface: &str| cluster.agent.bpffs_dir.join("links").join(interface);
+    assert!(pin(&gone).exists());
+    cluster.node.netns.ip(&["link", "del", &gone]).unwrap();
+    wait_until(Duration::from_secs(5), || !pin(&gone).exists())
+        .unwrap_or_else(|e| panic!("{e}: {}", cluster.agent.log_text()));
+    assert!(pin(&kept).exists(), "the other pods' pins stay");
+}

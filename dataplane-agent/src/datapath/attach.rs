@@ -30,6 +30,8 @@ enum Role {
 /// Interfaces the programs are attached to, by name, with the ifindex they were attached at.
 pub struct Attachments {
     attached: BTreeMap<String, u32>,
+    /// Link pins of interfaces that no longer exist have been looked for since start.
+    pruned: bool,
     /// (interface globs, role) in priority order: pod globs first.
     rules: Vec<(Vec<glob::Pattern>, Role)>,
 }
@@ -45,6 +47,7 @@ impl Attachments {
     pub fn new(pod_globs: &[String], external_globs: &[String]) -> anyhow::Result<Self> {
         Ok(Self {
             attached: BTreeMap::new(),
+            pruned: false,
             rules: vec![
                 (patterns(pod_globs)?, Role::Pod),
                 (patterns(external_globs)?, Role::External),
@@ -68,8 +71,13 @@ impl Attachments {
                 return;
             }
         };
+        let before = self.attached.len();
         self.attached
             .retain(|name, index| interfaces.get(name) == Some(index));
+        if !self.pruned || self.attached.len() != before {
+            prune_vanished_links(&datapath.layout, &interfaces);
+            self.pruned = true;
+        }
         for (name, index) in interfaces {
             if self.attached.contains_key(&name) {
                 continue;
@@ -306,6 +314,30 @@ pub fn local_addresses() -> std::io::Result<Vec<(String, std::net::Ipv4Addr)>> {
         libc::freeifaddrs(head);
     }
     Ok(out)
+}
+
+/// Removes the link pins of interfaces that no longer exist (a deleted pod's veth, here or
+/// while no agent ran): their links are defunct, and the pins would pile up.
+fn prune_vanished_links(layout: &super::BpffsLayout, interfaces: &BTreeMap<String, u32>) {
+    for dir in [layout.links_dir(), layout.egress_links_dir()] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                continue;
+            }
+            let name = super::layout::interface_of_pin(&entry.file_name().to_string_lossy());
+            if interfaces.contains_key(&name) {
+                continue;
+            }
+            let _ = PinnedLink::from_pin(&path).map(|l| l.unpin());
+            if std::fs::remove_file(&path).is_ok() || !path.exists() {
+                info!(interface = %name, pin = %path.display(), "removed the link pin of a vanished interface");
+            }
+        }
+    }
 }
 
 /// Detaches every pinned link under the layout (used by `cleanup`).

@@ -101,6 +101,11 @@ fn pin_name(interface: &str) -> String {
     interface.replace('.', ":")
 }
 
+/// The interface a link pin is named after (`pin_name` undone).
+pub fn interface_of_pin(pin: &str) -> String {
+    pin.replace(':', ".")
+}
+
 pub fn is_bpffs(path: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
     let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
