@@ -372,6 +372,7 @@ impl Node {
     /// that hands the node's conntrack half a connection (a reply it never saw the request
     /// of) shows here.
     pub fn invalid_drops(&self) -> anyhow::Result<u64> {
+        anyhow::ensure!(self.realistic, "a bare node has no KUBE-FORWARD chain");
         let text = self.netns.run(
             "iptables",
             &["-t", "filter", "-L", "KUBE-FORWARD", "-v", "-x", "-n"],
