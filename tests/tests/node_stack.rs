@@ -723,6 +723,9 @@ fn fragmented_udp_through_a_cluster_ip_and_a_node_port_is_answered_whole() {
     c.agents[0]
         .wait_for_backends(&format!("{NODE_A}:30053"), 1)
         .unwrap();
+    // The testbed's own path, without a service: pod to pod, path MTU discovery and all.
+    let direct = udp_whole(pod_netns(&c, "client-a"), &b1.to_string(), 5353, 8000, "b1");
+    assert!(direct.is_ok(), "pod to pod: {direct:?}");
     let mut checks = Checks::default();
     for size in [1000, 3000, 8000] {
         checks.check(
