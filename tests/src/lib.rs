@@ -578,24 +578,32 @@ impl Agent {
         );
         let child = self.command()?.spawn()?;
         self.process = Some(Process { child });
-        // Ready once the maps are pinned and every pod interface has its link, and every
-        // external interface named exactly (not by a glob).
+        // Ready once the maps are pinned, every pod interface has its link, and every
+        // external interface named exactly (not by a glob) is attached: its pinned link, or
+        // the agent's log line when it pins it under another name (bpffs refuses names with
+        // a dot, such as Calico's `wireguard.cali`).
         let bpffs = self.bpffs_dir.clone();
-        let external = self.options.external_interfaces.iter();
-        let exact = external
-            .flat_map(|e| e.split(','))
-            .filter(|e| !e.contains(['*', '?', '[']))
-            .map(String::from);
         let links: Vec<PathBuf> = self
             .pod_interfaces
             .iter()
-            .cloned()
-            .chain(exact)
             .map(|i| bpffs.join("links").join(i))
+            .collect();
+        let external: Vec<&str> = self
+            .options
+            .external_interfaces
+            .iter()
+            .flat_map(|e| e.split(','))
+            .filter(|e| !e.contains(['*', '?', '[']))
             .collect();
         wait_until(Duration::from_secs(10), || {
             bpffs.join(dataplane_common::map_names::SERVICES).exists()
                 && links.iter().all(|l| l.exists())
+                && external.iter().all(|dev| {
+                    bpffs.join("links").join(dev).exists()
+                        || self
+                            .log_text()
+                            .contains(&format!("datapath attached interface={dev} "))
+                })
         })
         .map_err(|e| e.context(format!("agent did not start; log:\n{}", self.log_text())))
     }
