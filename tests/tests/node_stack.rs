@@ -902,10 +902,17 @@ fn icmp_cluster() -> MultiNode {
 #[test]
 fn time_exceeded_from_the_node_reaches_the_pod_about_the_cluster_ip() {
     require_root!();
-    let c = icmp_cluster();
-    let out = pod_netns(&c, "client-a")
-        .run("python3", &["-c", TTL_PROBE, "10.96.6.10", "53"])
-        .unwrap();
+    let mut c = icmp_cluster();
+    let b1 = pod_ip(&mut c, "b1").to_string();
+    let probe = |host: &str, port: &str| {
+        pod_netns(&c, "client-a")
+            .run("python3", &["-c", TTL_PROBE, host, port])
+            .unwrap()
+    };
+    // The node's own error when nothing is translated: straight to the backend pod.
+    let direct = probe(&b1, "5353");
+    assert!(direct.starts_with("error 2 11"), "pod to pod: {direct}");
+    let out = probe("10.96.6.10", "53");
     let words: Vec<&str> = out.split_whitespace().collect();
     // origin 2: SO_EE_ORIGIN_ICMP; type 11: time exceeded.
     assert!(
@@ -927,10 +934,17 @@ fn time_exceeded_from_the_node_reaches_the_pod_about_the_cluster_ip() {
 #[test]
 fn fragmentation_needed_from_the_node_teaches_the_pod_the_path_mtu_to_the_cluster_ip() {
     require_root!();
-    let c = icmp_cluster();
-    let out = pod_netns(&c, "client-a")
-        .run("python3", &["-c", PMTU_PROBE, "10.96.6.10", "53"])
-        .unwrap();
+    let mut c = icmp_cluster();
+    let b1 = pod_ip(&mut c, "b1").to_string();
+    let probe = |host: &str, port: &str| {
+        pod_netns(&c, "client-a")
+            .run("python3", &["-c", PMTU_PROBE, host, port])
+            .unwrap()
+    };
+    // Path MTU discovery when nothing is translated: straight to the backend pod.
+    let direct = probe(&b1, "5353");
+    assert!(direct.starts_with("mtu 1500"), "pod to pod: {direct}");
+    let out = probe("10.96.6.10", "53");
     assert!(
         out.starts_with("mtu") || out.starts_with("emsgsize"),
         "the pod's socket never learned the path MTU: {out} ({})",
