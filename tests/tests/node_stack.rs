@@ -908,6 +908,8 @@ fn time_exceeded_from_the_node_reaches_the_pod_about_the_cluster_ip() {
         pod_netns(&c, "client-a")
             .run("python3", &["-c", TTL_PROBE, host, port])
             .unwrap()
+            .trim()
+            .to_string()
     };
     // The node's own error when nothing is translated: straight to the backend pod.
     let direct = probe(&b1, "5353");
@@ -940,6 +942,8 @@ fn fragmentation_needed_from_the_node_teaches_the_pod_the_path_mtu_to_the_cluste
         pod_netns(&c, "client-a")
             .run("python3", &["-c", PMTU_PROBE, host, port])
             .unwrap()
+            .trim()
+            .to_string()
     };
     // Path MTU discovery when nothing is translated: straight to the backend pod.
     let direct = probe(&b1, "5353");
