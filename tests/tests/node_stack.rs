@@ -139,8 +139,21 @@ fn from(answer: Result<String, String>, backend: &str, peer: &str) -> Result<Str
     }
 }
 
+/// An error with its causes, as a step's failure.
+fn text<T>(result: anyhow::Result<T>) -> Result<T, String> {
+    result.map_err(|e| format!("{e:#}"))
+}
+
 fn udp(client: &Netns, target: &str, payload: &str) -> Result<String, String> {
-    udp_request(client, target, None, payload).map_err(|e| format!("{e:#}"))
+    text(udp_request(client, target, None, payload))
+}
+
+/// One exchange on a held connection, if it was opened.
+fn exchange(held: &mut anyhow::Result<LineConnection>, line: &str) -> Result<String, String> {
+    match held {
+        Ok(connection) => text(connection.exchange(line)),
+        Err(e) => Err(format!("{e:#}")),
+    }
 }
 
 /// Sends a UDP datagram of `size` bytes and waits up to 1 s for the whole echo, up to five
@@ -180,12 +193,10 @@ fn udp_whole(
     size: usize,
     backend: &str,
 ) -> Result<String, String> {
-    let out = client
-        .run(
-            "python3",
-            &["-c", UDP_RETRY, host, &port.to_string(), &size.to_string()],
-        )
-        .map_err(|e| format!("{e:#}"))?;
+    let out = text(client.run(
+        "python3",
+        &["-c", UDP_RETRY, host, &port.to_string(), &size.to_string()],
+    ))?;
     let out = out.trim().to_string();
     let words: Vec<&str> = out.split_whitespace().collect();
     match words.as_slice() {
@@ -297,9 +308,7 @@ fn every_service_path_works_through_kube_proxys_invalid_drop_and_strict_rp_filte
     let mut held = LineConnection::open(pod, &format!("10.96.1.10:{LINES}"), None);
     checks.check(
         "held connection to a ClusterIP: opened, first exchange",
-        held.as_mut()
-            .map_err(|e| format!("{e:#}"))
-            .and_then(|h| from(h.exchange("first").map_err(|e| format!("{e:#}")), "a1", &me)),
+        from(exchange(&mut held, "first"), "a1", &me),
     );
     checks.check(
         "ClusterIP, backend on the same node, TCP",
@@ -371,13 +380,7 @@ fn every_service_path_works_through_kube_proxys_invalid_drop_and_strict_rp_filte
     checks.check("a service without endpoints refuses at once", refused);
     checks.check(
         "held connection to a ClusterIP: second exchange, after everything above",
-        held.as_mut().map_err(|e| format!("{e:#}")).and_then(|h| {
-            from(
-                h.exchange("second").map_err(|e| format!("{e:#}")),
-                "a1",
-                &me,
-            )
-        }),
+        from(exchange(&mut held, "second"), "a1", &me),
     );
 
     // Bridged pods (bridge CNI) on a node of their own.
@@ -565,10 +568,7 @@ fn an_outside_clients_source_port_never_takes_the_nodes_own_connection() {
     let mut held = LineConnection::open(&c.clients[0], &format!("{NODE_A}:30090"), Some(":40000"));
     checks.check(
         "an outside client's connection from port 40000 to the node port",
-        held.as_mut()
-            .map_err(|e| format!("{e:#}"))
-            .and_then(|h| h.exchange("one").map_err(|e| format!("{e:#}")))
-            .and_then(|answer| from(Ok(answer), "a1", &format!("{NODE_A}:"))),
+        from(exchange(&mut held, "one"), "a1", &format!("{NODE_A}:")),
     );
     let own = LineConnection::open(
         &c.nodes[0].node.netns,
@@ -578,25 +578,18 @@ fn an_outside_clients_source_port_never_takes_the_nodes_own_connection() {
     .and_then(|mut own| own.exchange("node"));
     checks.check(
         "the node's own connection from node-IP:40000 to the backend",
-        from(
-            own.map_err(|e| format!("{e:#}")),
-            "a1",
-            &format!("{NODE_A}:40000"),
-        ),
+        from(text(own), "a1", &format!("{NODE_A}:40000")),
     );
     checks.check(
         "the outside client's held connection afterwards",
-        held.as_mut()
-            .map_err(|e| format!("{e:#}"))
-            .and_then(|h| h.exchange("two").map_err(|e| format!("{e:#}")))
-            .and_then(|answer| {
-                let port = peer_port(&answer);
-                if (30000..=32767).contains(&port.unwrap_or(0)) {
-                    Err(format!("SNATed to a node port: {answer}"))
-                } else {
-                    from(Ok(answer), "a1", &format!("{NODE_A}:"))
-                }
-            }),
+        exchange(&mut held, "two").and_then(|answer| {
+            let port = peer_port(&answer);
+            if (30000..=32767).contains(&port.unwrap_or(0)) {
+                Err(format!("SNATed to a node port: {answer}"))
+            } else {
+                from(Ok(answer), "a1", &format!("{NODE_A}:"))
+            }
+        }),
     );
     checks.finish(&[&c.nodes[0].node]);
 }
