@@ -235,30 +235,52 @@ impl Pod {
         udp_port: u16,
         line_port: Option<u16>,
     ) -> anyhow::Result<()> {
+        let process = self
+            .netns
+            .serve_echo(&self.name, self.ip, tcp_port, udp_port, line_port)?;
+        self.processes.push(process);
+        Ok(())
+    }
+}
+
+impl Netns {
+    /// Starts `assets/echo_server.py` here, answering as `name`, and waits until its TCP
+    /// ports accept on `ip`.
+    pub fn serve_echo(
+        &self,
+        name: &str,
+        ip: Ipv4Addr,
+        tcp_port: u16,
+        udp_port: u16,
+        line_port: Option<u16>,
+    ) -> anyhow::Result<Process> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/echo_server.py");
         let mut args = vec![
             script.to_str().unwrap().to_string(),
-            self.name.clone(),
+            name.to_string(),
             tcp_port.to_string(),
             udp_port.to_string(),
         ];
         args.extend(line_port.map(|p| p.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let process = self.netns.spawn("python3", &args)?;
-        self.processes.push(process);
-        // Ready when the TCP ports accept.
+        let process = self.spawn("python3", &args)?;
         let ports: Vec<u16> = [Some(tcp_port), line_port].into_iter().flatten().collect();
         wait_until(Duration::from_secs(10), || {
             ports.iter().all(|port| {
-                self.netns
-                    .run("python3", &["-c", &format!(
-                        "import socket; socket.create_connection(('{}', {port}), 0.2).close()",
-                        self.ip
-                    )])
-                    .is_ok()
+                self.run(
+                    "python3",
+                    &[
+                        "-c",
+                        &format!(
+                            "import socket; socket.create_connection(('{ip}', {port}), 0.2).close()"
+                        ),
+                    ],
+                )
+                .is_ok()
             })
         })
-        .with_context(|| format!("echo server in {} did not start", self.name))
+        .with_context(|| format!("echo server {name} did not start"))?;
+        Ok(process)
     }
 }
 
@@ -350,6 +372,7 @@ impl Node {
     /// that hands the node's conntrack half a connection (a reply it never saw the request
     /// of) shows here.
     pub fn invalid_drops(&self) -> anyhow::Result<u64> {
+        anyhow::ensure!(self.realistic, "a bare node has no KUBE-FORWARD chain");
         let text = self.netns.run(
             "iptables",
             &["-t", "filter", "-L", "KUBE-FORWARD", "-v", "-x", "-n"],
@@ -555,24 +578,32 @@ impl Agent {
         );
         let child = self.command()?.spawn()?;
         self.process = Some(Process { child });
-        // Ready once the maps are pinned and every pod interface has its link, and every
-        // external interface named exactly (not by a glob).
+        // Ready once the maps are pinned, every pod interface has its link, and every
+        // external interface named exactly (not by a glob) is attached: its pinned link, or
+        // the agent's log line when it pins it under another name (bpffs refuses names with
+        // a dot, such as Calico's `wireguard.cali`).
         let bpffs = self.bpffs_dir.clone();
-        let external = self.options.external_interfaces.iter();
-        let exact = external
-            .flat_map(|e| e.split(','))
-            .filter(|e| !e.contains(['*', '?', '[']))
-            .map(String::from);
         let links: Vec<PathBuf> = self
             .pod_interfaces
             .iter()
-            .cloned()
-            .chain(exact)
             .map(|i| bpffs.join("links").join(i))
+            .collect();
+        let external: Vec<&str> = self
+            .options
+            .external_interfaces
+            .iter()
+            .flat_map(|e| e.split(','))
+            .filter(|e| !e.contains(['*', '?', '[']))
             .collect();
         wait_until(Duration::from_secs(10), || {
             bpffs.join(dataplane_common::map_names::SERVICES).exists()
                 && links.iter().all(|l| l.exists())
+                && external.iter().all(|dev| {
+                    bpffs.join("links").join(dev).exists()
+                        || self
+                            .log_text()
+                            .contains(&format!("datapath attached interface={dev} "))
+                })
         })
         .map_err(|e| e.context(format!("agent did not start; log:\n{}", self.log_text())))
     }
@@ -801,17 +832,18 @@ pub fn udp_request(
     Ok(text)
 }
 
-/// Opens one TCP connection (from `source_port` when given), then for every line on stdin
+/// Opens one TCP connection (from the source "ip:port" when given, ip may be empty), then for every line on stdin
 /// sends it and prints the line answered: "open" or "error ..." first, then per exchange the
 /// answer, "closed" or "error ...".
 const LINE_CLIENT: &str = r#"
 import socket, sys
-host, port, source_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+host, port, source = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 try:
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if source_port:
-        s.bind(("", source_port))
+    if source:
+        source_ip, source_port = source.rsplit(":", 1)
+        s.bind((source_ip, int(source_port)))
     s.settimeout(3)
     s.connect((host, port))
     print("open", flush=True)
@@ -837,14 +869,14 @@ pub struct LineConnection {
 }
 
 impl LineConnection {
-    /// Connects from `client` to `target` ("host:port"), from `source_port` when given;
-    /// fails when the connection is not established within 3 s.
-    pub fn open(client: &Netns, target: &str, source_port: Option<u16>) -> anyhow::Result<Self> {
+    /// Connects from `client` to `target` ("host:port"), from `source` ("ip:port", or
+    /// ":port" for any address) when given; fails when the connection is not established
+    /// within 3 s.
+    pub fn open(client: &Netns, target: &str, source: Option<&str>) -> anyhow::Result<Self> {
         let (host, port) = target.rsplit_once(':').context("target is host:port")?;
-        let source_port = source_port.unwrap_or(0).to_string();
         let mut child = client
             .command("python3")
-            .args(["-c", LINE_CLIENT, host, port, &source_port])
+            .args(["-c", LINE_CLIENT, host, port, source.unwrap_or("")])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -157,7 +157,7 @@ impl MultiNode {
                 .map(|(j, b)| (format!("10.244.{}.0/24", j + 1), b.ip))
                 .collect();
             if options.overlay == Overlay::Tun {
-                relays.push(start_tunnel(&a.node.netns, a.ip, &peers)?);
+                relays.push(start_tunnel(&a.node, a.ip, &peers)?);
             }
             for (cidr, peer) in &peers {
                 match options.overlay {
@@ -245,11 +245,22 @@ impl MultiNode {
 
 /// Creates [`TUNNEL_DEVICE`] in `node` and starts its relay, sending packets for each
 /// `(cidr, peer)` to that peer node's relay; returns once the relay holds the device.
+///
+/// Reverse-path filtering stays strict everywhere but on the tunnel device (the kernel
+/// applies the larger of `all` and the interface's value, so `all` goes to 0 and each other
+/// interface keeps its own 1): traffic SNATed to a node's underlay address reaches its peer
+/// through the tunnel while the peer routes that address via the underlay. Calico sets
+/// strict filtering on its workload interfaces only, not on `wireguard.cali`.
 fn start_tunnel(
-    node: &Netns,
+    node: &Node,
     ip: Ipv4Addr,
     peers: &[(String, Ipv4Addr)],
 ) -> anyhow::Result<Process> {
+    let (realistic, node) = (node.realistic, &node.netns);
+    if realistic {
+        node.sysctl("net.ipv4.conf.eth0.rp_filter", "1")?;
+        node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+    }
     node.ip(&["tuntap", "add", "mode", "tun", "name", TUNNEL_DEVICE])?;
     node.ip(&[
         "link",

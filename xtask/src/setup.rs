@@ -14,6 +14,8 @@ const TEST_PACKAGES: &[&str] = &[
     "iperf3",
     "iptables",
     "nftables",
+    // sysctl, for the nodes' settings (reverse-path filtering, forwarding).
+    "procps",
     "util-linux",
     "graphviz",
 ];

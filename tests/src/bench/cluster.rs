@@ -77,6 +77,8 @@ const SERVER_SECOND_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 21);
 
 impl BenchNode {
     fn new(label: &'static str, iperf: bool) -> anyhow::Result<Self> {
+        // Bare: the kube-proxy modes restore complete nat and filter tables of their own, and
+        // every mode must measure on the same node.
         let mut node = Node::bare(Wiring::Routed, SUBNET)?;
         cleanup::namespace(&node.netns.name);
         for name in ["client", "server"] {
