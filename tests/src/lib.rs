@@ -168,6 +168,45 @@ impl Netns {
         bail!("no counter {name} in /proc/net/netstat or /proc/net/snmp")
     }
 
+    /// Starts `assets/echo_server.py` here, answering as `name`, and waits until its TCP
+    /// ports accept on `ip`.
+    pub fn serve_echo(
+        &self,
+        name: &str,
+        ip: Ipv4Addr,
+        tcp_port: u16,
+        udp_port: u16,
+        line_port: Option<u16>,
+    ) -> anyhow::Result<Process> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/echo_server.py");
+        let mut args = vec![
+            script.to_str().unwrap().to_string(),
+            name.to_string(),
+            tcp_port.to_string(),
+            udp_port.to_string(),
+        ];
+        args.extend(line_port.map(|p| p.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let process = self.spawn("python3", &args)?;
+        let ports: Vec<u16> = [Some(tcp_port), line_port].into_iter().flatten().collect();
+        wait_until(Duration::from_secs(10), || {
+            ports.iter().all(|port| {
+                self.run(
+                    "python3",
+                    &[
+                        "-c",
+                        &format!(
+                            "import socket; socket.create_connection(('{ip}', {port}), 0.2).close()"
+                        ),
+                    ],
+                )
+                .is_ok()
+            })
+        })
+        .with_context(|| format!("echo server {name} did not start"))?;
+        Ok(process)
+    }
+
     pub fn spawn(&self, program: &str, args: &[&str]) -> anyhow::Result<Process> {
         let child = self
             .command(program)
@@ -240,47 +279,6 @@ impl Pod {
             .serve_echo(&self.name, self.ip, tcp_port, udp_port, line_port)?;
         self.processes.push(process);
         Ok(())
-    }
-}
-
-impl Netns {
-    /// Starts `assets/echo_server.py` here, answering as `name`, and waits until its TCP
-    /// ports accept on `ip`.
-    pub fn serve_echo(
-        &self,
-        name: &str,
-        ip: Ipv4Addr,
-        tcp_port: u16,
-        udp_port: u16,
-        line_port: Option<u16>,
-    ) -> anyhow::Result<Process> {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/echo_server.py");
-        let mut args = vec![
-            script.to_str().unwrap().to_string(),
-            name.to_string(),
-            tcp_port.to_string(),
-            udp_port.to_string(),
-        ];
-        args.extend(line_port.map(|p| p.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let process = self.spawn("python3", &args)?;
-        let ports: Vec<u16> = [Some(tcp_port), line_port].into_iter().flatten().collect();
-        wait_until(Duration::from_secs(10), || {
-            ports.iter().all(|port| {
-                self.run(
-                    "python3",
-                    &[
-                        "-c",
-                        &format!(
-                            "import socket; socket.create_connection(('{ip}', {port}), 0.2).close()"
-                        ),
-                    ],
-                )
-                .is_ok()
-            })
-        })
-        .with_context(|| format!("echo server {name} did not start"))?;
-        Ok(process)
     }
 }
 
