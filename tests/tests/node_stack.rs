@@ -890,6 +890,15 @@ fn icmp_cluster() -> MultiNode {
     c
 }
 
+/// Runs an ICMP probe script in client-a's pod against `host:port`; its one-line report.
+fn run_probe(c: &MultiNode, script: &str, host: &str, port: &str) -> String {
+    pod_netns(c, "client-a")
+        .run("python3", &["-c", script, host, port])
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
 /// Finding 6: the node's "time exceeded" about a translated packet must reach the pod about
 /// the cluster IP it sent to (traceroute through a service).
 #[test]
@@ -897,13 +906,7 @@ fn time_exceeded_from_the_node_reaches_the_pod_about_the_cluster_ip() {
     require_root!();
     let mut c = icmp_cluster();
     let b1 = pod_ip(&mut c, "b1").to_string();
-    let probe = |host: &str, port: &str| {
-        pod_netns(&c, "client-a")
-            .run("python3", &["-c", TTL_PROBE, host, port])
-            .unwrap()
-            .trim()
-            .to_string()
-    };
+    let probe = |host: &str, port: &str| run_probe(&c, TTL_PROBE, host, port);
     // The node's own error when nothing is translated: straight to the backend pod.
     let direct = probe(&b1, "5353");
     assert!(direct.starts_with("error 2 11"), "pod to pod: {direct}");
@@ -931,13 +934,7 @@ fn fragmentation_needed_from_the_node_teaches_the_pod_the_path_mtu_to_the_cluste
     require_root!();
     let mut c = icmp_cluster();
     let b1 = pod_ip(&mut c, "b1").to_string();
-    let probe = |host: &str, port: &str| {
-        pod_netns(&c, "client-a")
-            .run("python3", &["-c", PMTU_PROBE, host, port])
-            .unwrap()
-            .trim()
-            .to_string()
-    };
+    let probe = |host: &str, port: &str| run_probe(&c, PMTU_PROBE, host, port);
     // Path MTU discovery when nothing is translated: straight to the backend pod.
     let direct = probe(&b1, "5353");
     assert!(direct.starts_with("mtu 1500"), "pod to pod: {direct}");

@@ -679,9 +679,14 @@ fn packet_fixtures_through_bpf_prog_test_run() {
     let report = programmer.apply(&plan);
     assert!(report.failures.is_empty(), "{:?}", report.failures);
 
+    run_cases(&mut datapath, cases());
+}
+
+/// Runs each case through `pod_ingress`, in order, and reports every mismatch.
+fn run_cases(datapath: &mut LoadedDatapath, cases: impl IntoIterator<Item = Case>) {
     let mut failures = Vec::new();
-    for case in cases() {
-        let (verdict, out) = run_pod_ingress(&mut datapath, &case.input);
+    for case in cases {
+        let (verdict, out) = run_pod_ingress(datapath, &case.input);
         if verdict != case.verdict || out != case.expected {
             failures.push(format!(
                 "{}:\n  verdict {} (expected {})\n  got      {:02x?}\n  expected {:02x?}",
@@ -1043,17 +1048,7 @@ fn translated_packets_are_forwarded_by_the_fib_or_answered_as_a_router() {
             verdict: TC_ACT_OK,
         },
     ];
-    let mut failures = Vec::new();
-    for case in cases {
-        let (verdict, out) = run_pod_ingress(&mut datapath, &case.input);
-        if verdict != case.verdict || out != case.expected {
-            failures.push(format!(
-                "{}:\n  verdict {} (expected {})\n  got      {:02x?}\n  expected {:02x?}",
-                case.description, verdict, case.verdict, out, case.expected
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    run_cases(&mut datapath, cases);
 }
 
 /// On external frontends only a TCP SYN opens a flow, and a UDP datagram answering a flow the
