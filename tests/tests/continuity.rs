@@ -176,8 +176,15 @@ fn a_backend_flapping_not_ready_and_back_keeps_its_held_connection() {
     bed.publish(&[(w0, READY), (w1, READY)]);
     bed.wait_for_lines(&[w0, w1]);
 
+    // A short blip, nothing sent meanwhile: a failing readiness probe (ready false, not
+    // serving, same address), then passing again.
+    bed.publish(&[(w0, NOT_READY), (w1, READY)]);
+    bed.wait_for_lines(&[w1]);
+    bed.publish(&[(w0, READY), (w1, READY)]);
+    bed.wait_for_lines(&[w0, w1]);
+    assert_answers(&mut held, "web-0", "after a quiet flap");
+    // Longer ones, with the connection in use while web-0 is not ready.
     for round in 0..3 {
-        // A failing readiness probe: ready false (and not serving), same address...
         bed.publish(&[(w0, NOT_READY), (w1, READY)]);
         bed.wait_for_lines(&[w1]);
         assert_answers(
@@ -185,7 +192,6 @@ fn a_backend_flapping_not_ready_and_back_keeps_its_held_connection() {
             "web-0",
             &format!("round {round}, web-0 not ready"),
         );
-        // ...then passing again.
         bed.publish(&[(w0, READY), (w1, READY)]);
         bed.wait_for_lines(&[w0, w1]);
         assert_answers(
