@@ -509,6 +509,9 @@ pub struct AgentOptions {
     pub external_interfaces: Option<String>,
     /// More `run` arguments.
     pub extra_args: Vec<String>,
+    /// Another agent's `--bpffs-dir` (default: one of its own). This agent never cleans it
+    /// up: whatever is pinned there stays for its owner.
+    pub shared_bpffs_dir: Option<PathBuf>,
 }
 
 /// How an agent that was expected to refuse its configuration ended.
@@ -553,7 +556,10 @@ impl Agent {
         let agent = Self {
             log: work.join("agent.log"),
             manifests,
-            bpffs_dir: PathBuf::from("/sys/fs/bpf").join(unique("dpt")),
+            bpffs_dir: options
+                .shared_bpffs_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf").join(unique("dpt"))),
             process: None,
             binary: agent_binary(),
             netns_path: node.netns.path(),
@@ -710,6 +716,15 @@ impl Agent {
         Ok(())
     }
 
+    /// Rewrites one manifest file in place, as `cat > file` or an editor that does not rename
+    /// does: opened with truncation, then written, so the agent may see it empty or partly
+    /// written in between.
+    pub fn rewrite_manifest_in_place(&self, file: &str, content: &str) -> anyhow::Result<()> {
+        let mut f = std::fs::File::create(self.manifests.join(file))?;
+        std::io::Write::write_all(&mut f, content.as_bytes())?;
+        Ok(())
+    }
+
     pub fn remove_manifest(&self, file: &str) -> anyhow::Result<()> {
         std::fs::remove_file(self.manifests.join(file))?;
         Ok(())
@@ -731,6 +746,37 @@ impl Agent {
         let mut full = args.to_vec();
         full.extend(["-o", "json"]);
         Ok(serde_json::from_str(&self.cli(&full)?)?)
+    }
+
+    /// Waits until the pinned service map shows `frontend` with exactly these backend
+    /// addresses ("ip:port", in any order).
+    pub fn wait_for_backend_addresses(
+        &self,
+        frontend: &str,
+        addresses: &[String],
+    ) -> anyhow::Result<()> {
+        let mut wanted = addresses.to_vec();
+        wanted.sort();
+        wait_until(Duration::from_secs(5), || {
+            self.cli_json(&["services"]).ok().is_some_and(|v| {
+                v.as_array().into_iter().flatten().any(|s| {
+                    let mut have: Vec<String> = s["backends"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|b| b["address"].as_str().map(String::from))
+                        .collect();
+                    have.sort();
+                    s["frontend"] == frontend && have == wanted
+                })
+            })
+        })
+        .map_err(|e| {
+            e.context(format!(
+                "{frontend} never had exactly the backends {wanted:?}; log:\n{}",
+                self.log_text()
+            ))
+        })
     }
 
     /// Waits until the pinned service map shows `frontend` with `backends` backends.
@@ -755,11 +801,13 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
-        let _ = Command::new(&self.binary)
-            .arg("cleanup")
-            .arg("--bpffs-dir")
-            .arg(&self.bpffs_dir)
-            .output();
+        if self.options.shared_bpffs_dir.is_none() {
+            let _ = Command::new(&self.binary)
+                .arg("cleanup")
+                .arg("--bpffs-dir")
+                .arg(&self.bpffs_dir)
+                .output();
+        }
         let _ = std::fs::remove_dir_all(&self.work);
     }
 }

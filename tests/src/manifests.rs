@@ -21,12 +21,53 @@ pub const DNS: ServicePort<'static> = ServicePort {
     target_port: 5353,
 };
 
+/// An endpoint's conditions in an EndpointSlice, as the EndpointSlice controller writes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conditions {
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+/// A running pod that passes its readiness probe.
+pub const READY: Conditions = Conditions {
+    ready: true,
+    serving: true,
+    terminating: false,
+};
+/// A running pod failing its readiness probe.
+pub const NOT_READY: Conditions = Conditions {
+    ready: false,
+    serving: false,
+    terminating: false,
+};
+/// A pod being deleted that still passes its readiness probe (draining: the first step of a
+/// rolling update).
+pub const TERMINATING: Conditions = Conditions {
+    ready: false,
+    serving: true,
+    terminating: true,
+};
+
 /// A ClusterIP Service with `ports`, and one EndpointSlice holding `endpoints` (all ready).
 pub fn service(
     name: &str,
     cluster_ip: &str,
     ports: &[ServicePort],
     endpoints: &[Ipv4Addr],
+) -> String {
+    let endpoints: Vec<(Ipv4Addr, Conditions)> = endpoints.iter().map(|ip| (*ip, READY)).collect();
+    service_with(name, cluster_ip, ports, &endpoints, "")
+}
+
+/// [`service`] with each endpoint's conditions, and `spec_extra` (YAML lines indented by two
+/// spaces, e.g. `"  sessionAffinity: ClientIP\n"`) added to the Service's spec.
+pub fn service_with(
+    name: &str,
+    cluster_ip: &str,
+    ports: &[ServicePort],
+    endpoints: &[(Ipv4Addr, Conditions)],
+    spec_extra: &str,
 ) -> String {
     let service_ports: String = ports
         .iter()
@@ -48,7 +89,12 @@ pub fn service(
         .collect();
     let endpoint_list: String = endpoints
         .iter()
-        .map(|ip| format!("  - {{addresses: [\"{ip}\"], conditions: {{ready: true}}}}\n"))
+        .map(|(ip, c)| {
+            format!(
+                "  - {{addresses: [\"{ip}\"], conditions: {{ready: {}, serving: {}, terminating: {}}}}}\n",
+                c.ready, c.serving, c.terminating
+            )
+        })
         .collect();
     let endpoints_yaml = if endpoints.is_empty() {
         "endpoints: []\n".to_string()
@@ -62,7 +108,7 @@ metadata: {{name: {name}, namespace: default}}
 spec:
   type: ClusterIP
   clusterIP: {cluster_ip}
-  ports:
+{spec_extra}  ports:
 {service_ports}---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
