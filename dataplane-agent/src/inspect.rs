@@ -390,7 +390,11 @@ pub fn stats_view(maps: &PinnedMaps) -> anyhow::Result<StatsView> {
             drops.insert(drop_reason::name(reason), value);
         }
     }
-    let conntrack_entries = count(maps.conntrack.iter());
+    let (tcp_entries, any_entries) = (
+        count(maps.conntrack.tcp.iter()),
+        count(maps.conntrack.any.iter()),
+    );
+    let conntrack_entries = tcp_entries + any_entries;
     let capacity = |name: &'static str| maps.capacities.get(name).copied().unwrap_or(0) as u64;
     let usage = |map: &'static str, entries: u64| MapUsage {
         map,
@@ -408,7 +412,8 @@ pub fn stats_view(maps: &PinnedMaps) -> anyhow::Result<StatsView> {
             ids.len() as u64
         }),
         usage(n::REV_NAT, count(maps.rev_nat.iter())),
-        usage(n::CONNTRACK, conntrack_entries),
+        usage(n::CONNTRACK_TCP, tcp_entries),
+        usage(n::CONNTRACK_ANY, any_entries),
         usage(n::AFFINITY, count(maps.affinity.iter())),
         usage(n::SOURCE_RANGES, count(maps.source_ranges.iter())),
         usage(n::MAGLEV, count(maps.maglev.iter())),

@@ -21,9 +21,13 @@ pub mod map_names {
     pub const SERVICES: &str = "dp_svc_v2";
     pub const BACKENDS: &str = "dp_backends_v2";
     pub const REV_NAT: &str = "dp_revnat_v1";
-    pub const CONNTRACK: &str = "dp_ct_v2";
-    /// The conntrack map before v2 (keys carried a direction byte); an upgraded agent
-    /// moves its flows into `CONNTRACK` and removes it.
+    /// Conntrack, TCP flows and the rest in separate tables (as Cilium keeps them), so a
+    /// burst of short UDP flows (DNS) cannot evict idle TCP connections from the LRU.
+    pub const CONNTRACK_TCP: &str = "dp_ct_tcp_v3";
+    pub const CONNTRACK_ANY: &str = "dp_ct_any_v3";
+    /// Earlier layouts, moved into the current tables by an upgraded agent at start and
+    /// removed: v2 held every protocol in one table, v1 had a direction byte in its keys.
+    pub const CONNTRACK_V2: &str = "dp_ct_v2";
     pub const CONNTRACK_V1: &str = "dp_ct_v1";
     pub const SERVICE_STATS: &str = "dp_svc_stats_v2";
     pub const BACKEND_STATS: &str = "dp_be_stats_v2";
@@ -36,11 +40,12 @@ pub mod map_names {
     pub const FRAGMENTS: &str = "dp_frag_v1";
     pub const HOST_FLOWS: &str = "dp_hostflow_v1";
     /// Every map, in the order `cleanup` and the inspection tools walk them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
-        CONNTRACK,
+        CONNTRACK_TCP,
+        CONNTRACK_ANY,
         SERVICE_STATS,
         BACKEND_STATS,
         DROPS,
@@ -63,7 +68,9 @@ pub mod capacity {
     /// Frontend (rev-NAT) ids index the service stats array, so ids stay below this.
     pub const FRONTENDS: u32 = 65_536;
     /// Two entries per connection (forward and reply).
-    pub const CONNTRACK: u32 = 524_288;
+    /// Cilium's defaults: 512k TCP, 256k other flows.
+    pub const CONNTRACK_TCP: u32 = 524_288;
+    pub const CONNTRACK_ANY: u32 = 262_144;
     pub const DROP_REASONS: u32 = 16;
     /// (service port, client address) pairs remembered for session affinity.
     pub const AFFINITY: u32 = 65_536;

@@ -1,7 +1,7 @@
 //! Service load balancing: frontend lookup, conntrack, backend selection, NAT.
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
-    btf_maps::lpm_trie::Key,
+    btf_maps::{LruHashMap, lpm_trie::Key},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     programs::TcContext,
 };
@@ -16,7 +16,10 @@ use dataplane_common::{
 use crate::{
     counters::{count_drop, count_flow_packet, count_service_packet},
     forward::translate_and_forward,
-    maps::{AFFINITY, BACKENDS, CONFIG, CONNTRACK, HOST_FLOWS, MAGLEV, SERVICES, SOURCE_RANGES},
+    maps::{
+        AFFINITY, BACKENDS, CONFIG, CONNTRACK, CONNTRACK_ANY, CONNTRACK_TCP, HOST_FLOWS, MAGLEV,
+        SERVICES, SOURCE_RANGES,
+    },
     nat,
     packet::{Fragment, Packet, TCP_RST, TCP_SYN},
     refuse,
@@ -64,7 +67,9 @@ pub fn handle<const L2: usize>(ctx: &TcContext, pkt: &Packet, origin: Origin) ->
     // call chain, and each is large.
     let mut chosen = Chosen::default();
     let new_flow = match to_frontend(pkt, service, origin, &mut chosen) {
-        CHOSEN => open_flow(pkt, &chosen),
+        // The flow's table chosen once: one map in the frame, not a branch at each use.
+        CHOSEN if pkt.proto == IPPROTO_TCP => open_flow(&CONNTRACK_TCP, pkt, &chosen),
+        CHOSEN => open_flow(&CONNTRACK_ANY, pkt, &chosen),
         REFUSE => NewFlow::Refuse,
         verdict => NewFlow::Verdict(verdict),
     };
@@ -374,7 +379,8 @@ const SNAT_PORT_TRIES: u32 = 8;
 /// Plain scalars in and out (BPF functions take five arguments at most, and an `Option`
 /// return counts as one more), should it ever need a frame of its own.
 #[inline(always)]
-fn claim_snat_port(
+fn claim_snat_port<const N: usize>(
+    table: &LruHashMap<CtKey, CtEntry, N>,
     client_port: u16,
     reply: &mut CtKey,
     entry: &CtEntry,
@@ -394,7 +400,7 @@ fn claim_snat_port(
         }
         let candidate = min.wrapping_add(((first + i) % span) as u16);
         reply.dport = candidate;
-        if CONNTRACK.insert(&*reply, entry, BPF_NOEXIST as u64).is_ok() {
+        if table.insert(&*reply, entry, BPF_NOEXIST as u64).is_ok() {
             return candidate;
         }
     }
@@ -404,7 +410,11 @@ fn claim_snat_port(
 /// Opens the flow `chosen` describes: its conntrack entries (the reply's first, with the
 /// SNAT port claimed there), counters, then the translation to do.
 #[inline(never)]
-fn open_flow(pkt: &Packet, chosen: &Chosen) -> NewFlow {
+fn open_flow<const N: usize>(
+    table: &LruHashMap<CtKey, CtEntry, N>,
+    pkt: &Packet,
+    chosen: &Chosen,
+) -> NewFlow {
     let (now, backend_id, backend) = (chosen.now, chosen.backend_id, chosen.backend);
     let mut entry = CtEntry {
         packets: 1,
@@ -466,7 +476,7 @@ fn open_flow(pkt: &Packet, chosen: &Chosen) -> NewFlow {
     };
     entry.flags |= CT_FLAG_REPLY;
     let reply_inserted = match snat {
-        Some(range) => match claim_snat_port(pkt.sport, &mut reply_key, &entry, range) {
+        Some(range) => match claim_snat_port(table, pkt.sport, &mut reply_key, &entry, range) {
             0 => {
                 count_drop(drop_reason::SNAT_PORTS_EXHAUSTED);
                 return NewFlow::Verdict(TC_ACT_SHOT);
@@ -476,7 +486,7 @@ fn open_flow(pkt: &Packet, chosen: &Chosen) -> NewFlow {
                 true
             }
         },
-        None => CONNTRACK.insert(&reply_key, &entry, 0).is_ok(),
+        None => table.insert(&reply_key, &entry, 0).is_ok(),
     };
     entry.flags &= !CT_FLAG_REPLY;
     entry.packets = 1;
@@ -487,9 +497,9 @@ fn open_flow(pkt: &Packet, chosen: &Chosen) -> NewFlow {
         entry.peer_addr,
         entry.peer_port,
     ) = forward;
-    if !reply_inserted || CONNTRACK.insert(&tuple_key(pkt), &entry, 0).is_err() {
+    if !reply_inserted || table.insert(&tuple_key(pkt), &entry, 0).is_err() {
         if reply_inserted {
-            let _ = CONNTRACK.remove(&reply_key);
+            let _ = table.remove(&reply_key);
         }
         count_drop(drop_reason::CT_INSERT_FAILED);
         return NewFlow::Verdict(TC_ACT_SHOT);

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, FragmentKey,
-    FragmentPorts, FrontendName, HostFlowKey, MaglevTable, RevNat, ServiceKey, ServiceValue,
-    SourceRangeKey, TrafficStats, capacity,
+    FragmentPorts, FrontendName, HostFlowKey, IPPROTO_TCP, MaglevTable, RevNat, ServiceKey,
+    ServiceValue, SourceRangeKey, TrafficStats, capacity,
 };
 
 #[btf_map(name = "dp_svc_v2")]
@@ -26,9 +26,50 @@ pub static REV_NAT: HashMap<u32, RevNat, { capacity::FRONTENDS as usize }> = Has
 /// One LRU list shared by every CPU, not `BPF_F_NO_COMMON_LRU`: per-CPU lists would split the
 /// capacity evenly between CPUs, so a node whose new flows land on a few CPUs (one NIC queue)
 /// would evict live flows long before the map is full.
-#[btf_map(name = "dp_ct_v2")]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize }> =
+#[btf_map(name = "dp_ct_tcp_v3")]
+pub static CONNTRACK_TCP: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK_TCP as usize }> =
     LruHashMap::new();
+
+/// UDP (every protocol but TCP): a table of its own, so that a burst of short flows (DNS)
+/// evicts other short flows, never idle TCP connections.
+#[btf_map(name = "dp_ct_any_v3")]
+pub static CONNTRACK_ANY: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK_ANY as usize }> =
+    LruHashMap::new();
+
+/// Conntrack as one map for lookups and removals: each goes to the table of the key's
+/// protocol. (A new flow inserts into the table `lb::open_flow` is given.)
+pub struct Conntrack;
+
+pub static CONNTRACK: Conntrack = Conntrack;
+
+impl Conntrack {
+    #[inline(always)]
+    pub fn get_ptr(&self, key: &CtKey) -> Option<*const CtEntry> {
+        if key.proto == IPPROTO_TCP {
+            CONNTRACK_TCP.get_ptr(key)
+        } else {
+            CONNTRACK_ANY.get_ptr(key)
+        }
+    }
+
+    #[inline(always)]
+    pub fn get_ptr_mut(&self, key: &CtKey) -> Option<*mut CtEntry> {
+        if key.proto == IPPROTO_TCP {
+            CONNTRACK_TCP.get_ptr_mut(key)
+        } else {
+            CONNTRACK_ANY.get_ptr_mut(key)
+        }
+    }
+
+    #[inline(always)]
+    pub fn remove(&self, key: &CtKey) -> Result<(), i32> {
+        if key.proto == IPPROTO_TCP {
+            CONNTRACK_TCP.remove(key)
+        } else {
+            CONNTRACK_ANY.remove(key)
+        }
+    }
+}
 
 #[btf_map(name = "dp_svc_stats_v2")]
 pub static SERVICE_STATS: PerCpuArray<TrafficStats, { capacity::FRONTENDS as usize }> =

@@ -554,9 +554,10 @@ fn every_map_prints_named_fields_in_bpftool() {
         ("dp_backends_v2", &["addr", "port", "state"]),
         ("dp_revnat_v1", &["addr", "port"]),
         (
-            "dp_ct_v2",
+            "dp_ct_tcp_v3",
             &["saddr", "proto", "packets", "flags", "nat_addr"],
         ),
+        ("dp_ct_any_v3", &[]),
         ("dp_svc_stats_v2", &["packets", "bytes", "connections"]),
         ("dp_be_stats_v2", &["packets", "bytes", "connections"]),
         ("dp_drops_v1", &["\"value\": 0"]),
@@ -650,23 +651,34 @@ fn stopping_the_agent_keeps_traffic_and_cleanup_removes_everything() {
 
 #[test]
 fn upgrading_from_conntrack_v1_keeps_open_connections() {
+    upgrading_keeps_open_connections("dp_ct_v1", true, 13);
+}
+
+#[test]
+fn upgrading_from_conntrack_v2_keeps_open_connections() {
+    upgrading_keeps_open_connections("dp_ct_v2", false, 15);
+}
+
+/// An agent upgraded from a release whose conntrack map was `old` (with the direction byte
+/// in its keys when `direction_in_key`) moves the flows and keeps a held connection.
+fn upgrading_keeps_open_connections(old: &str, direction_in_key: bool, subnet: u8) {
     require_root!();
-    let mut cluster = Cluster::new(Wiring::Routed, [10, 244, 13]);
+    let mut cluster = Cluster::new(Wiring::Routed, [10, 244, subnet]);
     cluster.publish_web(&cluster.web_ips());
     cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
     let held = cluster.hold_connection();
     let before = cluster.agent.cli_json(&["flows"]).unwrap();
     assert_eq!(before.as_array().unwrap().len(), 1, "{before:#}");
 
-    // What the previous release left behind: its conntrack map (direction byte at key
-    // offset 13, no reply flag), and no v2 entries.
+    // What the previous release left behind: its conntrack map (v1: direction byte at key
+    // offset 13, no reply flag), and nothing in the current tables.
     cluster.agent.stop();
-    let v1 = cluster.agent.bpffs_dir.join("dp_ct_v1");
-    let v2 = cluster.agent.bpffs_dir.join("dp_ct_v2");
+    let v1 = cluster.agent.bpffs_dir.join(old);
+    let v2 = cluster.agent.bpffs_dir.join("dp_ct_tcp_v3");
     let (v1, v2) = (v1.to_str().unwrap(), v2.to_str().unwrap());
     bpftool(&[
         "map", "create", v1, "type", "lru_hash", "key", "16", "value", "56", "entries", "1024",
-        "name", "dp_ct_v1",
+        "name", old,
     ]);
     let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
     for entry in bpftool_json(&["map", "dump", "pinned", v2])
@@ -684,9 +696,12 @@ fn upgrading_from_conntrack_v1_keeps_open_connections() {
                 .collect()
         };
         let (mut key, mut value) = (bytes("key"), bytes("value"));
-        let flags = u16::from_le_bytes([value[46], value[47]]);
-        key[13] = u8::from(flags & dataplane_common::CT_FLAG_REPLY != 0);
-        value[46..48].copy_from_slice(&(flags & !dataplane_common::CT_FLAG_REPLY).to_le_bytes());
+        if direction_in_key {
+            let flags = u16::from_le_bytes([value[46], value[47]]);
+            key[13] = u8::from(flags & dataplane_common::CT_FLAG_REPLY != 0);
+            value[46..48]
+                .copy_from_slice(&(flags & !dataplane_common::CT_FLAG_REPLY).to_le_bytes());
+        }
         let mut args = vec![
             "map".to_string(),
             "update".into(),
@@ -712,16 +727,17 @@ fn upgrading_from_conntrack_v1_keeps_open_connections() {
     }
 
     cluster.agent.restart().unwrap();
-    wait_until(Duration::from_secs(5), || {
-        cluster
-            .agent
-            .log_text()
-            .contains("conntrack moved from dp_ct_v1")
-    })
-    .unwrap();
+    let moved = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("conntrack moved to the current tables") && l.contains(old))
+    };
+    wait_until(Duration::from_secs(5), || moved(&cluster.agent.log_text())).unwrap();
     let log = cluster.agent.log_text();
     assert!(log.contains("moved=2 failed=0"), "{log}");
-    assert!(!std::path::Path::new(v1).exists(), "the v1 map is unpinned");
+    assert!(
+        !std::path::Path::new(v1).exists(),
+        "the old map is unpinned"
+    );
     let after = cluster.agent.cli_json(&["flows"]).unwrap();
     let fields = |v: &serde_json::Value| {
         let f = &v[0];
@@ -993,9 +1009,17 @@ fn inspection_commands_name_services_filter_flows_and_graph_the_traffic() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|m| m["map"] == "dp_ct_v2")
-        .unwrap();
-    assert!(ct["capacity"].as_u64().unwrap() > 0 && ct["entries"] == stats["conntrack_entries"]);
+        .filter(|m| m["map"] == "dp_ct_tcp_v3" || m["map"] == "dp_ct_any_v3")
+        .map(|m| {
+            assert!(m["capacity"].as_u64().unwrap() > 0, "{m}");
+            m["entries"].as_u64().unwrap()
+        })
+        .sum::<u64>();
+    assert_eq!(
+        Some(ct),
+        stats["conntrack_entries"].as_u64(),
+        "both tables counted"
+    );
     assert!(stats["drops"]["no_endpoints"].is_u64(), "{stats:#}");
     let backends = cluster.agent.cli_json(&["backends"]).unwrap();
     let b0 = backends
@@ -1021,7 +1045,7 @@ fn inspection_commands_name_services_filter_flows_and_graph_the_traffic() {
         "kubeproxy_sync_proxy_rules_service_changes_total",
         "kubeproxy_sync_proxy_rules_endpoint_changes_total",
         "dataplane_conntrack_entries",
-        "dataplane_map_capacity{map=\"dp_ct_v2\"}",
+        "dataplane_map_capacity{map=\"dp_ct_tcp_v3\"}",
     ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }

@@ -1259,3 +1259,56 @@ fn session_affinity_forgets_a_backend_that_left_the_service() {
         "the open connection keeps its backend"
     );
 }
+
+/// TCP flows and the rest live in separate conntrack tables: a burst of one-shot UDP flows
+/// (DNS) several times the size of its table evicts other UDP flows, never an idle TCP
+/// connection.
+#[test]
+fn a_burst_of_udp_flows_does_not_evict_tcp_connections() {
+    require_root!();
+    let sizes = [
+        (dataplane_common::map_names::CONNTRACK_TCP.to_string(), 64),
+        (dataplane_common::map_names::CONNTRACK_ANY.to_string(), 64),
+    ]
+    .into();
+    let (pins, mut datapath, mut programmer) = load("dpctsplit", &sizes);
+    assert!(
+        programmer
+            .apply(&plan_of(web_frontends().into()))
+            .failures
+            .is_empty()
+    );
+    let (verdict, to) = destination_of(&mut datapath, VIP, 43000);
+    assert_eq!((verdict, to), (TC_ACT_OK, BACKEND));
+    for port in 0..256u16 {
+        let query = frame(
+            TO_NODE,
+            sock(
+                Ipv4Addr::new(10, 0, 2, (port % 250) as u8 + 1),
+                20000 + port,
+            ),
+            sock(VIP, 53),
+            L4::Udp {
+                payload: b"q",
+                zero_checksum: false,
+            },
+        );
+        assert_eq!(run_pod_ingress(&mut datapath, &query).0, TC_ACT_OK);
+    }
+    let maps = PinnedMaps::open(&pins.0).unwrap();
+    let tcp_flow = dataplane_common::CtKey::new(
+        CLIENT.octets(),
+        VIP.octets(),
+        43000,
+        80,
+        dataplane_common::IPPROTO_TCP,
+    );
+    assert!(
+        maps.conntrack.get(&tcp_flow, 0).is_ok(),
+        "the idle TCP connection is still tracked"
+    );
+    assert!(
+        maps.conntrack.any.keys().count() <= 64,
+        "UDP stayed in its own table"
+    );
+}

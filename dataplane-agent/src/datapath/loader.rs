@@ -48,7 +48,7 @@ impl LoadedDatapath {
         for name in map_names::ALL {
             anyhow::ensure!(ebpf.map(name).is_some(), "the BPF object has no map {name}");
         }
-        migrate_conntrack_v1(layout, &mut ebpf)?;
+        migrate_old_conntrack(layout, &mut ebpf)?;
         for name in PROGRAMS {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -78,51 +78,67 @@ impl LoadedDatapath {
     }
 }
 
-/// An upgrade from an agent whose conntrack keys carried a direction byte (`dp_ct_v1`): its
-/// flows move into the current map before the new programs take over the links, so open
-/// connections keep their backends. Flows the old program opens in the moment between this
-/// copy and the swap start anew.
-fn migrate_conntrack_v1(layout: &BpffsLayout, ebpf: &mut Ebpf) -> anyhow::Result<()> {
+/// An upgrade from an agent with an earlier conntrack layout: its flows move into the
+/// current tables (by protocol) before the new programs take over the links, so open
+/// connections keep their backends; the old map is then unpinned. `dp_ct_v2` held every
+/// protocol in one table; `dp_ct_v1`'s keys also carried a direction byte (1 = reply) at
+/// offset 13. Flows the old program opens in the moment between this copy and the swap start
+/// anew.
+fn migrate_old_conntrack(layout: &BpffsLayout, ebpf: &mut Ebpf) -> anyhow::Result<()> {
     use aya::maps::{HashMap, MapData};
-    use dataplane_common::{CT_FLAG_REPLY, CtEntry, CtKey};
-    /// v1's key: the v2 key's bytes with a direction byte (1 = reply) at offset 13.
-    type KeyV1 = [u8; 16];
+    use dataplane_common::{CT_FLAG_REPLY, CtEntry, CtKey, IPPROTO_TCP};
+    type OldKey = [u8; 16];
     const DIRECTION_OFFSET: usize = 13;
 
-    let path = layout.map(map_names::CONNTRACK_V1);
-    if !path.exists() {
-        return Ok(());
-    }
-    let old = MapData::from_pin(&path)
-        .and_then(aya::maps::Map::from_map_data)
-        .context("opening dp_ct_v1")?;
-    let old: HashMap<MapData, KeyV1, CtEntry> =
-        HashMap::try_from(old).context("dp_ct_v1 does not have the v1 layout")?;
-    let mut new: HashMap<&mut MapData, CtKey, CtEntry> =
-        HashMap::try_from(ebpf.map_mut(map_names::CONNTRACK).expect("checked at load"))?;
-    let (mut moved, mut failed) = (0usize, 0usize);
-    for entry in old.iter() {
-        let Ok((old_key, mut value)) = entry else {
-            failed += 1;
+    for (name, has_direction) in [
+        (map_names::CONNTRACK_V1, true),
+        (map_names::CONNTRACK_V2, false),
+    ] {
+        let path = layout.map(name);
+        if !path.exists() {
             continue;
-        };
-        if old_key[DIRECTION_OFFSET] == 1 {
-            value.flags |= CT_FLAG_REPLY;
         }
-        let mut key_bytes = old_key;
-        key_bytes[DIRECTION_OFFSET] = 0;
-        let key: CtKey = bytemuck::pod_read_unaligned(&key_bytes);
-        match new.insert(key, value, 0) {
-            Ok(()) => moved += 1,
-            Err(_) => failed += 1,
+        let old = MapData::from_pin(&path)
+            .and_then(aya::maps::Map::from_map_data)
+            .with_context(|| format!("opening {name}"))?;
+        let old: HashMap<MapData, OldKey, CtEntry> =
+            HashMap::try_from(old).with_context(|| format!("{name} does not have its layout"))?;
+        let entries: Vec<_> = old.iter().collect();
+        let (mut moved, mut failed) = (0usize, 0usize);
+        for table in [map_names::CONNTRACK_TCP, map_names::CONNTRACK_ANY] {
+            let mut new: HashMap<&mut MapData, CtKey, CtEntry> =
+                HashMap::try_from(ebpf.map_mut(table).expect("checked at load"))?;
+            for entry in &entries {
+                let Ok((old_key, value)) = entry else {
+                    if table == map_names::CONNTRACK_TCP {
+                        failed += 1; // counted once, not per table
+                    }
+                    continue;
+                };
+                let (mut key_bytes, mut value) = (*old_key, *value);
+                if has_direction {
+                    if key_bytes[DIRECTION_OFFSET] == 1 {
+                        value.flags |= CT_FLAG_REPLY;
+                    }
+                    key_bytes[DIRECTION_OFFSET] = 0;
+                }
+                let key: CtKey = bytemuck::pod_read_unaligned(&key_bytes);
+                if (key.proto == IPPROTO_TCP) != (table == map_names::CONNTRACK_TCP) {
+                    continue;
+                }
+                match new.insert(key, value, 0) {
+                    Ok(()) => moved += 1,
+                    Err(_) => failed += 1,
+                }
+            }
         }
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        tracing::info!(
+            moved,
+            failed,
+            from = name,
+            "conntrack moved to the current tables"
+        );
     }
-    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-    tracing::info!(
-        moved,
-        failed,
-        "conntrack moved from dp_ct_v1 to {}",
-        map_names::CONNTRACK
-    );
     Ok(())
 }

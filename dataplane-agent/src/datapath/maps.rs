@@ -35,7 +35,7 @@ pub struct PinnedMaps {
     /// Indexed by backend id; unused ids hold zeroes.
     pub backends: Array<MapData, Backend>,
     pub rev_nat: HashMap<MapData, u32, RevNat>,
-    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub conntrack: Conntrack,
     pub service_stats: PerCpuArray<MapData, TrafficStats>,
     pub backend_stats: PerCpuArray<MapData, TrafficStats>,
     pub drops: Array<MapData, u64>,
@@ -55,7 +55,9 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         map_names::SERVICES => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
         map_names::BACKENDS => (4, size_of::<Backend>()),
         map_names::REV_NAT => (4, size_of::<RevNat>()),
-        map_names::CONNTRACK => (size_of::<CtKey>(), size_of::<CtEntry>()),
+        map_names::CONNTRACK_TCP | map_names::CONNTRACK_ANY => {
+            (size_of::<CtKey>(), size_of::<CtEntry>())
+        }
         map_names::SERVICE_STATS | map_names::BACKEND_STATS => (4, size_of::<TrafficStats>()),
         map_names::DROPS => (4, 8),
         map_names::AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>()),
@@ -144,7 +146,10 @@ impl PinnedMaps {
             services: typed!(HashMap, map_names::SERVICES),
             backends: typed!(Array, map_names::BACKENDS),
             rev_nat: typed!(HashMap, map_names::REV_NAT),
-            conntrack: typed!(HashMap, map_names::CONNTRACK),
+            conntrack: Conntrack {
+                tcp: typed!(HashMap, map_names::CONNTRACK_TCP),
+                any: typed!(HashMap, map_names::CONNTRACK_ANY),
+            },
             service_stats: typed!(PerCpuArray, map_names::SERVICE_STATS),
             backend_stats: typed!(PerCpuArray, map_names::BACKEND_STATS),
             drops: typed!(Array, map_names::DROPS),
@@ -155,6 +160,57 @@ impl PinnedMaps {
             names: typed!(HashMap, map_names::NAMES),
             capacities,
         })
+    }
+}
+
+/// Conntrack as one map, as the datapath sees it: each key goes to the table of its protocol
+/// (TCP, or any other), iteration walks both.
+pub struct Conntrack {
+    pub tcp: HashMap<MapData, CtKey, CtEntry>,
+    pub any: HashMap<MapData, CtKey, CtEntry>,
+}
+
+impl Conntrack {
+    fn table(&self, key: &CtKey) -> &HashMap<MapData, CtKey, CtEntry> {
+        if key.proto == dataplane_common::IPPROTO_TCP {
+            &self.tcp
+        } else {
+            &self.any
+        }
+    }
+
+    fn table_mut(&mut self, key: &CtKey) -> &mut HashMap<MapData, CtKey, CtEntry> {
+        if key.proto == dataplane_common::IPPROTO_TCP {
+            &mut self.tcp
+        } else {
+            &mut self.any
+        }
+    }
+
+    pub fn get(&self, key: &CtKey, flags: u64) -> Result<CtEntry, aya::maps::MapError> {
+        self.table(key).get(key, flags)
+    }
+
+    pub fn insert(
+        &mut self,
+        key: CtKey,
+        value: CtEntry,
+        flags: u64,
+    ) -> Result<(), aya::maps::MapError> {
+        self.table_mut(&key).insert(key, value, flags)
+    }
+
+    pub fn remove(&mut self, key: &CtKey) -> Result<(), aya::maps::MapError> {
+        self.table_mut(key).remove(key)
+    }
+
+    /// Every entry of both tables.
+    pub fn iter(&self) -> impl Iterator<Item = Result<(CtKey, CtEntry), aya::maps::MapError>> {
+        self.tcp.iter().chain(self.any.iter())
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = Result<CtKey, aya::maps::MapError>> {
+        self.tcp.keys().chain(self.any.keys())
     }
 }
 

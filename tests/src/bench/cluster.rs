@@ -446,13 +446,16 @@ impl BenchAgent {
 
     /// Empties conntrack, so that the next connections are all new flows.
     fn clear_conntrack(&self) -> anyhow::Result<usize> {
-        let mut conntrack: HashMap<MapData, CtKey, CtEntry> =
-            open(&self.layout, map_names::CONNTRACK)?;
-        let keys: Vec<CtKey> = conntrack.keys().filter_map(Result::ok).collect();
-        for k in &keys {
-            let _ = conntrack.remove(k);
+        let mut removed = 0;
+        for table in [map_names::CONNTRACK_TCP, map_names::CONNTRACK_ANY] {
+            let mut conntrack: HashMap<MapData, CtKey, CtEntry> = open(&self.layout, table)?;
+            let keys: Vec<CtKey> = conntrack.keys().filter_map(Result::ok).collect();
+            for k in &keys {
+                let _ = conntrack.remove(k);
+            }
+            removed += keys.len();
         }
-        Ok(keys.len())
+        Ok(removed)
     }
 
     fn status_kb(&self, field: &str) -> Option<f64> {

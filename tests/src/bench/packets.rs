@@ -207,7 +207,7 @@ impl Instance {
         sizes.insert(map_names::REV_NAT.into(), 131_072);
         sizes.insert(map_names::SERVICE_STATS.into(), 131_072);
         if let Some(entries) = conntrack_entries {
-            sizes.insert(map_names::CONNTRACK.into(), entries);
+            sizes.insert(map_names::CONNTRACK_TCP.into(), entries);
         }
         let mut datapath = LoadedDatapath::load(&pins.0, &sizes)?;
         let noop: &mut SchedClassifier = datapath
@@ -224,7 +224,7 @@ impl Instance {
             services: open(&layout, map_names::SERVICES)?,
             backends: IdMap::open(&layout, map_names::BACKENDS)?,
             rev_nat: open(&layout, map_names::REV_NAT)?,
-            conntrack: open(&layout, map_names::CONNTRACK)?,
+            conntrack: open(&layout, map_names::CONNTRACK_TCP)?,
             service_stats: open(&layout, map_names::SERVICE_STATS)?,
             drops: open(&layout, map_names::DROPS)?,
             pool_backends: 0,
@@ -896,7 +896,7 @@ fn single_run_cross_check(
 }
 
 fn main_conntrack(main: &Instance) -> anyhow::Result<HashMap<MapData, CtKey, CtEntry>> {
-    open(&main.datapath.layout, map_names::CONNTRACK)
+    open(&main.datapath.layout, map_names::CONNTRACK_TCP)
 }
 
 /// Program sizes as the kernel reports them (verified, translated and JIT-compiled).
