@@ -20,6 +20,7 @@ use crate::{
     plan::{self, NodeContext, Planner},
     source::{Inbox, Pending, kube::ClusterWatch, manifests::ManifestDir},
 };
+use dataplane_common::{CtEntry, CtKey};
 
 pub enum SourceConfig {
     Manifests(PathBuf),
@@ -344,6 +345,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         metrics,
         touched: Touched::default(),
         rescan: false,
+        took_over: false,
     };
     agent.sync(true);
 
@@ -376,6 +378,31 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Seeds conntrack with the kernel's NATed flows to `frontends` (kube-proxy's, during a
+/// switch-over) so they keep their backends once the datapath serves the frontends.
+fn adopt_kernel_flows(
+    programmer: &mut Programmer,
+    frontends: &[&crate::plan::Frontend],
+) -> Vec<(CtKey, CtEntry)> {
+    use crate::datapath::takeover;
+    let flows = match takeover::kernel_nat_flows() {
+        Ok(flows) => flows,
+        Err(e) => {
+            warn!(error = %e, "cannot read the kernel's connection tracking (ctnetlink); connections NATed by kube-proxy will be balanced anew");
+            return vec![];
+        }
+    };
+    let wanted = frontends.iter().map(|f| f.frontend).collect();
+    let entries = takeover::entries_for(&flows, &wanted, crate::inspect::monotonic_ns());
+    let adopted = programmer.adopt_flows(&entries);
+    info!(
+        kernel_nat_flows = flows.len(),
+        adopted_entries = adopted,
+        "took over connections from the kernel's connection tracking"
+    );
+    entries
+}
+
 /// The loop's state: where objects come from, the objects, the plan, what the maps hold, and
 /// what changed but is not programmed yet.
 struct Agent {
@@ -394,6 +421,8 @@ struct Agent {
     touched: Touched,
     /// The directory could not be read at the last full sync: read it all again.
     rescan: bool,
+    /// The kernel's NATed flows were adopted (once, before the first programming).
+    took_over: bool,
 }
 
 impl Agent {
@@ -442,7 +471,17 @@ impl Agent {
             warn!(object = %problem.object, file, reason = %problem.reason, "skipping");
         }
         let report = if update.all {
-            self.programmer.apply_all(&self.planner.frontends())
+            let frontends = self.planner.frontends();
+            // Before the first programming: connections kube-proxy's rules opened.
+            let adopted = if self.took_over {
+                vec![]
+            } else {
+                self.took_over = true;
+                adopt_kernel_flows(&mut self.programmer, &frontends)
+            };
+            let report = self.programmer.apply_all(&frontends);
+            self.programmer.label_adopted_flows(&adopted);
+            report
         } else {
             let frontends = self.planner.frontends_of(&update.services);
             self.programmer.apply_changes(&frontends, &update.removed)

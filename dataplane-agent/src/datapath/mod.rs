@@ -5,5 +5,6 @@ pub mod layout;
 pub mod loader;
 pub mod maps;
 pub mod programmer;
+pub mod takeover;
 
 pub use layout::BpffsLayout;

@@ -14,7 +14,7 @@ use std::{
 
 use aya::maps::{IterableMap, MapError, lpm_trie::Key};
 use dataplane_common::{
-    BACKEND_STATE_ACTIVE, Backend, DatapathConfig, FRONTEND_KIND_CLUSTER_IP,
+    BACKEND_STATE_ACTIVE, Backend, CtEntry, CtKey, DatapathConfig, FRONTEND_KIND_CLUSTER_IP,
     FRONTEND_KIND_EXTERNAL_IP, FRONTEND_KIND_LOAD_BALANCER, FRONTEND_KIND_NODE_PORT, FrontendName,
     MAGLEV_TABLE_SIZE, MaglevTable, RevNat, SCOPE_DEFAULT, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
     SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV,
@@ -1049,6 +1049,65 @@ impl ConntrackTimeouts {
 }
 
 impl Programmer {
+    /// Seeds conntrack with flows taken over from the kernel's (`takeover::entries_for`),
+    /// before their frontends are programmed; never over a flow of the datapath's own.
+    /// Returns how many entries went in.
+    pub fn adopt_flows(&mut self, entries: &[(CtKey, CtEntry)]) -> usize {
+        const BPF_NOEXIST: u64 = 1;
+        entries
+            .iter()
+            .filter(|(key, entry)| {
+                self.maps
+                    .conntrack
+                    .insert(*key, *entry, BPF_NOEXIST)
+                    .is_ok()
+            })
+            .count()
+    }
+
+    /// Once their frontends are programmed: the frontend and backend ids of adopted flows
+    /// (counters and `flows` name them; UDP flows need the backend id to stay), where the
+    /// entry is still the adopted one.
+    pub fn label_adopted_flows(&mut self, entries: &[(CtKey, CtEntry)]) {
+        use dataplane_common::{CT_FLAG_REPLY, IPPROTO_TCP};
+        for (key, adopted) in entries {
+            let protocol = if key.proto == IPPROTO_TCP {
+                Protocol::Tcp
+            } else {
+                Protocol::Udp
+            };
+            let socket = |addr: [u8; 4], port| SocketAddrV4::new(Ipv4Addr::from(addr), port);
+            let (frontend, backend) = if adopted.flags & CT_FLAG_REPLY != 0 {
+                (
+                    socket(adopted.nat_addr, adopted.nat_port),
+                    socket(key.saddr, key.sport),
+                )
+            } else {
+                (
+                    socket(key.daddr, key.dport),
+                    socket(adopted.nat_addr, adopted.nat_port),
+                )
+            };
+            let frontend_id = self.frontend_ids.get(&FrontendAddr {
+                addr: frontend,
+                protocol,
+            });
+            let backend_id = self.backends.get(&BackendAddr {
+                addr: backend,
+                protocol,
+            });
+            let Ok(mut entry) = self.maps.conntrack.get(key, 0) else {
+                continue;
+            };
+            if entry.nat_addr != adopted.nat_addr || entry.rev_nat_id != 0 {
+                continue; // replaced meanwhile
+            }
+            entry.rev_nat_id = frontend_id.copied().unwrap_or(0);
+            entry.backend_id = backend_id.copied().unwrap_or(0);
+            let _ = self.maps.conntrack.insert(*key, entry, 0);
+        }
+    }
+
     pub fn set_conntrack_timeouts(&mut self, timeouts: ConntrackTimeouts) {
         self.conntrack_timeouts = timeouts;
     }
