@@ -88,7 +88,7 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// `--snat-port-range` when not given (the datapath's own fallback is the same range).
-pub const DEFAULT_SNAT_PORT_RANGE: &str = "61000-65535";
+pub const DEFAULT_SNAT_PORT_RANGE: &str = "1024-29999";
 
 /// The ports the node picks for its own connections: `net.ipv4.ip_local_port_range` less
 /// `net.ipv4.ip_local_reserved_ports`.

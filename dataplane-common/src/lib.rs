@@ -317,6 +317,10 @@ pub const CT_FLAG_CLOSING: u16 = 8;
 /// The TCP connection was reset (RST): it goes sooner than one closed with FIN, which may be
 /// half-closed and still carry data.
 pub const CT_FLAG_RESET: u16 = 16;
+/// This entry's direction sent a FIN. With the other direction's too the connection is
+/// closed both ways and goes soon; with one only it is half-closed and may still carry data
+/// the other way, so it stays for the close-wait timeout.
+pub const CT_FLAG_FIN: u16 = 32;
 
 /// Conntrack value. Counters are added to in place (atomically) by the datapath; each entry
 /// counts the packets travelling in its own direction.
@@ -413,9 +417,12 @@ pub struct DatapathConfig {
     pub snat_port_max: u16,
 }
 
-/// The SNAT source ports when `--snat-port-range` is not given: above Linux's default
-/// ephemeral range (32768-60999) and the default node port range (30000-32767).
-pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61_000, 65_535);
+/// The SNAT source ports when `--snat-port-range` is not given: below the default node port
+/// range (30000-32767), itself below Linux's default ephemeral range (32768-60999), and above
+/// the privileged ports. 29k ports per backend, as many as the ephemeral range offered (the
+/// 4.5k above it ran out under a few hundred new connections a second, since a closed flow
+/// holds its port for a few seconds).
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (1_024, 29_999);
 
 /// A datagram's fragments as IPv4 groups them (RFC 791: source, destination, protocol and
 /// identification), as they arrive on the interface, before any translation.

@@ -6,11 +6,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{
-    AffinityKey, AffinityValue, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_FLAG_REPLY, CT_FLAG_RESET,
-    CT_FLAG_SNAT, CtEntry, CtKey, DEFAULT_SNAT_PORTS, HAIRPIN_SNAT_ADDR, HOST_FLOW_TIMEOUT_NS,
-    IPPROTO_TCP, IPPROTO_UDP, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_WHEN_EMPTY,
-    SVC_FLAG_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV, SVC_FLAG_SOURCE_RANGES,
-    SVC_FLAG_TWO_SCOPES, ServiceKey, ServiceValue, SourceRangeKey, drop_reason,
+    AffinityKey, AffinityValue, CT_FLAG_CLOSING, CT_FLAG_FIN, CT_FLAG_HAIRPIN, CT_FLAG_REPLY,
+    CT_FLAG_RESET, CT_FLAG_SNAT, CtEntry, CtKey, DEFAULT_SNAT_PORTS, HAIRPIN_SNAT_ADDR,
+    HOST_FLOW_TIMEOUT_NS, IPPROTO_TCP, IPPROTO_UDP, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
+    SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV,
+    SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES, ServiceKey, ServiceValue, SourceRangeKey,
+    drop_reason,
 };
 
 use crate::{
@@ -233,21 +234,23 @@ fn backend(backend_id: u32) -> Option<dataplane_common::Backend> {
 }
 
 /// A TCP FIN or RST (`reset`): both entries of the flow (this one, and the other
-/// direction's at `other`) are marked closing (see `CT_FLAG_CLOSING`), and reset after an
-/// RST (`CT_FLAG_RESET`: the agent forgets such flows sooner). Rare packets: the second
-/// lookup costs nothing on the per-packet path.
+/// direction's at `other`) are marked closing (see `CT_FLAG_CLOSING`) and, after an RST,
+/// reset (`CT_FLAG_RESET`); after a FIN this direction is marked as having sent it
+/// (`CT_FLAG_FIN`), so the agent tells a half-closed connection from a closed one. Rare
+/// packets: the second lookup costs nothing on the per-packet path.
 #[inline(always)]
 fn note_closing(entry: *mut CtEntry, other: &CtKey, reset: bool) {
-    let flags = if reset {
-        CT_FLAG_CLOSING | CT_FLAG_RESET
+    let (own, others) = if reset {
+        let flags = CT_FLAG_CLOSING | CT_FLAG_RESET;
+        (flags, flags)
     } else {
-        CT_FLAG_CLOSING
+        (CT_FLAG_CLOSING | CT_FLAG_FIN, CT_FLAG_CLOSING)
     };
     // SAFETY: `entry` came from a lookup in this run.
-    unsafe { (*entry).flags |= flags };
+    unsafe { (*entry).flags |= own };
     if let Some(other) = CONNTRACK.get_ptr_mut(other) {
         // SAFETY: as above.
-        unsafe { (*other).flags |= flags };
+        unsafe { (*other).flags |= others };
     }
 }
 

@@ -1312,3 +1312,54 @@ fn a_burst_of_udp_flows_does_not_evict_tcp_connections() {
         "UDP stayed in its own table"
     );
 }
+
+/// A connection closed both ways goes (with its SNAT port) soon after; one closed one way
+/// only is half-closed and stays for the close-wait timeout.
+#[test]
+fn a_connection_closed_both_ways_goes_soon_and_a_half_closed_one_stays() {
+    require_root!();
+    let (_pins, mut datapath, mut programmer) = load("dpfin2", &Default::default());
+    let plan = plan_of(vec![frontend(
+        "default/web",
+        VIP,
+        80,
+        Protocol::Tcp,
+        &[sock(BACKEND, 8080)],
+    )]);
+    assert!(programmer.apply(&plan).failures.is_empty());
+    let segment = |from, to, flags| {
+        frame(
+            TO_NODE,
+            from,
+            to,
+            L4::Tcp {
+                flags,
+                seq: 1,
+                ack: 1,
+            },
+        )
+    };
+    let client = sock(CLIENT, 44000);
+    for frame in [
+        segment(client, sock(VIP, 80), SYN),
+        segment(sock(BACKEND, 8080), client, SYN_ACK),
+        segment(client, sock(VIP, 80), 0x11), // FIN, ACK
+    ] {
+        assert_eq!(run_pod_ingress(&mut datapath, &frame).0, TC_ACT_OK);
+    }
+    let now = dataplane_agent::inspect::monotonic_ns();
+    let seconds = |s: u64| now + s * 1_000_000_000;
+    assert_eq!(
+        programmer.collect_conntrack(seconds(60)),
+        0,
+        "half-closed: the backend may still be sending"
+    );
+    let backend_fin = segment(sock(BACKEND, 8080), client, 0x11);
+    assert_eq!(run_pod_ingress(&mut datapath, &backend_fin).0, TC_ACT_OK);
+    let now = dataplane_agent::inspect::monotonic_ns();
+    assert_eq!(
+        programmer.collect_conntrack(now + 11 * 1_000_000_000),
+        2,
+        "closed both ways: gone after ten idle seconds"
+    );
+}

@@ -1020,17 +1020,19 @@ impl Default for ConntrackTimeouts {
     }
 }
 
-/// A TCP connection reset by either side (Linux's CLOSE state): late retransmits still get
-/// translated, and the client port is free for a direct connection soon after.
-pub const TCP_RESET_TIMEOUT: Duration = Duration::from_secs(10);
+/// A TCP connection reset by either side, or closed with FINs both ways: late retransmits
+/// and the last ACK still get translated, and the tuple (and a SNAT port) is free soon after.
+/// (Linux keeps TIME_WAIT for 120 s; a SYN on a closed flow's tuple starts a new flow here
+/// anyway, so the wait only holds SNAT ports.)
+pub const TCP_CLOSED_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl ConntrackTimeouts {
     /// The idle time after which a flow goes: `flags` of both its entries, `answered` when its
-    /// reply direction carried packets.
-    pub fn for_flow(&self, proto: u8, flags: u16, answered: bool) -> Duration {
+    /// reply direction carried packets, `closed` when both directions sent a FIN.
+    pub fn for_flow(&self, proto: u8, flags: u16, answered: bool, closed: bool) -> Duration {
         use dataplane_common::{CT_FLAG_CLOSING, CT_FLAG_RESET, IPPROTO_TCP};
         match proto {
-            IPPROTO_TCP if flags & CT_FLAG_RESET != 0 => TCP_RESET_TIMEOUT,
+            IPPROTO_TCP if flags & CT_FLAG_RESET != 0 || closed => TCP_CLOSED_TIMEOUT,
             IPPROTO_TCP if flags & CT_FLAG_CLOSING != 0 => self.tcp_close_wait,
             IPPROTO_TCP => self.tcp_established,
             _ if answered => self.udp_stream,
@@ -1041,7 +1043,7 @@ impl ConntrackTimeouts {
     /// The shortest idle time any flow of this protocol can have: below it nothing goes.
     fn shortest(&self, proto: u8) -> Duration {
         if proto == dataplane_common::IPPROTO_TCP {
-            TCP_RESET_TIMEOUT
+            TCP_CLOSED_TIMEOUT
         } else {
             self.udp.min(self.udp_stream)
         }
@@ -1117,7 +1119,7 @@ impl Programmer {
     /// silent for minutes while its client keeps sending keeps both). An entry whose other
     /// half is gone (evicted) goes by its own. Returns how many entries went.
     pub fn collect_conntrack(&mut self, now_ns: u64) -> usize {
-        use dataplane_common::CT_FLAG_REPLY;
+        use dataplane_common::{CT_FLAG_FIN, CT_FLAG_REPLY};
         let timeouts = self.conntrack_timeouts;
         let idle = |last_seen_ns: u64| Duration::from_nanos(now_ns.saturating_sub(last_seen_ns));
         let mut expired = HashSet::new();
@@ -1133,18 +1135,19 @@ impl Programmer {
                 (key.reply_of(&value), false)
             };
             let other = self.maps.conntrack.get(&other_key, 0).ok();
-            let (flags, last_seen, answered) = match &other {
+            let (flags, last_seen, answered, closed) = match &other {
                 Some(o) => {
                     let reply_packets = if is_reply { value.packets } else { o.packets };
                     (
                         value.flags | o.flags,
                         value.last_seen_ns.max(o.last_seen_ns),
                         reply_packets > 0,
+                        value.flags & o.flags & CT_FLAG_FIN != 0,
                     )
                 }
-                None => (value.flags, value.last_seen_ns, is_reply),
+                None => (value.flags, value.last_seen_ns, is_reply, false),
             };
-            if idle(last_seen) > timeouts.for_flow(key.proto, flags, answered) {
+            if idle(last_seen) > timeouts.for_flow(key.proto, flags, answered, closed) {
                 expired.insert(key);
                 if other.is_some() {
                     expired.insert(other_key);
