@@ -386,7 +386,10 @@ impl Bed {
             .agents
             .iter()
             .zip(&self.cluster.nodes)
-            .map(|(a, n)| format!("--- agent of {}:\n{}", n.name, a.log_text()))
+            .map(|(a, n)| {
+                let stats = a.cli(&["stats"]).unwrap_or_else(|e| e.to_string());
+                format!("--- agent of {}:\n{}--- stats:\n{stats}\n", n.name, a.log_text())
+            })
             .collect()
     }
 }
@@ -526,7 +529,7 @@ fn an_agent_killed_in_a_bulk_sync_disturbs_no_connection_and_programs_it_after_r
     let frontends_before = programmed_frontends(&bed.cluster.agents[0].log_text()).unwrap();
     let ips: Vec<Ipv4Addr> = BACKENDS.iter().map(|n| bed.cluster.pod(n).ip).collect();
     let bulk = bulk_services(&ips);
-    let loads = bed.load(30.0);
+    let loads = bed.load(20.0);
     std::thread::sleep(Duration::from_secs(3));
 
     let log_before = bed.cluster.agents[0].log_text().len();
