@@ -388,7 +388,11 @@ impl Bed {
             .zip(&self.cluster.nodes)
             .map(|(a, n)| {
                 let stats = a.cli(&["stats"]).unwrap_or_else(|e| e.to_string());
-                format!("--- agent of {}:\n{}--- stats:\n{stats}\n", n.name, a.log_text())
+                format!(
+                    "--- agent of {}:\n{}--- stats:\n{stats}\n",
+                    n.name,
+                    a.log_text()
+                )
             })
             .collect()
     }
@@ -491,13 +495,17 @@ fn restarting_the_agents_under_load_keeps_held_and_new_connections() {
     }
 }
 
+/// Entries in a pinned service map.
+fn pinned_entries(path: &std::path::Path) -> usize {
+    use aya::maps::{HashMap, Map, MapData};
+    use dataplane_common::{ServiceKey, ServiceValue};
+    let map = Map::from_map_data(MapData::from_pin(path).unwrap()).unwrap();
+    let map: HashMap<MapData, ServiceKey, ServiceValue> = HashMap::try_from(map).unwrap();
+    map.keys().count()
+}
+
 /// How many services the bulk sync that the crash interrupts writes.
 const BULK_SERVICES: usize = 5000;
-/// From writing the bulk file to SIGKILL: the agent has read the file and is planning and
-/// programming it (a full sync of 5,000 services takes it well over this; the test checks
-/// that the kill came before the sync ended).
-const CRASH_DELAY: Duration = Duration::from_millis(700);
-
 /// 5,000 ClusterIP services over the same pods, each in its own /16 slot.
 fn bulk_services(endpoints: &[Ipv4Addr]) -> String {
     (0..BULK_SERVICES)
@@ -506,6 +514,15 @@ fn bulk_services(endpoints: &[Ipv4Addr]) -> String {
             line_service(&format!("bulk-{i}"), &ip, None, endpoints)
         })
         .collect()
+}
+
+/// The time of day as the agent logs it (UTC, RFC 3339), for reading logs against.
+fn utc_now() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%S.%6NZ"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// The frontend count of the agent's last "datapath programmed" line.
@@ -529,26 +546,43 @@ fn an_agent_killed_in_a_bulk_sync_disturbs_no_connection_and_programs_it_after_r
     let frontends_before = programmed_frontends(&bed.cluster.agents[0].log_text()).unwrap();
     let ips: Vec<Ipv4Addr> = BACKENDS.iter().map(|n| bed.cluster.pod(n).ip).collect();
     let bulk = bulk_services(&ips);
-    let loads = bed.load(20.0);
-    std::thread::sleep(Duration::from_secs(3));
+    // Long enough to run through the bulk sync, the kill and the restart's sync.
+    let loads = bed.load(30.0);
+    let load_started = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
 
     let log_before = bed.cluster.agents[0].log_text().len();
     let written = Instant::now();
+    let written_at = utc_now();
     bed.cluster.write_manifest("bulk.yaml", &bulk).unwrap();
-    std::thread::sleep(CRASH_DELAY);
+    // Killed as soon as the service map shows the sync's first writes.
+    let services_map = bed.cluster.agents[0]
+        .bpffs_dir
+        .join(dataplane_common::map_names::SERVICES);
+    let entries_before = pinned_entries(&services_map);
+    wait_until(Duration::from_secs(40), || {
+        pinned_entries(&services_map) > entries_before
+    })
+    .unwrap_or_else(|e| panic!("{case}: {e}: the bulk sync never started:\n{}", bed.logs()));
     bed.cluster.agents[0].kill();
     let killed_after = written.elapsed();
+    let entries_at_kill = pinned_entries(&services_map);
     let log = bed.cluster.agents[0].log_text();
     let during = &log[log_before..];
     assert!(
         !during.contains("datapath programmed"),
-        "{case}: the sync had ended before the kill at {killed_after:?}: make CRASH_DELAY shorter:\n{during}"
+        "{case}: the sync had ended before the kill at {killed_after:?}:\n{during}"
     );
     // What the killed agent left: part of the bulk, or none of it, and the service as before.
     let services = bed.cluster.agents[0].cli_json(&["services"]).unwrap();
     let left = services.as_array().map_or(0, Vec::len);
-    println!("{case}: killed {killed_after:?} after the write; {left} frontends pinned");
-    std::thread::sleep(Duration::from_secs(3));
+    println!(
+        "{case}: killed {killed_after:?} after the write, {entries_at_kill} entries in {} \
+         (before: {entries_before}; all programmed: {}); {left} frontends pinned",
+        dataplane_common::map_names::SERVICES,
+        entries_before + BULK_SERVICES * (1 + BACKENDS.len())
+    );
+    std::thread::sleep(Duration::from_secs(1));
 
     let started = Instant::now();
     bed.cluster.agents[0].restart().unwrap();
@@ -566,6 +600,18 @@ fn an_agent_killed_in_a_bulk_sync_disturbs_no_connection_and_programs_it_after_r
         "{case}: restarted agent programmed {expected} frontends after {:?}",
         started.elapsed()
     );
+    assert!(
+        load_started.elapsed() < Duration::from_secs(30),
+        "{case}: the load ended before the restarted agent's sync did"
+    );
+    // Node-b's agent, not killed, took the bulk in one sync: how long it takes.
+    let other = bed.cluster.agents[1].log_text();
+    let line = other
+        .lines()
+        .rev()
+        .find(|l| l.contains("datapath programmed"))
+        .unwrap_or_default();
+    println!("{case}: the agent of node-b, not killed (bulk written at {written_at}): {line}");
     let services = bed.cluster.agents[0].cli_json(&["services"]).unwrap();
     let services = services.as_array().unwrap();
     assert_eq!(services.len(), expected);
