@@ -455,6 +455,19 @@ fn assert_held(case: &str, held: &mut [(Held, Vec<String>)], bed: &Bed) {
     assert_eq!(ok, HELD);
 }
 
+/// Waits until the restarted agent of node `i` (started `starts` times so far) has swapped
+/// its program into every pinned link (each pod veth, and `eth0` at ingress and egress).
+fn wait_swapped(bed: &Bed, i: usize, starts: usize) {
+    let links = (starts - 1) * (bed.cluster.nodes[i].node.pods.len() + 2);
+    let agent = &bed.cluster.agents[i];
+    wait_until(Duration::from_secs(10), || {
+        let log = agent.log_text();
+        log.matches("datapath loaded").count() == starts
+            && log.matches("replaced program in pinned link").count() >= links
+    })
+    .unwrap_or_else(|e| panic!("{e}: agent of node {i} not running again:\n{}", bed.logs()));
+}
+
 #[test]
 fn restarting_the_agents_under_load_keeps_held_and_new_connections() {
     require_root!();
@@ -469,16 +482,9 @@ fn restarting_the_agents_under_load_keeps_held_and_new_connections() {
         bed.cluster.agents[i].stop();
         let stopped = started.elapsed();
         bed.cluster.agents[i].restart().unwrap();
-        wait_until(Duration::from_secs(10), || {
-            bed.cluster.agents[i]
-                .log_text()
-                .matches("datapath loaded")
-                .count()
-                == 2
-        })
-        .unwrap();
+        wait_swapped(&bed, i, 2);
         println!(
-            "{case}: agent of {} stopped in {stopped:?}, running again after {:?}",
+            "{case}: agent of {} stopped after {stopped:?}, its program in every link after {:?}",
             bed.cluster.nodes[i].name,
             started.elapsed()
         );
@@ -695,6 +701,7 @@ fn upgrading_from_one_conntrack_table_under_load_keeps_held_and_new_connections(
         let moved = downgrade_conntrack(&bed.cluster.agents[i].bpffs_dir, Duration::from_secs(2));
         let downgraded = started.elapsed();
         bed.cluster.agents[i].restart().unwrap();
+        wait_swapped(&bed, i, 2);
         let up = started.elapsed();
         let agent = &bed.cluster.agents[i];
         wait_until(Duration::from_secs(10), || {
@@ -709,8 +716,8 @@ fn upgrading_from_one_conntrack_table_under_load_keeps_held_and_new_connections(
             .find(|l| l.contains("conntrack moved to the current tables"))
             .unwrap();
         println!(
-            "{case}: {}: {moved} entries put in dp_ct_v2; no agent for {up:?} (stopped {stopped:?}, \
-             downgraded {downgraded:?}); {line}",
+            "{case}: {}: {moved} entries put in dp_ct_v2; stopped after {stopped:?}, \
+             downgraded after {downgraded:?}, new program in every link after {up:?}; {line}",
             bed.cluster.nodes[i].name
         );
         assert!(
