@@ -92,7 +92,7 @@ for command in sys.stdin:
 /// share of a fixed schedule, catching up when late); each connects, sends a line, reads the
 /// answer and closes, with 1 s timeouts. Prints one JSON object at the end: ok, failed,
 /// elapsed seconds, the pods that answered, and the first failures (seconds since start,
-/// error).
+/// "connect" or "answer", error).
 const LOAD: &str = r#"
 import json, socket, sys, threading, time
 host, port, rate, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
@@ -109,8 +109,10 @@ def worker(w):
         if delay > 0:
             time.sleep(delay)
         t = time.monotonic() - start
+        stage = "connect"
         try:
             s = socket.create_connection((host, port), 1)
+            stage = "answer"
             s.settimeout(1)
             s.sendall(f"load {n}\n".encode())
             data = b""
@@ -130,7 +132,7 @@ def worker(w):
             with lock:
                 failed += 1
                 if len(errors) < 10:
-                    errors.append([round(t, 3), repr(e)])
+                    errors.append([round(t, 3), stage, repr(e)])
 
 threads = [threading.Thread(target=worker, args=(w,)) for w in range(THREADS)]
 for t in threads:
