@@ -431,10 +431,21 @@ fn assert_load(case: &str, loads: [Load; 2], bed: &Bed) -> Vec<LoadResult> {
     for r in &results {
         println!("{case}:   {}: {:.0}/s {}", r.what, r.rate(), r.text);
     }
+    // The node port's SYNs node-a dropped for want of a free SNAT port, and the conntrack
+    // entries it holds (closed connections stay for --conntrack-tcp-timeout-close-wait).
+    let stats = bed.cluster.agents[0]
+        .cli_json(&["stats"])
+        .unwrap_or_default();
+    let snat_drops = stats["drops"]["snat_ports_exhausted"].as_u64().unwrap_or(0);
+    println!(
+        "{case}: node-a: {snat_drops} SYNs dropped for snat_ports_exhausted, {} conntrack entries",
+        stats["conntrack_entries"]
+    );
     assert_eq!(
         failed,
         0,
-        "{case}: new connections failed: {results:#?}\n{}",
+        "{case}: new connections failed ({snat_drops} SYNs dropped by node-a for \
+         snat_ports_exhausted): {results:#?}\n{}",
         bed.logs()
     );
     assert!(
