@@ -437,15 +437,27 @@ fn assert_load(case: &str, loads: [Load; 2], bed: &Bed) -> Vec<LoadResult> {
         .cli_json(&["stats"])
         .unwrap_or_default();
     let snat_drops = stats["drops"]["snat_ports_exhausted"].as_u64().unwrap_or(0);
+    // SYNs the backends' own stacks dropped (a full accept queue): the test's servers, not
+    // the datapath.
+    let listen_drops: u64 = bed
+        .cluster
+        .nodes
+        .iter()
+        .flat_map(|n| &n.node.pods)
+        .filter(|p| BACKENDS.contains(&p.name.as_str()))
+        .map(|p| p.netns.netstat("TcpExtListenDrops").unwrap_or(0))
+        .sum();
     println!(
-        "{case}: node-a: {snat_drops} SYNs dropped for snat_ports_exhausted, {} conntrack entries",
+        "{case}: node-a: {snat_drops} SYNs dropped for snat_ports_exhausted, {} conntrack \
+         entries; backends' listen drops: {listen_drops}",
         stats["conntrack_entries"]
     );
     assert_eq!(
         failed,
         0,
         "{case}: new connections failed ({snat_drops} SYNs dropped by node-a for \
-         snat_ports_exhausted): {results:#?}\n{}",
+         snat_ports_exhausted, {listen_drops} by the backends' full accept queues): \
+         {results:#?}\n{}",
         bed.logs()
     );
     assert!(
