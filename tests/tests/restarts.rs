@@ -1,5 +1,5 @@
 //! The agent restarting, crashing, being upgraded or gone, under load (issue 10): two nodes,
-//! a ClusterIP+NodePort service over four line-echo pods (two per node), [`HELD`] connections
+//! a ClusterIP+NodePort service over six line-echo pods (three per node), [`HELD`] connections
 //! held open (half from a pod through the ClusterIP, half from an external client through
 //! node-a's node port), and a load of new connections through both all along. Every case
 //! asserts that no new connection failed and that every held connection still answers, from
@@ -23,7 +23,11 @@ const NODE_PORT: u16 = 30700;
 const LINE_PORT: u16 = 9000;
 /// Node-a's address, where external clients reach the node port.
 const NODE_A: &str = "192.0.2.11";
-const BACKENDS: [&str; 4] = ["a1", "a2", "b1", "b2"];
+/// Six, three per node. Node-a's node port SNATs every connection (externalTrafficPolicy
+/// Cluster) to a port of `--snat-port-range` (61000-65535) unique per backend, and a closed
+/// connection keeps its port for `--conntrack-tcp-timeout-close-wait` (1 h): each backend
+/// adds 4,536 SNAT tuples. See `without_any_agent_...` for what running out of them does.
+const BACKENDS: [&str; 6] = ["a1", "a2", "a3", "b1", "b2", "b3"];
 
 /// Connections held open through each case, half per path.
 const HELD: usize = 200;
@@ -307,7 +311,8 @@ endpoints:
 
 impl Bed {
     fn new() -> Self {
-        let mut cluster = MultiNode::new(&[&["client", "a1", "a2"], &["b1", "b2"]], 1).unwrap();
+        let mut cluster =
+            MultiNode::new(&[&["client", "a1", "a2", "a3"], &["b1", "b2", "b3"]], 1).unwrap();
         for name in BACKENDS {
             cluster
                 .pod(name)
@@ -577,38 +582,42 @@ fn an_agent_killed_in_a_bulk_sync_disturbs_no_connection_and_programs_it_after_r
     let frontends_before = programmed_frontends(&bed.cluster.agents[0].log_text()).unwrap();
     let ips: Vec<Ipv4Addr> = BACKENDS.iter().map(|n| bed.cluster.pod(n).ip).collect();
     let bulk = bulk_services(&ips);
-    // Long enough to run through the bulk sync, the kill and the restart's sync.
-    let loads = bed.load(30.0);
-    let load_started = Instant::now();
-    std::thread::sleep(Duration::from_secs(1));
-
     let log_before = bed.cluster.agents[0].log_text().len();
     let written = Instant::now();
     let written_at = utc_now();
     bed.cluster.write_manifest("bulk.yaml", &bulk).unwrap();
-    // Killed as soon as the service map shows the sync's first writes.
+    // Caught as soon as the service map shows the sync's first writes, and frozen there
+    // (SIGSTOP): the maps stay half written while the load starts and runs into the kill.
     let services_map = bed.cluster.agents[0]
         .bpffs_dir
         .join(dataplane_common::map_names::SERVICES);
     let entries_before = pinned_entries(&services_map);
-    wait_until(Duration::from_secs(40), || {
+    wait_until(Duration::from_secs(60), || {
         pinned_entries(&services_map) > entries_before
     })
     .unwrap_or_else(|e| panic!("{case}: {e}: the bulk sync never started:\n{}", bed.logs()));
+    let pid = bed.cluster.agents[0].pid().unwrap();
+    // SAFETY: signalling the agent this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    let frozen_after = written.elapsed();
+    // Long enough to run through the kill, the restart and its sync of the bulk.
+    let loads = bed.load(32.0);
+    let load_started = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
     bed.cluster.agents[0].kill();
-    let killed_after = written.elapsed();
     let entries_at_kill = pinned_entries(&services_map);
     let log = bed.cluster.agents[0].log_text();
     let during = &log[log_before..];
     assert!(
         !during.contains("datapath programmed"),
-        "{case}: the sync had ended before the kill at {killed_after:?}:\n{during}"
+        "{case}: the sync had ended before the kill:\n{during}"
     );
     // What the killed agent left: part of the bulk, or none of it, and the service as before.
     let services = bed.cluster.agents[0].cli_json(&["services"]).unwrap();
     let left = services.as_array().map_or(0, Vec::len);
     println!(
-        "{case}: killed {killed_after:?} after the write, {entries_at_kill} entries in {} \
+        "{case}: frozen {frozen_after:?} after the write and killed 3 s later, with \
+         {entries_at_kill} entries in {} \
          (before: {entries_before}; all programmed: {}); {left} frontends pinned",
         dataplane_common::map_names::SERVICES,
         entries_before + BULK_SERVICES * (1 + BACKENDS.len())
@@ -632,7 +641,7 @@ fn an_agent_killed_in_a_bulk_sync_disturbs_no_connection_and_programs_it_after_r
         started.elapsed()
     );
     assert!(
-        load_started.elapsed() < Duration::from_secs(30),
+        load_started.elapsed() < Duration::from_secs(32),
         "{case}: the load ended before the restarted agent's sync did"
     );
     // Node-b's agent, not killed, took the bulk in one sync: how long it takes.
