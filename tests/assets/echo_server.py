@@ -45,6 +45,9 @@ class Lines(socketserver.StreamRequestHandler):
 class LineServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
+    # Hundreds of new connections a second (tests/tests/restarts.rs): socketserver's default
+    # backlog of 5 overflows whenever the process is descheduled for a moment.
+    request_queue_size = 256
 
 
 threading.Thread(target=udp_echo, daemon=True).start()

@@ -703,6 +703,20 @@ impl Agent {
         }
     }
 
+    /// The agent's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|p| p.child.id())
+    }
+
+    /// Kills the agent at once (SIGKILL), as the OOM killer or a node crash would: no
+    /// shutdown of any kind. The datapath stays, as after [`Agent::stop`].
+    pub fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            let _ = process.child.kill();
+            let _ = process.child.wait();
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
