@@ -218,3 +218,62 @@ fn connections_opened_through_kube_proxys_nftables_rules_survive_the_switch_over
     require_root!();
     switch_over_keeps_connections(Mode::Nftables, 32);
 }
+
+/// Rolling back (README "Rolling back"): kube-proxy's rules come back while the agent still
+/// runs, then the agent stops and `cleanup` detaches its datapath. The agent's connections are
+/// not in the kernel's connection tracking, so kube-proxy's rules pick a backend for their next
+/// packet afresh: those that land on their own backend go on, the others break (measured and
+/// printed here; the README states it). New connections work at once.
+#[test]
+fn rolling_back_to_kube_proxy_keeps_new_connections_and_some_old_ones() {
+    require_root!();
+    let mut node = Node::new(Wiring::Routed, [10, 244, 33]).unwrap();
+    node.add_pod("client").unwrap();
+    for i in 0..3 {
+        let index = node.add_pod(&format!("web-{i}")).unwrap();
+        node.pods[index]
+            .serve_with_line_echo(8080, 5353, Some(PORT))
+            .unwrap();
+    }
+    let backends: Vec<Ipv4Addr> = node.pods[1..].iter().map(|p| p.ip).collect();
+    let mut agent = Agent::start(&node, "node-a").unwrap();
+    agent
+        .write_manifest("lines.yaml", &service("lines", VIP, &[LINES], &backends))
+        .unwrap();
+    let target = format!("{VIP}:{PORT}");
+    agent.wait_for_backends(&target, 3).unwrap();
+    let mut held: Vec<(LineConnection, String)> = (0..HELD)
+        .map(|i| {
+            let mut c = LineConnection::open(&node.pods[0].netns, &target, None).unwrap();
+            let pod = pod_of(&c.exchange(&format!("before {i}")).unwrap());
+            (c, pod)
+        })
+        .collect();
+
+    let (tool, rules) = kube_proxy_rules(&Mode::Iptables, &backends);
+    node.netns
+        .run_with_input(tool, &["--noflush"], &rules)
+        .unwrap();
+    agent.stop();
+    agent.cli(&["cleanup"]).unwrap();
+
+    let survived = held
+        .iter_mut()
+        .enumerate()
+        .map(|(i, (c, pod))| {
+            c.exchange(&format!("after {i}"))
+                .is_ok_and(|answer| pod_of(&answer) == *pod)
+        })
+        .filter(|survived| *survived)
+        .count();
+    println!("rolled back: {survived} of {HELD} held connections survived");
+    let mut fresh = LineConnection::open(&node.pods[0].netns, &target, None).unwrap();
+    assert!(
+        fresh.exchange("new").is_ok(),
+        "new connections work through kube-proxy's rules"
+    );
+    assert!(
+        0 < survived && survived < HELD,
+        "{survived} of {HELD}: kube-proxy re-balances the agent's connections at random"
+    );
+}
