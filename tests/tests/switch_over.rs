@@ -117,7 +117,9 @@ fn pod_of(answer: &str) -> String {
     answer.split_whitespace().next().unwrap_or("").to_string()
 }
 
-fn switch_over_keeps_connections(mode: Mode, subnet: u8) {
+/// A node (realistic ruleset) with a client pod and three backend pods serving lines on
+/// `PORT`; the backends' addresses.
+fn node_with_line_servers(subnet: u8) -> (Node, Vec<Ipv4Addr>) {
     let mut node = Node::new(Wiring::Routed, [10, 244, subnet]).unwrap();
     node.add_pod("client").unwrap();
     for i in 0..3 {
@@ -127,6 +129,22 @@ fn switch_over_keeps_connections(mode: Mode, subnet: u8) {
             .unwrap();
     }
     let backends: Vec<Ipv4Addr> = node.pods[1..].iter().map(|p| p.ip).collect();
+    (node, backends)
+}
+
+/// `HELD` connections from the client pod to `target`, each with the pod that answered it.
+fn hold_connections(node: &Node, target: &str) -> Vec<(LineConnection, String)> {
+    (0..HELD)
+        .map(|i| {
+            let mut c = LineConnection::open(&node.pods[0].netns, target, None).unwrap();
+            let pod = pod_of(&c.exchange(&format!("before {i}")).unwrap());
+            (c, pod)
+        })
+        .collect()
+}
+
+fn switch_over_keeps_connections(mode: Mode, subnet: u8) {
+    let (node, backends) = node_with_line_servers(subnet);
 
     // kube-proxy serves the node: its rules, and connections through them.
     let (tool, rules) = kube_proxy_rules(&mode, &backends);
@@ -136,13 +154,7 @@ fn switch_over_keeps_connections(mode: Mode, subnet: u8) {
     };
     node.netns.run_with_input(tool, args, &rules).unwrap();
     let target = format!("{VIP}:{PORT}");
-    let mut held: Vec<(LineConnection, String)> = (0..HELD)
-        .map(|i| {
-            let mut c = LineConnection::open(&node.pods[0].netns, &target, None).unwrap();
-            let pod = pod_of(&c.exchange(&format!("before {i}")).unwrap());
-            (c, pod)
-        })
-        .collect();
+    let mut held = hold_connections(&node, &target);
     let spread: BTreeMap<&str, usize> = held.iter().fold(BTreeMap::new(), |mut m, (_, p)| {
         *m.entry(p.as_str()).or_default() += 1;
         m
@@ -227,28 +239,14 @@ fn connections_opened_through_kube_proxys_nftables_rules_survive_the_switch_over
 #[test]
 fn rolling_back_to_kube_proxy_keeps_new_connections_and_some_old_ones() {
     require_root!();
-    let mut node = Node::new(Wiring::Routed, [10, 244, 33]).unwrap();
-    node.add_pod("client").unwrap();
-    for i in 0..3 {
-        let index = node.add_pod(&format!("web-{i}")).unwrap();
-        node.pods[index]
-            .serve_with_line_echo(8080, 5353, Some(PORT))
-            .unwrap();
-    }
-    let backends: Vec<Ipv4Addr> = node.pods[1..].iter().map(|p| p.ip).collect();
+    let (node, backends) = node_with_line_servers(33);
     let mut agent = Agent::start(&node, "node-a").unwrap();
     agent
         .write_manifest("lines.yaml", &service("lines", VIP, &[LINES], &backends))
         .unwrap();
     let target = format!("{VIP}:{PORT}");
     agent.wait_for_backends(&target, 3).unwrap();
-    let mut held: Vec<(LineConnection, String)> = (0..HELD)
-        .map(|i| {
-            let mut c = LineConnection::open(&node.pods[0].netns, &target, None).unwrap();
-            let pod = pod_of(&c.exchange(&format!("before {i}")).unwrap());
-            (c, pod)
-        })
-        .collect();
+    let mut held = hold_connections(&node, &target);
 
     let (tool, rules) = kube_proxy_rules(&Mode::Iptables, &backends);
     node.netns
