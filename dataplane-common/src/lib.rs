@@ -477,7 +477,9 @@ pub struct TrafficStats {
 pub mod drop_reason {
     /// The service has no endpoints: the client got a TCP reset or ICMP port unreachable.
     pub const NO_ENDPOINTS: u32 = 1;
-    /// The backend conntrack remembered is gone and the flow is TCP: the client got a reset.
+    /// Earlier datapaths reset a TCP flow whose backend was gone; TCP now keeps its backend
+    /// (kube-proxy's semantics), so nothing counts here. Kept so the index and its metric
+    /// label keep their meaning.
     pub const BACKEND_GONE: u32 = 2;
     /// Conntrack could not take the new flow (map update failed).
     pub const CT_INSERT_FAILED: u32 = 3;
