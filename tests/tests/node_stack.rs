@@ -93,6 +93,25 @@ impl Checks {
         }
     }
 
+    /// `what` over TCP (HTTP GET to port 80) and UDP (a datagram to port 53) from `client`
+    /// to `ip`: answered by `backend`, which saw the client as `peer`.
+    fn http_and_dns(
+        &mut self,
+        what: &str,
+        client: &Netns,
+        ip: &str,
+        (backend, peer): (&str, &str),
+    ) {
+        self.check(
+            &format!("{what}, TCP"),
+            from(get(client, &format!("http://{ip}/")), backend, peer),
+        );
+        self.check(
+            &format!("{what}, UDP"),
+            from(udp(client, &format!("{ip}:53"), "q"), backend, peer),
+        );
+    }
+
     /// Fails the test with every failed step and what the nodes' stacks dropped.
     fn finish(self, nodes: &[&Node]) {
         let drops: Vec<String> = nodes
@@ -310,21 +329,17 @@ fn every_service_path_works_through_kube_proxys_invalid_drop_and_strict_rp_filte
         "held connection to a ClusterIP: opened, first exchange",
         from(exchange(&mut held, "first"), "a1", &me),
     );
-    checks.check(
-        "ClusterIP, backend on the same node, TCP",
-        from(get(pod, "http://10.96.1.10/"), "a1", &me),
+    checks.http_and_dns(
+        "ClusterIP, backend on the same node",
+        pod,
+        "10.96.1.10",
+        ("a1", &me),
     );
-    checks.check(
-        "ClusterIP, backend on the same node, UDP",
-        from(udp(pod, "10.96.1.10:53", "q"), "a1", &me),
-    );
-    checks.check(
-        "ClusterIP, backend on the other node, TCP",
-        from(get(pod, "http://10.96.1.11/"), "b1", &me),
-    );
-    checks.check(
-        "ClusterIP, backend on the other node, UDP",
-        from(udp(pod, "10.96.1.11:53", "q"), "b1", &me),
+    checks.http_and_dns(
+        "ClusterIP, backend on the other node",
+        pod,
+        "10.96.1.11",
+        ("b1", &me),
     );
     checks.check(
         "hairpin: a pod through its own ClusterIP",
@@ -783,21 +798,17 @@ fn services_answer_across_a_layer3_tunnel_device() {
     let mut checks = Checks::default();
     let (pod_a, pod_b) = (pod_netns(&c, "client-a"), pod_netns(&c, "client-b"));
     let (me_a, me_b) = (format!("{client_a}:"), format!("{client_b}:"));
-    checks.check(
-        "a pod on node A to a ClusterIP served on node B, TCP",
-        from(get(pod_a, "http://10.96.5.10/"), "b1", &me_a),
+    checks.http_and_dns(
+        "a pod on node A to a ClusterIP served on node B",
+        pod_a,
+        "10.96.5.10",
+        ("b1", &me_a),
     );
-    checks.check(
-        "a pod on node A to a ClusterIP served on node B, UDP",
-        from(udp(pod_a, "10.96.5.10:53", "q"), "b1", &me_a),
-    );
-    checks.check(
-        "a pod on node B to a ClusterIP served on node A, TCP",
-        from(get(pod_b, "http://10.96.5.11/"), "a1", &me_b),
-    );
-    checks.check(
-        "a pod on node B to a ClusterIP served on node A, UDP",
-        from(udp(pod_b, "10.96.5.11:53", "q"), "a1", &me_b),
+    checks.http_and_dns(
+        "a pod on node B to a ClusterIP served on node A",
+        pod_b,
+        "10.96.5.11",
+        ("a1", &me_b),
     );
     let node_a = format!("{NODE_A}:");
     checks.check(
