@@ -100,6 +100,19 @@ impl Bed {
     fn hold(&self) -> LineConnection {
         LineConnection::open(self.client(), &format!("{VIP}:{}", LINES.port), None).unwrap()
     }
+
+    /// A connection held on web-0 (published alone first, so it lands there), then web-1
+    /// published ready beside it.
+    fn hold_on_web0_with_web1_ready(&self) -> LineConnection {
+        let (w0, w1) = (self.ip(0), self.ip(1));
+        self.publish(&[(w0, READY)]);
+        self.wait_for_lines(&[w0]);
+        let mut held = self.hold();
+        assert_answers(&mut held, "web-0", "before any change");
+        self.publish(&[(w0, READY), (w1, READY)]);
+        self.wait_for_lines(&[w0, w1]);
+        held
+    }
 }
 
 /// The pod an echo answer names ("<pod> <peer> ...").
@@ -132,13 +145,7 @@ fn a_terminating_endpoint_keeps_its_held_connection_and_gets_no_new_ones() {
     require_root!();
     let bed = Bed::new([10, 244, 101], &["web-0", "web-1"]);
     let (w0, w1) = (bed.ip(0), bed.ip(1));
-    // web-0 alone first, so the held connection lands there.
-    bed.publish(&[(w0, READY)]);
-    bed.wait_for_lines(&[w0]);
-    let mut held = bed.hold();
-    assert_answers(&mut held, "web-0", "before any change");
-    bed.publish(&[(w0, READY), (w1, READY)]);
-    bed.wait_for_lines(&[w0, w1]);
+    let mut held = bed.hold_on_web0_with_web1_ready();
     assert_answers(&mut held, "web-0", "with web-1 added");
 
     // A rolling update's first step: web-0 is being deleted and drains, web-1 is ready.
@@ -169,12 +176,7 @@ fn a_backend_flapping_not_ready_and_back_keeps_its_held_connection() {
     require_root!();
     let bed = Bed::new([10, 244, 102], &["web-0", "web-1"]);
     let (w0, w1) = (bed.ip(0), bed.ip(1));
-    bed.publish(&[(w0, READY)]);
-    bed.wait_for_lines(&[w0]);
-    let mut held = bed.hold();
-    assert_answers(&mut held, "web-0", "before any change");
-    bed.publish(&[(w0, READY), (w1, READY)]);
-    bed.wait_for_lines(&[w0, w1]);
+    let mut held = bed.hold_on_web0_with_web1_ready();
 
     // A short blip, nothing sent meanwhile: a failing readiness probe (ready false, not
     // serving, same address), then passing again.
