@@ -70,6 +70,9 @@ pub struct ServiceBackendView {
     pub packets: u64,
     pub bytes: u64,
     pub connections: u64,
+    /// Connections translated at the socket (`--socket-lb`): not in `connections`, and their
+    /// packets are in no counter (they take no per-packet path).
+    pub socket_connections: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -83,6 +86,8 @@ pub struct ServiceView {
     pub packets: u64,
     pub bytes: u64,
     pub connections: u64,
+    /// Connections translated at the socket (see `ServiceBackendView`).
+    pub socket_connections: u64,
     pub backends: Vec<ServiceBackendView>,
 }
 
@@ -104,6 +109,10 @@ pub struct FlowView {
     pub to_client: Counters,
     pub age_seconds: f64,
     pub idle_seconds: f64,
+    /// `packet`: translated per packet by the tc programs (conntrack); `socket`: translated
+    /// once at `connect()`/`sendmsg()` (`--socket-lb`): the client is the socket (its
+    /// cookie), and there are no packet counters.
+    pub source: &'static str,
 }
 
 fn protocol_name(n: u8) -> String {
@@ -116,7 +125,7 @@ fn socket(addr: [u8; 4], port: u16) -> String {
     SocketAddrV4::new(Ipv4Addr::from(addr), port).to_string()
 }
 
-use crate::datapath::maps::stats_sum as stats;
+use crate::datapath::maps::{counter_sum, stats_sum as stats};
 
 pub fn services(maps: &PinnedMaps) -> anyhow::Result<Vec<ServiceView>> {
     let names = names(maps)?;
@@ -171,6 +180,7 @@ pub fn services(maps: &PinnedMaps) -> anyhow::Result<Vec<ServiceView>> {
                 packets: b.packets,
                 bytes: b.bytes,
                 connections: b.connections,
+                socket_connections: counter_sum(&maps.socket_backend_stats, backend_id),
             });
         }
         let name = label(&names, rev_nat_id);
@@ -184,6 +194,7 @@ pub fn services(maps: &PinnedMaps) -> anyhow::Result<Vec<ServiceView>> {
             packets: s.packets,
             bytes: s.bytes,
             connections: s.connections,
+            socket_connections: counter_sum(&maps.socket_service_stats, rev_nat_id),
             backends,
         });
     }
@@ -201,6 +212,7 @@ pub struct BackendView {
     pub packets: u64,
     pub bytes: u64,
     pub connections: u64,
+    pub socket_connections: u64,
 }
 
 pub fn backends(maps: &PinnedMaps) -> anyhow::Result<Vec<BackendView>> {
@@ -235,6 +247,7 @@ pub fn backends(maps: &PinnedMaps) -> anyhow::Result<Vec<BackendView>> {
             packets: s.packets,
             bytes: s.bytes,
             connections: s.connections,
+            socket_connections: counter_sum(&maps.socket_backend_stats, id),
         });
     }
     out.sort_by_key(|b| b.backend_id);
@@ -303,9 +316,34 @@ pub fn flows(maps: &PinnedMaps) -> anyhow::Result<Vec<FlowView>> {
                 to_client,
                 age_seconds: seconds(fwd.created_ns),
                 idle_seconds: seconds(last_seen),
+                source: "packet",
             }
         })
         .collect();
+    // Sockets translated at the socket: their reverse entries, one per translation.
+    for entry in maps.sockets.iter() {
+        let (key, sock) = entry?;
+        if key.kind != dataplane_common::SOCK_REVERSE {
+            continue;
+        }
+        out.push(FlowView {
+            protocol: protocol_name(key.proto),
+            client: format!("socket:{}", key.cookie),
+            frontend: socket(sock.addr, sock.port),
+            backend: socket(key.addr, key.port),
+            backend_id: sock.backend_id,
+            frontend_id: sock.rev_nat_id,
+            service: label(&names, sock.rev_nat_id).service,
+            hairpin: false,
+            closing: false,
+            snat: None,
+            to_backend: Counters::default(),
+            to_client: Counters::default(),
+            age_seconds: seconds(sock.created_ns),
+            idle_seconds: 0.0,
+            source: "socket",
+        });
+    }
     out.sort_by(|a, b| (&a.frontend, &a.client).cmp(&(&b.frontend, &b.client)));
     Ok(out)
 }
@@ -661,6 +699,7 @@ pub fn metrics_snapshot(maps: &PinnedMaps) -> anyhow::Result<crate::metrics::Dat
             packets: s.packets,
             bytes: s.bytes,
             connections: s.connections,
+            socket_connections: s.socket_connections,
         });
         for b in &s.backends {
             snapshot.backends.push(BackendCounters {
@@ -671,6 +710,7 @@ pub fn metrics_snapshot(maps: &PinnedMaps) -> anyhow::Result<crate::metrics::Dat
                 packets: b.packets,
                 bytes: b.bytes,
                 connections: b.connections,
+                socket_connections: b.socket_connections,
             });
         }
     }

@@ -8,8 +8,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use dataplane_agent::{
     datapath::{
-        BpffsLayout, attach, layout::DEFAULT_BPFFS_DIR, maps::PinnedMaps,
+        BpffsLayout, attach,
+        layout::DEFAULT_BPFFS_DIR,
+        maps::PinnedMaps,
         programmer::ConntrackTimeouts,
+        socket_lb::{self, SocketLbMode},
     },
     inspect::{self, FlowSort},
     objects::ClusterObjects,
@@ -242,6 +245,18 @@ enum Command {
         /// default Linux's nf_conntrack_udp_timeout_stream).
         #[arg(long, default_value = "120s", value_parser = parse_go_duration)]
         conntrack_udp_timeout_stream: Duration,
+        /// Which sockets are translated at connect()/sendmsg() by cgroup hooks: `host`, the
+        /// node's own processes (host-network pods, node daemons), which the tc programs
+        /// cannot see; `all`, pods' sockets too (their established packets then skip
+        /// per-packet NAT, but a service mesh sidecar sees the backend, not the service);
+        /// `off`, none.
+        #[arg(long, value_enum, default_value = "host")]
+        socket_lb: SocketLbMode,
+        /// The cgroup v2 directory the socket hooks attach to; processes outside it are never
+        /// translated. Default: the cgroup v2 mount (/sys/fs/cgroup, or
+        /// /sys/fs/cgroup/unified on hybrid hosts).
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
         #[command(flatten)]
         node: NodeArgs,
         /// Where /healthz and /livez are served, as kube-proxy's flag.
@@ -381,8 +396,12 @@ fn main() -> anyhow::Result<()> {
             conntrack_tcp_timeout_close_wait,
             conntrack_udp_timeout,
             conntrack_udp_timeout_stream,
+            socket_lb,
+            cgroup_root,
         } => {
             let config = RunConfig {
+                socket_lb,
+                cgroup_root,
                 snat_ports: snat_port_range,
                 conntrack_timeouts: ConntrackTimeouts {
                     tcp_established: conntrack_tcp_timeout_established,
@@ -547,11 +566,15 @@ fn cleanup(layout: &BpffsLayout) -> anyhow::Result<()> {
     }
     // Not under a running agent: it would attach again what this detaches.
     let _lock = layout.lock()?;
-    for link in attach::detach_all(layout) {
+    for link in attach::detach_all(layout)
+        .into_iter()
+        .chain(socket_lb::detach_all(layout))
+    {
         eprintln!("detached {link}");
     }
     let mut pins: Vec<PathBuf> = dataplane_common::PROGRAMS
         .iter()
+        .chain(&dataplane_common::SOCKET_PROGRAMS)
         .map(|name| layout.program(name))
         .collect();
     pins.extend(

@@ -27,9 +27,11 @@
 //!   | `dataplane_service_packets_total` | counter | `service`, `port`, `protocol`, `frontend`, `kind` |
 //!   | `dataplane_service_bytes_total` | counter | same |
 //!   | `dataplane_service_connections_total` | counter | same |
+//!   | `dataplane_service_socket_connections_total` | counter | same (translated at the socket, `--socket-lb`) |
 //!   | `dataplane_backend_packets_total` | counter | `service`, `port`, `protocol`, `backend` |
 //!   | `dataplane_backend_bytes_total` | counter | same |
 //!   | `dataplane_backend_connections_total` | counter | same |
+//!   | `dataplane_backend_socket_connections_total` | counter | same |
 //!   | `dataplane_dropped_packets_total` | counter | `reason` |
 //!   | `dataplane_conntrack_entries` | gauge | |
 //!   | `dataplane_map_entries` | gauge | `map` |
@@ -112,9 +114,11 @@ const NO_LOCAL_ENDPOINTS_HELP: &str =
 const SERVICE_PACKETS: &str = "dataplane_service_packets_total";
 const SERVICE_BYTES: &str = "dataplane_service_bytes_total";
 const SERVICE_CONNECTIONS: &str = "dataplane_service_connections_total";
+const SERVICE_SOCKET_CONNECTIONS: &str = "dataplane_service_socket_connections_total";
 const BACKEND_PACKETS: &str = "dataplane_backend_packets_total";
 const BACKEND_BYTES: &str = "dataplane_backend_bytes_total";
 const BACKEND_CONNECTIONS: &str = "dataplane_backend_connections_total";
+const BACKEND_SOCKET_CONNECTIONS: &str = "dataplane_backend_socket_connections_total";
 const DROPS: &str = "dataplane_dropped_packets_total";
 const CONNTRACK_ENTRIES: &str = "dataplane_conntrack_entries";
 const MAP_ENTRIES: &str = "dataplane_map_entries";
@@ -164,6 +168,8 @@ pub struct ServiceCounters {
     pub packets: u64,
     pub bytes: u64,
     pub connections: u64,
+    /// Connections translated at the socket (`--socket-lb`), not in `connections`.
+    pub socket_connections: u64,
 }
 
 /// Packets, bytes and connections balanced to one backend of a service port.
@@ -178,6 +184,8 @@ pub struct BackendCounters {
     pub packets: u64,
     pub bytes: u64,
     pub connections: u64,
+    /// Connections translated at the socket (`--socket-lb`), not in `connections`.
+    pub socket_connections: u64,
 }
 
 /// How full one BPF map is.
@@ -350,7 +358,13 @@ impl Collector for DatapathCollector {
                 ("frontend", row.frontend.as_str()),
                 ("kind", row.kind.as_str()),
             ];
-            (labels, [row.packets, row.bytes, row.connections])
+            let values = [
+                row.packets,
+                row.bytes,
+                row.connections,
+                row.socket_connections,
+            ];
+            (labels, values)
         }));
         let service_counter = |i: usize| {
             services
@@ -375,6 +389,12 @@ impl Collector for DatapathCollector {
             "Connections to a service frontend",
             service_counter(2),
         )?;
+        write_series(
+            &mut encoder,
+            SERVICE_SOCKET_CONNECTIONS,
+            "Connections to a service frontend translated at the socket (connect/sendmsg)",
+            service_counter(3),
+        )?;
 
         let backends = merge_rows(snapshot.backends.iter().map(|row| {
             let labels = [
@@ -383,7 +403,13 @@ impl Collector for DatapathCollector {
                 ("protocol", row.protocol.as_str()),
                 ("backend", row.backend.as_str()),
             ];
-            (labels, [row.packets, row.bytes, row.connections])
+            let values = [
+                row.packets,
+                row.bytes,
+                row.connections,
+                row.socket_connections,
+            ];
+            (labels, values)
         }));
         let backend_counter = |i: usize| {
             backends
@@ -407,6 +433,12 @@ impl Collector for DatapathCollector {
             BACKEND_CONNECTIONS,
             "Connections balanced to a service backend",
             backend_counter(2),
+        )?;
+        write_series(
+            &mut encoder,
+            BACKEND_SOCKET_CONNECTIONS,
+            "Connections balanced to a service backend at the socket (connect/sendmsg)",
+            backend_counter(3),
         )?;
 
         let drops = merge_rows(
@@ -698,9 +730,11 @@ mod tests {
         ("dataplane_service_packets_total", "counter"),
         ("dataplane_service_bytes_total", "counter"),
         ("dataplane_service_connections_total", "counter"),
+        ("dataplane_service_socket_connections_total", "counter"),
         ("dataplane_backend_packets_total", "counter"),
         ("dataplane_backend_bytes_total", "counter"),
         ("dataplane_backend_connections_total", "counter"),
+        ("dataplane_backend_socket_connections_total", "counter"),
         ("dataplane_dropped_packets_total", "counter"),
         ("dataplane_conntrack_entries", "gauge"),
         ("dataplane_map_entries", "gauge"),

@@ -11,8 +11,12 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::{
-        BpffsLayout, attach::Attachments, loader::LoadedDatapath, maps::PinnedMaps,
+        BpffsLayout,
+        attach::Attachments,
+        loader::LoadedDatapath,
+        maps::PinnedMaps,
         programmer::Programmer,
+        socket_lb::{self, SocketLbMode},
     },
     health::{ProxyHealth, ServiceHealthServer},
     metrics::Metrics,
@@ -48,6 +52,10 @@ pub struct RunConfig {
     pub snat_ports: (u16, u16),
     /// kube-proxy's `--conntrack-*` timeouts.
     pub conntrack_timeouts: crate::datapath::programmer::ConntrackTimeouts,
+    /// Which sockets the cgroup hooks translate, and the cgroup v2 directory they attach to.
+    pub socket_lb: SocketLbMode,
+    /// `None`: the cgroup v2 mount.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 /// A duration as Go writes it (kube-proxy's flags take these): a sequence of decimal numbers,
@@ -277,6 +285,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         config.node.nodeport_range,
         &ephemeral_ports()?,
     )?;
+    let (socket_lb, cgroup_root) =
+        socket_lb::resolve(config.socket_lb, config.cgroup_root.as_deref())?;
     let layout = BpffsLayout::new(&config.bpffs_dir);
     let _lock = layout.lock()?;
     let mut datapath = LoadedDatapath::load(&layout, &config.map_sizes)?;
@@ -291,6 +301,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     );
     // Restored state keeps serving while the source starts; attach before the first sync.
     attachments.sync(&mut datapath);
+    let mut socket_maps = PinnedMaps::open(&layout)?;
+    socket_lb::attach(&mut datapath, &mut socket_maps, socket_lb, &cgroup_root)?;
 
     let health = ProxyHealth::new(HEALTHZ_TIMEOUT);
     let listener = tokio::net::TcpListener::bind(config.healthz_bind_address)
@@ -346,6 +358,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         touched: Touched::default(),
         rescan: false,
         took_over: false,
+        socket_lb,
+        socket_maps,
     };
     agent.sync(true);
 
@@ -423,6 +437,9 @@ struct Agent {
     rescan: bool,
     /// The kernel's NATed flows were adopted (once, before the first programming).
     took_over: bool,
+    socket_lb: SocketLbMode,
+    /// Handles on the pinned maps for the socket hooks' state.
+    socket_maps: PinnedMaps,
 }
 
 impl Agent {
@@ -490,6 +507,9 @@ impl Agent {
         for _ in &report.failures {
             self.metrics.skipped("map_full_or_write_failed");
         }
+        if report.writes + report.deletes > 0 {
+            self.terminate_stale_udp_sockets();
+        }
         self.record_sync(&touched, started.elapsed());
         for (port, error) in self.service_health.sync(&self.planner.health_checks()) {
             warn!(port, %error, "cannot serve a health check node port; retrying at the next sync");
@@ -524,6 +544,42 @@ impl Agent {
             no_local_internal,
             no_local_external,
         );
+    }
+
+    /// Connected UDP sockets whose backend is no longer an endpoint of their service are
+    /// terminated, so their applications reconnect to a current one (kube-proxy flushes such
+    /// flows' conntrack entries; a connected socket would otherwise keep sending to the gone
+    /// pod's address).
+    fn terminate_stale_udp_sockets(&mut self) {
+        if self.socket_lb == SocketLbMode::Off {
+            return;
+        }
+        let mut endpoints = socket_lb::UdpEndpoints::new();
+        for frontend in self.planner.frontends() {
+            if frontend.frontend.protocol != plan::Protocol::Udp {
+                continue;
+            }
+            let addr = frontend.frontend.addr;
+            let set = endpoints
+                .entry((addr.ip().octets(), addr.port()))
+                .or_default();
+            let all = frontend
+                .backends
+                .iter()
+                .chain(frontend.internal_backends.iter().flatten())
+                .chain(&frontend.retained);
+            set.extend(all.map(|b| (b.ip().octets(), b.port())));
+        }
+        let entries = self.socket_maps.sockets.iter().flatten();
+        let stale = socket_lb::stale_udp_sockets(entries, &endpoints);
+        let terminated =
+            socket_lb::terminate_udp_sockets(&mut self.socket_maps, &stale, self.socket_lb);
+        if !stale.is_empty() {
+            info!(
+                sockets = stale.len(),
+                terminated, "connected UDP sockets whose backend left were terminated"
+            );
+        }
     }
 
     /// This node's addresses, those on external interfaces first (the first is the SNAT

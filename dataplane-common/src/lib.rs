@@ -39,8 +39,15 @@ pub mod map_names {
     pub const NAMES: &str = "dp_names_v1";
     pub const FRAGMENTS: &str = "dp_frag_v1";
     pub const HOST_FLOWS: &str = "dp_hostflow_v1";
+    /// Socket-level load balancing: what each translated socket was translated from.
+    pub const SOCKETS: &str = "dp_sock_v1";
+    /// Socket-level load balancing: which sockets it translates (one entry).
+    pub const SOCKET_CONFIG: &str = "dp_sockcfg_v1";
+    /// Connections translated at the socket, per frontend id and per backend id.
+    pub const SOCKET_SERVICE_STATS: &str = "dp_svc_sock_v1";
+    pub const SOCKET_BACKEND_STATS: &str = "dp_be_sock_v1";
     /// Every map, in the order `cleanup` and the inspection tools walk them.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 19] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -56,6 +63,10 @@ pub mod map_names {
         NAMES,
         FRAGMENTS,
         HOST_FLOWS,
+        SOCKETS,
+        SOCKET_CONFIG,
+        SOCKET_SERVICE_STATS,
+        SOCKET_BACKEND_STATS,
     ];
 }
 
@@ -82,6 +93,9 @@ pub mod capacity {
     pub const FRAGMENTS: u32 = 8_192;
     /// The node's own flows seen leaving on a frontend's address and port.
     pub const HOST_FLOWS: u32 = 65_536;
+    /// Sockets translated at `connect()`/`sendmsg()` (entries are removed when the socket is
+    /// released; an LRU, so sockets that never say which backend they talk to age out).
+    pub const SOCKETS: u32 = 262_144;
 }
 
 /// The flow hash Maglev indexes with: fixed-seed (murmur3's finalizer per word), so every node
@@ -125,13 +139,28 @@ pub const PROG_EXTERNAL_INGRESS_L3: &str = "external_ingress_l3";
 /// At egress of external interfaces: notes the node's own flows from frontends.
 pub const PROG_EXTERNAL_EGRESS: &str = "external_egress";
 pub const PROG_EXTERNAL_EGRESS_L3: &str = "external_egress_l3";
-/// Every program the agent loads and pins.
+/// The tc programs the agent loads and pins.
 pub const PROGRAMS: [&str; 5] = [
     PROG_POD_INGRESS,
     PROG_EXTERNAL_INGRESS,
     PROG_EXTERNAL_INGRESS_L3,
     PROG_EXTERNAL_EGRESS,
     PROG_EXTERNAL_EGRESS_L3,
+];
+
+/// Socket-level load balancing: cgroup programs, each pinned and attached (through a pinned
+/// link) at the agent's `--cgroup-root` under the name here.
+pub const PROG_SOCK_CONNECT4: &str = "sock_connect4";
+pub const PROG_SOCK_SENDMSG4: &str = "sock_sendmsg4";
+pub const PROG_SOCK_RECVMSG4: &str = "sock_recvmsg4";
+pub const PROG_SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+pub const PROG_SOCK_RELEASE: &str = "sock_release";
+pub const SOCKET_PROGRAMS: [&str; 5] = [
+    PROG_SOCK_CONNECT4,
+    PROG_SOCK_SENDMSG4,
+    PROG_SOCK_RECVMSG4,
+    PROG_SOCK_GETPEERNAME4,
+    PROG_SOCK_RELEASE,
 ];
 
 /// Source address used when a pod reaches itself through a service (hairpin). The pod would
@@ -473,6 +502,54 @@ pub struct TrafficStats {
     pub connections: u64,
 }
 
+/// Key of the socket map (`dp_sock_v1`): a socket (by its cookie) and an address it talks
+/// to. `SOCK_REVERSE` entries are keyed by the backend the socket was sent to and name the
+/// frontend it asked for (`getpeername()`, `recvmsg()` answer with it); `SOCK_FORWARD`
+/// entries, for unconnected UDP, are keyed by the frontend and name the backend its
+/// datagrams keep going to while it stays.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub cookie: u64,
+    pub addr: Ipv4,
+    pub port: u16,
+    pub proto: u8,
+    /// `SOCK_REVERSE` or `SOCK_FORWARD`.
+    pub kind: u8,
+}
+
+pub const SOCK_REVERSE: u8 = 0;
+pub const SOCK_FORWARD: u8 = 1;
+
+/// Value of the socket map: the other side of the translation (the frontend of a reverse
+/// entry, the backend of a forward one), the ids involved, and when it was made.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockEntry {
+    pub addr: Ipv4,
+    pub port: u16,
+    pub _pad: u16,
+    pub backend_id: u32,
+    pub rev_nat_id: u32,
+    pub created_ns: u64,
+}
+
+/// Which sockets the cgroup programs translate (`dp_sockcfg_v1`, one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SocketLbConfig {
+    /// `SOCKET_LB_*`. Zero (an unwritten map) translates nothing.
+    pub mode: u32,
+    pub _pad: u32,
+    /// `SOCKET_LB_HOST`: the network namespace (its cookie) whose sockets are translated:
+    /// the agent's, the node's own.
+    pub netns_cookie: u64,
+}
+
+pub const SOCKET_LB_OFF: u32 = 0;
+pub const SOCKET_LB_HOST: u32 = 1;
+pub const SOCKET_LB_ALL: u32 = 2;
+
 /// Why the datapath refused or dropped a packet; index into the drops array.
 pub mod drop_reason {
     /// The service has no endpoints: the client got a TCP reset or ICMP port unreachable.
@@ -538,6 +615,9 @@ mod user {
         FrontendName,
         FragmentKey,
         FragmentPorts,
+        SockKey,
+        SockEntry,
+        SocketLbConfig,
     );
 }
 
@@ -615,6 +695,21 @@ mod layout_tests {
         assert_eq!(size_of::<FrontendName>(), 128);
         assert_eq!(offset_of!(FrontendName, port), 96);
         assert_eq!(offset_of!(FrontendName, kind), 120);
+    }
+
+    #[test]
+    fn socket_layouts() {
+        assert_eq!(size_of::<SockKey>(), 16);
+        assert_eq!(offset_of!(SockKey, addr), 8);
+        assert_eq!(offset_of!(SockKey, port), 12);
+        assert_eq!(offset_of!(SockKey, proto), 14);
+        assert_eq!(offset_of!(SockKey, kind), 15);
+        assert_eq!(size_of::<SockEntry>(), 24);
+        assert_eq!(offset_of!(SockEntry, backend_id), 8);
+        assert_eq!(offset_of!(SockEntry, rev_nat_id), 12);
+        assert_eq!(offset_of!(SockEntry, created_ns), 16);
+        assert_eq!(size_of::<SocketLbConfig>(), 16);
+        assert_eq!(offset_of!(SocketLbConfig, netns_cookie), 8);
     }
 
     #[test]

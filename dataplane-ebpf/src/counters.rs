@@ -3,7 +3,9 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use dataplane_common::{CtEntry, TrafficStats};
 
-use crate::maps::{BACKEND_STATS, DROPS, SERVICE_STATS};
+use crate::maps::{
+    BACKEND_STATS, DROPS, SERVICE_STATS, SOCKET_BACKEND_STATS, SOCKET_SERVICE_STATS,
+};
 
 #[inline(always)]
 fn add(counter: *mut u64, n: u64) {
@@ -46,6 +48,18 @@ pub fn count_service_packet(rev_nat_id: u32, backend_id: u32, bytes: u64, new_co
 #[inline(always)]
 pub fn count_drop(reason: u32) {
     if let Some(counter) = DROPS.get_ptr_mut(reason) {
+        add(counter, 1);
+    }
+}
+
+/// A connection translated at the socket, for its frontend and backend. Atomic although
+/// per-CPU: a socket hook runs in a task, which another task on the same CPU may preempt.
+#[inline(always)]
+pub fn count_socket_connection(rev_nat_id: u32, backend_id: u32) {
+    if let Some(counter) = SOCKET_SERVICE_STATS.get_ptr_mut(rev_nat_id) {
+        add(counter, 1);
+    }
+    if let Some(counter) = SOCKET_BACKEND_STATS.get_ptr_mut(backend_id) {
         add(counter, 1);
     }
 }

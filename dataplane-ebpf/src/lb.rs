@@ -135,6 +135,29 @@ fn frontend_key(pkt: &Packet) -> ServiceKey {
     }
 }
 
+/// The frontend as clients inside the cluster see it (pods, and the node's own processes):
+/// for an externalTrafficPolicy=Local frontend, its internal-scope entry, which uses every
+/// endpoint (kube-proxy's short circuit for in-cluster traffic). Updates `frontend` to the
+/// key used.
+#[inline(always)]
+pub fn in_cluster_view<'a>(frontend: &mut ServiceKey, svc: &'a ServiceValue) -> &'a ServiceValue {
+    if svc.flags & SVC_FLAG_TWO_SCOPES == 0 {
+        return svc;
+    }
+    let internal = ServiceKey {
+        scope: SCOPE_INTERNAL,
+        ..*frontend
+    };
+    match SERVICES.get_ptr(internal) {
+        Some(value) => {
+            *frontend = internal;
+            // SAFETY: a value from a lookup in this run, valid for the rest of it.
+            unsafe { &*value }
+        }
+        None => svc,
+    }
+}
+
 /// `to_frontend` filled in its `Chosen`: the flow is to be opened.
 const CHOSEN: i32 = -1;
 /// `to_frontend` found no endpoints to use: the connection is to be refused.
@@ -155,17 +178,8 @@ fn to_frontend(
     // Read in place, not copied: this frame is on the verifier's capped call chain.
     // SAFETY: a value from a lookup in this run, valid for the rest of it.
     let mut svc = unsafe { &*service };
-    if origin == Origin::Pod && svc.flags & SVC_FLAG_TWO_SCOPES != 0 {
-        // Pods reaching an externalTrafficPolicy=Local frontend use every endpoint.
-        let internal = ServiceKey {
-            scope: SCOPE_INTERNAL,
-            ..frontend
-        };
-        if let Some(value) = SERVICES.get_ptr(internal) {
-            frontend = internal;
-            // SAFETY: as above.
-            svc = unsafe { &*value };
-        }
+    if origin == Origin::Pod {
+        svc = in_cluster_view(&mut frontend, svc);
     }
     if svc.flags & SVC_FLAG_SOURCE_RANGES != 0
         && origin == Origin::External
@@ -183,7 +197,7 @@ fn to_frontend(
         return REFUSE;
     }
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let Some(backend_id) = choose_backend(pkt, &frontend, svc, now) else {
+    let Some(backend_id) = choose_backend(&tuple_key(pkt), &frontend, svc, now) else {
         count_drop(drop_reason::BACKEND_MISSING);
         return TC_ACT_SHOT;
     };
@@ -217,7 +231,7 @@ fn reply_key(pkt: &Packet, entry: &CtEntry) -> CtKey {
 /// Is the backend this flow was sent to still programmed (same id, same address)? An array
 /// lookup, which the verifier inlines: no helper call on the established path.
 #[inline(always)]
-fn backend_alive(backend_id: u32, addr: [u8; 4], port: u16) -> bool {
+pub fn backend_alive(backend_id: u32, addr: [u8; 4], port: u16) -> bool {
     match BACKENDS.get_ptr(backend_id) {
         // SAFETY: a value from a lookup in this run. Unused ids hold zeroes.
         Some(b) => unsafe { (*b).addr == addr && (*b).port == port },
@@ -227,7 +241,7 @@ fn backend_alive(backend_id: u32, addr: [u8; 4], port: u16) -> bool {
 
 /// The backend with this id, if the id is in use (unused array slots hold zeroes).
 #[inline(always)]
-fn backend(backend_id: u32) -> Option<dataplane_common::Backend> {
+pub fn backend(backend_id: u32) -> Option<dataplane_common::Backend> {
     // SAFETY: a value from a lookup in this run.
     let b = unsafe { *BACKENDS.get_ptr(backend_id)? };
     (b.addr != [0; 4]).then_some(b)
@@ -303,27 +317,28 @@ fn source_allowed(pkt: &Packet, svc: &ServiceValue) -> bool {
 }
 
 #[inline(always)]
-fn flow_hash(pkt: &Packet) -> u32 {
+fn flow_hash(flow: &CtKey) -> u32 {
     dataplane_common::flow_hash(
-        u32::from_be_bytes(pkt.saddr),
-        u32::from_be_bytes(pkt.daddr),
-        pkt.sport,
-        pkt.dport,
-        pkt.proto,
+        u32::from_be_bytes(flow.saddr),
+        u32::from_be_bytes(flow.daddr),
+        flow.sport,
+        flow.dport,
+        flow.proto,
     )
 }
 
-/// The backend id for a new flow: the one a live affinity entry names, else from the Maglev
-/// table or a random slot.
-fn choose_backend(
-    pkt: &Packet,
+/// The backend id for a new flow (`flow`: client to frontend; its source keys session
+/// affinity, the whole tuple the Maglev hash): the one a live affinity entry names, else
+/// from the Maglev table or a random slot.
+pub fn choose_backend(
+    flow: &CtKey,
     frontend: &ServiceKey,
     svc: &ServiceValue,
     now: u64,
 ) -> Option<u32> {
     let affinity = AffinityKey {
         service_port_id: svc.service_port_id,
-        client: pkt.saddr,
+        client: flow.saddr,
     };
     if svc.flags & SVC_FLAG_AFFINITY != 0
         && let Some(remembered) = AFFINITY.get_ptr_mut(affinity)
@@ -341,7 +356,7 @@ fn choose_backend(
         let table = MAGLEV.get_ptr(svc.rev_nat_id)?;
         // black_box keeps LLVM from folding the slot's scaling into the shift, which would
         // leave the verifier a bound one element too loose.
-        let index = core::hint::black_box(dataplane_common::maglev_slot(flow_hash(pkt)));
+        let index = core::hint::black_box(dataplane_common::maglev_slot(flow_hash(flow)));
         // SAFETY: a value from a lookup in this run; index is below the table's length.
         unsafe { *(*table).backend_ids.get(index)? }
     } else {

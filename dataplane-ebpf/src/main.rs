@@ -9,6 +9,9 @@
 //! frontend's address and port, so their replies are not taken for new connections.
 //! Ethernet and Layer-3 devices (WireGuard, IPIP, TUN) each get their own build of a program.
 //!
+//! The node's own sockets (and, with `--socket-lb all`, pods') are translated once, at
+//! `connect()`/`sendmsg()`, by cgroup hooks (`sock`).
+//!
 //! Entry points stay thin (aya's style); the work lives in the modules below.
 #![no_std]
 #![no_main]
@@ -26,8 +29,12 @@ mod maps;
 mod nat;
 mod packet;
 mod refuse;
+mod sock;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{cgroup_sock, cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, SockContext, TcContext},
+};
 use packet::ETH_HLEN;
 
 /// Everything arriving on an interface: a TCP/UDP packet goes through load balancing; an ICMP
@@ -69,6 +76,37 @@ pub fn external_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn external_egress_l3(ctx: TcContext) -> i32 {
     host_flows::note::<0>(&ctx)
+}
+
+/// `connect()` of the node's sockets (and pods', with `--socket-lb all`) to a frontend:
+/// translated to a backend once, at the socket (see `sock`).
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect(&ctx)
+}
+
+/// `sendmsg()` of unconnected UDP sockets to a frontend.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg(&ctx)
+}
+
+/// `recvmsg()` on UDP sockets: a translated socket's datagrams come from the frontend.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::restore_peer(&ctx)
+}
+
+/// `getpeername()`: a translated socket's peer is the frontend.
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::restore_peer(&ctx)
+}
+
+/// A socket is released: its translation is forgotten.
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    sock::release(&ctx)
 }
 
 #[cfg(not(test))]

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use dataplane_common::{
     AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, FragmentKey,
     FragmentPorts, FrontendName, HostFlowKey, IPPROTO_TCP, MaglevTable, RevNat, ServiceKey,
-    ServiceValue, SourceRangeKey, TrafficStats, capacity,
+    ServiceValue, SockEntry, SockKey, SocketLbConfig, SourceRangeKey, TrafficStats, capacity,
 };
 
 #[btf_map(name = "dp_svc_v2")]
@@ -116,3 +116,20 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { capacity::FRAGMEN
 #[btf_map(name = "dp_hostflow_v1")]
 pub static HOST_FLOWS: LruHashMap<HostFlowKey, u64, { capacity::HOST_FLOWS as usize }> =
     LruHashMap::new();
+
+/// Socket-level load balancing (see `sock`): the translations of sockets, by socket cookie.
+#[btf_map(name = "dp_sock_v1")]
+pub static SOCKETS: LruHashMap<SockKey, SockEntry, { capacity::SOCKETS as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "dp_sockcfg_v1")]
+pub static SOCKET_CONFIG: Array<SocketLbConfig, 1> = Array::new();
+
+/// Connections translated at the socket, by frontend id and by backend id.
+#[btf_map(name = "dp_svc_sock_v1")]
+pub static SOCKET_SERVICE_STATS: PerCpuArray<u64, { capacity::FRONTENDS as usize }> =
+    PerCpuArray::new();
+
+#[btf_map(name = "dp_be_sock_v1")]
+pub static SOCKET_BACKEND_STATS: PerCpuArray<u64, { capacity::BACKENDS as usize }> =
+    PerCpuArray::new();

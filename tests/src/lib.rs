@@ -73,16 +73,85 @@ pub fn ip(args: &[&str]) -> anyhow::Result<String> {
 }
 
 /// A network namespace, deleted on drop.
+/// A cgroup v2 directory of the test's own, under `dataplane-tests/` at the cgroup v2 mount:
+/// a "node"'s processes (and its pods') run in it, and its agent's socket hooks attach there,
+/// so several nodes on one machine never translate each other's sockets. On drop, whatever
+/// still runs in it is killed and the directory removed.
+#[derive(Debug)]
+pub struct Cgroup {
+    pub path: PathBuf,
+    /// `cgroup.procs`, open for the children that join (see `Netns::command`).
+    procs: std::fs::File,
+}
+
+impl Cgroup {
+    /// The cgroup v2 mount: `/sys/fs/cgroup` on a unified host, `/sys/fs/cgroup/unified` on a
+    /// hybrid one (as the agent's `--cgroup-root` default finds it).
+    pub fn mount() -> PathBuf {
+        let unified = Path::new("/sys/fs/cgroup");
+        if unified.join("cgroup.controllers").exists() {
+            unified.to_path_buf()
+        } else {
+            unified.join("unified")
+        }
+    }
+
+    pub fn new(prefix: &str) -> anyhow::Result<Self> {
+        let path = Self::mount().join("dataplane-tests").join(unique(prefix));
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("creating cgroup {}", path.display()))?;
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path.join("cgroup.procs"))?;
+        Ok(Self { path, procs })
+    }
+
+    /// Makes `command`'s process start in this cgroup (it joins between fork and exec).
+    fn adopt(&self, command: &mut Command) {
+        use std::os::{fd::AsRawFd, unix::process::CommandExt};
+        let fd = self.procs.as_raw_fd();
+        // SAFETY: only a write(2) of a static buffer between fork and exec (async-signal
+        // safe); "0" moves the writing process itself.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while std::fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 pub struct Netns {
     pub name: String,
+    /// The cgroup this namespace's processes start in (a node's and its pods').
+    pub cgroup: Option<std::sync::Arc<Cgroup>>,
 }
 
 impl Netns {
     pub fn new(prefix: &str) -> anyhow::Result<Self> {
         let name = unique(prefix);
         ip(&["netns", "add", &name])?;
-        let ns = Self { name };
+        let ns = Self { name, cgroup: None };
         ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// [`Netns::new`], with its processes started in `cgroup`.
+    pub fn in_cgroup(prefix: &str, cgroup: &std::sync::Arc<Cgroup>) -> anyhow::Result<Self> {
+        let mut ns = Self::new(prefix)?;
+        ns.cgroup = Some(cgroup.clone());
         Ok(ns)
     }
 
@@ -103,6 +172,9 @@ impl Netns {
         cmd.arg(format!("--net={}", self.path().display()))
             .arg("--")
             .arg(program);
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.adopt(&mut cmd);
+        }
         cmd
     }
 
@@ -342,7 +414,8 @@ impl Node {
     /// A node without netfilter rules or reverse-path filtering: only for measurements that
     /// load their own rule sets (`cargo xtask bench` builds kube-proxy's on its nodes).
     pub fn bare(wiring: Wiring, subnet: [u8; 3]) -> anyhow::Result<Self> {
-        let netns = Netns::new("dpn")?;
+        let cgroup = std::sync::Arc::new(Cgroup::new("dpn")?);
+        let netns = Netns::in_cgroup("dpn", &cgroup)?;
         netns.sysctl("net.ipv4.ip_forward", "1")?;
         let veth_prefix = unique("v");
         if wiring == Wiring::Routed {
@@ -409,7 +482,10 @@ impl Node {
         let index = self.pods.len();
         let [a, b, c] = self.subnet;
         let ip = Ipv4Addr::new(a, b, c, index as u8 + 10);
-        let netns = Netns::new("dpp")?;
+        let netns = match &self.netns.cgroup {
+            Some(cgroup) => Netns::in_cgroup("dpp", cgroup)?,
+            None => Netns::new("dpp")?,
+        };
         let host_if = format!("{}p{index}", self.veth_prefix);
         self.netns.ip(&[
             "link",
@@ -489,6 +565,8 @@ pub struct Agent {
     process: Option<Process>,
     binary: PathBuf,
     netns_path: PathBuf,
+    /// The node's cgroup: the agent's `--cgroup-root`.
+    cgroup_root: Option<PathBuf>,
     node_name: String,
     pod_glob: String,
     /// Interfaces the agent must have attached to before it counts as started.
@@ -563,6 +641,7 @@ impl Agent {
             process: None,
             binary: agent_binary(),
             netns_path: node.netns.path(),
+            cgroup_root: node.netns.cgroup.as_ref().map(|c| c.path.clone()),
             node_name: node_name.to_string(),
             pod_glob: node.pod_glob(),
             pod_interfaces: node.pods.iter().map(|p| p.host_if.clone()).collect(),
@@ -630,6 +709,11 @@ impl Agent {
         };
         if let Some(external) = &self.options.external_interfaces {
             command.args(["--external-interfaces", external]);
+        }
+        if let Some(root) = &self.cgroup_root
+            && !self.options.extra_args.iter().any(|a| a == "--cgroup-root")
+        {
+            command.arg("--cgroup-root").arg(root);
         }
         command
             .args(&self.options.extra_args)
@@ -987,6 +1071,8 @@ pub struct Kept {
     /// Agent bpffs directories, removed with `dataplane-agent cleanup`.
     pub bpffs_dirs: Vec<PathBuf>,
     pub work_dirs: Vec<PathBuf>,
+    /// Nodes' cgroups: what runs there is killed, then the directory removed.
+    pub cgroups: Vec<PathBuf>,
 }
 
 impl Kept {
@@ -995,6 +1081,7 @@ impl Kept {
         self.pids.extend(other.pids);
         self.bpffs_dirs.extend(other.bpffs_dirs);
         self.work_dirs.extend(other.work_dirs);
+        self.cgroups.extend(other.cgroups);
         self
     }
 
@@ -1004,6 +1091,7 @@ impl Kept {
             "pids": self.pids,
             "bpffs_dirs": self.bpffs_dirs,
             "work_dirs": self.work_dirs,
+            "cgroups": self.cgroups,
         })
     }
 
@@ -1033,6 +1121,7 @@ impl Kept {
                 .into_iter()
                 .map(PathBuf::from)
                 .collect(),
+            cgroups: strings("cgroups").into_iter().map(PathBuf::from).collect(),
         }
     }
 
@@ -1056,6 +1145,11 @@ impl Kept {
         for dir in &self.work_dirs {
             let _ = std::fs::remove_dir_all(dir);
         }
+        for cgroup in &self.cgroups {
+            let _ = std::fs::write(cgroup.join("cgroup.kill"), "1");
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = std::fs::remove_dir(cgroup);
+        }
     }
 }
 
@@ -1065,6 +1159,7 @@ impl Node {
         let node = std::mem::ManuallyDrop::new(self);
         let mut kept = Kept {
             namespaces: vec![node.netns.name.clone()],
+            cgroups: node.netns.cgroup.iter().map(|c| c.path.clone()).collect(),
             ..Default::default()
         };
         for pod in &node.pods {

@@ -1,6 +1,7 @@
 //! Where the agent pins things under `--bpffs-dir`. Maps sit at the top (so that
 //! `bpftool map dump pinned <dir>/<map>` works), the programs beside them, ingress links in
-//! `links/`, egress links in `links/egress/`, one pin per interface.
+//! `links/`, egress links in `links/egress/`, one pin per interface; the socket hooks' links
+//! in `links/cgroup/`, one per program.
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/dataplane";
@@ -44,6 +45,15 @@ impl BpffsLayout {
     /// The pin of an interface's egress link.
     pub fn egress_link(&self, interface: &str) -> PathBuf {
         self.egress_links_dir().join(pin_name(interface))
+    }
+
+    /// Links of the socket-level hooks at the cgroup root, one per program.
+    pub fn cgroup_links_dir(&self) -> PathBuf {
+        self.links_dir().join("cgroup")
+    }
+
+    pub fn cgroup_link(&self, program: &str) -> PathBuf {
+        self.cgroup_links_dir().join(program)
     }
 
     /// Creates the directories, after checking they live on a bpf filesystem (pins anywhere

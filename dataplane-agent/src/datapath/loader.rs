@@ -1,9 +1,13 @@
 //! Loads the embedded BPF object with every map pinned by name under the bpffs directory
 //! (reusing pins that exist, so a restarted or upgraded agent keeps conntrack and services),
-//! and pins the program so tools can find the live one.
+//! and pins the programs so tools can find the live ones: the tc programs and the socket
+//! hooks (`socket_lb`).
 use anyhow::Context;
-use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
-use dataplane_common::{PROGRAMS, map_names};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupSock, CgroupSockAddr, SchedClassifier},
+};
+use dataplane_common::{PROG_SOCK_RELEASE, PROGRAMS, SOCKET_PROGRAMS, map_names};
 
 use super::{BpffsLayout, maps::check_pinned_layout};
 
@@ -49,15 +53,20 @@ impl LoadedDatapath {
             anyhow::ensure!(ebpf.map(name).is_some(), "the BPF object has no map {name}");
         }
         migrate_old_conntrack(layout, &mut ebpf)?;
-        for name in PROGRAMS {
-            let program: &mut SchedClassifier = ebpf
+        for name in PROGRAMS.into_iter().chain(SOCKET_PROGRAMS) {
+            let program = ebpf
                 .program_mut(name)
-                .with_context(|| format!("the BPF object has no {name} program"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("the kernel rejected the {name} program"))?;
+                .with_context(|| format!("the BPF object has no {name} program"))?;
+            let loaded = if PROGRAMS.contains(&name) {
+                <&mut SchedClassifier>::try_from(program)?.load()
+            } else if name == PROG_SOCK_RELEASE {
+                <&mut CgroupSock>::try_from(program)?.load()
+            } else {
+                <&mut CgroupSockAddr>::try_from(program)?.load()
+            };
+            loaded.with_context(|| format!("the kernel rejected the {name} program"))?;
             // Replace the pin of a previous run: the pin always names the program links run.
+            let program = ebpf.program_mut(name).expect("found above");
             let _ = std::fs::remove_file(layout.program(name));
             program
                 .pin(layout.program(name))

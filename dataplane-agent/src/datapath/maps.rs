@@ -4,7 +4,7 @@ use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use dataplane_common::{
     AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, FragmentKey,
     FragmentPorts, FrontendName, HostFlowKey, MaglevTable, RevNat, ServiceKey, ServiceValue,
-    SourceRangeKey, TrafficStats, map_names,
+    SockEntry, SockKey, SocketLbConfig, SourceRangeKey, TrafficStats, map_names,
 };
 
 use super::BpffsLayout;
@@ -44,6 +44,12 @@ pub struct PinnedMaps {
     pub maglev: HashMap<MapData, u32, MaglevTable>,
     pub config: Array<MapData, DatapathConfig>,
     pub names: HashMap<MapData, u32, FrontendName>,
+    /// Socket-level load balancing: translated sockets, which sockets, and connections
+    /// translated per frontend id and per backend id.
+    pub sockets: HashMap<MapData, SockKey, SockEntry>,
+    pub socket_config: Array<MapData, SocketLbConfig>,
+    pub socket_service_stats: PerCpuArray<MapData, u64>,
+    pub socket_backend_stats: PerCpuArray<MapData, u64>,
     /// `max_entries` of each map, by name.
     pub capacities: std::collections::BTreeMap<&'static str, u32>,
 }
@@ -68,6 +74,9 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         map_names::NAMES => (4, size_of::<FrontendName>()),
         map_names::FRAGMENTS => (size_of::<FragmentKey>(), size_of::<FragmentPorts>()),
         map_names::HOST_FLOWS => (size_of::<HostFlowKey>(), 8),
+        map_names::SOCKETS => (size_of::<SockKey>(), size_of::<SockEntry>()),
+        map_names::SOCKET_CONFIG => (4, size_of::<SocketLbConfig>()),
+        map_names::SOCKET_SERVICE_STATS | map_names::SOCKET_BACKEND_STATS => (4, 8),
         _ => return None,
     };
     Some((sizes.0 as u32, sizes.1 as u32))
@@ -158,6 +167,10 @@ impl PinnedMaps {
             maglev: typed!(HashMap, map_names::MAGLEV),
             config: typed!(Array, map_names::CONFIG),
             names: typed!(HashMap, map_names::NAMES),
+            sockets: typed!(HashMap, map_names::SOCKETS),
+            socket_config: typed!(Array, map_names::SOCKET_CONFIG),
+            socket_service_stats: typed!(PerCpuArray, map_names::SOCKET_SERVICE_STATS),
+            socket_backend_stats: typed!(PerCpuArray, map_names::SOCKET_BACKEND_STATS),
             capacities,
         })
     }
@@ -227,18 +240,23 @@ pub fn stats_sum(array: &PerCpuArray<MapData, TrafficStats>, id: u32) -> Traffic
     total
 }
 
+/// A per-CPU counter summed over the CPUs (0 for an id out of range).
+pub fn counter_sum(array: &PerCpuArray<MapData, u64>, id: u32) -> u64 {
+    array.get(&id, 0).map_or(0, |values| values.iter().sum())
+}
+
 /// Zeroes per-CPU stats entries on every CPU (ids handed to new frontends or backends), a
 /// few thousand per syscall. On failure, says how many were zeroed first.
-pub fn stats_reset(
-    array: &PerCpuArray<MapData, TrafficStats>,
+pub fn stats_reset<V: aya::Pod + Default>(
+    array: &PerCpuArray<MapData, V>,
     ids: &[u32],
 ) -> Result<(), (usize, aya::maps::MapError)> {
     use aya::maps::IterableMap;
     // The kernel reads each CPU's value 8-byte aligned: no padding between them.
-    const _: () = assert!(std::mem::size_of::<TrafficStats>().is_multiple_of(8));
+    assert!(std::mem::size_of::<V>().is_multiple_of(8));
     const CHUNK: usize = 4096;
     let cpus = aya::util::nr_cpus().map_or(1, |n| n);
-    let zeros = vec![TrafficStats::default(); ids.len().min(CHUNK) * cpus];
+    let zeros = vec![V::default(); ids.len().min(CHUNK) * cpus];
     for (i, chunk) in ids.chunks(CHUNK).enumerate() {
         let values = &zeros[..chunk.len() * cpus];
         update_batch(array.map(), chunk, values).map_err(|(n, e)| (i * CHUNK + n, e))?;

@@ -5,6 +5,8 @@ pub mod layout;
 pub mod loader;
 pub mod maps;
 pub mod programmer;
+pub mod sock_diag;
+pub mod socket_lb;
 pub mod takeover;
 
 pub use layout::BpffsLayout;

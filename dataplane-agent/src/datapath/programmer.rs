@@ -643,7 +643,9 @@ impl Programmer {
             })
             .collect();
         let (mut written, mut error) = (ids.len(), None);
-        if let Err((n, e)) = stats_reset(&self.maps.backend_stats, &ids) {
+        if let Err((n, e)) = stats_reset(&self.maps.backend_stats, &ids)
+            .and_then(|()| stats_reset(&self.maps.socket_backend_stats, &ids))
+        {
             (written, error) = (n, Some(map_error(e)));
         }
         let backends = self.maps.backends.map();
@@ -699,7 +701,9 @@ impl Programmer {
             })
             .collect();
         let (mut written, mut error) = (ids.len(), None);
-        if let Err((n, e)) = stats_reset(&self.maps.service_stats, &ids) {
+        if let Err((n, e)) = stats_reset(&self.maps.service_stats, &ids)
+            .and_then(|()| stats_reset(&self.maps.socket_service_stats, &ids))
+        {
             (written, error) = (n, Some(map_error(e)));
         }
         let rev_nat = self.maps.rev_nat.map();

@@ -1,0 +1,176 @@
+//! Socket-level load balancing (`--socket-lb`): host-network clients (processes in a node's
+//! namespace and cgroup) reach every kind of frontend over TCP, connected and unconnected UDP,
+//! see the service address as their peer, are refused at once without endpoints, keep
+//! affinity, and are moved off a backend that leaves; processes outside the node's namespace
+//! or cgroup are left alone; `host` leaves pods to the tc path, `all` translates them too.
+//! Real agents, servers and clients in namespaces and per-node cgroups; run as root (skipped
+//! otherwise).
+use std::{net::Ipv4Addr, time::Duration};
+
+use testbed::{
+    Agent, Netns,
+    manifests::{DNS, HTTP, service},
+    multinode::MultiNode,
+    require_root, wait_until,
+};
+
+const CLUSTER_IP: &str = "10.96.0.10";
+const NODE_A: &str = "192.0.2.11";
+const NODE_PORT: u16 = 30080;
+const LINES: u16 = 9000;
+
+/// What a host client does, one operation per run, printed as one line:
+/// `tcp HOST PORT`: connect, print the peer name and the HTTP answer;
+/// `udp-connected HOST PORT`: connect, send, print the peer name and the answer;
+/// `udp-unconnected HOST PORT`: sendto, print the answer's source and the answer;
+/// `connect-only HOST PORT`: connect a UDP socket (no packet), print the peer name.
+/// Errors print as `error <errno name> <seconds taken>`.
+const CLIENT: &str = r#"
+import errno, socket, sys, time
+op, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+start = time.monotonic()
+try:
+    if op == "tcp":
+        s = socket.create_connection((host, port), 3)
+        peer = s.getpeername()
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        body = s.makefile("rb").read().split(b"\r\n\r\n", 1)[1].decode().strip()
+        print("%s:%d %s" % (peer[0], peer[1], body))
+    elif op == "udp-connected":
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(3)
+        s.connect((host, port))
+        peer = s.getpeername()
+        s.send(b"q")
+        print("%s:%d %s" % (peer[0], peer[1], s.recv(2048).decode()))
+    elif op == "udp-unconnected":
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(3)
+        s.sendto(b"q", (host, port))
+        data, src = s.recvfrom(2048)
+        print("%s:%d %s" % (src[0], src[1], data.decode()))
+    elif op == "connect-only":
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.connect((host, port))
+        peer = s.getpeername()
+        print("%s:%d" % peer)
+except OSError as e:
+    print("error", errno.errorcode.get(e.errno, str(e)), "%.3f" % (time.monotonic() - start))
+"#;
+
+fn client(ns: &Netns, op: &str, host: &str, port: u16) -> String {
+    ns.run("python3", &["-c", CLIENT, op, host, &port.to_string()])
+        .map(|out| out.trim().to_string())
+        .unwrap_or_else(|e| format!("client failed: {e:#}"))
+}
+
+/// `answer` shows `peer` as the socket's peer, answered by one of `backends`; the backend's
+/// name.
+fn answered_by<'a>(answer: &str, peer: &str, backends: &[&'a str]) -> Result<&'a str, String> {
+    let mut words = answer.split_whitespace();
+    let (seen_peer, name) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    if seen_peer != peer {
+        return Err(format!("peer {seen_peer:?}, expected {peer}: {answer:?}"));
+    }
+    backends
+        .iter()
+        .find(|b| **b == name)
+        .copied()
+        .ok_or_else(|| format!("answered by {name:?}, expected one of {backends:?}: {answer:?}"))
+}
+
+/// The socket-translated connections the agent counted for `frontend`.
+fn socket_connections(agent: &Agent, frontend: &str) -> u64 {
+    agent
+        .cli_json(&["services"])
+        .ok()
+        .and_then(|v| {
+            v.as_array()?
+                .iter()
+                .find(|s| s["frontend"] == frontend)
+                .and_then(|s| s["socket_connections"].as_u64())
+        })
+        .unwrap_or(0)
+}
+
+/// `web` (ClusterIP with a node port; HTTP and DNS ports) on web-0 (node a) and web-1
+/// (node b); agents on both nodes in the given mode.
+fn cluster(extra_args: &[&str]) -> MultiNode {
+    let mut c = MultiNode::new(&[&["web-0", "client-pod"], &["web-1"]], 0).unwrap();
+    for name in ["web-0", "web-1"] {
+        c.pod(name)
+            .serve_with_line_echo(8080, 5353, Some(LINES))
+            .unwrap();
+    }
+    let ips = [c.pod("web-0").ip, c.pod("web-1").ip];
+    c.write_manifest("web.yaml", &web(&ips)).unwrap();
+    c.start_agents(extra_args).unwrap();
+    for agent in &c.agents {
+        agent
+            .wait_for_backends(&format!("{CLUSTER_IP}:80"), ips.len())
+            .unwrap();
+    }
+    c
+}
+
+/// `web` as a NodePort service (HTTP on node port 30080), all `endpoints` ready.
+fn web(endpoints: &[Ipv4Addr]) -> String {
+    service("web", CLUSTER_IP, &[HTTP, DNS], endpoints)
+        .replacen("type: ClusterIP", "type: NodePort", 1)
+        .replacen(
+            "port: 80, targetPort: 8080}",
+            &format!("port: 80, targetPort: 8080, nodePort: {NODE_PORT}}}"),
+            1,
+        )
+}
+
+#[test]
+fn host_clients_reach_cluster_ips_and_node_ports_and_see_the_service_address() {
+    require_root!();
+    let c = cluster(&[]);
+    let node = &c.nodes[0].node.netns;
+    let backends = ["web-0", "web-1"];
+    let mut failures = vec![];
+    let mut check = |what: &str, result: Result<&str, String>| match result {
+        Ok(b) => println!("ok     {what}: {b}"),
+        Err(e) => {
+            println!("FAILED {what}: {e}");
+            failures.push(format!("{what}: {e}"));
+        }
+    };
+    let cluster_http = format!("{CLUSTER_IP}:80");
+    let cluster_dns = format!("{CLUSTER_IP}:53");
+    for (op, port, peer) in [
+        ("tcp", 80, &cluster_http),
+        ("udp-connected", 53, &cluster_dns),
+        ("udp-unconnected", 53, &cluster_dns),
+    ] {
+        let answer = client(node, op, CLUSTER_IP, port);
+        check(
+            &format!("{op} to the cluster IP"),
+            answered_by(&answer, peer, &backends),
+        );
+    }
+    let answer = client(node, "tcp", NODE_A, NODE_PORT);
+    check(
+        "tcp to the node's own node port",
+        answered_by(&answer, &format!("{NODE_A}:{NODE_PORT}"), &backends),
+    );
+    let seen = socket_connections(&c.agents[0], &cluster_http);
+    assert!(
+        failures.is_empty(),
+        "{} step(s) failed:\n  {}\nagent log:\n{}",
+        failures.len(),
+        failures.join("\n  "),
+        c.agents[0].log_text()
+    );
+    assert!(
+        seen >= 1,
+        "services shows {seen} socket connections for {cluster_http}"
+    );
+}
+
+#[allow(dead_code)]
+fn wait(what: &str, done: impl FnMut() -> bool) {
+    wait_until(Duration::from_secs(5), done).unwrap_or_else(|_| panic!("{what}"));
+}
