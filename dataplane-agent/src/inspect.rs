@@ -456,6 +456,7 @@ pub fn stats_view(maps: &PinnedMaps) -> anyhow::Result<StatsView> {
         usage(n::SOURCE_RANGES, count(maps.source_ranges.iter())),
         usage(n::MAGLEV, count(maps.maglev.iter())),
         usage(n::NAMES, count(maps.names.iter())),
+        usage(n::SOCKETS, count(maps.sockets.iter())),
     ];
     Ok(StatsView {
         services: services(maps)?,

@@ -106,6 +106,13 @@ impl Cgroup {
         Ok(Self { path, procs })
     }
 
+    /// A command that runs in this cgroup, in the caller's network namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        self.adopt(&mut command);
+        command
+    }
+
     /// Makes `command`'s process start in this cgroup (it joins between fork and exec).
     fn adopt(&self, command: &mut Command) {
         use std::os::{fd::AsRawFd, unix::process::CommandExt};
@@ -165,16 +172,23 @@ impl Netns {
         ip(&full)
     }
 
-    /// A command that runs inside this namespace. Only the network namespace changes (not
-    /// the mount namespace, as `ip netns exec` would), so bpffs pins stay visible.
+    /// A command that runs inside this namespace (and its cgroup, if it has one). Only the
+    /// network namespace changes (not the mount namespace, as `ip netns exec` would), so
+    /// bpffs pins stay visible.
     pub fn command(&self, program: &str) -> Command {
+        let mut cmd = self.command_outside_cgroup(program);
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.adopt(&mut cmd);
+        }
+        cmd
+    }
+
+    /// [`Netns::command`], left in the caller's cgroup.
+    pub fn command_outside_cgroup(&self, program: &str) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.path().display()))
             .arg("--")
             .arg(program);
-        if let Some(cgroup) = &self.cgroup {
-            cgroup.adopt(&mut cmd);
-        }
         cmd
     }
 

@@ -8,8 +8,8 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use testbed::{
-    Agent, Netns,
-    manifests::{DNS, HTTP, service},
+    Agent, LineConnection, Netns,
+    manifests::{DNS, HTTP, service, service_with, READY},
     multinode::MultiNode,
     require_root, wait_until,
 };
@@ -59,9 +59,20 @@ except OSError as e:
 "#;
 
 fn client(ns: &Netns, op: &str, host: &str, port: u16) -> String {
-    ns.run("python3", &["-c", CLIENT, op, host, &port.to_string()])
-        .map(|out| out.trim().to_string())
-        .unwrap_or_else(|e| format!("client failed: {e:#}"))
+    output(ns.command("python3").args(["-c", CLIENT, op, host, &port.to_string()]))
+}
+
+/// A command's stdout, trimmed, or what went wrong.
+fn output(command: &mut std::process::Command) -> String {
+    match command.output() {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        Ok(out) => format!(
+            "client failed: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => format!("client failed: {e}"),
+    }
 }
 
 /// `answer` shows `peer` as the socket's peer, answered by one of `backends`; the backend's
@@ -170,7 +181,97 @@ fn host_clients_reach_cluster_ips_and_node_ports_and_see_the_service_address() {
     );
 }
 
-#[allow(dead_code)]
 fn wait(what: &str, done: impl FnMut() -> bool) {
     wait_until(Duration::from_secs(5), done).unwrap_or_else(|_| panic!("{what}"));
+}
+
+/// `sticky` (sessionAffinity ClientIP, on web-0 and web-1) and `empty` (no endpoints).
+fn sticky_and_empty(ips: &[Ipv4Addr]) -> String {
+    let ready: Vec<_> = ips.iter().map(|ip| (*ip, READY)).collect();
+    let sticky = service_with(
+        "sticky",
+        "10.96.0.30",
+        &[HTTP],
+        &ready,
+        "  sessionAffinity: ClientIP\n",
+    );
+    let empty = service("empty", "10.96.0.31", &[HTTP, DNS], &[]);
+    format!("{sticky}\n---\n{empty}")
+}
+
+#[test]
+fn a_service_without_endpoints_refuses_at_connect_and_affinity_holds_for_host_clients() {
+    require_root!();
+    let c = cluster(&[]);
+    let ips = [c.nodes[0].node.pods[0].ip, c.nodes[1].node.pods[0].ip];
+    c.write_manifest("more.yaml", &sticky_and_empty(&ips)).unwrap();
+    let agent = &c.agents[0];
+    agent.wait_for_backends("10.96.0.30:80", 2).unwrap();
+    agent.wait_for_backends("10.96.0.31:80", 0).unwrap();
+    let node = &c.nodes[0].node.netns;
+    for (op, port) in [("tcp", 80), ("udp-connected", 53)] {
+        let answer = client(node, op, "10.96.0.31", port);
+        let words: Vec<&str> = answer.split_whitespace().collect();
+        match words.as_slice() {
+            ["error", "ECONNREFUSED", seconds] => assert!(
+                seconds.parse::<f64>().unwrap() < 0.5,
+                "{op}: refused only after {seconds} s"
+            ),
+            _ => panic!("{op} to a service without endpoints: {answer:?}, expected ECONNREFUSED"),
+        }
+    }
+    let backends: Vec<String> = (0..10)
+        .map(|_| {
+            let answer = client(node, "tcp", "10.96.0.30", 80);
+            answered_by(&answer, "10.96.0.30:80", &["web-0", "web-1"])
+                .unwrap_or_else(|e| panic!("sticky: {e}"))
+                .to_string()
+        })
+        .collect();
+    assert!(
+        backends.iter().all(|b| *b == backends[0]),
+        "session affinity not kept for a host client: {backends:?}"
+    );
+}
+
+#[test]
+fn sockets_outside_the_nodes_namespace_or_cgroup_are_not_translated() {
+    require_root!();
+    let c = cluster(&[]);
+    let agent = &c.agents[0];
+    let node = &c.nodes[0].node;
+    let cgroup = node.netns.cgroup.as_ref().expect("testbed nodes have a cgroup");
+    let frontend = format!("{CLUSTER_IP}:53");
+    let args = ["-c", CLIENT, "connect-only", CLUSTER_IP, "53"];
+    let before = socket_connections(agent, &frontend);
+    let outsiders = [
+        (
+            "node namespace, outside the node's cgroup",
+            output(node.netns.command_outside_cgroup("python3").args(&args)),
+        ),
+        (
+            "node's cgroup, root namespace",
+            output(cgroup.command("python3").args(&args)),
+        ),
+        (
+            "a pod (node's cgroup, pod namespace; --socket-lb host)",
+            output(node.pods[1].netns.command("python3").args(&args)),
+        ),
+        (
+            "node b (its own agent translates it)",
+            output(c.nodes[1].node.netns.command("python3").args(&args)),
+        ),
+    ];
+    for (who, answer) in &outsiders {
+        assert_eq!(answer, &frontend, "{who}: connect-only answered {answer:?}");
+    }
+    assert_eq!(
+        socket_connections(agent, &frontend),
+        before,
+        "node a's agent translated a socket outside its node: {outsiders:?}"
+    );
+    // The same call from the node itself is translated (and counted).
+    let answer = output(node.netns.command("python3").args(&args));
+    assert_eq!(answer, frontend);
+    assert_eq!(socket_connections(agent, &frontend), before + 1);
 }
