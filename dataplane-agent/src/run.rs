@@ -571,13 +571,13 @@ impl Agent {
             set.extend(all.map(|b| (b.ip().octets(), b.port())));
         }
         let entries = self.socket_maps.sockets.iter().flatten();
-        let stale = socket_lb::stale_udp_sockets(entries, &endpoints);
+        let stale = socket_lb::stale_udp_translations(entries, &endpoints);
         let terminated =
-            socket_lb::terminate_udp_sockets(&mut self.socket_maps, &stale, self.socket_lb);
-        if !stale.is_empty() {
+            socket_lb::end_stale_udp_translations(&mut self.socket_maps, &stale, self.socket_lb);
+        if terminated > 0 {
             info!(
-                sockets = stale.len(),
-                terminated, "connected UDP sockets whose backend left were terminated"
+                terminated,
+                "connected UDP sockets whose backend left were terminated"
             );
         }
     }

@@ -9,7 +9,7 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use testbed::{
     Agent, LineConnection, Netns,
-    manifests::{DNS, HTTP, service, service_with, READY},
+    manifests::{DNS, HTTP, READY, ServicePort, service, service_with},
     multinode::MultiNode,
     require_root, wait_until,
 };
@@ -124,9 +124,17 @@ fn cluster(extra_args: &[&str]) -> MultiNode {
     c
 }
 
+/// The line echo servers' port, for connections held open.
+const LINES_PORT: ServicePort<'static> = ServicePort {
+    name: "lines",
+    protocol: "TCP",
+    port: LINES,
+    target_port: LINES,
+};
+
 /// `web` as a NodePort service (HTTP on node port 30080), all `endpoints` ready.
 fn web(endpoints: &[Ipv4Addr]) -> String {
-    service("web", CLUSTER_IP, &[HTTP, DNS], endpoints)
+    service("web", CLUSTER_IP, &[HTTP, DNS, LINES_PORT], endpoints)
         .replacen("type: ClusterIP", "type: NodePort", 1)
         .replacen(
             "port: 80, targetPort: 8080}",
@@ -274,4 +282,135 @@ fn sockets_outside_the_nodes_namespace_or_cgroup_are_not_translated() {
     let answer = output(node.netns.command("python3").args(&args));
     assert_eq!(answer, frontend);
     assert_eq!(socket_connections(agent, &frontend), before + 1);
+}
+
+/// A resolver on a connected UDP socket (as glibc and Go's resolvers use them): a query every
+/// 100 ms for `seconds`, answered within 500 ms or counted lost; on a socket error (the agent
+/// terminated the socket) or a lost query it reconnects. Beside it, an unconnected socket
+/// sends the same queries with `sendto` and must never see an error or change its source
+/// port. Prints one line per query, `<connected answer or "lost ...">|<unconnected answer or
+/// "lost ...">`, then `port-kept` or `port-changed`.
+const RESOLVER: &str = r#"
+import socket, sys, time
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+def connected():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(0.5)
+    s.connect((host, port))
+    return s
+c = connected()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(0.5)
+u.bind(("", 0))
+source_port = u.getsockname()[1]
+end = time.monotonic() + seconds
+i = 0
+while time.monotonic() < end:
+    i += 1
+    try:
+        c.send(b"q%d" % i)
+        a = c.recv(2048).decode().split()[0]
+    except OSError as e:
+        a = "lost " + type(e).__name__
+        c.close()
+        c = connected()
+    try:
+        u.sendto(b"u%d" % i, (host, port))
+        data, src = u.recvfrom(2048)
+        b = data.decode().split()[0]
+    except OSError as e:
+        b = "lost " + type(e).__name__
+    print(a + "|" + b, flush=True)
+    time.sleep(0.1)
+print("port-kept" if u.getsockname()[1] == source_port else "port-changed", flush=True)
+"#;
+
+#[test]
+fn connected_udp_sockets_move_when_their_backend_leaves_and_tcp_keeps_it() {
+    require_root!();
+    let mut c = cluster(&[]);
+    let (web0, web1) = (c.pod("web-0").ip, c.pod("web-1").ip);
+    // Only web-0 serves at first: every socket starts there.
+    c.write_manifest("web.yaml", &web(&[web0])).unwrap();
+    let agent = &c.agents[0];
+    agent.wait_for_backends(&format!("{CLUSTER_IP}:53"), 1).unwrap();
+    let node = &c.nodes[0].node.netns;
+    let mut held = LineConnection::open(node, &format!("{CLUSTER_IP}:{LINES}"), None).unwrap();
+    let before = held.exchange("before").unwrap();
+    assert!(before.starts_with("web-0 "), "{before}");
+    let resolver = node
+        .command("python3")
+        .args(["-c", RESOLVER, CLUSTER_IP, "53", "5"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // web-0 leaves the service (still running: a socket left on it would keep answering).
+    c.write_manifest("web.yaml", &web(&[web1])).unwrap();
+    let out = resolver.wait_with_output().unwrap();
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    let (connected, unconnected): (Vec<&str>, Vec<&str>) =
+        lines.iter().filter_map(|l| l.split_once('|')).unzip();
+    let report = lines.join("\n");
+    assert!(connected.len() > 20, "too few queries:\n{report}");
+    let lost = |names: &[&str]| names.iter().filter(|n| n.starts_with("lost")).count();
+    assert!(
+        lost(&connected) <= 1,
+        "the connected resolver lost more than one query:\n{report}"
+    );
+    assert_eq!(lost(&unconnected), 0, "the unconnected socket lost queries:\n{report}");
+    assert_eq!(lines.last().map(String::as_str), Some("port-kept"), "{report}");
+    for (name, names) in [("connected", &connected), ("unconnected", &unconnected)] {
+        assert_eq!(names.first(), Some(&"web-0"), "{name}:\n{report}");
+        // Within a second of the change (10 queries), every answer comes from web-1.
+        assert!(
+            names[names.len() - 10..].iter().all(|n| *n == "web-1"),
+            "{name} socket still on web-0 after it left:\n{report}"
+        );
+    }
+    // The TCP connection translated at the socket keeps its backend (kube-proxy's semantics).
+    let after = held.exchange("after").unwrap();
+    assert!(after.starts_with("web-0 "), "{after}");
+    assert!(
+        agent
+            .log_text()
+            .contains("connected UDP sockets whose backend left were terminated"),
+        "{}",
+        agent.log_text()
+    );
+}
+
+#[test]
+fn socket_translations_are_forgotten_when_the_sockets_close() {
+    require_root!();
+    let c = cluster(&[]);
+    let agent = &c.agents[0];
+    let entries = || -> u64 {
+        let stats = agent.cli_json(&["stats"]).unwrap();
+        stats["maps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["map"] == "dp_sock_v1")
+            .and_then(|m| m["entries"].as_u64())
+            .expect("stats shows dp_sock_v1")
+    };
+    let baseline = entries();
+    // 100,000 short-lived connected UDP sockets and 1,000 TCP connections, all translated.
+    let churn = format!(
+        "import socket\n\
+         for i in range(100000):\n\
+         \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('{CLUSTER_IP}', 53)); s.close()\n\
+         for i in range(1000):\n\
+         \x20   socket.create_connection(('{CLUSTER_IP}', 80), 3).close()\n\
+         print('done')"
+    );
+    let node = &c.nodes[0].node.netns;
+    assert_eq!(output(node.command("python3").args(["-c", &churn])), "done");
+    let translated = socket_connections(agent, &format!("{CLUSTER_IP}:53"));
+    assert!(translated >= 100_000, "only {translated} translated");
+    wait("dp_sock_v1 back to its baseline", || entries() <= baseline);
 }

@@ -63,8 +63,9 @@ fn send(fd: &OwnedFd, message: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The socket ids (as the kernel reports them) of this namespace's IPv4 UDP sockets whose
-/// cookie is in `cookies`.
+/// The socket ids (as the kernel reports them) of this namespace's connected IPv4 UDP sockets
+/// whose cookie is in `cookies`. Unconnected ones (no destination) are never returned:
+/// destroying one would silently change its source port.
 fn find_udp(fd: &OwnedFd, cookies: &BTreeSet<u64>) -> anyhow::Result<Vec<[u8; SOCKID_LEN]>> {
     send(
         fd,
@@ -101,11 +102,9 @@ fn find_udp(fd: &OwnedFd, cookies: &BTreeSet<u64>) -> anyhow::Result<Vec<[u8; SO
                     let body = &rest[NLMSG_HDRLEN..len];
                     if body.len() >= 4 + SOCKID_LEN {
                         let sockid: [u8; SOCKID_LEN] = body[4..4 + SOCKID_LEN].try_into().unwrap();
-                        let cookie = u32::from_ne_bytes(sockid[40..44].try_into().unwrap())
-                            as u64
-                            | (u32::from_ne_bytes(sockid[44..48].try_into().unwrap()) as u64)
-                                << 32;
-                        if cookies.contains(&cookie) {
+                        let cookie = u64::from_ne_bytes(sockid[40..48].try_into().unwrap());
+                        let connected = sockid[20..24] != [0; 4];
+                        if connected && cookies.contains(&cookie) {
                             found.push(sockid);
                         }
                     }
@@ -117,18 +116,22 @@ fn find_udp(fd: &OwnedFd, cookies: &BTreeSet<u64>) -> anyhow::Result<Vec<[u8; SO
     }
 }
 
-/// Destroys this namespace's IPv4 UDP sockets whose cookie is in `cookies`.
-pub fn destroy_udp(cookies: &BTreeSet<u64>) -> anyhow::Result<usize> {
+/// Destroys this namespace's connected IPv4 UDP sockets whose cookie is in `cookies`;
+/// returns the cookies of those destroyed.
+pub fn destroy_udp(cookies: &BTreeSet<u64>) -> anyhow::Result<BTreeSet<u64>> {
     let fd = netlink_socket().context("opening a sock_diag socket")?;
-    let mut destroyed = 0;
+    let mut destroyed = BTreeSet::new();
     for sockid in find_udp(&fd, cookies)? {
+        let cookie = u64::from_ne_bytes(sockid[40..48].try_into().unwrap());
         send(&fd, &request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &sockid))?;
         let mut reply = [0u8; 256];
         // SAFETY: a receive into a buffer we own.
         let n = unsafe { libc::recv(fd.as_raw_fd(), reply.as_mut_ptr().cast(), reply.len(), 0) };
         if n >= 20 && u16::from_ne_bytes([reply[4], reply[5]]) == NLMSG_ERROR {
             match i32::from_ne_bytes(reply[16..20].try_into().unwrap()) {
-                0 => destroyed += 1,
+                0 => {
+                    destroyed.insert(cookie);
+                }
                 // Closed meanwhile.
                 e if -e == libc::ENOENT => {}
                 e => {
@@ -142,7 +145,9 @@ pub fn destroy_udp(cookies: &BTreeSet<u64>) -> anyhow::Result<usize> {
 
 /// `destroy_udp` in every network namespace a process on the node lives in (the node's and
 /// each pod's), each entered from a short-lived thread (a namespace switch is per thread).
-pub fn destroy_udp_in_every_namespace(cookies: &BTreeSet<u64>) -> anyhow::Result<usize> {
+pub fn destroy_udp_in_every_namespace(
+    cookies: &BTreeSet<u64>,
+) -> anyhow::Result<BTreeSet<u64>> {
     use std::os::unix::fs::MetadataExt;
     let mut seen = BTreeSet::new();
     let mut destroyed = destroy_udp(cookies)?;
@@ -170,7 +175,7 @@ pub fn destroy_udp_in_every_namespace(cookies: &BTreeSet<u64>) -> anyhow::Result
         })
         .join();
         match result {
-            Ok(Ok(n)) => destroyed += n,
+            Ok(Ok(more)) => destroyed.extend(more),
             Ok(Err(e)) => tracing::debug!(namespace = %path.display(), error = %format!("{e:#}"), "cannot look for UDP sockets"),
             Err(_) => {}
         }

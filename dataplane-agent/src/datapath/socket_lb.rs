@@ -258,13 +258,13 @@ pub fn detach_all(layout: &BpffsLayout) -> Vec<String> {
 /// Every endpoint (address, port) of each UDP frontend (address, port), in any condition.
 pub type UdpEndpoints = BTreeMap<([u8; 4], u16), BTreeSet<([u8; 4], u16)>>;
 
-/// Connected UDP sockets translated to a backend that is no longer an endpoint (in any
-/// condition) of the frontend they asked for: by socket cookie, with what they were
-/// translated from. `endpoints` maps each UDP frontend to every endpoint it still has.
-pub fn stale_udp_sockets(
+/// The translations of UDP sockets to a backend that is no longer an endpoint (in any
+/// condition) of the frontend they asked for. `endpoints` maps each UDP frontend to every
+/// endpoint it still has.
+pub fn stale_udp_translations(
     entries: impl IntoIterator<Item = (SockKey, SockEntry)>,
     endpoints: &UdpEndpoints,
-) -> BTreeSet<u64> {
+) -> Vec<SockKey> {
     entries
         .into_iter()
         .filter(|(key, _)| key.proto == IPPROTO_UDP && key.kind == SOCK_REVERSE)
@@ -273,40 +273,35 @@ pub fn stale_udp_sockets(
                 .get(&(entry.addr, entry.port))
                 .is_some_and(|set| set.contains(&(key.addr, key.port)))
         })
-        .map(|(key, _)| key.cookie)
+        .map(|(key, _)| key)
         .collect()
 }
 
-/// Terminates the connected UDP sockets among `cookies` (in this network namespace, and with
-/// `--socket-lb all` in every pod's), and forgets their translations. Returns how many.
-pub fn terminate_udp_sockets(
+/// Ends `stale` translations: the connected sockets among them are terminated (in this
+/// network namespace, and with `--socket-lb all` in every pod's); unconnected ones only lose
+/// the translation (as kube-proxy flushes a gone endpoint's UDP conntrack entries), their
+/// next datagram picks a current backend. Returns how many sockets were terminated.
+pub fn end_stale_udp_translations(
     maps: &mut PinnedMaps,
-    cookies: &BTreeSet<u64>,
+    stale: &[SockKey],
     mode: SocketLbMode,
 ) -> usize {
-    if cookies.is_empty() {
+    if stale.is_empty() {
         return 0;
     }
+    let cookies: BTreeSet<u64> = stale.iter().map(|k| k.cookie).collect();
     let destroyed = match mode {
-        SocketLbMode::All => sock_diag::destroy_udp_in_every_namespace(cookies),
-        _ => sock_diag::destroy_udp(cookies),
+        SocketLbMode::All => sock_diag::destroy_udp_in_every_namespace(&cookies),
+        _ => sock_diag::destroy_udp(&cookies),
     };
     let destroyed = destroyed.unwrap_or_else(|e| {
         warn!(error = %format!("{e:#}"), "cannot terminate UDP sockets whose backend left");
-        0
+        BTreeSet::new()
     });
-    // The entries of a destroyed socket go when it is released; those of a socket already
-    // gone (or unconnected) are no use either.
-    let keys: Vec<SockKey> = maps
-        .sockets
-        .keys()
-        .flatten()
-        .filter(|k| k.proto == IPPROTO_UDP && k.kind == SOCK_REVERSE && cookies.contains(&k.cookie))
-        .collect();
-    for key in keys {
-        let _ = maps.sockets.remove(&key);
+    for key in stale {
+        let _ = maps.sockets.remove(key);
     }
-    destroyed
+    destroyed.len()
 }
 
 /// The few raw bpf(2) commands aya does not offer for cgroup links.
