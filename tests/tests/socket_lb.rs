@@ -399,13 +399,14 @@ fn socket_translations_are_forgotten_when_the_sockets_close() {
             .expect("stats shows dp_sock_v1")
     };
     let baseline = entries();
-    // 100,000 short-lived connected UDP sockets and 1,000 TCP connections, all translated.
+    // 100,000 short-lived connected UDP sockets and 1,000 TCP connections (to the line
+    // servers, whose listen backlog takes bursts), all translated.
     let churn = format!(
         "import socket\n\
          for i in range(100000):\n\
          \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('{CLUSTER_IP}', 53)); s.close()\n\
          for i in range(1000):\n\
-         \x20   socket.create_connection(('{CLUSTER_IP}', 80), 3).close()\n\
+         \x20   socket.create_connection(('{CLUSTER_IP}', {LINES}), 3).close()\n\
          print('done')"
     );
     let node = &c.nodes[0].node.netns;
