@@ -59,7 +59,10 @@ except OSError as e:
 "#;
 
 fn client(ns: &Netns, op: &str, host: &str, port: u16) -> String {
-    output(ns.command("python3").args(["-c", CLIENT, op, host, &port.to_string()]))
+    output(
+        ns.command("python3")
+            .args(["-c", CLIENT, op, host, &port.to_string()]),
+    )
 }
 
 /// A command's stdout, trimmed, or what went wrong.
@@ -212,7 +215,8 @@ fn a_service_without_endpoints_refuses_at_connect_and_affinity_holds_for_host_cl
     require_root!();
     let c = cluster(&[]);
     let ips = [c.nodes[0].node.pods[0].ip, c.nodes[1].node.pods[0].ip];
-    c.write_manifest("more.yaml", &sticky_and_empty(&ips)).unwrap();
+    c.write_manifest("more.yaml", &sticky_and_empty(&ips))
+        .unwrap();
     let agent = &c.agents[0];
     agent.wait_for_backends("10.96.0.30:80", 2).unwrap();
     agent.wait_for_backends("10.96.0.31:80", 0).unwrap();
@@ -248,7 +252,11 @@ fn sockets_outside_the_nodes_namespace_or_cgroup_are_not_translated() {
     let c = cluster(&[]);
     let agent = &c.agents[0];
     let node = &c.nodes[0].node;
-    let cgroup = node.netns.cgroup.as_ref().expect("testbed nodes have a cgroup");
+    let cgroup = node
+        .netns
+        .cgroup
+        .as_ref()
+        .expect("testbed nodes have a cgroup");
     let frontend = format!("{CLUSTER_IP}:53");
     let args = ["-c", CLIENT, "connect-only", CLUSTER_IP, "53"];
     let before = socket_connections(agent, &frontend);
@@ -333,7 +341,9 @@ fn connected_udp_sockets_move_when_their_backend_leaves_and_tcp_keeps_it() {
     // Only web-0 serves at first: every socket starts there.
     c.write_manifest("web.yaml", &web(&[web0])).unwrap();
     let agent = &c.agents[0];
-    agent.wait_for_backends(&format!("{CLUSTER_IP}:53"), 1).unwrap();
+    agent
+        .wait_for_backends(&format!("{CLUSTER_IP}:53"), 1)
+        .unwrap();
     let node = &c.nodes[0].node.netns;
     let mut held = LineConnection::open(node, &format!("{CLUSTER_IP}:{LINES}"), None).unwrap();
     let before = held.exchange("before").unwrap();
@@ -361,8 +371,16 @@ fn connected_udp_sockets_move_when_their_backend_leaves_and_tcp_keeps_it() {
         lost(&connected) <= 1,
         "the connected resolver lost more than one query:\n{report}"
     );
-    assert_eq!(lost(&unconnected), 0, "the unconnected socket lost queries:\n{report}");
-    assert_eq!(lines.last().map(String::as_str), Some("port-kept"), "{report}");
+    assert_eq!(
+        lost(&unconnected),
+        0,
+        "the unconnected socket lost queries:\n{report}"
+    );
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("port-kept"),
+        "{report}"
+    );
     for (name, names) in [("connected", &connected), ("unconnected", &unconnected)] {
         assert_eq!(names.first(), Some(&"web-0"), "{name}:\n{report}");
         // Within a second of the change (10 queries), every answer comes from web-1.
@@ -414,4 +432,153 @@ fn socket_translations_are_forgotten_when_the_sockets_close() {
     let translated = socket_connections(agent, &format!("{CLUSTER_IP}:53"));
     assert!(translated >= 100_000, "only {translated} translated");
     wait("dp_sock_v1 back to its baseline", || entries() <= baseline);
+}
+
+/// Flows `flows` shows from `client_ip`, by source (`packet` or `socket`).
+fn flow_sources(agent: &Agent, client_ip: Ipv4Addr) -> Vec<String> {
+    let flows = agent.cli_json(&["flows"]).unwrap();
+    flows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| {
+            f["client"]
+                .as_str()
+                .is_some_and(|c| c.starts_with(&format!("{client_ip}:")))
+        })
+        .map(|f| f["source"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn host_mode_leaves_pods_to_the_per_packet_path() {
+    require_root!();
+    let mut c = cluster(&[]);
+    let pod_ip = c.pod("client-pod").ip;
+    let agent = &c.agents[0];
+    let frontend = format!("{CLUSTER_IP}:80");
+    let before = socket_connections(agent, &frontend);
+    let pod = &c.nodes[0].node.pods[1].netns;
+    let answer = client(pod, "tcp", CLUSTER_IP, 80);
+    answered_by(&answer, &frontend, &["web-0", "web-1"]).unwrap();
+    assert_eq!(socket_connections(agent, &frontend), before);
+    let sources = flow_sources(agent, pod_ip);
+    assert_eq!(sources, ["packet"], "the pod's flow in `flows`");
+}
+
+#[test]
+fn all_mode_translates_pod_sockets_too() {
+    require_root!();
+    let mut c = cluster(&["--socket-lb", "all"]);
+    let pod_ip = c.pod("client-pod").ip;
+    let agent = &c.agents[0];
+    let frontend = format!("{CLUSTER_IP}:80");
+    let before = socket_connections(agent, &frontend);
+    let pod = &c.nodes[0].node.pods[1].netns;
+    for (op, port, peer) in [
+        ("tcp", 80, frontend.clone()),
+        ("udp-connected", 53, format!("{CLUSTER_IP}:53")),
+        ("udp-unconnected", 53, format!("{CLUSTER_IP}:53")),
+    ] {
+        let answer = client(pod, op, CLUSTER_IP, port);
+        answered_by(&answer, &peer, &["web-0", "web-1"]).unwrap_or_else(|e| panic!("{op}: {e}"));
+    }
+    assert_eq!(socket_connections(agent, &frontend), before + 1);
+    // Translated at the socket: the tc path saw only pod-to-pod packets.
+    assert!(
+        flow_sources(agent, pod_ip).is_empty(),
+        "per-packet flows from the pod: {:?}",
+        agent.cli_json(&["flows"]).unwrap()
+    );
+    // The node's own processes are translated as in `host` mode.
+    let node = &c.nodes[0].node.netns;
+    let answer = client(node, "tcp", CLUSTER_IP, 80);
+    answered_by(&answer, &frontend, &["web-0", "web-1"]).unwrap();
+    assert_eq!(socket_connections(agent, &frontend), before + 2);
+}
+
+/// The programs attached at a cgroup (bpftool's view), by name.
+fn attached_programs(cgroup: &std::path::Path) -> Vec<String> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mut names: Vec<String> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str().map(String::from))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn restarts_take_the_socket_hooks_over_and_cleanup_removes_them() {
+    require_root!();
+    let mut c = cluster(&[]);
+    let cgroup = c.nodes[0].node.netns.cgroup.clone().unwrap();
+    let hooks = attached_programs(&cgroup.path);
+    assert_eq!(hooks.len(), 5, "hooks after start: {hooks:?}");
+    // A host client connecting all through a restart: never refused, never untranslated.
+    let node_path = c.nodes[0].node.netns.path();
+    let loop_client = format!(
+        "import socket, time\n\
+         ok = bad = 0\n\
+         end = time.monotonic() + 4\n\
+         while time.monotonic() < end:\n\
+         \x20   try:\n\
+         \x20       s = socket.create_connection(('{CLUSTER_IP}', {LINES}), 1)\n\
+         \x20       ok += s.getpeername() == ('{CLUSTER_IP}', {LINES})\n\
+         \x20       s.close()\n\
+         \x20   except OSError:\n\
+         \x20       bad += 1\n\
+         \x20   time.sleep(0.01)\n\
+         print(ok, bad)"
+    );
+    let running = c.nodes[0]
+        .node
+        .netns
+        .command("python3")
+        .args(["-c", &loop_client])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    c.agents[0].restart().unwrap();
+    let out = running.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let counts: Vec<u64> = text
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert!(
+        counts.len() == 2 && counts[0] > 50 && counts[1] == 0,
+        "connections through the restart (translated, failed): {text:?} ({})",
+        node_path.display()
+    );
+    let log = c.agents[0].log_text();
+    assert_eq!(
+        log.matches("socket hook attached").count(),
+        10,
+        "start and restart each attach five hooks:\n{log}"
+    );
+    assert_eq!(
+        attached_programs(&cgroup.path),
+        hooks,
+        "the restart replaced the programs in place (no second set)"
+    );
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("socket hook attached"))
+            .skip(5)
+            .all(|l| l.contains("replaced program in pinned link")),
+        "{log}"
+    );
+    // `cleanup` (after the agent stops) detaches them.
+    let agent = c.agents.remove(0);
+    drop(agent);
+    assert_eq!(attached_programs(&cgroup.path), Vec::<String>::new());
 }

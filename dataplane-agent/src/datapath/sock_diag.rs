@@ -123,7 +123,10 @@ pub fn destroy_udp(cookies: &BTreeSet<u64>) -> anyhow::Result<BTreeSet<u64>> {
     let mut destroyed = BTreeSet::new();
     for sockid in find_udp(&fd, cookies)? {
         let cookie = u64::from_ne_bytes(sockid[40..48].try_into().unwrap());
-        send(&fd, &request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &sockid))?;
+        send(
+            &fd,
+            &request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &sockid),
+        )?;
         let mut reply = [0u8; 256];
         // SAFETY: a receive into a buffer we own.
         let n = unsafe { libc::recv(fd.as_raw_fd(), reply.as_mut_ptr().cast(), reply.len(), 0) };
@@ -145,9 +148,7 @@ pub fn destroy_udp(cookies: &BTreeSet<u64>) -> anyhow::Result<BTreeSet<u64>> {
 
 /// `destroy_udp` in every network namespace a process on the node lives in (the node's and
 /// each pod's), each entered from a short-lived thread (a namespace switch is per thread).
-pub fn destroy_udp_in_every_namespace(
-    cookies: &BTreeSet<u64>,
-) -> anyhow::Result<BTreeSet<u64>> {
+pub fn destroy_udp_in_every_namespace(cookies: &BTreeSet<u64>) -> anyhow::Result<BTreeSet<u64>> {
     use std::os::unix::fs::MetadataExt;
     let mut seen = BTreeSet::new();
     let mut destroyed = destroy_udp(cookies)?;
@@ -176,7 +177,9 @@ pub fn destroy_udp_in_every_namespace(
         .join();
         match result {
             Ok(Ok(more)) => destroyed.extend(more),
-            Ok(Err(e)) => tracing::debug!(namespace = %path.display(), error = %format!("{e:#}"), "cannot look for UDP sockets"),
+            Ok(Err(e)) => {
+                tracing::debug!(namespace = %path.display(), error = %format!("{e:#}"), "cannot look for UDP sockets")
+            }
             Err(_) => {}
         }
     }

@@ -335,7 +335,8 @@ mod bpf_sys {
         let path = std::ffi::CString::new(pin.as_os_str().as_bytes())?;
         let mut attr = [0u64; 16];
         attr[0] = path.as_ptr() as u64; // pathname
-        let fd = bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("opening {}", pin.display()))?;
+        let fd =
+            bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("opening {}", pin.display()))?;
         // SAFETY: the kernel just returned this descriptor to us.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     }
