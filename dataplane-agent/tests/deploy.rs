@@ -650,6 +650,8 @@ fn every_flag_the_daemonset_passes_exists_in_the_agent() {
 struct Sandbox {
     holder: Child,
     pid: u32,
+    /// A cgroup v2 directory of the sandbox's own for the socket hooks (`--cgroup-root`).
+    cgroup: PathBuf,
     bpffs: tempfile::TempDir,
     manifests: tempfile::TempDir,
 }
@@ -689,9 +691,18 @@ impl Sandbox {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        let unified = std::path::Path::new("/sys/fs/cgroup");
+        let mount = if unified.join("cgroup.controllers").exists() {
+            unified.to_path_buf()
+        } else {
+            unified.join("unified")
+        };
+        let cgroup = mount.join(format!("dataplane-deploy-{pid}"));
+        std::fs::create_dir_all(&cgroup).map_err(|e| format!("{}: {e}", cgroup.display()))?;
         let sandbox = Self {
             holder,
             pid,
+            cgroup,
             bpffs: tempfile::tempdir().unwrap(),
             manifests: tempfile::tempdir().unwrap(),
         };
@@ -777,6 +788,8 @@ impl Sandbox {
             "127.0.0.1:10256",
             "--metrics-bind-address",
             "127.0.0.1:10249",
+            "--cgroup-root",
+            &self.cgroup.display().to_string(),
         ]
         .map(String::from)
         .to_vec()
@@ -788,6 +801,7 @@ impl Drop for Sandbox {
         // The namespaces, the veths, the bpffs and every pin in it go with their last process.
         let _ = self.holder.kill();
         let _ = self.holder.wait();
+        let _ = std::fs::remove_dir(&self.cgroup);
     }
 }
 
@@ -917,10 +931,11 @@ fn the_daemonsets_capabilities_suffice_and_each_is_needed() {
         &["interface=veth-dp0", "interface=eth-dp0"],
     );
     assert!(running, "the restarted agent stopped\n{log}");
-    // Three links: the pod veth's ingress, the external interface's ingress and egress.
+    // Eight links: the pod veth's ingress, the external interface's ingress and egress, and
+    // the five socket hooks at the cgroup.
     assert_eq!(
         log.matches("replaced program in pinned link").count(),
-        3,
+        8,
         "{log}"
     );
 
