@@ -335,13 +335,15 @@ enum Command {
     /// Run the live program on a synthetic packet (BPF_PROG_TEST_RUN, live maps) and show what
     /// it did: frontend, backend and why, translation, verdict. Leaves no state behind.
     Trace {
-        /// Source address, with a port or not (a free one is picked).
+        /// Source address, with a port or not (a free one is picked). Needed for the pod and
+        /// external entries; with `--entry host`, the socket is bound to it if given.
         #[arg(long, value_parser = parse_from)]
-        from: (Ipv4Addr, Option<u16>),
+        from: Option<(Ipv4Addr, Option<u16>)>,
         /// Destination as IP:PORT/PROTO, e.g. 10.96.0.10:80/TCP.
         #[arg(long, value_parser = parse_to)]
         to: (SocketAddrV4, Protocol),
-        /// The program the packet enters: from a pod, or from an external interface.
+        /// The program the packet enters: from a pod, or from an external interface; or
+        /// `host`: a real connection from this process through the socket hooks.
         #[arg(long, value_enum, default_value = "pod")]
         entry: dataplane_agent::trace::Entry,
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
@@ -508,9 +510,18 @@ fn main() -> anyhow::Result<()> {
             bpffs_dir,
             output,
         } => {
-            let port = from
-                .1
-                .unwrap_or_else(|| 40000 + (std::process::id() % 20000) as u16);
+            let host = entry == dataplane_agent::trace::Entry::Host;
+            anyhow::ensure!(
+                from.is_some() || host,
+                "--from is needed with --entry pod or external"
+            );
+            let from = from.unwrap_or((Ipv4Addr::UNSPECIFIED, None));
+            // A real socket (host) binds only what was asked; a synthetic packet needs a port.
+            let port = match from.1 {
+                Some(port) => port,
+                None if host => 0,
+                None => 40000 + (std::process::id() % 20000) as u16,
+            };
             let layout = BpffsLayout::new(bpffs_dir);
             let result = dataplane_agent::trace::trace(
                 &layout,

@@ -24,6 +24,11 @@ pub enum Entry {
     Pod,
     /// As if arriving on an external interface (external_ingress).
     External,
+    /// A real connection from this process, translated by the socket hooks (sock_connect4):
+    /// run it on the node (in its network namespace and under the agent's --cgroup-root, as
+    /// `kubectl exec` into the agent's pod is). TCP opens and closes a connection to the
+    /// backend; UDP connects without sending anything.
+    Host,
 }
 
 #[derive(Debug, Serialize)]
@@ -169,6 +174,7 @@ pub fn trace(
     let program_name = match entry {
         Entry::Pod => PROG_POD_INGRESS,
         Entry::External => PROG_EXTERNAL_INGRESS,
+        Entry::Host => return trace_host(&maps, from, to, protocol),
     };
     let program = SchedClassifier::from_pin(layout.program(program_name)).with_context(|| {
         format!("no pinned {program_name} program: is the agent's datapath loaded?")
@@ -290,6 +296,143 @@ pub fn trace(
             7 if answered => "answered: sent back to the client (TC_ACT_REDIRECT)",
             7 => "forwarded: out of the interface the FIB names, past netfilter (TC_ACT_REDIRECT)",
             _ => "other",
+        },
+    })
+}
+
+/// `--entry host`: connects a real socket from this process to `to` and reads what the
+/// socket hooks made of it: the translation they recorded under the socket's cookie.
+fn trace_host(
+    maps: &PinnedMaps,
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    protocol: Protocol,
+) -> anyhow::Result<TraceResult> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let proto = protocol.number();
+    let service = maps
+        .services
+        .get(
+            &ServiceKey {
+                addr: to.ip().octets(),
+                port: to.port(),
+                proto,
+                scope: SCOPE_DEFAULT,
+                ..Default::default()
+            },
+            0,
+        )
+        .ok();
+    let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let kind = match protocol {
+        Protocol::Tcp => libc::SOCK_STREAM,
+        Protocol::Udp => libc::SOCK_DGRAM,
+    };
+    // SAFETY: plain socket calls on a descriptor owned here, with correctly sized arguments.
+    let (_socket, connected, cookie, peer) = unsafe {
+        let fd = libc::socket(libc::AF_INET, kind | libc::SOCK_CLOEXEC, 0);
+        anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let socket = OwnedFd::from_raw_fd(fd);
+        if !from.ip().is_unspecified() || from.port() != 0 {
+            let local = sockaddr(from);
+            if libc::bind(fd, (&raw const local).cast(), len) != 0 {
+                anyhow::bail!("binding {from}: {}", std::io::Error::last_os_error());
+            }
+        }
+        let timeout = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+        let (mut cookie, mut cookie_len) = (0u64, 8 as libc::socklen_t);
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut cookie_len,
+        );
+        let remote = sockaddr(to);
+        let connected = if libc::connect(fd, (&raw const remote).cast(), len) == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        };
+        let mut peer: libc::sockaddr_in = std::mem::zeroed();
+        let mut peer_len = len;
+        let peer = (libc::getpeername(socket.as_raw_fd(), (&raw mut peer).cast(), &mut peer_len)
+            == 0)
+            .then(|| {
+                SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(peer.sin_addr.s_addr)),
+                    u16::from_be(peer.sin_port),
+                )
+            });
+        (socket, connected, cookie, peer)
+    };
+    // Read while the socket is open: its release removes the translation.
+    let translation = maps
+        .sockets
+        .iter()
+        .flatten()
+        .find(|(key, _)| key.cookie == cookie && key.kind == dataplane_common::SOCK_REVERSE);
+    let names = crate::inspect::services(maps)?;
+    let service_name = names
+        .iter()
+        .find(|s| s.frontend == to.to_string() && s.protocol == protocol.to_string())
+        .map(|s| s.service.clone());
+    let backend = translation
+        .map(|(key, _)| SocketAddrV4::new(Ipv4Addr::from(key.addr), key.port).to_string());
+    let choice = backend.as_ref().and(service).map(|s| {
+        if s.flags & SVC_FLAG_AFFINITY != 0 {
+            "session affinity: the node's remembered backend, or a new choice".to_string()
+        } else if s.flags & SVC_FLAG_MAGLEV != 0 {
+            "maglev: hash of the node's address and the socket".to_string()
+        } else {
+            format!("random: one of {} backends", s.count)
+        }
+    });
+    let shown = peer.map_or("no peer".to_string(), |p| format!("getpeername() {p}"));
+    Ok(TraceResult {
+        packet: format!("connect() to {to} {protocol}"),
+        program: dataplane_common::PROG_SOCK_CONNECT4,
+        frontend: service.map(|_| format!("{to}/{protocol}")),
+        service: service_name,
+        choice,
+        translated: match (&backend, &connected) {
+            (Some(b), Ok(())) => format!("socket connected to {b}; {shown}"),
+            (Some(b), Err(e)) => format!("socket sent to {b}, connect failed: {e}"),
+            (None, Ok(())) => format!("socket connected untranslated; {shown}"),
+            (None, Err(e)) => format!("connect failed: {e}"),
+        },
+        backend,
+        verdict: match (&translation, &connected) {
+            (Some(_), Ok(())) => "translated at connect()",
+            (Some(_), Err(_)) => "translated at connect(); the backend did not accept",
+            (None, Err(e)) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                "refused at connect(): no endpoints"
+            }
+            (None, Err(e)) if e.raw_os_error() == Some(libc::EHOSTUNREACH) => {
+                "refused at connect(): no endpoint this node may use"
+            }
+            (None, _) if service.is_some() => {
+                "not translated: this process is outside the agent's --socket-lb scope (cgroup or network namespace)"
+            }
+            (None, _) => "not translated: not a service address",
         },
     })
 }

@@ -244,6 +244,30 @@ fn a_service_without_endpoints_refuses_at_connect_and_affinity_holds_for_host_cl
         backends.iter().all(|b| *b == backends[0]),
         "session affinity not kept for a host client: {backends:?}"
     );
+    // `trace --entry host` makes a real connection from the node and shows its translation.
+    let trace = |to: &str| -> serde_json::Value {
+        let out = output(
+            node.command(testbed::agent_binary().to_str().unwrap())
+                .args(["trace", "--entry", "host", "--to", to, "-o", "json"])
+                .arg("--bpffs-dir")
+                .arg(&agent.bpffs_dir),
+        );
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("trace {to}: {e}: {out}"))
+    };
+    let sticky = trace("10.96.0.30:80/TCP");
+    assert_eq!(sticky["verdict"], "translated at connect()", "{sticky}");
+    assert_eq!(sticky["service"], "default/sticky", "{sticky}");
+    let web = if backends[0] == "web-0" {
+        ips[0]
+    } else {
+        ips[1]
+    };
+    assert_eq!(sticky["backend"], format!("{web}:8080"), "{sticky}");
+    let empty = trace("10.96.0.31:53/UDP");
+    assert_eq!(
+        empty["verdict"], "refused at connect(): no endpoints",
+        "{empty}"
+    );
 }
 
 #[test]
