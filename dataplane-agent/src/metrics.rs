@@ -703,7 +703,7 @@ mod tests {
     use super::*;
 
     /// Every family the scrape below exposes, with its `# TYPE`.
-    const EXPECTED_TYPES: [(&str, &str); 18] = [
+    const EXPECTED_TYPES: [(&str, &str); 20] = [
         ("kubeproxy_sync_proxy_rules_duration_seconds", "histogram"),
         ("kubeproxy_sync_proxy_rules_last_timestamp_seconds", "gauge"),
         (
@@ -1088,6 +1088,7 @@ mod tests {
                     packets: 42,
                     bytes: 4200,
                     connections: 7,
+                    socket_connections: 5,
                 },
                 ServiceCounters {
                     service: "default/web".into(),
@@ -1098,6 +1099,7 @@ mod tests {
                     packets: 3,
                     bytes: 300,
                     connections: 1,
+                    socket_connections: 0,
                 },
             ],
             backends: vec![BackendCounters {
@@ -1108,6 +1110,7 @@ mod tests {
                 packets: 45,
                 bytes: 4500,
                 connections: 8,
+                socket_connections: 5,
             }],
             drops: vec![("no_endpoints".into(), 5), ("source_range".into(), 2)],
             conntrack_entries: 16,
@@ -1516,6 +1519,7 @@ mod tests {
             packets: 1,
             bytes: 100,
             connections: 1,
+            socket_connections: 0,
         };
         let datapath: Datapath = Arc::new(move || DatapathSnapshot {
             services: vec![row.clone(), row.clone()],

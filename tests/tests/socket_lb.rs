@@ -287,19 +287,19 @@ fn sockets_outside_the_nodes_namespace_or_cgroup_are_not_translated() {
     let outsiders = [
         (
             "node namespace, outside the node's cgroup",
-            output(node.netns.command_outside_cgroup("python3").args(&args)),
+            output(node.netns.command_outside_cgroup("python3").args(args)),
         ),
         (
             "node's cgroup, root namespace",
-            output(cgroup.command("python3").args(&args)),
+            output(cgroup.command("python3").args(args)),
         ),
         (
             "a pod (node's cgroup, pod namespace; --socket-lb host)",
-            output(node.pods[1].netns.command("python3").args(&args)),
+            output(node.pods[1].netns.command("python3").args(args)),
         ),
         (
             "node b (its own agent translates it)",
-            output(c.nodes[1].node.netns.command("python3").args(&args)),
+            output(c.nodes[1].node.netns.command("python3").args(args)),
         ),
     ];
     for (who, answer) in &outsiders {
@@ -311,7 +311,7 @@ fn sockets_outside_the_nodes_namespace_or_cgroup_are_not_translated() {
         "node a's agent translated a socket outside its node: {outsiders:?}"
     );
     // The same call from the node itself is translated (and counted).
-    let answer = output(node.netns.command("python3").args(&args));
+    let answer = output(node.netns.command("python3").args(args));
     assert_eq!(answer, frontend);
     assert_eq!(socket_connections(agent, &frontend), before + 1);
 }
