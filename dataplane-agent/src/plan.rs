@@ -69,6 +69,15 @@ pub enum FrontendKind {
 }
 
 impl FrontendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIP => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+            FrontendKind::ExternalIP => "ExternalIP",
+        }
+    }
+
     /// Frontends for traffic from outside the cluster.
     pub fn is_external(self) -> bool {
         self != FrontendKind::ClusterIP

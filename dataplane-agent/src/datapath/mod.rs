@@ -6,5 +6,6 @@ pub mod loader;
 pub mod maps;
 pub mod programmer;
 pub mod takeover;
+pub mod translate;
 
 pub use layout::BpffsLayout;
