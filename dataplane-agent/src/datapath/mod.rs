@@ -4,6 +4,8 @@ pub mod attach;
 pub mod layout;
 pub mod loader;
 pub mod maps;
+#[cfg(test)]
+pub mod model;
 pub mod programmer;
 pub mod takeover;
 pub mod translate;

@@ -964,3 +964,127 @@ impl Programmer<PinnedMaps> {
             .count()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use dataplane_common::capacity;
+
+    use super::*;
+    use crate::{
+        datapath::{
+            model::MapModel,
+            translate::{Ids, translate},
+        },
+        objects::ClusterObjects,
+        plan::{NodeContext, compute},
+        source::manifests::parse_documents,
+    };
+
+    fn plan_of(yaml: &str) -> Plan {
+        let (objects, skipped) = parse_documents(std::path::Path::new("t.yaml"), yaml);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let mut cluster = ClusterObjects::default();
+        for o in objects {
+            cluster.insert(o, "node-a");
+        }
+        compute(&cluster, &NodeContext::named("node-a"))
+    }
+
+    fn on_model() -> Programmer<MapModel> {
+        let limits = (capacity::BACKENDS, capacity::FRONTENDS);
+        Programmer::from_contents(MapModel::default(), &MapContents::default(), limits)
+    }
+
+    /// A LoadBalancer service (Maglev, the default for external frontends) with a node port
+    /// and a load-balancer IP, `extra` added to its spec, and `endpoints` in its slice.
+    fn edge(extra: &str, endpoints: &str) -> String {
+        format!(
+            "apiVersion: v1
+kind: Node
+metadata: {{name: node-a}}
+status: {{addresses: [{{type: InternalIP, address: 192.0.2.11}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: edge, namespace: web}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.20.1
+  ports: [{{name: http, port: 80, nodePort: 30080}}]
+  {extra}
+status: {{loadBalancer: {{ingress: [{{ip: 198.51.100.10}}]}}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: edge-1, namespace: web, labels: {{kubernetes.io/service-name: edge}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: {endpoints}
+"
+        )
+    }
+
+    const TWO: &str =
+        "[{addresses: [10.0.1.1], nodeName: node-a}, {addresses: [10.0.1.2], nodeName: node-b}]";
+
+    /// Replays changes to a service through the programmer, one write at a time, and checks
+    /// after every write that no frontend reachable from its slot 0 points at a backend,
+    /// slot, Maglev table or source range that is not there.
+    #[test]
+    fn no_write_exposes_a_half_built_frontend() {
+        let states = [
+            edge("loadBalancerSourceRanges: [203.0.113.0/24]", TWO),
+            // Another range: the old one goes, the new one comes.
+            edge("loadBalancerSourceRanges: [192.0.2.0/24]", TWO),
+            // No endpoints and no source ranges: no Maglev table, no ranges.
+            edge("", "[]"),
+            edge(
+                "externalTrafficPolicy: Local\n  loadBalancerSourceRanges: [203.0.113.0/24]",
+                TWO,
+            ),
+            edge(
+                "loadBalancerSourceRanges: [203.0.113.0/24]",
+                "[{addresses: [10.0.1.3]}]",
+            ),
+            // Random instead of Maglev: the table goes.
+            edge("", TWO).replace(
+                "namespace: web}\nspec",
+                "namespace: web, annotations: {dataplane.dev/lb-algorithm: random}}\nspec",
+            ),
+            String::new(),
+        ];
+        let mut programmer = on_model();
+        for (i, yaml) in states.iter().enumerate() {
+            let plan = plan_of(yaml);
+            let report = programmer.apply(&plan);
+            assert!(
+                report.failures.is_empty(),
+                "state {i}: {:?}",
+                report.failures
+            );
+            assert!(
+                programmer.maps().violations.is_empty(),
+                "state {i}:\n{}\nwrites:\n{}",
+                programmer.maps().violations.join("\n"),
+                programmer.maps().log.join("\n")
+            );
+        }
+        assert_eq!(programmer.maps().contents, MapContents::default());
+    }
+
+    /// The programmer, starting on empty maps, writes exactly what `translate` says.
+    #[test]
+    fn programmed_maps_are_the_translation() {
+        let plan = plan_of(&edge(
+            "externalTrafficPolicy: Local\n  sessionAffinity: ClientIP\n  \
+             loadBalancerSourceRanges: [203.0.113.0/24]",
+            TWO,
+        ));
+        let mut programmer = on_model();
+        programmer.apply(&plan);
+        let frontends: Vec<&Frontend> = plan.frontends.iter().collect();
+        let expected = translate(&frontends, &mut Ids::fresh());
+        assert_eq!(programmer.maps().contents, expected);
+        assert!(!expected.maglev.is_empty() && !expected.source_ranges.is_empty());
+    }
+}
