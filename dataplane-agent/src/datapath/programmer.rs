@@ -1,8 +1,10 @@
 //! Writes a [`Plan`] into the maps as a diff against what they hold, in an order that never
 //! lets a packet see a half-built service: removed frontends go first (slot 0 before its
-//! slots, so their room serves new ones), then new backends, then each frontend's Maglev
-//! table and backend slots, then the frontend entry (slot 0) that makes them reachable;
-//! backends nothing uses any more go last.
+//! slots, so their room serves new ones), then new backends, then each frontend's new Maglev
+//! table, new source ranges and backend slots, then the frontend entry (slot 0) that makes
+//! them reachable, and only then the table and ranges slot 0 no longer points at; backends
+//! nothing uses any more go last. (`no_write_exposes_a_half_built_frontend` checks this
+//! after every single write.)
 //!
 //! What the entries hold is [`translate`]'s business; this module decides what changed and
 //! in which order it is written, through [`MapWrites`] (the pinned maps, or a model of them
@@ -332,7 +334,7 @@ impl<M: MapWrites> Programmer<M> {
                 continue;
             };
             self.sync_maglev(id, None, &mut report);
-            self.sync_source_ranges(id, &[], &mut report);
+            self.remove_source_ranges(id, &[], &mut report);
             if self.names.remove(&id).is_some() {
                 self.maps.remove_name(id);
             }
@@ -568,6 +570,9 @@ impl<M: MapWrites> Programmer<M> {
         }
     }
 
+    /// Programs one entry: what slot 0 will point at first (a new Maglev table, new source
+    /// ranges), then the slots and slot 0, then, once slot 0 no longer points at them, the
+    /// table and ranges it stopped using.
     fn program_entry(
         &mut self,
         entry: &WantedEntry,
@@ -588,18 +593,15 @@ impl<M: MapWrites> Programmer<M> {
             .filter_map(|b| Some((*b, *backends.get(&BackendAddr { addr: *b, protocol })?)))
             .take(MAX_SLOTS);
         ids.extend(resolved.clone().map(|(_, id)| id));
-        if entry.key.scope == SCOPE_DEFAULT {
-            let maglev = settings.flags & SVC_FLAG_MAGLEV != 0 && !ids.is_empty();
+        let default_scope = entry.key.scope == SCOPE_DEFAULT;
+        let maglev = default_scope && settings.flags & SVC_FLAG_MAGLEV != 0 && !ids.is_empty();
+        if maglev {
             // Building a table is the costliest step of a sync: only when its inputs change.
             let inputs_unchanged = self
                 .maglev_inputs
                 .get(&rev_nat_id)
                 .is_some_and(|inputs| inputs.iter().copied().eq(resolved.clone()));
-            let written = if !maglev {
-                self.sync_maglev(rev_nat_id, None, report)
-            } else if inputs_unchanged {
-                true // written when the inputs were recorded
-            } else {
+            let written = inputs_unchanged || {
                 let backends: Vec<(SocketAddrV4, u32)> = resolved.collect();
                 let table = translate::maglev_table(&backends);
                 self.maglev_inputs.insert(rev_nat_id, backends);
@@ -608,9 +610,31 @@ impl<M: MapWrites> Programmer<M> {
             if !written {
                 settings.flags &= !SVC_FLAG_MAGLEV; // no table: fall back to random slots
             }
-            self.sync_source_ranges(rev_nat_id, &entry.frontend.source_ranges, report);
         }
+        if default_scope {
+            self.add_source_ranges(rev_nat_id, &entry.frontend.source_ranges, report);
+        }
+        self.write_entry(entry, rev_nat_id, settings, ids, unused, report)?;
+        if default_scope {
+            if !maglev {
+                self.sync_maglev(rev_nat_id, None, report);
+            }
+            self.remove_source_ranges(rev_nat_id, &entry.frontend.source_ranges, report);
+        }
+        Ok(())
+    }
 
+    /// Writes an entry's slots, then its slot 0 (`ids`: its backend ids, in slot order).
+    fn write_entry(
+        &mut self,
+        entry: &WantedEntry,
+        rev_nat_id: u32,
+        settings: EntrySettings,
+        ids: Vec<u32>,
+        unused: &mut Vec<u32>,
+        report: &mut ApplyReport,
+    ) -> Result<(), String> {
+        let protocol = entry.key.frontend.protocol;
         let retained: Vec<u32> = entry
             .retained
             .iter()
@@ -739,31 +763,49 @@ impl<M: MapWrites> Programmer<M> {
         }
     }
 
-    fn sync_source_ranges(&mut self, rev_nat_id: u32, wanted: &[Cidr], report: &mut ApplyReport) {
-        let wanted: BTreeSet<Cidr> = wanted.iter().copied().collect();
-        let current = self.source_ranges.remove(&rev_nat_id).unwrap_or_default();
-        let mut programmed = BTreeSet::new();
-        for cidr in wanted.union(&current) {
-            let range = translate::source_range(rev_nat_id, cidr);
-            match (wanted.contains(cidr), current.contains(cidr)) {
-                (true, true) => {
-                    programmed.insert(*cidr);
+    /// Adds the frontend's source ranges it does not have yet.
+    fn add_source_ranges(&mut self, rev_nat_id: u32, wanted: &[Cidr], report: &mut ApplyReport) {
+        for cidr in wanted {
+            let current = self.source_ranges.entry(rev_nat_id).or_default();
+            if current.contains(cidr) {
+                continue;
+            }
+            match self
+                .maps
+                .add_source_range(translate::source_range(rev_nat_id, cidr))
+            {
+                Ok(()) => {
+                    current.insert(*cidr);
+                    report.writes += 1;
                 }
-                (true, false) => match self.maps.add_source_range(range) {
-                    Ok(()) => {
-                        programmed.insert(*cidr);
-                        report.writes += 1;
-                    }
-                    Err(e) => report.failures.push(format!("source range {cidr}: {e}")),
-                },
-                (false, _) => {
-                    self.maps.remove_source_range(range);
-                    report.deletes += 1;
-                }
+                Err(e) => report.failures.push(format!("source range {cidr}: {e}")),
             }
         }
-        if !programmed.is_empty() {
-            self.source_ranges.insert(rev_nat_id, programmed);
+        if self
+            .source_ranges
+            .get(&rev_nat_id)
+            .is_some_and(BTreeSet::is_empty)
+        {
+            self.source_ranges.remove(&rev_nat_id);
+        }
+    }
+
+    /// Removes the frontend's source ranges not in `wanted`.
+    fn remove_source_ranges(&mut self, rev_nat_id: u32, wanted: &[Cidr], report: &mut ApplyReport) {
+        let Some(mut current) = self.source_ranges.remove(&rev_nat_id) else {
+            return;
+        };
+        current.retain(|cidr| {
+            if wanted.contains(cidr) {
+                return true;
+            }
+            self.maps
+                .remove_source_range(translate::source_range(rev_nat_id, cidr));
+            report.deletes += 1;
+            false
+        });
+        if !current.is_empty() {
+            self.source_ranges.insert(rev_nat_id, current);
         }
     }
 }
