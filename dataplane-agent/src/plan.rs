@@ -1091,11 +1091,12 @@ fn endpoint_info(endpoint: &SliceEndpoint, addr: SocketAddrV4, node_name: &str) 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::source::manifests::parse_documents;
 
-    fn plan_of(yaml: &str) -> Plan {
+    /// The plan of node `node-a` for the objects in `yaml`.
+    pub(crate) fn plan_of(yaml: &str) -> Plan {
         let (objects, skipped) = parse_documents(std::path::Path::new("t.yaml"), yaml);
         assert!(skipped.is_empty(), "{skipped:?}");
         let mut cluster = ClusterObjects::default();

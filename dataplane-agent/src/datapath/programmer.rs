@@ -1017,20 +1017,8 @@ mod tests {
             model::MapModel,
             translate::{Ids, translate},
         },
-        objects::ClusterObjects,
-        plan::{NodeContext, compute},
-        source::manifests::parse_documents,
+        plan::{NodeContext, compute, tests::plan_of},
     };
-
-    fn plan_of(yaml: &str) -> Plan {
-        let (objects, skipped) = parse_documents(std::path::Path::new("t.yaml"), yaml);
-        assert!(skipped.is_empty(), "{skipped:?}");
-        let mut cluster = ClusterObjects::default();
-        for o in objects {
-            cluster.insert(o, "node-a");
-        }
-        compute(&cluster, &NodeContext::named("node-a"))
-    }
 
     fn on_model() -> Programmer<MapModel> {
         let limits = (capacity::BACKENDS, capacity::FRONTENDS);
