@@ -485,6 +485,65 @@ pub fn decode_name(name: &FrontendName) -> DecodedName {
 mod tests {
     use super::*;
 
+    /// What the encoders write, the decoders read back as the same model.
+    #[test]
+    fn decoding_inverts_encoding() {
+        let plan = crate::plan::tests::plan_of(
+            "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}], sessionAffinity: ClientIP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]
+",
+        );
+        let frontends: Vec<&Frontend> = plan.frontends.iter().collect();
+        let contents = translate(&frontends, &mut Ids::fresh());
+        let decoded = decode_services(contents.services.iter().map(|(k, v)| (*k, *v)));
+        assert!(decoded.orphans.is_empty());
+        let f = &plan.frontends[0];
+        let key = EntryKey {
+            frontend: f.frontend,
+            scope: SCOPE_DEFAULT,
+        };
+        let entry = &decoded.entries[&key];
+        assert_eq!(entry.rev_nat_id, 1);
+        assert_eq!(entry.count, 2);
+        assert_eq!(entry.settings.flags, flags(f));
+        assert_eq!(entry.settings.affinity_timeout, 10_800);
+        let backends: Vec<SocketAddrV4> = (entry.slots.iter())
+            .map(|id| decode_backend(&contents.backends[id]).unwrap().addr)
+            .collect();
+        assert_eq!(backends, f.backends);
+        let name = decode_name(&contents.names[&1]);
+        assert_eq!(
+            (name.service.as_str(), name.port.as_str(), name.kind),
+            ("shop/web", "http", FrontendKind::ClusterIP)
+        );
+        let cidr = Cidr::parse("203.0.113.0/24").unwrap();
+        let (prefix, range) = source_range(7, &cidr);
+        assert_eq!(decode_source_range(prefix, &range), (7, cidr));
+    }
+
+    #[test]
+    fn slots_without_their_slot_0_are_orphans() {
+        let key = EntryKey {
+            frontend: FrontendAddr {
+                addr: "10.96.0.1:80".parse().unwrap(),
+                protocol: Protocol::Tcp,
+            },
+            scope: SCOPE_DEFAULT,
+        };
+        let decoded = decode_services([(service_key(&key, 1), slot(3))]);
+        assert!(decoded.entries.is_empty());
+        assert_eq!(decoded.orphans, vec![service_key(&key, 1)]);
+    }
+
     #[test]
     fn ids_are_never_zero_and_reused_oldest_first() {
         let mut ids = IdAllocator::new(4, &HashSet::new());
