@@ -6,13 +6,15 @@ use std::{
 };
 
 use dataplane_common::{
-    BACKEND_STATE_TERMINATING, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_FLAG_REPLY, CT_FLAG_SNAT,
-    CtEntry, CtKey, FRONTEND_KIND_EXTERNAL_IP, FRONTEND_KIND_LOAD_BALANCER,
-    FRONTEND_KIND_NODE_PORT, FrontendName, ServiceKey, drop_reason,
+    CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_FLAG_REPLY, CT_FLAG_SNAT, CtEntry, CtKey, FrontendName,
+    drop_reason,
 };
 use serde::Serialize;
 
-use crate::{datapath::maps::PinnedMaps, plan::Protocol};
+use crate::{
+    datapath::{maps::PinnedMaps, translate},
+    plan::Protocol,
+};
 
 #[derive(Debug, Serialize, PartialEq, Eq, Clone, Copy, Default)]
 pub struct Counters {
@@ -29,27 +31,15 @@ pub struct FrontendLabel {
     pub kind: &'static str,
 }
 
-fn text(bytes: &[u8]) -> String {
-    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
-}
-
 fn label(names: &BTreeMap<u32, FrontendName>, frontend_id: u32) -> FrontendLabel {
     let Some(name) = names.get(&frontend_id) else {
-        return FrontendLabel {
-            kind: "",
-            ..Default::default()
-        };
+        return FrontendLabel::default();
     };
+    let name = translate::decode_name(name);
     FrontendLabel {
-        service: text(&name.service),
-        port: text(&name.port),
-        kind: match name.kind {
-            FRONTEND_KIND_NODE_PORT => "NodePort",
-            FRONTEND_KIND_LOAD_BALANCER => "LoadBalancer",
-            FRONTEND_KIND_EXTERNAL_IP => "ExternalIP",
-            _ => "ClusterIP",
-        },
+        service: name.service,
+        port: name.port,
+        kind: name.kind.name(),
     }
 }
 
@@ -61,6 +51,10 @@ fn names(maps: &PinnedMaps) -> anyhow::Result<BTreeMap<u32, FrontendName>> {
     }
     Ok(out)
 }
+
+/// Backends are always active: endpoints that take no new connection (terminating, not
+/// ready) are not in any slot, and show in `plan -o json` as `retained`.
+const BACKEND_STATE: &str = "active";
 
 #[derive(Debug, Serialize)]
 pub struct ServiceBackendView {
@@ -129,76 +123,61 @@ use crate::datapath::maps::{counter_sum, stats_sum as stats};
 
 pub fn services(maps: &PinnedMaps) -> anyhow::Result<Vec<ServiceView>> {
     let names = names(maps)?;
-    let mut frontends: BTreeMap<(u8, [u8; 4], u16), (u32, u16)> = BTreeMap::new();
-    let mut slots: BTreeMap<ServiceKey, u32> = BTreeMap::new();
+    let mut entries = Vec::new();
     for entry in maps.services.iter() {
-        let (key, value) = entry?;
-        if key.scope != dataplane_common::SCOPE_DEFAULT {
-            continue; // the pods' view of a frontend shown once, by its default entry
-        }
-        if key.backend_slot == 0 {
-            frontends.insert(
-                (key.proto, key.addr, key.port),
-                (value.rev_nat_id, value.count),
-            );
-        } else {
-            slots.insert(key, value.backend_id);
-        }
+        entries.push(entry?);
     }
+    let decoded = translate::decode_services(entries);
     let mut out = Vec::new();
-    for ((proto, addr, port), (rev_nat_id, count)) in frontends {
-        let s = stats(&maps.service_stats, rev_nat_id);
+    // The pods' view of a frontend (its internal scope) is shown once, by its default entry.
+    let frontends = decoded
+        .entries
+        .iter()
+        .filter(|(key, _)| key.scope == dataplane_common::SCOPE_DEFAULT);
+    for (key, entry) in frontends {
+        let s = stats(&maps.service_stats, entry.rev_nat_id);
         let mut backends = Vec::new();
-        for slot in 1..=count {
-            let key = ServiceKey {
-                addr,
-                port,
-                backend_slot: slot,
-                proto,
-                ..Default::default()
-            };
-            let Some(&backend_id) = slots.get(&key) else {
-                continue;
-            };
+        for &backend_id in entry.slots.iter().take(entry.count as usize) {
             let Some(backend) = maps
                 .backends
                 .get(&backend_id, 0)
                 .ok()
-                .filter(|b| b.addr != [0; 4])
+                .and_then(|b| translate::decode_backend(&b))
             else {
                 continue;
             };
             let b = stats(&maps.backend_stats, backend_id);
             backends.push(ServiceBackendView {
                 backend_id,
-                address: socket(backend.addr, backend.port),
-                state: if backend.state == BACKEND_STATE_TERMINATING {
-                    "terminating"
-                } else {
-                    "active"
-                },
+                address: backend.addr.to_string(),
+                state: BACKEND_STATE,
                 packets: b.packets,
                 bytes: b.bytes,
                 connections: b.connections,
                 socket_connections: counter_sum(&maps.socket_backend_stats, backend_id),
             });
         }
-        let name = label(&names, rev_nat_id);
-        out.push(ServiceView {
-            frontend: socket(addr, port),
-            protocol: protocol_name(proto),
-            frontend_id: rev_nat_id,
-            service: name.service,
-            port: name.port,
-            kind: name.kind,
-            packets: s.packets,
-            bytes: s.bytes,
-            connections: s.connections,
-            socket_connections: counter_sum(&maps.socket_service_stats, rev_nat_id),
-            backends,
-        });
+        let name = label(&names, entry.rev_nat_id);
+        out.push((
+            key.frontend,
+            ServiceView {
+                frontend: key.frontend.addr.to_string(),
+                protocol: key.frontend.protocol.to_string(),
+                frontend_id: entry.rev_nat_id,
+                service: name.service,
+                port: name.port,
+                kind: name.kind,
+                packets: s.packets,
+                bytes: s.bytes,
+                connections: s.connections,
+                socket_connections: counter_sum(&maps.socket_service_stats, entry.rev_nat_id),
+                backends,
+            },
+        ));
     }
-    Ok(out)
+    // By protocol, then address and port.
+    out.sort_by_key(|(key, _)| (key.protocol.number(), key.addr));
+    Ok(out.into_iter().map(|(_, view)| view).collect())
 }
 
 #[derive(Debug, Serialize)]
@@ -229,16 +208,15 @@ pub fn backends(maps: &PinnedMaps) -> anyhow::Result<Vec<BackendView>> {
     }
     let mut out = Vec::new();
     for (id, backend) in crate::datapath::maps::backends_in_use(&maps.backends) {
+        let Some(backend) = translate::decode_backend(&backend) else {
+            continue;
+        };
         let s = stats(&maps.backend_stats, id);
         out.push(BackendView {
             backend_id: id,
-            address: socket(backend.addr, backend.port),
-            protocol: protocol_name(backend.proto),
-            state: if backend.state == BACKEND_STATE_TERMINATING {
-                "terminating"
-            } else {
-                "active"
-            },
+            address: backend.addr.to_string(),
+            protocol: backend.protocol.to_string(),
+            state: BACKEND_STATE,
             services: used_by
                 .remove(&id)
                 .unwrap_or_default()
@@ -449,7 +427,6 @@ pub fn stats_view(maps: &PinnedMaps) -> anyhow::Result<StatsView> {
                 .collect();
             ids.len() as u64
         }),
-        usage(n::REV_NAT, count(maps.rev_nat.iter())),
         usage(n::CONNTRACK_TCP, tcp_entries),
         usage(n::CONNTRACK_ANY, any_entries),
         usage(n::AFFINITY, count(maps.affinity.iter())),

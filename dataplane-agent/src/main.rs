@@ -589,8 +589,8 @@ fn cleanup(layout: &BpffsLayout) -> anyhow::Result<()> {
         .map(|name| layout.program(name))
         .collect();
     pins.extend(
-        dataplane_common::map_names::ALL
-            .iter()
+        (dataplane_common::map_names::ALL.iter())
+            .chain(&dataplane_common::map_names::RETIRED)
             .map(|name| layout.map(name)),
     );
     for pin in pins {

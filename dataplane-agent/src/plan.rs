@@ -69,6 +69,15 @@ pub enum FrontendKind {
 }
 
 impl FrontendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIP => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+            FrontendKind::ExternalIP => "ExternalIP",
+        }
+    }
+
     /// Frontends for traffic from outside the cluster.
     pub fn is_external(self) -> bool {
         self != FrontendKind::ClusterIP
@@ -76,7 +85,8 @@ impl FrontendKind {
 }
 
 /// How new flows pick a backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Algorithm {
     /// Uniformly at random among the backends.
     Random,
@@ -193,7 +203,8 @@ pub struct Plan {
     pub problems: Vec<Problem>,
 }
 
-/// The `plan -o json` contract: one object per frontend.
+/// The `plan -o json` contract: one object per frontend, with every attribute the datapath
+/// is programmed with. Keys are only ever added.
 #[derive(Serialize)]
 pub struct FrontendJson<'a> {
     pub service: &'a str,
@@ -205,18 +216,45 @@ pub struct FrontendJson<'a> {
     /// Endpoints kept for the flows already there (`Frontend::retained`); omitted when none.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub retained: Vec<String>,
+    /// With no backends: `refuse` (TCP reset, ICMP unreachable) or `drop` (endpoints exist,
+    /// but none this node may use under the traffic policy).
+    pub when_empty: &'static str,
+    /// externalTrafficPolicy Local on an external frontend: this node's endpoints only, the
+    /// client's address kept.
+    pub external_local: bool,
+    /// For an external-local frontend: the backends pods reaching it use (every usable
+    /// endpoint); omitted for a frontend with one view.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub internal_backends: Option<Vec<String>>,
+    /// sessionAffinity ClientIP: seconds a client keeps its backend; omitted without.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout: Option<u32>,
+    /// loadBalancerSourceRanges; empty allows every source.
+    pub source_ranges: Vec<String>,
+    pub algorithm: Algorithm,
 }
 
 impl Frontend {
     pub fn to_json(&self) -> FrontendJson<'_> {
+        let addrs = |list: &[SocketAddrV4]| list.iter().map(|b| b.to_string()).collect();
         FrontendJson {
             service: &self.service,
             port: &self.port_name,
             protocol: self.frontend.protocol,
             kind: self.kind,
             frontend: self.frontend.addr.to_string(),
-            backends: self.backends.iter().map(|b| b.to_string()).collect(),
-            retained: self.retained.iter().map(|b| b.to_string()).collect(),
+            backends: addrs(&self.backends),
+            retained: addrs(&self.retained),
+            when_empty: if self.drop_when_empty {
+                "drop"
+            } else {
+                "refuse"
+            },
+            external_local: self.external_local,
+            internal_backends: self.internal_backends.as_deref().map(addrs),
+            affinity_timeout: self.affinity_timeout,
+            source_ranges: self.source_ranges.iter().map(|c| c.to_string()).collect(),
+            algorithm: self.algorithm,
         }
     }
 }
@@ -1053,11 +1091,12 @@ fn endpoint_info(endpoint: &SliceEndpoint, addr: SocketAddrV4, node_name: &str) 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::source::manifests::parse_documents;
 
-    fn plan_of(yaml: &str) -> Plan {
+    /// The plan of node `node-a` for the objects in `yaml`.
+    pub(crate) fn plan_of(yaml: &str) -> Plan {
         let (objects, skipped) = parse_documents(std::path::Path::new("t.yaml"), yaml);
         assert!(skipped.is_empty(), "{skipped:?}");
         let mut cluster = ClusterObjects::default();
@@ -1109,10 +1148,12 @@ endpoints:
                 // The unready endpoint takes no new connection, but stays for flows on it.
                 {"service": "shop/web", "port": "dns", "protocol": "UDP", "kind": "ClusterIP",
                  "frontend": "10.96.0.10:53", "backends": ["10.0.0.1:5353"],
-                 "retained": ["10.0.0.2:5353"]},
+                 "retained": ["10.0.0.2:5353"], "when_empty": "refuse", "external_local": false,
+                 "source_ranges": [], "algorithm": "random"},
                 {"service": "shop/web", "port": "http", "protocol": "TCP", "kind": "ClusterIP",
                  "frontend": "10.96.0.10:80", "backends": ["10.0.0.1:8080", "10.0.0.3:8080"],
-                 "retained": ["10.0.0.2:8080"]},
+                 "retained": ["10.0.0.2:8080"], "when_empty": "refuse", "external_local": false,
+                 "source_ranges": [], "algorithm": "random"},
             ])
         );
     }

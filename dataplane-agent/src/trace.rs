@@ -8,13 +8,17 @@ use anyhow::Context;
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use dataplane_common::{
     AffinityKey, CT_FLAG_REPLY, CtEntry, CtKey, MAGLEV_TABLE_SIZE, PROG_EXTERNAL_INGRESS,
-    PROG_POD_INGRESS, SCOPE_DEFAULT, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, ServiceKey, TrafficStats,
+    PROG_POD_INGRESS, SCOPE_DEFAULT, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, TrafficStats,
 };
 use serde::Serialize;
 
 use crate::{
-    datapath::{BpffsLayout, maps::PinnedMaps},
-    plan::Protocol,
+    datapath::{
+        BpffsLayout,
+        maps::PinnedMaps,
+        translate::{self, EntryKey},
+    },
+    plan::{FrontendAddr, Protocol},
 };
 
 /// Which program the synthetic packet enters.
@@ -180,14 +184,15 @@ pub fn trace(
         format!("no pinned {program_name} program: is the agent's datapath loaded?")
     })?;
     let proto = protocol.number();
-    let frontend_key = ServiceKey {
-        addr: to.ip().octets(),
-        port: to.port(),
-        proto,
-        scope: SCOPE_DEFAULT,
-        ..Default::default()
-    };
-    let service = maps.services.get(&frontend_key, 0).ok();
+    let frontend_key = translate::service_key(
+        &EntryKey {
+            frontend: FrontendAddr { addr: to, protocol },
+            scope: SCOPE_DEFAULT,
+        },
+        0,
+    );
+    let slot0 = maps.services.get(&frontend_key, 0).ok();
+    let service = slot0.map(|s| translate::decode_slot0(&s));
     let forward = CtKey::new(
         from.ip().octets(),
         to.ip().octets(),
@@ -203,8 +208,8 @@ pub fn trace(
             .filter(|e: &CtEntry| e.flags & CT_FLAG_REPLY == 0)
     };
     let known_flow = forward_entry(&maps);
-    let affinity_key = service.map(|s| AffinityKey {
-        service_port_id: s.service_port_id,
+    let affinity_key = service.as_ref().map(|s| AffinityKey {
+        service_port_id: s.settings.service_port_id,
         client: from.ip().octets(),
     });
     let known_affinity = affinity_key.and_then(|k| maps.affinity.get(&k, 0).ok());
@@ -234,10 +239,13 @@ pub fn trace(
         choice = Some(if known_flow.is_some() {
             "conntrack: an established flow keeps its backend".to_string()
         } else if known_affinity.is_some_and(|a| a.backend_id == flow.backend_id)
-            && service.is_some_and(|s| s.flags & SVC_FLAG_AFFINITY != 0)
+            && (service.as_ref()).is_some_and(|s| s.settings.flags & SVC_FLAG_AFFINITY != 0)
         {
             "session affinity: this client's remembered backend".to_string()
-        } else if let Some(s) = service.filter(|s| s.flags & SVC_FLAG_MAGLEV != 0) {
+        } else if let Some(s) =
+            (service.as_ref()).filter(|s| s.settings.flags & SVC_FLAG_MAGLEV != 0)
+        {
+            let rev_nat_id = s.rev_nat_id;
             let hash = dataplane_common::flow_hash(
                 u32::from(*from.ip()),
                 u32::from(*to.ip()),
@@ -247,11 +255,11 @@ pub fn trace(
             );
             let slot = dataplane_common::maglev_slot(hash);
             format!(
-                "maglev: flow hash {hash:#010x} -> slot {slot} of {MAGLEV_TABLE_SIZE} (frontend id {})",
-                s.rev_nat_id
+                "maglev: flow hash {hash:#010x} -> slot {slot} of {MAGLEV_TABLE_SIZE} (frontend id {rev_nat_id})"
             )
         } else {
             service
+                .as_ref()
                 .map(|s| format!("random: one of {} backends", s.count))
                 .unwrap_or_default()
         });
@@ -309,20 +317,14 @@ fn trace_host(
     protocol: Protocol,
 ) -> anyhow::Result<TraceResult> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    let proto = protocol.number();
-    let service = maps
-        .services
-        .get(
-            &ServiceKey {
-                addr: to.ip().octets(),
-                port: to.port(),
-                proto,
-                scope: SCOPE_DEFAULT,
-                ..Default::default()
-            },
-            0,
-        )
-        .ok();
+    let frontend_key = translate::service_key(
+        &EntryKey {
+            frontend: FrontendAddr { addr: to, protocol },
+            scope: SCOPE_DEFAULT,
+        },
+        0,
+    );
+    let service = (maps.services.get(&frontend_key, 0).ok()).map(|s| translate::decode_slot0(&s));
     let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: a.port().to_be(),
@@ -397,10 +399,10 @@ fn trace_host(
         .map(|s| s.service.clone());
     let backend = translation
         .map(|(key, _)| SocketAddrV4::new(Ipv4Addr::from(key.addr), key.port).to_string());
-    let choice = backend.as_ref().and(service).map(|s| {
-        if s.flags & SVC_FLAG_AFFINITY != 0 {
+    let choice = backend.as_ref().and(service.as_ref()).map(|s| {
+        if s.settings.flags & SVC_FLAG_AFFINITY != 0 {
             "session affinity: the node's remembered backend, or a new choice".to_string()
-        } else if s.flags & SVC_FLAG_MAGLEV != 0 {
+        } else if s.settings.flags & SVC_FLAG_MAGLEV != 0 {
             "maglev: hash of the node's address and the socket".to_string()
         } else {
             format!("random: one of {} backends", s.count)
@@ -410,7 +412,7 @@ fn trace_host(
     Ok(TraceResult {
         packet: format!("connect() to {to} {protocol}"),
         program: dataplane_common::PROG_SOCK_CONNECT4,
-        frontend: service.map(|_| format!("{to}/{protocol}")),
+        frontend: service.as_ref().map(|_| format!("{to}/{protocol}")),
         service: service_name,
         choice,
         translated: match (&backend, &connected) {

@@ -20,7 +20,6 @@ pub const IPPROTO_UDP: u8 = 17;
 pub mod map_names {
     pub const SERVICES: &str = "dp_svc_v2";
     pub const BACKENDS: &str = "dp_backends_v2";
-    pub const REV_NAT: &str = "dp_revnat_v1";
     /// Conntrack, TCP flows and the rest in separate tables (as Cilium keeps them), so a
     /// burst of short UDP flows (DNS) cannot evict idle TCP connections from the LRU.
     pub const CONNTRACK_TCP: &str = "dp_ct_tcp_v3";
@@ -47,10 +46,9 @@ pub mod map_names {
     pub const SOCKET_SERVICE_STATS: &str = "dp_svc_sock_v1";
     pub const SOCKET_BACKEND_STATS: &str = "dp_be_sock_v1";
     /// Every map, in the order `cleanup` and the inspection tools walk them.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 18] = [
         SERVICES,
         BACKENDS,
-        REV_NAT,
         CONNTRACK_TCP,
         CONNTRACK_ANY,
         SERVICE_STATS,
@@ -68,6 +66,10 @@ pub mod map_names {
         SOCKET_SERVICE_STATS,
         SOCKET_BACKEND_STATS,
     ];
+    /// Maps earlier agents pinned that no datapath reads any more: unpinned at load and by
+    /// `cleanup`. (`dp_revnat_v1` held each frontend's address by frontend id; replies are
+    /// restored from conntrack, which records the frontend itself.)
+    pub const RETIRED: [&str; 1] = ["dp_revnat_v1"];
 }
 
 /// Default capacities. The BPF object declares these; the agent may override them at load.
@@ -76,7 +78,7 @@ pub mod capacity {
     pub const SERVICES: u32 = 262_144;
     /// Backend ids are indices into the backend stats array, so ids stay below this.
     pub const BACKENDS: u32 = 131_072;
-    /// Frontend (rev-NAT) ids index the service stats array, so ids stay below this.
+    /// Frontend ids index the service stats array, so ids stay below this.
     pub const FRONTENDS: u32 = 65_536;
     /// Two entries per connection (forward and reply).
     /// Cilium's defaults: 512k TCP, 256k other flows.
@@ -197,7 +199,8 @@ pub struct ServiceKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceValue {
     pub backend_id: u32,
-    /// Frontend id: indexes the rev-NAT map and the service stats array.
+    /// Frontend id: indexes the service stats array and keys the frontend's Maglev table
+    /// and source ranges; conntrack records it for the flows to the frontend.
     pub rev_nat_id: u32,
     /// Number of backend slots; 0 means "no endpoints": connections are refused.
     pub count: u16,
@@ -233,8 +236,9 @@ pub const SVC_FLAG_SOURCE_RANGES: u16 = 32;
 /// without it, at random.
 pub const SVC_FLAG_MAGLEV: u16 = 64;
 
+/// `Backend::state`: the only state a programmed backend has (endpoints that take no new
+/// connection are in no slot; the field is kept for the layout).
 pub const BACKEND_STATE_ACTIVE: u8 = 0;
-pub const BACKEND_STATE_TERMINATING: u8 = 1;
 
 /// Value of the backend array, indexed by backend id (never 0); an unused id holds zeroes.
 #[repr(C)]
@@ -244,15 +248,6 @@ pub struct Backend {
     pub port: u16,
     pub proto: u8,
     pub state: u8,
-}
-
-/// Value of the rev-NAT map, keyed by frontend id: the address replies must come from.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct RevNat {
-    pub addr: Ipv4,
-    pub port: u16,
-    pub _pad: [u8; 2],
 }
 
 /// Conntrack key: the tuple as the packet carries it when it reaches the program.
@@ -397,7 +392,7 @@ pub struct AffinityValue {
 /// counts the 32 bits of the frontend id plus the CIDR's prefix). The value is unused:
 /// presence allows.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceRangeKey {
     /// Big-endian, so the trie's prefix order is frontend first, then address.
     pub rev_nat_id_be: u32,
@@ -603,7 +598,6 @@ mod user {
         ServiceKey,
         ServiceValue,
         Backend,
-        RevNat,
         CtKey,
         CtEntry,
         TrafficStats,
@@ -645,13 +639,11 @@ mod layout_tests {
     }
 
     #[test]
-    fn backend_and_rev_nat_layout() {
+    fn backend_layout() {
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(offset_of!(Backend, port), 4);
         assert_eq!(offset_of!(Backend, proto), 6);
         assert_eq!(offset_of!(Backend, state), 7);
-        assert_eq!(size_of::<RevNat>(), 8);
-        assert_eq!(offset_of!(RevNat, port), 4);
     }
 
     #[test]

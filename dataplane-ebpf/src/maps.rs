@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, FragmentKey,
-    FragmentPorts, FrontendName, HostFlowKey, IPPROTO_TCP, MaglevTable, RevNat, ServiceKey,
-    ServiceValue, SockEntry, SockKey, SocketLbConfig, SourceRangeKey, TrafficStats, capacity,
+    FragmentPorts, FrontendName, HostFlowKey, IPPROTO_TCP, MaglevTable, ServiceKey, ServiceValue,
+    SockEntry, SockKey, SocketLbConfig, SourceRangeKey, TrafficStats, capacity,
 };
 
 #[btf_map(name = "dp_svc_v2")]
@@ -18,10 +18,6 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue, { capacity::SERVICES as u
 /// Indexed by backend id; unused ids hold zeroes. An array, so the per-packet lookup is inlined.
 #[btf_map(name = "dp_backends_v2")]
 pub static BACKENDS: Array<Backend, { capacity::BACKENDS as usize }> = Array::new();
-
-/// Read by the agent and inspection tools (the datapath keeps the frontend in conntrack).
-#[btf_map(name = "dp_revnat_v1")]
-pub static REV_NAT: HashMap<u32, RevNat, { capacity::FRONTENDS as usize }> = HashMap::new();
 
 /// One LRU list shared by every CPU, not `BPF_F_NO_COMMON_LRU`: per-CPU lists would split the
 /// capacity evenly between CPUs, so a node whose new flows land on a few CPUs (one NIC queue)

@@ -552,7 +552,6 @@ fn every_map_prints_named_fields_in_bpftool() {
             &["backend_slot", "rev_nat_id", "count", "service_port_id"],
         ),
         ("dp_backends_v2", &["addr", "port", "state"]),
-        ("dp_revnat_v1", &["addr", "port"]),
         (
             "dp_ct_tcp_v3",
             &["saddr", "proto", "packets", "flags", "nat_addr"],

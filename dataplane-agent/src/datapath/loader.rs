@@ -53,6 +53,9 @@ impl LoadedDatapath {
             anyhow::ensure!(ebpf.map(name).is_some(), "the BPF object has no map {name}");
         }
         migrate_old_conntrack(layout, &mut ebpf)?;
+        for name in map_names::RETIRED {
+            let _ = std::fs::remove_file(layout.map(name));
+        }
         for name in PROGRAMS.into_iter().chain(SOCKET_PROGRAMS) {
             let program = ebpf
                 .program_mut(name)

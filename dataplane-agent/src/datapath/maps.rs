@@ -3,8 +3,8 @@
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use dataplane_common::{
     AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, FragmentKey,
-    FragmentPorts, FrontendName, HostFlowKey, MaglevTable, RevNat, ServiceKey, ServiceValue,
-    SockEntry, SockKey, SocketLbConfig, SourceRangeKey, TrafficStats, map_names,
+    FragmentPorts, FrontendName, HostFlowKey, MaglevTable, ServiceKey, ServiceValue, SockEntry,
+    SockKey, SocketLbConfig, SourceRangeKey, TrafficStats, map_names,
 };
 
 use super::BpffsLayout;
@@ -34,7 +34,6 @@ pub struct PinnedMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     /// Indexed by backend id; unused ids hold zeroes.
     pub backends: Array<MapData, Backend>,
-    pub rev_nat: HashMap<MapData, u32, RevNat>,
     pub conntrack: Conntrack,
     pub service_stats: PerCpuArray<MapData, TrafficStats>,
     pub backend_stats: PerCpuArray<MapData, TrafficStats>,
@@ -60,7 +59,6 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
     let sizes = match name {
         map_names::SERVICES => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
         map_names::BACKENDS => (4, size_of::<Backend>()),
-        map_names::REV_NAT => (4, size_of::<RevNat>()),
         map_names::CONNTRACK_TCP | map_names::CONNTRACK_ANY => {
             (size_of::<CtKey>(), size_of::<CtEntry>())
         }
@@ -129,8 +127,7 @@ fn open(
 
 impl PinnedMaps {
     /// Exclusive upper bounds for (backend ids, frontend ids): ids index the stats arrays and
-    /// the backend array. (The rev-NAT hash map can be smaller: an insert into it then fails
-    /// and is reported like any full map.)
+    /// the backend array.
     pub fn id_limits(&self) -> (u32, u32) {
         let max = |name: &str| self.capacities.get(name).copied().unwrap_or(0);
         (
@@ -154,7 +151,6 @@ impl PinnedMaps {
         Ok(Self {
             services: typed!(HashMap, map_names::SERVICES),
             backends: typed!(Array, map_names::BACKENDS),
-            rev_nat: typed!(HashMap, map_names::REV_NAT),
             conntrack: Conntrack {
                 tcp: typed!(HashMap, map_names::CONNTRACK_TCP),
                 any: typed!(HashMap, map_names::CONNTRACK_ANY),
@@ -328,4 +324,33 @@ pub fn update_batch<K: aya::Pod, V: aya::Pod>(
         return Err((attr.count as usize, error));
     }
     Ok(())
+}
+
+/// What the agent programmed, as the pinned maps hold it (for `translate`'s decoders).
+pub fn read_contents(
+    maps: &PinnedMaps,
+) -> Result<super::translate::MapContents, aya::maps::MapError> {
+    let mut contents = super::translate::MapContents {
+        backends: backends_in_use(&maps.backends).into_iter().collect(),
+        ..Default::default()
+    };
+    for entry in maps.services.iter() {
+        let (key, value) = entry?;
+        contents.services.insert(key, value);
+    }
+    for key in maps.source_ranges.keys() {
+        let key = key?;
+        contents
+            .source_ranges
+            .insert((key.prefix_len(), key.data()));
+    }
+    for entry in maps.names.iter() {
+        let (id, name) = entry?;
+        contents.names.insert(id, name);
+    }
+    for entry in maps.maglev.iter() {
+        let (id, table) = entry?;
+        contents.maglev.insert(id, table.backend_ids.to_vec());
+    }
+    Ok(contents)
 }

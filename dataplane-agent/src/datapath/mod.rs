@@ -4,9 +4,12 @@ pub mod attach;
 pub mod layout;
 pub mod loader;
 pub mod maps;
+#[cfg(test)]
+pub mod model;
 pub mod programmer;
 pub mod sock_diag;
 pub mod socket_lb;
 pub mod takeover;
+pub mod translate;
 
 pub use layout::BpffsLayout;

@@ -1,77 +1,140 @@
 //! Writes a [`Plan`] into the maps as a diff against what they hold, in an order that never
 //! lets a packet see a half-built service: removed frontends go first (slot 0 before its
-//! slots, so their room serves new ones), then new backends, then each frontend's Maglev
-//! table and backend slots, then the frontend entry (slot 0) that makes them reachable;
-//! backends nothing uses any more go last.
+//! slots, so their room serves new ones), then new backends, then each frontend's new Maglev
+//! table, new source ranges and backend slots, then the frontend entry (slot 0) that makes
+//! them reachable, and only then the table and ranges slot 0 no longer points at; backends
+//! nothing uses any more go last. (`no_write_exposes_a_half_built_frontend` checks this
+//! after every single write.)
+//!
+//! What the entries hold is [`translate`]'s business; this module decides what changed and
+//! in which order it is written, through [`MapWrites`] (the pinned maps, or a model of them
+//! in tests).
 //!
 //! Ids are taken from the maps at start-up, so a restarted agent keeps every backend and
 //! frontend id, and with them every established connection.
 use std::{
-    collections::{BTreeSet, HashMap, HashSet, VecDeque},
+    collections::{BTreeSet, HashMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
     time::Duration,
 };
 
 use aya::maps::{IterableMap, MapError, lpm_trie::Key};
 use dataplane_common::{
-    BACKEND_STATE_ACTIVE, Backend, CtEntry, CtKey, DatapathConfig, FRONTEND_KIND_CLUSTER_IP,
-    FRONTEND_KIND_EXTERNAL_IP, FRONTEND_KIND_LOAD_BALANCER, FRONTEND_KIND_NODE_PORT, FrontendName,
-    MAGLEV_TABLE_SIZE, MaglevTable, RevNat, SCOPE_DEFAULT, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
-    SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV,
-    SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES, ServiceKey, ServiceValue, SourceRangeKey,
+    Backend, CtEntry, CtKey, DatapathConfig, FrontendName, MAGLEV_TABLE_SIZE, MaglevTable,
+    SCOPE_DEFAULT, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, ServiceKey, ServiceValue,
+    SourceRangeKey,
 };
 use tracing::{debug, warn};
 
-use super::maps::{PinnedMaps, stats_reset, update_batch};
-use crate::{
-    maglev,
-    plan::{Algorithm, BackendAddr, Cidr, Frontend, FrontendAddr, FrontendKind, Plan, Protocol},
+use super::{
+    maps::{PinnedMaps, stats_reset, update_batch},
+    translate::{
+        self, EntryKey, EntrySettings, IdAllocator, MAX_SLOTS, MapContents, WantedEntry,
+        service_key,
+    },
 };
+use crate::plan::{BackendAddr, Cidr, Frontend, FrontendAddr, Plan, Protocol};
 
-/// Hands out small integer ids (never 0), preferring ids never used before and then the
-/// longest-released, so an id is not given to a new object while conntrack still remembers
-/// its previous owner.
-#[derive(Debug)]
-struct IdAllocator {
-    free: VecDeque<u32>,
-    /// Every id above this is unused and not in `free`.
-    high: u32,
-    limit: u32,
+/// The map writes the programmer makes. Batches are written in order, one element after the
+/// other (as `BPF_MAP_UPDATE_BATCH` does), and on failure say how many went in first.
+pub trait MapWrites {
+    fn update_services(
+        &mut self,
+        keys: &[ServiceKey],
+        values: &[ServiceValue],
+    ) -> Result<(), (usize, String)>;
+    fn remove_service(&mut self, key: &ServiceKey);
+    /// A zeroed value frees the id.
+    fn update_backends(&mut self, ids: &[u32], values: &[Backend]) -> Result<(), (usize, String)>;
+    /// Zeroes the traffic counters of ids handed to new frontends.
+    fn reset_frontend_stats(&mut self, ids: &[u32]) -> Result<(), (usize, String)>;
+    /// Zeroes the traffic counters of ids handed to new backends.
+    fn reset_backend_stats(&mut self, ids: &[u32]) -> Result<(), (usize, String)>;
+    fn update_names(&mut self, ids: &[u32], names: &[FrontendName]) -> Result<(), (usize, String)>;
+    fn remove_name(&mut self, id: u32);
+    fn set_maglev(&mut self, id: u32, table: &[u32]) -> Result<(), String>;
+    fn remove_maglev(&mut self, id: u32);
+    fn add_source_range(&mut self, range: (u32, SourceRangeKey)) -> Result<(), String>;
+    fn remove_source_range(&mut self, range: (u32, SourceRangeKey));
+    /// Removes the session-affinity entries naming a (service-port id, backend id) of `lost`.
+    fn forget_affinity(&mut self, lost: &HashSet<(u32, u32)>);
 }
 
-impl IdAllocator {
-    fn new(limit: u32, in_use: &HashSet<u32>) -> Self {
-        let high = in_use.iter().copied().max().unwrap_or(0);
-        let free = (1..=high).filter(|id| !in_use.contains(id)).collect();
-        Self { free, high, limit }
+fn batch_error((n, e): (usize, MapError)) -> (usize, String) {
+    (n, map_error(e))
+}
+
+impl MapWrites for PinnedMaps {
+    fn update_services(
+        &mut self,
+        keys: &[ServiceKey],
+        values: &[ServiceValue],
+    ) -> Result<(), (usize, String)> {
+        update_batch(self.services.map(), keys, values).map_err(batch_error)
     }
 
-    fn allocate(&mut self) -> Option<u32> {
-        if self.high + 1 < self.limit {
-            self.high += 1;
-            return Some(self.high);
+    fn remove_service(&mut self, key: &ServiceKey) {
+        let _ = self.services.remove(key);
+    }
+
+    fn update_backends(&mut self, ids: &[u32], values: &[Backend]) -> Result<(), (usize, String)> {
+        update_batch(self.backends.map(), ids, values).map_err(batch_error)
+    }
+
+    /// Traffic counters and counters of connections translated at the socket.
+    fn reset_frontend_stats(&mut self, ids: &[u32]) -> Result<(), (usize, String)> {
+        stats_reset(&self.service_stats, ids)
+            .and_then(|()| stats_reset(&self.socket_service_stats, ids))
+            .map_err(batch_error)
+    }
+
+    fn reset_backend_stats(&mut self, ids: &[u32]) -> Result<(), (usize, String)> {
+        stats_reset(&self.backend_stats, ids)
+            .and_then(|()| stats_reset(&self.socket_backend_stats, ids))
+            .map_err(batch_error)
+    }
+
+    fn update_names(&mut self, ids: &[u32], names: &[FrontendName]) -> Result<(), (usize, String)> {
+        update_batch(self.names.map(), ids, names).map_err(batch_error)
+    }
+
+    fn remove_name(&mut self, id: u32) {
+        let _ = self.names.remove(&id);
+    }
+
+    fn set_maglev(&mut self, id: u32, table: &[u32]) -> Result<(), String> {
+        let mut value = MaglevTable {
+            backend_ids: [0; MAGLEV_TABLE_SIZE],
+        };
+        value.backend_ids.copy_from_slice(table);
+        self.maglev.insert(id, value, 0).map_err(map_error)
+    }
+
+    fn remove_maglev(&mut self, id: u32) {
+        let _ = self.maglev.remove(&id);
+    }
+
+    fn add_source_range(&mut self, (prefix, data): (u32, SourceRangeKey)) -> Result<(), String> {
+        let key = Key::new(prefix, data);
+        self.source_ranges.insert(&key, 1, 0).map_err(map_error)
+    }
+
+    fn remove_source_range(&mut self, (prefix, data): (u32, SourceRangeKey)) {
+        let _ = self.source_ranges.remove(&Key::new(prefix, data));
+    }
+
+    fn forget_affinity(&mut self, lost: &HashSet<(u32, u32)>) {
+        let stale: Vec<dataplane_common::AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, value)| lost.contains(&(key.service_port_id, value.backend_id)))
+            .map(|(key, _)| key)
+            .collect();
+        for key in stale {
+            let _ = self.affinity.remove(&key);
         }
-        self.free.pop_front()
     }
-
-    fn release(&mut self, id: u32) {
-        self.free.push_back(id);
-    }
-}
-
-/// One entry of the service map family: a frontend in one scope.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct EntryKey {
-    frontend: FrontendAddr,
-    scope: u8,
-}
-
-/// What slot 0 of an entry says, besides the slot count.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct EntrySettings {
-    flags: u16,
-    affinity_timeout: u32,
-    service_port_id: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,13 +157,13 @@ pub struct ApplyReport {
     pub failures: Vec<String>,
 }
 
-pub struct Programmer {
-    maps: PinnedMaps,
+pub struct Programmer<M: MapWrites = PinnedMaps> {
+    maps: M,
     backends: HashMap<BackendAddr, u32>,
     /// Each backend id's address and how many entries use it: the last user gone, it goes.
     backend_uses: HashMap<u32, (BackendAddr, u32)>,
     backend_ids: IdAllocator,
-    /// Frontend (rev-NAT) id of each frontend address, shared by its scopes.
+    /// Frontend id of each frontend address, shared by its scopes.
     frontend_ids: HashMap<FrontendAddr, u32>,
     frontend_id_allocator: IdAllocator,
     entries: HashMap<EntryKey, ProgrammedEntry>,
@@ -118,162 +181,55 @@ pub struct Programmer {
     scratch: Vec<u32>,
 }
 
-/// The name record of a frontend, strings cut to fit on a character boundary.
-pub fn frontend_name(frontend: &Frontend) -> FrontendName {
-    fn copy<const N: usize>(text: &str) -> [u8; N] {
-        let mut out = [0u8; N];
-        let mut end = text.len().min(N);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        out[..end].copy_from_slice(&text.as_bytes()[..end]);
-        out
-    }
-    FrontendName {
-        service: copy(&frontend.service),
-        port: copy(&frontend.port_name),
-        kind: match frontend.kind {
-            FrontendKind::ClusterIP => FRONTEND_KIND_CLUSTER_IP,
-            FrontendKind::NodePort => FRONTEND_KIND_NODE_PORT,
-            FrontendKind::LoadBalancer => FRONTEND_KIND_LOAD_BALANCER,
-            FrontendKind::ExternalIP => FRONTEND_KIND_EXTERNAL_IP,
-        },
-        _pad: [0; 7],
-    }
-}
-
-fn ipv4(addr: SocketAddrV4) -> [u8; 4] {
-    addr.ip().octets()
-}
-
-fn service_key(entry: &EntryKey, slot: u16) -> ServiceKey {
-    ServiceKey {
-        addr: ipv4(entry.frontend.addr),
-        port: entry.frontend.addr.port(),
-        backend_slot: slot,
-        proto: entry.frontend.protocol.number(),
-        scope: entry.scope,
-        _pad: [0; 2],
-    }
-}
-
-fn range_key(rev_nat_id: u32, cidr: &Cidr) -> Key<SourceRangeKey> {
-    Key::new(
-        32 + cidr.prefix as u32,
-        SourceRangeKey {
-            rev_nat_id_be: rev_nat_id.to_be(),
-            addr: cidr.addr.octets(),
-        },
-    )
-}
-
-/// An entry as the plan wants it.
-struct WantedEntry<'a> {
-    frontend: &'a Frontend,
-    key: EntryKey,
-    backends: &'a [SocketAddrV4],
-    /// Kept programmed, in no slot (the default-scope entry holds them for the frontend).
-    retained: &'a [SocketAddrV4],
-    settings: EntrySettings,
-}
-
-impl Programmer {
+impl Programmer<PinnedMaps> {
     /// Reads back what earlier runs programmed.
     pub fn restore(maps: PinnedMaps) -> Result<Self, MapError> {
-        let mut backends = HashMap::new();
-        for (id, b) in super::maps::backends_in_use(&maps.backends) {
-            let Some(protocol) = Protocol::from_number(b.proto) else {
-                continue;
-            };
-            let addr = SocketAddrV4::new(Ipv4Addr::from(b.addr), b.port);
-            backends.insert(BackendAddr { addr, protocol }, id);
-        }
-        let mut entries: HashMap<EntryKey, ProgrammedEntry> = HashMap::new();
+        let contents = super::maps::read_contents(&maps)?;
+        let limits = maps.id_limits();
+        Ok(Self::from_contents(maps, &contents, limits))
+    }
+}
+
+impl<M: MapWrites> Programmer<M> {
+    /// Takes over what `maps` hold (`contents`, as read from them); ids stay below `limits`
+    /// (backends, frontends).
+    pub fn from_contents(maps: M, contents: &MapContents, limits: (u32, u32)) -> Self {
+        let backends: HashMap<BackendAddr, u32> = contents
+            .backends
+            .iter()
+            .filter_map(|(id, b)| Some((translate::decode_backend(b)?, *id)))
+            .collect();
+        let decoded = translate::decode_services(contents.services.iter().map(|(k, v)| (*k, *v)));
+        let mut entries = HashMap::new();
         let mut frontend_ids = HashMap::new();
-        let mut slots: HashMap<EntryKey, Vec<(u16, u32)>> = HashMap::new();
-        for entry in maps.services.iter() {
-            let (key, value) = entry?;
-            let Some(protocol) = Protocol::from_number(key.proto) else {
-                continue;
+        for (key, entry) in decoded.entries {
+            frontend_ids.insert(key.frontend, entry.rev_nat_id);
+            let programmed = ProgrammedEntry {
+                settings: entry.settings,
+                written: entry.slots.len(),
+                backends: entry.slots,
+                // Not in the maps: the first apply counts them again.
+                retained: vec![],
             };
-            let frontend = FrontendAddr {
-                addr: SocketAddrV4::new(Ipv4Addr::from(key.addr), key.port),
-                protocol,
-            };
-            let entry_key = EntryKey {
-                frontend,
-                scope: key.scope,
-            };
-            if key.backend_slot == 0 {
-                frontend_ids.insert(frontend, value.rev_nat_id);
-                let settings = EntrySettings {
-                    flags: value.flags,
-                    affinity_timeout: value.affinity_timeout,
-                    service_port_id: value.service_port_id,
-                };
-                entries.insert(
-                    entry_key,
-                    ProgrammedEntry {
-                        settings,
-                        backends: vec![],
-                        written: 0,
-                        // Not in the maps: the first apply counts them again.
-                        retained: vec![],
-                    },
-                );
-            } else {
-                slots
-                    .entry(entry_key)
-                    .or_default()
-                    .push((key.backend_slot, value.backend_id));
-            }
-        }
-        for (key, programmed) in entries.iter_mut() {
-            let mut list = slots.remove(key).unwrap_or_default();
-            list.sort();
-            // Slots are dense from 1; anything else is repaired by the next apply.
-            programmed.backends = list
-                .iter()
-                .enumerate()
-                .take_while(|(i, (slot, _))| *slot as usize == i + 1)
-                .map(|(_, (_, id))| *id)
-                .collect();
-            programmed.written = programmed.backends.len();
+            entries.insert(key, programmed);
         }
         let mut source_ranges: HashMap<u32, BTreeSet<Cidr>> = HashMap::new();
-        for key in maps.source_ranges.keys() {
-            let key = key?;
-            let data = key.data();
-            let cidr = Cidr {
-                addr: Ipv4Addr::from(data.addr),
-                prefix: (key.prefix_len() - 32) as u8,
-            };
-            source_ranges
-                .entry(u32::from_be(data.rev_nat_id_be))
-                .or_default()
-                .insert(cidr);
+        for (prefix, key) in &contents.source_ranges {
+            let (id, cidr) = translate::decode_source_range(*prefix, key);
+            source_ranges.entry(id).or_default().insert(cidr);
         }
-        let mut names = HashMap::new();
-        for entry in maps.names.iter() {
-            let (id, name) = entry?;
-            names.insert(id, name);
-        }
-        let mut maglev = HashMap::new();
-        for entry in maps.maglev.iter() {
-            let (id, table) = entry?;
-            maglev.insert(id, table.backend_ids.to_vec());
-        }
-        // Slots whose frontend entry is gone (a removal cut short): delete them.
-        let orphans: Vec<ServiceKey> = slots
+        let names = contents.names.iter().map(|(id, n)| (*id, *n)).collect();
+        let maglev = contents
+            .maglev
             .iter()
-            .flat_map(|(key, list)| list.iter().map(|(slot, _)| service_key(key, *slot)))
+            .map(|(id, t)| (*id, t.clone()))
             .collect();
-        let (backend_limit, frontend_limit) = maps.id_limits();
+        let (backend_limit, frontend_limit) = limits;
         let backend_in_use: HashSet<u32> = backends.values().copied().collect();
         let frontend_in_use: HashSet<u32> = frontend_ids.values().copied().collect();
         let mut backend_uses: HashMap<u32, (BackendAddr, u32)> =
             backends.iter().map(|(b, id)| (*id, (*b, 0))).collect();
-        for id in entries.values().flat_map(|e| &e.backends) {
+        for id in entries.values().flat_map(|e: &ProgrammedEntry| &e.backends) {
             if let Some((_, users)) = backend_uses.get_mut(id) {
                 *users += 1;
             }
@@ -295,15 +251,16 @@ impl Programmer {
             affinity_lost: HashSet::new(),
             scratch: vec![],
         };
-        for key in orphans {
-            let _ = programmer.maps.services.remove(&key);
+        // Slots whose frontend entry is gone (a removal cut short): delete them.
+        for key in decoded.orphans {
+            programmer.maps.remove_service(&key);
         }
         debug!(
             backends = programmer.backends.len(),
             frontends = programmer.frontend_ids.len(),
             "restored datapath state from pinned maps"
         );
-        Ok(programmer)
+        programmer
     }
 
     pub fn frontend_count(&self) -> usize {
@@ -315,17 +272,9 @@ impl Programmer {
         self.failures_total
     }
 
-    /// The source address and ports for SNATed external traffic.
-    pub fn set_snat(&mut self, addr: Ipv4Addr, (min, max): (u16, u16)) -> Result<(), MapError> {
-        let config = DatapathConfig {
-            snat_addr: addr.octets(),
-            snat_port_min: min,
-            snat_port_max: max,
-        };
-        if self.maps.config.get(&0, 0).ok() != Some(config) {
-            self.maps.config.set(0, config, 0)?;
-        }
-        Ok(())
+    /// The maps written to.
+    pub fn maps(&self) -> &M {
+        &self.maps
     }
 
     /// Makes the maps hold exactly `plan`.
@@ -390,11 +339,10 @@ impl Programmer {
                 continue;
             };
             self.sync_maglev(id, None, &mut report);
-            self.sync_source_ranges(id, &[], &mut report);
+            self.remove_source_ranges(id, &[], &mut report);
             if self.names.remove(&id).is_some() {
-                let _ = self.maps.names.remove(&id);
+                self.maps.remove_name(id);
             }
-            let _ = self.maps.rev_nat.remove(&id);
             self.frontend_id_allocator.release(id);
         }
         for frontend in frontends.iter().filter(|f| f.internal_backends.is_none()) {
@@ -405,9 +353,10 @@ impl Programmer {
             self.remove_entry(key, &mut unused, &mut report);
         }
 
-        // 2. Ids (and rev-NAT entries) of new frontends, then backends that are new.
+        // 2. Ids of new frontends, then backends that are new.
         self.add_frontends(frontends, &mut report);
-        let wanted = self.wanted_entries(frontends);
+        let frontend_ids = &self.frontend_ids;
+        let wanted = translate::wanted_entries(frontends, |f| frontend_ids.get(f).copied());
         let mut new_backends: Vec<BackendAddr> = wanted
             .iter()
             .flat_map(|w| {
@@ -425,7 +374,7 @@ impl Programmer {
         // Names, for the inspection tools (the datapath does not read them).
         self.sync_names(frontends, &mut report);
 
-        // 3. Frontends: id and rev-NAT, Maglev table, source ranges, slots, then slot 0.
+        // 3. Frontends: Maglev table, source ranges, slots, then slot 0.
         for entry in &wanted {
             if let Err(e) = self.program_entry(entry, &mut unused, &mut report) {
                 report.failures.push(format!(
@@ -439,7 +388,10 @@ impl Programmer {
         }
 
         // Session affinity must not send a client back to a backend that left the service.
-        self.forget_affinity_to_lost_backends();
+        if !self.affinity_lost.is_empty() {
+            let lost = std::mem::take(&mut self.affinity_lost);
+            self.maps.forget_affinity(&lost);
+        }
 
         // 4. Backends no frontend uses any more. Conntrack entries still naming them see the
         // backend gone on their next packet (UDP moves; TCP keeps going to the address).
@@ -451,7 +403,7 @@ impl Programmer {
                 .is_some_and(|(_, users)| *users == 0)
         });
         let zeros = vec![Backend::default(); unused.len()];
-        let _ = update_batch(self.maps.backends.map(), &unused, &zeros);
+        let _ = self.maps.update_backends(&unused, &zeros);
         for id in unused {
             if let Some((backend, _)) = self.backend_uses.remove(&id) {
                 self.backends.remove(&backend);
@@ -466,36 +418,14 @@ impl Programmer {
         report
     }
 
-    /// Removes the session-affinity entries that remember a backend which has left the
-    /// service port (it may still serve flows already on it, but no new connection): the
-    /// client's next connection gets a fresh choice, as kube-proxy's per-endpoint affinity
-    /// does. A walk of the affinity map, only when an affinity service lost a backend.
-    fn forget_affinity_to_lost_backends(&mut self) {
-        if self.affinity_lost.is_empty() {
-            return;
-        }
-        let lost = std::mem::take(&mut self.affinity_lost);
-        let stale: Vec<dataplane_common::AffinityKey> = self
-            .maps
-            .affinity
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(key, value)| lost.contains(&(key.service_port_id, value.backend_id)))
-            .map(|(key, _)| key)
-            .collect();
-        for key in stale {
-            let _ = self.maps.affinity.remove(&key);
-        }
-    }
-
     /// Deletes an entry from the map (slot 0 first) and forgets it.
     fn remove_entry(&mut self, key: EntryKey, unused: &mut Vec<u32>, report: &mut ApplyReport) {
         let Some(programmed) = self.entries.remove(&key) else {
             return;
         };
-        let _ = self.maps.services.remove(&service_key(&key, 0));
+        self.maps.remove_service(&service_key(&key, 0));
         for slot in 1..=programmed.written {
-            let _ = self.maps.services.remove(&service_key(&key, slot as u16));
+            self.maps.remove_service(&service_key(&key, slot as u16));
         }
         self.release(&programmed.backends, unused);
         self.release(&programmed.retained, unused);
@@ -527,93 +457,6 @@ impl Programmer {
         }
     }
 
-    /// Every service-map entry the plan needs, with the settings of its slot 0.
-    fn wanted_entries<'a>(&self, frontends: &[&'a Frontend]) -> Vec<WantedEntry<'a>> {
-        let mut out = Vec::with_capacity(frontends.len());
-        for &frontend in frontends {
-            let mut flags = 0;
-            if frontend.drop_when_empty {
-                flags |= SVC_FLAG_DROP_WHEN_EMPTY;
-            }
-            if frontend.kind.is_external() {
-                flags |= SVC_FLAG_EXTERNAL;
-            }
-            if frontend.external_local {
-                flags |= SVC_FLAG_EXTERNAL_LOCAL;
-            }
-            if frontend.affinity_timeout.is_some() {
-                flags |= SVC_FLAG_AFFINITY;
-            }
-            if !frontend.source_ranges.is_empty() {
-                flags |= SVC_FLAG_SOURCE_RANGES;
-            }
-            if frontend.algorithm == Algorithm::Maglev {
-                flags |= SVC_FLAG_MAGLEV;
-            }
-            if frontend.internal_backends.is_some() {
-                flags |= SVC_FLAG_TWO_SCOPES;
-            }
-            let settings = EntrySettings {
-                flags,
-                affinity_timeout: frontend.affinity_timeout.unwrap_or(0),
-                service_port_id: 0, // filled in below, once frontend ids are known
-            };
-            let frontend_key = EntryKey {
-                frontend: frontend.frontend,
-                scope: SCOPE_DEFAULT,
-            };
-            out.push(WantedEntry {
-                frontend,
-                key: frontend_key,
-                backends: &frontend.backends,
-                retained: &frontend.retained,
-                settings,
-            });
-            if let Some(internal) = &frontend.internal_backends {
-                // The pods' view: every endpoint, chosen at random, never dropped for policy.
-                let settings = EntrySettings {
-                    flags: flags & SVC_FLAG_AFFINITY,
-                    ..settings
-                };
-                let key = EntryKey {
-                    frontend: frontend.frontend,
-                    scope: SCOPE_INTERNAL,
-                };
-                out.push(WantedEntry {
-                    frontend,
-                    key,
-                    backends: internal,
-                    retained: &[],
-                    settings,
-                });
-            }
-        }
-        // The service-port id: the smallest frontend id among the frontends of the service
-        // port (frontend ids survive restarts, so this one does too).
-        let mut port_ids: HashMap<(&str, &str, Protocol), u32> = HashMap::new();
-        for entry in &out {
-            let f = entry.frontend;
-            if let Some(id) = self.frontend_ids.get(&f.frontend) {
-                let slot = port_ids
-                    .entry((&f.service, &f.port_name, f.frontend.protocol))
-                    .or_insert(*id);
-                *slot = (*slot).min(*id);
-            }
-        }
-        for entry in &mut out {
-            let f = entry.frontend;
-            entry.settings.service_port_id = port_ids
-                .get(&(
-                    f.service.as_str(),
-                    f.port_name.as_str(),
-                    f.frontend.protocol,
-                ))
-                .copied()
-                .unwrap_or(0);
-        }
-        out
-    }
-
     /// Gives each new backend an id and writes them all, counters first (from zero: an id
     /// may have been used before), with one syscall per map: a bulk load adds 100,000s.
     fn add_backends(
@@ -635,22 +478,17 @@ impl Programmer {
         let values: Vec<Backend> = new
             .iter()
             .zip(&ids)
-            .map(|(b, _)| Backend {
-                addr: ipv4(b.addr),
-                port: b.addr.port(),
-                proto: b.protocol.number(),
-                state: BACKEND_STATE_ACTIVE,
-            })
+            .map(|(b, _)| translate::backend(b))
             .collect();
         let (mut written, mut error) = (ids.len(), None);
-        if let Err((n, e)) = stats_reset(&self.maps.backend_stats, &ids)
-            .and_then(|()| stats_reset(&self.maps.socket_backend_stats, &ids))
-        {
-            (written, error) = (n, Some(map_error(e)));
+        if let Err((n, e)) = self.maps.reset_backend_stats(&ids) {
+            (written, error) = (n, Some(e));
         }
-        let backends = self.maps.backends.map();
-        if let Err((n, e)) = update_batch(backends, &ids[..written], &values[..written]) {
-            (written, error) = (n, Some(map_error(e)));
+        if let Err((n, e)) = self
+            .maps
+            .update_backends(&ids[..written], &values[..written])
+        {
+            (written, error) = (n, Some(e));
         }
         for (i, (backend, id)) in new.iter().zip(&ids).enumerate() {
             if i < written {
@@ -670,8 +508,8 @@ impl Programmer {
         }
     }
 
-    /// Ids (and rev-NAT entries, counters from zero) for the frontends that have none, with
-    /// one syscall per map. `frontends` names each frontend once.
+    /// Ids (counters from zero) for the frontends that have none, with one syscall.
+    /// `frontends` names each frontend once.
     fn add_frontends(&mut self, frontends: &[&Frontend], report: &mut ApplyReport) {
         let failure = |f: &Frontend, e: &str| {
             format!(
@@ -692,24 +530,10 @@ impl Programmer {
             }
         }
         let ids: Vec<u32> = new.iter().map(|(_, id)| *id).collect();
-        let rev_nats: Vec<RevNat> = new
-            .iter()
-            .map(|(f, _)| RevNat {
-                addr: ipv4(f.frontend.addr),
-                port: f.frontend.addr.port(),
-                _pad: [0; 2],
-            })
-            .collect();
-        let (mut written, mut error) = (ids.len(), None);
-        if let Err((n, e)) = stats_reset(&self.maps.service_stats, &ids)
-            .and_then(|()| stats_reset(&self.maps.socket_service_stats, &ids))
-        {
-            (written, error) = (n, Some(map_error(e)));
-        }
-        let rev_nat = self.maps.rev_nat.map();
-        if let Err((n, e)) = update_batch(rev_nat, &ids[..written], &rev_nats[..written]) {
-            (written, error) = (n, Some(map_error(e)));
-        }
+        let (written, error) = match self.maps.reset_frontend_stats(&ids) {
+            Ok(()) => (ids.len(), None),
+            Err((n, e)) => (n, Some(e)),
+        };
         for (i, (f, id)) in new.into_iter().enumerate() {
             if i < written {
                 self.frontend_ids.insert(f.frontend, id);
@@ -728,15 +552,15 @@ impl Programmer {
             .iter()
             .filter_map(|f| {
                 let id = *self.frontend_ids.get(&f.frontend)?;
-                let name = frontend_name(f);
+                let name = translate::frontend_name(f);
                 (self.names.get(&id) != Some(&name)).then_some((id, name, f.frontend))
             })
             .collect();
         let ids: Vec<u32> = changed.iter().map(|(id, _, _)| *id).collect();
         let names: Vec<FrontendName> = changed.iter().map(|(_, name, _)| *name).collect();
-        let (written, error) = match update_batch(self.maps.names.map(), &ids, &names) {
+        let (written, error) = match self.maps.update_names(&ids, &names) {
             Ok(()) => (ids.len(), None),
-            Err((n, e)) => (n, Some(map_error(e))),
+            Err((n, e)) => (n, Some(e)),
         };
         for (i, (id, name, frontend)) in changed.into_iter().enumerate() {
             if i < written {
@@ -751,6 +575,9 @@ impl Programmer {
         }
     }
 
+    /// Programs one entry: what slot 0 will point at first (a new Maglev table, new source
+    /// ranges), then the slots and slot 0, then, once slot 0 no longer points at them, the
+    /// table and ranges it stopped using.
     fn program_entry(
         &mut self,
         entry: &WantedEntry,
@@ -761,9 +588,6 @@ impl Programmer {
             return Ok(()); // no id: reported when it was refused
         };
         let mut settings = entry.settings;
-        if settings.service_port_id == 0 {
-            settings.service_port_id = rev_nat_id; // a service port's first frontend
-        }
         let protocol = entry.key.frontend.protocol;
         let mut ids = std::mem::take(&mut self.scratch);
         ids.clear();
@@ -771,35 +595,51 @@ impl Programmer {
         let resolved = entry
             .backends
             .iter()
-            .filter_map(|b| Some((*b, *backends.get(&BackendAddr { addr: *b, protocol })?)));
-        ids.extend(resolved.clone().map(|(_, id)| id).take(u16::MAX as usize));
-        if entry.key.scope == SCOPE_DEFAULT {
-            let maglev = settings.flags & SVC_FLAG_MAGLEV != 0 && !ids.is_empty();
+            .filter_map(|b| Some((*b, *backends.get(&BackendAddr { addr: *b, protocol })?)))
+            .take(MAX_SLOTS);
+        ids.extend(resolved.clone().map(|(_, id)| id));
+        let default_scope = entry.key.scope == SCOPE_DEFAULT;
+        let maglev = default_scope && settings.flags & SVC_FLAG_MAGLEV != 0 && !ids.is_empty();
+        if maglev {
             // Building a table is the costliest step of a sync: only when its inputs change.
             let inputs_unchanged = self
                 .maglev_inputs
                 .get(&rev_nat_id)
                 .is_some_and(|inputs| inputs.iter().copied().eq(resolved.clone()));
-            let written = if !maglev {
-                self.sync_maglev(rev_nat_id, None, report)
-            } else if inputs_unchanged {
-                true // written when the inputs were recorded
-            } else {
+            let written = inputs_unchanged || {
                 let backends: Vec<(SocketAddrV4, u32)> = resolved.collect();
-                let addrs: Vec<SocketAddrV4> = backends.iter().map(|(a, _)| *a).collect();
-                let table: Vec<u32> = maglev::table(&addrs, MAGLEV_TABLE_SIZE)
-                    .into_iter()
-                    .map(|i| backends[i].1)
-                    .collect();
+                let table = translate::maglev_table(&backends);
                 self.maglev_inputs.insert(rev_nat_id, backends);
                 self.sync_maglev(rev_nat_id, Some(table), report)
             };
             if !written {
                 settings.flags &= !SVC_FLAG_MAGLEV; // no table: fall back to random slots
             }
-            self.sync_source_ranges(rev_nat_id, &entry.frontend.source_ranges, report);
         }
+        if default_scope {
+            self.add_source_ranges(rev_nat_id, &entry.frontend.source_ranges, report);
+        }
+        self.write_entry(entry, rev_nat_id, settings, ids, unused, report)?;
+        if default_scope {
+            if !maglev {
+                self.sync_maglev(rev_nat_id, None, report);
+            }
+            self.remove_source_ranges(rev_nat_id, &entry.frontend.source_ranges, report);
+        }
+        Ok(())
+    }
 
+    /// Writes an entry's slots, then its slot 0 (`ids`: its backend ids, in slot order).
+    fn write_entry(
+        &mut self,
+        entry: &WantedEntry,
+        rev_nat_id: u32,
+        settings: EntrySettings,
+        ids: Vec<u32>,
+        unused: &mut Vec<u32>,
+        report: &mut ApplyReport,
+    ) -> Result<(), String> {
+        let protocol = entry.key.frontend.protocol;
         let retained: Vec<u32> = entry
             .retained
             .iter()
@@ -832,14 +672,7 @@ impl Programmer {
         // Slots that change, then slot 0 (when it changes), in one syscall: the kernel writes
         // them in order. If the map fills up, the frontend keeps the slots that were written
         // and slot 0 counts only those; the rest are reported.
-        let slot0 = |count: usize| ServiceValue {
-            backend_id: 0,
-            rev_nat_id,
-            count: count as u16,
-            flags: settings.flags,
-            affinity_timeout: settings.affinity_timeout,
-            service_port_id: settings.service_port_id,
-        };
+        let slot0 = |count: usize| translate::slot0(rev_nat_id, count, settings);
         let slot0_unchanged = |written: usize| {
             current.is_some_and(|c| c.written == written && c.settings == settings)
         };
@@ -847,13 +680,7 @@ impl Programmer {
             .iter()
             .enumerate()
             .filter(|(i, id)| old_slots.get(*i) != Some(id))
-            .map(|(i, id)| {
-                let value = ServiceValue {
-                    backend_id: *id,
-                    ..Default::default()
-                };
-                (service_key(&entry.key, i as u16 + 1), value)
-            })
+            .map(|(i, id)| (service_key(&entry.key, i as u16 + 1), translate::slot(*id)))
             .unzip();
         let slots = keys.len();
         if !slot0_unchanged(ids.len()) {
@@ -862,27 +689,23 @@ impl Programmer {
         }
         let mut written = ids.len();
         let mut short = None;
-        let result = update_batch(self.maps.services.map(), &keys, &values);
+        let result = self.maps.update_services(&keys, &values);
         report.writes += result.as_ref().map_or_else(|(n, _)| *n, |()| keys.len());
         match result {
             Ok(()) => {}
             // On failure at slot 0 the slots stay written; the next apply retries slot 0.
             Err((n, e)) if n == slots => {
                 self.scratch = ids;
-                return Err(map_error(e));
+                return Err(e);
             }
             Err((n, e)) => {
                 written = keys[n].backend_slot as usize - 1;
-                short = Some(format!(
-                    "{}; serving {written} of {} backends",
-                    map_error(e),
-                    ids.len()
-                ));
+                short = Some(format!("{e}; serving {written} of {} backends", ids.len()));
                 if !slot0_unchanged(written) {
                     let key = service_key(&entry.key, 0);
-                    if let Err(e) = self.maps.services.insert(key, slot0(written), 0) {
+                    if let Err((_, e)) = self.maps.update_services(&[key], &[slot0(written)]) {
                         self.scratch = ids;
-                        return Err(map_error(e));
+                        return Err(e);
                     }
                     report.writes += 1;
                 }
@@ -890,10 +713,8 @@ impl Programmer {
         }
         let old_written = old_slots.len();
         for slot in written + 1..=old_written {
-            let _ = self
-                .maps
-                .services
-                .remove(&service_key(&entry.key, slot as u16));
+            self.maps
+                .remove_service(&service_key(&entry.key, slot as u16));
             report.deletes += 1;
         }
         if let Some(short) = short {
@@ -922,18 +743,13 @@ impl Programmer {
     ) -> bool {
         match table {
             Some(table) if self.maglev.get(&rev_nat_id) != Some(&table) => {
-                let mut value = MaglevTable {
-                    backend_ids: [0; MAGLEV_TABLE_SIZE],
-                };
-                value.backend_ids.copy_from_slice(&table);
-                if let Err(e) = self.maps.maglev.insert(rev_nat_id, value, 0) {
-                    report.failures.push(format!(
-                        "Maglev table of frontend id {rev_nat_id}: {}",
-                        map_error(e)
-                    ));
+                if let Err(e) = self.maps.set_maglev(rev_nat_id, &table) {
+                    report
+                        .failures
+                        .push(format!("Maglev table of frontend id {rev_nat_id}: {e}"));
                     self.maglev.remove(&rev_nat_id);
                     self.maglev_inputs.remove(&rev_nat_id);
-                    let _ = self.maps.maglev.remove(&rev_nat_id);
+                    self.maps.remove_maglev(rev_nat_id);
                     return false;
                 }
                 self.maglev.insert(rev_nat_id, table);
@@ -944,7 +760,7 @@ impl Programmer {
             None => {
                 self.maglev_inputs.remove(&rev_nat_id);
                 if self.maglev.remove(&rev_nat_id).is_some() {
-                    let _ = self.maps.maglev.remove(&rev_nat_id);
+                    self.maps.remove_maglev(rev_nat_id);
                     report.deletes += 1;
                 }
                 true
@@ -952,34 +768,65 @@ impl Programmer {
         }
     }
 
-    fn sync_source_ranges(&mut self, rev_nat_id: u32, wanted: &[Cidr], report: &mut ApplyReport) {
-        let wanted: BTreeSet<Cidr> = wanted.iter().copied().collect();
-        let current = self.source_ranges.remove(&rev_nat_id).unwrap_or_default();
-        let mut programmed = BTreeSet::new();
-        for cidr in wanted.union(&current) {
-            let key = range_key(rev_nat_id, cidr);
-            match (wanted.contains(cidr), current.contains(cidr)) {
-                (true, true) => {
-                    programmed.insert(*cidr);
+    /// Adds the frontend's source ranges it does not have yet.
+    fn add_source_ranges(&mut self, rev_nat_id: u32, wanted: &[Cidr], report: &mut ApplyReport) {
+        for cidr in wanted {
+            let current = self.source_ranges.entry(rev_nat_id).or_default();
+            if current.contains(cidr) {
+                continue;
+            }
+            match self
+                .maps
+                .add_source_range(translate::source_range(rev_nat_id, cidr))
+            {
+                Ok(()) => {
+                    current.insert(*cidr);
+                    report.writes += 1;
                 }
-                (true, false) => match self.maps.source_ranges.insert(&key, 1, 0) {
-                    Ok(()) => {
-                        programmed.insert(*cidr);
-                        report.writes += 1;
-                    }
-                    Err(e) => report
-                        .failures
-                        .push(format!("source range {cidr}: {}", map_error(e))),
-                },
-                (false, _) => {
-                    let _ = self.maps.source_ranges.remove(&key);
-                    report.deletes += 1;
-                }
+                Err(e) => report.failures.push(format!("source range {cidr}: {e}")),
             }
         }
-        if !programmed.is_empty() {
-            self.source_ranges.insert(rev_nat_id, programmed);
+        if self
+            .source_ranges
+            .get(&rev_nat_id)
+            .is_some_and(BTreeSet::is_empty)
+        {
+            self.source_ranges.remove(&rev_nat_id);
         }
+    }
+
+    /// Removes the frontend's source ranges not in `wanted`.
+    fn remove_source_ranges(&mut self, rev_nat_id: u32, wanted: &[Cidr], report: &mut ApplyReport) {
+        let Some(mut current) = self.source_ranges.remove(&rev_nat_id) else {
+            return;
+        };
+        current.retain(|cidr| {
+            if wanted.contains(cidr) {
+                return true;
+            }
+            self.maps
+                .remove_source_range(translate::source_range(rev_nat_id, cidr));
+            report.deletes += 1;
+            false
+        });
+        if !current.is_empty() {
+            self.source_ranges.insert(rev_nat_id, current);
+        }
+    }
+}
+
+impl Programmer<PinnedMaps> {
+    /// The source address and ports for SNATed external traffic.
+    pub fn set_snat(&mut self, addr: Ipv4Addr, (min, max): (u16, u16)) -> Result<(), MapError> {
+        let config = DatapathConfig {
+            snat_addr: addr.octets(),
+            snat_port_min: min,
+            snat_port_max: max,
+        };
+        if self.maps.config.get(&0, 0).ok() != Some(config) {
+            self.maps.config.set(0, config, 0)?;
+        }
+        Ok(())
     }
 }
 
@@ -1054,7 +901,7 @@ impl ConntrackTimeouts {
     }
 }
 
-impl Programmer {
+impl Programmer<PinnedMaps> {
     /// Seeds conntrack with flows taken over from the kernel's (`takeover::entries_for`),
     /// before their frontends are programmed; never over a flow of the datapath's own.
     /// Returns how many entries went in.
@@ -1167,26 +1014,147 @@ impl Programmer {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use dataplane_common::capacity;
 
-    #[test]
-    fn ids_are_never_zero_and_reused_oldest_first() {
-        let mut ids = IdAllocator::new(4, &HashSet::new());
-        assert_eq!(
-            (ids.allocate(), ids.allocate(), ids.allocate()),
-            (Some(1), Some(2), Some(3))
-        );
-        assert_eq!(ids.allocate(), None, "limit 4 allows ids 1..=3");
-        ids.release(2);
-        ids.release(1);
-        assert_eq!((ids.allocate(), ids.allocate()), (Some(2), Some(1)));
+    use super::*;
+    use crate::{
+        datapath::{
+            model::MapModel,
+            translate::{Ids, translate},
+        },
+        plan::{NodeContext, compute, tests::plan_of},
+    };
+
+    fn on_model() -> Programmer<MapModel> {
+        let limits = (capacity::BACKENDS, capacity::FRONTENDS);
+        Programmer::from_contents(MapModel::default(), &MapContents::default(), limits)
     }
 
+    /// A LoadBalancer service (Maglev, the default for external frontends) with a node port
+    /// and a load-balancer IP, `extra` added to its spec, and `endpoints` in its slice.
+    fn edge(extra: &str, endpoints: &str) -> String {
+        format!(
+            "apiVersion: v1
+kind: Node
+metadata: {{name: node-a}}
+status: {{addresses: [{{type: InternalIP, address: 192.0.2.11}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: edge, namespace: web}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.20.1
+  ports: [{{name: http, port: 80, nodePort: 30080}}]
+  {extra}
+status: {{loadBalancer: {{ingress: [{{ip: 198.51.100.10}}]}}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: edge-1, namespace: web, labels: {{kubernetes.io/service-name: edge}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: {endpoints}
+"
+        )
+    }
+
+    const TWO: &str =
+        "[{addresses: [10.0.1.1], nodeName: node-a}, {addresses: [10.0.1.2], nodeName: node-b}]";
+
+    /// Replays changes to a service through the programmer, one write at a time, and checks
+    /// after every write that no frontend reachable from its slot 0 points at a backend,
+    /// slot, Maglev table or source range that is not there.
     #[test]
-    fn restored_ids_are_not_handed_out_again() {
-        let in_use: HashSet<u32> = [1, 3, 4].into();
-        let mut ids = IdAllocator::new(10, &in_use);
-        let got: Vec<_> = std::iter::from_fn(|| ids.allocate()).collect();
-        assert_eq!(got, vec![5, 6, 7, 8, 9, 2]);
+    fn no_write_exposes_a_half_built_frontend() {
+        let states = [
+            edge("loadBalancerSourceRanges: [203.0.113.0/24]", TWO),
+            // Another range: the old one goes, the new one comes.
+            edge("loadBalancerSourceRanges: [192.0.2.0/24]", TWO),
+            // No endpoints and no source ranges: no Maglev table, no ranges.
+            edge("", "[]"),
+            edge(
+                "externalTrafficPolicy: Local\n  loadBalancerSourceRanges: [203.0.113.0/24]",
+                TWO,
+            ),
+            edge(
+                "loadBalancerSourceRanges: [203.0.113.0/24]",
+                "[{addresses: [10.0.1.3]}]",
+            ),
+            // Random instead of Maglev: the table goes.
+            edge("", TWO).replace(
+                "namespace: web}\nspec",
+                "namespace: web, annotations: {dataplane.dev/lb-algorithm: random}}\nspec",
+            ),
+            String::new(),
+        ];
+        let mut programmer = on_model();
+        for (i, yaml) in states.iter().enumerate() {
+            let plan = plan_of(yaml);
+            let report = programmer.apply(&plan);
+            assert!(
+                report.failures.is_empty(),
+                "state {i}: {:?}",
+                report.failures
+            );
+            assert!(
+                programmer.maps().violations.is_empty(),
+                "state {i}:\n{}\nwrites:\n{}",
+                programmer.maps().violations.join("\n"),
+                programmer.maps().log.join("\n")
+            );
+        }
+        assert_eq!(programmer.maps().contents, MapContents::default());
+    }
+
+    /// Every golden case (`tests/golden`): on empty maps the programmer writes exactly what
+    /// `translate` says (whose output the golden files pin), and going from each case to the
+    /// next, and back to nothing, no write exposes a half-built frontend.
+    #[test]
+    fn golden_cases_program_their_translation_in_a_safe_order() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+        let mut cases: Vec<_> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        cases.sort();
+        let mut plans: Vec<Plan> = cases
+            .iter()
+            .map(|case| {
+                let mut dir = crate::source::manifests::ManifestDir::new(case);
+                let (objects, _) = dir.load("node-a").unwrap();
+                compute(&objects, &NodeContext::named("node-a"))
+            })
+            .collect();
+        plans.push(Plan::default());
+        let mut carried = on_model();
+        for (case, plan) in cases.iter().zip(&plans) {
+            let mut fresh = on_model();
+            fresh.apply(plan);
+            let frontends: Vec<&Frontend> = plan.frontends.iter().collect();
+            let expected = translate(&frontends, &mut Ids::fresh());
+            assert_eq!(fresh.maps().contents, expected, "{}", case.display());
+        }
+        for plan in &plans {
+            carried.apply(plan);
+            assert_eq!(carried.maps().violations, Vec::<String>::new());
+        }
+        assert_eq!(carried.maps().contents, MapContents::default());
+    }
+
+    /// The programmer, starting on empty maps, writes exactly what `translate` says.
+    #[test]
+    fn programmed_maps_are_the_translation() {
+        let plan = plan_of(&edge(
+            "externalTrafficPolicy: Local\n  sessionAffinity: ClientIP\n  \
+             loadBalancerSourceRanges: [203.0.113.0/24]",
+            TWO,
+        ));
+        let mut programmer = on_model();
+        programmer.apply(&plan);
+        let frontends: Vec<&Frontend> = plan.frontends.iter().collect();
+        let expected = translate(&frontends, &mut Ids::fresh());
+        assert_eq!(programmer.maps().contents, expected);
+        assert!(!expected.maglev.is_empty() && !expected.source_ranges.is_empty());
     }
 }

@@ -17,8 +17,16 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use aya::maps::{HashMap, MapData};
-use dataplane_agent::datapath::BpffsLayout;
-use dataplane_common::{Backend, CtEntry, CtKey, IPPROTO_TCP, ServiceKey, ServiceValue, map_names};
+use dataplane_agent::{
+    datapath::{
+        BpffsLayout,
+        translate::{self, DecodedEntry, EntryKey},
+    },
+    plan::{FrontendAddr, Protocol},
+};
+use dataplane_common::{
+    Backend, CtEntry, CtKey, IPPROTO_TCP, SCOPE_DEFAULT, ServiceKey, ServiceValue, map_names,
+};
 use testbed::{Netns, Node, Process, Wiring};
 
 use super::{
@@ -295,8 +303,9 @@ impl BenchAgent {
         self.manifests.join("services")
     }
 
-    fn slot0(&self, s: &Service) -> Option<ServiceValue> {
-        self.services.get(&key(s.vip, s.port, 0), 0).ok()
+    fn slot0(&self, s: &Service) -> Option<DecodedEntry> {
+        let value = self.services.get(&key(s.vip, s.port, 0), 0).ok()?;
+        Some(translate::decode_slot0(&value))
     }
 
     /// Writes `set` into a hidden directory, then renames it into the watched directory (all
@@ -380,14 +389,14 @@ impl BenchAgent {
                 let backend = self
                     .backends
                     .get(id)
-                    .filter(|b| b.addr != [0; 4])
+                    .and_then(|b| translate::decode_backend(&b))
                     .with_context(|| format!("{}: backend {id} missing", s.name))?;
                 ensure!(
-                    backend.port == s.target_port,
+                    backend.addr.port() == s.target_port,
                     "{}: wrong backend port",
                     s.name
                 );
-                found.insert(Ipv4Addr::from(backend.addr));
+                found.insert(*backend.addr.ip());
             }
             ensure!(
                 found == wanted,
@@ -408,7 +417,8 @@ impl BenchAgent {
                 .get(&key(s.vip, s.port, slot), 0)
                 .ok()
                 .and_then(|v| self.backends.get(v.backend_id))
-                .is_some_and(|b| Ipv4Addr::from(b.addr) == addr)
+                .and_then(|b| translate::decode_backend(&b))
+                .is_some_and(|b| *b.addr.ip() == addr)
         })
     }
 
@@ -540,13 +550,14 @@ impl Drop for BenchAgent {
 }
 
 fn key(vip: Ipv4Addr, port: u16, slot: u16) -> ServiceKey {
-    ServiceKey {
-        addr: vip.octets(),
-        port,
-        backend_slot: slot,
-        proto: IPPROTO_TCP,
-        ..Default::default()
-    }
+    let entry = EntryKey {
+        frontend: FrontendAddr {
+            addr: SocketAddrV4::new(vip, port),
+            protocol: Protocol::Tcp,
+        },
+        scope: SCOPE_DEFAULT,
+    };
+    translate::service_key(&entry, slot)
 }
 
 fn strip_ansi(text: &str) -> String {

@@ -35,13 +35,17 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
-use dataplane_agent::datapath::{
-    BpffsLayout,
-    loader::{LoadedDatapath, MapSizes},
+use dataplane_agent::{
+    datapath::{
+        BpffsLayout,
+        loader::{LoadedDatapath, MapSizes},
+        translate::{self, EntryKey, EntrySettings},
+    },
+    plan::{BackendAddr, FrontendAddr, Protocol},
 };
 use dataplane_common::{
-    BACKEND_STATE_ACTIVE, Backend, CtEntry, CtKey, IPPROTO_TCP, PROG_POD_INGRESS, RevNat,
-    ServiceKey, ServiceValue, TrafficStats, drop_reason, map_names,
+    Backend, CtEntry, CtKey, IPPROTO_TCP, PROG_POD_INGRESS, SCOPE_DEFAULT, ServiceKey,
+    ServiceValue, TrafficStats, drop_reason, map_names,
 };
 use serde_json::json;
 
@@ -150,13 +154,14 @@ fn ct_key(src: SocketAddrV4, dst: SocketAddrV4) -> CtKey {
 }
 
 fn service_key(f: SocketAddrV4, slot: u16) -> ServiceKey {
-    ServiceKey {
-        addr: f.ip().octets(),
-        port: f.port(),
-        backend_slot: slot,
-        proto: IPPROTO_TCP,
-        ..Default::default()
-    }
+    let entry = EntryKey {
+        frontend: FrontendAddr {
+            addr: f,
+            protocol: Protocol::Tcp,
+        },
+        scope: SCOPE_DEFAULT,
+    };
+    translate::service_key(&entry, slot)
 }
 
 fn pool_backend(j: u32) -> SocketAddrV4 {
@@ -187,7 +192,6 @@ struct Instance {
     datapath: LoadedDatapath,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: IdMap<Backend>,
-    rev_nat: HashMap<MapData, u32, RevNat>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
     drops: Array<MapData, u64>,
@@ -204,7 +208,6 @@ impl Instance {
         let mut sizes = MapSizes::new();
         // 100k services with two backend slots each, and 100k frontend ids.
         sizes.insert(map_names::SERVICES.into(), 524_288);
-        sizes.insert(map_names::REV_NAT.into(), 131_072);
         sizes.insert(map_names::SERVICE_STATS.into(), 131_072);
         if let Some(entries) = conntrack_entries {
             sizes.insert(map_names::CONNTRACK_TCP.into(), entries);
@@ -223,7 +226,6 @@ impl Instance {
             datapath,
             services: open(&layout, map_names::SERVICES)?,
             backends: IdMap::open(&layout, map_names::BACKENDS)?,
-            rev_nat: open(&layout, map_names::REV_NAT)?,
             conntrack: open(&layout, map_names::CONNTRACK_TCP)?,
             service_stats: open(&layout, map_names::SERVICE_STATS)?,
             drops: open(&layout, map_names::DROPS)?,
@@ -253,17 +255,15 @@ impl Instance {
     }
 
     fn add_backend(&mut self, id: u32, addr: SocketAddrV4) -> anyhow::Result<()> {
-        let value = Backend {
-            addr: addr.ip().octets(),
-            port: addr.port(),
-            proto: IPPROTO_TCP,
-            state: BACKEND_STATE_ACTIVE,
+        let backend = BackendAddr {
+            addr,
+            protocol: Protocol::Tcp,
         };
-        self.backends.insert(id, value)?;
+        self.backends.insert(id, translate::backend(&backend))?;
         Ok(())
     }
 
-    /// Slots first, then slot 0 (the agent's order), then the rev-NAT entry.
+    /// Slots first, then slot 0 (the agent's order).
     fn add_frontend(
         &mut self,
         id: u32,
@@ -271,26 +271,17 @@ impl Instance {
         backend_ids: &[u32],
     ) -> anyhow::Result<()> {
         for (i, backend_id) in backend_ids.iter().enumerate() {
-            let value = ServiceValue {
-                backend_id: *backend_id,
-                ..Default::default()
-            };
+            let value = translate::slot(*backend_id);
             self.services
                 .insert(service_key(frontend, i as u16 + 1), value, 0)?;
         }
-        let value = ServiceValue {
-            rev_nat_id: id,
-            count: backend_ids.len() as u16,
+        let settings = EntrySettings {
+            flags: 0,
+            affinity_timeout: 0,
             service_port_id: id,
-            ..Default::default()
         };
+        let value = translate::slot0(id, backend_ids.len(), settings);
         self.services.insert(service_key(frontend, 0), value, 0)?;
-        let rev_nat = RevNat {
-            addr: frontend.ip().octets(),
-            port: frontend.port(),
-            ..Default::default()
-        };
-        self.rev_nat.insert(id, rev_nat, 0)?;
         Ok(())
     }
 
