@@ -571,6 +571,11 @@ fn every_map_prints_named_fields_in_bpftool() {
         // Filled by fragmented datagrams and by the node's own UDP flows from a frontend.
         ("dp_frag_v1", &[]),
         ("dp_hostflow_v1", &[]),
+        // Filled by the node's own sockets (none in this test): the mode is always written.
+        ("dp_sock_v1", &[]),
+        ("dp_sockcfg_v1", &["mode", "netns_cookie"]),
+        ("dp_svc_sock_v1", &[]),
+        ("dp_be_sock_v1", &[]),
     ];
     for name in dataplane_common::map_names::ALL {
         let path = cluster.agent.bpffs_dir.join(name);

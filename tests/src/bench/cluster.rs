@@ -25,7 +25,7 @@ use dataplane_agent::{
     plan::{FrontendAddr, Protocol},
 };
 use dataplane_common::{
-    Backend, CtEntry, CtKey, IPPROTO_TCP, SCOPE_DEFAULT, ServiceKey, ServiceValue, map_names,
+    Backend, CtEntry, CtKey, SCOPE_DEFAULT, ServiceKey, ServiceValue, map_names,
 };
 use testbed::{Netns, Node, Process, Wiring};
 
@@ -224,6 +224,8 @@ impl BenchNode {
 /// The agent in the "ours" node: started with an empty manifest directory.
 struct BenchAgent {
     process: Option<Process>,
+    /// How it is started (again, with another `--socket-lb`).
+    command: AgentCommand,
     pid: u32,
     binary: PathBuf,
     layout: BpffsLayout,
@@ -236,7 +238,81 @@ struct BenchAgent {
     generation: usize,
 }
 
+/// `dataplane-agent run` in the "ours" node.
+struct AgentCommand {
+    netns: PathBuf,
+    binary: PathBuf,
+    manifests: PathBuf,
+    pod_glob: String,
+    bpffs: PathBuf,
+    /// The node's cgroup: `--cgroup-root`, so the socket hooks see only the node's processes.
+    cgroup: Option<PathBuf>,
+    log: PathBuf,
+}
+
+impl AgentCommand {
+    /// Starts the agent with `--socket-lb socket_lb`, logging to a fresh log.
+    fn spawn(&self, socket_lb: &str) -> anyhow::Result<std::process::Child> {
+        let log_file = std::fs::File::create(&self.log)?;
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net={}", self.netns.display()))
+            .arg("--")
+            .arg(&self.binary)
+            .args(["run", "--manifests"])
+            .arg(&self.manifests)
+            .args(["--node-name", NODE_NAME, "--pod-interfaces"])
+            .arg(&self.pod_glob)
+            .arg("--bpffs-dir")
+            .arg(&self.bpffs)
+            .args(["--socket-lb", socket_lb]);
+        if let Some(cgroup) = &self.cgroup {
+            command.arg("--cgroup-root").arg(cgroup);
+        }
+        command
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("starting the agent")
+    }
+}
+
 impl BenchAgent {
+    /// Restarts the agent with `--socket-lb socket_lb` (the maps and links stay pinned, as in
+    /// an upgrade); returns once its hooks are attached and it has synced.
+    fn switch_socket_lb(&mut self, socket_lb: &str) -> anyhow::Result<()> {
+        self.stop();
+        let child = self.command.spawn(socket_lb)?;
+        self.pid = child.id();
+        cleanup::pid(self.pid);
+        self.process = Some(Process { child });
+        let ready = testbed::wait_until(Duration::from_secs(30), || {
+            let log = self.log_text();
+            log.matches("socket hook").count() >= 5 && log.contains("took over connections")
+        });
+        if let Err(e) = ready {
+            bail!("{e}: the agent did not restart; log:\n{}", self.log_text());
+        }
+        Ok(())
+    }
+
+    /// Stops the agent (SIGTERM); the datapath stays pinned.
+    fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && process.child.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            drop(process);
+            cleanup::forget_pid(self.pid);
+        }
+    }
+
     fn start(node: &BenchNode, binary: &Path) -> anyhow::Result<Self> {
         let work = scratch_dir("dataplane-bench-");
         cleanup::dir(work.clone());
@@ -245,24 +321,16 @@ impl BenchAgent {
         let bpffs = PathBuf::from("/sys/fs/bpf").join(testbed::unique("dpbench-agent"));
         cleanup::agent_dir(binary.to_path_buf(), bpffs.clone());
         let log = work.join("agent.log");
-        let log_file = std::fs::File::create(&log)?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", node.node.netns.path().display()))
-            .arg("--")
-            .arg(binary)
-            .args(["run", "--manifests"])
-            .arg(&manifests)
-            .args(["--node-name", NODE_NAME, "--pod-interfaces"])
-            .arg(node.node.pod_glob())
-            .arg("--bpffs-dir")
-            .arg(&bpffs)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .spawn()
-            .context("starting the agent")?;
+        let command = AgentCommand {
+            netns: node.node.netns.path(),
+            binary: binary.to_path_buf(),
+            manifests: manifests.clone(),
+            pod_glob: node.node.pod_glob(),
+            bpffs: bpffs.clone(),
+            cgroup: node.node.netns.cgroup.as_ref().map(|c| c.path.clone()),
+            log: log.clone(),
+        };
+        let child = command.spawn("host")?;
         let pid = child.id();
         cleanup::pid(pid);
         let layout = BpffsLayout::new(&bpffs);
@@ -284,6 +352,7 @@ impl BenchAgent {
             services: open(&layout, map_names::SERVICES)?,
             backends: IdMap::open(&layout, map_names::BACKENDS)?,
             process: Some(process),
+            command,
             pid,
             binary: binary.to_path_buf(),
             layout,
@@ -526,16 +595,7 @@ impl BenchAgent {
 
 impl Drop for BenchAgent {
     fn drop(&mut self) {
-        if let Some(mut process) = self.process.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline && process.child.try_wait().ok().flatten().is_none() {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            drop(process);
-            cleanup::forget_pid(self.pid);
-        }
+        self.stop();
         let _ = Command::new(&self.binary)
             .arg("cleanup")
             .arg("--bpffs-dir")
@@ -844,6 +904,95 @@ fn latency_rows(
     }
 }
 
+/// Sections 2 and 3 again with the pods' sockets translated at `connect()` (`--socket-lb
+/// all`, the agent restarted with it on the same pinned maps), next to the per-packet path's
+/// figures measured before; the agent goes back to `host` afterwards.
+fn socket_lb_rows(
+    report: &mut Report,
+    settings: &Settings,
+    (ours, direct, agent): (&BenchNode, &BenchNode, &mut BenchAgent),
+    per_packet_latency: Option<Latency>,
+    per_packet_throughput: Option<f64>,
+) -> anyhow::Result<()> {
+    eprintln!("bench: restarting the agent with --socket-lb all");
+    agent.switch_socket_lb("all")?;
+    let measured = SocketAddrV4::new(MEASURED_VIP, SERVICE_PORT);
+    if settings.wants(2) {
+        let targets = [
+            Target {
+                label: "ours, --socket-lb all".into(),
+                node: ours,
+                addr: measured,
+                agent: Some(agent),
+            },
+            Target {
+                label: "direct".into(),
+                node: direct,
+                addr: SocketAddrV4::new(direct.server(), TARGET_PORT),
+                agent: None,
+            },
+        ];
+        let results = measure_latency(&targets, settings)?;
+        for (p, pick) in [("p50", 0usize), ("p99", 1)] {
+            let value = |l: &Latency| if pick == 0 { l.p50 } else { l.p99 };
+            let runs = |l: &Latency| if pick == 0 { l.p50_runs.clone() } else { l.p99_runs.clone() };
+            let mut m = Measurement::new(
+                "2 connect latency",
+                format!(
+                    "TCP connect {p}, ClusterIP, translated at the socket (--socket-lb all), {} services",
+                    label(settings.large)
+                ),
+                "us",
+                value(&results[0]),
+            )
+            .baseline("direct", value(&results[1]));
+            if let Some(per_packet) = &per_packet_latency {
+                m = m.baseline("per-packet path", value(per_packet));
+            }
+            report.push(
+                m.ratio_to("direct")
+                    .goal("<= 1.05x direct", |m| m.ratio.is_some_and(|r| r <= 1.05))
+                    .note(format!(
+                        "as the per-packet row above, with the agent restarted with --socket-lb all (same pinned maps; the client pod runs under the agent's --cgroup-root): connect() is translated by the cgroup hook and the SYN goes to the server's address; per-packet path: the ClusterIP row measured before in this run; per-run {p}: ours {:?}, direct {:?}",
+                        runs(&results[0]),
+                        runs(&results[1])
+                    )),
+            );
+        }
+    }
+    if settings.wants(3) {
+        let mut via_socket = Vec::new();
+        let mut direct_runs = Vec::new();
+        ours.iperf(IPERF_VIP, 1)?;
+        direct.iperf(direct.server(), 1)?;
+        for _ in 0..settings.iperf_runs {
+            via_socket.push(ours.iperf(IPERF_VIP, settings.iperf_seconds)?);
+            direct_runs.push(direct.iperf(direct.server(), settings.iperf_seconds)?);
+        }
+        let mut m = Measurement::new(
+            "3 throughput",
+            format!(
+                "iperf3 TCP via ClusterIP, translated at the socket (--socket-lb all), {} services",
+                label(settings.large)
+            ),
+            "Gbit/s",
+            median(&via_socket),
+        )
+        .baseline("direct", median(&direct_runs));
+        if let Some(per_packet) = per_packet_throughput {
+            m = m.baseline("per-packet path", per_packet);
+        }
+        report.push(
+            m.ratio_to("direct")
+                .goal(">= 0.95x direct", |m| m.ratio.is_some_and(|r| r >= 0.95))
+                .note(format!(
+                    "as the per-packet row above, with --socket-lb all; runs: socket {via_socket:?}, direct {direct_runs:?}",
+                )),
+        );
+    }
+    agent.switch_socket_lb("host")
+}
+
 pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
     let work = WorkDir(scratch_dir("dataplane-bench-rules-"));
     cleanup::dir(work.0.clone());
@@ -948,6 +1097,7 @@ pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
         .map(String::from)
         .chain(kube_proxy_modes.iter().map(|m| m.label().to_string()))
         .collect();
+    let mut per_packet_latency = None;
     if settings.wants(2) {
         eprintln!("bench: connection latency, {} services", settings.large);
         let results = measure_latency(
@@ -955,7 +1105,9 @@ pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
             settings,
         )?;
         latency_rows(report, settings.large, true, &results, &labels, settings);
+        per_packet_latency = results.first().cloned();
     }
+    let mut per_packet_throughput = None;
     if settings.wants(3) {
         eprintln!("bench: throughput");
         let mut via_service = Vec::new();
@@ -974,6 +1126,7 @@ pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
             agent.clear_conntrack()?;
             attached_runs.push(ours.iperf(ours.server(), settings.iperf_seconds)?);
         }
+        per_packet_throughput = Some(median(&via_service));
         report.push(
             Measurement::new(
                 "3 throughput",
@@ -990,6 +1143,15 @@ pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
                 settings.iperf_runs, settings.iperf_seconds
             )),
         );
+    }
+    if settings.wants(2) || settings.wants(3) {
+        socket_lb_rows(
+            report,
+            settings,
+            (&ours, &direct, &mut agent),
+            per_packet_latency,
+            per_packet_throughput,
+        )?;
     }
     let mut large_set = large_set;
     if settings.wants(4) {
