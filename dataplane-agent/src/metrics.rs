@@ -188,6 +188,30 @@ pub struct BackendCounters {
     pub socket_connections: u64,
 }
 
+impl ServiceCounters {
+    /// Packets, bytes, connections, socket connections: the order the series are written in.
+    fn counts(&self) -> [u64; 4] {
+        [
+            self.packets,
+            self.bytes,
+            self.connections,
+            self.socket_connections,
+        ]
+    }
+}
+
+impl BackendCounters {
+    /// As `ServiceCounters::counts`.
+    fn counts(&self) -> [u64; 4] {
+        [
+            self.packets,
+            self.bytes,
+            self.connections,
+            self.socket_connections,
+        ]
+    }
+}
+
 /// How full one BPF map is.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapPressure {
@@ -358,13 +382,7 @@ impl Collector for DatapathCollector {
                 ("frontend", row.frontend.as_str()),
                 ("kind", row.kind.as_str()),
             ];
-            let values = [
-                row.packets,
-                row.bytes,
-                row.connections,
-                row.socket_connections,
-            ];
-            (labels, values)
+            (labels, row.counts())
         }));
         let service_counter = |i: usize| {
             services
@@ -403,13 +421,7 @@ impl Collector for DatapathCollector {
                 ("protocol", row.protocol.as_str()),
                 ("backend", row.backend.as_str()),
             ];
-            let values = [
-                row.packets,
-                row.bytes,
-                row.connections,
-                row.socket_connections,
-            ];
-            (labels, values)
+            (labels, row.counts())
         }));
         let backend_counter = |i: usize| {
             backends

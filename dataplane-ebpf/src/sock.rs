@@ -159,6 +159,29 @@ fn remember(cookie: u64, proto: u8, frontend: (Ipv4, u16), to: &Translation) {
     count_socket_connection(to.rev_nat_id, to.backend_id);
 }
 
+/// Sends the socket's call to a new backend for `frontend`, recorded for the socket (and by
+/// `also`, for what the caller keeps besides), or fails it when the service cannot take it.
+#[inline(always)]
+fn to_new_backend(
+    ctx: &SockAddrContext,
+    sa: &mut bpf_sock_addr,
+    frontend: (Ipv4, u16),
+    proto: u8,
+    cookie: u64,
+    also: impl FnOnce(&Translation),
+) -> i32 {
+    match choose(ctx, frontend.0, frontend.1, proto, cookie) {
+        Ok(Some(to)) => {
+            also(&to);
+            remember(cookie, proto, frontend, &to);
+            set_user_addr(sa, to.addr, to.port);
+            PROCEED
+        }
+        Ok(None) => PROCEED,
+        Err(errno) => fail(errno),
+    }
+}
+
 /// Fails the socket call with `errno`.
 #[inline(always)]
 fn fail(errno: i32) -> i32 {
@@ -184,18 +207,10 @@ pub fn connect(ctx: &SockAddrContext) -> i32 {
     let Some(proto) = tcp_or_udp(sa) else {
         return PROCEED;
     };
-    let (addr, port) = user_addr(sa);
+    let frontend = user_addr(sa);
     // SAFETY: the helper reads the context it is given.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    match choose(ctx, addr, port, proto, cookie) {
-        Ok(Some(to)) => {
-            remember(cookie, proto, (addr, port), &to);
-            set_user_addr(sa, to.addr, to.port);
-            PROCEED
-        }
-        Ok(None) => PROCEED,
-        Err(errno) => fail(errno),
-    }
+    to_new_backend(ctx, sa, frontend, proto, cookie, |_| {})
 }
 
 /// `sendmsg()`/`sendto()` on an unconnected UDP socket: each datagram to a frontend goes to
@@ -226,25 +241,18 @@ pub fn sendmsg(ctx: &SockAddrContext) -> i32 {
             return PROCEED;
         }
     }
-    match choose(ctx, addr, port, IPPROTO_UDP, cookie) {
-        Ok(Some(to)) => {
-            let entry = SockEntry {
-                addr: to.addr,
-                port: to.port,
-                _pad: 0,
-                backend_id: to.backend_id,
-                rev_nat_id: to.rev_nat_id,
-                // SAFETY: the helper takes no arguments.
-                created_ns: unsafe { bpf_ktime_get_coarse_ns() },
-            };
-            let _ = SOCKETS.insert(&forward, &entry, 0);
-            remember(cookie, IPPROTO_UDP, (addr, port), &to);
-            set_user_addr(sa, to.addr, to.port);
-            PROCEED
-        }
-        Ok(None) => PROCEED,
-        Err(errno) => fail(errno),
-    }
+    to_new_backend(ctx, sa, (addr, port), IPPROTO_UDP, cookie, |to| {
+        let entry = SockEntry {
+            addr: to.addr,
+            port: to.port,
+            _pad: 0,
+            backend_id: to.backend_id,
+            rev_nat_id: to.rev_nat_id,
+            // SAFETY: the helper takes no arguments.
+            created_ns: unsafe { bpf_ktime_get_coarse_ns() },
+        };
+        let _ = SOCKETS.insert(&forward, &entry, 0);
+    })
 }
 
 /// The peer address the application sees (`recvmsg()`'s source, `getpeername()`): the

@@ -754,6 +754,28 @@ struct Target<'a> {
     agent: Option<&'a BenchAgent>,
 }
 
+impl<'a> Target<'a> {
+    /// The measured service in the agent's node.
+    fn service(label: &str, node: &'a BenchNode, agent: &'a BenchAgent) -> Self {
+        Self {
+            label: label.into(),
+            node,
+            addr: SocketAddrV4::new(MEASURED_VIP, SERVICE_PORT),
+            agent: Some(agent),
+        }
+    }
+
+    /// The server pod's own address in the node without agent or rules.
+    fn direct(node: &'a BenchNode) -> Self {
+        Self {
+            label: "direct".into(),
+            node,
+            addr: SocketAddrV4::new(node.server(), TARGET_PORT),
+            agent: None,
+        }
+    }
+}
+
 #[derive(Default, Clone)]
 struct Latency {
     p50: f64,
@@ -770,18 +792,8 @@ fn targets<'a>(
 ) -> Vec<Target<'a>> {
     let measured = SocketAddrV4::new(MEASURED_VIP, SERVICE_PORT);
     let mut t = vec![
-        Target {
-            label: "ours".into(),
-            node: ours,
-            addr: measured,
-            agent: Some(agent),
-        },
-        Target {
-            label: "direct".into(),
-            node: direct,
-            addr: SocketAddrV4::new(direct.server(), TARGET_PORT),
-            agent: None,
-        },
+        Target::service("ours", ours, agent),
+        Target::direct(direct),
         Target {
             label: "direct, agent attached".into(),
             node: ours,
@@ -916,26 +928,21 @@ fn socket_lb_rows(
 ) -> anyhow::Result<()> {
     eprintln!("bench: restarting the agent with --socket-lb all");
     agent.switch_socket_lb("all")?;
-    let measured = SocketAddrV4::new(MEASURED_VIP, SERVICE_PORT);
     if settings.wants(2) {
         let targets = [
-            Target {
-                label: "ours, --socket-lb all".into(),
-                node: ours,
-                addr: measured,
-                agent: Some(agent),
-            },
-            Target {
-                label: "direct".into(),
-                node: direct,
-                addr: SocketAddrV4::new(direct.server(), TARGET_PORT),
-                agent: None,
-            },
+            Target::service("ours, --socket-lb all", ours, agent),
+            Target::direct(direct),
         ];
         let results = measure_latency(&targets, settings)?;
         for (p, pick) in [("p50", 0usize), ("p99", 1)] {
             let value = |l: &Latency| if pick == 0 { l.p50 } else { l.p99 };
-            let runs = |l: &Latency| if pick == 0 { l.p50_runs.clone() } else { l.p99_runs.clone() };
+            let runs = |l: &Latency| {
+                if pick == 0 {
+                    l.p50_runs.clone()
+                } else {
+                    l.p99_runs.clone()
+                }
+            };
             let mut m = Measurement::new(
                 "2 connect latency",
                 format!(
