@@ -784,6 +784,17 @@ struct Latency {
     p99_runs: Vec<f64>,
 }
 
+impl Latency {
+    /// The median over runs of the p99 (else the p50), and the per-run values.
+    fn pick(&self, p99: bool) -> (f64, &[f64]) {
+        if p99 {
+            (self.p99, &self.p99_runs)
+        } else {
+            (self.p50, &self.p50_runs)
+        }
+    }
+}
+
 fn targets<'a>(
     ours: &'a BenchNode,
     direct: &'a BenchNode,
@@ -861,15 +872,9 @@ fn latency_rows(
 ) {
     // results[0] is ours, then direct, direct with the agent attached, then the kube-proxy
     // modes.
-    for (p, pick) in [("p50", 0usize), ("p99", 1)] {
-        let value = |l: &Latency| if pick == 0 { l.p50 } else { l.p99 };
-        let runs = |l: &Latency| {
-            if pick == 0 {
-                l.p50_runs.clone()
-            } else {
-                l.p99_runs.clone()
-            }
-        };
+    for (p, p99) in [("p50", false), ("p99", true)] {
+        let value = |l: &Latency| l.pick(p99).0;
+        let runs = |l: &Latency| l.pick(p99).1.to_vec();
         let mut m = Measurement::new(
             "2 connect latency",
             format!("TCP connect {p}, ClusterIP, {} services", label(scale)),
@@ -934,15 +939,9 @@ fn socket_lb_rows(
             Target::direct(direct),
         ];
         let results = measure_latency(&targets, settings)?;
-        for (p, pick) in [("p50", 0usize), ("p99", 1)] {
-            let value = |l: &Latency| if pick == 0 { l.p50 } else { l.p99 };
-            let runs = |l: &Latency| {
-                if pick == 0 {
-                    l.p50_runs.clone()
-                } else {
-                    l.p99_runs.clone()
-                }
-            };
+        for (p, p99) in [("p50", false), ("p99", true)] {
+            let value = |l: &Latency| l.pick(p99).0;
+            let runs = |l: &Latency| l.pick(p99).1.to_vec();
             let mut m = Measurement::new(
                 "2 connect latency",
                 format!(
