@@ -606,3 +606,88 @@ fn restarts_take_the_socket_hooks_over_and_cleanup_removes_them() {
     drop(agent);
     assert_eq!(attached_programs(&cgroup.path), Vec::<String>::new());
 }
+
+/// `lb`: a LoadBalancer service with externalTrafficPolicy Local, an external IP and a
+/// load-balancer IP; `itp`: a ClusterIP service with internalTrafficPolicy Local. Both have
+/// their one endpoint, `web-1`, on node b.
+fn policies(web1: Ipv4Addr) -> String {
+    let slice = |name: &str| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: 8080}}
+- {{name: dns, protocol: UDP, port: 5353}}
+endpoints:
+- {{addresses: [\"{web1}\"], nodeName: node-b}}
+"
+        )
+    };
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: lb, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.40
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32101
+  externalIPs: [198.51.100.50]
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30090}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: 5353, nodePort: 30091}}
+status: {{loadBalancer: {{ingress: [{{ip: 198.51.100.51}}]}}}}
+---
+{}---
+apiVersion: v1
+kind: Service
+metadata: {{name: itp, namespace: default}}
+spec:
+  clusterIP: 10.96.0.41
+  internalTrafficPolicy: Local
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: 8080}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: 5353}}
+---
+{}",
+        slice("lb"),
+        slice("itp")
+    )
+}
+
+#[test]
+fn host_clients_get_kube_proxys_traffic_policies_on_every_kind_of_frontend() {
+    require_root!();
+    let mut c = cluster(&[]);
+    let web1 = c.pod("web-1").ip;
+    c.write_manifest("policies.yaml", &policies(web1)).unwrap();
+    let agent = &c.agents[0];
+    agent.wait_for_backends("198.51.100.51:80", 0).unwrap();
+    agent.wait_for_backends("10.96.0.41:80", 0).unwrap();
+    let node = &c.nodes[0].node.netns;
+    // externalTrafficPolicy Local, no endpoint on node a: traffic from the node itself uses
+    // every endpoint (kube-proxy's short circuit), on every external kind of frontend.
+    for (what, op, host, port) in [
+        ("load-balancer IP, TCP", "tcp", "198.51.100.51", 80),
+        ("load-balancer IP, connected UDP", "udp-connected", "198.51.100.51", 53),
+        ("external IP, TCP", "tcp", "198.51.100.50", 80),
+        ("external IP, unconnected UDP", "udp-unconnected", "198.51.100.50", 53),
+        ("the node's own node port, TCP", "tcp", NODE_A, 30090),
+        ("the node's own node port, UDP", "udp-connected", NODE_A, 30091),
+    ] {
+        let answer = client(node, op, host, port);
+        answered_by(&answer, &format!("{host}:{port}"), &["web-1"])
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+    // internalTrafficPolicy Local, no endpoint on node a: kube-proxy drops the node's traffic;
+    // the socket learns it at once.
+    for (op, port) in [("tcp", 80), ("udp-connected", 53)] {
+        let answer = client(node, op, "10.96.0.41", port);
+        assert!(
+            answer.starts_with("error EHOSTUNREACH"),
+            "{op} to an internalTrafficPolicy Local service without local endpoints: {answer}"
+        );
+    }
+}
