@@ -506,8 +506,17 @@ pub fn graph_dot(edges: &[GraphEdge]) -> String {
 
 pub fn print_services(views: &[ServiceView]) {
     println!(
-        "{:<22} {:<5} {:<12} {:<28} {:>5} {:>8} {:>10} {:>12} {:>6}",
-        "FRONTEND", "PROTO", "KIND", "SERVICE", "ID", "BACKENDS", "PACKETS", "BYTES", "CONNS"
+        "{:<22} {:<5} {:<12} {:<28} {:>5} {:>8} {:>10} {:>12} {:>6} {:>7}",
+        "FRONTEND",
+        "PROTO",
+        "KIND",
+        "SERVICE",
+        "ID",
+        "BACKENDS",
+        "PACKETS",
+        "BYTES",
+        "CONNS",
+        "SOCKETS"
     );
     for s in views {
         let service = if s.port.is_empty() {
@@ -516,7 +525,7 @@ pub fn print_services(views: &[ServiceView]) {
             format!("{}:{}", s.service, s.port)
         };
         println!(
-            "{:<22} {:<5} {:<12} {:<28} {:>5} {:>8} {:>10} {:>12} {:>6}",
+            "{:<22} {:<5} {:<12} {:<28} {:>5} {:>8} {:>10} {:>12} {:>6} {:>7}",
             s.frontend,
             s.protocol,
             s.kind,
@@ -525,12 +534,19 @@ pub fn print_services(views: &[ServiceView]) {
             s.backends.len(),
             s.packets,
             s.bytes,
-            s.connections
+            s.connections,
+            s.socket_connections
         );
         for b in &s.backends {
             println!(
-                "  -> {:<22} id {:<6} {:<11} {:>10} {:>12} {:>6}",
-                b.address, b.backend_id, b.state, b.packets, b.bytes, b.connections
+                "  -> {:<22} id {:<6} {:<11} {:>10} {:>12} {:>6} {:>7}",
+                b.address,
+                b.backend_id,
+                b.state,
+                b.packets,
+                b.bytes,
+                b.connections,
+                b.socket_connections
             );
         }
     }

@@ -671,11 +671,26 @@ fn host_clients_get_kube_proxys_traffic_policies_on_every_kind_of_frontend() {
     // every endpoint (kube-proxy's short circuit), on every external kind of frontend.
     for (what, op, host, port) in [
         ("load-balancer IP, TCP", "tcp", "198.51.100.51", 80),
-        ("load-balancer IP, connected UDP", "udp-connected", "198.51.100.51", 53),
+        (
+            "load-balancer IP, connected UDP",
+            "udp-connected",
+            "198.51.100.51",
+            53,
+        ),
         ("external IP, TCP", "tcp", "198.51.100.50", 80),
-        ("external IP, unconnected UDP", "udp-unconnected", "198.51.100.50", 53),
+        (
+            "external IP, unconnected UDP",
+            "udp-unconnected",
+            "198.51.100.50",
+            53,
+        ),
         ("the node's own node port, TCP", "tcp", NODE_A, 30090),
-        ("the node's own node port, UDP", "udp-connected", NODE_A, 30091),
+        (
+            "the node's own node port, UDP",
+            "udp-connected",
+            NODE_A,
+            30091,
+        ),
     ] {
         let answer = client(node, op, host, port);
         answered_by(&answer, &format!("{host}:{port}"), &["web-1"])
