@@ -764,32 +764,6 @@ fn run_isolated(settings: &Settings, report: &mut Report) -> anyhow::Result<()> 
             }
             report.push(m);
         }
-        // A connection translated at the socket (`--socket-lb all`) sends its packets to the
-        // backend's own address: the program's non-service path, next to the per-packet one.
-        let index = |kind: Kind| Kind::ALL.iter().position(|k| *k == kind).expect("in ALL");
-        let (non_service, established) = (index(Kind::NonService), index(Kind::Established));
-        for (s, scale) in scales.iter().enumerate() {
-            let m = Measurement::new(
-                SECTION,
-                format!(
-                    "established flow translated at the socket (--socket-lb all), {} services",
-                    scale_label(scale.services)
-                ),
-                "ns",
-                median(&runs[non_service][s]),
-            )
-            .baseline("noop", noop_ns)
-            .baseline("per-packet path", median(&runs[established][s]));
-            report.push(
-                m.ratio_to("noop")
-                    .goal("<= 3x noop", |m| m.ratio.is_some_and(|r| r <= 3.0))
-                    .note(format!(
-                        "the socket's packets are addressed to the backend: the non-service row's measurement ({}), shown here next to the per-packet established row; runs {:?}",
-                        Kind::NonService.method(),
-                        runs[non_service][s]
-                    )),
-            );
-        }
         if scales.len() > 1 {
             let smallest_label = format!("{} services", scale_label(smallest.services));
             report.push(
@@ -811,6 +785,32 @@ fn run_isolated(settings: &Settings, report: &mut Report) -> anyhow::Result<()> 
                 }),
             );
         }
+    }
+    // A connection translated at the socket (`--socket-lb all`) sends its packets to the
+    // backend's own address: the program's non-service path, next to the per-packet one.
+    let index = |kind: Kind| Kind::ALL.iter().position(|k| *k == kind).expect("in ALL");
+    let (non_service, established) = (index(Kind::NonService), index(Kind::Established));
+    for (s, scale) in scales.iter().enumerate() {
+        let m = Measurement::new(
+            SECTION,
+            format!(
+                "established flow translated at the socket (--socket-lb all), {} services",
+                scale_label(scale.services)
+            ),
+            "ns",
+            median(&runs[non_service][s]),
+        )
+        .baseline("noop", noop_ns)
+        .baseline("per-packet path", median(&runs[established][s]));
+        report.push(
+            m.ratio_to("noop")
+                .goal("<= 3x noop", |m| m.ratio.is_some_and(|r| r <= 3.0))
+                .note(format!(
+                    "the socket's packets are addressed to the backend: the non-service row's measurement ({}), shown here next to the per-packet established row; runs {:?}",
+                    Kind::NonService.method(),
+                    runs[non_service][s]
+                )),
+        );
     }
     single_run_cross_check(&smallest.main, settings, smallest.services, report)?;
     Ok(())
