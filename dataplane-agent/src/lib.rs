@@ -2,6 +2,7 @@
 //! (`plan`), written into the kernel's maps (`datapath`), and read back for people (`inspect`).
 pub mod datapath;
 pub mod endpoints;
+pub mod frame;
 pub mod health;
 pub mod inspect;
 pub mod maglev;

@@ -18,6 +18,7 @@ use crate::{
         maps::PinnedMaps,
         translate::{self, EntryKey},
     },
+    frame::{IpFields, L4, TO_NODE},
     plan::{FrontendAddr, Protocol},
 };
 
@@ -50,60 +51,25 @@ pub struct TraceResult {
     pub verdict: &'static str,
 }
 
-fn checksum(chunks: &[&[u8]]) -> [u8; 2] {
-    let mut sum = 0u64;
-    for chunk in chunks {
-        for pair in chunk.chunks(2) {
-            sum += u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]) as u64;
-        }
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    (!(sum as u16)).to_be_bytes()
-}
-
 /// A TCP SYN or a UDP datagram with valid checksums.
 fn synthetic_packet(from: SocketAddrV4, to: SocketAddrV4, protocol: Protocol) -> Vec<u8> {
-    let (proto, mut l4) = match protocol {
-        Protocol::Tcp => {
-            let mut t = vec![0u8; 20];
-            t[4..8].copy_from_slice(&1u32.to_be_bytes());
-            t[12] = 5 << 4;
-            t[13] = 0x02; // SYN
-            t[14..16].copy_from_slice(&64240u16.to_be_bytes());
-            (6u8, t)
-        }
-        Protocol::Udp => {
-            let mut u = vec![0u8; 8];
-            u.extend_from_slice(b"trace");
-            let len = u.len() as u16;
-            u[4..6].copy_from_slice(&len.to_be_bytes());
-            (17u8, u)
-        }
+    let l4 = match protocol {
+        Protocol::Tcp => L4::Tcp {
+            flags: 0x02, // SYN
+            seq: 1,
+            ack: 0,
+        },
+        Protocol::Udp => L4::Udp {
+            payload: b"trace",
+            zero_checksum: false,
+        },
     };
-    l4[0..2].copy_from_slice(&from.port().to_be_bytes());
-    l4[2..4].copy_from_slice(&to.port().to_be_bytes());
-    let len = l4.len() as u16;
-    let pseudo = [
-        &from.ip().octets()[..],
-        &to.ip().octets(),
-        &[0, proto],
-        &len.to_be_bytes(),
-    ]
-    .concat();
-    let at = if proto == 6 { 16 } else { 6 };
-    let c = checksum(&[&pseudo, &l4]);
-    l4[at..at + 2].copy_from_slice(&c);
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&(20 + len).to_be_bytes());
-    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
-    ip.extend_from_slice(&from.ip().octets());
-    ip.extend_from_slice(&to.ip().octets());
-    let c = checksum(&[&ip]);
-    ip[10..12].copy_from_slice(&c);
-    let eth = [[0x02, 0, 0, 0, 0, 0xfe], [0x02, 0, 0, 0, 0, 0x01]].concat();
-    [&eth[..], &[0x08, 0x00], &ip, &l4].concat()
+    let ip = IpFields {
+        ttl: 64,
+        id: 0,
+        flags: 0x40, // don't fragment
+    };
+    crate::frame::frame(TO_NODE, from, to, l4, ip)
 }
 
 /// `src -> dst PROTO` of an IPv4 TCP/UDP frame, or what else it is.

@@ -20,6 +20,7 @@ use dataplane_agent::{
         maps::PinnedMaps,
         programmer::Programmer,
     },
+    frame::{IpFields, L4, checksum},
     plan::{Algorithm, Frontend, FrontendAddr, FrontendKind, Plan, Protocol},
 };
 use testbed::require_root;
@@ -39,74 +40,9 @@ const HAIRPIN_SNAT: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 
-fn checksum(chunks: &[&[u8]]) -> [u8; 2] {
-    let mut sum = 0u64;
-    for chunk in chunks {
-        for pair in chunk.chunks(2) {
-            sum += u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]) as u64;
-        }
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    (!(sum as u16)).to_be_bytes()
-}
-
-#[derive(Clone, Copy)]
-enum L4<'a> {
-    Tcp {
-        flags: u8,
-        seq: u32,
-        ack: u32,
-    },
-    Udp {
-        payload: &'a [u8],
-        zero_checksum: bool,
-    },
-}
-
-/// An Ethernet + IPv4 + TCP/UDP frame with every checksum computed from scratch.
+/// A fixture frame with the default IPv4 fields (TTL 64, id 0x1234).
 fn frame(macs: ([u8; 6], [u8; 6]), src: SocketAddrV4, dst: SocketAddrV4, l4: L4) -> Vec<u8> {
-    let (proto, mut l4_bytes) = match l4 {
-        L4::Tcp { flags, seq, ack } => {
-            let mut t = vec![0u8; 20];
-            t[4..8].copy_from_slice(&seq.to_be_bytes());
-            t[8..12].copy_from_slice(&ack.to_be_bytes());
-            t[12] = 5 << 4;
-            t[13] = flags;
-            t[14..16].copy_from_slice(&64240u16.to_be_bytes());
-            (6u8, t)
-        }
-        L4::Udp { payload, .. } => {
-            let mut u = vec![0u8; 8];
-            u[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-            u.extend_from_slice(payload);
-            (17u8, u)
-        }
-    };
-    l4_bytes[0..2].copy_from_slice(&src.port().to_be_bytes());
-    l4_bytes[2..4].copy_from_slice(&dst.port().to_be_bytes());
-    let len = l4_bytes.len() as u16;
-    let pseudo = [
-        &src.ip().octets()[..],
-        &dst.ip().octets(),
-        &[0, proto],
-        &len.to_be_bytes(),
-    ]
-    .concat();
-    let csum_at = if proto == 6 { 16 } else { 6 };
-    if !matches!(
-        l4,
-        L4::Udp {
-            zero_checksum: true,
-            ..
-        }
-    ) {
-        let c = checksum(&[&pseudo, &l4_bytes]);
-        l4_bytes[csum_at..csum_at + 2].copy_from_slice(&c);
-    }
-    let ip = ipv4_header(proto, 20 + len, *src.ip(), *dst.ip(), 64, 0x1234, 0);
-    [&macs.0[..], &macs.1, &[0x08, 0x00], &ip, &l4_bytes].concat()
+    dataplane_agent::frame::frame(macs, src, dst, l4, IpFields::default())
 }
 
 fn ipv4_header(
@@ -118,15 +54,7 @@ fn ipv4_header(
     id: u16,
     flags: u8,
 ) -> Vec<u8> {
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&total.to_be_bytes());
-    ip.extend_from_slice(&id.to_be_bytes());
-    ip.extend_from_slice(&[flags, 0, ttl, proto, 0, 0]);
-    ip.extend_from_slice(&src.octets());
-    ip.extend_from_slice(&dst.octets());
-    let c = checksum(&[&ip]);
-    ip[10..12].copy_from_slice(&c);
-    ip
+    dataplane_agent::frame::ipv4_header(proto, total, (src, dst), IpFields { ttl, id, flags })
 }
 
 fn sock(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {

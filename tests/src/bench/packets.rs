@@ -41,6 +41,7 @@ use dataplane_agent::{
         loader::{LoadedDatapath, MapSizes},
         translate::{self, EntryKey, EntrySettings},
     },
+    frame::{self, IpFields, L4},
     plan::{BackendAddr, FrontendAddr, Protocol},
 };
 use dataplane_common::{
@@ -82,51 +83,23 @@ const FIRST_FILLER_FRONTEND_ID: u32 = 4;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
-fn checksum(chunks: &[&[u8]]) -> [u8; 2] {
-    let mut sum = 0u64;
-    for chunk in chunks {
-        for pair in chunk.chunks(2) {
-            sum += u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]) as u64;
-        }
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    (!(sum as u16)).to_be_bytes()
-}
-
 /// Ethernet + IPv4 + TCP (no payload), checksums computed.
 pub fn tcp_frame(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
     tcp_frame_with_ttl(src, dst, flags, 64)
 }
 
 fn tcp_frame_with_ttl(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, ttl: u8) -> Vec<u8> {
-    let mut tcp = vec![0u8; 20];
-    tcp[0..2].copy_from_slice(&src.port().to_be_bytes());
-    tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
-    tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
-    if flags & TCP_ACK != 0 {
-        tcp[8..12].copy_from_slice(&1u32.to_be_bytes());
-    }
-    tcp[12] = 5 << 4;
-    tcp[13] = flags;
-    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    let pseudo = [
-        &src.ip().octets()[..],
-        &dst.ip().octets(),
-        &[0, IPPROTO_TCP],
-        &20u16.to_be_bytes(),
-    ]
-    .concat();
-    let c = checksum(&[&pseudo, &tcp]);
-    tcp[16..18].copy_from_slice(&c);
-    let mut ip = vec![0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, ttl, IPPROTO_TCP, 0, 0];
-    ip.extend_from_slice(&src.ip().octets());
-    ip.extend_from_slice(&dst.ip().octets());
-    let c = checksum(&[&ip]);
-    ip[10..12].copy_from_slice(&c);
-    let macs = [0x02, 0, 0, 0, 0, 0xfe, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00];
-    [&macs[..], &ip, &tcp].concat()
+    let l4 = L4::Tcp {
+        flags,
+        seq: 1,
+        ack: if flags & TCP_ACK != 0 { 1 } else { 0 },
+    };
+    let ip = IpFields {
+        ttl,
+        id: 0x1234,
+        flags: 0x40, // don't fragment
+    };
+    frame::frame(frame::TO_NODE, src, dst, l4, ip)
 }
 
 fn destination(frame: &[u8]) -> SocketAddrV4 {
