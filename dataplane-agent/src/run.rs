@@ -16,8 +16,9 @@ use crate::{
     },
     health::{ProxyHealth, ServiceHealthServer},
     metrics::Metrics,
-    objects::{ClusterObjects, Delta, Touched},
+    objects::{ClusterObjects, Delta, ObjectKey, Touched},
     plan::{self, NodeContext, Planner},
+    problems::ProblemReporter,
     source::{Inbox, Pending, kube::ClusterWatch, manifests::ManifestDir},
 };
 use dataplane_common::{CtEntry, CtKey};
@@ -181,7 +182,8 @@ enum Source {
         dir: ManifestDir,
         _watcher: notify::RecommendedWatcher,
     },
-    Cluster(ClusterWatch),
+    /// The watch, and the client (for Events).
+    Cluster(ClusterWatch, kube::Client),
 }
 
 impl Source {
@@ -225,7 +227,8 @@ impl Source {
             }
             SourceConfig::Cluster { kubeconfig } => {
                 let client = crate::source::kube::client(kubeconfig.as_deref()).await?;
-                Ok(Self::Cluster(ClusterWatch::start(client, node_name, inbox)))
+                let watch = ClusterWatch::start(client.clone(), node_name, inbox);
+                Ok(Self::Cluster(watch, client))
             }
         }
     }
@@ -242,7 +245,7 @@ impl Source {
                 }
             },
             Self::Manifests { dir, .. } => Some(dir.update(pending.paths)),
-            Self::Cluster(_) => Some(pending.deltas),
+            Self::Cluster(..) => Some(pending.deltas),
         }
     }
 
@@ -250,18 +253,15 @@ impl Source {
     fn ready(&self) -> bool {
         match self {
             Self::Manifests { .. } => true,
-            Self::Cluster(watch) => watch.synced(),
+            Self::Cluster(watch, _) => watch.synced(),
         }
     }
 
     /// The file an object came from, for messages (manifest source only).
-    fn origin(&self, object: &str) -> String {
+    fn origin(&self, object: &ObjectKey) -> Option<&std::path::Path> {
         match self {
-            Self::Manifests { dir, .. } => dir
-                .origin(object)
-                .map(|f| f.display().to_string())
-                .unwrap_or_default(),
-            Self::Cluster(_) => String::new(),
+            Self::Manifests { dir, .. } => dir.origin(object),
+            Self::Cluster(..) => None,
         }
     }
 }
@@ -326,6 +326,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 
     let inbox = Arc::new(Inbox::default());
     let source = Source::start(&config.source, &config.node_name, inbox.clone()).await?;
+    let mut problems = ProblemReporter::new(metrics.clone());
+    if let Source::Cluster(_, client) = &source {
+        problems = problems.with_events(client.clone(), &config.node_name);
+    }
     let external_globs = config
         .external_interfaces
         .iter()
@@ -343,6 +347,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         health,
         service_health,
         metrics,
+        problems,
         touched: Touched::default(),
         rescan: false,
         took_over: false,
@@ -417,6 +422,7 @@ struct Agent {
     health: Arc<ProxyHealth>,
     service_health: ServiceHealthServer,
     metrics: Arc<Metrics>,
+    problems: ProblemReporter,
     /// Changes applied to `objects` and not programmed yet (the source was not ready).
     touched: Touched,
     /// The directory could not be read at the last full sync: read it all again.
@@ -460,15 +466,10 @@ impl Agent {
             (!full).then_some(&touched.services),
         );
         for problem in &update.problems {
-            let kind = problem
-                .object
-                .split_whitespace()
-                .next()
-                .unwrap_or("object")
-                .to_lowercase();
-            self.metrics.skipped(&kind);
+            let uid = self.objects.services().get(&problem.service);
+            let uid = uid.and_then(|s| s.metadata.uid.as_deref());
             let file = self.source.origin(&problem.object);
-            warn!(object = %problem.object, file, reason = %problem.reason, "skipping");
+            self.problems.report(problem, file, uid);
         }
         let report = if update.all {
             let frontends = self.planner.frontends();
@@ -488,7 +489,7 @@ impl Agent {
         };
         self.health.updated();
         for _ in &report.failures {
-            self.metrics.skipped("map_full_or_write_failed");
+            self.problems.map_write_failed();
         }
         self.record_sync(&touched, started.elapsed());
         for (port, error) in self.service_health.sync(&self.planner.health_checks()) {

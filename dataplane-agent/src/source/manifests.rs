@@ -98,9 +98,9 @@ impl ManifestDir {
         }
     }
 
-    /// The file an object (`Kind namespace/name`) was read from.
-    pub fn origin(&self, object: &str) -> Option<&Path> {
-        self.winner(&ObjectKey::parse(object)?)
+    /// The file an object was read from.
+    pub fn origin(&self, object: &ObjectKey) -> Option<&Path> {
+        self.winner(object)
     }
 
     pub fn dir(&self) -> &Path {
@@ -610,7 +610,7 @@ endpoints: [{addresses: [10.0.0.1]}]
             ["apply Service default/a", "apply Service default/b"]
         );
         assert_eq!(
-            dir.origin("Service default/a"),
+            dir.origin(&ObjectKey::parse("Service default/a").unwrap()),
             Some(sub.join("a.yaml").as_path())
         );
         // A file another one overrides changes: nothing to report.
@@ -626,7 +626,7 @@ endpoints: [{addresses: [10.0.0.1]}]
             ["apply Service default/a", "delete Service default/b"]
         );
         assert_eq!(
-            dir.origin("Service default/a"),
+            dir.origin(&ObjectKey::parse("Service default/a").unwrap()),
             Some(root.path().join("a.json").as_path())
         );
     }
