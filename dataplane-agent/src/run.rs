@@ -165,6 +165,31 @@ fn parse_port_list(text: &str) -> Option<Vec<(u16, u16)>> {
         .collect()
 }
 
+/// Checks that the objects' source can be read at all (the manifest directory exists, the
+/// kubeconfig parses), before anything is loaded, attached or pinned.
+pub fn check_source(source: &SourceConfig) -> anyhow::Result<()> {
+    match source {
+        SourceConfig::Manifests(dir) => {
+            let meta =
+                std::fs::metadata(dir).with_context(|| format!("--manifests {}", dir.display()))?;
+            anyhow::ensure!(
+                meta.is_dir(),
+                "--manifests {} is not a directory",
+                dir.display()
+            );
+            std::fs::read_dir(dir).with_context(|| format!("--manifests {}", dir.display()))?;
+        }
+        SourceConfig::Cluster {
+            kubeconfig: Some(path),
+        } => {
+            kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("--kubeconfig {}", path.display()))?;
+        }
+        SourceConfig::Cluster { kubeconfig: None } => {}
+    }
+    Ok(())
+}
+
 /// kube-proxy calls the proxy unhealthy when a change has waited this long to be programmed
 /// (twice its default sync period).
 const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(60);
@@ -277,6 +302,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         config.node.nodeport_range,
         &ephemeral_ports()?,
     )?;
+    check_source(&config.source)?;
+    for glob in config
+        .pod_interfaces
+        .iter()
+        .chain(&config.external_interfaces)
+    {
+        glob::Pattern::new(glob).with_context(|| format!("interface glob {glob:?}"))?;
+    }
     let layout = BpffsLayout::new(&config.bpffs_dir);
     let _lock = layout.lock()?;
     let mut datapath = LoadedDatapath::load(&layout, &config.map_sizes)?;
@@ -553,9 +586,30 @@ mod tests {
     use std::time::Duration;
 
     use super::{
-        DEFAULT_SNAT_PORT_RANGE, EphemeralPorts, check_snat_ports, parse_go_duration,
-        parse_port_list,
+        DEFAULT_SNAT_PORT_RANGE, EphemeralPorts, SourceConfig, check_snat_ports, check_source,
+        parse_go_duration, parse_port_list,
     };
+
+    #[test]
+    fn sources_that_cannot_be_read_are_refused_with_the_flag_named() {
+        let dir = tempfile::tempdir().unwrap();
+        check_source(&SourceConfig::Manifests(dir.path().into())).unwrap();
+        let missing = check_source(&SourceConfig::Manifests("/nonexistent".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("--manifests /nonexistent"), "{missing}");
+        let file = dir.path().join("svc.yaml");
+        std::fs::write(&file, "kind: Service\n").unwrap();
+        assert!(check_source(&SourceConfig::Manifests(file.clone())).is_err());
+        let kubeconfig = check_source(&SourceConfig::Cluster {
+            kubeconfig: Some(dir.path().join("nope")),
+        })
+        .unwrap_err();
+        assert!(
+            format!("{kubeconfig:#}").contains("--kubeconfig"),
+            "{kubeconfig:#}"
+        );
+    }
 
     #[test]
     fn durations_parse_as_go_writes_them() {
