@@ -206,7 +206,13 @@ fn a_hostile_service_is_capped_and_every_other_service_keeps_working() {
         "2026-01-01T00:00:00Z",
         "  clusterIP: 10.96.8.1\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
     ) + "---\n"
-        + &slice("default", "web", "dns", "UDP", &[web_ip.clone()]);
+        + &slice(
+            "default",
+            "web",
+            "dns",
+            "UDP",
+            std::slice::from_ref(&web_ip),
+        );
     agent.write_manifest("web.yaml", &web).unwrap();
     agent.wait_for_backends("10.96.8.1:80", 1).unwrap();
 
