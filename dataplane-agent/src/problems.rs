@@ -58,6 +58,8 @@ pub enum ProblemKind {
     FrontendLimit,
     /// A map is full, or a write to it failed.
     MapFull,
+    /// A manifest document that does not parse (manifest mode; logged with its file).
+    InvalidManifest,
 }
 
 impl ProblemKind {
@@ -84,6 +86,7 @@ impl ProblemKind {
             Self::ServiceFrontendLimit => "service_frontend_limit",
             Self::FrontendLimit => "frontend_limit",
             Self::MapFull => "map_full_or_write_failed",
+            Self::InvalidManifest => "invalid_manifest",
         }
     }
 
@@ -110,6 +113,7 @@ impl ProblemKind {
             Self::ServiceFrontendLimit => "ServiceFrontendLimit",
             Self::FrontendLimit => "FrontendLimit",
             Self::MapFull => "MapFull",
+            Self::InvalidManifest => "InvalidManifest",
         }
     }
 }
@@ -203,6 +207,13 @@ impl ProblemReporter {
     /// A map write that failed (the map is full, or the kernel refused it).
     pub fn map_write_failed(&self) {
         self.metrics.skipped(ProblemKind::MapFull.label());
+    }
+
+    /// Manifest documents skipped (the manifest source logged each with its file).
+    pub fn invalid_manifests(&self, count: u64) {
+        for _ in 0..count {
+            self.metrics.skipped(ProblemKind::InvalidManifest.label());
+        }
     }
 }
 
@@ -317,6 +328,7 @@ mod tests {
             ServiceFrontendLimit,
             FrontendLimit,
             MapFull,
+            InvalidManifest,
         ];
         let labels: std::collections::BTreeSet<_> = all.iter().map(|k| k.label()).collect();
         let reasons: std::collections::BTreeSet<_> = all.iter().map(|k| k.event_reason()).collect();

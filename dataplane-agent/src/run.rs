@@ -274,6 +274,14 @@ impl Source {
         }
     }
 
+    /// Manifest documents skipped since the last call.
+    fn take_skipped(&mut self) -> u64 {
+        match self {
+            Self::Manifests { dir, .. } => dir.take_skipped(),
+            Self::Cluster(..) => 0,
+        }
+    }
+
     /// The objects are known completely (the API server's first lists are in).
     fn ready(&self) -> bool {
         match self {
@@ -471,7 +479,9 @@ impl Agent {
         let started = std::time::Instant::now();
         let pending = self.inbox.take();
         let full = full || pending.rescan || self.rescan;
-        let Some(deltas) = self.source.changes(pending, full) else {
+        let changes = self.source.changes(pending, full);
+        self.problems.invalid_manifests(self.source.take_skipped());
+        let Some(deltas) = changes else {
             self.rescan = true;
             return;
         };

@@ -88,6 +88,8 @@ pub struct ManifestDir {
     /// Which files define each object. An object in several files is taken from the last
     /// file in path order, as if the files were applied in order.
     origins: BTreeSet<(ObjectKey, PathBuf)>,
+    /// Documents skipped (and logged) since [`ManifestDir::take_skipped`] last asked.
+    skipped: u64,
 }
 
 impl ManifestDir {
@@ -105,6 +107,11 @@ impl ManifestDir {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// How many documents were skipped (each logged once) since the last call.
+    pub fn take_skipped(&mut self) -> u64 {
+        std::mem::take(&mut self.skipped)
     }
 
     /// Re-reads what changed in the whole tree and returns the objects of the whole
@@ -236,6 +243,7 @@ impl ManifestDir {
             for s in &parsed.skipped {
                 warn!(file = %s.file.display(), object = %s.object, reason = %s.reason, "skipping manifest document");
             }
+            self.skipped += parsed.skipped.len() as u64;
             for key in parsed.keys.keys() {
                 self.origins.insert((key.clone(), path.clone()));
                 touched.insert(key.clone());
@@ -710,6 +718,63 @@ endpoints: [{addresses: [10.0.0.1]}]
         // What the watcher reports: the swap, naming no manifest file.
         let deltas = dir.update([root.path().join("..data_tmp"), root.path().join("..data")]);
         assert_eq!(applied_ips(&deltas), ["10.96.0.2"]);
+    }
+
+    #[test]
+    fn problems_with_endpoint_slices_name_the_slices_file_and_their_service() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(
+            root.path().join("web.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.1, ports: [{name: http, port: 80}]}\n",
+        )
+        .unwrap();
+        let slices = root.path().join("slices.yaml");
+        std::fs::write(
+            &slices,
+            "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [not-an-ip]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: ['fd00::1']}]
+",
+        )
+        .unwrap();
+        let mut dir = ManifestDir::new(root.path());
+        let (objects, _) = dir.load("node-a").unwrap();
+        let plan = crate::plan::compute(&objects, &crate::plan::NodeContext::named("node-a"));
+        assert_eq!(plan.problems.len(), 2, "{:?}", plan.problems);
+        for problem in &plan.problems {
+            assert_eq!(problem.object.kind, crate::objects::Kind::EndpointSlice);
+            assert_eq!(problem.service, "default/web");
+            assert_eq!(
+                dir.origin(&problem.object),
+                Some(slices.as_path()),
+                "{problem}"
+            );
+        }
+    }
+
+    #[test]
+    fn skipped_documents_are_counted_once() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(
+            root.path().join("bad.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: 7}\n",
+        )
+        .unwrap();
+        let mut dir = ManifestDir::new(root.path());
+        dir.rescan().unwrap();
+        assert_eq!(dir.take_skipped(), 1);
+        dir.rescan().unwrap();
+        assert_eq!(dir.take_skipped(), 0, "an unchanged file is not read again");
     }
 
     #[test]
