@@ -287,6 +287,11 @@ impl NodeContext {
 
 /// The node's InternalIP addresses (IPv4), from its Node object.
 pub fn primary_addresses(objects: &ClusterObjects) -> Vec<Ipv4Addr> {
+    node_addresses(objects, |kind| kind == "InternalIP")
+}
+
+/// The node's addresses (IPv4) its Node object lists with a type `wanted` accepts.
+fn node_addresses(objects: &ClusterObjects, wanted: impl Fn(&str) -> bool) -> Vec<Ipv4Addr> {
     let addresses = objects
         .node()
         .and_then(|n| n.status.as_ref())
@@ -294,7 +299,7 @@ pub fn primary_addresses(objects: &ClusterObjects) -> Vec<Ipv4Addr> {
     addresses
         .into_iter()
         .flatten()
-        .filter(|a| a.type_ == "InternalIP")
+        .filter(|a| wanted(&a.type_))
         .filter_map(|a| a.address.parse().ok())
         .collect()
 }
@@ -450,7 +455,7 @@ impl Planner {
         touched: Option<&BTreeSet<ObjectName>>,
     ) -> PlanUpdate {
         let nodeport_addresses = node.nodeport_addresses(objects);
-        let mut node_addresses = node_addresses(objects);
+        let mut node_addresses = node_addresses(objects, |_| true);
         node_addresses.extend(&nodeport_addresses);
         node_addresses.sort();
         node_addresses.dedup();
@@ -704,19 +709,6 @@ impl Planner {
         }
         problems
     }
-}
-
-/// The node's addresses its Node object lists (IPv4, any type).
-fn node_addresses(objects: &ClusterObjects) -> Vec<Ipv4Addr> {
-    let addresses = objects
-        .node()
-        .and_then(|n| n.status.as_ref())
-        .and_then(|s| s.addresses.as_ref());
-    addresses
-        .into_iter()
-        .flatten()
-        .filter_map(|a| a.address.parse().ok())
-        .collect()
 }
 
 fn conflict(service: &str, f: &Frontend, owner: &str) -> Problem {

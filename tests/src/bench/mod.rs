@@ -222,36 +222,34 @@ fn run(settings: Settings, out: Option<PathBuf>) -> anyhow::Result<()> {
         if quick { "quick" } else { "full" }
     );
     let mut failed = Vec::new();
-    if settings.wants(1) {
-        if let Err(e) = packets::run(&settings, &mut report) {
-            eprintln!("bench: section 1 failed: {e:#}");
-            report.push(
-                Measurement::not_measured("1 per-packet", "section 1 failed", "")
-                    .note(format!("{e:#}")),
-            );
-            failed.push(1);
+    // Each part runs on its own: one that fails is reported as not measured, and the
+    // namespaces it made are torn down before the next.
+    type Part = fn(&Settings, &mut Report) -> anyhow::Result<()>;
+    let parts: [(&[u8], &'static str, &str, Part); 3] = [
+        (&[1], "1 per-packet", "section 1", packets::run),
+        (
+            &[2, 3, 4, 5],
+            "2-5 namespaces",
+            "sections 2-5",
+            cluster::run,
+        ),
+        (
+            &[7],
+            "4 programming",
+            "section 7 (one List file)",
+            cluster::list_input,
+        ),
+    ];
+    for (sections, row, what, part) in parts {
+        if !sections.iter().any(|s| settings.wants(*s)) {
+            continue;
         }
-        cleanup::teardown();
-    }
-    if [2, 3, 4, 5].iter().any(|s| settings.wants(*s)) {
-        if let Err(e) = cluster::run(&settings, &mut report) {
-            eprintln!("bench: sections 2-5 failed: {e:#}");
+        if let Err(e) = part(&settings, &mut report) {
+            eprintln!("bench: {what} failed: {e:#}");
             report.push(
-                Measurement::not_measured("2-5 namespaces", "sections 2-5 failed", "")
-                    .note(format!("{e:#}")),
+                Measurement::not_measured(row, format!("{what} failed"), "").note(format!("{e:#}")),
             );
-            failed.push(2);
-        }
-        cleanup::teardown();
-    }
-    if settings.wants(7) {
-        if let Err(e) = cluster::list_input(&settings, &mut report) {
-            eprintln!("bench: section 7 failed: {e:#}");
-            report.push(
-                Measurement::not_measured("4 programming", "one List file: section 7 failed", "")
-                    .note(format!("{e:#}")),
-            );
-            failed.push(7);
+            failed.push(sections[0]);
         }
         cleanup::teardown();
     }
