@@ -512,8 +512,29 @@ fn parse_document(file: &Path, position: &str, body: Body, out: &mut Parsed) {
     );
     let typed = match (header.api_version.as_str(), kind) {
         ("v1", "List") => {
-            for (i, item) in body.items().into_iter().enumerate() {
-                parse_document(file, &format!("{position}, item {}", i + 1), item, out);
+            let items: Vec<(usize, Body)> = body.items().into_iter().enumerate().collect();
+            let parse = |(i, item): (usize, Body), out: &mut Parsed| {
+                parse_document(file, &format!("{position}, item {}", i + 1), item, out)
+            };
+            if items.iter().all(|(_, item)| matches!(item, Body::Json(_))) {
+                // A whole cluster's objects in one file: its items are parsed in parallel,
+                // as the files of a directory are.
+                let parsed = crate::parallel::map(&items, |(i, item)| {
+                    let Body::Json(raw) = item else {
+                        unreachable!("checked above")
+                    };
+                    let mut one = Parsed::default();
+                    parse((*i, Body::Json(raw)), &mut one);
+                    one
+                });
+                for one in parsed {
+                    out.objects.extend(one.objects);
+                    out.skipped.extend(one.skipped);
+                }
+            } else {
+                for item in items {
+                    parse(item, out);
+                }
             }
             return;
         }
