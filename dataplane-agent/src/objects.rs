@@ -93,6 +93,10 @@ impl Object {
     /// list's length leaves room to grow, which over 10,000s of objects is most of the
     /// memory).
     pub fn service(mut service: Service) -> Self {
+        keep_only_what_is_read(
+            &mut service.metadata,
+            &[crate::plan::ANNOTATION_LB_ALGORITHM],
+        );
         if let Some(spec) = &mut service.spec {
             spec.ports.as_mut().map(Vec::shrink_to_fit);
             spec.cluster_ips.as_mut().map(Vec::shrink_to_fit);
@@ -101,7 +105,8 @@ impl Object {
     }
 
     /// An EndpointSlice as kept: what the planner reads of it (see [`Slice`]).
-    pub fn endpoint_slice(slice: EndpointSlice) -> Self {
+    pub fn endpoint_slice(mut slice: EndpointSlice) -> Self {
+        keep_only_what_is_read(&mut slice.metadata, &[ANNOTATION_TRIGGER_TIME]);
         let mut ports = slice.ports;
         ports.as_mut().map(Vec::shrink_to_fit);
         let endpoints = slice.endpoints.into_iter().flatten().map(|e| {
@@ -142,6 +147,26 @@ impl Object {
             Object::Node(n) => (Kind::Node, n.metadata.name.clone().unwrap_or_default()),
         };
         ObjectKey { kind, name }
+    }
+}
+
+/// Drops what the agent never reads of an object's metadata: `managedFields`, labels other
+/// than the proxy's, annotations other than `annotations` (`kubectl apply` keeps a whole copy
+/// of the object in one). In a real cluster these are most of an object's size.
+fn keep_only_what_is_read(meta: &mut ObjectMeta, annotations: &[&str]) {
+    use crate::plan::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
+    meta.managed_fields = None;
+    let labels = [LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_HEADLESS];
+    if let Some(map) = &mut meta.labels {
+        map.retain(|k, _| labels.contains(&k.as_str()));
+    }
+    if let Some(map) = &mut meta.annotations {
+        map.retain(|k, _| annotations.contains(&k.as_str()));
+    }
+    for map in [&mut meta.labels, &mut meta.annotations] {
+        if map.as_ref().is_some_and(|m| m.is_empty()) {
+            *map = None;
+        }
     }
 }
 
@@ -333,4 +358,55 @@ impl ClusterObjects {
 /// An unchanged object is usually the same allocation, so this is mostly a pointer check.
 fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
     Arc::ptr_eq(a, b) || **a == **b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_keep_only_the_metadata_the_agent_reads() {
+        let service: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web", "namespace": "shop", "uid": "u-1",
+                "labels": {"app": "web", "helm.sh/chart": "web-1.0",
+                           "service.kubernetes.io/service-proxy-name": "other"},
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"a whole copy\": 1}",
+                    "dataplane.dev/lb-algorithm": "maglev"
+                },
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
+            },
+            "spec": {"clusterIP": "10.96.0.1"}
+        }))
+        .unwrap();
+        let Object::Service(kept) = Object::service(service) else {
+            unreachable!()
+        };
+        let meta = &kept.metadata;
+        assert!(meta.managed_fields.is_none());
+        assert_eq!(
+            meta.labels.as_ref().unwrap().keys().collect::<Vec<_>>(),
+            ["service.kubernetes.io/service-proxy-name"]
+        );
+        assert_eq!(
+            meta.annotations
+                .as_ref()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>(),
+            ["dataplane.dev/lb-algorithm"]
+        );
+        assert_eq!(meta.uid.as_deref(), Some("u-1"));
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "labels": {"app": "web"},
+                         "annotations": {"other": "x"}},
+            "addressType": "IPv4", "endpoints": []
+        }))
+        .unwrap();
+        let Object::EndpointSlice(kept) = Object::endpoint_slice(slice) else {
+            unreachable!()
+        };
+        assert!(kept.metadata.labels.is_none() && kept.metadata.annotations.is_none());
+    }
 }

@@ -503,6 +503,7 @@ impl Agent {
         {
             warn!(error = %e, "cannot write the SNAT address");
         }
+        let read_us = started.elapsed().as_micros() as u64;
         let update = self.planner.update(
             &self.objects,
             &self.node,
@@ -514,6 +515,7 @@ impl Agent {
             let file = self.source.origin(&problem.object);
             self.problems.report(problem, file, uid);
         }
+        let plan_us = started.elapsed().as_micros() as u64 - read_us;
         let report = if update.all {
             let frontends = self.planner.frontends();
             // Before the first programming: connections kube-proxy's rules opened.
@@ -545,6 +547,8 @@ impl Agent {
                 writes = report.writes,
                 deletes = report.deletes,
                 elapsed_us = started.elapsed().as_micros() as u64,
+                read_us,
+                plan_us,
                 "datapath programmed"
             );
         }
