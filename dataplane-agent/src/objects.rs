@@ -36,11 +36,7 @@ pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-t
 
 /// The service a slice belongs to (`namespace/<service-name label>`), if labelled.
 pub fn slice_service(slice: &Slice) -> Option<ObjectName> {
-    let service = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
-    Some(format!(
-        "{}/{service}",
-        slice.metadata.namespace.as_deref().unwrap_or("default")
-    ))
+    slice.service.clone()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -106,14 +102,37 @@ impl Object {
 
     /// An EndpointSlice as kept: what the planner reads of it (see [`Slice`]).
     pub fn endpoint_slice(mut slice: EndpointSlice) -> Self {
-        keep_only_what_is_read(&mut slice.metadata, &[ANNOTATION_TRIGGER_TIME]);
+        // What the labels and annotations say is kept as fields: a map of one entry costs
+        // half a kilobyte, for every slice.
+        let meta = &mut slice.metadata;
+        let labels = meta.labels.take().unwrap_or_default();
+        let service = labels.get(LABEL_SERVICE_NAME).map(|service| {
+            format!(
+                "{}/{service}",
+                meta.namespace.as_deref().unwrap_or("default")
+            )
+        });
+        let proxied = crate::plan::proxied_by_us(&labels);
+        let trigger = meta
+            .annotations
+            .take()
+            .and_then(|a| a.get(ANNOTATION_TRIGGER_TIME)?.parse().ok());
+        // Its name is all that is kept of the rest (owner references, generateName...).
+        let metadata = ObjectMeta {
+            name: meta.name.take(),
+            namespace: meta.namespace.take(),
+            ..Default::default()
+        };
         let mut ports = slice.ports;
         ports.as_mut().map(Vec::shrink_to_fit);
         let endpoints = slice.endpoints.into_iter().flatten().map(|e| {
             let conditions = e.conditions.unwrap_or_default();
             let hints = e.hints.unwrap_or_default();
             SliceEndpoint {
-                address: e.addresses.into_iter().next(),
+                address: e.addresses.into_iter().next().map(|a| match a.parse() {
+                    Ok(ip) => Address::V4(ip),
+                    Err(_) => Address::Other(a.into()),
+                }),
                 ready: conditions.ready,
                 serving: conditions.serving,
                 terminating: conditions.terminating,
@@ -133,7 +152,10 @@ impl Object {
             }
         });
         Object::EndpointSlice(Arc::new(Slice {
-            metadata: slice.metadata,
+            metadata,
+            service,
+            proxied,
+            trigger,
             address_type: slice.address_type,
             ports,
             endpoints: endpoints.collect(),
@@ -150,12 +172,15 @@ impl Object {
     }
 }
 
-/// Drops what the agent never reads of an object's metadata: `managedFields`, labels other
+/// Drops what the agent never reads of an object's metadata: `managedFields`, owner
+/// references, finalizers, labels other
 /// than the proxy's, annotations other than `annotations` (`kubectl apply` keeps a whole copy
 /// of the object in one). In a real cluster these are most of an object's size.
 fn keep_only_what_is_read(meta: &mut ObjectMeta, annotations: &[&str]) {
     use crate::plan::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
     meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
     let labels = [LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_HEADLESS];
     if let Some(map) = &mut meta.labels {
         map.retain(|k, _| labels.contains(&k.as_str()));
@@ -175,7 +200,15 @@ fn keep_only_what_is_read(meta: &mut ObjectMeta, annotations: &[&str]) {
 /// services the endpoints would be most of the agent's memory.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Slice {
+    /// Its name and namespace only: what its labels and annotations say is in the fields
+    /// below.
     pub metadata: ObjectMeta,
+    /// `namespace/<kubernetes.io/service-name label>`, when labelled.
+    pub service: Option<ObjectName>,
+    /// Not labelled for another proxy, nor headless.
+    pub proxied: bool,
+    /// `endpoints.kubernetes.io/last-change-trigger-time`.
+    pub trigger: Option<k8s_openapi::jiff::Timestamp>,
     pub address_type: String,
     pub ports: Option<Vec<EndpointPort>>,
     pub endpoints: Vec<SliceEndpoint>,
@@ -184,7 +217,7 @@ pub struct Slice {
 #[derive(Clone, Debug, PartialEq)]
 pub struct SliceEndpoint {
     /// The first address: the only one that counts.
-    pub address: Option<String>,
+    pub address: Option<Address>,
     /// The conditions as given (absent is not false: see `plan`).
     pub ready: Option<bool>,
     pub serving: Option<bool>,
@@ -193,6 +226,14 @@ pub struct SliceEndpoint {
     /// Topology hints: `forZones` and `forNodes` names.
     pub zone_hints: Vec<String>,
     pub node_hints: Vec<String>,
+}
+
+/// An endpoint's address: an IPv4 address takes no allocation.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Address {
+    V4(std::net::Ipv4Addr),
+    /// Anything else, as written (IPv6, or not an address).
+    Other(Box<str>),
 }
 
 /// A change a source observed.
@@ -225,8 +266,9 @@ pub struct ClusterObjects {
     endpoint_slices: BTreeMap<ObjectName, Arc<Slice>>,
     /// This node (the one named by `--node-name`), once seen.
     node: Option<Arc<Node>>,
-    /// Service -> its slices (by the service-name label), to plan one service.
-    slices_by_service: BTreeMap<ObjectName, BTreeSet<ObjectName>>,
+    /// (service, slice) by the service-name label, to plan one service. (Not a set per
+    /// service: a set of one costs a node of eleven.)
+    slices_by_service: BTreeSet<(ObjectName, ObjectName)>,
 }
 
 impl ClusterObjects {
@@ -244,10 +286,9 @@ impl ClusterObjects {
         service: &str,
     ) -> impl Iterator<Item = (&'a ObjectName, &'a Slice)> {
         self.slices_by_service
-            .get(service)
-            .into_iter()
-            .flatten()
-            .filter_map(|name| Some((name, &**self.endpoint_slices.get(name)?)))
+            .range((service.to_string(), String::new())..)
+            .take_while(move |(s, _)| s == service)
+            .filter_map(|(_, name)| Some((name, &**self.endpoint_slices.get(name)?)))
     }
 
     /// Applies one change (a Node other than `node_name` is ignored), noting what it touched.
@@ -271,20 +312,11 @@ impl ClusterObjects {
                     let old = old.clone();
                     self.unindex(&name, &old, touched);
                 }
-                let trigger = slice
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(ANNOTATION_TRIGGER_TIME))
-                    .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
-                touched.triggers.extend(trigger.map(SystemTime::from));
+                touched.triggers.extend(slice.trigger.map(SystemTime::from));
                 touched.slice_changes += 1;
                 if let Some(service) = slice_service(&slice) {
                     touched.services.insert(service.clone());
-                    self.slices_by_service
-                        .entry(service)
-                        .or_default()
-                        .insert(name.clone());
+                    self.slices_by_service.insert((service, name.clone()));
                 }
                 self.endpoint_slices.insert(name, slice);
             }
@@ -345,13 +377,9 @@ impl ClusterObjects {
         let Some(service) = slice_service(old) else {
             return;
         };
-        if let Some(set) = self.slices_by_service.get_mut(&service) {
-            set.remove(name);
-            if set.is_empty() {
-                self.slices_by_service.remove(&service);
-            }
-        }
-        touched.services.insert(service);
+        let entry = (service, name.to_string());
+        self.slices_by_service.remove(&entry);
+        touched.services.insert(entry.0);
     }
 }
 

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::{
     endpoints::{self, EndpointInfo, PortPolicy},
-    objects::{ClusterObjects, Kind, ObjectKey, ObjectName, Slice, SliceEndpoint},
+    objects::{Address, ClusterObjects, Kind, ObjectKey, ObjectName, Slice, SliceEndpoint},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -215,10 +215,8 @@ pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 
-fn proxied_by_us(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
-    let labels = meta.labels.as_ref();
-    !labels
-        .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS))
+pub fn proxied_by_us(labels: &BTreeMap<String, String>) -> bool {
+    !(labels.contains_key(LABEL_SERVICE_PROXY_NAME) || labels.contains_key(LABEL_HEADLESS))
 }
 
 /// Annotation choosing a service's load-balancing algorithm: `random` or `maglev`.
@@ -769,7 +767,8 @@ fn plan_service(
     };
     let problem = |kind: ProblemKind, reason: String| Problem::of_service(kind, name, reason);
     let spec = service.spec.as_ref()?;
-    if spec.type_.as_deref() == Some("ExternalName") || !proxied_by_us(&service.metadata) {
+    let labels = service.metadata.labels.as_ref();
+    if spec.type_.as_deref() == Some("ExternalName") || !labels.is_none_or(proxied_by_us) {
         return None;
     }
     let cluster_ips = match cluster_ips(service) {
@@ -785,10 +784,8 @@ fn plan_service(
     }
     plan.cluster_ips = cluster_ips.clone();
     let settings = ServiceSettings::of(service, name, &mut plan.problems);
-    let slices: Vec<(&ObjectName, &Slice)> = objects
-        .slices_of(name)
-        .filter(|(_, s)| proxied_by_us(&s.metadata))
-        .collect();
+    let slices: Vec<(&ObjectName, &Slice)> =
+        objects.slices_of(name).filter(|(_, s)| s.proxied).collect();
     let endpoints = ServiceEndpoints::collect(name, &slices, &node.name, &mut plan.problems);
     let mut seen = BTreeSet::new();
     let mut local_endpoints = 0;
@@ -1261,15 +1258,16 @@ impl ServiceEndpoints {
                 has_ports = true;
                 let set = by_port.entry((name.clone(), protocol)).or_default();
                 for endpoint in &slice.endpoints {
-                    let Some(address) = endpoint.address.as_ref() else {
-                        continue;
-                    };
-                    let Ok(ip) = address.parse::<Ipv4Addr>() else {
-                        problems.push(problem(
-                            ProblemKind::InvalidEndpointAddress,
-                            format!("address {address:?} is not an IPv4 address"),
-                        ));
-                        continue;
+                    let ip = match &endpoint.address {
+                        None => continue,
+                        Some(Address::V4(ip)) => *ip,
+                        Some(Address::Other(address)) => {
+                            problems.push(problem(
+                                ProblemKind::InvalidEndpointAddress,
+                                format!("address {address:?} is not an IPv4 address"),
+                            ));
+                            continue;
+                        }
                     };
                     let info = endpoint_info(endpoint, SocketAddrV4::new(ip, number), node_name);
                     let keep_existing = set.get(&info.addr).is_some_and(|e| !info.local || e.local);
