@@ -118,16 +118,24 @@ impl Object {
             .take()
             .and_then(|a| a.get(ANNOTATION_TRIGGER_TIME)?.parse().ok());
         // Its name is all that is kept of the rest (owner references, generateName...).
-        let metadata = ObjectMeta {
-            name: meta.name.take(),
-            namespace: meta.namespace.take(),
-            ..Default::default()
-        };
+        let name = object_name(meta);
         let mut ports = slice.ports;
         ports.as_mut().map(Vec::shrink_to_fit);
         let endpoints = slice.endpoints.into_iter().flatten().map(|e| {
             let conditions = e.conditions.unwrap_or_default();
             let hints = e.hints.unwrap_or_default();
+            let zones: Vec<String> = hints
+                .for_zones
+                .into_iter()
+                .flatten()
+                .map(|z| z.name)
+                .collect();
+            let nodes: Vec<String> = hints
+                .for_nodes
+                .into_iter()
+                .flatten()
+                .map(|n| n.name)
+                .collect();
             SliceEndpoint {
                 address: e.addresses.into_iter().next().map(|a| match a.parse() {
                     Ok(ip) => Address::V4(ip),
@@ -136,23 +144,13 @@ impl Object {
                 ready: conditions.ready,
                 serving: conditions.serving,
                 terminating: conditions.terminating,
-                node_name: e.node_name,
-                zone_hints: hints
-                    .for_zones
-                    .into_iter()
-                    .flatten()
-                    .map(|z| z.name)
-                    .collect(),
-                node_hints: hints
-                    .for_nodes
-                    .into_iter()
-                    .flatten()
-                    .map(|n| n.name)
-                    .collect(),
+                node_name: e.node_name.map(String::into_boxed_str),
+                hints: (!zones.is_empty() || !nodes.is_empty())
+                    .then(|| Box::new(Hints { zones, nodes })),
             }
         });
         Object::EndpointSlice(Arc::new(Slice {
-            metadata,
+            name,
             service,
             proxied,
             trigger,
@@ -165,7 +163,7 @@ impl Object {
     pub fn key(&self) -> ObjectKey {
         let (kind, name) = match self {
             Object::Service(s) => (Kind::Service, object_name(&s.metadata)),
-            Object::EndpointSlice(s) => (Kind::EndpointSlice, object_name(&s.metadata)),
+            Object::EndpointSlice(s) => (Kind::EndpointSlice, s.name.clone()),
             Object::Node(n) => (Kind::Node, n.metadata.name.clone().unwrap_or_default()),
         };
         ObjectKey { kind, name }
@@ -200,9 +198,9 @@ fn keep_only_what_is_read(meta: &mut ObjectMeta, annotations: &[&str]) {
 /// services the endpoints would be most of the agent's memory.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Slice {
-    /// Its name and namespace only: what its labels and annotations say is in the fields
-    /// below.
-    pub metadata: ObjectMeta,
+    /// `namespace/name`. (Of its metadata only this is kept, and what its labels and
+    /// annotations say, in the fields below.)
+    pub name: ObjectName,
     /// `namespace/<kubernetes.io/service-name label>`, when labelled.
     pub service: Option<ObjectName>,
     /// Not labelled for another proxy, nor headless.
@@ -222,10 +220,16 @@ pub struct SliceEndpoint {
     pub ready: Option<bool>,
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
-    pub node_name: Option<String>,
-    /// Topology hints: `forZones` and `forNodes` names.
-    pub zone_hints: Vec<String>,
-    pub node_hints: Vec<String>,
+    pub node_name: Option<Box<str>>,
+    /// Topology hints, when it has any (most endpoints have none).
+    pub hints: Option<Box<Hints>>,
+}
+
+/// An endpoint's topology hints: `forZones` and `forNodes` names.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hints {
+    pub zones: Vec<String>,
+    pub nodes: Vec<String>,
 }
 
 /// An endpoint's address: an IPv4 address takes no allocation.
@@ -304,7 +308,7 @@ impl ClusterObjects {
                 touched.services.insert(name);
             }
             Delta::Apply(Object::EndpointSlice(slice)) => {
-                let name = object_name(&slice.metadata);
+                let name = slice.name.clone();
                 if let Some(old) = self.endpoint_slices.get(&name) {
                     if same(old, &slice) {
                         return;
@@ -435,6 +439,7 @@ mod tests {
         let Object::EndpointSlice(kept) = Object::endpoint_slice(slice) else {
             unreachable!()
         };
-        assert!(kept.metadata.labels.is_none() && kept.metadata.annotations.is_none());
+        assert_eq!(kept.name, "default/web-1");
+        assert_eq!(kept.service, None);
     }
 }

@@ -1314,8 +1314,18 @@ fn endpoint_info(endpoint: &SliceEndpoint, addr: SocketAddrV4, node_name: &str) 
         serving: endpoint.serving.unwrap_or(true),
         terminating: endpoint.terminating.unwrap_or(false),
         local: !node_name.is_empty() && endpoint.node_name.as_deref() == Some(node_name),
-        zone_hints: endpoint.zone_hints.iter().cloned().collect(),
-        node_hints: endpoint.node_hints.iter().cloned().collect(),
+        zone_hints: endpoint
+            .hints
+            .iter()
+            .flat_map(|h| &h.zones)
+            .cloned()
+            .collect(),
+        node_hints: endpoint
+            .hints
+            .iter()
+            .flat_map(|h| &h.nodes)
+            .cloned()
+            .collect(),
     }
 }
 
