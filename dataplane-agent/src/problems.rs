@@ -155,7 +155,8 @@ impl std::fmt::Display for Problem {
 pub const EVENT_INTERVAL: Duration = Duration::from_secs(300);
 /// Events waiting for the API server; more are dropped (and logged at debug level).
 const EVENT_QUEUE: usize = 256;
-/// Services remembered by the rate limit before the stale ones are forgotten.
+/// (service, kind) pairs the rate limit remembers; beyond it, no more Events until some are
+/// older than [`EVENT_INTERVAL`].
 const RATE_LIMIT_ENTRIES: usize = 4096;
 /// The Event's `reportingController`.
 pub const EVENT_CONTROLLER: &str = "dataplane-agent";
@@ -278,6 +279,11 @@ fn rate_limit(
     }
     if last.len() >= RATE_LIMIT_ENTRIES {
         last.retain(|_, t| now.duration_since(*t) < EVENT_INTERVAL);
+        if last.len() >= RATE_LIMIT_ENTRIES {
+            // This many problems at once: the logs and the metric have them; the API server
+            // is spared a flood.
+            return false;
+        }
     }
     last.insert(key, now);
     true
@@ -359,5 +365,24 @@ mod tests {
             t0
         ));
         assert!(rate_limit(&mut last, &refused, t0 + EVENT_INTERVAL));
+        // A flood is cut off at the limit, and flows again once the entries are stale.
+        let mut last = HashMap::new();
+        let sent = (0..RATE_LIMIT_ENTRIES + 10)
+            .filter(|i| {
+                rate_limit(
+                    &mut last,
+                    &p(&format!("ns/s{i}"), ProblemKind::InvalidPort),
+                    t0,
+                )
+            })
+            .count();
+        assert_eq!(sent, RATE_LIMIT_ENTRIES);
+        let later = t0 + EVENT_INTERVAL;
+        assert!(rate_limit(
+            &mut last,
+            &p("ns/new", ProblemKind::InvalidPort),
+            later
+        ));
+        assert_eq!(last.len(), 1);
     }
 }
