@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod objects;
 pub mod parallel;
 pub mod plan;
+pub mod problems;
 pub mod run;
 pub mod source;
 pub mod trace;

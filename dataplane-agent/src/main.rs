@@ -16,7 +16,7 @@ use dataplane_agent::{
     },
     inspect::{self, FlowSort},
     objects::ClusterObjects,
-    plan::{Algorithm, Cidr, NodeContext, Protocol},
+    plan::{self, Algorithm, Cidr, NodeContext, Protocol},
     run::{RunConfig, SourceConfig, parse_go_duration, run},
     source::{kube as kube_source, manifests::ManifestDir},
 };
@@ -129,6 +129,15 @@ struct NodeArgs {
     /// service.
     #[arg(long, value_enum)]
     lb_algorithm: Option<Algorithm>,
+    /// At most this many frontends (ports x addresses) for one Service: beyond it, its
+    /// external IPs, then its load-balancer IPs, then its last ports are left out, and the
+    /// Service gets a Warning.
+    #[arg(long, default_value_t = plan::DEFAULT_MAX_FRONTENDS_PER_SERVICE, value_parser = parse_count)]
+    max_frontends_per_service: usize,
+    /// At most this many frontends on the node: a Service that would pass it is not
+    /// programmed, as if the map were full (raise it with the frontend maps' --map-size).
+    #[arg(long, default_value_t = plan::DEFAULT_MAX_FRONTENDS, value_parser = parse_count)]
+    max_frontends: usize,
 }
 
 impl NodeArgs {
@@ -137,6 +146,8 @@ impl NodeArgs {
             nodeport_cidrs: self.nodeport_addresses.clone(),
             nodeport_range: self.service_node_port_range,
             algorithm: self.lb_algorithm,
+            max_frontends_per_service: self.max_frontends_per_service,
+            max_frontends: self.max_frontends,
             local_addresses: attach::local_addresses()
                 .map(|l| {
                     l.into_iter()
@@ -171,6 +182,14 @@ fn parse_to(text: &str) -> Result<(SocketAddrV4, Protocol), String> {
         addr.parse().map_err(|e| format!("{addr:?}: {e}"))?,
         protocol,
     ))
+}
+
+fn parse_count(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{text:?}: {e}")),
+    }
 }
 
 fn parse_cidr(text: &str) -> Result<Cidr, String> {

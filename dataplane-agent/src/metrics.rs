@@ -90,6 +90,11 @@ pub const DEFAULT_METRICS_BIND_ADDRESS: &str = "127.0.0.1:10249";
 pub const DEFAULT_METRICS_PORT: u16 = 10249;
 /// The path the metrics are served on.
 pub const METRICS_PATH: &str = "/metrics";
+/// kube-proxy's path on the metrics address that names its mode (`iptables`, `ipvs`,
+/// `nftables`); its own e2e test reads it.
+pub const PROXY_MODE_PATH: &str = "/proxyMode";
+/// What this proxy answers there.
+pub const PROXY_MODE: &str = "ebpf";
 
 /// How `component-base` marks the stability of kube-proxy's metrics in their help text.
 const ALPHA: &str = "[ALPHA] ";
@@ -619,6 +624,14 @@ impl Metrics {
         path: &str,
         datapath: Arc<dyn Fn() -> DatapathSnapshot + Send + Sync>,
     ) -> Response<Full<Bytes>> {
+        if path == PROXY_MODE_PATH {
+            // As kube-proxy writes it: the bare mode name, no newline.
+            return text_response(
+                StatusCode::OK,
+                "text/plain; charset=utf-8",
+                PROXY_MODE.to_string(),
+            );
+        }
         if path != METRICS_PATH {
             return text_response(
                 StatusCode::NOT_FOUND,
@@ -1139,6 +1152,20 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[tokio::test]
+    async fn proxy_mode_is_served_as_kube_proxy_does() {
+        let (port, task) = start(&Metrics::new(), Arc::new(snapshot)).await;
+        let reply = get(port, "/proxyMode").await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.body, "ebpf");
+        assert_eq!(
+            reply.header("content-type"),
+            Some("text/plain; charset=utf-8")
+        );
+        assert_eq!(reply.header("x-content-type-options"), Some("nosniff"));
+        task.abort();
     }
 
     #[tokio::test]

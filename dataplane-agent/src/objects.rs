@@ -36,11 +36,7 @@ pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-t
 
 /// The service a slice belongs to (`namespace/<service-name label>`), if labelled.
 pub fn slice_service(slice: &Slice) -> Option<ObjectName> {
-    let service = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
-    Some(format!(
-        "{}/{service}",
-        slice.metadata.namespace.as_deref().unwrap_or("default")
-    ))
+    slice.service.clone()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -93,6 +89,10 @@ impl Object {
     /// list's length leaves room to grow, which over 10,000s of objects is most of the
     /// memory).
     pub fn service(mut service: Service) -> Self {
+        keep_only_what_is_read(
+            &mut service.metadata,
+            &[crate::plan::ANNOTATION_LB_ALGORITHM],
+        );
         if let Some(spec) = &mut service.spec {
             spec.ports.as_mut().map(Vec::shrink_to_fit);
             spec.cluster_ips.as_mut().map(Vec::shrink_to_fit);
@@ -101,34 +101,59 @@ impl Object {
     }
 
     /// An EndpointSlice as kept: what the planner reads of it (see [`Slice`]).
-    pub fn endpoint_slice(slice: EndpointSlice) -> Self {
+    pub fn endpoint_slice(mut slice: EndpointSlice) -> Self {
+        // What the labels and annotations say is kept as fields: a map of one entry costs
+        // half a kilobyte, for every slice.
+        let meta = &mut slice.metadata;
+        let labels = meta.labels.take().unwrap_or_default();
+        let service = labels.get(LABEL_SERVICE_NAME).map(|service| {
+            format!(
+                "{}/{service}",
+                meta.namespace.as_deref().unwrap_or("default")
+            )
+        });
+        let proxied = crate::plan::proxied_by_us(&labels);
+        let trigger = meta
+            .annotations
+            .take()
+            .and_then(|a| a.get(ANNOTATION_TRIGGER_TIME)?.parse().ok());
+        // Its name is all that is kept of the rest (owner references, generateName...).
+        let name = object_name(meta);
         let mut ports = slice.ports;
         ports.as_mut().map(Vec::shrink_to_fit);
         let endpoints = slice.endpoints.into_iter().flatten().map(|e| {
             let conditions = e.conditions.unwrap_or_default();
             let hints = e.hints.unwrap_or_default();
+            let zones: Vec<String> = hints
+                .for_zones
+                .into_iter()
+                .flatten()
+                .map(|z| z.name)
+                .collect();
+            let nodes: Vec<String> = hints
+                .for_nodes
+                .into_iter()
+                .flatten()
+                .map(|n| n.name)
+                .collect();
             SliceEndpoint {
-                address: e.addresses.into_iter().next(),
+                address: e.addresses.into_iter().next().map(|a| match a.parse() {
+                    Ok(ip) => Address::V4(ip),
+                    Err(_) => Address::Other(a.into()),
+                }),
                 ready: conditions.ready,
                 serving: conditions.serving,
                 terminating: conditions.terminating,
-                node_name: e.node_name,
-                zone_hints: hints
-                    .for_zones
-                    .into_iter()
-                    .flatten()
-                    .map(|z| z.name)
-                    .collect(),
-                node_hints: hints
-                    .for_nodes
-                    .into_iter()
-                    .flatten()
-                    .map(|n| n.name)
-                    .collect(),
+                node_name: e.node_name.map(String::into_boxed_str),
+                hints: (!zones.is_empty() || !nodes.is_empty())
+                    .then(|| Box::new(Hints { zones, nodes })),
             }
         });
         Object::EndpointSlice(Arc::new(Slice {
-            metadata: slice.metadata,
+            name,
+            service,
+            proxied,
+            trigger,
             address_type: slice.address_type,
             ports,
             endpoints: endpoints.collect(),
@@ -138,10 +163,33 @@ impl Object {
     pub fn key(&self) -> ObjectKey {
         let (kind, name) = match self {
             Object::Service(s) => (Kind::Service, object_name(&s.metadata)),
-            Object::EndpointSlice(s) => (Kind::EndpointSlice, object_name(&s.metadata)),
+            Object::EndpointSlice(s) => (Kind::EndpointSlice, s.name.clone()),
             Object::Node(n) => (Kind::Node, n.metadata.name.clone().unwrap_or_default()),
         };
         ObjectKey { kind, name }
+    }
+}
+
+/// Drops what the agent never reads of an object's metadata: `managedFields`, owner
+/// references, finalizers, labels other
+/// than the proxy's, annotations other than `annotations` (`kubectl apply` keeps a whole copy
+/// of the object in one). In a real cluster these are most of an object's size.
+fn keep_only_what_is_read(meta: &mut ObjectMeta, annotations: &[&str]) {
+    use crate::plan::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    let labels = [LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_HEADLESS];
+    if let Some(map) = &mut meta.labels {
+        map.retain(|k, _| labels.contains(&k.as_str()));
+    }
+    if let Some(map) = &mut meta.annotations {
+        map.retain(|k, _| annotations.contains(&k.as_str()));
+    }
+    for map in [&mut meta.labels, &mut meta.annotations] {
+        if map.as_ref().is_some_and(|m| m.is_empty()) {
+            *map = None;
+        }
     }
 }
 
@@ -150,7 +198,15 @@ impl Object {
 /// services the endpoints would be most of the agent's memory.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Slice {
-    pub metadata: ObjectMeta,
+    /// `namespace/name`. (Of its metadata only this is kept, and what its labels and
+    /// annotations say, in the fields below.)
+    pub name: ObjectName,
+    /// `namespace/<kubernetes.io/service-name label>`, when labelled.
+    pub service: Option<ObjectName>,
+    /// Not labelled for another proxy, nor headless.
+    pub proxied: bool,
+    /// `endpoints.kubernetes.io/last-change-trigger-time`.
+    pub trigger: Option<k8s_openapi::jiff::Timestamp>,
     pub address_type: String,
     pub ports: Option<Vec<EndpointPort>>,
     pub endpoints: Vec<SliceEndpoint>,
@@ -159,15 +215,29 @@ pub struct Slice {
 #[derive(Clone, Debug, PartialEq)]
 pub struct SliceEndpoint {
     /// The first address: the only one that counts.
-    pub address: Option<String>,
+    pub address: Option<Address>,
     /// The conditions as given (absent is not false: see `plan`).
     pub ready: Option<bool>,
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
-    pub node_name: Option<String>,
-    /// Topology hints: `forZones` and `forNodes` names.
-    pub zone_hints: Vec<String>,
-    pub node_hints: Vec<String>,
+    pub node_name: Option<Box<str>>,
+    /// Topology hints, when it has any (most endpoints have none).
+    pub hints: Option<Box<Hints>>,
+}
+
+/// An endpoint's topology hints: `forZones` and `forNodes` names.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hints {
+    pub zones: Vec<String>,
+    pub nodes: Vec<String>,
+}
+
+/// An endpoint's address: an IPv4 address takes no allocation.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Address {
+    V4(std::net::Ipv4Addr),
+    /// Anything else, as written (IPv6, or not an address).
+    Other(Box<str>),
 }
 
 /// A change a source observed.
@@ -200,8 +270,9 @@ pub struct ClusterObjects {
     endpoint_slices: BTreeMap<ObjectName, Arc<Slice>>,
     /// This node (the one named by `--node-name`), once seen.
     node: Option<Arc<Node>>,
-    /// Service -> its slices (by the service-name label), to plan one service.
-    slices_by_service: BTreeMap<ObjectName, BTreeSet<ObjectName>>,
+    /// (service, slice) by the service-name label, to plan one service. (Not a set per
+    /// service: a set of one costs a node of eleven.)
+    slices_by_service: BTreeSet<(ObjectName, ObjectName)>,
 }
 
 impl ClusterObjects {
@@ -219,10 +290,9 @@ impl ClusterObjects {
         service: &str,
     ) -> impl Iterator<Item = (&'a ObjectName, &'a Slice)> {
         self.slices_by_service
-            .get(service)
-            .into_iter()
-            .flatten()
-            .filter_map(|name| Some((name, &**self.endpoint_slices.get(name)?)))
+            .range((service.to_string(), String::new())..)
+            .take_while(move |(s, _)| s == service)
+            .filter_map(|(_, name)| Some((name, &**self.endpoint_slices.get(name)?)))
     }
 
     /// Applies one change (a Node other than `node_name` is ignored), noting what it touched.
@@ -238,7 +308,7 @@ impl ClusterObjects {
                 touched.services.insert(name);
             }
             Delta::Apply(Object::EndpointSlice(slice)) => {
-                let name = object_name(&slice.metadata);
+                let name = slice.name.clone();
                 if let Some(old) = self.endpoint_slices.get(&name) {
                     if same(old, &slice) {
                         return;
@@ -246,20 +316,11 @@ impl ClusterObjects {
                     let old = old.clone();
                     self.unindex(&name, &old, touched);
                 }
-                let trigger = slice
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(ANNOTATION_TRIGGER_TIME))
-                    .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
-                touched.triggers.extend(trigger.map(SystemTime::from));
+                touched.triggers.extend(slice.trigger.map(SystemTime::from));
                 touched.slice_changes += 1;
                 if let Some(service) = slice_service(&slice) {
                     touched.services.insert(service.clone());
-                    self.slices_by_service
-                        .entry(service)
-                        .or_default()
-                        .insert(name.clone());
+                    self.slices_by_service.insert((service, name.clone()));
                 }
                 self.endpoint_slices.insert(name, slice);
             }
@@ -320,17 +381,65 @@ impl ClusterObjects {
         let Some(service) = slice_service(old) else {
             return;
         };
-        if let Some(set) = self.slices_by_service.get_mut(&service) {
-            set.remove(name);
-            if set.is_empty() {
-                self.slices_by_service.remove(&service);
-            }
-        }
-        touched.services.insert(service);
+        let entry = (service, name.to_string());
+        self.slices_by_service.remove(&entry);
+        touched.services.insert(entry.0);
     }
 }
 
 /// An unchanged object is usually the same allocation, so this is mostly a pointer check.
 fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
     Arc::ptr_eq(a, b) || **a == **b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_keep_only_the_metadata_the_agent_reads() {
+        let service: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web", "namespace": "shop", "uid": "u-1",
+                "labels": {"app": "web", "helm.sh/chart": "web-1.0",
+                           "service.kubernetes.io/service-proxy-name": "other"},
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"a whole copy\": 1}",
+                    "dataplane.dev/lb-algorithm": "maglev"
+                },
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
+            },
+            "spec": {"clusterIP": "10.96.0.1"}
+        }))
+        .unwrap();
+        let Object::Service(kept) = Object::service(service) else {
+            unreachable!()
+        };
+        let meta = &kept.metadata;
+        assert!(meta.managed_fields.is_none());
+        assert_eq!(
+            meta.labels.as_ref().unwrap().keys().collect::<Vec<_>>(),
+            ["service.kubernetes.io/service-proxy-name"]
+        );
+        assert_eq!(
+            meta.annotations
+                .as_ref()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>(),
+            ["dataplane.dev/lb-algorithm"]
+        );
+        assert_eq!(meta.uid.as_deref(), Some("u-1"));
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "labels": {"app": "web"},
+                         "annotations": {"other": "x"}},
+            "addressType": "IPv4", "endpoints": []
+        }))
+        .unwrap();
+        let Object::EndpointSlice(kept) = Object::endpoint_slice(slice) else {
+            unreachable!()
+        };
+        assert_eq!(kept.name, "default/web-1");
+        assert_eq!(kept.service, None);
+    }
 }

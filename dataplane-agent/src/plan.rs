@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::{
     endpoints::{self, EndpointInfo, PortPolicy},
-    objects::{ClusterObjects, LABEL_SERVICE_NAME, ObjectName, Slice, SliceEndpoint, object_name},
+    objects::{Address, ClusterObjects, Kind, ObjectKey, ObjectName, Slice, SliceEndpoint},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -180,19 +180,7 @@ pub struct Frontend {
     pub algorithm: Algorithm,
 }
 
-/// Something in the cluster's objects this node cannot program, and was skipped.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Problem {
-    /// `Kind namespace/name`.
-    pub object: String,
-    pub reason: String,
-}
-
-impl std::fmt::Display for Problem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.object, self.reason)
-    }
-}
+pub use crate::problems::{Problem, ProblemKind};
 
 #[derive(Debug, Default)]
 pub struct Plan {
@@ -265,10 +253,8 @@ pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 
-fn proxied_by_us(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
-    let labels = meta.labels.as_ref();
-    !labels
-        .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS))
+pub fn proxied_by_us(labels: &BTreeMap<String, String>) -> bool {
+    !(labels.contains_key(LABEL_SERVICE_PROXY_NAME) || labels.contains_key(LABEL_HEADLESS))
 }
 
 /// Annotation choosing a service's load-balancing algorithm: `random` or `maglev`.
@@ -290,7 +276,19 @@ pub struct NodeContext {
     /// `--lb-algorithm`: forced for every frontend, or `None` for the default (Maglev for
     /// external frontends, random for cluster IPs). A service's annotation wins over both.
     pub algorithm: Option<Algorithm>,
+    /// `--max-frontends-per-service`: one Service's frontends (ports x addresses) beyond this
+    /// are not programmed, external IPs first, then load-balancer IPs.
+    pub max_frontends_per_service: usize,
+    /// `--max-frontends`: a Service whose frontends would take the node's total past this is
+    /// not programmed (as if the map were full).
+    pub max_frontends: usize,
 }
+
+/// `--max-frontends-per-service` when not given: far above what a real Service needs (a
+/// NodePort service with 100 ports on 9 node addresses), far below what would hurt.
+pub const DEFAULT_MAX_FRONTENDS_PER_SERVICE: usize = 1_024;
+/// `--max-frontends` when not given: the datapath's default frontend id space.
+pub const DEFAULT_MAX_FRONTENDS: usize = dataplane_common::capacity::FRONTENDS as usize;
 
 impl NodeContext {
     /// A node with the defaults (used by tests and tools).
@@ -301,6 +299,8 @@ impl NodeContext {
             local_addresses: vec![],
             nodeport_range: (30000, 32767),
             algorithm: None,
+            max_frontends_per_service: DEFAULT_MAX_FRONTENDS_PER_SERVICE,
+            max_frontends: DEFAULT_MAX_FRONTENDS,
         }
     }
 
@@ -323,6 +323,11 @@ impl NodeContext {
 
 /// The node's InternalIP addresses (IPv4), from its Node object.
 pub fn primary_addresses(objects: &ClusterObjects) -> Vec<Ipv4Addr> {
+    node_addresses(objects, |kind| kind == "InternalIP")
+}
+
+/// The node's addresses (IPv4) its Node object lists with a type `wanted` accepts.
+fn node_addresses(objects: &ClusterObjects, wanted: impl Fn(&str) -> bool) -> Vec<Ipv4Addr> {
     let addresses = objects
         .node()
         .and_then(|n| n.status.as_ref())
@@ -330,7 +335,7 @@ pub fn primary_addresses(objects: &ClusterObjects) -> Vec<Ipv4Addr> {
     addresses
         .into_iter()
         .flatten()
-        .filter(|a| a.type_ == "InternalIP")
+        .filter(|a| wanted(&a.type_))
         .filter_map(|a| a.address.parse().ok())
         .collect()
 }
@@ -348,7 +353,7 @@ pub fn compute(objects: &ClusterObjects, node: &NodeContext) -> Plan {
             .flat_map(|name| planner.problems_of(name))
             .collect(),
     };
-    plan.problems.sort();
+    plan.problems.sort_by_cached_key(|p| p.to_string());
     plan.problems.dedup();
     plan
 }
@@ -358,14 +363,21 @@ pub fn compute(objects: &ClusterObjects, node: &NodeContext) -> Plan {
 struct NodeInputs {
     zone: String,
     nodeport_addresses: Vec<Ipv4Addr>,
+    /// The node's own addresses (its Node's, and those node ports are served on), sorted: no
+    /// external or load-balancer IP may take them.
+    node_addresses: Vec<Ipv4Addr>,
 }
 
 /// One service's part of the plan.
 #[derive(Debug)]
 struct ServicePlan {
     /// Its frontends, each address once; one another service also wants goes to the service
-    /// first by name.
+    /// that ranks first for it ([`Rank`]).
     frontends: Vec<Frontend>,
+    /// Its cluster IPs: no other service's external or load-balancer IP may take them.
+    cluster_ips: Vec<Ipv4Addr>,
+    /// When the Service was created (`None`: not said, ranks after every dated one).
+    created: Option<k8s_openapi::jiff::Timestamp>,
     /// Problems of the service and its slices (conflicts with other services come on top).
     problems: Vec<Problem>,
     /// The problems last reported, to report each once.
@@ -375,13 +387,70 @@ struct ServicePlan {
     no_local: (i64, i64),
 }
 
+/// Which of the services wanting one frontend address gets it: cluster IPs and node ports
+/// first, then load-balancer IPs, then external IPs; among equals the oldest Service, then
+/// the first by `namespace/name`. (Alphabetical order alone would let any namespace named
+/// `aaa` take cluster DNS with an external IP.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Rank {
+    class: u8,
+    /// Undated services rank after dated ones.
+    undated: bool,
+    created: k8s_openapi::jiff::Timestamp,
+}
+
+impl Rank {
+    const FIRST: Self = Self {
+        class: 0,
+        undated: false,
+        created: k8s_openapi::jiff::Timestamp::MIN,
+    };
+
+    fn of(kind: FrontendKind, created: Option<k8s_openapi::jiff::Timestamp>) -> Self {
+        Self {
+            class: match kind {
+                FrontendKind::ClusterIP | FrontendKind::NodePort => 0,
+                FrontendKind::LoadBalancer => 1,
+                FrontendKind::ExternalIP => 2,
+            },
+            undated: created.is_none(),
+            created: created.unwrap_or(k8s_openapi::jiff::Timestamp::MIN),
+        }
+    }
+
+    /// An external or load-balancer frontend: refused on a cluster IP or a node address.
+    fn is_external_address(self) -> bool {
+        self.class > 0
+    }
+}
+
+/// One service wanting one frontend address.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Claim {
+    addr: FrontendAddr,
+    rank: Rank,
+    service: ObjectName,
+}
+
+impl Claim {
+    fn first(addr: FrontendAddr) -> Self {
+        Self {
+            addr,
+            rank: Rank::FIRST,
+            service: String::new(),
+        }
+    }
+}
+
 /// The plan kept per service, so that a change recomputes only the services it touches.
 #[derive(Debug, Default)]
 pub struct Planner {
     node: Option<NodeInputs>,
     services: BTreeMap<ObjectName, ServicePlan>,
-    /// Every (frontend, service wanting it); the first service of a frontend owns it.
-    claims: BTreeSet<(FrontendAddr, ObjectName)>,
+    /// Every (frontend, rank, service wanting it); the first claim not refused owns it.
+    claims: BTreeSet<Claim>,
+    /// Every (cluster IP, service having it).
+    cluster_ips: BTreeSet<(Ipv4Addr, ObjectName)>,
     health_checks: BTreeMap<ObjectName, crate::health::ServiceHealth>,
     no_local: (i64, i64),
 }
@@ -399,16 +468,33 @@ pub struct PlanUpdate {
     pub all: bool,
 }
 
+fn claims_of(name: &ObjectName, plan: Option<&ServicePlan>) -> Vec<Claim> {
+    plan.into_iter()
+        .flat_map(|p| {
+            p.frontends.iter().map(|f| Claim {
+                addr: f.frontend,
+                rank: Rank::of(f.kind, p.created),
+                service: name.clone(),
+            })
+        })
+        .collect()
+}
+
 impl Planner {
     /// Plans the `touched` services again; every service when `touched` is `None`, when
     /// nothing was planned yet, or when what all services depend on changed (this node's
-    /// zone or node port addresses; other changes to its Node do not matter here).
+    /// zone or addresses; other changes to its Node do not matter here).
     pub fn update(
         &mut self,
         objects: &ClusterObjects,
         node: &NodeContext,
         touched: Option<&BTreeSet<ObjectName>>,
     ) -> PlanUpdate {
+        let nodeport_addresses = node.nodeport_addresses(objects);
+        let mut node_addresses = node_addresses(objects, |_| true);
+        node_addresses.extend(&nodeport_addresses);
+        node_addresses.sort();
+        node_addresses.dedup();
         let inputs = NodeInputs {
             zone: objects
                 .node()
@@ -416,7 +502,8 @@ impl Planner {
                 .and_then(|l| l.get(LABEL_ZONE))
                 .cloned()
                 .unwrap_or_default(),
-            nodeport_addresses: node.nodeport_addresses(objects),
+            nodeport_addresses,
+            node_addresses,
         };
         let names: BTreeSet<ObjectName> = match touched {
             Some(touched) if self.node.as_ref() == Some(&inputs) => touched.clone(),
@@ -428,62 +515,81 @@ impl Planner {
                 .collect(),
         };
         let all = touched.is_none() || self.node.as_ref() != Some(&inputs);
-        let mut old_frontends = BTreeSet::new();
-        let mut owners: BTreeMap<FrontendAddr, Option<ObjectName>> = BTreeMap::new();
+        self.node = Some(inputs);
+        let inputs = self.node.as_ref().expect("just set");
         let list: Vec<&ObjectName> = names.iter().collect();
         let plans = crate::parallel::map(&list, |name| {
             let service = objects.services().get(*name)?;
-            plan_service(name, service, objects, node, &inputs)
+            plan_service(name, service, objects, node, inputs)
         });
-        for (name, new) in names.iter().zip(plans) {
+        // Who owned each address the change may move, before it: the touched services'
+        // frontends, and every frontend on a cluster IP that comes or goes.
+        let mut owners: BTreeMap<FrontendAddr, Option<ObjectName>> = BTreeMap::new();
+        let mut old_frontends = BTreeSet::new();
+        for (name, new) in names.iter().zip(&plans) {
             old_frontends.extend(self.owned(name).map(|f| f.frontend));
-            let old = self.services.remove(name);
-            let old_addrs: Vec<FrontendAddr> = old
-                .iter()
-                .flat_map(|p| &p.frontends)
-                .map(|f| f.frontend)
-                .collect();
-            let new_addrs: Vec<FrontendAddr> = new
-                .iter()
-                .flat_map(|p| &p.frontends)
-                .map(|f| f.frontend)
-                .collect();
-            // Frontends another service also wants may change hands: note who had them.
-            for addr in old_addrs.iter().chain(&new_addrs) {
-                let contested = self
-                    .claims
-                    .range((*addr, String::new())..)
-                    .take_while(|(a, _)| a == addr)
-                    .any(|(_, other)| other != name);
-                if contested && !owners.contains_key(addr) {
-                    owners.insert(*addr, self.owner(addr).cloned());
+            let old = self.services.get(name);
+            let addrs = old
+                .into_iter()
+                .chain(new.as_ref())
+                .flat_map(|p| p.frontends.iter().map(|f| f.frontend));
+            let ips = old
+                .into_iter()
+                .chain(new.as_ref())
+                .flat_map(|p| p.cluster_ips.iter());
+            let on_ips = ips.flat_map(|ip| self.claims_on_ip(*ip).map(|c| c.addr));
+            for addr in addrs.chain(on_ips).collect::<Vec<_>>() {
+                if let std::collections::btree_map::Entry::Vacant(e) = owners.entry(addr) {
+                    e.insert(self.owner(&addr).cloned());
                 }
             }
-            for addr in old_addrs {
-                self.claims.remove(&(addr, name.clone()));
+        }
+        let mut update = PlanUpdate {
+            all,
+            ..Default::default()
+        };
+        for (name, mut new) in names.into_iter().zip(plans) {
+            let old = self.services.remove(&name);
+            let old_claims = claims_of(&name, old.as_ref());
+            if let Some(plan) = &mut new {
+                let total = self.claims.len() - old_claims.len() + plan.frontends.len();
+                if total > node.max_frontends {
+                    plan.problems.push(Problem::of_service(
+                        ProblemKind::FrontendLimit,
+                        &name,
+                        format!(
+                            "its {} frontends would take this node past --max-frontends {}; none of them is programmed",
+                            plan.frontends.len(),
+                            node.max_frontends
+                        ),
+                    ));
+                    plan.frontends = vec![];
+                }
             }
-            for addr in new_addrs {
-                self.claims.insert((addr, name.clone()));
+            for claim in &old_claims {
+                self.claims.remove(claim);
+            }
+            self.claims.extend(claims_of(&name, new.as_ref()));
+            for ip in old.iter().flat_map(|p| &p.cluster_ips) {
+                self.cluster_ips.remove(&(*ip, name.clone()));
+            }
+            for ip in new.iter().flat_map(|p| &p.cluster_ips) {
+                self.cluster_ips.insert((*ip, name.clone()));
             }
             let (reported, no_local) = old.map(|p| (p.reported, p.no_local)).unwrap_or_default();
             self.no_local.0 -= no_local.0;
             self.no_local.1 -= no_local.1;
             match new.as_ref().and_then(|p| p.health_check.clone()) {
                 Some(h) => self.health_checks.insert(name.clone(), h),
-                None => self.health_checks.remove(name),
+                None => self.health_checks.remove(&name),
             };
             if let Some(mut plan) = new {
                 plan.reported = reported;
                 plan.no_local = no_local;
                 self.services.insert(name.clone(), plan);
             }
+            update.services.insert(name);
         }
-        self.node = Some(inputs);
-        let mut update = PlanUpdate {
-            services: names,
-            all,
-            ..Default::default()
-        };
         for (addr, old_owner) in owners {
             let owner = self.owner(&addr);
             if owner != old_owner.as_ref() {
@@ -529,12 +635,49 @@ impl Planner {
         (count(false), count(true))
     }
 
-    fn owner(&self, addr: &FrontendAddr) -> Option<&ObjectName> {
+    /// The claims of `addr`, best ranked first.
+    fn claims_of_addr(&self, addr: &FrontendAddr) -> impl Iterator<Item = &Claim> {
         self.claims
-            .range((*addr, String::new())..)
+            .range(Claim::first(*addr)..)
+            .take_while(move |c| c.addr == *addr)
+    }
+
+    /// Every claim on an address with this IP (any port and protocol).
+    fn claims_on_ip(&self, ip: Ipv4Addr) -> impl Iterator<Item = &Claim> {
+        let first = FrontendAddr {
+            addr: SocketAddrV4::new(ip, 0),
+            protocol: Protocol::Tcp,
+        };
+        self.claims
+            .range(Claim::first(first)..)
+            .take_while(move |c| *c.addr.addr.ip() == ip)
+    }
+
+    /// Why `claim` may not have its address at all, whoever else wants it.
+    fn refusal(&self, claim: &Claim) -> Option<String> {
+        if !claim.rank.is_external_address() {
+            return None;
+        }
+        let ip = *claim.addr.addr.ip();
+        if let Some((_, holder)) = self
+            .cluster_ips
+            .range((ip, String::new())..)
             .next()
-            .filter(|(a, _)| a == addr)
-            .map(|(_, name)| name)
+            .filter(|(i, _)| *i == ip)
+        {
+            return Some(format!("{ip} is the cluster IP of Service {holder}"));
+        }
+        let node = self.node.as_ref()?;
+        node.node_addresses
+            .binary_search(&ip)
+            .is_ok()
+            .then(|| format!("{ip} is an address of this node"))
+    }
+
+    fn owner(&self, addr: &FrontendAddr) -> Option<&ObjectName> {
+        self.claims_of_addr(addr)
+            .find(|c| self.refusal(c).is_none())
+            .map(|c| &c.service)
     }
 
     /// The frontends `service` programs: those it owns.
@@ -582,7 +725,21 @@ impl Planner {
         };
         let mut problems = plan.problems.clone();
         for f in &plan.frontends {
-            if let Some(owner) = self.owner(&f.frontend).filter(|o| *o != service) {
+            let claim = Claim {
+                addr: f.frontend,
+                rank: Rank::of(f.kind, plan.created),
+                service: service.to_string(),
+            };
+            if let Some(why) = self.refusal(&claim) {
+                problems.push(Problem::of_service(
+                    ProblemKind::FrontendRefused,
+                    service,
+                    format!(
+                        "{:?} frontend {} {} is refused: {why}",
+                        f.kind, f.frontend.addr, f.frontend.protocol
+                    ),
+                ));
+            } else if let Some(owner) = self.owner(&f.frontend).filter(|o| *o != service) {
                 problems.push(conflict(service, f, owner));
             }
         }
@@ -591,13 +748,19 @@ impl Planner {
 }
 
 fn conflict(service: &str, f: &Frontend, owner: &str) -> Problem {
-    Problem {
-        object: format!("Service {service}"),
-        reason: format!(
+    let kind = if owner == service {
+        ProblemKind::DuplicateFrontend
+    } else {
+        ProblemKind::FrontendConflict
+    };
+    Problem::of_service(
+        kind,
+        service,
+        format!(
             "{:?} frontend {} {} is already used by Service {owner}",
             f.kind, f.frontend.addr, f.frontend.protocol
         ),
-    }
+    )
 }
 
 /// kube-proxy serves a health check node port for externalTrafficPolicy Local services that
@@ -633,47 +796,55 @@ fn plan_service(
 ) -> Option<ServicePlan> {
     let mut plan = ServicePlan {
         frontends: vec![],
+        cluster_ips: vec![],
+        created: service.metadata.creation_timestamp.as_ref().map(|t| t.0),
         problems: vec![],
         reported: vec![],
         health_check: None,
         no_local: (0, 0),
     };
-    let problem = |reason: String| Problem {
-        object: format!("Service {name}"),
-        reason,
-    };
+    let problem = |kind: ProblemKind, reason: String| Problem::of_service(kind, name, reason);
     let spec = service.spec.as_ref()?;
-    if spec.type_.as_deref() == Some("ExternalName") || !proxied_by_us(&service.metadata) {
+    let labels = service.metadata.labels.as_ref();
+    if spec.type_.as_deref() == Some("ExternalName") || !labels.is_none_or(proxied_by_us) {
         return None;
     }
     let cluster_ips = match cluster_ips(service) {
         Ok(ips) => ips,
         Err(reason) => {
-            plan.problems.push(problem(reason));
+            plan.problems
+                .push(problem(ProblemKind::InvalidClusterIp, reason));
             return Some(plan);
         }
     };
     if cluster_ips.is_empty() {
         return None; // headless, or IPv6-only (this datapath is IPv4)
     }
-    let settings = ServiceSettings::of(service, node, &mut plan.problems);
-    let slices: Vec<(&ObjectName, &Slice)> = objects
-        .slices_of(name)
-        .filter(|(_, s)| proxied_by_us(&s.metadata))
-        .collect();
-    let endpoints = ServiceEndpoints::collect(&slices, &node.name, &mut plan.problems);
+    plan.cluster_ips = cluster_ips.clone();
+    let settings = ServiceSettings::of(service, name, &mut plan.problems);
+    let slices: Vec<(&ObjectName, &Slice)> =
+        objects.slices_of(name).filter(|(_, s)| s.proxied).collect();
+    let endpoints = ServiceEndpoints::collect(name, &slices, &node.name, &mut plan.problems);
     let mut seen = BTreeSet::new();
     let mut local_endpoints = 0;
+    let mut ports = vec![];
     for port in spec.ports.iter().flatten() {
-        let port_name = port.name.clone().unwrap_or_default();
-        let (protocol, number) = match service_port(port) {
-            Ok(p) => p,
-            Err(reason) => {
+        match service_port(port) {
+            Ok((protocol, number)) => ports.push((port, protocol, number)),
+            Err((kind, reason)) => {
+                let port_name = port.name.as_deref().unwrap_or_default();
                 plan.problems
-                    .push(problem(format!("port {port_name:?}: {reason}")));
-                continue;
+                    .push(problem(kind, format!("port {port_name:?}: {reason}")));
             }
-        };
+        }
+    }
+    let budget = FrontendBudget::of(&ports, &cluster_ips, &settings, inputs, node);
+    if let Some(reason) = budget.problem() {
+        plan.problems
+            .push(problem(ProblemKind::ServiceFrontendLimit, reason));
+    }
+    for (port, protocol, number) in ports.into_iter().take(budget.ports) {
+        let port_name = port.name.clone().unwrap_or_default();
         let policy = port_policy(service, port);
         let port_endpoints = endpoints.for_port(&port_name, protocol).unwrap_or_default();
         let categorized = match endpoints.for_port(&port_name, protocol) {
@@ -682,9 +853,12 @@ fn plan_service(
             }
             None => {
                 if endpoints.has_ports {
-                    plan.problems.push(problem(format!(
-                        "port {port_name:?} ({protocol}) matches no port of its EndpointSlices"
-                    )));
+                    plan.problems.push(problem(
+                        ProblemKind::PortNotInSlices,
+                        format!(
+                            "port {port_name:?} ({protocol}) matches no port of its EndpointSlices"
+                        ),
+                    ));
                 }
                 // No endpoints: the frontends exist and refuse connections.
                 Default::default()
@@ -702,7 +876,7 @@ fn plan_service(
                     Some(node_port) => frontends.extend(
                         inputs.nodeport_addresses.iter().map(|ip| (FrontendKind::NodePort, SocketAddrV4::new(*ip, node_port))),
                     ),
-                    None => plan.problems.push(problem(format!(
+                    None => plan.problems.push(problem(ProblemKind::NodePortOutOfRange, format!(
                         "port {port_name:?}: nodePort {node_port} is outside the node port range {}-{}",
                         node.nodeport_range.0, node.nodeport_range.1
                     ))),
@@ -713,6 +887,7 @@ fn plan_service(
         if let Some(ips) = &settings.load_balancer_ips {
             frontends.extend(
                 ips.iter()
+                    .take(budget.load_balancer_ips)
                     .map(|ip| (FrontendKind::LoadBalancer, SocketAddrV4::new(*ip, number))),
             );
         }
@@ -720,6 +895,7 @@ fn plan_service(
             settings
                 .external_ips
                 .iter()
+                .take(budget.external_ips)
                 .map(|ip| (FrontendKind::ExternalIP, SocketAddrV4::new(*ip, number))),
         );
 
@@ -787,6 +963,90 @@ fn plan_service(
     Some(plan)
 }
 
+/// How many of a service's frontends `--max-frontends-per-service` lets it have, decided
+/// before any is built (a hostile Service must not cost its frontends' memory first). Cluster
+/// IPs and node ports come first, port by port; then load-balancer IPs, then external IPs,
+/// whole addresses (every port of an address, or none of it).
+#[derive(Debug, PartialEq, Eq)]
+struct FrontendBudget {
+    /// The first ports served.
+    ports: usize,
+    load_balancer_ips: usize,
+    external_ips: usize,
+    /// What the service asked for: (ports, load-balancer IPs, external IPs, frontends).
+    wanted: (usize, usize, usize, usize),
+    limit: usize,
+}
+
+impl FrontendBudget {
+    fn of(
+        ports: &[(&ServicePort, Protocol, u16)],
+        cluster_ips: &[Ipv4Addr],
+        settings: &ServiceSettings,
+        inputs: &NodeInputs,
+        node: &NodeContext,
+    ) -> Self {
+        let limit = node.max_frontends_per_service;
+        let lb = settings.load_balancer_ips.as_ref().map_or(0, Vec::len);
+        let ext = settings.external_ips.len();
+        // Cluster IPs and node ports of each port (node ports counted whenever asked for).
+        let per_port: Vec<usize> = ports
+            .iter()
+            .map(|(port, _, _)| {
+                let node_ports = port.node_port.is_some_and(|p| p != 0);
+                cluster_ips.len()
+                    + if node_ports {
+                        inputs.nodeport_addresses.len()
+                    } else {
+                        0
+                    }
+            })
+            .collect();
+        let internal: usize = per_port.iter().sum();
+        let mut left = limit;
+        let mut served = 0;
+        for n in per_port {
+            if n > left {
+                break;
+            }
+            left -= n;
+            served += 1;
+        }
+        let all_ports = served == ports.len();
+        let per_address = ports.len().max(1);
+        let load_balancer_ips = if all_ports {
+            lb.min(left / per_address)
+        } else {
+            0
+        };
+        left -= load_balancer_ips * ports.len();
+        let external_ips = if all_ports {
+            ext.min(left / per_address)
+        } else {
+            0
+        };
+        Self {
+            ports: served,
+            load_balancer_ips,
+            external_ips,
+            wanted: (ports.len(), lb, ext, internal + (lb + ext) * ports.len()),
+            limit,
+        }
+    }
+
+    /// What the limit left out, if anything.
+    fn problem(&self) -> Option<String> {
+        let (ports, lb, ext, frontends) = self.wanted;
+        if (self.ports, self.load_balancer_ips, self.external_ips) == (ports, lb, ext) {
+            return None;
+        }
+        Some(format!(
+            "{frontends} frontends are more than --max-frontends-per-service {}: serving {} of {ports} ports, {} of {lb} load-balancer IPs, {} of {ext} external IPs",
+            self.limit, self.ports, self.load_balancer_ips, self.external_ips
+        ))
+    }
+}
+
 /// Per-service settings that apply to every port.
 struct ServiceSettings {
     /// `None` when the service's source ranges leave no valid range: its load-balancer IPs are
@@ -799,13 +1059,9 @@ struct ServiceSettings {
 }
 
 impl ServiceSettings {
-    fn of(service: &Service, node: &NodeContext, problems: &mut Vec<Problem>) -> Self {
-        let name = object_name(&service.metadata);
-        let mut problem = |reason: String| {
-            problems.push(Problem {
-                object: format!("Service {name}"),
-                reason,
-            })
+    fn of(service: &Service, name: &str, problems: &mut Vec<Problem>) -> Self {
+        let mut problem = |kind: ProblemKind, reason: String| {
+            problems.push(Problem::of_service(kind, name, reason))
         };
         let spec = service.spec.as_ref().expect("checked by caller");
         let is_lb = spec.type_.as_deref() == Some("LoadBalancer");
@@ -823,14 +1079,20 @@ impl ServiceSettings {
             match entry.ip.as_deref().map(str::parse::<IpAddr>) {
                 Some(Ok(IpAddr::V4(ip))) => load_balancer_ips.push(ip),
                 Some(Ok(IpAddr::V6(_))) => {}
-                Some(Err(_)) => problem(format!(
-                    "load balancer ingress IP {:?} is not an IP address",
-                    entry.ip.as_deref().unwrap_or("")
-                )),
-                None => problem(format!(
-                    "load balancer ingress {:?} has a hostname only; it is skipped",
-                    entry.hostname.as_deref().unwrap_or("")
-                )),
+                Some(Err(_)) => problem(
+                    ProblemKind::InvalidLoadBalancerIp,
+                    format!(
+                        "load balancer ingress IP {:?} is not an IP address",
+                        entry.ip.as_deref().unwrap_or("")
+                    ),
+                ),
+                None => problem(
+                    ProblemKind::LoadBalancerHostname,
+                    format!(
+                        "load balancer ingress {:?} has a hostname only; it is skipped",
+                        entry.hostname.as_deref().unwrap_or("")
+                    ),
+                ),
             }
         }
         let mut source_ranges = vec![];
@@ -842,15 +1104,17 @@ impl ServiceSettings {
                 Err(reason) if text.contains(':') => drop(reason), // IPv6 ranges: other family
                 Err(reason) => {
                     invalid += 1;
-                    problem(format!(
-                        "loadBalancerSourceRanges: {reason}; the range is skipped"
-                    ))
+                    problem(
+                        ProblemKind::InvalidSourceRange,
+                        format!("loadBalancerSourceRanges: {reason}; the range is skipped"),
+                    )
                 }
             }
         }
         let all_invalid = invalid > 0 && source_ranges.is_empty();
         if all_invalid && !load_balancer_ips.is_empty() {
             problem(
+                ProblemKind::NoValidSourceRange,
                 "no valid loadBalancerSourceRanges: its load balancer IPs are not served".into(),
             );
         }
@@ -862,9 +1126,10 @@ impl ServiceSettings {
                 Ok(IpAddr::V4(ip)) => Some(ip),
                 Ok(IpAddr::V6(_)) => None,
                 Err(_) => {
-                    problem(format!(
-                        "externalIPs entry {text:?} is not an IP address; it is skipped"
-                    ));
+                    problem(
+                        ProblemKind::InvalidExternalIp,
+                        format!("externalIPs entry {text:?} is not an IP address; it is skipped"),
+                    );
                     None
                 }
             })
@@ -889,13 +1154,15 @@ impl ServiceSettings {
             Some("random") => Some(Algorithm::Random),
             Some("maglev") => Some(Algorithm::Maglev),
             Some(other) => {
-                problem(format!(
-                    "annotation {ANNOTATION_LB_ALGORITHM}: {other:?} is neither random nor maglev; using the default"
-                ));
+                problem(
+                    ProblemKind::InvalidAnnotation,
+                    format!(
+                        "annotation {ANNOTATION_LB_ALGORITHM}: {other:?} is neither random nor maglev; using the default"
+                    ),
+                );
                 None
             }
         };
-        let _ = node;
         Self {
             load_balancer_ips: (is_lb && !all_invalid).then_some(load_balancer_ips),
             external_ips,
@@ -953,9 +1220,10 @@ fn cluster_ips(service: &Service) -> Result<Vec<Ipv4Addr>, String> {
     Ok(ips)
 }
 
-fn service_port(port: &ServicePort) -> Result<(Protocol, u16), String> {
-    let protocol = Protocol::parse(port.protocol.as_deref())?;
-    let number = valid_port(port.port)?;
+fn service_port(port: &ServicePort) -> Result<(Protocol, u16), (ProblemKind, String)> {
+    let protocol = Protocol::parse(port.protocol.as_deref())
+        .map_err(|e| (ProblemKind::UnsupportedProtocol, e))?;
+    let number = valid_port(port.port).map_err(|e| (ProblemKind::InvalidPort, e))?;
     Ok((protocol, number))
 }
 
@@ -977,6 +1245,7 @@ struct ServiceEndpoints {
 
 impl ServiceEndpoints {
     fn collect(
+        service: &ObjectName,
         slices: &[(&ObjectName, &Slice)],
         node_name: &str,
         problems: &mut Vec<Problem>,
@@ -984,22 +1253,28 @@ impl ServiceEndpoints {
         let mut by_port: BTreeMap<(String, Protocol), BTreeMap<SocketAddrV4, EndpointInfo>> =
             BTreeMap::new();
         let mut has_ports = false;
-        let mut ipv6_slices = 0;
+        let mut ipv6_slices = vec![];
         for (slice_name, slice) in slices {
-            let problem = |reason: String| Problem {
-                object: format!("EndpointSlice {slice_name}"),
+            let problem = |kind: ProblemKind, reason: String| Problem {
+                kind,
+                object: ObjectKey {
+                    kind: Kind::EndpointSlice,
+                    name: slice_name.to_string(),
+                },
+                service: service.clone(),
                 reason,
             };
             match slice.address_type.as_str() {
                 "IPv4" => {}
                 "IPv6" => {
-                    ipv6_slices += 1;
+                    ipv6_slices.push(*slice_name);
                     continue;
                 }
                 _ => continue, // FQDN slices are not for proxies
             }
             if slice.ports.as_ref().is_none_or(|p| p.is_empty()) && !slice.endpoints.is_empty() {
                 problems.push(problem(
+                    ProblemKind::SliceWithoutPorts,
                     "has endpoints but no ports; its endpoints are not used".into(),
                 ));
             }
@@ -1009,9 +1284,10 @@ impl ServiceEndpoints {
                     continue;
                 };
                 let Ok(number) = valid_port(number) else {
-                    problems.push(problem(format!(
-                        "port {name:?}: port {number} is outside 1-65535"
-                    )));
+                    problems.push(problem(
+                        ProblemKind::InvalidPort,
+                        format!("port {name:?}: port {number} is outside 1-65535"),
+                    ));
                     continue;
                 };
                 let Ok(protocol) = Protocol::parse(port.protocol.as_deref()) else {
@@ -1020,14 +1296,16 @@ impl ServiceEndpoints {
                 has_ports = true;
                 let set = by_port.entry((name.clone(), protocol)).or_default();
                 for endpoint in &slice.endpoints {
-                    let Some(address) = endpoint.address.as_ref() else {
-                        continue;
-                    };
-                    let Ok(ip) = address.parse::<Ipv4Addr>() else {
-                        problems.push(problem(format!(
-                            "address {address:?} is not an IPv4 address"
-                        )));
-                        continue;
+                    let ip = match &endpoint.address {
+                        None => continue,
+                        Some(Address::V4(ip)) => *ip,
+                        Some(Address::Other(address)) => {
+                            problems.push(problem(
+                                ProblemKind::InvalidEndpointAddress,
+                                format!("address {address:?} is not an IPv4 address"),
+                            ));
+                            continue;
+                        }
                     };
                     let info = endpoint_info(endpoint, SocketAddrV4::new(ip, number), node_name);
                     let keep_existing = set.get(&info.addr).is_some_and(|e| !info.local || e.local);
@@ -1037,10 +1315,18 @@ impl ServiceEndpoints {
                 }
             }
         }
-        if ipv6_slices > 0 {
+        if let Some(first) = ipv6_slices.first() {
             problems.push(Problem {
-                object: format!("EndpointSlices of {}", service_of(slices)),
-                reason: format!("{ipv6_slices} IPv6 slice(s) ignored: this datapath is IPv4 (dual stack comes later)"),
+                kind: ProblemKind::Ipv6SlicesIgnored,
+                object: ObjectKey {
+                    kind: Kind::EndpointSlice,
+                    name: first.to_string(),
+                },
+                service: service.clone(),
+                reason: format!(
+                    "{} IPv6 slice(s) of Service {service} ignored: this datapath is IPv4 (dual stack comes later)",
+                    ipv6_slices.len()
+                ),
             });
         }
         let by_port = by_port
@@ -1057,25 +1343,6 @@ impl ServiceEndpoints {
     }
 }
 
-fn service_of(slices: &[(&ObjectName, &Slice)]) -> String {
-    slices
-        .first()
-        .map(|(_, s)| {
-            let service = s
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_SERVICE_NAME))
-                .cloned();
-            format!(
-                "Service {}/{}",
-                s.metadata.namespace.as_deref().unwrap_or("default"),
-                service.unwrap_or_default()
-            )
-        })
-        .unwrap_or_default()
-}
-
 /// An endpoint's conditions as upstream reads them: absent `ready` and `serving` mean true,
 /// absent `terminating` means false.
 fn endpoint_info(endpoint: &SliceEndpoint, addr: SocketAddrV4, node_name: &str) -> EndpointInfo {
@@ -1085,8 +1352,18 @@ fn endpoint_info(endpoint: &SliceEndpoint, addr: SocketAddrV4, node_name: &str) 
         serving: endpoint.serving.unwrap_or(true),
         terminating: endpoint.terminating.unwrap_or(false),
         local: !node_name.is_empty() && endpoint.node_name.as_deref() == Some(node_name),
-        zone_hints: endpoint.zone_hints.iter().cloned().collect(),
-        node_hints: endpoint.node_hints.iter().cloned().collect(),
+        zone_hints: endpoint
+            .hints
+            .iter()
+            .flat_map(|h| &h.zones)
+            .cloned()
+            .collect(),
+        node_hints: endpoint
+            .hints
+            .iter()
+            .flat_map(|h| &h.nodes)
+            .cloned()
+            .collect(),
     }
 }
 
@@ -1274,6 +1551,222 @@ endpoints: [{addresses: [10.0.0.9]}]
         };
         assert_eq!(update.removed, vec![dns]);
         assert_eq!(planner.frontends()[0].service, "shop/zz");
+    }
+
+    const KUBE_DNS: &str = "apiVersion: v1
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system, creationTimestamp: '2026-01-01T00:00:00Z'}
+spec: {clusterIP: 10.96.0.10, ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53}]}
+";
+
+    /// A Service in a namespace that sorts first, older than DNS, claiming the DNS cluster IP
+    /// as an external IP on DNS's port and on another one.
+    const HIJACK: &str = "apiVersion: v1
+kind: Service
+metadata: {name: evil, namespace: aaa, creationTimestamp: '2020-01-01T00:00:00Z'}
+spec:
+  clusterIP: 10.96.5.5
+  externalIPs: [10.96.0.10, 203.0.113.7]
+  ports: [{name: dns, port: 53, protocol: UDP}, {name: web, port: 80}]
+";
+
+    fn owner_of(
+        planner: &Planner,
+        addr: &str,
+        protocol: Protocol,
+    ) -> Option<(String, FrontendKind)> {
+        let addr = FrontendAddr {
+            addr: addr.parse().unwrap(),
+            protocol,
+        };
+        planner
+            .frontends()
+            .into_iter()
+            .find(|f| f.frontend == addr)
+            .map(|f| (f.service.clone(), f.kind))
+    }
+
+    #[test]
+    fn an_external_ip_cannot_take_a_cluster_ip_in_either_order() {
+        for order in [[KUBE_DNS, HIJACK], [HIJACK, KUBE_DNS]] {
+            let mut planner = Planner::default();
+            let mut objects = ClusterObjects::default();
+            let mut problems = vec![];
+            for yaml in order {
+                problems.extend(change(&mut planner, &mut objects, yaml, &[]).problems);
+            }
+            let dns = Some(("kube-system/kube-dns".to_string(), FrontendKind::ClusterIP));
+            assert_eq!(owner_of(&planner, "10.96.0.10:53", Protocol::Udp), dns);
+            // Not even another port of the cluster IP.
+            assert_eq!(owner_of(&planner, "10.96.0.10:80", Protocol::Tcp), None);
+            // Its other external IP is served.
+            assert!(owner_of(&planner, "203.0.113.7:53", Protocol::Udp).is_some());
+            let refused: Vec<&Problem> = problems
+                .iter()
+                .filter(|p| p.kind == ProblemKind::FrontendRefused)
+                .collect();
+            assert_eq!(refused.len(), 2, "{problems:?}");
+            assert!(refused.iter().all(|p| p.service == "aaa/evil"));
+            assert!(
+                refused[0]
+                    .reason
+                    .contains("cluster IP of Service kube-system/kube-dns"),
+                "{refused:?}"
+            );
+        }
+        // Once DNS goes, nothing protects the address: the external IP is served.
+        let mut planner = Planner::default();
+        let mut objects = ClusterObjects::default();
+        change(&mut planner, &mut objects, KUBE_DNS, &[]);
+        change(&mut planner, &mut objects, HIJACK, &[]);
+        let update = change(
+            &mut planner,
+            &mut objects,
+            "",
+            &["Service kube-system/kube-dns"],
+        );
+        assert!(update.services.contains("aaa/evil"), "{update:?}");
+        assert_eq!(
+            owner_of(&planner, "10.96.0.10:53", Protocol::Udp),
+            Some(("aaa/evil".to_string(), FrontendKind::ExternalIP))
+        );
+    }
+
+    #[test]
+    fn node_addresses_are_refused_as_external_ips() {
+        let node = "apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+status: {addresses: [{type: InternalIP, address: 192.168.1.5}]}
+";
+        let service = "apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 10.96.0.20, externalIPs: [192.168.1.5], ports: [{port: 22}]}
+";
+        let plan = plan_of(&format!("{node}---\n{service}"));
+        assert_eq!(plan.frontends.len(), 1, "{:?}", plan.frontends);
+        assert_eq!(plan.problems.len(), 1, "{:?}", plan.problems);
+        assert_eq!(plan.problems[0].kind, ProblemKind::FrontendRefused);
+        assert!(plan.problems[0].reason.contains("an address of this node"));
+    }
+
+    #[test]
+    fn conflicts_go_by_frontend_kind_then_age_then_name() {
+        let svc = |ns: &str, created: &str, kind: &str| {
+            let (external, status) = match kind {
+                "lb" => (
+                    "",
+                    "status: {loadBalancer: {ingress: [{ip: 198.51.100.1}]}}\n",
+                ),
+                _ => ("  externalIPs: [198.51.100.1]\n", ""),
+            };
+            format!(
+                "apiVersion: v1
+kind: Service
+metadata: {{name: s, namespace: {ns}{created}}}
+spec:
+  type: {}
+  clusterIP: 10.96.{}.1
+{external}  ports: [{{port: 80, nodePort: 0}}]
+{status}---
+",
+                if kind == "lb" {
+                    "LoadBalancer"
+                } else {
+                    "ClusterIP"
+                },
+                ns.len()
+            )
+        };
+        let owner = |yaml: String| {
+            let plan = plan_of(&yaml);
+            let f = plan
+                .frontends
+                .iter()
+                .find(|f| f.frontend.addr.to_string() == "198.51.100.1:80")
+                .unwrap();
+            (f.service.clone(), f.kind)
+        };
+        let old = ", creationTimestamp: '2020-01-01T00:00:00Z'";
+        let new = ", creationTimestamp: '2026-01-01T00:00:00Z'";
+        // A load-balancer IP beats an external IP, however old.
+        assert_eq!(
+            owner(svc("a", old, "ext") + &svc("bb", new, "lb")),
+            ("bb/s".to_string(), FrontendKind::LoadBalancer)
+        );
+        // Equals: the older wins, whatever the names; then the first name; undated last.
+        assert_eq!(
+            owner(svc("a", new, "ext") + &svc("bb", old, "ext")).0,
+            "bb/s"
+        );
+        assert_eq!(owner(svc("a", "", "ext") + &svc("bb", "", "ext")).0, "a/s");
+        assert_eq!(
+            owner(svc("a", "", "ext") + &svc("bb", new, "ext")).0,
+            "bb/s"
+        );
+    }
+
+    #[test]
+    fn a_service_with_too_many_frontends_keeps_its_cluster_ips_and_whole_addresses() {
+        let ips: Vec<String> = (0..300)
+            .map(|i| format!("203.0.{}.{}", i / 250, i % 250 + 1))
+            .collect();
+        let ports: Vec<String> = (0..10)
+            .map(|p| format!("{{name: p{p}, port: {}}}", 8000 + p))
+            .collect();
+        let yaml = format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: wide}}
+spec: {{clusterIP: 10.96.0.30, externalIPs: [{}], ports: [{}]}}
+",
+            ips.join(", "),
+            ports.join(", ")
+        );
+        let plan = plan_of(&yaml);
+        let count = |kind| plan.frontends.iter().filter(|f| f.kind == kind).count();
+        assert_eq!(count(FrontendKind::ClusterIP), 10);
+        // (1024 - 10) / 10 addresses, every port of each.
+        assert_eq!(count(FrontendKind::ExternalIP), 1010);
+        assert_eq!(plan.problems.len(), 1, "{:?}", plan.problems);
+        assert_eq!(plan.problems[0].kind, ProblemKind::ServiceFrontendLimit);
+        assert!(
+            plan.problems[0].reason.contains(
+                "serving 10 of 10 ports, 0 of 0 load-balancer IPs, 101 of 300 external IPs"
+            ),
+            "{}",
+            plan.problems[0]
+        );
+    }
+
+    #[test]
+    fn services_past_the_total_limit_are_not_programmed_and_others_are() {
+        let mut node = NodeContext::named("node-a");
+        node.max_frontends = 3;
+        let service = |name: &str, ip: &str, ports: usize| {
+            let ports: Vec<String> = (0..ports)
+                .map(|p| format!("{{name: p{p}, port: {}}}", 80 + p))
+                .collect();
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{}]}}\n---\n",
+                ports.join(", ")
+            )
+        };
+        let yaml = service("a", "10.96.0.1", 2)
+            + &service("b", "10.96.0.2", 2)
+            + &service("c", "10.96.0.3", 1);
+        let (parsed, _) = parse_documents(std::path::Path::new("t.yaml"), &yaml);
+        let mut objects = ClusterObjects::default();
+        for o in parsed {
+            objects.insert(o, "node-a");
+        }
+        let plan = compute(&objects, &node);
+        let served: BTreeSet<&str> = plan.frontends.iter().map(|f| f.service.as_str()).collect();
+        assert_eq!(served, BTreeSet::from(["default/a", "default/c"]));
+        assert_eq!(plan.problems.len(), 1, "{:?}", plan.problems);
+        assert_eq!(plan.problems[0].kind, ProblemKind::FrontendLimit);
+        assert_eq!(plan.problems[0].service, "default/b");
     }
 
     #[test]

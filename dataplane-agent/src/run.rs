@@ -20,8 +20,9 @@ use crate::{
     },
     health::{ProxyHealth, ServiceHealthServer},
     metrics::Metrics,
-    objects::{ClusterObjects, Delta, Touched},
+    objects::{ClusterObjects, Delta, ObjectKey, Touched},
     plan::{self, NodeContext, Planner},
+    problems::ProblemReporter,
     source::{Inbox, Pending, kube::ClusterWatch, manifests::ManifestDir},
 };
 use dataplane_common::{CtEntry, CtKey};
@@ -172,6 +173,31 @@ fn parse_port_list(text: &str) -> Option<Vec<(u16, u16)>> {
         .collect()
 }
 
+/// Checks that the objects' source can be read at all (the manifest directory exists, the
+/// kubeconfig parses), before anything is loaded, attached or pinned.
+pub fn check_source(source: &SourceConfig) -> anyhow::Result<()> {
+    match source {
+        SourceConfig::Manifests(dir) => {
+            let meta =
+                std::fs::metadata(dir).with_context(|| format!("--manifests {}", dir.display()))?;
+            anyhow::ensure!(
+                meta.is_dir(),
+                "--manifests {} is not a directory",
+                dir.display()
+            );
+            std::fs::read_dir(dir).with_context(|| format!("--manifests {}", dir.display()))?;
+        }
+        SourceConfig::Cluster {
+            kubeconfig: Some(path),
+        } => {
+            kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("--kubeconfig {}", path.display()))?;
+        }
+        SourceConfig::Cluster { kubeconfig: None } => {}
+    }
+    Ok(())
+}
+
 /// kube-proxy calls the proxy unhealthy when a change has waited this long to be programmed
 /// (twice its default sync period).
 const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(60);
@@ -189,7 +215,8 @@ enum Source {
         dir: ManifestDir,
         _watcher: notify::RecommendedWatcher,
     },
-    Cluster(ClusterWatch),
+    /// The watch, and the client (for Events).
+    Cluster(ClusterWatch, kube::Client),
 }
 
 impl Source {
@@ -233,7 +260,8 @@ impl Source {
             }
             SourceConfig::Cluster { kubeconfig } => {
                 let client = crate::source::kube::client(kubeconfig.as_deref()).await?;
-                Ok(Self::Cluster(ClusterWatch::start(client, node_name, inbox)))
+                let watch = ClusterWatch::start(client.clone(), node_name, inbox);
+                Ok(Self::Cluster(watch, client))
             }
         }
     }
@@ -250,7 +278,15 @@ impl Source {
                 }
             },
             Self::Manifests { dir, .. } => Some(dir.update(pending.paths)),
-            Self::Cluster(_) => Some(pending.deltas),
+            Self::Cluster(..) => Some(pending.deltas),
+        }
+    }
+
+    /// Manifest documents skipped since the last call.
+    fn take_skipped(&mut self) -> u64 {
+        match self {
+            Self::Manifests { dir, .. } => dir.take_skipped(),
+            Self::Cluster(..) => 0,
         }
     }
 
@@ -258,18 +294,15 @@ impl Source {
     fn ready(&self) -> bool {
         match self {
             Self::Manifests { .. } => true,
-            Self::Cluster(watch) => watch.synced(),
+            Self::Cluster(watch, _) => watch.synced(),
         }
     }
 
     /// The file an object came from, for messages (manifest source only).
-    fn origin(&self, object: &str) -> String {
+    fn origin(&self, object: &ObjectKey) -> Option<&std::path::Path> {
         match self {
-            Self::Manifests { dir, .. } => dir
-                .origin(object)
-                .map(|f| f.display().to_string())
-                .unwrap_or_default(),
-            Self::Cluster(_) => String::new(),
+            Self::Manifests { dir, .. } => dir.origin(object),
+            Self::Cluster(..) => None,
         }
     }
 }
@@ -285,6 +318,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         config.node.nodeport_range,
         &ephemeral_ports()?,
     )?;
+    check_source(&config.source)?;
+    for glob in config
+        .pod_interfaces
+        .iter()
+        .chain(&config.external_interfaces)
+    {
+        glob::Pattern::new(glob).with_context(|| format!("interface glob {glob:?}"))?;
+    }
     let (socket_lb, cgroup_root) =
         socket_lb::resolve(config.socket_lb, config.cgroup_root.as_deref())?;
     let layout = BpffsLayout::new(&config.bpffs_dir);
@@ -338,6 +379,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 
     let inbox = Arc::new(Inbox::default());
     let source = Source::start(&config.source, &config.node_name, inbox.clone()).await?;
+    let mut problems = ProblemReporter::new(metrics.clone());
+    if let Source::Cluster(_, client) = &source {
+        problems = problems.with_events(client.clone(), &config.node_name);
+    }
     let external_globs = config
         .external_interfaces
         .iter()
@@ -355,6 +400,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         health,
         service_health,
         metrics,
+        problems,
         touched: Touched::default(),
         rescan: false,
         took_over: false,
@@ -431,6 +477,7 @@ struct Agent {
     health: Arc<ProxyHealth>,
     service_health: ServiceHealthServer,
     metrics: Arc<Metrics>,
+    problems: ProblemReporter,
     /// Changes applied to `objects` and not programmed yet (the source was not ready).
     touched: Touched,
     /// The directory could not be read at the last full sync: read it all again.
@@ -449,7 +496,9 @@ impl Agent {
         let started = std::time::Instant::now();
         let pending = self.inbox.take();
         let full = full || pending.rescan || self.rescan;
-        let Some(deltas) = self.source.changes(pending, full) else {
+        let changes = self.source.changes(pending, full);
+        self.problems.invalid_manifests(self.source.take_skipped());
+        let Some(deltas) = changes else {
             self.rescan = true;
             return;
         };
@@ -471,22 +520,19 @@ impl Agent {
         {
             warn!(error = %e, "cannot write the SNAT address");
         }
+        let read_us = started.elapsed().as_micros() as u64;
         let update = self.planner.update(
             &self.objects,
             &self.node,
             (!full).then_some(&touched.services),
         );
         for problem in &update.problems {
-            let kind = problem
-                .object
-                .split_whitespace()
-                .next()
-                .unwrap_or("object")
-                .to_lowercase();
-            self.metrics.skipped(&kind);
+            let uid = self.objects.services().get(&problem.service);
+            let uid = uid.and_then(|s| s.metadata.uid.as_deref());
             let file = self.source.origin(&problem.object);
-            warn!(object = %problem.object, file, reason = %problem.reason, "skipping");
+            self.problems.report(problem, file, uid);
         }
+        let plan_us = started.elapsed().as_micros() as u64 - read_us;
         let report = if update.all {
             let frontends = self.planner.frontends();
             // Before the first programming: connections kube-proxy's rules opened.
@@ -505,7 +551,7 @@ impl Agent {
         };
         self.health.updated();
         for _ in &report.failures {
-            self.metrics.skipped("map_full_or_write_failed");
+            self.problems.map_write_failed();
         }
         if report.writes + report.deletes > 0 {
             self.terminate_stale_udp_sockets();
@@ -521,6 +567,8 @@ impl Agent {
                 writes = report.writes,
                 deletes = report.deletes,
                 elapsed_us = started.elapsed().as_micros() as u64,
+                read_us,
+                plan_us,
                 "datapath programmed"
             );
         }
@@ -608,9 +656,30 @@ mod tests {
     use std::time::Duration;
 
     use super::{
-        DEFAULT_SNAT_PORT_RANGE, EphemeralPorts, check_snat_ports, parse_go_duration,
-        parse_port_list,
+        DEFAULT_SNAT_PORT_RANGE, EphemeralPorts, SourceConfig, check_snat_ports, check_source,
+        parse_go_duration, parse_port_list,
     };
+
+    #[test]
+    fn sources_that_cannot_be_read_are_refused_with_the_flag_named() {
+        let dir = tempfile::tempdir().unwrap();
+        check_source(&SourceConfig::Manifests(dir.path().into())).unwrap();
+        let missing = check_source(&SourceConfig::Manifests("/nonexistent".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("--manifests /nonexistent"), "{missing}");
+        let file = dir.path().join("svc.yaml");
+        std::fs::write(&file, "kind: Service\n").unwrap();
+        assert!(check_source(&SourceConfig::Manifests(file.clone())).is_err());
+        let kubeconfig = check_source(&SourceConfig::Cluster {
+            kubeconfig: Some(dir.path().join("nope")),
+        })
+        .unwrap_err();
+        assert!(
+            format!("{kubeconfig:#}").contains("--kubeconfig"),
+            "{kubeconfig:#}"
+        );
+    }
 
     #[test]
     fn durations_parse_as_go_writes_them() {

@@ -247,3 +247,63 @@ fn a_thousand_services_with_ten_thousand_endpoints_sync_at_start_up() {
         .sum();
     assert_eq!(backends, 10_000);
 }
+
+#[test]
+fn skipped_objects_raise_warning_events_on_their_service() {
+    require_root!();
+    let c = ApiCluster::new([10, 244, 25], true);
+    let mut dns = service("kube-dns", "10.96.2.50");
+    dns["metadata"]["namespace"] = json!("kube-system");
+    // An older Service, in a namespace that sorts first, claiming DNS's cluster IP as an
+    // external IP; and one with a port the datapath cannot serve.
+    let mut evil = service("evil", "10.96.2.51");
+    evil["metadata"]["namespace"] = json!("aaa");
+    evil["spec"]["externalIPs"] = json!(["10.96.2.50"]);
+    let mut sctp = service("sctp", "10.96.2.52");
+    sctp["spec"]["ports"] = json!([{"name": "s", "port": 9, "protocol": "SCTP"}]);
+    c.api.apply_all(&[evil, dns, sctp]).unwrap();
+    c.agent().wait_for_backends("10.96.2.50:80", 0).unwrap();
+    let warning = |name: &str, reason: &str| {
+        c.api.events().unwrap().into_iter().find(|e| {
+            let regarding = e.get("regarding").or_else(|| e.get("involvedObject"));
+            regarding.is_some_and(|r| r["name"] == name && r["kind"] == "Service")
+                && e["type"] == "Warning"
+                && e["reason"] == reason
+        })
+    };
+    wait_until(Duration::from_secs(10), || {
+        warning("evil", "FrontendRefused").is_some()
+            && warning("sctp", "UnsupportedProtocol").is_some()
+    })
+    .map_err(|e| {
+        e.context(format!(
+            "events: {:?}\nagent log:\n{}",
+            c.api.events(),
+            c.agent().log_text()
+        ))
+    })
+    .unwrap();
+    let event = warning("evil", "FrontendRefused").unwrap();
+    assert_eq!(event["metadata"]["namespace"], "aaa", "{event}");
+    assert_eq!(event["regarding"]["namespace"], "aaa", "{event}");
+    let note = event["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("10.96.2.50") && note.contains("kube-system/kube-dns"),
+        "{event}"
+    );
+    // The frontend stays kube-dns's.
+    let services = c.agent().cli_json(&["services"]).unwrap();
+    let owner: Vec<&Value> = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["frontend"] == "10.96.2.50:80")
+        .map(|s| &s["service"])
+        .collect();
+    assert_eq!(owner, [&json!("kube-system/kube-dns")]);
+    // Rate-limited: the next full resyncs add no Event for the same problem.
+    let count = c.api.events().unwrap().len();
+    c.api.cut_watches().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(c.api.events().unwrap().len(), count);
+}

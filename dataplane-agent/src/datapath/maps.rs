@@ -131,8 +131,10 @@ impl PinnedMaps {
     pub fn id_limits(&self) -> (u32, u32) {
         let max = |name: &str| self.capacities.get(name).copied().unwrap_or(0);
         (
-            max(map_names::BACKEND_STATS).min(max(map_names::BACKENDS)),
-            max(map_names::SERVICE_STATS),
+            max(map_names::BACKEND_STATS)
+                .min(max(map_names::BACKENDS))
+                .min(max(map_names::SOCKET_BACKEND_STATS)),
+            max(map_names::SERVICE_STATS).min(max(map_names::SOCKET_SERVICE_STATS)),
         )
     }
 

@@ -47,7 +47,37 @@ struct ParsedFile {
     modified: Option<SystemTime>,
     len: u64,
     objects: Vec<Object>,
+    /// Each object's key and its last position in `objects` (a later copy in the same file
+    /// wins), so that finding an object costs the same in a 100,000-object `List` as in a
+    /// file of its own.
+    keys: HashMap<ObjectKey, usize>,
     skipped: Vec<Skipped>,
+}
+
+impl ParsedFile {
+    fn new(
+        modified: Option<SystemTime>,
+        len: u64,
+        objects: Vec<Object>,
+        skipped: Vec<Skipped>,
+    ) -> Self {
+        let keys = objects
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (o.key(), i))
+            .collect();
+        Self {
+            modified,
+            len,
+            objects,
+            keys,
+            skipped,
+        }
+    }
+
+    fn object(&self, key: &ObjectKey) -> Option<&Object> {
+        self.keys.get(key).map(|i| &self.objects[*i])
+    }
 }
 
 /// Keeps the parse of every file, so a change re-reads only the files that changed.
@@ -58,6 +88,8 @@ pub struct ManifestDir {
     /// Which files define each object. An object in several files is taken from the last
     /// file in path order, as if the files were applied in order.
     origins: BTreeSet<(ObjectKey, PathBuf)>,
+    /// Documents skipped (and logged) since [`ManifestDir::take_skipped`] last asked.
+    skipped: u64,
 }
 
 impl ManifestDir {
@@ -68,13 +100,18 @@ impl ManifestDir {
         }
     }
 
-    /// The file an object (`Kind namespace/name`) was read from.
-    pub fn origin(&self, object: &str) -> Option<&Path> {
-        self.winner(&ObjectKey::parse(object)?)
+    /// The file an object was read from.
+    pub fn origin(&self, object: &ObjectKey) -> Option<&Path> {
+        self.winner(object)
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// How many documents were skipped (each logged once) since the last call.
+    pub fn take_skipped(&mut self) -> u64 {
+        std::mem::take(&mut self.skipped)
     }
 
     /// Re-reads what changed in the whole tree and returns the objects of the whole
@@ -182,8 +219,7 @@ impl ManifestDir {
 
     fn forget(&mut self, path: &Path, touched: &mut BTreeSet<ObjectKey>) {
         if let Some(old) = self.files.remove(path) {
-            for object in &old.objects {
-                let key = object.key();
+            for key in old.keys.into_keys() {
                 self.origins.remove(&(key.clone(), path.to_path_buf()));
                 touched.insert(key);
             }
@@ -207,10 +243,10 @@ impl ManifestDir {
             for s in &parsed.skipped {
                 warn!(file = %s.file.display(), object = %s.object, reason = %s.reason, "skipping manifest document");
             }
-            for object in &parsed.objects {
-                let key = object.key();
+            self.skipped += parsed.skipped.len() as u64;
+            for key in parsed.keys.keys() {
                 self.origins.insert((key.clone(), path.clone()));
-                touched.insert(key);
+                touched.insert(key.clone());
             }
             self.files.insert(path, parsed);
         }
@@ -231,13 +267,9 @@ impl ManifestDir {
         touched
             .into_iter()
             .map(|key| {
-                let object = self.winner(&key).and_then(|path| {
-                    self.files[path]
-                        .objects
-                        .iter()
-                        .rev()
-                        .find(|o| o.key() == key)
-                });
+                let object = self
+                    .winner(&key)
+                    .and_then(|path| self.files[path].object(&key));
                 match object {
                     Some(object) => Delta::Apply(object.clone()),
                     None => Delta::Delete(key),
@@ -258,24 +290,19 @@ fn parse_file(path: &Path) -> ParsedFile {
     match read {
         Ok(meta) => {
             let (objects, skipped) = parse_documents(path, &text);
-            ParsedFile {
-                modified: meta.modified().ok(),
-                len: meta.len(),
-                objects,
-                skipped,
-            }
+            ParsedFile::new(meta.modified().ok(), meta.len(), objects, skipped)
         }
-        Err(e) => ParsedFile {
-            modified: None,
-            len: 0,
-            objects: vec![],
-            skipped: vec![Skipped {
+        Err(e) => ParsedFile::new(
+            None,
+            0,
+            vec![],
+            vec![Skipped {
                 file: path.into(),
                 object: "file".into(),
                 reason: format!("cannot read: {e}"),
                 unreadable: true,
             }],
-        },
+        ),
     }
 }
 
@@ -485,8 +512,29 @@ fn parse_document(file: &Path, position: &str, body: Body, out: &mut Parsed) {
     );
     let typed = match (header.api_version.as_str(), kind) {
         ("v1", "List") => {
-            for (i, item) in body.items().into_iter().enumerate() {
-                parse_document(file, &format!("{position}, item {}", i + 1), item, out);
+            let items: Vec<(usize, Body)> = body.items().into_iter().enumerate().collect();
+            let parse = |(i, item): (usize, Body), out: &mut Parsed| {
+                parse_document(file, &format!("{position}, item {}", i + 1), item, out)
+            };
+            if items.iter().all(|(_, item)| matches!(item, Body::Json(_))) {
+                // A whole cluster's objects in one file: its items are parsed in parallel,
+                // as the files of a directory are.
+                let parsed = crate::parallel::map(&items, |(i, item)| {
+                    let Body::Json(raw) = item else {
+                        unreachable!("checked above")
+                    };
+                    let mut one = Parsed::default();
+                    parse((*i, Body::Json(raw)), &mut one);
+                    one
+                });
+                for one in parsed {
+                    out.objects.extend(one.objects);
+                    out.skipped.extend(one.skipped);
+                }
+            } else {
+                for item in items {
+                    parse(item, out);
+                }
             }
             return;
         }
@@ -591,7 +639,7 @@ endpoints: [{addresses: [10.0.0.1]}]
             ["apply Service default/a", "apply Service default/b"]
         );
         assert_eq!(
-            dir.origin("Service default/a"),
+            dir.origin(&ObjectKey::parse("Service default/a").unwrap()),
             Some(sub.join("a.yaml").as_path())
         );
         // A file another one overrides changes: nothing to report.
@@ -607,7 +655,7 @@ endpoints: [{addresses: [10.0.0.1]}]
             ["apply Service default/a", "delete Service default/b"]
         );
         assert_eq!(
-            dir.origin("Service default/a"),
+            dir.origin(&ObjectKey::parse("Service default/a").unwrap()),
             Some(root.path().join("a.json").as_path())
         );
     }
@@ -691,6 +739,63 @@ endpoints: [{addresses: [10.0.0.1]}]
         // What the watcher reports: the swap, naming no manifest file.
         let deltas = dir.update([root.path().join("..data_tmp"), root.path().join("..data")]);
         assert_eq!(applied_ips(&deltas), ["10.96.0.2"]);
+    }
+
+    #[test]
+    fn problems_with_endpoint_slices_name_the_slices_file_and_their_service() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(
+            root.path().join("web.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.1, ports: [{name: http, port: 80}]}\n",
+        )
+        .unwrap();
+        let slices = root.path().join("slices.yaml");
+        std::fs::write(
+            &slices,
+            "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [not-an-ip]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: ['fd00::1']}]
+",
+        )
+        .unwrap();
+        let mut dir = ManifestDir::new(root.path());
+        let (objects, _) = dir.load("node-a").unwrap();
+        let plan = crate::plan::compute(&objects, &crate::plan::NodeContext::named("node-a"));
+        assert_eq!(plan.problems.len(), 2, "{:?}", plan.problems);
+        for problem in &plan.problems {
+            assert_eq!(problem.object.kind, crate::objects::Kind::EndpointSlice);
+            assert_eq!(problem.service, "default/web");
+            assert_eq!(
+                dir.origin(&problem.object),
+                Some(slices.as_path()),
+                "{problem}"
+            );
+        }
+    }
+
+    #[test]
+    fn skipped_documents_are_counted_once() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(
+            root.path().join("bad.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: 7}\n",
+        )
+        .unwrap();
+        let mut dir = ManifestDir::new(root.path());
+        dir.rescan().unwrap();
+        assert_eq!(dir.take_skipped(), 1);
+        dir.rescan().unwrap();
+        assert_eq!(dir.take_skipped(), 0, "an unchanged file is not read again");
     }
 
     #[test]

@@ -248,6 +248,8 @@ struct AgentCommand {
     /// The node's cgroup: `--cgroup-root`, so the socket hooks see only the node's processes.
     cgroup: Option<PathBuf>,
     log: PathBuf,
+    /// More `run` arguments.
+    extra: Vec<String>,
 }
 
 impl AgentCommand {
@@ -265,7 +267,8 @@ impl AgentCommand {
             .arg(&self.pod_glob)
             .arg("--bpffs-dir")
             .arg(&self.bpffs)
-            .args(["--socket-lb", socket_lb]);
+            .args(["--socket-lb", socket_lb])
+            .args(&self.extra);
         if let Some(cgroup) = &self.cgroup {
             command.arg("--cgroup-root").arg(cgroup);
         }
@@ -314,6 +317,11 @@ impl BenchAgent {
     }
 
     fn start(node: &BenchNode, binary: &Path) -> anyhow::Result<Self> {
+        Self::start_with(node, binary, &[])
+    }
+
+    /// [`Self::start`] with more `run` arguments.
+    fn start_with(node: &BenchNode, binary: &Path, extra: &[String]) -> anyhow::Result<Self> {
         let work = scratch_dir("dataplane-bench-");
         cleanup::dir(work.clone());
         let manifests = work.join("manifests");
@@ -329,6 +337,7 @@ impl BenchAgent {
             bpffs: bpffs.clone(),
             cgroup: node.node.netns.cgroup.as_ref().map(|c| c.path.clone()),
             log: log.clone(),
+            extra: extra.to_vec(),
         };
         let child = command.spawn("host")?;
         let pid = child.id();
@@ -394,6 +403,23 @@ impl BenchAgent {
         }
         let started = Instant::now();
         std::fs::rename(&stage, self.bulk_dir())?;
+        self.wait_in_maps(set, started)
+    }
+
+    /// As [`Self::appear`], the whole set in one `v1 List` file.
+    fn appear_as_list(&mut self, set: &[Service]) -> anyhow::Result<Duration> {
+        self.generation += 1;
+        let stage = self.work.join(format!("stage{}", self.generation));
+        std::fs::create_dir_all(&stage)?;
+        std::fs::write(stage.join("all.json"), services::list_manifest(set))?;
+        let started = Instant::now();
+        std::fs::rename(&stage, self.bulk_dir())?;
+        self.wait_in_maps(set, started)
+    }
+
+    /// Waits from `started` until the maps hold every service of `set` with all its
+    /// backends, then verifies them in full; returns the time until then.
+    fn wait_in_maps(&self, set: &[Service], started: Instant) -> anyhow::Result<Duration> {
         // Slot 0 is written after a frontend's slots and backends: once every frontend's
         // slot 0 counts all its backends, the maps hold everything. The check walks the
         // frontends in order and never re-checks one it has seen (they only appear).
@@ -1293,5 +1319,86 @@ pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
         latency_rows(report, settings.small, false, &results, &labels, settings);
     }
     drop(agent);
+    Ok(())
+}
+
+/// Section 7: the same large set given as one `v1 List` file (as `kubectl get -o json`
+/// writes a cluster's objects) and as one file per service, each to a fresh agent: time until
+/// every service is in the maps, and the agent's peak memory. The parse must cost the same
+/// however the objects are split into files.
+pub fn list_input(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
+    let n = settings.list_services;
+    let endpoints = settings.endpoints;
+    eprintln!(
+        "bench: section 7: {n} services x {endpoints} endpoints, one List file vs one file per service"
+    );
+    let node = BenchNode::new("ours", false)?;
+    let set: Vec<Service> = (0..n).map(|i| services::filler(i, endpoints)).collect();
+    // Maps and frontend limit sized for the set (the defaults fit 65,536 frontends and
+    // 131,072 backends).
+    let frontends = (n + 1).next_power_of_two().max(65_536);
+    let backends = (n * endpoints + 2).next_power_of_two().max(131_072);
+    let slots = (n * (endpoints + 1)).next_power_of_two().max(262_144);
+    let mut extra = vec!["--max-frontends".to_string(), frontends.to_string()];
+    for (map, size) in [
+        (map_names::SERVICES, slots),
+        (map_names::BACKENDS, backends),
+        (map_names::BACKEND_STATS, backends),
+        (map_names::SERVICE_STATS, frontends),
+        (map_names::SOCKET_BACKEND_STATS, backends),
+        (map_names::SOCKET_SERVICE_STATS, frontends),
+        (map_names::NAMES, frontends),
+    ] {
+        extra.push("--map-size".into());
+        extra.push(format!("{map}={size}"));
+    }
+    let measure = |one_list: bool| -> anyhow::Result<(f64, f64, Option<u64>)> {
+        let mut agent = BenchAgent::start_with(&node, &settings.agent_binary, &extra)?;
+        let took = if one_list {
+            agent.appear_as_list(&set)?
+        } else {
+            agent.appear(&set)?
+        };
+        let peak = agent.status_kb("VmHWM:").unwrap_or(f64::NAN) / 1024.0;
+        let sync_us = agent.last_sync_us();
+        eprintln!(
+            "bench: {}: {n} services in maps in {:.2} s, peak RSS {peak:.0} MB",
+            if one_list {
+                "one List file"
+            } else {
+                "one file per service"
+            },
+            took.as_secs_f64()
+        );
+        Ok((took.as_secs_f64(), peak, sync_us))
+    };
+    let (list_s, list_mb, list_sync) = measure(true)?;
+    let (files_s, files_mb, files_sync) = measure(false)?;
+    let label = label(n);
+    report.push(
+        Measurement::new(
+            "4 programming",
+            format!("{label} services x {endpoints} endpoints from one List file -> all in maps"),
+            "s",
+            list_s,
+        )
+        .baseline("one file per service", files_s)
+        .ratio_to("one file per service")
+        .goal("<= 3 s", |m| m.value.is_some_and(|v| v <= 3.0))
+        .note(format!(
+            "a fresh agent each: the set written as one JSON v1 List (every Service and EndpointSlice) or as one JSON file per service, renamed into the watched directory at once, timed until every frontend's slot 0 counts all its backends (then verified in full); agent-reported sync time (parse + plan + apply) {list_sync:?} us (List) and {files_sync:?} us (files); maps sized with --map-size and --max-frontends {frontends}"
+        )),
+    );
+    report.push(
+        Measurement::new(
+            "5 memory",
+            format!("agent peak RSS, {label} services x {endpoints} endpoints from one List file"),
+            "MB",
+            list_mb,
+        )
+        .baseline("one file per service", files_mb)
+        .goal("<= 400 MB", |m| m.value.is_some_and(|v| v <= 400.0))
+        .note("VmHWM of a fresh agent after the set appeared as one List file; baseline: the same from one file per service"),
+    );
     Ok(())
 }

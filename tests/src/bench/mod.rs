@@ -3,7 +3,9 @@
 //! 2. TCP connect latency, 3. iperf3 throughput, 4. programming time and 5. memory, in
 //!    network namespaces this bench creates (`cluster`), against kube-proxy's rule
 //!    structures (`services`) and direct pod traffic;
-//! 6. XDP: not used by the datapath yet, reported as not applicable.
+//! 6. XDP: not used by the datapath yet, reported as not applicable;
+//! 7. the large input as one `v1 List` file against one file per service (`cluster`):
+//!    programming time and agent memory (`--sections 7` runs it alone).
 //!
 //! Each figure is the median of several runs after a warm-up. Goals are reported, never
 //! asserted: the exit status only says whether every section could run.
@@ -46,6 +48,8 @@ pub struct Settings {
     pub changes: usize,
     pub iperf_seconds: u32,
     pub iperf_runs: usize,
+    /// Section 7: services in the one-List-file input.
+    pub list_services: usize,
     pub agent_binary: PathBuf,
     pub sections: Vec<u8>,
 }
@@ -69,8 +73,9 @@ impl Settings {
             changes: 200,
             iperf_seconds: 5,
             iperf_runs: 5,
+            list_services: 100_000,
             agent_binary,
-            sections: vec![1, 2, 3, 4, 5, 6],
+            sections: vec![1, 2, 3, 4, 5, 6, 7],
         }
     }
 
@@ -93,6 +98,7 @@ impl Settings {
             changes: 20,
             iperf_seconds: 1,
             iperf_runs: 1,
+            list_services: 10_000,
             ..Self::full(agent_binary)
         }
     }
@@ -216,25 +222,34 @@ fn run(settings: Settings, out: Option<PathBuf>) -> anyhow::Result<()> {
         if quick { "quick" } else { "full" }
     );
     let mut failed = Vec::new();
-    if settings.wants(1) {
-        if let Err(e) = packets::run(&settings, &mut report) {
-            eprintln!("bench: section 1 failed: {e:#}");
-            report.push(
-                Measurement::not_measured("1 per-packet", "section 1 failed", "")
-                    .note(format!("{e:#}")),
-            );
-            failed.push(1);
+    // Each part runs on its own: one that fails is reported as not measured, and the
+    // namespaces it made are torn down before the next.
+    type Part = fn(&Settings, &mut Report) -> anyhow::Result<()>;
+    let parts: [(&[u8], &'static str, &str, Part); 3] = [
+        (&[1], "1 per-packet", "section 1", packets::run),
+        (
+            &[2, 3, 4, 5],
+            "2-5 namespaces",
+            "sections 2-5",
+            cluster::run,
+        ),
+        (
+            &[7],
+            "4 programming",
+            "section 7 (one List file)",
+            cluster::list_input,
+        ),
+    ];
+    for (sections, row, what, part) in parts {
+        if !sections.iter().any(|s| settings.wants(*s)) {
+            continue;
         }
-        cleanup::teardown();
-    }
-    if [2, 3, 4, 5].iter().any(|s| settings.wants(*s)) {
-        if let Err(e) = cluster::run(&settings, &mut report) {
-            eprintln!("bench: sections 2-5 failed: {e:#}");
+        if let Err(e) = part(&settings, &mut report) {
+            eprintln!("bench: {what} failed: {e:#}");
             report.push(
-                Measurement::not_measured("2-5 namespaces", "sections 2-5 failed", "")
-                    .note(format!("{e:#}")),
+                Measurement::not_measured(row, format!("{what} failed"), "").note(format!("{e:#}")),
             );
-            failed.push(2);
+            failed.push(sections[0]);
         }
         cleanup::teardown();
     }
@@ -408,6 +423,7 @@ fn machine_info(settings: &Settings, report: &mut Report) {
             "endpoint_changes": settings.changes,
             "iperf_seconds": settings.iperf_seconds,
             "iperf_runs": settings.iperf_runs,
+            "list_services": settings.list_services,
         }),
     );
 }

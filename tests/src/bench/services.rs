@@ -63,41 +63,55 @@ pub fn filler(i: usize, endpoints: usize) -> Service {
 
 /// A Service and its EndpointSlice, as a JSON `v1 List` (one manifest file).
 pub fn manifest(s: &Service) -> String {
+    serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects(s)}).to_string()
+}
+
+/// Every Service and EndpointSlice of `set` in one JSON `v1 List`, as
+/// `kubectl get services,endpointslices -A -o json` writes a cluster's.
+pub fn list_manifest(set: &[Service]) -> String {
+    let mut out = String::from(r#"{"apiVersion":"v1","kind":"List","items":["#);
+    for (i, object) in set.iter().flat_map(objects).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&object.to_string());
+    }
+    out.push_str("]}");
+    out
+}
+
+/// A Service and its EndpointSlice.
+fn objects(s: &Service) -> [serde_json::Value; 2] {
     let endpoints: Vec<serde_json::Value> = s
         .endpoints
         .iter()
         .map(|ip| serde_json::json!({"addresses": [ip.to_string()], "conditions": {"ready": true}}))
         .collect();
-    serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "List",
-        "items": [
-            {
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {"name": s.name, "namespace": NAMESPACE},
-                "spec": {
-                    "type": "ClusterIP",
-                    "clusterIP": s.vip.to_string(),
-                    "clusterIPs": [s.vip.to_string()],
-                    "ports": [{"name": "http", "protocol": "TCP", "port": s.port, "targetPort": s.target_port}]
-                }
-            },
-            {
-                "apiVersion": "discovery.k8s.io/v1",
-                "kind": "EndpointSlice",
-                "metadata": {
-                    "name": format!("{}-bench", s.name),
-                    "namespace": NAMESPACE,
-                    "labels": {"kubernetes.io/service-name": s.name}
-                },
-                "addressType": "IPv4",
-                "ports": [{"name": "http", "protocol": "TCP", "port": s.target_port}],
-                "endpoints": endpoints
+    [
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": s.name, "namespace": NAMESPACE},
+            "spec": {
+                "type": "ClusterIP",
+                "clusterIP": s.vip.to_string(),
+                "clusterIPs": [s.vip.to_string()],
+                "ports": [{"name": "http", "protocol": "TCP", "port": s.port, "targetPort": s.target_port}]
             }
-        ]
-    })
-    .to_string()
+        }),
+        serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": format!("{}-bench", s.name),
+                "namespace": NAMESPACE,
+                "labels": {"kubernetes.io/service-name": s.name}
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "protocol": "TCP", "port": s.target_port}],
+            "endpoints": endpoints
+        }),
+    ]
 }
 
 /// kube-proxy's chain-name hash: 16 characters of base32 (here from FNV-1a, not SHA-256;
