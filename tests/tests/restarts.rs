@@ -585,20 +585,33 @@ fn an_agent_killed_in_a_bulk_sync_disturbs_no_connection_and_programs_it_after_r
     let log_before = bed.cluster.agents[0].log_text().len();
     let written = Instant::now();
     let written_at = utc_now();
-    bed.cluster.write_manifest("bulk.yaml", &bulk).unwrap();
-    // Caught as soon as the service map shows the sync's first writes, and frozen there
-    // (SIGSTOP): the maps stay half written while the load starts and runs into the kill.
     let services_map = bed.cluster.agents[0]
         .bpffs_dir
         .join(dataplane_common::map_names::SERVICES);
     let entries_before = pinned_entries(&services_map);
-    wait_until(Duration::from_secs(60), || {
-        pinned_entries(&services_map) > entries_before
-    })
-    .unwrap_or_else(|e| panic!("{case}: {e}: the bulk sync never started:\n{}", bed.logs()));
-    let pid = bed.cluster.agents[0].pid().unwrap();
+    let pid = bed.cluster.agents[0].pid().unwrap() as i32;
+    // The agent runs in slices of a few milliseconds, stopped (SIGSTOP) in between, until the
+    // service map shows the sync's first writes: it stays frozen there, half written, while
+    // the load starts and runs into the kill. (Polling a running agent can miss the write
+    // phase, a fraction of a second of a sync that mostly reads and plans.)
     // SAFETY: signalling the agent this test started.
-    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    bed.cluster.write_manifest("bulk.yaml", &bulk).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pinned_entries(&services_map) <= entries_before {
+        assert!(
+            Instant::now() < deadline,
+            "{case}: the bulk sync never started:\n{}",
+            bed.logs()
+        );
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        std::thread::sleep(Duration::from_millis(2));
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        // A stop takes effect once the agent is off the CPU; counting meanwhile is harmless.
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let frozen_after = written.elapsed();
     // Long enough to run through the kill, the restart and its sync of the bulk.
     let loads = bed.load(32.0);

@@ -192,10 +192,6 @@ fn host_clients_reach_cluster_ips_and_node_ports_and_see_the_service_address() {
     );
 }
 
-fn wait(what: &str, done: impl FnMut() -> bool) {
-    wait_until(Duration::from_secs(5), done).unwrap_or_else(|_| panic!("{what}"));
-}
-
 /// `sticky` (sessionAffinity ClientIP, on web-0 and web-1) and `empty` (no endpoints).
 fn sticky_and_empty(ips: &[Ipv4Addr]) -> String {
     let ready: Vec<_> = ips.iter().map(|ip| (*ip, READY)).collect();
@@ -455,7 +451,22 @@ fn socket_translations_are_forgotten_when_the_sockets_close() {
     assert_eq!(output(node.command("python3").args(["-c", &churn])), "done");
     let translated = socket_connections(agent, &format!("{CLUSTER_IP}:53"));
     assert!(translated >= 100_000, "only {translated} translated");
-    wait("dp_sock_v1 back to its baseline", || entries() <= baseline);
+    if wait_until(Duration::from_secs(10), || entries() <= baseline).is_err() {
+        let left: Vec<_> = agent
+            .cli_json(&["flows"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["source"] == "socket")
+            .take(20)
+            .cloned()
+            .collect();
+        panic!(
+            "dp_sock_v1 holds {} entries, {baseline} before; socket translations left: {left:#?}",
+            entries()
+        );
+    }
 }
 
 /// Flows `flows` shows from `client_ip`, by source (`packet` or `socket`).
