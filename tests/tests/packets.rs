@@ -20,7 +20,7 @@ use dataplane_agent::{
         maps::PinnedMaps,
         programmer::Programmer,
     },
-    frame::{IpFields, L4, checksum},
+    observe::frame::{IpFields, L4, checksum},
     plan::{Algorithm, Frontend, FrontendAddr, FrontendKind, Plan, Protocol},
 };
 use testbed::require_root;
@@ -42,7 +42,7 @@ const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 
 /// A fixture frame with the default IPv4 fields (TTL 64, id 0x1234).
 fn frame(macs: ([u8; 6], [u8; 6]), src: SocketAddrV4, dst: SocketAddrV4, l4: L4) -> Vec<u8> {
-    dataplane_agent::frame::frame(macs, src, dst, l4, IpFields::default())
+    dataplane_agent::observe::frame::frame(macs, src, dst, l4, IpFields::default())
 }
 
 fn ipv4_header(
@@ -54,7 +54,12 @@ fn ipv4_header(
     id: u16,
     flags: u8,
 ) -> Vec<u8> {
-    dataplane_agent::frame::ipv4_header(proto, total, (src, dst), IpFields { ttl, id, flags })
+    dataplane_agent::observe::frame::ipv4_header(
+        proto,
+        total,
+        (src, dst),
+        IpFields { ttl, id, flags },
+    )
 }
 
 fn sock(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
@@ -749,7 +754,7 @@ fn idle_conntrack_entries_are_collected_by_protocol_timeout() {
             .count()
     };
     assert_eq!(entries(), 4, "a forward and a reply entry per flow");
-    let now = dataplane_agent::inspect::monotonic_ns();
+    let now = dataplane_agent::observe::inspect::monotonic_ns();
     assert_eq!(programmer.collect_conntrack(now), 0, "nothing is idle yet");
     let hours = |h: u64| now + h * 3600 * 1_000_000_000;
     assert_eq!(
@@ -810,7 +815,7 @@ fn a_closed_tcp_flow_reopens_on_a_new_syn_and_goes_after_a_short_idle_time() {
     run(0x11); // FIN, ACK
     let closing = dataplane_common::CT_FLAG_CLOSING;
     assert_eq!(flags(), [closing, closing], "a FIN marks both entries");
-    let now = dataplane_agent::inspect::monotonic_ns();
+    let now = dataplane_agent::observe::inspect::monotonic_ns();
     assert_eq!(programmer.collect_conntrack(now), 0, "not idle yet");
     assert_eq!(
         programmer.collect_conntrack(now + 600 * 1_000_000_000),
@@ -1111,7 +1116,7 @@ fn a_flows_entries_expire_together_by_its_latest_packet() {
     run_pod_ingress(&mut datapath, &query(41000));
     run_pod_ingress(&mut datapath, &answer);
     // The server has been silent for 165 s; the client sent just now.
-    let now = dataplane_agent::inspect::monotonic_ns();
+    let now = dataplane_agent::observe::inspect::monotonic_ns();
     let seconds = |s: u64| s * 1_000_000_000;
     let maps = PinnedMaps::open(&pins.0).unwrap();
     let reply_key = dataplane_common::CtKey::new(
@@ -1143,7 +1148,7 @@ fn a_flows_entries_expire_together_by_its_latest_packet() {
 
     // A flow that never saw an answer goes after the shorter UDP timeout.
     run_pod_ingress(&mut datapath, &query(41001));
-    let now = dataplane_agent::inspect::monotonic_ns();
+    let now = dataplane_agent::observe::inspect::monotonic_ns();
     assert_eq!(programmer.collect_conntrack(now + seconds(29)), 0);
     assert_eq!(programmer.collect_conntrack(now + seconds(31)), 2);
 }
@@ -1275,7 +1280,7 @@ fn a_connection_closed_both_ways_goes_soon_and_a_half_closed_one_stays() {
     ] {
         assert_eq!(run_pod_ingress(&mut datapath, &frame).0, TC_ACT_OK);
     }
-    let now = dataplane_agent::inspect::monotonic_ns();
+    let now = dataplane_agent::observe::inspect::monotonic_ns();
     let seconds = |s: u64| now + s * 1_000_000_000;
     assert_eq!(
         programmer.collect_conntrack(seconds(60)),
@@ -1284,7 +1289,7 @@ fn a_connection_closed_both_ways_goes_soon_and_a_half_closed_one_stays() {
     );
     let backend_fin = segment(sock(BACKEND, 8080), client, 0x11);
     assert_eq!(run_pod_ingress(&mut datapath, &backend_fin).0, TC_ACT_OK);
-    let now = dataplane_agent::inspect::monotonic_ns();
+    let now = dataplane_agent::observe::inspect::monotonic_ns();
     assert_eq!(
         programmer.collect_conntrack(now + 11 * 1_000_000_000),
         2,
