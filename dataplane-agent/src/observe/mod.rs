@@ -3,6 +3,7 @@
 //! agent is stopped) and `trace` (with the frames it runs through the live program).
 pub mod frame;
 pub mod health;
+pub mod http;
 pub mod inspect;
 pub mod metrics;
 pub mod trace;
