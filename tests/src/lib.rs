@@ -962,6 +962,24 @@ pub fn http_requests(client: &Netns, url: &str, count: usize) -> Vec<Result<Stri
     }
 }
 
+/// Which backend answered each of [`http_requests`]' answers ("<pod> <peer-ip>:<peer-port>"):
+/// backend name -> count, and the client addresses the backends saw.
+pub fn tally(
+    answers: &[Result<String, String>],
+) -> (std::collections::BTreeMap<String, usize>, Vec<String>) {
+    let mut by_backend = std::collections::BTreeMap::new();
+    let mut peers = Vec::new();
+    for answer in answers {
+        let line = answer.as_ref().expect("request failed");
+        let mut parts = line.split_whitespace();
+        *by_backend
+            .entry(parts.next().unwrap().to_string())
+            .or_default() += 1;
+        peers.push(parts.next().unwrap().split(':').next().unwrap().to_string());
+    }
+    (by_backend, peers)
+}
+
 /// Sends one UDP datagram from `client` and returns the answer, using a fixed source port
 /// when given (to stay on one conntrack entry).
 pub fn udp_request(

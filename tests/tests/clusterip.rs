@@ -1,7 +1,6 @@
 //! ClusterIP end to end: real pods (namespaces), real servers and clients, the real agent
 //! and datapath. Run as root; skipped (with a message) otherwise.
 use std::{
-    collections::BTreeMap,
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
@@ -9,7 +8,7 @@ use std::{
 use testbed::{
     Agent, Node, Wiring, http_requests,
     manifests::{DNS, HTTP, service},
-    require_root, udp_request, wait_until,
+    require_root, tally, udp_request, wait_until,
 };
 
 const VIP: &str = "10.96.0.10";
@@ -88,21 +87,6 @@ impl Drop for HeldConnection {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Which backend answered each request ("web-N"), and the client addresses they saw.
-fn tally(answers: &[Result<String, String>]) -> (BTreeMap<String, usize>, Vec<String>) {
-    let mut by_backend = BTreeMap::new();
-    let mut peers = Vec::new();
-    for answer in answers {
-        let line = answer.as_ref().expect("request failed");
-        let mut parts = line.split_whitespace();
-        *by_backend
-            .entry(parts.next().unwrap().to_string())
-            .or_default() += 1;
-        peers.push(parts.next().unwrap().split(':').next().unwrap().to_string());
-    }
-    (by_backend, peers)
 }
 
 fn spreads_over_every_backend(wiring: Wiring, subnet: [u8; 3], requests: usize) {

@@ -2,12 +2,12 @@
 //! external IPs with both external traffic policies, health check node ports, session
 //! affinity, source ranges, internal traffic policy, topology hints, and bad input. Real
 //! agents, servers and clients in namespaces; run as root (skipped otherwise).
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+use std::{net::Ipv4Addr, time::Duration};
 
 use testbed::{
     Netns, http_requests,
     multinode::{MultiNode, underlay_ip},
-    require_root, udp_request, wait_until,
+    require_root, tally, udp_request, wait_until,
 };
 
 const NODE_A: &str = "192.0.2.11";
@@ -119,21 +119,6 @@ fn apply(
 ) {
     c.write_manifest(file, &service(name, cluster_ip, spec, status, endpoints))
         .unwrap();
-}
-
-/// Backend name -> count, and the peer addresses the backends saw.
-fn tally(answers: &[Result<String, String>]) -> (BTreeMap<String, usize>, Vec<String>) {
-    let mut by_backend = BTreeMap::new();
-    let mut peers = Vec::new();
-    for answer in answers {
-        let line = answer.as_ref().expect("request failed");
-        let mut parts = line.split_whitespace();
-        *by_backend
-            .entry(parts.next().unwrap().to_string())
-            .or_default() += 1;
-        peers.push(parts.next().unwrap().split(':').next().unwrap().to_string());
-    }
-    (by_backend, peers)
 }
 
 /// One HTTP GET with a short timeout: ("ok" body | "refused" | "timeout").
