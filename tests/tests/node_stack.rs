@@ -8,7 +8,7 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use testbed::{
     Agent, AgentOptions, LineConnection, Netns, Node, Wiring,
-    manifests::{DNS, HTTP, service},
+    manifests::{DNS, HTTP, NodeEndpoint, service, service_on_nodes},
     multinode::{ClusterOptions, MultiNode, Overlay, underlay_ip},
     require_root, udp_request,
 };
@@ -42,37 +42,16 @@ fn service_yaml(
             )
         })
         .collect();
-    let slice_ports: String = ports
+    let slice_ports: Vec<(&str, &str, u16)> = ports
         .iter()
-        .map(|(n, proto, _, target, _)| {
-            format!("  - {{name: {n}, protocol: {proto}, port: {target}}}\n")
-        })
+        .map(|(n, proto, _, target, _)| (*n, *proto, *target))
         .collect();
-    let endpoints = if endpoints.is_empty() {
-        "endpoints: []\n".to_string()
-    } else {
-        let list: String = endpoints
-            .iter()
-            .map(|(ip, node)| format!("  - {{addresses: [\"{ip}\"], nodeName: {node}}}\n"))
-            .collect();
-        format!("endpoints:\n{list}")
-    };
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default}}
-spec:
-  clusterIP: {cluster_ip}
-{spec_extra}
-  ports:
-{service_ports}---
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
-addressType: IPv4
-ports:
-{slice_ports}{endpoints}"
-    )
+    let endpoints: Vec<NodeEndpoint> = endpoints
+        .iter()
+        .map(|(ip, node)| (*ip, *node, None))
+        .collect();
+    let spec = format!("{spec_extra}\n  ports:\n{service_ports}");
+    service_on_nodes(name, cluster_ip, &spec, "", &slice_ports, &endpoints)
 }
 
 /// What each step of a test found: every step runs, and the test fails at the end listing

@@ -6,6 +6,7 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use testbed::{
     Netns, http_requests,
+    manifests::{NodeEndpoint, service_on_nodes},
     multinode::{MultiNode, underlay_ip},
     require_root, tally, udp_request, wait_until,
 };
@@ -14,44 +15,23 @@ const NODE_A: &str = "192.0.2.11";
 const NODE_B: &str = "192.0.2.12";
 const CLIENT: &str = "192.0.2.100";
 
-/// A service of `kind` with an HTTP (TCP 80 -> 8080) and a DNS (UDP 53 -> 5353) port, and
-/// one EndpointSlice with `endpoints` as (address, node, zone hint).
+/// A service with an HTTP (TCP 80 -> 8080) and a DNS (UDP 53 -> 5353) port (`spec_extra`
+/// names them), and one EndpointSlice with `endpoints` as (address, node, zone hint).
 fn service(
     name: &str,
     cluster_ip: &str,
     spec_extra: &str,
     status: &str,
-    endpoints: &[(Ipv4Addr, &str, Option<&str>)],
+    endpoints: &[Endpoint],
 ) -> String {
-    let endpoints: String = endpoints
-        .iter()
-        .map(|(ip, node, hint)| {
-            let hints = hint
-                .map(|z| format!(", hints: {{forZones: [{{name: {z}}}]}}"))
-                .unwrap_or_default();
-            format!("- {{addresses: [\"{ip}\"], nodeName: {node}{hints}}}\n")
-        })
-        .collect();
-    let endpoints = if endpoints.is_empty() {
-        "endpoints: []\n".to_string()
-    } else {
-        format!("endpoints:\n{endpoints}")
-    };
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default}}
-spec:
-  clusterIP: {cluster_ip}
-{spec_extra}
-status: {{{status}}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
-addressType: IPv4
-ports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]
-{endpoints}"
+    let slice_ports = [("http", "TCP", 8080), ("dns", "UDP", 5353)];
+    service_on_nodes(
+        name,
+        cluster_ip,
+        spec_extra,
+        status,
+        &slice_ports,
+        endpoints,
     )
 }
 
@@ -79,7 +59,7 @@ fn ip_of(cluster: &mut MultiNode, pod: &str) -> Ipv4Addr {
     cluster.pod(pod).ip
 }
 
-type Endpoint = (Ipv4Addr, &'static str, Option<&'static str>);
+type Endpoint = NodeEndpoint<'static>;
 
 /// `cluster` with no extra pods, and a1 and b1 as endpoints on their nodes.
 fn cluster_with_endpoints(clients: usize) -> (MultiNode, [Endpoint; 2]) {
@@ -557,18 +537,17 @@ fn bad_external_settings_are_reported_and_skipped() {
 #[test]
 fn icmp_errors_about_node_port_flows_reach_the_external_client() {
     require_root!();
-    let mut c = cluster([&[], &[]], 1);
-    let a1 = ip_of(&mut c, "a1");
+    let (c, eps) = cluster_with_endpoints(1);
     // The slice's UDP port is one nothing listens on: a1 answers ICMP port unreachable to the
     // node's SNAT address; the client must get it about the node port it used.
-    let manifest = service(
+    let manifest = service_on_nodes(
         "closed",
         "10.96.1.30",
         &node_port(30092, 30062),
         "",
-        &[(a1, "node-a", None)],
-    )
-    .replace("port: 5353, protocol: UDP", "port: 5999, protocol: UDP");
+        &[("http", "TCP", 8080), ("dns", "UDP", 5999)],
+        &eps[..1],
+    );
     c.write_manifest("closed.yaml", &manifest).unwrap();
     wait_backends(&c, 0, "192.0.2.11:30062", 1);
     let probe = r#"
