@@ -379,15 +379,19 @@ fn internal_traffic_policy_local_and_zone_hints_keep_pod_traffic_close() {
     let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
     let both = [(a1, "node-a", None), (b1, "node-b", None)];
     let ports = "  ports: [{name: http, port: 80, targetPort: 8080}, {name: dns, port: 53, targetPort: 5353, protocol: UDP}]";
-    apply(
-        &c,
-        "itp.yaml",
-        "itp",
-        "10.96.1.15",
-        &format!("  internalTrafficPolicy: Local\n{ports}"),
-        "",
-        &both,
-    );
+    let itp_spec = format!("  internalTrafficPolicy: Local\n{ports}");
+    let itp = |endpoints: &[Endpoint]| {
+        apply(
+            &c,
+            "itp.yaml",
+            "itp",
+            "10.96.1.15",
+            &itp_spec,
+            "",
+            endpoints,
+        )
+    };
+    itp(&both);
     let hinted = [
         (a1, "node-a", Some("zone-a")),
         (b1, "node-b", Some("zone-b")),
@@ -447,15 +451,7 @@ fn internal_traffic_policy_local_and_zone_hints_keep_pod_traffic_close() {
     );
 
     // internalTrafficPolicy Local with no endpoint on the node: dropped, not refused.
-    apply(
-        &c,
-        "itp.yaml",
-        "itp",
-        "10.96.1.15",
-        &format!("  internalTrafficPolicy: Local\n{ports}"),
-        "",
-        &both[..1],
-    );
+    itp(&both[..1]);
     wait_backends(&c, 1, "10.96.1.15:80", 0);
     let client_b = &c.nodes[1].node.pods[ib].netns;
     assert_eq!(probe(client_b, "http://10.96.1.15/"), "timeout");
