@@ -97,6 +97,14 @@ fn api_error(result: Result<impl std::fmt::Debug, kube::Error>) -> Box<kube::cor
     }
 }
 
+/// A fake API server holding the Services `names` (no labels) in `default`.
+fn server_with_services(names: &[&str]) -> FakeApiServer {
+    let server = FakeApiServer::start().unwrap();
+    let services: Vec<Value> = names.iter().map(|n| service("default", n, &[])).collect();
+    server.apply_all(&services).unwrap();
+    server
+}
+
 fn count(stats: &Value, resource: &str, kind: &str) -> u64 {
     stats["resources"][resource][kind].as_u64().unwrap_or(0)
 }
@@ -620,10 +628,7 @@ async fn watcher_resumes_after_cut_watches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watcher_relists_after_compaction() {
-    let server = FakeApiServer::start().unwrap();
-    server
-        .apply_all(&[service("default", "a", &[]), service("default", "b", &[])])
-        .unwrap();
+    let server = server_with_services(&["a", "b"]);
     let client = client(&server).await;
     let (store, writer) = reflector::store::<Service>();
     let mut events = drive(reflector::reflector(
@@ -670,10 +675,7 @@ async fn watcher_relists_after_compaction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watcher_recovers_when_the_server_comes_back() {
-    let server = FakeApiServer::start().unwrap();
-    server
-        .apply_all(&[service("default", "a", &[]), service("default", "b", &[])])
-        .unwrap();
+    let server = server_with_services(&["a", "b"]);
     let client = client(&server).await;
     let (store, writer) = reflector::store::<Service>();
     let stream = reflector::reflector(
@@ -734,10 +736,7 @@ async fn watcher_recovers_when_the_server_comes_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_list_watcher() {
-    let server = FakeApiServer::start().unwrap();
-    server
-        .apply_all(&[service("default", "a", &[]), service("default", "b", &[])])
-        .unwrap();
+    let server = server_with_services(&["a", "b"]);
     let client = client(&server).await;
     let mut events = drive(watcher(
         Api::<Service>::all(client),
