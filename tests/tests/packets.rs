@@ -498,16 +498,21 @@ fn plan_of(frontends: Vec<Frontend>) -> Plan {
     }
 }
 
+/// The `web` service's TCP port: 80 to BACKEND:8080.
+fn web_tcp() -> Frontend {
+    frontend(
+        "default/web",
+        VIP,
+        80,
+        Protocol::Tcp,
+        &[sock(BACKEND, 8080)],
+    )
+}
+
 /// The `web` service: TCP 80 to BACKEND:8080, UDP 53 to BACKEND:5353.
 fn web_frontends() -> [Frontend; 2] {
     [
-        frontend(
-            "default/web",
-            VIP,
-            80,
-            Protocol::Tcp,
-            &[sock(BACKEND, 8080)],
-        ),
+        web_tcp(),
         frontend(
             "default/web",
             VIP,
@@ -562,6 +567,13 @@ fn load(prefix: &str, sizes: &MapSizes) -> (Pins, LoadedDatapath, Programmer) {
     ));
     let datapath = LoadedDatapath::load(&pins.0, sizes).unwrap();
     let programmer = Programmer::restore(PinnedMaps::open(&pins.0).unwrap()).unwrap();
+    (pins, datapath, programmer)
+}
+
+/// [`load`] with the default map sizes, and `frontends` programmed.
+fn load_serving(prefix: &str, frontends: Vec<Frontend>) -> (Pins, LoadedDatapath, Programmer) {
+    let (pins, datapath, mut programmer) = load(prefix, &Default::default());
+    assert!(programmer.apply(&plan_of(frontends)).failures.is_empty());
     (pins, datapath, programmer)
 }
 
@@ -728,9 +740,7 @@ fn a_full_map_skips_what_does_not_fit_and_keeps_the_rest_working() {
 #[test]
 fn idle_conntrack_entries_are_collected_by_protocol_timeout() {
     require_root!();
-    let (pins, mut datapath, mut programmer) = load("dpgc", &Default::default());
-    let plan = plan_of(web_frontends().into());
-    assert!(programmer.apply(&plan).failures.is_empty());
+    let (pins, mut datapath, mut programmer) = load_serving("dpgc", web_frontends().into());
     let run = |datapath: &mut LoadedDatapath, frame: Vec<u8>| run_pod_ingress(datapath, &frame);
     run(&mut datapath, syn_to(VIP, 40500));
     run(
@@ -773,15 +783,7 @@ fn idle_conntrack_entries_are_collected_by_protocol_timeout() {
 #[test]
 fn a_closed_tcp_flow_reopens_on_a_new_syn_and_goes_after_a_short_idle_time() {
     require_root!();
-    let (pins, mut datapath, mut programmer) = load("dpfin", &Default::default());
-    let plan = plan_of(vec![frontend(
-        "default/web",
-        VIP,
-        80,
-        Protocol::Tcp,
-        &[sock(BACKEND, 8080)],
-    )]);
-    assert!(programmer.apply(&plan).failures.is_empty());
+    let (pins, mut datapath, mut programmer) = load_serving("dpfin", vec![web_tcp()]);
     let mut run = |flags: u8| {
         let input = frame(
             TO_NODE,
@@ -1251,15 +1253,7 @@ fn a_burst_of_udp_flows_does_not_evict_tcp_connections() {
 #[test]
 fn a_connection_closed_both_ways_goes_soon_and_a_half_closed_one_stays() {
     require_root!();
-    let (_pins, mut datapath, mut programmer) = load("dpfin2", &Default::default());
-    let plan = plan_of(vec![frontend(
-        "default/web",
-        VIP,
-        80,
-        Protocol::Tcp,
-        &[sock(BACKEND, 8080)],
-    )]);
-    assert!(programmer.apply(&plan).failures.is_empty());
+    let (_pins, mut datapath, mut programmer) = load_serving("dpfin2", vec![web_tcp()]);
     let segment = |from, to, flags| {
         frame(
             TO_NODE,
