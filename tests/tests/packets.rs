@@ -560,19 +560,21 @@ fn ip(args: &[&str]) {
 /// The datapath loaded under pins of its own (removed when `Pins` drops, which a tuple
 /// binding does last), and the agent's programmer on its maps; the test's thread in a
 /// network namespace of its own.
-fn load(prefix: &str, sizes: &MapSizes) -> (Pins, LoadedDatapath, Programmer) {
+/// `sizes`: (map name, entries) for the maps not at their default size.
+fn load(prefix: &str, sizes: &[(&str, u32)]) -> (Pins, LoadedDatapath, Programmer) {
+    let sizes: MapSizes = sizes.iter().map(|(m, n)| (m.to_string(), *n)).collect();
     isolate_network();
     let pins = Pins(BpffsLayout::new(
         std::path::Path::new("/sys/fs/bpf").join(testbed::unique(prefix)),
     ));
-    let datapath = LoadedDatapath::load(&pins.0, sizes).unwrap();
+    let datapath = LoadedDatapath::load(&pins.0, &sizes).unwrap();
     let programmer = Programmer::restore(PinnedMaps::open(&pins.0).unwrap()).unwrap();
     (pins, datapath, programmer)
 }
 
 /// [`load`] with the default map sizes, and `frontends` programmed.
 fn load_serving(prefix: &str, frontends: Vec<Frontend>) -> (Pins, LoadedDatapath, Programmer) {
-    let (pins, datapath, mut programmer) = load(prefix, &Default::default());
+    let (pins, datapath, mut programmer) = load(prefix, &[]);
     assert!(programmer.apply(&plan_of(frontends)).failures.is_empty());
     (pins, datapath, programmer)
 }
@@ -600,7 +602,7 @@ fn run_program(datapath: &mut LoadedDatapath, program: &str, input: &[u8]) -> (u
 #[test]
 fn packet_fixtures_through_bpf_prog_test_run() {
     require_root!();
-    let (_pins, mut datapath, mut programmer) = load("dpfix", &Default::default());
+    let (_pins, mut datapath, mut programmer) = load("dpfix", &[]);
     let plan = plan_of(
         web_frontends()
             .into_iter()
@@ -668,12 +670,13 @@ fn destination_of(
 #[test]
 fn a_full_map_skips_what_does_not_fit_and_keeps_the_rest_working() {
     require_root!();
-    let sizes = [
-        (dataplane_common::map_names::SERVICES.to_string(), 8),
-        (dataplane_common::map_names::BACKENDS.to_string(), 5),
-    ]
-    .into();
-    let (_pins, mut datapath, mut programmer) = load("dpfull", &sizes);
+    let (_pins, mut datapath, mut programmer) = load(
+        "dpfull",
+        &[
+            (dataplane_common::map_names::SERVICES, 8),
+            (dataplane_common::map_names::BACKENDS, 5),
+        ],
+    );
     let vip = |n| Ipv4Addr::new(10, 96, 1, n);
     let backend = |n| sock(Ipv4Addr::new(10, 0, 0, n), 8080);
     let fe =
@@ -891,7 +894,7 @@ fn udp_fragments(
 #[test]
 fn translated_packets_are_forwarded_by_the_fib_or_answered_as_a_router() {
     require_root!();
-    let (_pins, mut datapath, mut programmer) = load("dpfwd", &Default::default());
+    let (_pins, mut datapath, mut programmer) = load("dpfwd", &[]);
     // Backends behind an interface with a small MTU; forwarding on.
     ip(&[
         "link", "add", "fwd0", "mtu", "1280", "type", "veth", "peer", "name", "fwd1",
@@ -992,7 +995,7 @@ fn translated_packets_are_forwarded_by_the_fib_or_answered_as_a_router() {
 #[test]
 fn external_frontends_open_flows_only_for_new_connections_with_ports_from_the_snat_range() {
     require_root!();
-    let (pins, mut datapath, mut programmer) = load("dpext", &Default::default());
+    let (pins, mut datapath, mut programmer) = load("dpext", &[]);
     let node_port = |port, protocol, backend| Frontend {
         kind: FrontendKind::NodePort,
         algorithm: Algorithm::Maglev,
@@ -1088,7 +1091,7 @@ fn external_frontends_open_flows_only_for_new_connections_with_ports_from_the_sn
 #[test]
 fn a_flows_entries_expire_together_by_its_latest_packet() {
     require_root!();
-    let (pins, mut datapath, mut programmer) = load("dpct", &Default::default());
+    let (pins, mut datapath, mut programmer) = load("dpct", &[]);
     assert!(
         programmer
             .apply(&plan_of(web_frontends().into()))
@@ -1161,7 +1164,7 @@ fn a_flows_entries_expire_together_by_its_latest_packet() {
 #[test]
 fn session_affinity_forgets_a_backend_that_left_the_service() {
     require_root!();
-    let (_pins, mut datapath, mut programmer) = load("dpaff", &Default::default());
+    let (_pins, mut datapath, mut programmer) = load("dpaff", &[]);
     let backends = [sock(BACKEND, 8080), sock(Ipv4Addr::new(10, 0, 0, 3), 8080)];
     let with = |backends: &[SocketAddrV4], retained: &[SocketAddrV4]| {
         plan_of(vec![Frontend {
@@ -1201,12 +1204,13 @@ fn session_affinity_forgets_a_backend_that_left_the_service() {
 #[test]
 fn a_burst_of_udp_flows_does_not_evict_tcp_connections() {
     require_root!();
-    let sizes = [
-        (dataplane_common::map_names::CONNTRACK_TCP.to_string(), 64),
-        (dataplane_common::map_names::CONNTRACK_ANY.to_string(), 64),
-    ]
-    .into();
-    let (pins, mut datapath, mut programmer) = load("dpctsplit", &sizes);
+    let (pins, mut datapath, mut programmer) = load(
+        "dpctsplit",
+        &[
+            (dataplane_common::map_names::CONNTRACK_TCP, 64),
+            (dataplane_common::map_names::CONNTRACK_ANY, 64),
+        ],
+    );
     assert!(
         programmer
             .apply(&plan_of(web_frontends().into()))
