@@ -715,8 +715,8 @@ impl KubeProxy {
                     _ => "iptables-nft",
                 };
                 if noflush {
-                    for args in services::IPTABLES_SETUP {
-                        self.run(node, iptables, args)?;
+                    for args in services::iptables_setup() {
+                        self.run(node, iptables, &args)?;
                     }
                 }
                 if !file.exists() {

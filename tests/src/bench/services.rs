@@ -131,82 +131,73 @@ fn chain_hash(text: &str) -> String {
 /// The nat and filter chains kube-proxy's iptables mode hooks into the built-in chains. It
 /// creates them and the jumps with single `iptables` calls before its first restore; the
 /// bench does the same, outside the timed restore.
-pub const IPTABLES_SETUP: &[&[&str]] = &[
-    &["-t", "nat", "-N", "KUBE-SERVICES"],
-    &["-t", "nat", "-N", "KUBE-POSTROUTING"],
-    &[
-        "-t",
-        "nat",
-        "-I",
-        "PREROUTING",
-        "-m",
-        "comment",
-        "--comment",
-        "kubernetes service portals",
-        "-j",
-        "KUBE-SERVICES",
-    ],
-    &[
-        "-t",
-        "nat",
-        "-I",
-        "OUTPUT",
-        "-m",
-        "comment",
-        "--comment",
-        "kubernetes service portals",
-        "-j",
-        "KUBE-SERVICES",
-    ],
-    &[
-        "-t",
-        "nat",
-        "-I",
-        "POSTROUTING",
-        "-m",
-        "comment",
-        "--comment",
-        "kubernetes postrouting rules",
-        "-j",
-        "KUBE-POSTROUTING",
-    ],
-    &["-t", "filter", "-N", "KUBE-SERVICES"],
-    &["-t", "filter", "-N", "KUBE-FORWARD"],
-    &[
-        "-t",
-        "filter",
-        "-I",
-        "FORWARD",
-        "-m",
-        "conntrack",
-        "--ctstate",
-        "NEW",
-        "-m",
-        "comment",
-        "--comment",
-        "kubernetes service portals",
-        "-j",
-        "KUBE-SERVICES",
-    ],
-    &[
-        "-t",
-        "filter",
-        "-I",
-        "FORWARD",
-        "-m",
-        "comment",
-        "--comment",
-        "kubernetes forwarding rules",
-        "-j",
-        "KUBE-FORWARD",
-    ],
-];
+pub fn iptables_setup() -> Vec<Vec<&'static str>> {
+    type Jump = (
+        &'static str,
+        &'static [&'static str],
+        &'static str,
+        &'static str,
+    );
+    // (table, chains it creates, jumps as (built-in chain, matches, comment, target)).
+    let tables: [(&str, [&str; 2], &[Jump]); 2] = [
+        (
+            "nat",
+            ["KUBE-SERVICES", "KUBE-POSTROUTING"],
+            &[
+                (
+                    "PREROUTING",
+                    &[],
+                    "kubernetes service portals",
+                    "KUBE-SERVICES",
+                ),
+                ("OUTPUT", &[], "kubernetes service portals", "KUBE-SERVICES"),
+                (
+                    "POSTROUTING",
+                    &[],
+                    "kubernetes postrouting rules",
+                    "KUBE-POSTROUTING",
+                ),
+            ],
+        ),
+        (
+            "filter",
+            ["KUBE-SERVICES", "KUBE-FORWARD"],
+            &[
+                (
+                    "FORWARD",
+                    &["-m", "conntrack", "--ctstate", "NEW"],
+                    "kubernetes service portals",
+                    "KUBE-SERVICES",
+                ),
+                (
+                    "FORWARD",
+                    &[],
+                    "kubernetes forwarding rules",
+                    "KUBE-FORWARD",
+                ),
+            ],
+        ),
+    ];
+    let mut commands = vec![];
+    for (table, chains, jumps) in tables {
+        for chain in chains {
+            commands.push(vec!["-t", table, "-N", chain]);
+        }
+        for (builtin, matches, comment, target) in jumps {
+            let mut command = vec!["-t", table, "-I", builtin];
+            command.extend(*matches);
+            command.extend(["-m", "comment", "--comment", comment, "-j", target]);
+            commands.push(command);
+        }
+    }
+    commands
+}
 
 /// The iptables-restore input for `set`, in kube-proxy's iptables-mode structure:
 /// KUBE-SERVICES -> KUBE-SVC-* -> KUBE-SEP-* with `statistic --mode random` and DNAT.
 /// `full`: a complete table (built-in chains and their jumps included) for a restore without
 /// `--noflush`; else what kube-proxy itself writes for `--noflush`, after creating the jumps
-/// with single commands (`IPTABLES_SETUP`).
+/// with single commands ([`iptables_setup`]).
 pub fn iptables_restore(set: &[Service], full: bool) -> String {
     let mut chains = String::new();
     let mut rules = String::new();
