@@ -97,6 +97,17 @@ impl Bed {
         );
     }
 
+    /// Publishes `endpoints` and waits until the ready ones are the line port's backends.
+    fn publish_and_wait(&self, endpoints: &[(Ipv4Addr, Conditions)]) {
+        self.publish(endpoints);
+        let ready: Vec<Ipv4Addr> = endpoints
+            .iter()
+            .filter(|(_, c)| c.ready)
+            .map(|(ip, _)| *ip)
+            .collect();
+        self.wait_for_lines(&ready);
+    }
+
     fn hold(&self) -> LineConnection {
         LineConnection::open(self.client(), &format!("{VIP}:{}", LINES.port), None).unwrap()
     }
@@ -105,12 +116,10 @@ impl Bed {
     /// published ready beside it.
     fn hold_on_web0_with_web1_ready(&self) -> LineConnection {
         let (w0, w1) = (self.ip(0), self.ip(1));
-        self.publish(&[(w0, READY)]);
-        self.wait_for_lines(&[w0]);
+        self.publish_and_wait(&[(w0, READY)]);
         let mut held = self.hold();
         assert_answers(&mut held, "web-0", "before any change");
-        self.publish(&[(w0, READY), (w1, READY)]);
-        self.wait_for_lines(&[w0, w1]);
+        self.publish_and_wait(&[(w0, READY), (w1, READY)]);
         held
     }
 }
@@ -149,8 +158,7 @@ fn a_terminating_endpoint_keeps_its_held_connection_and_gets_no_new_ones() {
     assert_answers(&mut held, "web-0", "with web-1 added");
 
     // A rolling update's first step: web-0 is being deleted and drains, web-1 is ready.
-    bed.publish(&[(w0, TERMINATING), (w1, READY)]);
-    bed.wait_for_lines(&[w1]);
+    bed.publish_and_wait(&[(w0, TERMINATING), (w1, READY)]);
     for i in 0..5 {
         assert_answers(
             &mut held,
@@ -180,22 +188,18 @@ fn a_backend_flapping_not_ready_and_back_keeps_its_held_connection() {
 
     // A short blip, nothing sent meanwhile: a failing readiness probe (ready false, not
     // serving, same address), then passing again.
-    bed.publish(&[(w0, NOT_READY), (w1, READY)]);
-    bed.wait_for_lines(&[w1]);
-    bed.publish(&[(w0, READY), (w1, READY)]);
-    bed.wait_for_lines(&[w0, w1]);
+    bed.publish_and_wait(&[(w0, NOT_READY), (w1, READY)]);
+    bed.publish_and_wait(&[(w0, READY), (w1, READY)]);
     assert_answers(&mut held, "web-0", "after a quiet flap");
     // Longer ones, with the connection in use while web-0 is not ready.
     for round in 0..3 {
-        bed.publish(&[(w0, NOT_READY), (w1, READY)]);
-        bed.wait_for_lines(&[w1]);
+        bed.publish_and_wait(&[(w0, NOT_READY), (w1, READY)]);
         assert_answers(
             &mut held,
             "web-0",
             &format!("round {round}, web-0 not ready"),
         );
-        bed.publish(&[(w0, READY), (w1, READY)]);
-        bed.wait_for_lines(&[w0, w1]);
+        bed.publish_and_wait(&[(w0, READY), (w1, READY)]);
         assert_answers(
             &mut held,
             "web-0",
@@ -217,13 +221,11 @@ fn rewriting_the_endpointslice_file_in_place_never_disturbs_a_held_connection() 
     require_root!();
     let bed = Bed::new([10, 244, 103], &["web-0", "web-1"]);
     let (w0, w1) = (bed.ip(0), bed.ip(1));
-    bed.publish(&[(w0, READY)]);
-    bed.wait_for_lines(&[w0]);
+    bed.publish_and_wait(&[(w0, READY)]);
     let mut held = bed.hold();
     assert_answers(&mut held, "web-0", "before any change");
     let endpoints = [(w0, READY), (w1, READY)];
-    bed.publish(&endpoints);
-    bed.wait_for_lines(&[w0, w1]);
+    bed.publish_and_wait(&endpoints);
 
     // The same content, again and again, the way `cat > web.yaml` writes it: truncated, then
     // written. Nothing changed, so nothing may happen to the connection.
@@ -409,8 +411,7 @@ fn an_endpoint_gone_from_every_slice_keeps_tcp_and_moves_udp() {
     require_root!();
     let bed = Bed::new([10, 244, 106], &["web-0", "web-1"]);
     let (w0, w1) = (bed.ip(0), bed.ip(1));
-    bed.publish(&[(w0, READY)]);
-    bed.wait_for_lines(&[w0]);
+    bed.publish_and_wait(&[(w0, READY)]);
     bed.wait_for(&format!("{VIP}:53"), &[w0], 5353);
     let mut held = bed.hold();
     assert_answers(&mut held, "web-0", "before any change");
@@ -419,8 +420,7 @@ fn an_endpoint_gone_from_every_slice_keeps_tcp_and_moves_udp() {
     assert_eq!(pod_of(&first), "web-0", "{first}");
 
     // web-0 leaves every slice (deleted, or its slice replaced); web-1 takes over.
-    bed.publish(&[(w1, READY)]);
-    bed.wait_for_lines(&[w1]);
+    bed.publish_and_wait(&[(w1, READY)]);
     bed.wait_for(&format!("{VIP}:53"), &[w1], 5353);
 
     // UDP: the same flow (same client port) moves to a current backend on its next datagram.
@@ -595,8 +595,7 @@ fn a_second_agent_on_the_same_bpffs_dir_refuses_to_start() {
     require_root!();
     let bed = Bed::new([10, 244, 108], &["web-0"]);
     let w0 = bed.ip(0);
-    bed.publish(&[(w0, READY)]);
-    bed.wait_for_lines(&[w0]);
+    bed.publish_and_wait(&[(w0, READY)]);
     let mut held = bed.hold();
     assert_answers(&mut held, "web-0", "before the second agent");
     let before = pins(&bed.agent.bpffs_dir);
