@@ -61,6 +61,13 @@ impl Bed {
         Self { agent, node }
     }
 
+    /// A bed in 10.244.`subnet`.0/24 with the backends `names`, and their addresses.
+    fn pair(subnet: u8, names: [&str; 2]) -> (Self, Ipv4Addr, Ipv4Addr) {
+        let bed = Self::new([10, 244, subnet], &names);
+        let (first, second) = (bed.ip(0), bed.ip(1));
+        (bed, first, second)
+    }
+
     fn client(&self) -> &Netns {
         &self.node.pods[0].netns
     }
@@ -152,8 +159,7 @@ fn new_connections(bed: &Bed, count: usize) -> Vec<String> {
 #[test]
 fn a_terminating_endpoint_keeps_its_held_connection_and_gets_no_new_ones() {
     require_root!();
-    let bed = Bed::new([10, 244, 101], &["web-0", "web-1"]);
-    let (w0, w1) = (bed.ip(0), bed.ip(1));
+    let (bed, w0, w1) = Bed::pair(101, ["web-0", "web-1"]);
     let mut held = bed.hold_on_web0_with_web1_ready();
     assert_answers(&mut held, "web-0", "with web-1 added");
 
@@ -182,8 +188,7 @@ fn a_terminating_endpoint_keeps_its_held_connection_and_gets_no_new_ones() {
 #[test]
 fn a_backend_flapping_not_ready_and_back_keeps_its_held_connection() {
     require_root!();
-    let bed = Bed::new([10, 244, 102], &["web-0", "web-1"]);
-    let (w0, w1) = (bed.ip(0), bed.ip(1));
+    let (bed, w0, w1) = Bed::pair(102, ["web-0", "web-1"]);
     let mut held = bed.hold_on_web0_with_web1_ready();
 
     // A short blip, nothing sent meanwhile: a failing readiness probe (ready false, not
@@ -219,8 +224,7 @@ fn a_backend_flapping_not_ready_and_back_keeps_its_held_connection() {
 #[test]
 fn rewriting_the_endpointslice_file_in_place_never_disturbs_a_held_connection() {
     require_root!();
-    let bed = Bed::new([10, 244, 103], &["web-0", "web-1"]);
-    let (w0, w1) = (bed.ip(0), bed.ip(1));
+    let (bed, w0, w1) = Bed::pair(103, ["web-0", "web-1"]);
     bed.publish_and_wait(&[(w0, READY)]);
     let mut held = bed.hold();
     assert_answers(&mut held, "web-0", "before any change");
@@ -246,8 +250,7 @@ fn rewriting_the_endpointslice_file_in_place_never_disturbs_a_held_connection() 
 #[test]
 fn session_affinity_leaves_an_endpoint_removed_from_the_service() {
     require_root!();
-    let bed = Bed::new([10, 244, 104], &["b1", "b2"]);
-    let (b1, b2) = (bed.ip(0), bed.ip(1));
+    let (bed, b1, b2) = Bed::pair(104, ["b1", "b2"]);
     let affinity =
         "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}\n";
     let publish_aff = |endpoints: &[Ipv4Addr]| {
@@ -409,8 +412,7 @@ fn a_udp_flow_whose_server_answers_after_a_long_silence_gets_the_answer() {
 #[test]
 fn an_endpoint_gone_from_every_slice_keeps_tcp_and_moves_udp() {
     require_root!();
-    let bed = Bed::new([10, 244, 106], &["web-0", "web-1"]);
-    let (w0, w1) = (bed.ip(0), bed.ip(1));
+    let (bed, w0, w1) = Bed::pair(106, ["web-0", "web-1"]);
     bed.publish_and_wait(&[(w0, READY)]);
     bed.wait_for(&format!("{VIP}:53"), &[w0], 5353);
     let mut held = bed.hold();
