@@ -96,6 +96,48 @@ impl Bed {
             .unwrap();
     }
 
+    /// Runs `script` (arguments: the pod's name, `port`, `silence` in seconds) in the first
+    /// backend pod, waits until it listens, and publishes it as the one-port service `name`
+    /// at `cluster_ip`.
+    fn serve_script(
+        &self,
+        script: &str,
+        silence: Duration,
+        name: &str,
+        cluster_ip: &str,
+        protocol: &str,
+        port: u16,
+    ) -> testbed::Process {
+        let pod = &self.node.pods[1];
+        let silence = silence.as_secs_f64().to_string();
+        let server = pod
+            .netns
+            .spawn(
+                "python3",
+                &["-c", script, &pod.name, &port.to_string(), &silence],
+            )
+            .unwrap();
+        let ss = if protocol == "UDP" { "-Hlun" } else { "-Hltn" };
+        wait_until(Duration::from_secs(5), || {
+            pod.netns
+                .run("ss", &[ss, &format!("sport = :{port}")])
+                .is_ok_and(|out| !out.trim().is_empty())
+        })
+        .expect("the server listens");
+        let service_port = ServicePort {
+            name,
+            protocol,
+            port,
+            target_port: port,
+        };
+        let manifest = service_with(name, cluster_ip, &[service_port], &[(pod.ip, READY)], "");
+        self.agent
+            .write_manifest(&format!("{name}.yaml"), &manifest)
+            .unwrap();
+        self.wait_for(&format!("{cluster_ip}:{port}"), &[pod.ip], port);
+        server
+    }
+
     fn wait_for_lines(&self, backends: &[Ipv4Addr]) {
         self.wait_for(
             &format!("{VIP}:{}", LINES.port),
@@ -352,36 +394,14 @@ print("timeout", round(time.monotonic() - start), sent, errors, flush=True)
 fn a_udp_flow_whose_server_answers_after_a_long_silence_gets_the_answer() {
     require_root!();
     let bed = Bed::new([10, 244, 105], &["slow-0"]);
-    let slow = &bed.node.pods[1];
-    let port = ServicePort {
-        name: "slow",
-        protocol: "UDP",
-        port: 5400,
-        target_port: 5400,
-    };
-    let silence = UDP_SILENCE.as_secs_f64().to_string();
-    let _server = slow
-        .netns
-        .spawn(
-            "python3",
-            &["-c", SILENT_UDP_SERVER, "slow-0", "5400", &silence],
-        )
-        .unwrap();
-    wait_until(Duration::from_secs(5), || {
-        slow.netns
-            .run("ss", &["-Hlun", "sport = :5400"])
-            .is_ok_and(|out| !out.trim().is_empty())
-    })
-    .expect("the UDP server listens");
-    bed.agent
-        .write_manifest(
-            "slow.yaml",
-            &service_with("slow", "10.96.0.54", &[port], &[(slow.ip, READY)], ""),
-        )
-        .unwrap();
-    bed.agent
-        .wait_for_backend_addresses("10.96.0.54:5400", &[format!("{}:5400", slow.ip)])
-        .unwrap();
+    let _server = bed.serve_script(
+        SILENT_UDP_SERVER,
+        UDP_SILENCE,
+        "slow",
+        "10.96.0.54",
+        "UDP",
+        5400,
+    );
 
     let limit = UDP_SILENCE + Duration::from_secs(15);
     let started = Instant::now();
@@ -497,35 +517,14 @@ print(data.decode(), end="")
 fn a_half_closed_connection_receives_everything_the_server_sends() {
     require_root!();
     let bed = Bed::new([10, 244, 107], &["web-0"]);
-    let w0 = bed.ip(0);
-    let pod = &bed.node.pods[1];
-    let silence = HALF_CLOSED_SILENCE.as_secs_f64().to_string();
-    let _server = pod
-        .netns
-        .spawn(
-            "python3",
-            &["-c", HALF_CLOSE_SERVER, "web-0", "7100", &silence],
-        )
-        .unwrap();
-    let port = ServicePort {
-        name: "stream",
-        protocol: "TCP",
-        port: 7100,
-        target_port: 7100,
-    };
-    bed.agent
-        .write_manifest(
-            "stream.yaml",
-            &service_with("stream", "10.96.0.71", &[port], &[(w0, READY)], ""),
-        )
-        .unwrap();
-    bed.wait_for("10.96.0.71:7100", &[w0], 7100);
-    wait_until(Duration::from_secs(5), || {
-        pod.netns
-            .run("ss", &["-Hltn", "sport = :7100"])
-            .is_ok_and(|out| !out.trim().is_empty())
-    })
-    .expect("the server listens");
+    let _server = bed.serve_script(
+        HALF_CLOSE_SERVER,
+        HALF_CLOSED_SILENCE,
+        "stream",
+        "10.96.0.71",
+        "TCP",
+        7100,
+    );
 
     let timeout = (HALF_CLOSED_SILENCE + Duration::from_secs(5)).as_secs_f64();
     let out = bed
