@@ -72,6 +72,20 @@ pub fn ip(args: &[&str]) -> anyhow::Result<String> {
     )
 }
 
+/// Runs `bpftool ARGS` and fails with its message.
+pub fn bpftool(args: &[&str]) -> anyhow::Result<String> {
+    check(
+        Command::new("bpftool").args(args).output(),
+        &format!("bpftool {}", args.join(" ")),
+    )
+}
+
+/// Runs `bpftool -j ARGS`: its JSON output.
+pub fn bpftool_json(args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let json_args: Vec<&str> = ["-j"].iter().chain(args).copied().collect();
+    Ok(serde_json::from_str(&bpftool(&json_args)?)?)
+}
+
 /// A network namespace, deleted on drop.
 /// A cgroup v2 directory of the test's own, under `dataplane-tests/` at the cgroup v2 mount:
 /// a "node"'s processes (and its pods') run in it, and its agent's socket hooks attach there,

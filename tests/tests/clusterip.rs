@@ -738,29 +738,11 @@ fn upgrading_keeps_open_connections(old: &str, direction_in_key: bool, subnet: u
 }
 
 fn bpftool(args: &[&str]) {
-    let out = std::process::Command::new("bpftool")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "bpftool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    testbed::bpftool(args).unwrap();
 }
 
 fn bpftool_json(args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "bpftool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    testbed::bpftool_json(args).unwrap()
 }
 
 /// Sends one HTTP request per connection every 20 ms for `seconds` and prints

@@ -546,15 +546,7 @@ fn isolate_network() {
 
 /// Runs `ip ARGS` in the calling thread's network namespace (a child inherits it).
 fn ip(args: &[&str]) {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    testbed::ip(args).unwrap();
 }
 
 /// The datapath loaded under pins of its own (removed when `Pins` drops, which a tuple
