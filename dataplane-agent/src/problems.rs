@@ -16,8 +16,8 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use tracing::{debug, warn};
 
 use crate::{
-    metrics::Metrics,
-    objects::{ObjectKey, ObjectName},
+    observe::metrics::Metrics,
+    source::objects::{ObjectKey, ObjectName},
 };
 
 /// Why something was skipped. The metric label and the Event reason are derived from it, so
@@ -136,7 +136,7 @@ impl Problem {
         Self {
             kind,
             object: ObjectKey {
-                kind: crate::objects::Kind::Service,
+                kind: crate::source::objects::Kind::Service,
                 name: service.to_string(),
             },
             service: service.to_string(),

@@ -18,11 +18,11 @@ use crate::{
         programmer::Programmer,
         socket_lb::{self, SocketLbMode},
     },
-    health::{ProxyHealth, ServiceHealthServer},
-    metrics::Metrics,
-    objects::{ClusterObjects, Delta, ObjectKey, Touched},
+    observe::health::{ProxyHealth, ServiceHealthServer},
+    observe::metrics::Metrics,
     plan::{self, NodeContext, Planner},
     problems::ProblemReporter,
+    source::objects::{ClusterObjects, Delta, ObjectKey, Touched},
     source::{Inbox, Pending, kube::ClusterWatch, manifests::ManifestDir},
 };
 use dataplane_common::{CtEntry, CtKey};
@@ -354,7 +354,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 config.healthz_bind_address
             )
         })?;
-    tokio::spawn(crate::health::serve_proxy_health(listener, health.clone()));
+    tokio::spawn(crate::observe::health::serve_proxy_health(
+        listener,
+        health.clone(),
+    ));
     // A first programming that never finishes must show as unhealthy (kube-proxy does this).
     health.updated();
     let service_health =
@@ -373,7 +376,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let scrape_maps = std::sync::Mutex::new(PinnedMaps::open(&layout)?);
     let scrape = std::sync::Arc::new(move || {
         let maps = scrape_maps.lock().unwrap_or_else(|p| p.into_inner());
-        crate::inspect::metrics_snapshot(&maps).unwrap_or_default()
+        crate::observe::inspect::metrics_snapshot(&maps).unwrap_or_default()
     });
     tokio::spawn(metrics.clone().serve(listener, scrape));
 
@@ -423,7 +426,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             }
             _ = resync.tick() => agent.sync(true),
             _ = conntrack_gc.tick() => {
-                let removed = agent.programmer.collect_conntrack(crate::inspect::monotonic_ns());
+                let removed = agent.programmer.collect_conntrack(crate::observe::inspect::monotonic_ns());
                 if removed > 0 {
                     tracing::debug!(removed, "idle conntrack entries removed");
                 }
@@ -453,7 +456,7 @@ fn adopt_kernel_flows(
         }
     };
     let wanted = frontends.iter().map(|f| f.frontend).collect();
-    let entries = takeover::entries_for(&flows, &wanted, crate::inspect::monotonic_ns());
+    let entries = takeover::entries_for(&flows, &wanted, crate::observe::inspect::monotonic_ns());
     let adopted = programmer.adopt_flows(&entries);
     info!(
         kernel_nat_flows = flows.len(),

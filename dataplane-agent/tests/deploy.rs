@@ -805,24 +805,6 @@ impl Drop for Sandbox {
     }
 }
 
-/// The log without terminal colours (field names are styled even when NO_COLOR is ignored).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Runs the agent until its log shows `until` (or it exits, or 20 s pass), then stops it with
 /// SIGTERM; returns whether it was still running and its log.
 fn run_agent_until(mut cmd: Command, until: &[&str]) -> (bool, String) {
@@ -833,7 +815,7 @@ fn run_agent_until(mut cmd: Command, until: &[&str]) -> (bool, String) {
         .spawn()
         .unwrap();
     let start = Instant::now();
-    let read = || strip_ansi(&std::fs::read_to_string(log.path()).unwrap_or_default());
+    let read = || std::fs::read_to_string(log.path()).unwrap_or_default();
     let mut running = true;
     while start.elapsed() < Duration::from_secs(20) {
         if child.try_wait().unwrap().is_some() {

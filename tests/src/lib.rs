@@ -72,6 +72,20 @@ pub fn ip(args: &[&str]) -> anyhow::Result<String> {
     )
 }
 
+/// Runs `bpftool ARGS` and fails with its message.
+pub fn bpftool(args: &[&str]) -> anyhow::Result<String> {
+    check(
+        Command::new("bpftool").args(args).output(),
+        &format!("bpftool {}", args.join(" ")),
+    )
+}
+
+/// Runs `bpftool -j ARGS`: its JSON output.
+pub fn bpftool_json(args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let json_args: Vec<&str> = ["-j"].iter().chain(args).copied().collect();
+    Ok(serde_json::from_str(&bpftool(&json_args)?)?)
+}
+
 /// A network namespace, deleted on drop.
 /// A cgroup v2 directory of the test's own, under `dataplane-tests/` at the cgroup v2 mount:
 /// a "node"'s processes (and its pods') run in it, and its agent's socket hooks attach there,
@@ -960,6 +974,24 @@ pub fn http_requests(client: &Netns, url: &str, count: usize) -> Vec<Result<Stri
         }
         Err(e) => vec![Err(e.to_string()); count],
     }
+}
+
+/// Which backend answered each of [`http_requests`]' answers ("<pod> <peer-ip>:<peer-port>"):
+/// backend name -> count, and the client addresses the backends saw.
+pub fn tally(
+    answers: &[Result<String, String>],
+) -> (std::collections::BTreeMap<String, usize>, Vec<String>) {
+    let mut by_backend = std::collections::BTreeMap::new();
+    let mut peers = Vec::new();
+    for answer in answers {
+        let line = answer.as_ref().expect("request failed");
+        let mut parts = line.split_whitespace();
+        *by_backend
+            .entry(parts.next().unwrap().to_string())
+            .or_default() += 1;
+        peers.push(parts.next().unwrap().split(':').next().unwrap().to_string());
+    }
+    (by_backend, peers)
 }
 
 /// Sends one UDP datagram from `client` and returns the answer, using a fixed source port

@@ -96,11 +96,7 @@ pub fn service_with(
             )
         })
         .collect();
-    let endpoints_yaml = if endpoints.is_empty() {
-        "endpoints: []\n".to_string()
-    } else {
-        format!("endpoints:\n{endpoint_list}")
-    };
+    let endpoints_yaml = endpoints_yaml(&endpoint_list);
     format!(
         "apiVersion: v1
 kind: Service
@@ -119,5 +115,62 @@ metadata:
 addressType: IPv4
 ports:
 {slice_ports}{endpoints_yaml}"
+    )
+}
+
+/// An EndpointSlice's `endpoints` field from its list items (`"  - {...}\n"` lines).
+fn endpoints_yaml(list: &str) -> String {
+    if list.is_empty() {
+        "endpoints: []\n".to_string()
+    } else {
+        format!("endpoints:\n{list}")
+    }
+}
+
+/// An endpoint on a node: its address, the node's name and, optionally, the zone it is hinted
+/// for.
+pub type NodeEndpoint<'a> = (Ipv4Addr, &'a str, Option<&'a str>);
+
+/// A Service with `spec` (YAML lines indented by two spaces, its ports included) and `status`
+/// (the inside of the status map), and one EndpointSlice with `slice_ports` as
+/// (name, protocol, port) and `endpoints` on their nodes.
+pub fn service_on_nodes(
+    name: &str,
+    cluster_ip: &str,
+    spec: &str,
+    status: &str,
+    slice_ports: &[(&str, &str, u16)],
+    endpoints: &[NodeEndpoint],
+) -> String {
+    let slice_ports: String = slice_ports
+        .iter()
+        .map(|(n, proto, port)| format!("  - {{name: {n}, protocol: {proto}, port: {port}}}\n"))
+        .collect();
+    let endpoint_list: String = endpoints
+        .iter()
+        .map(|(ip, node, zone)| {
+            let hints = zone
+                .map(|z| format!(", hints: {{forZones: [{{name: {z}}}]}}"))
+                .unwrap_or_default();
+            format!("  - {{addresses: [\"{ip}\"], nodeName: {node}{hints}}}\n")
+        })
+        .collect();
+    let endpoints = endpoints_yaml(&endpoint_list);
+    let spec = spec.trim_end();
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  clusterIP: {cluster_ip}
+{spec}
+status: {{{status}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports:
+{slice_ports}{endpoints}"
     )
 }

@@ -97,8 +97,24 @@ fn api_error(result: Result<impl std::fmt::Debug, kube::Error>) -> Box<kube::cor
     }
 }
 
+/// A fake API server holding the Services `names` (no labels) in `default`.
+fn server_with_services(names: &[&str]) -> FakeApiServer {
+    let server = FakeApiServer::start().unwrap();
+    let services: Vec<Value> = names.iter().map(|n| service("default", n, &[])).collect();
+    server.apply_all(&services).unwrap();
+    server
+}
+
 fn count(stats: &Value, resource: &str, kind: &str) -> u64 {
     stats["resources"][resource][kind].as_u64().unwrap_or(0)
+}
+
+/// Checks how many lists and watches of Services the server has answered; returns its stats.
+fn assert_service_requests(server: &FakeApiServer, lists: u64, watches: u64) -> Value {
+    let stats = server.stats().unwrap();
+    assert_eq!(count(&stats, "services", "list"), lists);
+    assert_eq!(count(&stats, "services", "watch"), watches);
+    stats
 }
 
 async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
@@ -177,6 +193,15 @@ async fn take<K: ResourceExt>(events: &mut Events<K>, n: usize) -> Vec<String> {
         out.push(describe(&next(events).await));
     }
     out
+}
+
+/// Takes the initial listing from `events` and checks that it is "Init", an "InitApply" for
+/// each of `objects` ("namespace/name", in order), then "InitDone".
+async fn assert_initial<K: ResourceExt>(events: &mut Events<K>, objects: &[&str]) {
+    let mut want = vec!["Init".to_string()];
+    want.extend(objects.iter().map(|o| format!("InitApply {o}")));
+    want.push("InitDone".into());
+    assert_eq!(take(events, want.len()).await, want);
 }
 
 fn store_names(store: &Store<Service>) -> BTreeSet<String> {
@@ -424,10 +449,7 @@ async fn nodes_by_name_and_field_selector() {
         nodes,
         watcher::Config::default().fields("metadata.name=node-a"),
     ));
-    assert_eq!(
-        take(&mut events, 3).await,
-        ["Init", "InitApply /node-a", "InitDone"]
-    );
+    assert_initial(&mut events, &["/node-a"]).await;
     let mut b = node("node-b");
     b["metadata"]["labels"] = json!({"changed": "yes"});
     server.apply(&b).unwrap();
@@ -457,15 +479,7 @@ async fn watcher_lists_then_follows_changes() {
     let client = client(&server).await;
     let api = Api::<Service>::all(client);
     let mut events = drive(watcher(api, watcher::Config::default().labels("app=web")));
-    assert_eq!(
-        take(&mut events, 4).await,
-        [
-            "Init",
-            "InitApply default/a",
-            "InitApply default/b",
-            "InitDone"
-        ]
-    );
+    assert_initial(&mut events, &["default/a", "default/b"]).await;
 
     server
         .apply(&service("default", "d", &[("app", "web")]))
@@ -517,9 +531,7 @@ async fn watcher_lists_then_follows_changes() {
         .unwrap();
     assert_eq!(take(&mut events, 1).await, ["Apply default/f"]);
 
-    let stats = server.stats().unwrap();
-    assert_eq!(count(&stats, "services", "list"), 1);
-    assert_eq!(count(&stats, "services", "watch"), 1);
+    assert_service_requests(&server, 1, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -559,21 +571,11 @@ async fn watcher_pages_a_large_initial_list() {
         Api::<EndpointSlice>::namespaced(client, "default"),
         watcher::Config::default().labels("kubernetes.io/service-name in (svc-0001,svc-0002)"),
     ));
-    assert_eq!(
-        take(&mut slices, 4).await,
-        [
-            "Init",
-            "InitApply default/svc-0001-1",
-            "InitApply default/svc-0002-1",
-            "InitDone"
-        ]
-    );
+    assert_initial(&mut slices, &["default/svc-0001-1", "default/svc-0002-1"]).await;
 
     server.apply(&service("default", "new", &[])).unwrap();
     assert_eq!(take(&mut events, 1).await, ["Apply default/new"]);
-    let stats = server.stats().unwrap();
-    assert_eq!(count(&stats, "services", "list"), 2);
-    assert_eq!(count(&stats, "services", "watch"), 1);
+    let stats = assert_service_requests(&server, 2, 1);
     assert_eq!(count(&stats, "endpointslices.discovery.k8s.io", "list"), 1);
 }
 
@@ -588,10 +590,7 @@ async fn watcher_resumes_after_cut_watches() {
         Api::<Service>::all(client),
         watcher::Config::default().labels("app=web"),
     ));
-    assert_eq!(
-        take(&mut events, 3).await,
-        ["Init", "InitApply default/a", "InitDone"]
-    );
+    assert_initial(&mut events, &["default/a"]).await;
     open_watches(&server, 1).await;
 
     assert_eq!(server.cut_watches().unwrap(), 1);
@@ -605,9 +604,7 @@ async fn watcher_resumes_after_cut_watches() {
         ["Apply default/b", "Delete default/a"]
     );
     open_watches(&server, 1).await;
-    let stats = server.stats().unwrap();
-    assert_eq!(count(&stats, "services", "list"), 1);
-    assert_eq!(count(&stats, "services", "watch"), 2);
+    assert_service_requests(&server, 1, 2);
 
     // Changes this watcher does not see still reach it as bookmarks, so after a compaction
     // it resumes from a bookmark's resourceVersion instead of getting "410 Gone".
@@ -631,25 +628,14 @@ async fn watcher_resumes_after_cut_watches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watcher_relists_after_compaction() {
-    let server = FakeApiServer::start().unwrap();
-    server
-        .apply_all(&[service("default", "a", &[]), service("default", "b", &[])])
-        .unwrap();
+    let server = server_with_services(&["a", "b"]);
     let client = client(&server).await;
     let (store, writer) = reflector::store::<Service>();
     let mut events = drive(reflector::reflector(
         writer,
         watcher(Api::<Service>::all(client), watcher::Config::default()),
     ));
-    assert_eq!(
-        take(&mut events, 4).await,
-        [
-            "Init",
-            "InitApply default/a",
-            "InitApply default/b",
-            "InitDone"
-        ]
-    );
+    assert_initial(&mut events, &["default/a", "default/b"]).await;
     open_watches(&server, 1).await;
 
     // While the watcher is away, b goes and c comes, and the history is compacted.
@@ -675,15 +661,7 @@ async fn watcher_relists_after_compaction() {
             other.map(|e| describe(&e))
         ),
     }
-    assert_eq!(
-        take(&mut events, 4).await,
-        [
-            "Init",
-            "InitApply default/a",
-            "InitApply default/c",
-            "InitDone"
-        ]
-    );
+    assert_initial(&mut events, &["default/a", "default/c"]).await;
     assert_eq!(
         store_names(&store),
         BTreeSet::from(["a".to_string(), "c".to_string()])
@@ -697,10 +675,7 @@ async fn watcher_relists_after_compaction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watcher_recovers_when_the_server_comes_back() {
-    let server = FakeApiServer::start().unwrap();
-    server
-        .apply_all(&[service("default", "a", &[]), service("default", "b", &[])])
-        .unwrap();
+    let server = server_with_services(&["a", "b"]);
     let client = client(&server).await;
     let (store, writer) = reflector::store::<Service>();
     let stream = reflector::reflector(
@@ -761,29 +736,16 @@ async fn watcher_recovers_when_the_server_comes_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_list_watcher() {
-    let server = FakeApiServer::start().unwrap();
-    server
-        .apply_all(&[service("default", "a", &[]), service("default", "b", &[])])
-        .unwrap();
+    let server = server_with_services(&["a", "b"]);
     let client = client(&server).await;
     let mut events = drive(watcher(
         Api::<Service>::all(client),
         watcher::Config::default().streaming_lists(),
     ));
-    assert_eq!(
-        take(&mut events, 4).await,
-        [
-            "Init",
-            "InitApply default/a",
-            "InitApply default/b",
-            "InitDone"
-        ]
-    );
+    assert_initial(&mut events, &["default/a", "default/b"]).await;
     server.apply(&service("default", "c", &[])).unwrap();
     assert_eq!(take(&mut events, 1).await, ["Apply default/c"]);
-    let stats = server.stats().unwrap();
-    assert_eq!(count(&stats, "services", "list"), 0);
-    assert_eq!(count(&stats, "services", "watch"), 1);
+    assert_service_requests(&server, 0, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -879,7 +841,7 @@ async fn writes_through_the_api() {
     let client = client(&server).await;
     let api = Api::<Service>::namespaced(client.clone(), "default");
     let mut events = drive(watcher(api.clone(), watcher::Config::default()));
-    assert_eq!(take(&mut events, 2).await, ["Init", "InitDone"]);
+    assert_initial(&mut events, &[]).await;
 
     let svc: Service = serde_json::from_value(service("default", "a", &[])).unwrap();
     let created = api.create(&PostParams::default(), &svc).await.unwrap();

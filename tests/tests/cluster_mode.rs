@@ -88,6 +88,30 @@ impl ApiCluster {
             .collect()
     }
 
+    /// Publishes the service `name` with `endpoints` and waits until the agent serves them.
+    fn publish(&self, name: &str, cluster_ip: &str, endpoints: &[Ipv4Addr]) {
+        self.api
+            .apply_all(&[service(name, cluster_ip), slice(name, endpoints)])
+            .unwrap();
+        self.agent()
+            .wait_for_backends(&format!("{cluster_ip}:80"), endpoints.len())
+            .unwrap();
+    }
+
+    /// `result`'s value, or a panic with the agent's log.
+    fn or_log<T>(&self, result: anyhow::Result<T>) -> T {
+        result
+            .map_err(|e| e.context(self.agent().log_text()))
+            .unwrap()
+    }
+
+    /// Waits up to `timeout` for the agent to stop serving `frontend`.
+    fn wait_gone(&self, frontend: &str, timeout: Duration) {
+        self.or_log(wait_until(timeout, || {
+            !self.frontends().contains(&frontend.to_string())
+        }));
+    }
+
     fn answers(&self, vip: &str, count: usize) -> usize {
         http_requests(&self.node.pods[0].netns, &format!("http://{vip}/"), count)
             .iter()
@@ -100,13 +124,7 @@ impl ApiCluster {
 fn converges_on_changes_and_after_dropped_watches() {
     require_root!();
     let c = ApiCluster::new([10, 244, 20], true);
-    c.api
-        .apply_all(&[
-            service("web", "10.96.2.10"),
-            slice("web", &[c.web(0), c.web(1)]),
-        ])
-        .unwrap();
-    c.agent().wait_for_backends("10.96.2.10:80", 2).unwrap();
+    c.publish("web", "10.96.2.10", &[c.web(0), c.web(1)]);
     assert_eq!(c.answers("10.96.2.10", 10), 10);
 
     // Watches cut: the agent resumes and still sees what happens next.
@@ -117,10 +135,7 @@ fn converges_on_changes_and_after_dropped_watches() {
     c.api.apply(&slice("web", &[c.web(1)])).unwrap();
     c.agent().wait_for_backends("10.96.2.10:80", 1).unwrap();
     c.api.delete("services", "default", "web").unwrap();
-    wait_until(Duration::from_secs(5), || {
-        !c.frontends().contains(&"10.96.2.10:80".to_string())
-    })
-    .unwrap();
+    c.wait_gone("10.96.2.10:80", Duration::from_secs(5));
 }
 
 #[test]
@@ -145,11 +160,7 @@ fn a_relist_after_410_removes_what_vanished_while_disconnected() {
     c.api.compact().unwrap();
     c.api.cut_watches().unwrap();
     c.api.resume_watches().unwrap();
-    wait_until(Duration::from_secs(10), || {
-        !c.frontends().contains(&"10.96.2.21:80".to_string())
-    })
-    .map_err(|e| e.context(c.agent().log_text()))
-    .unwrap();
+    c.wait_gone("10.96.2.21:80", Duration::from_secs(10));
     assert!(
         c.frontends().contains(&"10.96.2.20:80".to_string()),
         "the relist pruned a live service"
@@ -161,10 +172,7 @@ fn a_relist_after_410_removes_what_vanished_while_disconnected() {
 fn losing_the_api_server_keeps_the_datapath_and_it_converges_when_back() {
     require_root!();
     let c = ApiCluster::new([10, 244, 22], true);
-    c.api
-        .apply_all(&[service("web", "10.96.2.30"), slice("web", &[c.web(0)])])
-        .unwrap();
-    c.agent().wait_for_backends("10.96.2.30:80", 1).unwrap();
+    c.publish("web", "10.96.2.30", &[c.web(0)]);
 
     c.api.down().unwrap();
     std::thread::sleep(Duration::from_secs(2));
@@ -182,23 +190,14 @@ fn losing_the_api_server_keeps_the_datapath_and_it_converges_when_back() {
 
     c.api.up().unwrap();
     c.api.apply(&slice("web", &[c.web(0), c.web(1)])).unwrap();
-    c.agent()
-        .wait_for_backends("10.96.2.30:80", 2)
-        .map_err(|e| e.context(c.agent().log_text()))
-        .unwrap();
+    c.or_log(c.agent().wait_for_backends("10.96.2.30:80", 2));
 }
 
 #[test]
 fn an_agent_starting_without_the_api_server_prunes_nothing() {
     require_root!();
     let mut c = ApiCluster::new([10, 244, 23], true);
-    c.api
-        .apply_all(&[
-            service("web", "10.96.2.40"),
-            slice("web", &[c.web(0), c.web(1)]),
-        ])
-        .unwrap();
-    c.agent().wait_for_backends("10.96.2.40:80", 2).unwrap();
+    c.publish("web", "10.96.2.40", &[c.web(0), c.web(1)]);
 
     // Restart with the API server down: the restored datapath keeps serving untouched.
     c.api.down().unwrap();
@@ -210,11 +209,7 @@ fn an_agent_starting_without_the_api_server_prunes_nothing() {
     // Back: the first full list arrives, and only then does the agent prune.
     c.api.up().unwrap();
     c.api.delete("services", "default", "web").unwrap();
-    wait_until(Duration::from_secs(10), || {
-        !c.frontends().contains(&"10.96.2.40:80".to_string())
-    })
-    .map_err(|e| e.context(c.agent().log_text()))
-    .unwrap();
+    c.wait_gone("10.96.2.40:80", Duration::from_secs(10));
 }
 
 #[test]
@@ -235,9 +230,9 @@ fn a_thousand_services_with_ten_thousand_endpoints_sync_at_start_up() {
     }
     c.api.apply_all(&objects).unwrap();
     c.start_agent();
-    wait_until(Duration::from_secs(60), || c.frontends().len() == 1000)
-        .map_err(|e| e.context(c.agent().log_text()))
-        .unwrap();
+    c.or_log(wait_until(Duration::from_secs(60), || {
+        c.frontends().len() == 1000
+    }));
     let services = c.agent().cli_json(&["services"]).unwrap();
     let backends: usize = services
         .as_array()

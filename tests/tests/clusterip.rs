@@ -1,7 +1,6 @@
 //! ClusterIP end to end: real pods (namespaces), real servers and clients, the real agent
 //! and datapath. Run as root; skipped (with a message) otherwise.
 use std::{
-    collections::BTreeMap,
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
@@ -9,7 +8,7 @@ use std::{
 use testbed::{
     Agent, Node, Wiring, http_requests,
     manifests::{DNS, HTTP, service},
-    require_root, udp_request, wait_until,
+    require_root, tally, udp_request, wait_until,
 };
 
 const VIP: &str = "10.96.0.10";
@@ -32,6 +31,15 @@ impl Cluster {
         Self { agent, node }
     }
 
+    /// A routed node in 10.244.`subnet`.0/24 with the first `serving` web pods published and
+    /// programmed; and every web pod's address.
+    fn routed(subnet: u8, serving: usize) -> (Self, Vec<Ipv4Addr>) {
+        let cluster = Self::new(Wiring::Routed, [10, 244, subnet]);
+        let ips = cluster.web_ips();
+        cluster.publish_and_wait(&ips[..serving]);
+        (cluster, ips)
+    }
+
     fn client(&self) -> &testbed::Netns {
         &self.node.pods[0].netns
     }
@@ -44,6 +52,16 @@ impl Cluster {
         self.agent
             .write_manifest("web.yaml", &service("web", VIP, &[HTTP, DNS], endpoints))
             .unwrap();
+    }
+
+    /// Publishes `endpoints` and waits until both service ports have them as backends.
+    fn publish_and_wait(&self, endpoints: &[Ipv4Addr]) {
+        self.publish_web(endpoints);
+        for port in [80, 53] {
+            self.agent
+                .wait_for_backends(&format!("{VIP}:{port}"), endpoints.len())
+                .unwrap();
+        }
     }
 
     /// A TCP connection from the client pod to the service's port 80, open with half a
@@ -90,21 +108,6 @@ impl Drop for HeldConnection {
     }
 }
 
-/// Which backend answered each request ("web-N"), and the client addresses they saw.
-fn tally(answers: &[Result<String, String>]) -> (BTreeMap<String, usize>, Vec<String>) {
-    let mut by_backend = BTreeMap::new();
-    let mut peers = Vec::new();
-    for answer in answers {
-        let line = answer.as_ref().expect("request failed");
-        let mut parts = line.split_whitespace();
-        *by_backend
-            .entry(parts.next().unwrap().to_string())
-            .or_default() += 1;
-        peers.push(parts.next().unwrap().split(':').next().unwrap().to_string());
-    }
-    (by_backend, peers)
-}
-
 fn spreads_over_every_backend(wiring: Wiring, subnet: [u8; 3], requests: usize) {
     let cluster = Cluster::new(wiring, subnet);
     // A broken file next to the good one must not stop anything.
@@ -114,8 +117,7 @@ fn spreads_over_every_backend(wiring: Wiring, subnet: [u8; 3], requests: usize) 
         .unwrap();
     let bad_ip = service("badip", "10.96.0.300", &[HTTP], &[]);
     cluster.agent.write_manifest("badip.yaml", &bad_ip).unwrap();
-    cluster.publish_web(&cluster.web_ips());
-    cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
+    cluster.publish_and_wait(&cluster.web_ips());
 
     let answers = http_requests(cluster.client(), &format!("http://{VIP}/"), requests);
     let (by_backend, peers) = tally(&answers);
@@ -160,9 +162,7 @@ fn bridged_pods_reach_every_backend_with_their_own_address() {
 #[test]
 fn udp_request_response_and_exact_flow_counters() {
     require_root!();
-    let cluster = Cluster::new(Wiring::Routed, [10, 244, 3]);
-    cluster.publish_web(&cluster.web_ips());
-    cluster.agent.wait_for_backends("10.96.0.10:53", 3).unwrap();
+    let (cluster, _) = Cluster::routed(3, 3);
 
     // Ten datagrams from one source port: one flow, one backend.
     let mut reply_bytes = 0;
@@ -255,15 +255,11 @@ fn udp_request_response_and_exact_flow_counters() {
 #[test]
 fn endpoint_changes_reach_new_connections_within_a_second() {
     require_root!();
-    let cluster = Cluster::new(Wiring::Routed, [10, 244, 4]);
-    let ips = cluster.web_ips();
-    cluster.publish_web(&ips);
-    cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
+    let (cluster, ips) = Cluster::routed(4, 3);
 
     // Remove web-2.
     let changed = Instant::now();
-    cluster.publish_web(&ips[..2]);
-    cluster.agent.wait_for_backends("10.96.0.10:80", 2).unwrap();
+    cluster.publish_and_wait(&ips[..2]);
     let programmed = changed.elapsed();
     std::thread::sleep(Duration::from_secs(1).saturating_sub(changed.elapsed()));
     let (by_backend, _) = tally(&http_requests(
@@ -282,8 +278,7 @@ fn endpoint_changes_reach_new_connections_within_a_second() {
 
     // Bring it back.
     let changed = Instant::now();
-    cluster.publish_web(&ips);
-    cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
+    cluster.publish_and_wait(&ips);
     assert!(
         changed.elapsed() < Duration::from_secs(1),
         "addition took {:?}",
@@ -311,8 +306,7 @@ fn endpoint_changes_reach_new_connections_within_a_second() {
     wait_until(Duration::from_secs(2), || link.exists()).expect("new pod interface attached");
     let mut all = ips.clone();
     all.push(cluster.node.pods[index].ip);
-    cluster.publish_web(&all);
-    cluster.agent.wait_for_backends("10.96.0.10:80", 4).unwrap();
+    cluster.publish_and_wait(&all);
     let (by_backend, _) = tally(&http_requests(
         cluster.client(),
         &format!("http://{VIP}/"),
@@ -428,10 +422,7 @@ except socket.timeout:
 #[test]
 fn udp_flows_leave_a_backend_that_disappears_and_tcp_connections_stay() {
     require_root!();
-    let cluster = Cluster::new(Wiring::Routed, [10, 244, 8]);
-    let ips = cluster.web_ips();
-    cluster.publish_web(&ips[..2]);
-    cluster.agent.wait_for_backends("10.96.0.10:53", 2).unwrap();
+    let (cluster, ips) = Cluster::routed(8, 2);
 
     // UDP: the same flow moves to the remaining backend on its next datagram.
     let first = udp_request(cluster.client(), &format!("{VIP}:53"), Some(40001), "one").unwrap();
@@ -441,8 +432,7 @@ fn udp_flows_leave_a_backend_that_disappears_and_tcp_connections_stay() {
     } else {
         (ips[0], ips[1])
     };
-    cluster.publish_web(&[keep]);
-    cluster.agent.wait_for_backends("10.96.0.10:53", 1).unwrap();
+    cluster.publish_and_wait(&[keep]);
     let second = udp_request(cluster.client(), &format!("{VIP}:53"), Some(40001), "two").unwrap();
     assert_ne!(
         second.split_whitespace().next().unwrap(),
@@ -451,11 +441,9 @@ fn udp_flows_leave_a_backend_that_disappears_and_tcp_connections_stay() {
     );
 
     // TCP: a connection whose backend is gone keeps going to it (the pod still runs here).
-    cluster.publish_web(&[ips[2]]);
-    cluster.agent.wait_for_backends("10.96.0.10:80", 1).unwrap();
+    cluster.publish_and_wait(&[ips[2]]);
     let held = cluster.hold_connection();
-    cluster.publish_web(&ips[..1]);
-    cluster.agent.wait_for_backends("10.96.0.10:80", 1).unwrap();
+    cluster.publish_and_wait(&ips[..1]);
     wait_until(Duration::from_secs(5), || {
         cluster
             .agent
@@ -496,10 +484,7 @@ print(data.split(b"\r\n\r\n", 1)[1].decode(), end="")
 #[test]
 fn a_closed_service_flow_does_not_capture_a_direct_connection_from_its_port() {
     require_root!();
-    let cluster = Cluster::new(Wiring::Routed, [10, 244, 12]);
-    let ips = cluster.web_ips();
-    cluster.publish_web(&ips[..1]);
-    cluster.agent.wait_for_backends("10.96.0.10:80", 1).unwrap();
+    let (cluster, ips) = Cluster::routed(12, 1);
     // SO_REUSEADDR: whichever side closed first, the port is free for another destination.
     let get_from_port = |ip: &str, port: &str| {
         cluster
@@ -542,9 +527,7 @@ fn a_closed_service_flow_does_not_capture_a_direct_connection_from_its_port() {
 #[test]
 fn every_map_prints_named_fields_in_bpftool() {
     require_root!();
-    let cluster = Cluster::new(Wiring::Routed, [10, 244, 9]);
-    cluster.publish_web(&cluster.web_ips());
-    cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
+    let (cluster, _) = Cluster::routed(9, 3);
     http_requests(cluster.client(), &format!("http://{VIP}/"), 3);
     let expected_fields: &[(&str, &[&str])] = &[
         (
@@ -611,9 +594,7 @@ fn every_map_prints_named_fields_in_bpftool() {
 #[test]
 fn stopping_the_agent_keeps_traffic_and_cleanup_removes_everything() {
     require_root!();
-    let mut cluster = Cluster::new(Wiring::Routed, [10, 244, 10]);
-    cluster.publish_web(&cluster.web_ips());
-    cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
+    let (mut cluster, _) = Cluster::routed(10, 3);
     cluster.agent.stop();
     let answers = http_requests(cluster.client(), &format!("http://{VIP}/"), 10);
     assert!(
@@ -667,9 +648,7 @@ fn upgrading_from_conntrack_v2_keeps_open_connections() {
 /// in its keys when `direction_in_key`) moves the flows and keeps a held connection.
 fn upgrading_keeps_open_connections(old: &str, direction_in_key: bool, subnet: u8) {
     require_root!();
-    let mut cluster = Cluster::new(Wiring::Routed, [10, 244, subnet]);
-    cluster.publish_web(&cluster.web_ips());
-    cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
+    let (mut cluster, _) = Cluster::routed(subnet, 3);
     let held = cluster.hold_connection();
     let before = cluster.agent.cli_json(&["flows"]).unwrap();
     assert_eq!(before.as_array().unwrap().len(), 1, "{before:#}");
@@ -759,29 +738,11 @@ fn upgrading_keeps_open_connections(old: &str, direction_in_key: bool, subnet: u
 }
 
 fn bpftool(args: &[&str]) {
-    let out = std::process::Command::new("bpftool")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "bpftool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    testbed::bpftool(args).unwrap();
 }
 
 fn bpftool_json(args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "bpftool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    testbed::bpftool_json(args).unwrap()
 }
 
 /// Sends one HTTP request per connection every 20 ms for `seconds` and prints
@@ -816,9 +777,7 @@ print(ok, failed)
 #[test]
 fn restarting_the_agent_keeps_every_connection_and_service() {
     require_root!();
-    let mut cluster = Cluster::new(Wiring::Routed, [10, 244, 11]);
-    cluster.publish_web(&cluster.web_ips());
-    cluster.agent.wait_for_backends("10.96.0.10:80", 3).unwrap();
+    let (mut cluster, _) = Cluster::routed(11, 3);
 
     // A connection held open across the restart (half a request sent before it)...
     let held = cluster.hold_connection();

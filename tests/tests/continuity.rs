@@ -61,6 +61,13 @@ impl Bed {
         Self { agent, node }
     }
 
+    /// A bed in 10.244.`subnet`.0/24 with the backends `names`, and their addresses.
+    fn pair(subnet: u8, names: [&str; 2]) -> (Self, Ipv4Addr, Ipv4Addr) {
+        let bed = Self::new([10, 244, subnet], &names);
+        let (first, second) = (bed.ip(0), bed.ip(1));
+        (bed, first, second)
+    }
+
     fn client(&self) -> &Netns {
         &self.node.pods[0].netns
     }
@@ -89,12 +96,65 @@ impl Bed {
             .unwrap();
     }
 
+    /// Runs `script` (arguments: the pod's name, `port`, `silence` in seconds) in the first
+    /// backend pod, waits until it listens, and publishes it as the one-port service `name`
+    /// at `cluster_ip`.
+    fn serve_script(
+        &self,
+        script: &str,
+        silence: Duration,
+        name: &str,
+        cluster_ip: &str,
+        protocol: &str,
+        port: u16,
+    ) -> testbed::Process {
+        let pod = &self.node.pods[1];
+        let silence = silence.as_secs_f64().to_string();
+        let server = pod
+            .netns
+            .spawn(
+                "python3",
+                &["-c", script, &pod.name, &port.to_string(), &silence],
+            )
+            .unwrap();
+        let ss = if protocol == "UDP" { "-Hlun" } else { "-Hltn" };
+        wait_until(Duration::from_secs(5), || {
+            pod.netns
+                .run("ss", &[ss, &format!("sport = :{port}")])
+                .is_ok_and(|out| !out.trim().is_empty())
+        })
+        .expect("the server listens");
+        let service_port = ServicePort {
+            name,
+            protocol,
+            port,
+            target_port: port,
+        };
+        let manifest = service_with(name, cluster_ip, &[service_port], &[(pod.ip, READY)], "");
+        self.agent
+            .write_manifest(&format!("{name}.yaml"), &manifest)
+            .unwrap();
+        self.wait_for(&format!("{cluster_ip}:{port}"), &[pod.ip], port);
+        server
+    }
+
     fn wait_for_lines(&self, backends: &[Ipv4Addr]) {
         self.wait_for(
             &format!("{VIP}:{}", LINES.port),
             backends,
             LINES.target_port,
         );
+    }
+
+    /// Publishes `endpoints` and waits until the ready ones are the line port's backends.
+    fn publish_and_wait(&self, endpoints: &[(Ipv4Addr, Conditions)]) {
+        self.publish(endpoints);
+        let ready: Vec<Ipv4Addr> = endpoints
+            .iter()
+            .filter(|(_, c)| c.ready)
+            .map(|(ip, _)| *ip)
+            .collect();
+        self.wait_for_lines(&ready);
     }
 
     fn hold(&self) -> LineConnection {
@@ -105,12 +165,10 @@ impl Bed {
     /// published ready beside it.
     fn hold_on_web0_with_web1_ready(&self) -> LineConnection {
         let (w0, w1) = (self.ip(0), self.ip(1));
-        self.publish(&[(w0, READY)]);
-        self.wait_for_lines(&[w0]);
+        self.publish_and_wait(&[(w0, READY)]);
         let mut held = self.hold();
         assert_answers(&mut held, "web-0", "before any change");
-        self.publish(&[(w0, READY), (w1, READY)]);
-        self.wait_for_lines(&[w0, w1]);
+        self.publish_and_wait(&[(w0, READY), (w1, READY)]);
         held
     }
 }
@@ -143,14 +201,12 @@ fn new_connections(bed: &Bed, count: usize) -> Vec<String> {
 #[test]
 fn a_terminating_endpoint_keeps_its_held_connection_and_gets_no_new_ones() {
     require_root!();
-    let bed = Bed::new([10, 244, 101], &["web-0", "web-1"]);
-    let (w0, w1) = (bed.ip(0), bed.ip(1));
+    let (bed, w0, w1) = Bed::pair(101, ["web-0", "web-1"]);
     let mut held = bed.hold_on_web0_with_web1_ready();
     assert_answers(&mut held, "web-0", "with web-1 added");
 
     // A rolling update's first step: web-0 is being deleted and drains, web-1 is ready.
-    bed.publish(&[(w0, TERMINATING), (w1, READY)]);
-    bed.wait_for_lines(&[w1]);
+    bed.publish_and_wait(&[(w0, TERMINATING), (w1, READY)]);
     for i in 0..5 {
         assert_answers(
             &mut held,
@@ -174,28 +230,23 @@ fn a_terminating_endpoint_keeps_its_held_connection_and_gets_no_new_ones() {
 #[test]
 fn a_backend_flapping_not_ready_and_back_keeps_its_held_connection() {
     require_root!();
-    let bed = Bed::new([10, 244, 102], &["web-0", "web-1"]);
-    let (w0, w1) = (bed.ip(0), bed.ip(1));
+    let (bed, w0, w1) = Bed::pair(102, ["web-0", "web-1"]);
     let mut held = bed.hold_on_web0_with_web1_ready();
 
     // A short blip, nothing sent meanwhile: a failing readiness probe (ready false, not
     // serving, same address), then passing again.
-    bed.publish(&[(w0, NOT_READY), (w1, READY)]);
-    bed.wait_for_lines(&[w1]);
-    bed.publish(&[(w0, READY), (w1, READY)]);
-    bed.wait_for_lines(&[w0, w1]);
+    bed.publish_and_wait(&[(w0, NOT_READY), (w1, READY)]);
+    bed.publish_and_wait(&[(w0, READY), (w1, READY)]);
     assert_answers(&mut held, "web-0", "after a quiet flap");
     // Longer ones, with the connection in use while web-0 is not ready.
     for round in 0..3 {
-        bed.publish(&[(w0, NOT_READY), (w1, READY)]);
-        bed.wait_for_lines(&[w1]);
+        bed.publish_and_wait(&[(w0, NOT_READY), (w1, READY)]);
         assert_answers(
             &mut held,
             "web-0",
             &format!("round {round}, web-0 not ready"),
         );
-        bed.publish(&[(w0, READY), (w1, READY)]);
-        bed.wait_for_lines(&[w0, w1]);
+        bed.publish_and_wait(&[(w0, READY), (w1, READY)]);
         assert_answers(
             &mut held,
             "web-0",
@@ -215,15 +266,12 @@ fn a_backend_flapping_not_ready_and_back_keeps_its_held_connection() {
 #[test]
 fn rewriting_the_endpointslice_file_in_place_never_disturbs_a_held_connection() {
     require_root!();
-    let bed = Bed::new([10, 244, 103], &["web-0", "web-1"]);
-    let (w0, w1) = (bed.ip(0), bed.ip(1));
-    bed.publish(&[(w0, READY)]);
-    bed.wait_for_lines(&[w0]);
+    let (bed, w0, w1) = Bed::pair(103, ["web-0", "web-1"]);
+    bed.publish_and_wait(&[(w0, READY)]);
     let mut held = bed.hold();
     assert_answers(&mut held, "web-0", "before any change");
     let endpoints = [(w0, READY), (w1, READY)];
-    bed.publish(&endpoints);
-    bed.wait_for_lines(&[w0, w1]);
+    bed.publish_and_wait(&endpoints);
 
     // The same content, again and again, the way `cat > web.yaml` writes it: truncated, then
     // written. Nothing changed, so nothing may happen to the connection.
@@ -244,8 +292,7 @@ fn rewriting_the_endpointslice_file_in_place_never_disturbs_a_held_connection() 
 #[test]
 fn session_affinity_leaves_an_endpoint_removed_from_the_service() {
     require_root!();
-    let bed = Bed::new([10, 244, 104], &["b1", "b2"]);
-    let (b1, b2) = (bed.ip(0), bed.ip(1));
+    let (bed, b1, b2) = Bed::pair(104, ["b1", "b2"]);
     let affinity =
         "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}\n";
     let publish_aff = |endpoints: &[Ipv4Addr]| {
@@ -347,36 +394,14 @@ print("timeout", round(time.monotonic() - start), sent, errors, flush=True)
 fn a_udp_flow_whose_server_answers_after_a_long_silence_gets_the_answer() {
     require_root!();
     let bed = Bed::new([10, 244, 105], &["slow-0"]);
-    let slow = &bed.node.pods[1];
-    let port = ServicePort {
-        name: "slow",
-        protocol: "UDP",
-        port: 5400,
-        target_port: 5400,
-    };
-    let silence = UDP_SILENCE.as_secs_f64().to_string();
-    let _server = slow
-        .netns
-        .spawn(
-            "python3",
-            &["-c", SILENT_UDP_SERVER, "slow-0", "5400", &silence],
-        )
-        .unwrap();
-    wait_until(Duration::from_secs(5), || {
-        slow.netns
-            .run("ss", &["-Hlun", "sport = :5400"])
-            .is_ok_and(|out| !out.trim().is_empty())
-    })
-    .expect("the UDP server listens");
-    bed.agent
-        .write_manifest(
-            "slow.yaml",
-            &service_with("slow", "10.96.0.54", &[port], &[(slow.ip, READY)], ""),
-        )
-        .unwrap();
-    bed.agent
-        .wait_for_backend_addresses("10.96.0.54:5400", &[format!("{}:5400", slow.ip)])
-        .unwrap();
+    let _server = bed.serve_script(
+        SILENT_UDP_SERVER,
+        UDP_SILENCE,
+        "slow",
+        "10.96.0.54",
+        "UDP",
+        5400,
+    );
 
     let limit = UDP_SILENCE + Duration::from_secs(15);
     let started = Instant::now();
@@ -407,10 +432,8 @@ fn a_udp_flow_whose_server_answers_after_a_long_silence_gets_the_answer() {
 #[test]
 fn an_endpoint_gone_from_every_slice_keeps_tcp_and_moves_udp() {
     require_root!();
-    let bed = Bed::new([10, 244, 106], &["web-0", "web-1"]);
-    let (w0, w1) = (bed.ip(0), bed.ip(1));
-    bed.publish(&[(w0, READY)]);
-    bed.wait_for_lines(&[w0]);
+    let (bed, w0, w1) = Bed::pair(106, ["web-0", "web-1"]);
+    bed.publish_and_wait(&[(w0, READY)]);
     bed.wait_for(&format!("{VIP}:53"), &[w0], 5353);
     let mut held = bed.hold();
     assert_answers(&mut held, "web-0", "before any change");
@@ -419,8 +442,7 @@ fn an_endpoint_gone_from_every_slice_keeps_tcp_and_moves_udp() {
     assert_eq!(pod_of(&first), "web-0", "{first}");
 
     // web-0 leaves every slice (deleted, or its slice replaced); web-1 takes over.
-    bed.publish(&[(w1, READY)]);
-    bed.wait_for_lines(&[w1]);
+    bed.publish_and_wait(&[(w1, READY)]);
     bed.wait_for(&format!("{VIP}:53"), &[w1], 5353);
 
     // UDP: the same flow (same client port) moves to a current backend on its next datagram.
@@ -495,35 +517,14 @@ print(data.decode(), end="")
 fn a_half_closed_connection_receives_everything_the_server_sends() {
     require_root!();
     let bed = Bed::new([10, 244, 107], &["web-0"]);
-    let w0 = bed.ip(0);
-    let pod = &bed.node.pods[1];
-    let silence = HALF_CLOSED_SILENCE.as_secs_f64().to_string();
-    let _server = pod
-        .netns
-        .spawn(
-            "python3",
-            &["-c", HALF_CLOSE_SERVER, "web-0", "7100", &silence],
-        )
-        .unwrap();
-    let port = ServicePort {
-        name: "stream",
-        protocol: "TCP",
-        port: 7100,
-        target_port: 7100,
-    };
-    bed.agent
-        .write_manifest(
-            "stream.yaml",
-            &service_with("stream", "10.96.0.71", &[port], &[(w0, READY)], ""),
-        )
-        .unwrap();
-    bed.wait_for("10.96.0.71:7100", &[w0], 7100);
-    wait_until(Duration::from_secs(5), || {
-        pod.netns
-            .run("ss", &["-Hltn", "sport = :7100"])
-            .is_ok_and(|out| !out.trim().is_empty())
-    })
-    .expect("the server listens");
+    let _server = bed.serve_script(
+        HALF_CLOSE_SERVER,
+        HALF_CLOSED_SILENCE,
+        "stream",
+        "10.96.0.71",
+        "TCP",
+        7100,
+    );
 
     let timeout = (HALF_CLOSED_SILENCE + Duration::from_secs(5)).as_secs_f64();
     let out = bed
@@ -595,8 +596,7 @@ fn a_second_agent_on_the_same_bpffs_dir_refuses_to_start() {
     require_root!();
     let bed = Bed::new([10, 244, 108], &["web-0"]);
     let w0 = bed.ip(0);
-    bed.publish(&[(w0, READY)]);
-    bed.wait_for_lines(&[w0]);
+    bed.publish_and_wait(&[(w0, READY)]);
     let mut held = bed.hold();
     assert_answers(&mut held, "web-0", "before the second agent");
     let before = pins(&bed.agent.bpffs_dir);

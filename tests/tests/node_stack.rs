@@ -8,7 +8,7 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use testbed::{
     Agent, AgentOptions, LineConnection, Netns, Node, Wiring,
-    manifests::{DNS, HTTP, service},
+    manifests::{DNS, HTTP, NodeEndpoint, service, service_on_nodes},
     multinode::{ClusterOptions, MultiNode, Overlay, underlay_ip},
     require_root, udp_request,
 };
@@ -42,37 +42,16 @@ fn service_yaml(
             )
         })
         .collect();
-    let slice_ports: String = ports
+    let slice_ports: Vec<(&str, &str, u16)> = ports
         .iter()
-        .map(|(n, proto, _, target, _)| {
-            format!("  - {{name: {n}, protocol: {proto}, port: {target}}}\n")
-        })
+        .map(|(n, proto, _, target, _)| (*n, *proto, *target))
         .collect();
-    let endpoints = if endpoints.is_empty() {
-        "endpoints: []\n".to_string()
-    } else {
-        let list: String = endpoints
-            .iter()
-            .map(|(ip, node)| format!("  - {{addresses: [\"{ip}\"], nodeName: {node}}}\n"))
-            .collect();
-        format!("endpoints:\n{list}")
-    };
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default}}
-spec:
-  clusterIP: {cluster_ip}
-{spec_extra}
-  ports:
-{service_ports}---
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
-addressType: IPv4
-ports:
-{slice_ports}{endpoints}"
-    )
+    let endpoints: Vec<NodeEndpoint> = endpoints
+        .iter()
+        .map(|(ip, node)| (*ip, *node, None))
+        .collect();
+    let spec = format!("{spec_extra}\n  ports:\n{service_ports}");
+    service_on_nodes(name, cluster_ip, &spec, "", &slice_ports, &endpoints)
 }
 
 /// What each step of a test found: every step runs, and the test fails at the end listing
@@ -263,6 +242,26 @@ fn with_node_ports<'a>(ports: &[Port<'a>], node_ports: &[u16]) -> Vec<Port<'a>> 
         .collect()
 }
 
+/// Writes `name` (`name.yaml`) as a NodePort service with `ports` on `node_ports` and one
+/// endpoint, and waits until node A serves each node port.
+fn publish_node_port(
+    c: &MultiNode,
+    name: &str,
+    cluster_ip: &str,
+    ports: &[Port],
+    node_ports: &[u16],
+    endpoint: (Ipv4Addr, &str),
+) {
+    let ports = with_node_ports(ports, node_ports);
+    let yaml = service_yaml(name, cluster_ip, "  type: NodePort", &ports, &[endpoint]);
+    c.write_manifest(&format!("{name}.yaml"), &yaml).unwrap();
+    for port in node_ports {
+        c.agents[0]
+            .wait_for_backends(&format!("{NODE_A}:{port}"), 1)
+            .unwrap();
+    }
+}
+
 /// Finding 1: the datapath translates before netfilter, so the node's conntrack sees replies
 /// of connections it never saw (kube-proxy's own `-m conntrack --ctstate INVALID -j DROP`
 /// drops them) and reverse-path filtering sees cluster IPs and node addresses arrive on pod
@@ -292,17 +291,14 @@ fn every_service_path_works_through_kube_proxys_invalid_drop_and_strict_rp_filte
         ),
     )
     .unwrap();
-    c.write_manifest(
-        "web-b.yaml",
-        &service_yaml(
-            "web-b",
-            "10.96.1.11",
-            "  type: NodePort",
-            &with_node_ports(&WEB, &[30080, 30053, 30090]),
-            &[(b1, "node-b")],
-        ),
-    )
-    .unwrap();
+    publish_node_port(
+        &c,
+        "web-b",
+        "10.96.1.11",
+        &WEB,
+        &[30080, 30053, 30090],
+        (b1, "node-b"),
+    );
     c.write_manifest(
         "empty.yaml",
         &service_yaml("empty", "10.96.1.20", "", &WEB, &[]),
@@ -460,23 +456,14 @@ fn answers_to_the_nodes_own_snat_on_a_node_port_number_reach_the_pod() {
     let _outside = c.clients[0]
         .serve_echo("outside", underlay_ip(100), 8080, 5353, None)
         .unwrap();
-    c.write_manifest(
-        "web.yaml",
-        &service_yaml(
-            "web",
-            "10.96.2.10",
-            "  type: NodePort",
-            &with_node_ports(&WEB[..2], &[30080, 30053]),
-            &[(a1, "node-a")],
-        ),
-    )
-    .unwrap();
-    c.agents[0]
-        .wait_for_backends(&format!("{NODE_A}:30080"), 1)
-        .unwrap();
-    c.agents[0]
-        .wait_for_backends(&format!("{NODE_A}:30053"), 1)
-        .unwrap();
+    publish_node_port(
+        &c,
+        "web",
+        "10.96.2.10",
+        &WEB[..2],
+        &[30080, 30053],
+        (a1, "node-a"),
+    );
     // As if MASQUERADE's random port had been the node port: exactly this pod's flows.
     let node = &c.nodes[0].node;
     for (proto, port, node_port) in [("tcp", "8080", "30080"), ("udp", "5353", "30053")] {
@@ -564,20 +551,7 @@ fn an_outside_clients_source_port_never_takes_the_nodes_own_connection() {
     require_root!();
     let mut c = cluster([&["a1"], &[]], &["a1"], ClusterOptions::default());
     let a1 = pod_ip(&mut c, "a1");
-    c.write_manifest(
-        "web.yaml",
-        &service_yaml(
-            "web",
-            "10.96.3.10",
-            "  type: NodePort",
-            &with_node_ports(&WEB[2..], &[30090]),
-            &[(a1, "node-a")],
-        ),
-    )
-    .unwrap();
-    c.agents[0]
-        .wait_for_backends(&format!("{NODE_A}:30090"), 1)
-        .unwrap();
+    publish_node_port(&c, "web", "10.96.3.10", &WEB[2..], &[30090], (a1, "node-a"));
 
     let mut checks = Checks::default();
     let mut held = LineConnection::open(&c.clients[0], &format!("{NODE_A}:30090"), Some(":40000"));
@@ -662,20 +636,7 @@ fn connections_beyond_the_snat_port_range_are_dropped_and_counted() {
     c.start_agents(&["--snat-port-range", "61000-61001"])
         .unwrap();
     let a1 = pod_ip(&mut c, "a1");
-    c.write_manifest(
-        "web.yaml",
-        &service_yaml(
-            "web",
-            "10.96.3.20",
-            "  type: NodePort",
-            &with_node_ports(&WEB[2..], &[30090]),
-            &[(a1, "node-a")],
-        ),
-    )
-    .unwrap();
-    c.agents[0]
-        .wait_for_backends(&format!("{NODE_A}:30090"), 1)
-        .unwrap();
+    publish_node_port(&c, "web", "10.96.3.20", &WEB[2..], &[30090], (a1, "node-a"));
     let target = format!("{NODE_A}:30090");
     let mut held = vec![];
     for i in 0..2 {
@@ -716,21 +677,15 @@ fn fragmented_udp_through_a_cluster_ip_and_a_node_port_is_answered_whole() {
     };
     let mut c = cluster([&["client-a"], &["b1"]], &["b1"], options);
     let b1 = pod_ip(&mut c, "b1");
-    c.write_manifest(
-        "echo.yaml",
-        &service_yaml(
-            "echo",
-            "10.96.4.10",
-            "  type: NodePort",
-            &with_node_ports(&WEB[1..2], &[30053]),
-            &[(b1, "node-b")],
-        ),
-    )
-    .unwrap();
+    publish_node_port(
+        &c,
+        "echo",
+        "10.96.4.10",
+        &WEB[1..2],
+        &[30053],
+        (b1, "node-b"),
+    );
     c.agents[0].wait_for_backends("10.96.4.10:53", 1).unwrap();
-    c.agents[0]
-        .wait_for_backends(&format!("{NODE_A}:30053"), 1)
-        .unwrap();
     // The testbed's own path, without a service: pod to pod, path MTU discovery and all.
     let direct = udp_whole(pod_netns(&c, "client-a"), &b1.to_string(), 5353, 8000, "b1");
     assert!(direct.is_ok(), "pod to pod: {direct:?}");
@@ -773,17 +728,14 @@ fn services_answer_across_a_layer3_tunnel_device() {
             "the tunnel itself does not carry {client} -> {name}: {answer:?}"
         );
     }
-    c.write_manifest(
-        "to-b.yaml",
-        &service_yaml(
-            "to-b",
-            "10.96.5.10",
-            "  type: NodePort",
-            &with_node_ports(&WEB[..2], &[30080, 30053]),
-            &[(b1, "node-b")],
-        ),
-    )
-    .unwrap();
+    publish_node_port(
+        &c,
+        "to-b",
+        "10.96.5.10",
+        &WEB[..2],
+        &[30080, 30053],
+        (b1, "node-b"),
+    );
     c.write_manifest(
         "to-a.yaml",
         &service_yaml("to-a", "10.96.5.11", "", &WEB[..2], &[(a1, "node-a")]),

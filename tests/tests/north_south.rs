@@ -2,56 +2,36 @@
 //! external IPs with both external traffic policies, health check node ports, session
 //! affinity, source ranges, internal traffic policy, topology hints, and bad input. Real
 //! agents, servers and clients in namespaces; run as root (skipped otherwise).
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+use std::{net::Ipv4Addr, time::Duration};
 
 use testbed::{
     Netns, http_requests,
+    manifests::{NodeEndpoint, service_on_nodes},
     multinode::{MultiNode, underlay_ip},
-    require_root, udp_request, wait_until,
+    require_root, tally, udp_request, wait_until,
 };
 
 const NODE_A: &str = "192.0.2.11";
 const NODE_B: &str = "192.0.2.12";
 const CLIENT: &str = "192.0.2.100";
 
-/// A service of `kind` with an HTTP (TCP 80 -> 8080) and a DNS (UDP 53 -> 5353) port, and
-/// one EndpointSlice with `endpoints` as (address, node, zone hint).
+/// A service with an HTTP (TCP 80 -> 8080) and a DNS (UDP 53 -> 5353) port (`spec_extra`
+/// names them), and one EndpointSlice with `endpoints` as (address, node, zone hint).
 fn service(
     name: &str,
     cluster_ip: &str,
     spec_extra: &str,
     status: &str,
-    endpoints: &[(Ipv4Addr, &str, Option<&str>)],
+    endpoints: &[Endpoint],
 ) -> String {
-    let endpoints: String = endpoints
-        .iter()
-        .map(|(ip, node, hint)| {
-            let hints = hint
-                .map(|z| format!(", hints: {{forZones: [{{name: {z}}}]}}"))
-                .unwrap_or_default();
-            format!("- {{addresses: [\"{ip}\"], nodeName: {node}{hints}}}\n")
-        })
-        .collect();
-    let endpoints = if endpoints.is_empty() {
-        "endpoints: []\n".to_string()
-    } else {
-        format!("endpoints:\n{endpoints}")
-    };
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default}}
-spec:
-  clusterIP: {cluster_ip}
-{spec_extra}
-status: {{{status}}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
-addressType: IPv4
-ports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]
-{endpoints}"
+    let slice_ports = [("http", "TCP", 8080), ("dns", "UDP", 5353)];
+    service_on_nodes(
+        name,
+        cluster_ip,
+        spec_extra,
+        status,
+        &slice_ports,
+        endpoints,
     )
 }
 
@@ -79,19 +59,46 @@ fn ip_of(cluster: &mut MultiNode, pod: &str) -> Ipv4Addr {
     cluster.pod(pod).ip
 }
 
-/// Backend name -> count, and the peer addresses the backends saw.
-fn tally(answers: &[Result<String, String>]) -> (BTreeMap<String, usize>, Vec<String>) {
-    let mut by_backend = BTreeMap::new();
-    let mut peers = Vec::new();
-    for answer in answers {
-        let line = answer.as_ref().expect("request failed");
-        let mut parts = line.split_whitespace();
-        *by_backend
-            .entry(parts.next().unwrap().to_string())
-            .or_default() += 1;
-        peers.push(parts.next().unwrap().split(':').next().unwrap().to_string());
-    }
-    (by_backend, peers)
+type Endpoint = NodeEndpoint<'static>;
+
+/// `cluster` with no extra pods, and a1 and b1 as endpoints on their nodes.
+fn cluster_with_endpoints(clients: usize) -> (MultiNode, [Endpoint; 2]) {
+    let mut c = cluster([&[], &[]], clients);
+    let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
+    (c, [(a1, "node-a", None), (b1, "node-b", None)])
+}
+
+/// The spec of a NodePort service with `ports`.
+fn node_port(http_node_port: u16, dns_node_port: u16) -> String {
+    format!("  type: NodePort\n{}", ports(http_node_port, dns_node_port))
+}
+
+/// The spec of a LoadBalancer service with `ports`, and `spec_extra` (lines, each ending in
+/// a newline).
+fn load_balancer(spec_extra: &str, http_node_port: u16, dns_node_port: u16) -> String {
+    format!(
+        "  type: LoadBalancer\n{spec_extra}{}",
+        ports(http_node_port, dns_node_port)
+    )
+}
+
+/// A Service status with one load balancer ingress IP.
+fn ingress(ip: &str) -> String {
+    format!("loadBalancer: {{ingress: [{{ip: {ip}}}]}}")
+}
+
+/// Writes `service(..)` as the manifest `file`.
+fn apply(
+    c: &MultiNode,
+    file: &str,
+    name: &str,
+    cluster_ip: &str,
+    spec: &str,
+    status: &str,
+    endpoints: &[Endpoint],
+) {
+    c.write_manifest(file, &service(name, cluster_ip, spec, status, endpoints))
+        .unwrap();
 }
 
 /// One HTTP GET with a short timeout: ("ok" body | "refused" | "timeout").
@@ -135,20 +142,16 @@ fn wait_backends(cluster: &MultiNode, node: usize, frontend: &str, backends: usi
 #[test]
 fn node_ports_reach_backends_on_both_nodes_with_the_node_as_source() {
     require_root!();
-    let mut c = cluster([&[], &[]], 1);
-    let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
-    let eps = [(a1, "node-a", None), (b1, "node-b", None)];
-    c.write_manifest(
+    let (c, eps) = cluster_with_endpoints(1);
+    apply(
+        &c,
         "web.yaml",
-        &service(
-            "web",
-            "10.96.1.10",
-            &format!("  type: NodePort\n{}", ports(30080, 30053)),
-            "",
-            &eps,
-        ),
-    )
-    .unwrap();
+        "web",
+        "10.96.1.10",
+        &node_port(30080, 30053),
+        "",
+        &eps,
+    );
     wait_backends(&c, 0, "192.0.2.11:30080", 2);
     wait_backends(&c, 1, "192.0.2.12:30080", 2);
 
@@ -180,16 +183,10 @@ fn node_ports_reach_backends_on_both_nodes_with_the_node_as_source() {
 #[test]
 fn load_balancer_and_external_ips_are_served() {
     require_root!();
-    let mut c = cluster([&[], &[]], 1);
-    let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
-    let eps = [(a1, "node-a", None), (b1, "node-b", None)];
-    let spec = format!(
-        "  type: LoadBalancer\n  externalIPs: [198.51.100.20]\n{}",
-        ports(30081, 30054)
-    );
+    let (c, eps) = cluster_with_endpoints(1);
+    let spec = load_balancer("  externalIPs: [198.51.100.20]\n", 30081, 30054);
     let status = "loadBalancer: {ingress: [{ip: 198.51.100.10}, {hostname: lb.example.invalid}]}";
-    c.write_manifest("lb.yaml", &service("lb", "10.96.1.11", &spec, status, &eps))
-        .unwrap();
+    apply(&c, "lb.yaml", "lb", "10.96.1.11", &spec, status, &eps);
     wait_backends(&c, 0, "198.51.100.10:80", 2);
     wait_backends(&c, 0, "198.51.100.20:80", 2);
     for vip in ["198.51.100.10", "198.51.100.20"] {
@@ -209,26 +206,27 @@ fn load_balancer_and_external_ips_are_served() {
 #[test]
 fn external_traffic_policy_local_keeps_the_client_address_and_health_checks_follow_endpoints() {
     require_root!();
-    let mut c = cluster([&[], &[]], 1);
-    let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
+    let (c, eps) = cluster_with_endpoints(1);
     let spec = |http| {
-        format!(
-            "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n{}",
-            ports(http, 30055)
+        load_balancer(
+            "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n",
+            http,
+            30055,
         )
     };
-    let status = "loadBalancer: {ingress: [{ip: 198.51.100.30}]}";
-    c.write_manifest(
-        "local.yaml",
-        &service(
+    let status = &ingress("198.51.100.30");
+    let serve_from = |endpoints: &[Endpoint]| {
+        apply(
+            &c,
+            "local.yaml",
             "local",
             "10.96.1.12",
             &spec(30082),
             status,
-            &[(a1, "node-a", None)],
-        ),
-    )
-    .unwrap();
+            endpoints,
+        )
+    };
+    serve_from(&eps[..1]);
     wait_backends(&c, 0, "192.0.2.11:30082", 1);
     wait_backends(&c, 1, "192.0.2.12:30082", 0);
 
@@ -261,17 +259,7 @@ fn external_traffic_policy_local_keeps_the_client_address_and_health_checks_foll
     assert_eq!(code, 503, "{body}");
 
     // The endpoint moves to node B: the checks follow.
-    c.write_manifest(
-        "local.yaml",
-        &service(
-            "local",
-            "10.96.1.12",
-            &spec(30082),
-            status,
-            &[(b1, "node-b", None)],
-        ),
-    )
-    .unwrap();
+    serve_from(&eps[1..]);
     wait_until(Duration::from_secs(5), || {
         check(NODE_A).0 == 503 && check(NODE_B).0 == 200
     })
@@ -297,19 +285,22 @@ fn external_traffic_policy_local_keeps_the_client_address_and_health_checks_foll
 #[test]
 fn session_affinity_holds_across_connections_and_frontends_then_expires() {
     require_root!();
-    let mut c = cluster([&[], &[]], 1);
-    let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
-    let eps = [(a1, "node-a", None), (b1, "node-b", None)];
-    let spec = format!(
-        "  type: LoadBalancer\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 2}}}}\n{}",
-        ports(30083, 30056)
+    let (c, eps) = cluster_with_endpoints(1);
+    let spec = load_balancer(
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}\n",
+        30083,
+        30056,
     );
-    let status = "loadBalancer: {ingress: [{ip: 198.51.100.40}]}";
-    c.write_manifest(
+    let status = &ingress("198.51.100.40");
+    apply(
+        &c,
         "sticky.yaml",
-        &service("sticky", "10.96.1.13", &spec, status, &eps),
-    )
-    .unwrap();
+        "sticky",
+        "10.96.1.13",
+        &spec,
+        status,
+        &eps,
+    );
     wait_backends(&c, 0, "192.0.2.11:30083", 2);
     wait_backends(&c, 0, "198.51.100.40:80", 2);
 
@@ -349,19 +340,22 @@ fn session_affinity_holds_across_connections_and_frontends_then_expires() {
 #[test]
 fn source_ranges_limit_the_load_balancer_ip_only() {
     require_root!();
-    let mut c = cluster([&[], &[]], 2);
-    let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
-    let eps = [(a1, "node-a", None), (b1, "node-b", None)];
-    let spec = format!(
-        "  type: LoadBalancer\n  loadBalancerSourceRanges: [\"{CLIENT}/32\"]\n{}",
-        ports(30084, 30057)
+    let (c, eps) = cluster_with_endpoints(2);
+    let spec = load_balancer(
+        &format!("  loadBalancerSourceRanges: [\"{CLIENT}/32\"]\n"),
+        30084,
+        30057,
     );
-    let status = "loadBalancer: {ingress: [{ip: 198.51.100.50}]}";
-    c.write_manifest(
+    let status = &ingress("198.51.100.50");
+    apply(
+        &c,
         "ranged.yaml",
-        &service("ranged", "10.96.1.14", &spec, status, &eps),
-    )
-    .unwrap();
+        "ranged",
+        "10.96.1.14",
+        &spec,
+        status,
+        &eps,
+    );
     wait_backends(&c, 0, "198.51.100.50:80", 2);
     assert!(
         probe(&c.clients[0], "http://198.51.100.50/").starts_with(['a', 'b']),
@@ -385,37 +379,41 @@ fn internal_traffic_policy_local_and_zone_hints_keep_pod_traffic_close() {
     let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
     let both = [(a1, "node-a", None), (b1, "node-b", None)];
     let ports = "  ports: [{name: http, port: 80, targetPort: 8080}, {name: dns, port: 53, targetPort: 5353, protocol: UDP}]";
-    c.write_manifest(
-        "itp.yaml",
-        &service(
+    let itp_spec = format!("  internalTrafficPolicy: Local\n{ports}");
+    let itp = |endpoints: &[Endpoint]| {
+        apply(
+            &c,
+            "itp.yaml",
             "itp",
             "10.96.1.15",
-            &format!("  internalTrafficPolicy: Local\n{ports}"),
+            &itp_spec,
             "",
-            &both,
-        ),
-    )
-    .unwrap();
+            endpoints,
+        )
+    };
+    itp(&both);
     let hinted = [
         (a1, "node-a", Some("zone-a")),
         (b1, "node-b", Some("zone-b")),
     ];
-    c.write_manifest(
+    apply(
+        &c,
         "zonal.yaml",
-        &service(
-            "zonal",
-            "10.96.1.16",
-            &format!("  trafficDistribution: PreferSameZone\n{ports}"),
-            "",
-            &hinted,
-        ),
-    )
-    .unwrap();
-    c.write_manifest(
+        "zonal",
+        "10.96.1.16",
+        &format!("  trafficDistribution: PreferSameZone\n{ports}"),
+        "",
+        &hinted,
+    );
+    apply(
+        &c,
         "remote.yaml",
-        &service("remote", "10.96.1.17", ports, "", &[(b1, "node-b", None)]),
-    )
-    .unwrap();
+        "remote",
+        "10.96.1.17",
+        ports,
+        "",
+        &[(b1, "node-b", None)],
+    );
     for node in 0..2 {
         wait_backends(&c, node, "10.96.1.15:80", 1);
         wait_backends(&c, node, "10.96.1.16:80", 1);
@@ -453,17 +451,7 @@ fn internal_traffic_policy_local_and_zone_hints_keep_pod_traffic_close() {
     );
 
     // internalTrafficPolicy Local with no endpoint on the node: dropped, not refused.
-    c.write_manifest(
-        "itp.yaml",
-        &service(
-            "itp",
-            "10.96.1.15",
-            &format!("  internalTrafficPolicy: Local\n{ports}"),
-            "",
-            &both[..1],
-        ),
-    )
-    .unwrap();
+    itp(&both[..1]);
     wait_backends(&c, 1, "10.96.1.15:80", 0);
     let client_b = &c.nodes[1].node.pods[ib].netns;
     assert_eq!(probe(client_b, "http://10.96.1.15/"), "timeout");
@@ -472,57 +460,48 @@ fn internal_traffic_policy_local_and_zone_hints_keep_pod_traffic_close() {
 #[test]
 fn bad_external_settings_are_reported_and_skipped() {
     require_root!();
-    let mut c = cluster([&[], &[]], 1);
-    let (a1, b1) = (ip_of(&mut c, "a1"), ip_of(&mut c, "b1"));
-    let eps = [(a1, "node-a", None), (b1, "node-b", None)];
-    c.write_manifest(
+    let (c, eps) = cluster_with_endpoints(1);
+    apply(
+        &c,
         "out-of-range.yaml",
-        &service(
-            "outofrange",
-            "10.96.1.20",
-            &format!("  type: NodePort\n{}", ports(20080, 30058)),
-            "",
-            &eps,
-        ),
-    )
-    .unwrap();
-    c.write_manifest(
-        "first.yaml",
-        &service(
-            "first",
-            "10.96.1.21",
-            &format!("  type: NodePort\n{}", ports(30090, 30059)),
-            "",
-            &eps,
-        ),
-    )
-    .unwrap();
-    c.write_manifest(
-        "second.yaml",
-        &service(
-            "second",
-            "10.96.1.22",
-            &format!("  type: NodePort\n{}", ports(30090, 30060)),
-            "",
-            &eps,
-        ),
-    )
-    .unwrap();
-    let bad_ranges = format!(
-        "  type: LoadBalancer\n  loadBalancerSourceRanges: [\"not-a-cidr\"]\n{}",
-        ports(30091, 30061)
+        "outofrange",
+        "10.96.1.20",
+        &node_port(20080, 30058),
+        "",
+        &eps,
     );
-    c.write_manifest(
+    apply(
+        &c,
+        "first.yaml",
+        "first",
+        "10.96.1.21",
+        &node_port(30090, 30059),
+        "",
+        &eps,
+    );
+    apply(
+        &c,
+        "second.yaml",
+        "second",
+        "10.96.1.22",
+        &node_port(30090, 30060),
+        "",
+        &eps,
+    );
+    let bad_ranges = load_balancer(
+        "  loadBalancerSourceRanges: [\"not-a-cidr\"]\n",
+        30091,
+        30061,
+    );
+    apply(
+        &c,
         "bad-ranges.yaml",
-        &service(
-            "badranges",
-            "10.96.1.23",
-            &bad_ranges,
-            "loadBalancer: {ingress: [{ip: 198.51.100.60}]}",
-            &eps,
-        ),
-    )
-    .unwrap();
+        "badranges",
+        "10.96.1.23",
+        &bad_ranges,
+        &ingress("198.51.100.60"),
+        &eps,
+    );
     wait_backends(&c, 0, "10.96.1.20:80", 2);
     wait_backends(&c, 0, "192.0.2.11:30090", 2);
     wait_until(Duration::from_secs(5), || {
@@ -554,18 +533,17 @@ fn bad_external_settings_are_reported_and_skipped() {
 #[test]
 fn icmp_errors_about_node_port_flows_reach_the_external_client() {
     require_root!();
-    let mut c = cluster([&[], &[]], 1);
-    let a1 = ip_of(&mut c, "a1");
+    let (c, eps) = cluster_with_endpoints(1);
     // The slice's UDP port is one nothing listens on: a1 answers ICMP port unreachable to the
     // node's SNAT address; the client must get it about the node port it used.
-    let manifest = service(
+    let manifest = service_on_nodes(
         "closed",
         "10.96.1.30",
-        &format!("  type: NodePort\n{}", ports(30092, 30062)),
+        &node_port(30092, 30062),
         "",
-        &[(a1, "node-a", None)],
-    )
-    .replace("port: 5353, protocol: UDP", "port: 5999, protocol: UDP");
+        &[("http", "TCP", 8080), ("dns", "UDP", 5999)],
+        &eps[..1],
+    );
     c.write_manifest("closed.yaml", &manifest).unwrap();
     wait_backends(&c, 0, "192.0.2.11:30062", 1);
     let probe = r#"

@@ -20,7 +20,7 @@ use dataplane_agent::{
         maps::PinnedMaps,
         programmer::Programmer,
     },
-    frame::{IpFields, L4, checksum},
+    observe::frame::{IpFields, L4, checksum},
     plan::{Algorithm, Frontend, FrontendAddr, FrontendKind, Plan, Protocol},
 };
 use testbed::require_root;
@@ -42,7 +42,7 @@ const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 
 /// A fixture frame with the default IPv4 fields (TTL 64, id 0x1234).
 fn frame(macs: ([u8; 6], [u8; 6]), src: SocketAddrV4, dst: SocketAddrV4, l4: L4) -> Vec<u8> {
-    dataplane_agent::frame::frame(macs, src, dst, l4, IpFields::default())
+    dataplane_agent::observe::frame::frame(macs, src, dst, l4, IpFields::default())
 }
 
 fn ipv4_header(
@@ -54,7 +54,12 @@ fn ipv4_header(
     id: u16,
     flags: u8,
 ) -> Vec<u8> {
-    dataplane_agent::frame::ipv4_header(proto, total, (src, dst), IpFields { ttl, id, flags })
+    dataplane_agent::observe::frame::ipv4_header(
+        proto,
+        total,
+        (src, dst),
+        IpFields { ttl, id, flags },
+    )
 }
 
 fn sock(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
@@ -493,16 +498,21 @@ fn plan_of(frontends: Vec<Frontend>) -> Plan {
     }
 }
 
+/// The `web` service's TCP port: 80 to BACKEND:8080.
+fn web_tcp() -> Frontend {
+    frontend(
+        "default/web",
+        VIP,
+        80,
+        Protocol::Tcp,
+        &[sock(BACKEND, 8080)],
+    )
+}
+
 /// The `web` service: TCP 80 to BACKEND:8080, UDP 53 to BACKEND:5353.
 fn web_frontends() -> [Frontend; 2] {
     [
-        frontend(
-            "default/web",
-            VIP,
-            80,
-            Protocol::Tcp,
-            &[sock(BACKEND, 8080)],
-        ),
+        web_tcp(),
         frontend(
             "default/web",
             VIP,
@@ -536,27 +546,28 @@ fn isolate_network() {
 
 /// Runs `ip ARGS` in the calling thread's network namespace (a child inherits it).
 fn ip(args: &[&str]) {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    testbed::ip(args).unwrap();
 }
 
 /// The datapath loaded under pins of its own (removed when `Pins` drops, which a tuple
 /// binding does last), and the agent's programmer on its maps; the test's thread in a
 /// network namespace of its own.
-fn load(prefix: &str, sizes: &MapSizes) -> (Pins, LoadedDatapath, Programmer) {
+/// `sizes`: (map name, entries) for the maps not at their default size.
+fn load(prefix: &str, sizes: &[(&str, u32)]) -> (Pins, LoadedDatapath, Programmer) {
+    let sizes: MapSizes = sizes.iter().map(|(m, n)| (m.to_string(), *n)).collect();
     isolate_network();
     let pins = Pins(BpffsLayout::new(
         std::path::Path::new("/sys/fs/bpf").join(testbed::unique(prefix)),
     ));
-    let datapath = LoadedDatapath::load(&pins.0, sizes).unwrap();
+    let datapath = LoadedDatapath::load(&pins.0, &sizes).unwrap();
     let programmer = Programmer::restore(PinnedMaps::open(&pins.0).unwrap()).unwrap();
+    (pins, datapath, programmer)
+}
+
+/// [`load`] with the default map sizes, and `frontends` programmed.
+fn load_serving(prefix: &str, frontends: Vec<Frontend>) -> (Pins, LoadedDatapath, Programmer) {
+    let (pins, datapath, mut programmer) = load(prefix, &[]);
+    assert!(programmer.apply(&plan_of(frontends)).failures.is_empty());
     (pins, datapath, programmer)
 }
 
@@ -583,7 +594,7 @@ fn run_program(datapath: &mut LoadedDatapath, program: &str, input: &[u8]) -> (u
 #[test]
 fn packet_fixtures_through_bpf_prog_test_run() {
     require_root!();
-    let (_pins, mut datapath, mut programmer) = load("dpfix", &Default::default());
+    let (_pins, mut datapath, mut programmer) = load("dpfix", &[]);
     let plan = plan_of(
         web_frontends()
             .into_iter()
@@ -651,12 +662,13 @@ fn destination_of(
 #[test]
 fn a_full_map_skips_what_does_not_fit_and_keeps_the_rest_working() {
     require_root!();
-    let sizes = [
-        (dataplane_common::map_names::SERVICES.to_string(), 8),
-        (dataplane_common::map_names::BACKENDS.to_string(), 5),
-    ]
-    .into();
-    let (_pins, mut datapath, mut programmer) = load("dpfull", &sizes);
+    let (_pins, mut datapath, mut programmer) = load(
+        "dpfull",
+        &[
+            (dataplane_common::map_names::SERVICES, 8),
+            (dataplane_common::map_names::BACKENDS, 5),
+        ],
+    );
     let vip = |n| Ipv4Addr::new(10, 96, 1, n);
     let backend = |n| sock(Ipv4Addr::new(10, 0, 0, n), 8080);
     let fe =
@@ -723,9 +735,7 @@ fn a_full_map_skips_what_does_not_fit_and_keeps_the_rest_working() {
 #[test]
 fn idle_conntrack_entries_are_collected_by_protocol_timeout() {
     require_root!();
-    let (pins, mut datapath, mut programmer) = load("dpgc", &Default::default());
-    let plan = plan_of(web_frontends().into());
-    assert!(programmer.apply(&plan).failures.is_empty());
+    let (pins, mut datapath, mut programmer) = load_serving("dpgc", web_frontends().into());
     let run = |datapath: &mut LoadedDatapath, frame: Vec<u8>| run_pod_ingress(datapath, &frame);
     run(&mut datapath, syn_to(VIP, 40500));
     run(
@@ -749,7 +759,7 @@ fn idle_conntrack_entries_are_collected_by_protocol_timeout() {
             .count()
     };
     assert_eq!(entries(), 4, "a forward and a reply entry per flow");
-    let now = dataplane_agent::inspect::monotonic_ns();
+    let now = dataplane_agent::observe::inspect::monotonic_ns();
     assert_eq!(programmer.collect_conntrack(now), 0, "nothing is idle yet");
     let hours = |h: u64| now + h * 3600 * 1_000_000_000;
     assert_eq!(
@@ -768,15 +778,7 @@ fn idle_conntrack_entries_are_collected_by_protocol_timeout() {
 #[test]
 fn a_closed_tcp_flow_reopens_on_a_new_syn_and_goes_after_a_short_idle_time() {
     require_root!();
-    let (pins, mut datapath, mut programmer) = load("dpfin", &Default::default());
-    let plan = plan_of(vec![frontend(
-        "default/web",
-        VIP,
-        80,
-        Protocol::Tcp,
-        &[sock(BACKEND, 8080)],
-    )]);
-    assert!(programmer.apply(&plan).failures.is_empty());
+    let (pins, mut datapath, mut programmer) = load_serving("dpfin", vec![web_tcp()]);
     let mut run = |flags: u8| {
         let input = frame(
             TO_NODE,
@@ -810,7 +812,7 @@ fn a_closed_tcp_flow_reopens_on_a_new_syn_and_goes_after_a_short_idle_time() {
     run(0x11); // FIN, ACK
     let closing = dataplane_common::CT_FLAG_CLOSING;
     assert_eq!(flags(), [closing, closing], "a FIN marks both entries");
-    let now = dataplane_agent::inspect::monotonic_ns();
+    let now = dataplane_agent::observe::inspect::monotonic_ns();
     assert_eq!(programmer.collect_conntrack(now), 0, "not idle yet");
     assert_eq!(
         programmer.collect_conntrack(now + 600 * 1_000_000_000),
@@ -884,7 +886,7 @@ fn udp_fragments(
 #[test]
 fn translated_packets_are_forwarded_by_the_fib_or_answered_as_a_router() {
     require_root!();
-    let (_pins, mut datapath, mut programmer) = load("dpfwd", &Default::default());
+    let (_pins, mut datapath, mut programmer) = load("dpfwd", &[]);
     // Backends behind an interface with a small MTU; forwarding on.
     ip(&[
         "link", "add", "fwd0", "mtu", "1280", "type", "veth", "peer", "name", "fwd1",
@@ -985,7 +987,7 @@ fn translated_packets_are_forwarded_by_the_fib_or_answered_as_a_router() {
 #[test]
 fn external_frontends_open_flows_only_for_new_connections_with_ports_from_the_snat_range() {
     require_root!();
-    let (pins, mut datapath, mut programmer) = load("dpext", &Default::default());
+    let (pins, mut datapath, mut programmer) = load("dpext", &[]);
     let node_port = |port, protocol, backend| Frontend {
         kind: FrontendKind::NodePort,
         algorithm: Algorithm::Maglev,
@@ -1081,7 +1083,7 @@ fn external_frontends_open_flows_only_for_new_connections_with_ports_from_the_sn
 #[test]
 fn a_flows_entries_expire_together_by_its_latest_packet() {
     require_root!();
-    let (pins, mut datapath, mut programmer) = load("dpct", &Default::default());
+    let (pins, mut datapath, mut programmer) = load("dpct", &[]);
     assert!(
         programmer
             .apply(&plan_of(web_frontends().into()))
@@ -1111,7 +1113,7 @@ fn a_flows_entries_expire_together_by_its_latest_packet() {
     run_pod_ingress(&mut datapath, &query(41000));
     run_pod_ingress(&mut datapath, &answer);
     // The server has been silent for 165 s; the client sent just now.
-    let now = dataplane_agent::inspect::monotonic_ns();
+    let now = dataplane_agent::observe::inspect::monotonic_ns();
     let seconds = |s: u64| s * 1_000_000_000;
     let maps = PinnedMaps::open(&pins.0).unwrap();
     let reply_key = dataplane_common::CtKey::new(
@@ -1143,7 +1145,7 @@ fn a_flows_entries_expire_together_by_its_latest_packet() {
 
     // A flow that never saw an answer goes after the shorter UDP timeout.
     run_pod_ingress(&mut datapath, &query(41001));
-    let now = dataplane_agent::inspect::monotonic_ns();
+    let now = dataplane_agent::observe::inspect::monotonic_ns();
     assert_eq!(programmer.collect_conntrack(now + seconds(29)), 0);
     assert_eq!(programmer.collect_conntrack(now + seconds(31)), 2);
 }
@@ -1154,7 +1156,7 @@ fn a_flows_entries_expire_together_by_its_latest_packet() {
 #[test]
 fn session_affinity_forgets_a_backend_that_left_the_service() {
     require_root!();
-    let (_pins, mut datapath, mut programmer) = load("dpaff", &Default::default());
+    let (_pins, mut datapath, mut programmer) = load("dpaff", &[]);
     let backends = [sock(BACKEND, 8080), sock(Ipv4Addr::new(10, 0, 0, 3), 8080)];
     let with = |backends: &[SocketAddrV4], retained: &[SocketAddrV4]| {
         plan_of(vec![Frontend {
@@ -1194,12 +1196,13 @@ fn session_affinity_forgets_a_backend_that_left_the_service() {
 #[test]
 fn a_burst_of_udp_flows_does_not_evict_tcp_connections() {
     require_root!();
-    let sizes = [
-        (dataplane_common::map_names::CONNTRACK_TCP.to_string(), 64),
-        (dataplane_common::map_names::CONNTRACK_ANY.to_string(), 64),
-    ]
-    .into();
-    let (pins, mut datapath, mut programmer) = load("dpctsplit", &sizes);
+    let (pins, mut datapath, mut programmer) = load(
+        "dpctsplit",
+        &[
+            (dataplane_common::map_names::CONNTRACK_TCP, 64),
+            (dataplane_common::map_names::CONNTRACK_ANY, 64),
+        ],
+    );
     assert!(
         programmer
             .apply(&plan_of(web_frontends().into()))
@@ -1246,15 +1249,7 @@ fn a_burst_of_udp_flows_does_not_evict_tcp_connections() {
 #[test]
 fn a_connection_closed_both_ways_goes_soon_and_a_half_closed_one_stays() {
     require_root!();
-    let (_pins, mut datapath, mut programmer) = load("dpfin2", &Default::default());
-    let plan = plan_of(vec![frontend(
-        "default/web",
-        VIP,
-        80,
-        Protocol::Tcp,
-        &[sock(BACKEND, 8080)],
-    )]);
-    assert!(programmer.apply(&plan).failures.is_empty());
+    let (_pins, mut datapath, mut programmer) = load_serving("dpfin2", vec![web_tcp()]);
     let segment = |from, to, flags| {
         frame(
             TO_NODE,
@@ -1275,7 +1270,7 @@ fn a_connection_closed_both_ways_goes_soon_and_a_half_closed_one_stays() {
     ] {
         assert_eq!(run_pod_ingress(&mut datapath, &frame).0, TC_ACT_OK);
     }
-    let now = dataplane_agent::inspect::monotonic_ns();
+    let now = dataplane_agent::observe::inspect::monotonic_ns();
     let seconds = |s: u64| now + s * 1_000_000_000;
     assert_eq!(
         programmer.collect_conntrack(seconds(60)),
@@ -1284,7 +1279,7 @@ fn a_connection_closed_both_ways_goes_soon_and_a_half_closed_one_stays() {
     );
     let backend_fin = segment(sock(BACKEND, 8080), client, 0x11);
     assert_eq!(run_pod_ingress(&mut datapath, &backend_fin).0, TC_ACT_OK);
-    let now = dataplane_agent::inspect::monotonic_ns();
+    let now = dataplane_agent::observe::inspect::monotonic_ns();
     assert_eq!(
         programmer.collect_conntrack(now + 11 * 1_000_000_000),
         2,

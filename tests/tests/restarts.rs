@@ -498,30 +498,45 @@ fn wait_swapped(bed: &Bed, i: usize, starts: usize) {
     .unwrap_or_else(|e| panic!("{e}: agent of node {i} not running again:\n{}", bed.logs()));
 }
 
+/// Holds connections and runs 20 s of load while `step` runs on each node's agent in turn (as
+/// a DaemonSet rolling update does), after `warmup` and with `pause` after each; then checks
+/// the held connections and the load.
+fn each_agent_in_turn_under_load(
+    case: &str,
+    warmup: Duration,
+    pause: Duration,
+    mut step: impl FnMut(&mut Bed, usize),
+) -> Bed {
+    let mut bed = Bed::new();
+    let mut held = bed.hold();
+    let loads = bed.load(20.0);
+    std::thread::sleep(warmup);
+    for i in 0..bed.cluster.agents.len() {
+        step(&mut bed, i);
+        std::thread::sleep(pause);
+    }
+    assert_held(case, &mut held, &bed);
+    assert_load(case, loads, &bed);
+    bed
+}
+
 #[test]
 fn restarting_the_agents_under_load_keeps_held_and_new_connections() {
     require_root!();
     let case = "restart";
-    let mut bed = Bed::new();
-    let mut held = bed.hold();
-    let loads = bed.load(20.0);
-    std::thread::sleep(Duration::from_secs(4));
-    // Each node's agent in turn, as a DaemonSet rolling update does.
-    for i in 0..bed.cluster.agents.len() {
+    let four = Duration::from_secs(4);
+    let bed = each_agent_in_turn_under_load(case, four, four, |bed, i| {
         let started = Instant::now();
         bed.cluster.agents[i].stop();
         let stopped = started.elapsed();
         bed.cluster.agents[i].restart().unwrap();
-        wait_swapped(&bed, i, 2);
+        wait_swapped(bed, i, 2);
         println!(
             "{case}: agent of {} stopped after {stopped:?}, its program in every link after {:?}",
             bed.cluster.nodes[i].name,
             started.elapsed()
         );
-        std::thread::sleep(Duration::from_secs(4));
-    }
-    assert_held(case, &mut held, &bed);
-    assert_load(case, loads, &bed);
+    });
     for agent in &bed.cluster.agents {
         assert!(
             agent.log_text().contains("replaced program in pinned link"),
@@ -737,18 +752,15 @@ fn downgrade_conntrack(bpffs: &std::path::Path, fresh: Duration) -> usize {
 fn upgrading_from_one_conntrack_table_under_load_keeps_held_and_new_connections() {
     require_root!();
     let case = "upgrade";
-    let mut bed = Bed::new();
-    let mut held = bed.hold();
-    let loads = bed.load(20.0);
-    std::thread::sleep(Duration::from_secs(5));
-    for i in 0..bed.cluster.agents.len() {
+    let (warmup, pause) = (Duration::from_secs(5), Duration::from_secs(3));
+    each_agent_in_turn_under_load(case, warmup, pause, |bed, i| {
         let started = Instant::now();
         bed.cluster.agents[i].stop();
         let stopped = started.elapsed();
         let moved = downgrade_conntrack(&bed.cluster.agents[i].bpffs_dir, Duration::from_secs(2));
         let downgraded = started.elapsed();
         bed.cluster.agents[i].restart().unwrap();
-        wait_swapped(&bed, i, 2);
+        wait_swapped(bed, i, 2);
         let up = started.elapsed();
         let agent = &bed.cluster.agents[i];
         wait_until(Duration::from_secs(10), || {
@@ -775,10 +787,7 @@ fn upgrading_from_one_conntrack_table_under_load_keeps_held_and_new_connections(
             !agent.bpffs_dir.join("dp_ct_v2").exists(),
             "the old map is unpinned"
         );
-        std::thread::sleep(Duration::from_secs(3));
-    }
-    assert_held(case, &mut held, &bed);
-    assert_load(case, loads, &bed);
+    });
 }
 
 /// How long the datapath runs with no agent at all.

@@ -3,6 +3,7 @@
 pub mod attach;
 pub mod layout;
 pub mod loader;
+pub mod maglev;
 pub mod maps;
 #[cfg(test)]
 pub mod model;

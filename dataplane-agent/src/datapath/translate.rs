@@ -21,7 +21,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    maglev,
+    datapath::maglev,
     plan::{Algorithm, BackendAddr, Cidr, Frontend, FrontendAddr, FrontendKind, Protocol},
 };
 

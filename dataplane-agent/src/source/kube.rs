@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
 use super::Inbox;
-use crate::objects::{ClusterObjects, Delta, Kind, Object, Touched};
+use crate::source::objects::{ClusterObjects, Delta, Kind, Object, Touched};
 
 /// kube-proxy's own filter: services (and their slices) meant for another proxy, and headless
 /// ones, are not watched at all.

@@ -17,7 +17,7 @@ use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::value::RawValue;
 use tracing::warn;
 
-use crate::objects::{ClusterObjects, Delta, Object, ObjectKey};
+use crate::source::objects::{ClusterObjects, Delta, Object, ObjectKey};
 
 /// Why a document was skipped: what a user needs to find and fix it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -773,7 +773,10 @@ endpoints: [{addresses: ['fd00::1']}]
         let plan = crate::plan::compute(&objects, &crate::plan::NodeContext::named("node-a"));
         assert_eq!(plan.problems.len(), 2, "{:?}", plan.problems);
         for problem in &plan.problems {
-            assert_eq!(problem.object.kind, crate::objects::Kind::EndpointSlice);
+            assert_eq!(
+                problem.object.kind,
+                crate::source::objects::Kind::EndpointSlice
+            );
             assert_eq!(problem.service, "default/web");
             assert_eq!(
                 dir.origin(&problem.object),

@@ -1,10 +1,11 @@
 //! Where the agent learns the cluster's objects from.
 pub mod kube;
 pub mod manifests;
+pub mod objects;
 
 use std::{collections::BTreeSet, path::PathBuf, sync::Mutex};
 
-use crate::objects::Delta;
+use crate::source::objects::Delta;
 
 /// What the sources observed since the agent last looked. Sources add to it from their own
 /// threads and tasks; the agent takes everything at once, so changes that arrive while it

@@ -372,9 +372,9 @@ impl BenchAgent {
         })
     }
 
-    /// The agent's log, without terminal colour codes.
+    /// The agent's log (plain text: it colours only a terminal).
     fn log_text(&self) -> String {
-        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     fn bulk_dir(&self) -> PathBuf {
@@ -646,24 +646,6 @@ fn key(vip: Ipv4Addr, port: u16, slot: u16) -> ServiceKey {
     translate::service_key(&entry, slot)
 }
 
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters final-byte
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -733,8 +715,8 @@ impl KubeProxy {
                     _ => "iptables-nft",
                 };
                 if noflush {
-                    for args in services::IPTABLES_SETUP {
-                        self.run(node, iptables, args)?;
+                    for args in services::iptables_setup() {
+                        self.run(node, iptables, &args)?;
                     }
                 }
                 if !file.exists() {

@@ -41,7 +41,7 @@ use dataplane_agent::{
         loader::{LoadedDatapath, MapSizes},
         translate::{self, EntryKey, EntrySettings},
     },
-    frame::{self, IpFields, L4},
+    observe::frame::{self, IpFields, L4},
     plan::{BackendAddr, FrontendAddr, Protocol},
 };
 use dataplane_common::{

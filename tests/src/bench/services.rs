@@ -131,82 +131,73 @@ fn chain_hash(text: &str) -> String {
 /// The nat and filter chains kube-proxy's iptables mode hooks into the built-in chains. It
 /// creates them and the jumps with single `iptables` calls before its first restore; the
 /// bench does the same, outside the timed restore.
-pub const IPTABLES_SETUP: &[&[&str]] = &[
-    &["-t", "nat", "-N", "KUBE-SERVICES"],
-    &["-t", "nat", "-N", "KUBE-POSTROUTING"],
-    &[
-        "-t",
-        "nat",
-        "-I",
-        "PREROUTING",
-        "-m",
-        "comment",
-        "--comment",
-        "kubernetes service portals",
-        "-j",
-        "KUBE-SERVICES",
-    ],
-    &[
-        "-t",
-        "nat",
-        "-I",
-        "OUTPUT",
-        "-m",
-        "comment",
-        "--comment",
-        "kubernetes service portals",
-        "-j",
-        "KUBE-SERVICES",
-    ],
-    &[
-        "-t",
-        "nat",
-        "-I",
-        "POSTROUTING",
-        "-m",
-        "comment",
-        "--comment",
-        "kubernetes postrouting rules",
-        "-j",
-        "KUBE-POSTROUTING",
-    ],
-    &["-t", "filter", "-N", "KUBE-SERVICES"],
-    &["-t", "filter", "-N", "KUBE-FORWARD"],
-    &[
-        "-t",
-        "filter",
-        "-I",
-        "FORWARD",
-        "-m",
-        "conntrack",
-        "--ctstate",
-        "NEW",
-        "-m",
-        "comment",
-        "--comment",
-        "kubernetes service portals",
-        "-j",
-        "KUBE-SERVICES",
-    ],
-    &[
-        "-t",
-        "filter",
-        "-I",
-        "FORWARD",
-        "-m",
-        "comment",
-        "--comment",
-        "kubernetes forwarding rules",
-        "-j",
-        "KUBE-FORWARD",
-    ],
-];
+pub fn iptables_setup() -> Vec<Vec<&'static str>> {
+    type Jump = (
+        &'static str,
+        &'static [&'static str],
+        &'static str,
+        &'static str,
+    );
+    // (table, chains it creates, jumps as (built-in chain, matches, comment, target)).
+    let tables: [(&str, [&str; 2], &[Jump]); 2] = [
+        (
+            "nat",
+            ["KUBE-SERVICES", "KUBE-POSTROUTING"],
+            &[
+                (
+                    "PREROUTING",
+                    &[],
+                    "kubernetes service portals",
+                    "KUBE-SERVICES",
+                ),
+                ("OUTPUT", &[], "kubernetes service portals", "KUBE-SERVICES"),
+                (
+                    "POSTROUTING",
+                    &[],
+                    "kubernetes postrouting rules",
+                    "KUBE-POSTROUTING",
+                ),
+            ],
+        ),
+        (
+            "filter",
+            ["KUBE-SERVICES", "KUBE-FORWARD"],
+            &[
+                (
+                    "FORWARD",
+                    &["-m", "conntrack", "--ctstate", "NEW"],
+                    "kubernetes service portals",
+                    "KUBE-SERVICES",
+                ),
+                (
+                    "FORWARD",
+                    &[],
+                    "kubernetes forwarding rules",
+                    "KUBE-FORWARD",
+                ),
+            ],
+        ),
+    ];
+    let mut commands = vec![];
+    for (table, chains, jumps) in tables {
+        for chain in chains {
+            commands.push(vec!["-t", table, "-N", chain]);
+        }
+        for (builtin, matches, comment, target) in jumps {
+            let mut command = vec!["-t", table, "-I", builtin];
+            command.extend(*matches);
+            command.extend(["-m", "comment", "--comment", comment, "-j", target]);
+            commands.push(command);
+        }
+    }
+    commands
+}
 
 /// The iptables-restore input for `set`, in kube-proxy's iptables-mode structure:
 /// KUBE-SERVICES -> KUBE-SVC-* -> KUBE-SEP-* with `statistic --mode random` and DNAT.
 /// `full`: a complete table (built-in chains and their jumps included) for a restore without
 /// `--noflush`; else what kube-proxy itself writes for `--noflush`, after creating the jumps
-/// with single commands (`IPTABLES_SETUP`).
+/// with single commands ([`iptables_setup`]).
 pub fn iptables_restore(set: &[Service], full: bool) -> String {
     let mut chains = String::new();
     let mut rules = String::new();
@@ -306,65 +297,35 @@ COMMIT
 /// `numgen random mod N vmap`.
 pub fn nft_script(set: &[Service]) -> String {
     let t = "ip kube-proxy";
-    let mut o = String::new();
+    let mut o = format!(
+        "add table {t} {{ comment \"rules for kube-proxy\" ; }}
+add chain {t} mark-for-masquerade
+add chain {t} masquerading
+add chain {t} services
+add chain {t} service-endpoints-check
+add chain {t} cluster-ips-check
+add chain {t} nat-prerouting {{ type nat hook prerouting priority -100 ; }}
+add chain {t} nat-output {{ type nat hook output priority -100 ; }}
+add chain {t} nat-postrouting {{ type nat hook postrouting priority 100 ; }}
+add chain {t} filter-forward {{ type filter hook forward priority -110 ; }}
+add rule {t} mark-for-masquerade mark set mark or 0x4000
+add rule {t} masquerading mark and 0x4000 == 0 return
+add rule {t} masquerading mark set mark xor 0x4000
+add rule {t} masquerading masquerade fully-random
+add rule {t} nat-prerouting jump services
+add rule {t} nat-output jump services
+add rule {t} nat-postrouting jump masquerading
+add set {t} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}
+add map {t} service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}
+add map {t} no-endpoint-services {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }}
+add rule {t} filter-forward ct state new jump service-endpoints-check
+add rule {t} filter-forward ct state new jump cluster-ips-check
+add rule {t} service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services
+add rule {t} cluster-ips-check ip daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\"
+add rule {t} services ip daddr . meta l4proto . th dport vmap @service-ips
+"
+    );
     let w = &mut o;
-    writeln!(w, "add table {t} {{ comment \"rules for kube-proxy\" ; }}").unwrap();
-    for chain in [
-        "mark-for-masquerade",
-        "masquerading",
-        "services",
-        "service-endpoints-check",
-        "cluster-ips-check",
-    ] {
-        writeln!(w, "add chain {t} {chain}").unwrap();
-    }
-    for (chain, kind, hook, priority) in [
-        ("nat-prerouting", "nat", "prerouting", "-100"),
-        ("nat-output", "nat", "output", "-100"),
-        ("nat-postrouting", "nat", "postrouting", "100"),
-        ("filter-forward", "filter", "forward", "-110"),
-    ] {
-        writeln!(
-            w,
-            "add chain {t} {chain} {{ type {kind} hook {hook} priority {priority} ; }}"
-        )
-        .unwrap();
-    }
-    writeln!(
-        w,
-        "add rule {t} mark-for-masquerade mark set mark or 0x4000"
-    )
-    .unwrap();
-    writeln!(w, "add rule {t} masquerading mark and 0x4000 == 0 return").unwrap();
-    writeln!(w, "add rule {t} masquerading mark set mark xor 0x4000").unwrap();
-    writeln!(w, "add rule {t} masquerading masquerade fully-random").unwrap();
-    writeln!(w, "add rule {t} nat-prerouting jump services").unwrap();
-    writeln!(w, "add rule {t} nat-output jump services").unwrap();
-    writeln!(w, "add rule {t} nat-postrouting jump masquerading").unwrap();
-    writeln!(
-        w,
-        "add set {t} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}"
-    )
-    .unwrap();
-    writeln!(w, "add map {t} service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}").unwrap();
-    writeln!(w, "add map {t} no-endpoint-services {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }}").unwrap();
-    writeln!(
-        w,
-        "add rule {t} filter-forward ct state new jump service-endpoints-check"
-    )
-    .unwrap();
-    writeln!(
-        w,
-        "add rule {t} filter-forward ct state new jump cluster-ips-check"
-    )
-    .unwrap();
-    writeln!(w, "add rule {t} service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services").unwrap();
-    writeln!(w, "add rule {t} cluster-ips-check ip daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\"").unwrap();
-    writeln!(
-        w,
-        "add rule {t} services ip daddr . meta l4proto . th dport vmap @service-ips"
-    )
-    .unwrap();
     for s in set {
         let svc_port = format!("{NAMESPACE}/{}/tcp/http", s.name);
         let svc_chain = format!("service-{}-{svc_port}", &chain_hash(&svc_port)[..8]);

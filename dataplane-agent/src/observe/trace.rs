@@ -18,7 +18,7 @@ use crate::{
         maps::PinnedMaps,
         translate::{self, EntryKey},
     },
-    frame::{IpFields, L4, TO_NODE},
+    observe::frame::{IpFields, L4, TO_NODE},
     plan::{FrontendAddr, Protocol},
 };
 
@@ -69,7 +69,7 @@ fn synthetic_packet(from: SocketAddrV4, to: SocketAddrV4, protocol: Protocol) ->
         id: 0,
         flags: 0x40, // don't fragment
     };
-    crate::frame::frame(TO_NODE, from, to, l4, ip)
+    crate::observe::frame::frame(TO_NODE, from, to, l4, ip)
 }
 
 /// `src -> dst PROTO` of an IPv4 TCP/UDP frame, or what else it is.
@@ -248,7 +248,7 @@ pub fn trace(
             let _ = maps.drops.set(reason as u32, now - 1, 0); // this packet's drop
         }
     }
-    let names = crate::inspect::services(&maps)?;
+    let names = crate::observe::inspect::services(&maps)?;
     let frontend_name = format!("{to}");
     let service_name = names
         .iter()
@@ -358,7 +358,7 @@ fn trace_host(
         .iter()
         .flatten()
         .find(|(key, _)| key.cookie == cookie && key.kind == dataplane_common::SOCK_REVERSE);
-    let names = crate::inspect::services(maps)?;
+    let names = crate::observe::inspect::services(maps)?;
     let service_name = names
         .iter()
         .find(|s| s.frontend == to.to_string() && s.protocol == protocol.to_string())

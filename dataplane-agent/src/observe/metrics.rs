@@ -51,7 +51,6 @@
 //! registered without it (`encoded_name`); the tests check the exposed names.
 use std::{
     collections::HashMap,
-    convert::Infallible,
     fmt,
     hash::Hash,
     io,
@@ -65,7 +64,6 @@ use hyper::{
     body::{Bytes, Incoming},
     header::{CONTENT_TYPE, HeaderName, HeaderValue},
 };
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, prometheus_text},
@@ -78,11 +76,10 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio::{
-    net::{TcpListener, TcpStream},
-    task::JoinSet,
-};
-use tracing::{debug, warn};
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use super::http::{self};
 
 /// Where kube-proxy serves its metrics by default (`--metrics-bind-address`).
 pub const DEFAULT_METRICS_BIND_ADDRESS: &str = "127.0.0.1:10249";
@@ -598,25 +595,16 @@ impl Metrics {
         listener: TcpListener,
         datapath: Arc<dyn Fn() -> DatapathSnapshot + Send + Sync>,
     ) -> io::Result<()> {
-        let mut connections = JoinSet::new();
-        let mut backoff = Duration::ZERO;
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        backoff = Duration::ZERO;
-                        connections.spawn(serve_connection(stream, self.clone(), datapath.clone()));
-                    }
-                    Err(error) if accept_error_is_fatal(&error) => return Err(error),
-                    Err(error) => {
-                        backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
-                        warn!(%error, ?backoff, "metrics server: accept failed, retrying");
-                        tokio::time::sleep(backoff).await;
-                    }
-                },
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            }
-        }
+        let handler = move |request: Request<Incoming>| {
+            let (metrics, datapath) = (self.clone(), datapath.clone());
+            async move { metrics.respond(request.uri().path(), datapath).await }
+        };
+        http::serve(
+            http::SharedListener::new(listener),
+            "metrics server",
+            handler,
+        )
+        .await
     }
 
     async fn respond(
@@ -683,38 +671,6 @@ fn internal_error() -> Response<Full<Bytes>> {
     )
 }
 
-/// Errors after which the socket cannot accept anymore; the others (out of descriptors or
-/// memory, aborted handshakes) pass.
-fn accept_error_is_fatal(error: &io::Error) -> bool {
-    matches!(
-        error.raw_os_error(),
-        Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP)
-    )
-}
-
-async fn serve_connection(
-    stream: TcpStream,
-    metrics: Arc<Metrics>,
-    datapath: Arc<dyn Fn() -> DatapathSnapshot + Send + Sync>,
-) {
-    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let (metrics, datapath) = (metrics.clone(), datapath.clone());
-        async move {
-            let response = metrics.respond(request.uri().path(), datapath).await;
-            Ok::<_, Infallible>(response)
-        }
-    });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    // With a timer, hyper drops clients that take longer than 30 s to send a request head.
-    builder.timer(TokioTimer::new());
-    if let Err(error) = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .await
-    {
-        debug!(%error, "metrics server: connection ended with an error");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::{
@@ -723,7 +679,7 @@ mod tests {
         sync::atomic::{AtomicUsize, Ordering},
     };
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     use super::*;
 
@@ -1042,51 +998,12 @@ mod tests {
 
     // ---- HTTP ----
 
-    #[derive(Debug)]
-    struct Reply {
-        status: u16,
-        headers: Vec<(String, String)>,
-        body: String,
-    }
-
-    impl Reply {
-        fn header(&self, name: &str) -> Option<&str> {
-            self.headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
-        }
-    }
+    use crate::observe::http::test_client::{self, Reply};
 
     async fn get(port: u16, path: &str) -> Reply {
-        let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+        test_client::get(port, path)
             .await
-            .unwrap();
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
-            .await
-            .expect("response in time")
-            .unwrap();
-        let text = String::from_utf8(raw).expect("utf-8 response");
-        let (head, body) = text.split_once("\r\n\r\n").expect("end of headers");
-        let mut lines = head.split("\r\n");
-        let status = lines.next().unwrap().split(' ').nth(1).unwrap();
-        let reply = Reply {
-            status: status.parse().unwrap(),
-            headers: lines
-                .map(|line| {
-                    let (name, value) = line.split_once(':').unwrap();
-                    (name.trim().to_string(), value.trim().to_string())
-                })
-                .collect(),
-            body: body.to_string(),
-        };
-        let length: usize = reply.header("content-length").unwrap().parse().unwrap();
-        assert_eq!(length, reply.body.len());
-        reply
+            .unwrap_or_else(|e| panic!("GET :{port}{path}: {e}"))
     }
 
     type Datapath = Arc<dyn Fn() -> DatapathSnapshot + Send + Sync>;

@@ -662,8 +662,12 @@ pub fn print_plan(plan: &crate::plan::Plan) {
 }
 
 /// The kernel's counters for the metrics endpoint, from the pinned maps.
-pub fn metrics_snapshot(maps: &PinnedMaps) -> anyhow::Result<crate::metrics::DatapathSnapshot> {
-    use crate::metrics::{BackendCounters, DatapathSnapshot, MapPressure, ServiceCounters};
+pub fn metrics_snapshot(
+    maps: &PinnedMaps,
+) -> anyhow::Result<crate::observe::metrics::DatapathSnapshot> {
+    use crate::observe::metrics::{
+        BackendCounters, DatapathSnapshot, MapPressure, ServiceCounters,
+    };
     let view = stats_view(maps)?;
     let mut snapshot = DatapathSnapshot {
         drops: view

@@ -2,6 +2,8 @@
 //! frontend and the backends new connections there may use. `run` programs exactly this, and
 //! `plan` prints it, so the two cannot disagree. The plan is kept per service ([`Planner`]):
 //! a change plans again only the services it touched.
+pub mod endpoints;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
@@ -10,10 +12,10 @@ use std::{
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use serde::Serialize;
 
-use crate::{
-    endpoints::{self, EndpointInfo, PortPolicy},
-    objects::{Address, ClusterObjects, Kind, ObjectKey, ObjectName, Slice, SliceEndpoint},
+use crate::source::objects::{
+    Address, ClusterObjects, Kind, ObjectKey, ObjectName, Slice, SliceEndpoint,
 };
+use endpoints::{EndpointInfo, PortPolicy};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Protocol {
@@ -187,7 +189,7 @@ pub struct Plan {
     /// Sorted by frontend address; one entry per frontend.
     pub frontends: Vec<Frontend>,
     /// Health check node ports to serve (externalTrafficPolicy Local services).
-    pub health_checks: Vec<crate::health::ServiceHealth>,
+    pub health_checks: Vec<crate::observe::health::ServiceHealth>,
     pub problems: Vec<Problem>,
 }
 
@@ -382,7 +384,7 @@ struct ServicePlan {
     problems: Vec<Problem>,
     /// The problems last reported, to report each once.
     reported: Vec<Problem>,
-    health_check: Option<crate::health::ServiceHealth>,
+    health_check: Option<crate::observe::health::ServiceHealth>,
     /// Ports of it whose policy leaves this node without endpoints: (internal, external).
     no_local: (i64, i64),
 }
@@ -451,7 +453,7 @@ pub struct Planner {
     claims: BTreeSet<Claim>,
     /// Every (cluster IP, service having it).
     cluster_ips: BTreeSet<(Ipv4Addr, ObjectName)>,
-    health_checks: BTreeMap<ObjectName, crate::health::ServiceHealth>,
+    health_checks: BTreeMap<ObjectName, crate::observe::health::ServiceHealth>,
     no_local: (i64, i64),
 }
 
@@ -715,7 +717,7 @@ impl Planner {
     }
 
     /// Health check node ports to serve (externalTrafficPolicy Local services).
-    pub fn health_checks(&self) -> Vec<crate::health::ServiceHealth> {
+    pub fn health_checks(&self) -> Vec<crate::observe::health::ServiceHealth> {
         self.health_checks.values().cloned().collect()
     }
 
@@ -765,14 +767,17 @@ fn conflict(service: &str, f: &Frontend, owner: &str) -> Problem {
 
 /// kube-proxy serves a health check node port for externalTrafficPolicy Local services that
 /// are externally reachable, saying whether this node has local endpoints.
-fn health_check(service: &Service, local_endpoints: usize) -> Option<crate::health::ServiceHealth> {
+fn health_check(
+    service: &Service,
+    local_endpoints: usize,
+) -> Option<crate::observe::health::ServiceHealth> {
     let spec = service.spec.as_ref()?;
     let port = spec
         .health_check_node_port
         .and_then(|p| u16::try_from(p).ok())
         .filter(|p| *p != 0)?;
     (spec.external_traffic_policy.as_deref() == Some("Local")).then(|| {
-        crate::health::ServiceHealth {
+        crate::observe::health::ServiceHealth {
             namespace: service
                 .metadata
                 .namespace
@@ -1490,14 +1495,22 @@ spec: {clusterIP: None, ports: [{port: 80}]}
         yaml: &str,
         delete: &[&str],
     ) -> PlanUpdate {
-        let mut touched = crate::objects::Touched::default();
+        let mut touched = crate::source::objects::Touched::default();
         let (parsed, _) = parse_documents(std::path::Path::new("t.yaml"), yaml);
         for o in parsed {
-            objects.apply(crate::objects::Delta::Apply(o), "node-a", &mut touched);
+            objects.apply(
+                crate::source::objects::Delta::Apply(o),
+                "node-a",
+                &mut touched,
+            );
         }
         for key in delete {
-            let key = crate::objects::ObjectKey::parse(key).unwrap();
-            objects.apply(crate::objects::Delta::Delete(key), "node-a", &mut touched);
+            let key = crate::source::objects::ObjectKey::parse(key).unwrap();
+            objects.apply(
+                crate::source::objects::Delta::Delete(key),
+                "node-a",
+                &mut touched,
+            );
         }
         let node = NodeContext::named("node-a");
         let update = planner.update(objects, &node, Some(&touched.services));

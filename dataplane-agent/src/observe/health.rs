@@ -24,15 +24,12 @@
 //!   the proxy's own health.
 use std::{
     collections::{BTreeSet, HashMap},
-    convert::Infallible,
-    future::poll_fn,
     io,
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicUsize, Ordering},
     },
-    task::Poll,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -42,15 +39,12 @@ use hyper::{
     body::{Bytes, Incoming},
     header::{CONTENT_TYPE, HeaderName, HeaderValue},
 };
-use hyper_util::rt::{TokioIo, TokioTimer};
 use k8s_openapi::{api::core::v1::Node, jiff::Timestamp};
 use serde::Serialize;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    runtime::Handle,
-    task::{AbortHandle, JoinSet},
-};
+use tokio::{net::TcpListener, runtime::Handle, task::AbortHandle};
 use tracing::{debug, warn};
+
+use super::http::{Body, SharedListener, serve};
 
 /// The taint the cluster autoscaler puts on a node it is about to delete.
 pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
@@ -242,8 +236,6 @@ struct ProxyHealthBody {
     healthy: bool,
 }
 
-type Body = Full<Bytes>;
-
 fn response(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
@@ -332,100 +324,19 @@ fn service_health_response(
     response
 }
 
-/// A listening socket whose accept loop runs in a task, and that [`SharedListener::close`]
-/// closes at once (dropping the socket), without waiting for that task to wind down.
-#[derive(Clone)]
-struct SharedListener(Arc<Mutex<Option<TcpListener>>>);
-
-impl SharedListener {
-    fn new(listener: TcpListener) -> Self {
-        SharedListener(Arc::new(Mutex::new(Some(listener))))
-    }
-
-    fn close(&self) {
-        let listener = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
-        drop(listener);
-    }
-
-    /// The next connection; `None` once closed.
-    async fn accept(&self) -> Option<io::Result<TcpStream>> {
-        poll_fn(|cx| {
-            let guard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-            match guard.as_ref() {
-                None => Poll::Ready(None),
-                Some(listener) => listener
-                    .poll_accept(cx)
-                    .map(|accepted| Some(accepted.map(|(stream, _)| stream))),
-            }
-        })
-        .await
-    }
-}
-
-/// Errors after which the socket cannot accept anymore; the others (out of descriptors or
-/// memory, aborted handshakes) pass, as Go's `http.Server` retries them with a backoff.
-fn accept_error_is_fatal(error: &io::Error) -> bool {
-    matches!(
-        error.raw_os_error(),
-        Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP)
-    )
-}
-
-/// HTTP/1.1 on `listener` with `handler` for every request, until the listener is closed or
-/// the task is aborted; aborting it also ends its open connections.
-async fn serve<H>(listener: SharedListener, handler: H) -> io::Result<()>
-where
-    H: Fn(&Request<Incoming>) -> Response<Body> + Clone + Send + Sync + 'static,
-{
-    let mut connections = JoinSet::new();
-    let mut backoff = Duration::ZERO;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                None => return Ok(()),
-                Some(Ok(stream)) => {
-                    backoff = Duration::ZERO;
-                    connections.spawn(serve_connection(stream, handler.clone()));
-                }
-                Some(Err(error)) if accept_error_is_fatal(&error) => return Err(error),
-                Some(Err(error)) => {
-                    backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
-                    warn!(%error, ?backoff, "health server: accept failed, retrying");
-                    tokio::time::sleep(backoff).await;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
-}
-
-async fn serve_connection<H>(stream: TcpStream, handler: H)
-where
-    H: Fn(&Request<Incoming>) -> Response<Body> + Send + Sync + 'static,
-{
-    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let response = handler(&request);
-        async move { Ok::<_, Infallible>(response) }
-    });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    // With a timer, hyper drops clients that take longer than 30 s to send a request head.
-    builder.timer(TokioTimer::new());
-    if let Err(error) = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .await
-    {
-        debug!(%error, "health server: connection ended with an error");
-    }
-}
-
 /// Serves /healthz and /livez for `health` on `listener` until the task is dropped/aborted.
 ///
 /// Returns only if the socket fails for good (transient accept errors are retried); kube-proxy
 /// restarts its server after 5 s in that case.
 pub async fn serve_proxy_health(listener: TcpListener, health: Arc<ProxyHealth>) -> io::Result<()> {
-    serve(SharedListener::new(listener), move |request| {
-        route_proxy_health(&health, request.uri().path(), Stamp::now())
-    })
+    serve(
+        SharedListener::new(listener),
+        "health server",
+        move |request: Request<Incoming>| {
+            let response = route_proxy_health(&health, request.uri().path(), Stamp::now());
+            async move { response }
+        },
+    )
     .await
 }
 
@@ -570,9 +481,11 @@ impl ServiceHealthServer {
             let name: Arc<str> = service.name.as_str().into();
             let local_endpoints = local_endpoints.clone();
             let proxy = self.proxy.clone();
-            move |_: &Request<Incoming>| {
+            move |_: Request<Incoming>| {
                 let count = local_endpoints.load(Ordering::Relaxed);
-                service_health_response(&namespace, &name, count, proxy.is_healthy())
+                let response =
+                    service_health_response(&namespace, &name, count, proxy.is_healthy());
+                async move { response }
             }
         };
         let (namespace, name, port) = (
@@ -583,7 +496,7 @@ impl ServiceHealthServer {
         let task = runtime.spawn({
             let listener = listener.clone();
             async move {
-                if let Err(error) = serve(listener, handler).await {
+                if let Err(error) = serve(listener, "service health check", handler).await {
                     warn!(namespace, name, port, %error, "service health check stopped");
                 }
             }
@@ -606,107 +519,15 @@ mod tests {
         apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
     };
     use serde_json::Value;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
+
+    use tokio::net::TcpStream;
 
     use super::*;
 
     const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
-    /// One response, read over a fresh connection.
-    #[derive(Debug)]
-    struct Reply {
-        status: u16,
-        headers: Vec<(String, String)>,
-        body: String,
-    }
-
-    impl Reply {
-        fn header(&self, name: &str) -> Option<&str> {
-            let mut values = self
-                .headers
-                .iter()
-                .filter(|(n, _)| n.eq_ignore_ascii_case(name));
-            let value = values.next().map(|(_, v)| v.as_str());
-            assert!(values.next().is_none(), "header {name} repeated");
-            value
-        }
-
-        fn json(&self) -> Value {
-            serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {:?}", self.body))
-        }
-    }
-
-    fn parse_reply(raw: &[u8]) -> Reply {
-        let text = std::str::from_utf8(raw).expect("utf-8 response");
-        let (head, body) = text.split_once("\r\n\r\n").expect("end of headers");
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap();
-        let mut parts = status_line.split(' ');
-        assert_eq!(parts.next(), Some("HTTP/1.1"), "{status_line}");
-        let status = parts.next().unwrap().parse().unwrap();
-        let headers: Vec<(String, String)> = lines
-            .map(|line| {
-                let (name, value) = line.split_once(':').expect("header line");
-                (name.trim().to_string(), value.trim().to_string())
-            })
-            .collect();
-        let reply = Reply {
-            status,
-            headers,
-            body: body.to_string(),
-        };
-        if let Some(length) = reply.header("content-length") {
-            assert_eq!(length.parse::<usize>().unwrap(), reply.body.len());
-        }
-        reply
-    }
-
-    /// `GET path` with `Connection: close`, the whole response read until the server closes.
-    async fn get(port: u16, path: &str) -> io::Result<Reply> {
-        let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await?;
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no response"))??;
-        Ok(parse_reply(&raw))
-    }
-
-    /// One request on a kept-alive connection; reads exactly one response (by Content-Length).
-    async fn get_keep_alive(stream: &mut TcpStream, path: &str) -> Reply {
-        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
-                .await
-                .expect("response in time")
-                .unwrap();
-            assert!(
-                n > 0,
-                "connection closed early: {:?}",
-                String::from_utf8_lossy(&raw)
-            );
-            raw.extend_from_slice(&buf[..n]);
-            let text = String::from_utf8_lossy(&raw);
-            if let Some(end) = text.find("\r\n\r\n") {
-                let length: usize = text[..end]
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap())
-                    })
-                    .expect("content-length");
-                if raw.len() >= end + 4 + length {
-                    return parse_reply(&raw);
-                }
-            }
-        }
-    }
+    use crate::observe::http::test_client::{Reply, get, get_keep_alive};
 
     async fn get_ok(port: u16, path: &str) -> Reply {
         get(port, path)
