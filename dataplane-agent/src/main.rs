@@ -268,7 +268,7 @@ enum Command {
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
         /// Capacity of a map when it is created, as NAME=ENTRIES (repeatable), e.g.
-        /// dp_ct_tcp_v3=1048576.
+        /// dp_ct_tcp_v4=1048576.
         #[arg(long = "map-size", value_parser = parse_map_size)]
         map_sizes: Vec<(String, u32)>,
     },

@@ -52,7 +52,7 @@ impl LoadedDatapath {
         for name in map_names::ALL {
             anyhow::ensure!(ebpf.map(name).is_some(), "the BPF object has no map {name}");
         }
-        migrate_old_conntrack(layout, &mut ebpf)?;
+        migrate_old_conntrack(layout)?;
         for name in map_names::RETIRED {
             let _ = std::fs::remove_file(layout.map(name));
         }
@@ -91,20 +91,23 @@ impl LoadedDatapath {
 }
 
 /// An upgrade from an agent with an earlier conntrack layout: its flows move into the
-/// current tables (by protocol) before the new programs take over the links, so open
-/// connections keep their backends; the old map is then unpinned. `dp_ct_v2` held every
-/// protocol in one table; `dp_ct_v1`'s keys also carried a direction byte (1 = reply) at
-/// offset 13. Flows the old program opens in the moment between this copy and the swap start
-/// anew.
-fn migrate_old_conntrack(layout: &BpffsLayout, ebpf: &mut Ebpf) -> anyhow::Result<()> {
+/// current tables (by protocol; TCP into the hash, or its overflow should the hash be full)
+/// before the new programs take over the links, so open connections keep their backends; the
+/// old map is then unpinned. `dp_ct_tcp_v3` held TCP flows in an LRU hash (same key and
+/// value; `dp_ct_any_v3` is still current); `dp_ct_v2` held every protocol in one table;
+/// `dp_ct_v1`'s keys also carried a direction byte (1 = reply) at offset 13. Flows the old
+/// program opens in the moment between this copy and the swap start anew.
+fn migrate_old_conntrack(layout: &BpffsLayout) -> anyhow::Result<()> {
     use aya::maps::{HashMap, MapData};
-    use dataplane_common::{CT_FLAG_REPLY, CtEntry, CtKey, IPPROTO_TCP};
+    use dataplane_common::{CT_FLAG_REPLY, CtEntry, CtKey};
     type OldKey = [u8; 16];
     const DIRECTION_OFFSET: usize = 13;
 
+    let mut conntrack: Option<super::maps::Conntrack> = None;
     for (name, has_direction) in [
         (map_names::CONNTRACK_V1, true),
         (map_names::CONNTRACK_V2, false),
+        (map_names::CONNTRACK_TCP_V3, false),
     ] {
         let path = layout.map(name);
         if !path.exists() {
@@ -115,33 +118,27 @@ fn migrate_old_conntrack(layout: &BpffsLayout, ebpf: &mut Ebpf) -> anyhow::Resul
             .with_context(|| format!("opening {name}"))?;
         let old: HashMap<MapData, OldKey, CtEntry> =
             HashMap::try_from(old).with_context(|| format!("{name} does not have its layout"))?;
-        let entries: Vec<_> = old.iter().collect();
+        let current = match &mut conntrack {
+            Some(current) => current,
+            None => conntrack.insert(super::maps::Conntrack::open(layout)?),
+        };
         let (mut moved, mut failed) = (0usize, 0usize);
-        for table in [map_names::CONNTRACK_TCP, map_names::CONNTRACK_ANY] {
-            let mut new: HashMap<&mut MapData, CtKey, CtEntry> =
-                HashMap::try_from(ebpf.map_mut(table).expect("checked at load"))?;
-            for entry in &entries {
-                let Ok((old_key, value)) = entry else {
-                    if table == map_names::CONNTRACK_TCP {
-                        failed += 1; // counted once, not per table
-                    }
-                    continue;
-                };
-                let (mut key_bytes, mut value) = (*old_key, *value);
-                if has_direction {
-                    if key_bytes[DIRECTION_OFFSET] == 1 {
-                        value.flags |= CT_FLAG_REPLY;
-                    }
-                    key_bytes[DIRECTION_OFFSET] = 0;
+        for entry in old.iter() {
+            let Ok((old_key, value)) = entry else {
+                failed += 1;
+                continue;
+            };
+            let (mut key_bytes, mut value) = (old_key, value);
+            if has_direction {
+                if key_bytes[DIRECTION_OFFSET] == 1 {
+                    value.flags |= CT_FLAG_REPLY;
                 }
-                let key: CtKey = bytemuck::pod_read_unaligned(&key_bytes);
-                if (key.proto == IPPROTO_TCP) != (table == map_names::CONNTRACK_TCP) {
-                    continue;
-                }
-                match new.insert(key, value, 0) {
-                    Ok(()) => moved += 1,
-                    Err(_) => failed += 1,
-                }
+                key_bytes[DIRECTION_OFFSET] = 0;
+            }
+            let key: CtKey = bytemuck::pod_read_unaligned(&key_bytes);
+            match current.insert(key, value, 0) {
+                Ok(()) => moved += 1,
+                Err(_) => failed += 1,
             }
         }
         std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
