@@ -739,7 +739,7 @@ fn upgrading_keeps_open_connections(old: &str, direction_in_key: bool, subnet: u
     cluster.agent.restart().unwrap();
     let moved = |log: &str| {
         log.lines()
-            .any(|l| l.contains("conntrack moved to the current tables") && l.contains(old))
+            .any(|l| l.contains("old table removed") && l.contains(old))
     };
     wait_until(Duration::from_secs(5), || moved(&cluster.agent.log_text())).unwrap();
     let log = cluster.agent.log_text();

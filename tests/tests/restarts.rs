@@ -734,9 +734,7 @@ fn upgrading_from_an_lru_tcp_table_under_load_keeps_held_and_new_connections() {
         let up = started.elapsed();
         let agent = &bed.cluster.agents[i];
         wait_until(Duration::from_secs(10), || {
-            agent
-                .log_text()
-                .contains("conntrack moved to the current tables")
+            agent.log_text().contains("old table removed")
         })
         .unwrap_or_else(|e| panic!("{case}: {e}:\n{}", bed.logs()));
         let log = agent.log_text();
