@@ -573,6 +573,11 @@ fn every_map_prints_named_fields_in_bpftool() {
         // Filled by fragmented datagrams and by the node's own UDP flows from a frontend.
         ("dp_frag_v1", &[]),
         ("dp_hostflow_v1", &[]),
+        // Socket-level load balancing (filled only with --socket-lb).
+        ("dp_sock_v1", &[]),
+        ("dp_sockcfg_v1", &[]),
+        ("dp_svc_sock_v1", &[]),
+        ("dp_be_sock_v1", &[]),
     ];
     for name in dataplane_common::map_names::ALL {
         let path = cluster.agent.bpffs_dir.join(name);
