@@ -344,6 +344,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     attachments.sync(&mut datapath);
     let mut socket_maps = PinnedMaps::open(&layout)?;
     socket_lb::attach(&mut datapath, &mut socket_maps, socket_lb, &cgroup_root)?;
+    datapath.finish_upgrade()?;
 
     let health = ProxyHealth::new(HEALTHZ_TIMEOUT);
     let listener = tokio::net::TcpListener::bind(config.healthz_bind_address)

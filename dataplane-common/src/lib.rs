@@ -22,10 +22,20 @@ pub mod map_names {
     pub const BACKENDS: &str = "dp_backends_v2";
     /// Conntrack, TCP flows and the rest in separate tables (as Cilium keeps them), so a
     /// burst of short UDP flows (DNS) cannot evict idle TCP connections from the LRU.
-    pub const CONNTRACK_TCP: &str = "dp_ct_tcp_v3";
+    /// TCP: a preallocated hash (no LRU free-list refills on the new-connection path)...
+    pub const CONNTRACK_TCP: &str = "dp_ct_tcp_v4";
+    /// ...and an LRU hash its new flows go to only while the hash is full, so a full table
+    /// never refuses a connection (the agent's collection, which empties it, may be down).
+    pub const CONNTRACK_TCP_OVERFLOW: &str = "dp_ct_ovf_v4";
+    /// One `u32`, non-zero while the overflow may hold flows: only then does a lookup that
+    /// misses the hash look there too. Set by the datapath after each insert there, cleared
+    /// by the agent once the overflow is empty.
+    pub const CONNTRACK_OVERFLOW_IN_USE: &str = "dp_ct_ovfon_v1";
     pub const CONNTRACK_ANY: &str = "dp_ct_any_v3";
     /// Earlier layouts, moved into the current tables by an upgraded agent at start and
-    /// removed: v2 held every protocol in one table, v1 had a direction byte in its keys.
+    /// removed: v3 kept TCP in an LRU hash alone, v2 held every protocol in one table, v1
+    /// had a direction byte in its keys.
+    pub const CONNTRACK_TCP_V3: &str = "dp_ct_tcp_v3";
     pub const CONNTRACK_V2: &str = "dp_ct_v2";
     pub const CONNTRACK_V1: &str = "dp_ct_v1";
     pub const SERVICE_STATS: &str = "dp_svc_stats_v2";
@@ -46,10 +56,12 @@ pub mod map_names {
     pub const SOCKET_SERVICE_STATS: &str = "dp_svc_sock_v1";
     pub const SOCKET_BACKEND_STATS: &str = "dp_be_sock_v1";
     /// Every map, in the order `cleanup` and the inspection tools walk them.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 20] = [
         SERVICES,
         BACKENDS,
         CONNTRACK_TCP,
+        CONNTRACK_TCP_OVERFLOW,
+        CONNTRACK_OVERFLOW_IN_USE,
         CONNTRACK_ANY,
         SERVICE_STATS,
         BACKEND_STATS,
@@ -83,6 +95,8 @@ pub mod capacity {
     /// Two entries per connection (forward and reply).
     /// Cilium's defaults: 512k TCP, 256k other flows.
     pub const CONNTRACK_TCP: u32 = 524_288;
+    /// TCP flows opened while the TCP table is full, until the agent moves them back.
+    pub const CONNTRACK_TCP_OVERFLOW: u32 = 65_536;
     pub const CONNTRACK_ANY: u32 = 262_144;
     pub const DROP_REASONS: u32 = 16;
     /// (service port, client address) pairs remembered for session affinity.

@@ -1,7 +1,7 @@
 //! Service load balancing: frontend lookup, conntrack, backend selection, NAT.
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
-    btf_maps::{LruHashMap, lpm_trie::Key},
+    btf_maps::lpm_trie::Key,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     programs::TcContext,
 };
@@ -18,8 +18,8 @@ use crate::{
     counters::{count_drop, count_flow_packet, count_service_packet},
     forward::translate_and_forward,
     maps::{
-        AFFINITY, BACKENDS, CONFIG, CONNTRACK, CONNTRACK_ANY, CONNTRACK_TCP, HOST_FLOWS, MAGLEV,
-        SERVICES, SOURCE_RANGES,
+        AFFINITY, ANY_TABLE, BACKENDS, CONFIG, CONNTRACK, CtTable, HOST_FLOWS, MAGLEV, SERVICES,
+        SOURCE_RANGES, TCP_TABLES,
     },
     nat,
     packet::{Fragment, Packet, TCP_RST, TCP_SYN},
@@ -69,8 +69,8 @@ pub fn handle<const L2: usize>(ctx: &TcContext, pkt: &Packet, origin: Origin) ->
     let mut chosen = Chosen::default();
     let new_flow = match to_frontend(pkt, service, origin, &mut chosen) {
         // The flow's table chosen once: one map in the frame, not a branch at each use.
-        CHOSEN if pkt.proto == IPPROTO_TCP => open_flow(&CONNTRACK_TCP, pkt, &chosen),
-        CHOSEN => open_flow(&CONNTRACK_ANY, pkt, &chosen),
+        CHOSEN if pkt.proto == IPPROTO_TCP => open_flow(&TCP_TABLES, pkt, &chosen),
+        CHOSEN => open_flow(&ANY_TABLE, pkt, &chosen),
         REFUSE => NewFlow::Refuse,
         verdict => NewFlow::Verdict(verdict),
     };
@@ -397,8 +397,8 @@ const SNAT_PORT_TRIES: u32 = 8;
 /// Plain scalars in and out (BPF functions take five arguments at most, and an `Option`
 /// return counts as one more), should it ever need a frame of its own.
 #[inline(always)]
-fn claim_snat_port<const N: usize>(
-    table: &LruHashMap<CtKey, CtEntry, N>,
+fn claim_snat_port<T: CtTable>(
+    table: &T,
     client_port: u16,
     reply: &mut CtKey,
     entry: &CtEntry,
@@ -418,7 +418,7 @@ fn claim_snat_port<const N: usize>(
         }
         let candidate = min.wrapping_add(((first + i) % span) as u16);
         reply.dport = candidate;
-        if table.insert(&*reply, entry, BPF_NOEXIST as u64).is_ok() {
+        if table.insert(reply, entry, BPF_NOEXIST as u64).is_ok() {
             return candidate;
         }
     }
@@ -428,8 +428,8 @@ fn claim_snat_port<const N: usize>(
 /// Opens the flow `chosen` describes: its conntrack entries (the reply's first, with the
 /// SNAT port claimed there), counters, then the translation to do.
 #[inline(never)]
-fn open_flow<const N: usize>(
-    table: &LruHashMap<CtKey, CtEntry, N>,
+fn open_flow<T: CtTable>(
+    table: &T,
     pkt: &Packet,
     chosen: &Chosen,
 ) -> NewFlow {

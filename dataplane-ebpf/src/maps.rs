@@ -1,7 +1,7 @@
 //! The maps, declared with BTF so bpftool prints their fields. Names must match
 //! `dataplane_common::map_names` (the agent checks every one at load time).
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -19,21 +19,56 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue, { capacity::SERVICES as u
 #[btf_map(name = "dp_backends_v2")]
 pub static BACKENDS: Array<Backend, { capacity::BACKENDS as usize }> = Array::new();
 
-/// One LRU list shared by every CPU, not `BPF_F_NO_COMMON_LRU`: per-CPU lists would split the
+/// TCP flows: a preallocated hash. Its free elements sit on per-CPU lists, so opening a flow
+/// takes one from this CPU's list (and deleting returns it). An LRU hash, as v3 had, refills
+/// a CPU's free list from the shared one under a lock every 64th insert (kernel
+/// `bpf_lru_list.c`): a tail on the new-connection path. A hash never evicts: the agent's
+/// collection removes idle flows, and while the table is full new flows go to the overflow.
+#[btf_map(name = "dp_ct_tcp_v4")]
+pub static CONNTRACK_TCP: HashMap<CtKey, CtEntry, { capacity::CONNTRACK_TCP as usize }> =
+    HashMap::new();
+
+/// TCP flows opened while `CONNTRACK_TCP` is full (the agent behind on collection, or down):
+/// an LRU hash, so a full table never refuses a connection; its oldest flows are evicted
+/// instead. Looked up only while `CONNTRACK_OVERFLOW_IN_USE` says it may hold flows. One LRU
+/// list shared by every CPU, not `BPF_F_NO_COMMON_LRU`: per-CPU lists would split the
 /// capacity evenly between CPUs, so a node whose new flows land on a few CPUs (one NIC queue)
 /// would evict live flows long before the map is full.
-#[btf_map(name = "dp_ct_tcp_v3")]
-pub static CONNTRACK_TCP: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK_TCP as usize }> =
-    LruHashMap::new();
+#[btf_map(name = "dp_ct_ovf_v4")]
+pub static CONNTRACK_TCP_OVERFLOW: LruHashMap<
+    CtKey,
+    CtEntry,
+    { capacity::CONNTRACK_TCP_OVERFLOW as usize },
+> = LruHashMap::new();
+
+/// Non-zero while the overflow may hold flows. An array: the verifier inlines its lookup, so
+/// a lookup that misses the TCP table (every packet to no service) costs no second hash
+/// lookup while the overflow is unused.
+#[btf_map(name = "dp_ct_ovfon_v1")]
+pub static CONNTRACK_OVERFLOW_IN_USE: Array<u32, 1> = Array::new();
 
 /// UDP (every protocol but TCP): a table of its own, so that a burst of short flows (DNS)
-/// evicts other short flows, never idle TCP connections.
+/// evicts other short flows, never idle TCP connections. An LRU hash (one list for every CPU,
+/// as above).
 #[btf_map(name = "dp_ct_any_v3")]
 pub static CONNTRACK_ANY: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK_ANY as usize }> =
     LruHashMap::new();
 
+const E2BIG: i32 = 7;
+const EEXIST: i32 = 17;
+
+#[inline(always)]
+fn overflow_in_use() -> bool {
+    match CONNTRACK_OVERFLOW_IN_USE.get_ptr(0) {
+        // SAFETY: a value from a lookup in this run.
+        Some(flag) => unsafe { *flag != 0 },
+        None => false,
+    }
+}
+
 /// Conntrack as one map for lookups and removals: each goes to the table of the key's
-/// protocol. (A new flow inserts into the table `lb::open_flow` is given.)
+/// protocol (TCP: the hash, then the overflow while it is in use). A new flow inserts into
+/// the `CtTable` `lb::open_flow` is given.
 pub struct Conntrack;
 
 pub static CONNTRACK: Conntrack = Conntrack;
@@ -41,17 +76,17 @@ pub static CONNTRACK: Conntrack = Conntrack;
 impl Conntrack {
     #[inline(always)]
     pub fn get_ptr(&self, key: &CtKey) -> Option<*const CtEntry> {
-        if key.proto == IPPROTO_TCP {
-            CONNTRACK_TCP.get_ptr(key)
-        } else {
-            CONNTRACK_ANY.get_ptr(key)
-        }
+        self.get_ptr_mut(key).map(|p| p.cast_const())
     }
 
     #[inline(always)]
     pub fn get_ptr_mut(&self, key: &CtKey) -> Option<*mut CtEntry> {
         if key.proto == IPPROTO_TCP {
-            CONNTRACK_TCP.get_ptr_mut(key)
+            match CONNTRACK_TCP.get_ptr_mut(key) {
+                Some(entry) => Some(entry),
+                None if overflow_in_use() => CONNTRACK_TCP_OVERFLOW.get_ptr_mut(key),
+                None => None,
+            }
         } else {
             CONNTRACK_ANY.get_ptr_mut(key)
         }
@@ -60,10 +95,82 @@ impl Conntrack {
     #[inline(always)]
     pub fn remove(&self, key: &CtKey) -> Result<(), i32> {
         if key.proto == IPPROTO_TCP {
-            CONNTRACK_TCP.remove(key)
+            TCP_TABLES.remove(key)
         } else {
             CONNTRACK_ANY.remove(key)
         }
+    }
+}
+
+/// Where a new flow's entries go: `TCP_TABLES` or `ANY_TABLE`.
+pub trait CtTable {
+    /// `bpf_map_update_elem`'s flags (`BPF_ANY`, `BPF_NOEXIST`) and result.
+    fn insert(&self, key: &CtKey, entry: &CtEntry, flags: u64) -> Result<(), i32>;
+    fn remove(&self, key: &CtKey) -> Result<(), i32>;
+}
+
+/// The TCP hash, with its overflow.
+pub struct TcpTables;
+
+pub static TCP_TABLES: TcpTables = TcpTables;
+
+impl CtTable for TcpTables {
+    #[inline(always)]
+    fn insert(&self, key: &CtKey, entry: &CtEntry, flags: u64) -> Result<(), i32> {
+        let in_use = overflow_in_use();
+        // A tuple the overflow holds is taken: a SNAT port claim must not reuse it.
+        if in_use
+            && flags == BPF_NOEXIST as u64
+            && CONNTRACK_TCP_OVERFLOW.get_ptr(key).is_some()
+        {
+            return Err(-EEXIST);
+        }
+        match CONNTRACK_TCP.insert(key, entry, flags) {
+            Ok(()) => {
+                if in_use {
+                    // An older entry under this key there would only be shadowed.
+                    let _ = CONNTRACK_TCP_OVERFLOW.remove(key);
+                }
+                Ok(())
+            }
+            Err(e) if e == -E2BIG => {
+                CONNTRACK_TCP_OVERFLOW.insert(key, entry, flags)?;
+                // After the insert, and always: the agent clears the flag only when it finds
+                // the overflow empty after clearing it, so a flow inserted here is never
+                // missed (see `Conntrack::release_overflow` in the agent).
+                if let Some(flag) = CONNTRACK_OVERFLOW_IN_USE.get_ptr_mut(0) {
+                    // SAFETY: a value from a lookup in this run.
+                    unsafe { *flag = 1 };
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    #[inline(always)]
+    fn remove(&self, key: &CtKey) -> Result<(), i32> {
+        match CONNTRACK_TCP.remove(key) {
+            Err(_) if overflow_in_use() => CONNTRACK_TCP_OVERFLOW.remove(key),
+            removed => removed,
+        }
+    }
+}
+
+/// The table of every other protocol.
+pub struct AnyTable;
+
+pub static ANY_TABLE: AnyTable = AnyTable;
+
+impl CtTable for AnyTable {
+    #[inline(always)]
+    fn insert(&self, key: &CtKey, entry: &CtEntry, flags: u64) -> Result<(), i32> {
+        CONNTRACK_ANY.insert(key, entry, flags)
+    }
+
+    #[inline(always)]
+    fn remove(&self, key: &CtKey) -> Result<(), i32> {
+        CONNTRACK_ANY.remove(key)
     }
 }
 

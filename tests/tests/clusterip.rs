@@ -536,9 +536,11 @@ fn every_map_prints_named_fields_in_bpftool() {
         ),
         ("dp_backends_v2", &["addr", "port", "state"]),
         (
-            "dp_ct_tcp_v3",
+            "dp_ct_tcp_v4",
             &["saddr", "proto", "packets", "flags", "nat_addr"],
         ),
+        ("dp_ct_ovf_v4", &[]),
+        ("dp_ct_ovfon_v1", &["\"value\": 0"]),
         ("dp_ct_any_v3", &[]),
         ("dp_svc_stats_v2", &["packets", "bytes", "connections"]),
         ("dp_be_stats_v2", &["packets", "bytes", "connections"]),
@@ -644,6 +646,12 @@ fn upgrading_from_conntrack_v2_keeps_open_connections() {
     upgrading_keeps_open_connections("dp_ct_v2", false, 15);
 }
 
+/// v3: TCP flows in an LRU hash of their own (same key and value as today's tables).
+#[test]
+fn upgrading_from_conntrack_tcp_v3_keeps_open_connections() {
+    upgrading_keeps_open_connections("dp_ct_tcp_v3", false, 16);
+}
+
 /// An agent upgraded from a release whose conntrack map was `old` (with the direction byte
 /// in its keys when `direction_in_key`) moves the flows and keeps a held connection.
 fn upgrading_keeps_open_connections(old: &str, direction_in_key: bool, subnet: u8) {
@@ -657,7 +665,10 @@ fn upgrading_keeps_open_connections(old: &str, direction_in_key: bool, subnet: u
     // offset 13, no reply flag), and nothing in the current tables.
     cluster.agent.stop();
     let v1 = cluster.agent.bpffs_dir.join(old);
-    let v2 = cluster.agent.bpffs_dir.join("dp_ct_tcp_v3");
+    let v2 = cluster
+        .agent
+        .bpffs_dir
+        .join(dataplane_common::map_names::CONNTRACK_TCP);
     let (v1, v2) = (v1.to_str().unwrap(), v2.to_str().unwrap());
     bpftool(&[
         "map", "create", v1, "type", "lru_hash", "key", "16", "value", "56", "entries", "1024",
@@ -712,7 +723,7 @@ fn upgrading_keeps_open_connections(old: &str, direction_in_key: bool, subnet: u
     cluster.agent.restart().unwrap();
     let moved = |log: &str| {
         log.lines()
-            .any(|l| l.contains("conntrack moved to the current tables") && l.contains(old))
+            .any(|l| l.contains("old table removed") && l.contains(old))
     };
     wait_until(Duration::from_secs(5), || moved(&cluster.agent.log_text())).unwrap();
     let log = cluster.agent.log_text();
@@ -972,7 +983,9 @@ fn inspection_commands_name_services_filter_flows_and_graph_the_traffic() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|m| m["map"] == "dp_ct_tcp_v3" || m["map"] == "dp_ct_any_v3")
+        .filter(|m| {
+            ["dp_ct_tcp_v4", "dp_ct_ovf_v4", "dp_ct_any_v3"].contains(&m["map"].as_str().unwrap())
+        })
         .map(|m| {
             assert!(m["capacity"].as_u64().unwrap() > 0, "{m}");
             m["entries"].as_u64().unwrap()
@@ -1008,7 +1021,8 @@ fn inspection_commands_name_services_filter_flows_and_graph_the_traffic() {
         "kubeproxy_sync_proxy_rules_service_changes_total",
         "kubeproxy_sync_proxy_rules_endpoint_changes_total",
         "dataplane_conntrack_entries",
-        "dataplane_map_capacity{map=\"dp_ct_tcp_v3\"}",
+        "dataplane_map_capacity{map=\"dp_ct_tcp_v4\"}",
+        "dataplane_map_capacity{map=\"dp_ct_ovf_v4\"}",
     ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }

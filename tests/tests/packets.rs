@@ -1286,3 +1286,81 @@ fn a_connection_closed_both_ways_goes_soon_and_a_half_closed_one_stays() {
         "closed both ways: gone after ten idle seconds"
     );
 }
+
+/// The TCP table is a hash that never evicts: while it is full, new TCP flows go to the LRU
+/// overflow (none refused, with or without an agent), their packets are found there both
+/// ways, and the agent's collection moves them back once the table has room, then marks the
+/// overflow unused.
+#[test]
+fn a_full_tcp_table_sends_new_flows_to_the_overflow_and_the_agent_moves_them_back() {
+    require_root!();
+    use dataplane_common::{CtKey, IPPROTO_TCP, drop_reason, map_names};
+    const ACK: u8 = 0x10;
+    let sizes = [
+        (map_names::CONNTRACK_TCP.to_string(), 4),
+        (map_names::CONNTRACK_TCP_OVERFLOW.to_string(), 64),
+    ]
+    .into();
+    let (pins, mut datapath, mut programmer) = load("dpctovf", &sizes);
+    assert!(
+        programmer
+            .apply(&plan_of(web_frontends().into()))
+            .failures
+            .is_empty()
+    );
+    let mut maps = PinnedMaps::open(&pins.0).unwrap();
+    assert!(!maps.conntrack.overflow_in_use());
+    // Four flows, two entries each: two fill the table, two go to the overflow.
+    for port in 44000..44004u16 {
+        assert_eq!(
+            destination_of(&mut datapath, VIP, port),
+            (TC_ACT_OK, BACKEND)
+        );
+    }
+    assert_eq!(maps.conntrack.tcp.keys().count(), 4, "the table is full");
+    assert_eq!(maps.conntrack.tcp_overflow.keys().count(), 4);
+    assert!(maps.conntrack.overflow_in_use());
+    let failed = maps.drops.get(&drop_reason::CT_INSERT_FAILED, 0).unwrap();
+    assert_eq!(failed, 0, "no connection refused");
+    assert_eq!(maps.capacities[map_names::CONNTRACK_TCP_OVERFLOW], 64);
+
+    // The last flow's packets, both ways, are found in the overflow.
+    let last = CtKey::new(CLIENT.octets(), VIP.octets(), 44003, 80, IPPROTO_TCP);
+    assert!(maps.conntrack.tcp_overflow.get(&last, 0).is_ok());
+    let tcp = |flags| L4::Tcp {
+        flags,
+        seq: 2,
+        ack: 2,
+    };
+    let ack = frame(TO_NODE, sock(CLIENT, 44003), sock(VIP, 80), tcp(ACK));
+    let (verdict, out) = run_pod_ingress(&mut datapath, &ack);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(Ipv4Addr::new(out[30], out[31], out[32], out[33]), BACKEND);
+    assert_eq!(
+        maps.conntrack.tcp_overflow.get(&last, 0).unwrap().packets,
+        2
+    );
+    let answer = frame(TO_NODE, sock(BACKEND, 8080), sock(CLIENT, 44003), tcp(ACK));
+    let (verdict, out) = run_pod_ingress(&mut datapath, &answer);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        Ipv4Addr::new(out[26], out[27], out[28], out[29]),
+        VIP,
+        "the reply is translated back"
+    );
+
+    // Room in the table (the first two flows closed and collected): the collection moves
+    // the overflow's flows back and marks it unused; the flows keep working from the table.
+    let keys: Vec<CtKey> = maps.conntrack.tcp.keys().filter_map(Result::ok).collect();
+    for key in &keys {
+        maps.conntrack.tcp.remove(key).unwrap();
+    }
+    programmer.collect_conntrack(dataplane_agent::inspect::monotonic_ns());
+    assert_eq!(maps.conntrack.tcp.keys().count(), 4);
+    assert_eq!(maps.conntrack.tcp_overflow.keys().count(), 0);
+    assert!(!maps.conntrack.overflow_in_use());
+    let (verdict, out) = run_pod_ingress(&mut datapath, &ack);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(Ipv4Addr::new(out[30], out[31], out[32], out[33]), BACKEND);
+    assert_eq!(maps.conntrack.tcp.get(&last, 0).unwrap().packets, 3);
+}

@@ -705,22 +705,22 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// What an agent of the previous layout leaves: the connections in `dp_ct_v2` (one table for
-/// every protocol, the same key and value), not in today's tables. Moves every entry older
-/// than `fresh`; the load's connections still open (younger) stay where the running program
-/// finds them, as those the old program would open between the new agent's copy and its
-/// program swap. Returns how many entries moved.
+/// What an agent of the previous layout leaves: its TCP connections in `dp_ct_tcp_v3` (an LRU
+/// hash, the same key and value), not in today's tables (`dp_ct_any_v3` is unchanged). Moves
+/// every TCP entry older than `fresh`; the load's connections still open (younger) stay where
+/// the running program finds them, as those the old program would open between the new
+/// agent's copy and its program swap. Returns how many entries moved.
 fn downgrade_conntrack(bpffs: &std::path::Path, fresh: Duration) -> usize {
     use aya::maps::{HashMap, Map, MapData};
-    use dataplane_common::{CtEntry, CtKey};
-    let old = bpffs.join(dataplane_common::map_names::CONNTRACK_V2);
+    use dataplane_common::{CtEntry, CtKey, map_names};
+    let old = bpffs.join(map_names::CONNTRACK_TCP_V3);
     let status = std::process::Command::new("bpftool")
         .args(["map", "create"])
         .arg(&old)
         .args([
             "type", "lru_hash", "key", "16", "value", "56", "entries", "65536",
         ])
-        .args(["name", dataplane_common::map_names::CONNTRACK_V2])
+        .args(["name", map_names::CONNTRACK_TCP_V3])
         .status()
         .unwrap();
     assert!(status.success(), "bpftool map create");
@@ -729,27 +729,22 @@ fn downgrade_conntrack(bpffs: &std::path::Path, fresh: Duration) -> usize {
     let mut old: HashMap<MapData, CtKey, CtEntry> = HashMap::try_from(open(&old)).unwrap();
     let now = monotonic_ns();
     let mut moved = 0;
-    for table in [
-        dataplane_common::map_names::CONNTRACK_TCP,
-        dataplane_common::map_names::CONNTRACK_ANY,
-    ] {
-        let mut new: HashMap<MapData, CtKey, CtEntry> =
-            HashMap::try_from(open(&bpffs.join(table))).unwrap();
-        let entries: Vec<(CtKey, CtEntry)> = new.iter().filter_map(Result::ok).collect();
-        for (key, value) in entries {
-            if now.saturating_sub(value.created_ns) < fresh.as_nanos() as u64 {
-                continue;
-            }
-            old.insert(key, value, 0).unwrap();
-            new.remove(&key).unwrap();
-            moved += 1;
+    let mut new: HashMap<MapData, CtKey, CtEntry> =
+        HashMap::try_from(open(&bpffs.join(map_names::CONNTRACK_TCP))).unwrap();
+    let entries: Vec<(CtKey, CtEntry)> = new.iter().filter_map(Result::ok).collect();
+    for (key, value) in entries {
+        if now.saturating_sub(value.created_ns) < fresh.as_nanos() as u64 {
+            continue;
         }
+        old.insert(key, value, 0).unwrap();
+        new.remove(&key).unwrap();
+        moved += 1;
     }
     moved
 }
 
 #[test]
-fn upgrading_from_one_conntrack_table_under_load_keeps_held_and_new_connections() {
+fn upgrading_from_an_lru_tcp_table_under_load_keeps_held_and_new_connections() {
     require_root!();
     let case = "upgrade";
     let (warmup, pause) = (Duration::from_secs(5), Duration::from_secs(3));
@@ -764,9 +759,7 @@ fn upgrading_from_one_conntrack_table_under_load_keeps_held_and_new_connections(
         let up = started.elapsed();
         let agent = &bed.cluster.agents[i];
         wait_until(Duration::from_secs(10), || {
-            agent
-                .log_text()
-                .contains("conntrack moved to the current tables")
+            agent.log_text().contains("old table removed")
         })
         .unwrap_or_else(|e| panic!("{case}: {e}:\n{}", bed.logs()));
         let log = agent.log_text();
@@ -775,7 +768,7 @@ fn upgrading_from_one_conntrack_table_under_load_keeps_held_and_new_connections(
             .find(|l| l.contains("conntrack moved to the current tables"))
             .unwrap();
         println!(
-            "{case}: {}: {moved} entries put in dp_ct_v2; stopped after {stopped:?}, \
+            "{case}: {}: {moved} entries put in dp_ct_tcp_v3; stopped after {stopped:?}, \
              downgraded after {downgraded:?}, new program in every link after {up:?}; {line}",
             bed.cluster.nodes[i].name
         );
@@ -784,7 +777,7 @@ fn upgrading_from_one_conntrack_table_under_load_keeps_held_and_new_connections(
             "{case}: {line}"
         );
         assert!(
-            !agent.bpffs_dir.join("dp_ct_v2").exists(),
+            !agent.bpffs_dir.join("dp_ct_tcp_v3").exists(),
             "the old map is unpinned"
         );
     });

@@ -536,6 +536,12 @@ fn cleanup(layout: &BpffsLayout) -> anyhow::Result<()> {
     pins.extend(
         (dataplane_common::map_names::ALL.iter())
             .chain(&dataplane_common::map_names::RETIRED)
+            // An upgrade's old conntrack, should an agent have stopped before moving it.
+            .chain(&[
+                dataplane_common::map_names::CONNTRACK_V1,
+                dataplane_common::map_names::CONNTRACK_V2,
+                dataplane_common::map_names::CONNTRACK_TCP_V3,
+            ])
             .map(|name| layout.map(name)),
     );
     for pin in pins {

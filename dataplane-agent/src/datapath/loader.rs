@@ -17,7 +17,14 @@ pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("DATAPLANE_EBPF_
 pub struct LoadedDatapath {
     pub ebpf: Ebpf,
     pub layout: BpffsLayout,
+    /// Conntrack maps of an earlier layout, copied at load and still pinned: their flows
+    /// opened after the copy are moved by `finish_upgrade` (the keys copied already, which
+    /// the new programs may have removed since, are not copied again).
+    old_conntrack: Vec<(&'static str, OldKeys)>,
 }
+
+/// Keys of an old conntrack map (16 bytes in every earlier layout).
+type OldKeys = std::collections::HashSet<[u8; 16]>;
 
 /// Map capacities that differ from the object's defaults, by map name. They apply when a map
 /// is created; a map already pinned keeps its size.
@@ -52,7 +59,7 @@ impl LoadedDatapath {
         for name in map_names::ALL {
             anyhow::ensure!(ebpf.map(name).is_some(), "the BPF object has no map {name}");
         }
-        migrate_old_conntrack(layout, &mut ebpf)?;
+        let old_conntrack = migrate_old_conntrack(layout)?;
         for name in map_names::RETIRED {
             let _ = std::fs::remove_file(layout.map(name));
         }
@@ -78,7 +85,27 @@ impl LoadedDatapath {
         Ok(Self {
             ebpf,
             layout: layout.clone(),
+            old_conntrack,
         })
+    }
+
+    /// After the new programs took over every link: the flows the old programs opened in
+    /// an earlier conntrack layout since the copy at load move too, and the old maps are
+    /// unpinned. (Without this, a connection whose SYN the old program translated in that
+    /// moment would lose its SYN-ACK's translation.)
+    pub fn finish_upgrade(&mut self) -> anyhow::Result<()> {
+        for (name, copied) in std::mem::take(&mut self.old_conntrack) {
+            let (moved, failed) = copy_old_conntrack(&self.layout, name, Some(&copied))?.1;
+            let path = self.layout.map(name);
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            tracing::info!(
+                moved,
+                failed,
+                from = name,
+                "conntrack: flows opened during the upgrade moved; old table removed"
+            );
+        }
+        Ok(())
     }
 
     /// One of `dataplane_common::PROGRAMS`.
@@ -91,66 +118,81 @@ impl LoadedDatapath {
 }
 
 /// An upgrade from an agent with an earlier conntrack layout: its flows move into the
-/// current tables (by protocol) before the new programs take over the links, so open
-/// connections keep their backends; the old map is then unpinned. `dp_ct_v2` held every
-/// protocol in one table; `dp_ct_v1`'s keys also carried a direction byte (1 = reply) at
-/// offset 13. Flows the old program opens in the moment between this copy and the swap start
-/// anew.
-fn migrate_old_conntrack(layout: &BpffsLayout, ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    use aya::maps::{HashMap, MapData};
-    use dataplane_common::{CT_FLAG_REPLY, CtEntry, CtKey, IPPROTO_TCP};
-    type OldKey = [u8; 16];
-    const DIRECTION_OFFSET: usize = 13;
-
-    for (name, has_direction) in [
-        (map_names::CONNTRACK_V1, true),
-        (map_names::CONNTRACK_V2, false),
+/// current tables (by protocol; TCP into the hash, or its overflow should the hash be full)
+/// before the new programs take over the links, so open connections keep their backends.
+/// `dp_ct_tcp_v3` held TCP flows in an LRU hash (same key and value; `dp_ct_any_v3` is still
+/// current); `dp_ct_v2` held every protocol in one table; `dp_ct_v1`'s keys also carried a
+/// direction byte (1 = reply) at offset 13. The old maps stay pinned until
+/// `LoadedDatapath::finish_upgrade`, which moves what the old programs opened meanwhile.
+/// Returns the old maps found, with the keys copied from each.
+fn migrate_old_conntrack(layout: &BpffsLayout) -> anyhow::Result<Vec<(&'static str, OldKeys)>> {
+    let mut found = Vec::new();
+    for name in [
+        map_names::CONNTRACK_V1,
+        map_names::CONNTRACK_V2,
+        map_names::CONNTRACK_TCP_V3,
     ] {
-        let path = layout.map(name);
-        if !path.exists() {
+        if !layout.map(name).exists() {
             continue;
         }
-        let old = MapData::from_pin(&path)
-            .and_then(aya::maps::Map::from_map_data)
-            .with_context(|| format!("opening {name}"))?;
-        let old: HashMap<MapData, OldKey, CtEntry> =
-            HashMap::try_from(old).with_context(|| format!("{name} does not have its layout"))?;
-        let entries: Vec<_> = old.iter().collect();
-        let (mut moved, mut failed) = (0usize, 0usize);
-        for table in [map_names::CONNTRACK_TCP, map_names::CONNTRACK_ANY] {
-            let mut new: HashMap<&mut MapData, CtKey, CtEntry> =
-                HashMap::try_from(ebpf.map_mut(table).expect("checked at load"))?;
-            for entry in &entries {
-                let Ok((old_key, value)) = entry else {
-                    if table == map_names::CONNTRACK_TCP {
-                        failed += 1; // counted once, not per table
-                    }
-                    continue;
-                };
-                let (mut key_bytes, mut value) = (*old_key, *value);
-                if has_direction {
-                    if key_bytes[DIRECTION_OFFSET] == 1 {
-                        value.flags |= CT_FLAG_REPLY;
-                    }
-                    key_bytes[DIRECTION_OFFSET] = 0;
-                }
-                let key: CtKey = bytemuck::pod_read_unaligned(&key_bytes);
-                if (key.proto == IPPROTO_TCP) != (table == map_names::CONNTRACK_TCP) {
-                    continue;
-                }
-                match new.insert(key, value, 0) {
-                    Ok(()) => moved += 1,
-                    Err(_) => failed += 1,
-                }
-            }
-        }
-        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        let (copied, (moved, failed)) = copy_old_conntrack(layout, name, None)?;
         tracing::info!(
             moved,
             failed,
             from = name,
             "conntrack moved to the current tables"
         );
+        found.push((name, copied));
     }
-    Ok(())
+    Ok(found)
+}
+
+/// Copies the flows of the old conntrack map `name` into the current tables, except the
+/// keys in `skip`. Returns the keys read, and how many entries moved and failed.
+fn copy_old_conntrack(
+    layout: &BpffsLayout,
+    name: &'static str,
+    skip: Option<&OldKeys>,
+) -> anyhow::Result<(OldKeys, (usize, usize))> {
+    use aya::maps::{HashMap, MapData};
+    use dataplane_common::{CT_FLAG_REPLY, CtEntry, CtKey};
+    type OldKey = [u8; 16];
+    const DIRECTION_OFFSET: usize = 13;
+    let has_direction = name == map_names::CONNTRACK_V1;
+
+    let path = layout.map(name);
+    let old = MapData::from_pin(&path)
+        .and_then(aya::maps::Map::from_map_data)
+        .with_context(|| format!("opening {name}"))?;
+    let old: HashMap<MapData, OldKey, CtEntry> =
+        HashMap::try_from(old).with_context(|| format!("{name} does not have its layout"))?;
+    let mut current = super::maps::Conntrack::open(layout)?;
+    let mut read = OldKeys::new();
+    let (mut moved, mut failed) = (0usize, 0usize);
+    for entry in old.iter() {
+        let Ok((old_key, value)) = entry else {
+            failed += 1;
+            continue;
+        };
+        read.insert(old_key);
+        if skip.is_some_and(|skip| skip.contains(&old_key)) {
+            continue;
+        }
+        let (mut key_bytes, mut value) = (old_key, value);
+        if has_direction {
+            if key_bytes[DIRECTION_OFFSET] == 1 {
+                value.flags |= CT_FLAG_REPLY;
+            }
+            key_bytes[DIRECTION_OFFSET] = 0;
+        }
+        let key: CtKey = bytemuck::pod_read_unaligned(&key_bytes);
+        // After the load, never over a flow the new programs track already.
+        let flags = if skip.is_some() { 1 } else { 0 };
+        match current.insert(key, value, flags) {
+            Ok(()) => moved += 1,
+            Err(_) if skip.is_some() => {}
+            Err(_) => failed += 1,
+        }
+    }
+    Ok((read, (moved, failed)))
 }

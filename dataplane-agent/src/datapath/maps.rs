@@ -59,9 +59,10 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
     let sizes = match name {
         map_names::SERVICES => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
         map_names::BACKENDS => (4, size_of::<Backend>()),
-        map_names::CONNTRACK_TCP | map_names::CONNTRACK_ANY => {
+        map_names::CONNTRACK_TCP | map_names::CONNTRACK_TCP_OVERFLOW | map_names::CONNTRACK_ANY => {
             (size_of::<CtKey>(), size_of::<CtEntry>())
         }
+        map_names::CONNTRACK_OVERFLOW_IN_USE => (4, 4),
         map_names::SERVICE_STATS | map_names::BACKEND_STATS => (4, size_of::<TrafficStats>()),
         map_names::DROPS => (4, 8),
         map_names::AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>()),
@@ -125,6 +126,29 @@ fn open(
         .map_err(|source| MapsError::Aya { name, source })
 }
 
+impl Conntrack {
+    /// The pinned conntrack tables alone (the loader's migration, before the rest is read).
+    pub fn open(layout: &BpffsLayout) -> Result<Self, MapsError> {
+        let mut capacities = std::collections::BTreeMap::new();
+        macro_rules! typed {
+            ($kind:ident, $name:expr) => {
+                $kind::try_from(open(layout, $name, &mut capacities)?).map_err(|source| {
+                    MapsError::Aya {
+                        name: $name,
+                        source,
+                    }
+                })?
+            };
+        }
+        Ok(Self {
+            tcp: typed!(HashMap, map_names::CONNTRACK_TCP),
+            tcp_overflow: typed!(HashMap, map_names::CONNTRACK_TCP_OVERFLOW),
+            overflow_in_use: typed!(Array, map_names::CONNTRACK_OVERFLOW_IN_USE),
+            any: typed!(HashMap, map_names::CONNTRACK_ANY),
+        })
+    }
+}
+
 impl PinnedMaps {
     /// Exclusive upper bounds for (backend ids, frontend ids): ids index the stats arrays and
     /// the backend array.
@@ -155,6 +179,8 @@ impl PinnedMaps {
             backends: typed!(Array, map_names::BACKENDS),
             conntrack: Conntrack {
                 tcp: typed!(HashMap, map_names::CONNTRACK_TCP),
+                tcp_overflow: typed!(HashMap, map_names::CONNTRACK_TCP_OVERFLOW),
+                overflow_in_use: typed!(Array, map_names::CONNTRACK_OVERFLOW_IN_USE),
                 any: typed!(HashMap, map_names::CONNTRACK_ANY),
             },
             service_stats: typed!(PerCpuArray, map_names::SERVICE_STATS),
@@ -175,53 +201,188 @@ impl PinnedMaps {
 }
 
 /// Conntrack as one map, as the datapath sees it: each key goes to the table of its protocol
-/// (TCP, or any other), iteration walks both.
+/// (TCP: the hash, or its overflow while the hash is full; any other), iteration walks all
+/// three.
 pub struct Conntrack {
     pub tcp: HashMap<MapData, CtKey, CtEntry>,
+    pub tcp_overflow: HashMap<MapData, CtKey, CtEntry>,
+    /// Index 0: non-zero while the overflow may hold flows (the datapath then looks there
+    /// when the hash misses).
+    pub overflow_in_use: Array<MapData, u32>,
     pub any: HashMap<MapData, CtKey, CtEntry>,
 }
 
+/// Which of the conntrack tables an entry is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CtTable {
+    Tcp,
+    TcpOverflow,
+    Any,
+}
+
+const E2BIG: i32 = 7;
+
+fn is_full(error: &aya::maps::MapError) -> bool {
+    matches!(error, aya::maps::MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(E2BIG))
+}
+
 impl Conntrack {
-    fn table(&self, key: &CtKey) -> &HashMap<MapData, CtKey, CtEntry> {
-        if key.proto == dataplane_common::IPPROTO_TCP {
-            &self.tcp
-        } else {
-            &self.any
+    fn map(&self, table: CtTable) -> &HashMap<MapData, CtKey, CtEntry> {
+        match table {
+            CtTable::Tcp => &self.tcp,
+            CtTable::TcpOverflow => &self.tcp_overflow,
+            CtTable::Any => &self.any,
         }
     }
 
-    fn table_mut(&mut self, key: &CtKey) -> &mut HashMap<MapData, CtKey, CtEntry> {
-        if key.proto == dataplane_common::IPPROTO_TCP {
-            &mut self.tcp
-        } else {
-            &mut self.any
+    fn map_mut(&mut self, table: CtTable) -> &mut HashMap<MapData, CtKey, CtEntry> {
+        match table {
+            CtTable::Tcp => &mut self.tcp,
+            CtTable::TcpOverflow => &mut self.tcp_overflow,
+            CtTable::Any => &mut self.any,
         }
     }
 
-    pub fn get(&self, key: &CtKey, flags: u64) -> Result<CtEntry, aya::maps::MapError> {
-        self.table(key).get(key, flags)
+    pub fn overflow_in_use(&self) -> bool {
+        self.overflow_in_use.get(&0, 0).is_ok_and(|flag| flag != 0)
     }
 
+    fn set_overflow_in_use(&mut self, in_use: bool) -> Result<(), aya::maps::MapError> {
+        self.overflow_in_use.set(0, u32::from(in_use), 0)
+    }
+
+    /// The entry under `key`, and the table it is in.
+    pub fn get_in(&self, key: &CtKey) -> Option<(CtTable, CtEntry)> {
+        if key.proto != dataplane_common::IPPROTO_TCP {
+            return self.any.get(key, 0).ok().map(|e| (CtTable::Any, e));
+        }
+        // The overflow without looking at the flag: the agent also reads while the flag is
+        // being cleared.
+        [CtTable::Tcp, CtTable::TcpOverflow]
+            .into_iter()
+            .find_map(|table| self.map(table).get(key, 0).ok().map(|e| (table, e)))
+    }
+
+    pub fn get(&self, key: &CtKey, _flags: u64) -> Result<CtEntry, aya::maps::MapError> {
+        self.get_in(key)
+            .map(|(_, entry)| entry)
+            .ok_or(aya::maps::MapError::KeyNotFound)
+    }
+
+    /// As the datapath inserts: a TCP flow goes to the hash, or to the overflow (which is
+    /// then marked in use) when the hash is full.
     pub fn insert(
         &mut self,
         key: CtKey,
         value: CtEntry,
         flags: u64,
     ) -> Result<(), aya::maps::MapError> {
-        self.table_mut(&key).insert(key, value, flags)
+        const BPF_NOEXIST: u64 = 1;
+        if key.proto != dataplane_common::IPPROTO_TCP {
+            return self.any.insert(key, value, flags);
+        }
+        let in_overflow = self.tcp_overflow.get(&key, 0).is_ok();
+        if in_overflow && flags == BPF_NOEXIST {
+            return Err(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_elem",
+                io_error: std::io::Error::from_raw_os_error(libc::EEXIST),
+            }));
+        }
+        match self.tcp.insert(key, value, flags) {
+            Ok(()) => {
+                if in_overflow {
+                    let _ = self.tcp_overflow.remove(&key);
+                }
+                Ok(())
+            }
+            Err(e) if is_full(&e) => {
+                self.tcp_overflow.insert(key, value, flags)?;
+                self.set_overflow_in_use(true)
+            }
+            Err(e) => Err(e),
+        }
     }
 
+    /// Removes `key` from whichever table holds it.
     pub fn remove(&mut self, key: &CtKey) -> Result<(), aya::maps::MapError> {
-        self.table_mut(key).remove(key)
+        match self.get_in(key) {
+            Some((table, _)) => self.remove_from(table, key),
+            None => Err(aya::maps::MapError::KeyNotFound),
+        }
     }
 
-    /// Every entry of both tables.
+    pub fn remove_from(&mut self, table: CtTable, key: &CtKey) -> Result<(), aya::maps::MapError> {
+        self.map_mut(table).remove(key)
+    }
+
+    /// Every entry of every table.
     pub fn iter(&self) -> impl Iterator<Item = Result<(CtKey, CtEntry), aya::maps::MapError>> {
-        self.tcp.iter().chain(self.any.iter())
+        self.tcp
+            .iter()
+            .chain(self.tcp_overflow.iter())
+            .chain(self.any.iter())
+    }
+
+    /// Every entry of every table, with the table it is in.
+    pub fn iter_in(&self) -> impl Iterator<Item = (CtTable, CtKey, CtEntry)> {
+        [CtTable::Tcp, CtTable::TcpOverflow, CtTable::Any]
+            .into_iter()
+            .flat_map(move |table| {
+                self.map(table)
+                    .iter()
+                    .filter_map(move |e| e.ok().map(|(k, v)| (table, k, v)))
+            })
     }
 
     pub fn keys(&self) -> impl Iterator<Item = Result<CtKey, aya::maps::MapError>> {
-        self.tcp.keys().chain(self.any.keys())
+        self.tcp
+            .keys()
+            .chain(self.tcp_overflow.keys())
+            .chain(self.any.keys())
+    }
+
+    /// Moves the overflow's flows back into the TCP hash while it has room, and once the
+    /// overflow is empty, marks it unused (the datapath then stops looking there). Returns
+    /// how many flows moved. Called after the collection, which makes room.
+    ///
+    /// The flag is cleared first and the overflow checked again after: the datapath sets it
+    /// after each insert there, so a flow inserted in between is either seen by the check
+    /// (and the flag set again) or sets the flag itself.
+    pub fn release_overflow(&mut self) -> usize {
+        const BPF_NOEXIST: u64 = 1;
+        let entries: Vec<(CtKey, CtEntry)> =
+            self.tcp_overflow.iter().filter_map(Result::ok).collect();
+        let mut moved = 0;
+        for (key, value) in entries {
+            match self.tcp.insert(key, value, BPF_NOEXIST) {
+                Ok(()) => {
+                    // Flags the datapath set on the overflow's copy meanwhile (a FIN): kept.
+                    // (Packet counts of that moment are not.)
+                    if let Ok(latest) = self.tcp_overflow.get(&key, 0)
+                        && latest.flags != value.flags
+                        && let Ok(mut current) = self.tcp.get(&key, 0)
+                    {
+                        current.flags |= latest.flags;
+                        let _ = self.tcp.insert(key, current, 0);
+                    }
+                    let _ = self.tcp_overflow.remove(&key);
+                    moved += 1;
+                }
+                Err(e) if is_full(&e) => break,
+                // Already in the hash (opened again there): the overflow's copy is stale.
+                Err(_) => {
+                    let _ = self.tcp_overflow.remove(&key);
+                }
+            }
+        }
+        let empty = |c: &Self| c.tcp_overflow.keys().next().is_none();
+        if self.overflow_in_use() && empty(self) {
+            let _ = self.set_overflow_in_use(false);
+            if !empty(self) {
+                let _ = self.set_overflow_in_use(true);
+            }
+        }
+        moved
     }
 }
 

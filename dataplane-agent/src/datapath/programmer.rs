@@ -845,8 +845,8 @@ fn map_error(e: MapError) -> String {
 }
 
 /// How long an idle flow stays in conntrack: kube-proxy's `--conntrack-*` flags, with its
-/// defaults (the UDP ones are Linux's `nf_conntrack_udp_timeout{,_stream}`). The LRU map
-/// evicts on its own when full; these decide everything else.
+/// defaults (the UDP ones are Linux's `nf_conntrack_udp_timeout{,_stream}`). The LRU maps
+/// (UDP, and the TCP overflow) evict on their own when full; these decide everything else.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConntrackTimeouts {
     /// An open TCP connection (`--conntrack-tcp-timeout-established`, 24h).
@@ -968,14 +968,15 @@ impl Programmer<PinnedMaps> {
     /// Removes flows idle longer than their timeout. A flow's two entries live and expire as
     /// one: its idle time is that of its most recent packet in either direction (a UDP server
     /// silent for minutes while its client keeps sending keeps both). An entry whose other
-    /// half is gone (evicted) goes by its own. Returns how many entries went.
+    /// half is gone (evicted) goes by its own. Then TCP flows the datapath put in the overflow
+    /// table while the TCP table was full move back into it (see
+    /// `Conntrack::release_overflow`). Returns how many entries went.
     pub fn collect_conntrack(&mut self, now_ns: u64) -> usize {
         use dataplane_common::{CT_FLAG_FIN, CT_FLAG_REPLY};
         let timeouts = self.conntrack_timeouts;
         let idle = |last_seen_ns: u64| Duration::from_nanos(now_ns.saturating_sub(last_seen_ns));
         let mut expired = HashSet::new();
-        for entry in self.maps.conntrack.iter() {
-            let Ok((key, value)) = entry else { continue };
+        for (table, key, value) in self.maps.conntrack.iter_in() {
             // Most entries are recent: only candidates cost a lookup of their other half.
             if idle(value.last_seen_ns) <= timeouts.shortest(key.proto) {
                 continue;
@@ -985,9 +986,9 @@ impl Programmer<PinnedMaps> {
             } else {
                 (key.reply_of(&value), false)
             };
-            let other = self.maps.conntrack.get(&other_key, 0).ok();
+            let other = self.maps.conntrack.get_in(&other_key);
             let (flags, last_seen, answered, closed) = match &other {
-                Some(o) => {
+                Some((_, o)) => {
                     let reply_packets = if is_reply { value.packets } else { o.packets };
                     (
                         value.flags | o.flags,
@@ -999,16 +1000,21 @@ impl Programmer<PinnedMaps> {
                 None => (value.flags, value.last_seen_ns, is_reply, false),
             };
             if idle(last_seen) > timeouts.for_flow(key.proto, flags, answered, closed) {
-                expired.insert(key);
-                if other.is_some() {
-                    expired.insert(other_key);
+                expired.insert((table, key));
+                if let Some((other_table, _)) = other {
+                    expired.insert((other_table, other_key));
                 }
             }
         }
-        expired
+        let removed = expired
             .iter()
-            .filter(|key| self.maps.conntrack.remove(key).is_ok())
-            .count()
+            .filter(|(table, key)| self.maps.conntrack.remove_from(*table, key).is_ok())
+            .count();
+        let moved = self.maps.conntrack.release_overflow();
+        if moved > 0 {
+            tracing::info!(moved, "conntrack: flows moved back from the overflow table");
+        }
+        removed
     }
 }
 

@@ -406,11 +406,12 @@ pub fn stats_view(maps: &PinnedMaps) -> anyhow::Result<StatsView> {
             drops.insert(drop_reason::name(reason), value);
         }
     }
-    let (tcp_entries, any_entries) = (
+    let (tcp_entries, overflow_entries, any_entries) = (
         count(maps.conntrack.tcp.iter()),
+        count(maps.conntrack.tcp_overflow.iter()),
         count(maps.conntrack.any.iter()),
     );
-    let conntrack_entries = tcp_entries + any_entries;
+    let conntrack_entries = tcp_entries + overflow_entries + any_entries;
     let capacity = |name: &'static str| maps.capacities.get(name).copied().unwrap_or(0) as u64;
     let usage = |map: &'static str, entries: u64| MapUsage {
         map,
@@ -428,6 +429,7 @@ pub fn stats_view(maps: &PinnedMaps) -> anyhow::Result<StatsView> {
             ids.len() as u64
         }),
         usage(n::CONNTRACK_TCP, tcp_entries),
+        usage(n::CONNTRACK_TCP_OVERFLOW, overflow_entries),
         usage(n::CONNTRACK_ANY, any_entries),
         usage(n::AFFINITY, count(maps.affinity.iter())),
         usage(n::SOURCE_RANGES, count(maps.source_ranges.iter())),

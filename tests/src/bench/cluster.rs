@@ -552,7 +552,11 @@ impl BenchAgent {
     /// Empties conntrack, so that the next connections are all new flows.
     fn clear_conntrack(&self) -> anyhow::Result<usize> {
         let mut removed = 0;
-        for table in [map_names::CONNTRACK_TCP, map_names::CONNTRACK_ANY] {
+        for table in [
+            map_names::CONNTRACK_TCP,
+            map_names::CONNTRACK_TCP_OVERFLOW,
+            map_names::CONNTRACK_ANY,
+        ] {
             let mut conntrack: HashMap<MapData, CtKey, CtEntry> = open(&self.layout, table)?;
             let keys: Vec<CtKey> = conntrack.keys().filter_map(Result::ok).collect();
             for k in &keys {
