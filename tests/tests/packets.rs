@@ -1297,10 +1297,9 @@ fn a_full_tcp_table_sends_new_flows_to_the_overflow_and_the_agent_moves_them_bac
     use dataplane_common::{CtKey, IPPROTO_TCP, drop_reason, map_names};
     const ACK: u8 = 0x10;
     let sizes = [
-        (map_names::CONNTRACK_TCP.to_string(), 4),
-        (map_names::CONNTRACK_TCP_OVERFLOW.to_string(), 64),
-    ]
-    .into();
+        (map_names::CONNTRACK_TCP, 4),
+        (map_names::CONNTRACK_TCP_OVERFLOW, 64),
+    ];
     let (pins, mut datapath, mut programmer) = load("dpctovf", &sizes);
     assert!(
         programmer
@@ -1355,7 +1354,7 @@ fn a_full_tcp_table_sends_new_flows_to_the_overflow_and_the_agent_moves_them_bac
     for key in &keys {
         maps.conntrack.tcp.remove(key).unwrap();
     }
-    programmer.collect_conntrack(dataplane_agent::inspect::monotonic_ns());
+    programmer.collect_conntrack(dataplane_agent::observe::inspect::monotonic_ns());
     assert_eq!(maps.conntrack.tcp.keys().count(), 4);
     assert_eq!(maps.conntrack.tcp_overflow.keys().count(), 0);
     assert!(!maps.conntrack.overflow_in_use());
