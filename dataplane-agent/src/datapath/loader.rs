@@ -17,6 +17,9 @@ pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("DATAPLANE_EBPF_
 pub struct LoadedDatapath {
     pub ebpf: Ebpf,
     pub layout: BpffsLayout,
+    /// The traffic counter maps were created by this load (no pins of an earlier run): every
+    /// counter starts at zero, so ids handed out for the first time need no reset.
+    pub fresh_counters: bool,
 }
 
 /// Map capacities that differ from the object's defaults, by map name. They apply when a map
@@ -32,6 +35,14 @@ impl LoadedDatapath {
         for name in map_names::ALL {
             check_pinned_layout(layout, name)?;
         }
+        let fresh_counters = [
+            map_names::SERVICE_STATS,
+            map_names::BACKEND_STATS,
+            map_names::SOCKET_SERVICE_STATS,
+            map_names::SOCKET_BACKEND_STATS,
+        ]
+        .iter()
+        .all(|name| !layout.map(name).exists());
         let mut loader = EbpfLoader::new();
         let pins: Vec<_> = map_names::ALL
             .iter()
@@ -78,6 +89,7 @@ impl LoadedDatapath {
         Ok(Self {
             ebpf,
             layout: layout.clone(),
+            fresh_counters,
         })
     }
 

@@ -137,6 +137,25 @@ impl MapWrites for PinnedMaps {
     }
 }
 
+/// Resets the counters of the new `ids` that may have been used before (those up to
+/// `dirty_upto`, which then covers all of `ids`); on failure, says how many of `ids` are
+/// ready (those before the first that could not be reset).
+fn reset_dirty(
+    ids: &[u32],
+    dirty_upto: &mut u32,
+    reset: impl FnOnce(&[u32]) -> Result<(), (usize, String)>,
+) -> Result<(), (usize, String)> {
+    let dirty: Vec<u32> = ids.iter().copied().filter(|id| id <= dirty_upto).collect();
+    *dirty_upto = ids.iter().copied().fold(*dirty_upto, u32::max);
+    reset(&dirty).map_err(|(n, e)| {
+        let ready = dirty
+            .get(n)
+            .and_then(|failed| ids.iter().position(|id| id == failed))
+            .unwrap_or(ids.len());
+        (ready, e)
+    })
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ProgrammedEntry {
     settings: EntrySettings,
@@ -179,6 +198,10 @@ pub struct Programmer<M: MapWrites = PinnedMaps> {
     affinity_lost: HashSet<(u32, u32)>,
     /// Reused for each entry's backend ids, so an unchanged entry costs no allocation.
     scratch: Vec<u32>,
+    /// (backend, frontend) ids above these were never handed out since the counter maps were
+    /// created, so their counters are zero and need no reset (a bulk load of 100,000s of
+    /// backends would otherwise write every counter of each). `u32::MAX`: not known.
+    counters_dirty_upto: (u32, u32),
 }
 
 impl Programmer<PinnedMaps> {
@@ -250,6 +273,7 @@ impl<M: MapWrites> Programmer<M> {
             conntrack_timeouts: ConntrackTimeouts::default(),
             affinity_lost: HashSet::new(),
             scratch: vec![],
+            counters_dirty_upto: (u32::MAX, u32::MAX),
         };
         // Slots whose frontend entry is gone (a removal cut short): delete them.
         for key in decoded.orphans {
@@ -261,6 +285,15 @@ impl<M: MapWrites> Programmer<M> {
             "restored datapath state from pinned maps"
         );
         programmer
+    }
+
+    /// The counter maps were created empty by this run: ids not handed out yet have zero
+    /// counters.
+    pub fn counters_start_at_zero(&mut self) {
+        self.counters_dirty_upto = (
+            self.backend_ids.highest(),
+            self.frontend_id_allocator.highest(),
+        );
     }
 
     pub fn frontend_count(&self) -> usize {
@@ -375,6 +408,8 @@ impl<M: MapWrites> Programmer<M> {
         self.sync_names(frontends, &mut report);
 
         // 3. Frontends: Maglev table, source ranges, slots, then slot 0.
+        self.entries
+            .reserve(wanted.len().saturating_sub(self.entries.len()));
         for entry in &wanted {
             if let Err(e) = self.program_entry(entry, &mut unused, &mut report) {
                 report.failures.push(format!(
@@ -481,7 +516,8 @@ impl<M: MapWrites> Programmer<M> {
             .map(|(b, _)| translate::backend(b))
             .collect();
         let (mut written, mut error) = (ids.len(), None);
-        if let Err((n, e)) = self.maps.reset_backend_stats(&ids) {
+        let upto = &mut self.counters_dirty_upto.0;
+        if let Err((n, e)) = reset_dirty(&ids, upto, |dirty| self.maps.reset_backend_stats(dirty)) {
             (written, error) = (n, Some(e));
         }
         if let Err((n, e)) = self
@@ -490,6 +526,8 @@ impl<M: MapWrites> Programmer<M> {
         {
             (written, error) = (n, Some(e));
         }
+        self.backends.reserve(written);
+        self.backend_uses.reserve(written);
         for (i, (backend, id)) in new.iter().zip(&ids).enumerate() {
             if i < written {
                 self.backends.insert(*backend, *id);
@@ -530,10 +568,13 @@ impl<M: MapWrites> Programmer<M> {
             }
         }
         let ids: Vec<u32> = new.iter().map(|(_, id)| *id).collect();
-        let (written, error) = match self.maps.reset_frontend_stats(&ids) {
+        let upto = &mut self.counters_dirty_upto.1;
+        let reset = reset_dirty(&ids, upto, |dirty| self.maps.reset_frontend_stats(dirty));
+        let (written, error) = match reset {
             Ok(()) => (ids.len(), None),
             Err((n, e)) => (n, Some(e)),
         };
+        self.frontend_ids.reserve(written);
         for (i, (f, id)) in new.into_iter().enumerate() {
             if i < written {
                 self.frontend_ids.insert(f.frontend, id);
