@@ -156,6 +156,40 @@ fn reset_dirty(
     })
 }
 
+/// Each backend id's address and how many entries use it, by id: ids are small and handed
+/// out densely, so a vector indexed by id is smaller and faster than a map (a bulk load counts
+/// millions of uses).
+#[derive(Debug, Default)]
+struct BackendUses(Vec<Option<(BackendAddr, u32)>>);
+
+impl BackendUses {
+    fn get(&self, id: &u32) -> Option<&(BackendAddr, u32)> {
+        self.0.get(*id as usize)?.as_ref()
+    }
+
+    fn get_mut(&mut self, id: &u32) -> Option<&mut (BackendAddr, u32)> {
+        self.0.get_mut(*id as usize)?.as_mut()
+    }
+
+    fn insert(&mut self, id: u32, value: (BackendAddr, u32)) {
+        let index = id as usize;
+        if self.0.len() <= index {
+            self.0.resize(index + 1, None);
+        }
+        self.0[index] = Some(value);
+    }
+
+    /// Room for ids up to `id` at once (a bulk load hands out 100,000s).
+    fn reserve_upto(&mut self, id: u32) {
+        let more = (id as usize + 1).saturating_sub(self.0.len());
+        self.0.reserve_exact(more);
+    }
+
+    fn remove(&mut self, id: &u32) -> Option<(BackendAddr, u32)> {
+        self.0.get_mut(*id as usize)?.take()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ProgrammedEntry {
     settings: EntrySettings,
@@ -180,7 +214,7 @@ pub struct Programmer<M: MapWrites = PinnedMaps> {
     maps: M,
     backends: HashMap<BackendAddr, u32>,
     /// Each backend id's address and how many entries use it: the last user gone, it goes.
-    backend_uses: HashMap<u32, (BackendAddr, u32)>,
+    backend_uses: BackendUses,
     backend_ids: IdAllocator,
     /// Frontend id of each frontend address, shared by its scopes.
     frontend_ids: HashMap<FrontendAddr, u32>,
@@ -250,8 +284,10 @@ impl<M: MapWrites> Programmer<M> {
         let (backend_limit, frontend_limit) = limits;
         let backend_in_use: HashSet<u32> = backends.values().copied().collect();
         let frontend_in_use: HashSet<u32> = frontend_ids.values().copied().collect();
-        let mut backend_uses: HashMap<u32, (BackendAddr, u32)> =
-            backends.iter().map(|(b, id)| (*id, (*b, 0))).collect();
+        let mut backend_uses = BackendUses::default();
+        for (b, id) in &backends {
+            backend_uses.insert(*id, (*b, 0));
+        }
         for id in entries.values().flat_map(|e: &ProgrammedEntry| &e.backends) {
             if let Some((_, users)) = backend_uses.get_mut(id) {
                 *users += 1;
@@ -527,7 +563,9 @@ impl<M: MapWrites> Programmer<M> {
             (written, error) = (n, Some(e));
         }
         self.backends.reserve(written);
-        self.backend_uses.reserve(written);
+        if let Some(highest) = ids[..written].iter().max() {
+            self.backend_uses.reserve_upto(*highest);
+        }
         for (i, (backend, id)) in new.iter().zip(&ids).enumerate() {
             if i < written {
                 self.backends.insert(*backend, *id);
