@@ -641,6 +641,7 @@ impl<M: MapWrites> Programmer<M> {
             Ok(()) => (ids.len(), None),
             Err((n, e)) => (n, Some(e)),
         };
+        self.names.reserve(written);
         for (i, (id, name, frontend)) in changed.into_iter().enumerate() {
             if i < written {
                 self.names.insert(id, name);
@@ -1103,6 +1104,35 @@ mod tests {
         },
         plan::{NodeContext, compute, tests::plan_of},
     };
+
+    #[test]
+    fn counters_are_reset_only_for_ids_that_may_have_been_used() {
+        let mut reset = Vec::new();
+        // Not known: every id is reset.
+        let mut upto = u32::MAX;
+        reset_dirty(&[1, 2], &mut upto, |ids| {
+            reset.extend_from_slice(ids);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((reset.as_slice(), upto), (&[1, 2][..], u32::MAX));
+        // Fresh maps with ids up to 3 handed out: ids above are clean, and now dirty.
+        reset.clear();
+        let mut upto = 3;
+        reset_dirty(&[4, 2, 5], &mut upto, |ids| {
+            reset.extend_from_slice(ids);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((reset.as_slice(), upto), (&[2][..], 5));
+        // A failure names how many of the ids are ready: those before the one not reset.
+        let mut upto = 5;
+        let failed = reset_dirty(&[9, 3, 4], &mut upto, |ids| {
+            assert_eq!(ids, [3, 4]);
+            Err((1, "full".to_string()))
+        });
+        assert_eq!(failed, Err((2, "full".to_string())));
+    }
 
     fn on_model() -> Programmer<MapModel> {
         let limits = (capacity::BACKENDS, capacity::FRONTENDS);
