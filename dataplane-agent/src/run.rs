@@ -334,6 +334,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut programmer =
         Programmer::restore(PinnedMaps::open(&layout)?).context("reading back the pinned maps")?;
     programmer.set_conntrack_timeouts(config.conntrack_timeouts);
+    if datapath.fresh_counters {
+        programmer.counters_start_at_zero();
+    }
     let mut attachments = Attachments::new(&config.pod_interfaces, &config.external_interfaces)?;
     info!(
         bpffs_dir = %layout.dir().display(),

@@ -21,6 +21,9 @@ pub struct LoadedDatapath {
     /// opened after the copy are moved by `finish_upgrade` (the keys copied already, which
     /// the new programs may have removed since, are not copied again).
     old_conntrack: Vec<(&'static str, OldKeys)>,
+    /// The traffic counter maps were created by this load (no pins of an earlier run): every
+    /// counter starts at zero, so ids handed out for the first time need no reset.
+    pub fresh_counters: bool,
 }
 
 /// Keys of an old conntrack map (16 bytes in every earlier layout).
@@ -39,6 +42,14 @@ impl LoadedDatapath {
         for name in map_names::ALL {
             check_pinned_layout(layout, name)?;
         }
+        let fresh_counters = [
+            map_names::SERVICE_STATS,
+            map_names::BACKEND_STATS,
+            map_names::SOCKET_SERVICE_STATS,
+            map_names::SOCKET_BACKEND_STATS,
+        ]
+        .iter()
+        .all(|name| !layout.map(name).exists());
         let mut loader = EbpfLoader::new();
         let pins: Vec<_> = map_names::ALL
             .iter()
@@ -86,6 +97,7 @@ impl LoadedDatapath {
             ebpf,
             layout: layout.clone(),
             old_conntrack,
+            fresh_counters,
         })
     }
 

@@ -137,6 +137,59 @@ impl MapWrites for PinnedMaps {
     }
 }
 
+/// Resets the counters of the new `ids` that may have been used before (those up to
+/// `dirty_upto`, which then covers all of `ids`); on failure, says how many of `ids` are
+/// ready (those before the first that could not be reset).
+fn reset_dirty(
+    ids: &[u32],
+    dirty_upto: &mut u32,
+    reset: impl FnOnce(&[u32]) -> Result<(), (usize, String)>,
+) -> Result<(), (usize, String)> {
+    let dirty: Vec<u32> = ids.iter().copied().filter(|id| id <= dirty_upto).collect();
+    *dirty_upto = ids.iter().copied().fold(*dirty_upto, u32::max);
+    reset(&dirty).map_err(|(n, e)| {
+        let ready = dirty
+            .get(n)
+            .and_then(|failed| ids.iter().position(|id| id == failed))
+            .unwrap_or(ids.len());
+        (ready, e)
+    })
+}
+
+/// Each backend id's address and how many entries use it, by id: ids are small and handed
+/// out densely, so a vector indexed by id is smaller and faster than a map (a bulk load counts
+/// millions of uses).
+#[derive(Debug, Default)]
+struct BackendUses(Vec<Option<(BackendAddr, u32)>>);
+
+impl BackendUses {
+    fn get(&self, id: &u32) -> Option<&(BackendAddr, u32)> {
+        self.0.get(*id as usize)?.as_ref()
+    }
+
+    fn get_mut(&mut self, id: &u32) -> Option<&mut (BackendAddr, u32)> {
+        self.0.get_mut(*id as usize)?.as_mut()
+    }
+
+    fn insert(&mut self, id: u32, value: (BackendAddr, u32)) {
+        let index = id as usize;
+        if self.0.len() <= index {
+            self.0.resize(index + 1, None);
+        }
+        self.0[index] = Some(value);
+    }
+
+    /// Room for ids up to `id` at once (a bulk load hands out 100,000s).
+    fn reserve_upto(&mut self, id: u32) {
+        let more = (id as usize + 1).saturating_sub(self.0.len());
+        self.0.reserve_exact(more);
+    }
+
+    fn remove(&mut self, id: &u32) -> Option<(BackendAddr, u32)> {
+        self.0.get_mut(*id as usize)?.take()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ProgrammedEntry {
     settings: EntrySettings,
@@ -161,7 +214,7 @@ pub struct Programmer<M: MapWrites = PinnedMaps> {
     maps: M,
     backends: HashMap<BackendAddr, u32>,
     /// Each backend id's address and how many entries use it: the last user gone, it goes.
-    backend_uses: HashMap<u32, (BackendAddr, u32)>,
+    backend_uses: BackendUses,
     backend_ids: IdAllocator,
     /// Frontend id of each frontend address, shared by its scopes.
     frontend_ids: HashMap<FrontendAddr, u32>,
@@ -179,6 +232,10 @@ pub struct Programmer<M: MapWrites = PinnedMaps> {
     affinity_lost: HashSet<(u32, u32)>,
     /// Reused for each entry's backend ids, so an unchanged entry costs no allocation.
     scratch: Vec<u32>,
+    /// (backend, frontend) ids above these were never handed out since the counter maps were
+    /// created, so their counters are zero and need no reset (a bulk load of 100,000s of
+    /// backends would otherwise write every counter of each). `u32::MAX`: not known.
+    counters_dirty_upto: (u32, u32),
 }
 
 impl Programmer<PinnedMaps> {
@@ -227,8 +284,10 @@ impl<M: MapWrites> Programmer<M> {
         let (backend_limit, frontend_limit) = limits;
         let backend_in_use: HashSet<u32> = backends.values().copied().collect();
         let frontend_in_use: HashSet<u32> = frontend_ids.values().copied().collect();
-        let mut backend_uses: HashMap<u32, (BackendAddr, u32)> =
-            backends.iter().map(|(b, id)| (*id, (*b, 0))).collect();
+        let mut backend_uses = BackendUses::default();
+        for (b, id) in &backends {
+            backend_uses.insert(*id, (*b, 0));
+        }
         for id in entries.values().flat_map(|e: &ProgrammedEntry| &e.backends) {
             if let Some((_, users)) = backend_uses.get_mut(id) {
                 *users += 1;
@@ -250,6 +309,7 @@ impl<M: MapWrites> Programmer<M> {
             conntrack_timeouts: ConntrackTimeouts::default(),
             affinity_lost: HashSet::new(),
             scratch: vec![],
+            counters_dirty_upto: (u32::MAX, u32::MAX),
         };
         // Slots whose frontend entry is gone (a removal cut short): delete them.
         for key in decoded.orphans {
@@ -261,6 +321,15 @@ impl<M: MapWrites> Programmer<M> {
             "restored datapath state from pinned maps"
         );
         programmer
+    }
+
+    /// The counter maps were created empty by this run: ids not handed out yet have zero
+    /// counters.
+    pub fn counters_start_at_zero(&mut self) {
+        self.counters_dirty_upto = (
+            self.backend_ids.highest(),
+            self.frontend_id_allocator.highest(),
+        );
     }
 
     pub fn frontend_count(&self) -> usize {
@@ -375,6 +444,8 @@ impl<M: MapWrites> Programmer<M> {
         self.sync_names(frontends, &mut report);
 
         // 3. Frontends: Maglev table, source ranges, slots, then slot 0.
+        self.entries
+            .reserve(wanted.len().saturating_sub(self.entries.len()));
         for entry in &wanted {
             if let Err(e) = self.program_entry(entry, &mut unused, &mut report) {
                 report.failures.push(format!(
@@ -481,7 +552,8 @@ impl<M: MapWrites> Programmer<M> {
             .map(|(b, _)| translate::backend(b))
             .collect();
         let (mut written, mut error) = (ids.len(), None);
-        if let Err((n, e)) = self.maps.reset_backend_stats(&ids) {
+        let upto = &mut self.counters_dirty_upto.0;
+        if let Err((n, e)) = reset_dirty(&ids, upto, |dirty| self.maps.reset_backend_stats(dirty)) {
             (written, error) = (n, Some(e));
         }
         if let Err((n, e)) = self
@@ -489,6 +561,10 @@ impl<M: MapWrites> Programmer<M> {
             .update_backends(&ids[..written], &values[..written])
         {
             (written, error) = (n, Some(e));
+        }
+        self.backends.reserve(written);
+        if let Some(highest) = ids[..written].iter().max() {
+            self.backend_uses.reserve_upto(*highest);
         }
         for (i, (backend, id)) in new.iter().zip(&ids).enumerate() {
             if i < written {
@@ -530,10 +606,13 @@ impl<M: MapWrites> Programmer<M> {
             }
         }
         let ids: Vec<u32> = new.iter().map(|(_, id)| *id).collect();
-        let (written, error) = match self.maps.reset_frontend_stats(&ids) {
+        let upto = &mut self.counters_dirty_upto.1;
+        let reset = reset_dirty(&ids, upto, |dirty| self.maps.reset_frontend_stats(dirty));
+        let (written, error) = match reset {
             Ok(()) => (ids.len(), None),
             Err((n, e)) => (n, Some(e)),
         };
+        self.frontend_ids.reserve(written);
         for (i, (f, id)) in new.into_iter().enumerate() {
             if i < written {
                 self.frontend_ids.insert(f.frontend, id);
@@ -562,6 +641,7 @@ impl<M: MapWrites> Programmer<M> {
             Ok(()) => (ids.len(), None),
             Err((n, e)) => (n, Some(e)),
         };
+        self.names.reserve(written);
         for (i, (id, name, frontend)) in changed.into_iter().enumerate() {
             if i < written {
                 self.names.insert(id, name);
@@ -1030,6 +1110,35 @@ mod tests {
         },
         plan::{NodeContext, compute, tests::plan_of},
     };
+
+    #[test]
+    fn counters_are_reset_only_for_ids_that_may_have_been_used() {
+        let mut reset = Vec::new();
+        // Not known: every id is reset.
+        let mut upto = u32::MAX;
+        reset_dirty(&[1, 2], &mut upto, |ids| {
+            reset.extend_from_slice(ids);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((reset.as_slice(), upto), (&[1, 2][..], u32::MAX));
+        // Fresh maps with ids up to 3 handed out: ids above are clean, and now dirty.
+        reset.clear();
+        let mut upto = 3;
+        reset_dirty(&[4, 2, 5], &mut upto, |ids| {
+            reset.extend_from_slice(ids);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((reset.as_slice(), upto), (&[2][..], 5));
+        // A failure names how many of the ids are ready: those before the one not reset.
+        let mut upto = 5;
+        let failed = reset_dirty(&[9, 3, 4], &mut upto, |ids| {
+            assert_eq!(ids, [3, 4]);
+            Err((1, "full".to_string()))
+        });
+        assert_eq!(failed, Err((2, "full".to_string())));
+    }
 
     fn on_model() -> Programmer<MapModel> {
         let limits = (capacity::BACKENDS, capacity::FRONTENDS);

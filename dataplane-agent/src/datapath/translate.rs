@@ -55,6 +55,11 @@ impl IdAllocator {
     pub fn release(&mut self, id: u32) {
         self.free.push_back(id);
     }
+
+    /// The highest id handed out or in use so far (0 if none).
+    pub fn highest(&self) -> u32 {
+        self.high
+    }
 }
 
 /// One entry of the service map family: a frontend in one scope.

@@ -87,7 +87,9 @@ pub struct ManifestDir {
     files: HashMap<PathBuf, ParsedFile>,
     /// Which files define each object. An object in several files is taken from the last
     /// file in path order, as if the files were applied in order.
-    origins: BTreeSet<(ObjectKey, PathBuf)>,
+    /// (The files of each object, in path order; almost always one, shared by all the
+    /// objects of the file.)
+    origins: HashMap<ObjectKey, Vec<Arc<Path>>>,
     /// Documents skipped (and logged) since [`ManifestDir::take_skipped`] last asked.
     skipped: u64,
 }
@@ -220,7 +222,12 @@ impl ManifestDir {
     fn forget(&mut self, path: &Path, touched: &mut BTreeSet<ObjectKey>) {
         if let Some(old) = self.files.remove(path) {
             for key in old.keys.into_keys() {
-                self.origins.remove(&(key.clone(), path.to_path_buf()));
+                if let Some(files) = self.origins.get_mut(&key) {
+                    files.retain(|f| **f != *path);
+                    if files.is_empty() {
+                        self.origins.remove(&key);
+                    }
+                }
                 touched.insert(key);
             }
         }
@@ -244,8 +251,13 @@ impl ManifestDir {
                 warn!(file = %s.file.display(), object = %s.object, reason = %s.reason, "skipping manifest document");
             }
             self.skipped += parsed.skipped.len() as u64;
+            let shared: Arc<Path> = Arc::from(path.as_path());
+            self.origins.reserve(parsed.keys.len());
             for key in parsed.keys.keys() {
-                self.origins.insert((key.clone(), path.clone()));
+                let files = self.origins.entry(key.clone()).or_default();
+                if let Err(at) = files.binary_search(&shared) {
+                    files.insert(at, shared.clone());
+                }
                 touched.insert(key.clone());
             }
             self.files.insert(path, parsed);
@@ -254,12 +266,7 @@ impl ManifestDir {
 
     /// The file `key` is taken from: the last in path order that defines it.
     fn winner(&self, key: &ObjectKey) -> Option<&Path> {
-        let from = (key.clone(), PathBuf::new());
-        self.origins
-            .range(from..)
-            .take_while(|(k, _)| k == key)
-            .last()
-            .map(|(_, p)| p.as_path())
+        self.origins.get(key)?.last().map(|p| &**p)
     }
 
     /// The current version of each touched object, or its deletion.
