@@ -126,25 +126,33 @@ fn open(
         .map_err(|source| MapsError::Aya { name, source })
 }
 
+/// The map pinned as `name`, as its typed handle; its capacity goes into `capacities`.
+fn typed<T>(
+    layout: &BpffsLayout,
+    name: &'static str,
+    capacities: &mut std::collections::BTreeMap<&'static str, u32>,
+) -> Result<T, MapsError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    T::try_from(open(layout, name, capacities)?).map_err(|source| MapsError::Aya { name, source })
+}
+
 impl Conntrack {
     /// The pinned conntrack tables alone (the loader's migration, before the rest is read).
     pub fn open(layout: &BpffsLayout) -> Result<Self, MapsError> {
-        let mut capacities = std::collections::BTreeMap::new();
-        macro_rules! typed {
-            ($kind:ident, $name:expr) => {
-                $kind::try_from(open(layout, $name, &mut capacities)?).map_err(|source| {
-                    MapsError::Aya {
-                        name: $name,
-                        source,
-                    }
-                })?
-            };
-        }
+        Self::open_recording(layout, &mut std::collections::BTreeMap::new())
+    }
+
+    fn open_recording(
+        layout: &BpffsLayout,
+        capacities: &mut std::collections::BTreeMap<&'static str, u32>,
+    ) -> Result<Self, MapsError> {
         Ok(Self {
-            tcp: typed!(HashMap, map_names::CONNTRACK_TCP),
-            tcp_overflow: typed!(HashMap, map_names::CONNTRACK_TCP_OVERFLOW),
-            overflow_in_use: typed!(Array, map_names::CONNTRACK_OVERFLOW_IN_USE),
-            any: typed!(HashMap, map_names::CONNTRACK_ANY),
+            tcp: typed(layout, map_names::CONNTRACK_TCP, capacities)?,
+            tcp_overflow: typed(layout, map_names::CONNTRACK_TCP_OVERFLOW, capacities)?,
+            overflow_in_use: typed(layout, map_names::CONNTRACK_OVERFLOW_IN_USE, capacities)?,
+            any: typed(layout, map_names::CONNTRACK_ANY, capacities)?,
         })
     }
 }
@@ -164,37 +172,23 @@ impl PinnedMaps {
 
     pub fn open(layout: &BpffsLayout) -> Result<Self, MapsError> {
         let mut capacities = std::collections::BTreeMap::new();
-        macro_rules! typed {
-            ($kind:ident, $name:expr) => {
-                $kind::try_from(open(layout, $name, &mut capacities)?).map_err(|source| {
-                    MapsError::Aya {
-                        name: $name,
-                        source,
-                    }
-                })?
-            };
-        }
+        let c = &mut capacities;
         Ok(Self {
-            services: typed!(HashMap, map_names::SERVICES),
-            backends: typed!(Array, map_names::BACKENDS),
-            conntrack: Conntrack {
-                tcp: typed!(HashMap, map_names::CONNTRACK_TCP),
-                tcp_overflow: typed!(HashMap, map_names::CONNTRACK_TCP_OVERFLOW),
-                overflow_in_use: typed!(Array, map_names::CONNTRACK_OVERFLOW_IN_USE),
-                any: typed!(HashMap, map_names::CONNTRACK_ANY),
-            },
-            service_stats: typed!(PerCpuArray, map_names::SERVICE_STATS),
-            backend_stats: typed!(PerCpuArray, map_names::BACKEND_STATS),
-            drops: typed!(Array, map_names::DROPS),
-            affinity: typed!(HashMap, map_names::AFFINITY),
-            source_ranges: typed!(LpmTrie, map_names::SOURCE_RANGES),
-            maglev: typed!(HashMap, map_names::MAGLEV),
-            config: typed!(Array, map_names::CONFIG),
-            names: typed!(HashMap, map_names::NAMES),
-            sockets: typed!(HashMap, map_names::SOCKETS),
-            socket_config: typed!(Array, map_names::SOCKET_CONFIG),
-            socket_service_stats: typed!(PerCpuArray, map_names::SOCKET_SERVICE_STATS),
-            socket_backend_stats: typed!(PerCpuArray, map_names::SOCKET_BACKEND_STATS),
+            services: typed(layout, map_names::SERVICES, c)?,
+            backends: typed(layout, map_names::BACKENDS, c)?,
+            conntrack: Conntrack::open_recording(layout, c)?,
+            service_stats: typed(layout, map_names::SERVICE_STATS, c)?,
+            backend_stats: typed(layout, map_names::BACKEND_STATS, c)?,
+            drops: typed(layout, map_names::DROPS, c)?,
+            affinity: typed(layout, map_names::AFFINITY, c)?,
+            source_ranges: typed(layout, map_names::SOURCE_RANGES, c)?,
+            maglev: typed(layout, map_names::MAGLEV, c)?,
+            config: typed(layout, map_names::CONFIG, c)?,
+            names: typed(layout, map_names::NAMES, c)?,
+            sockets: typed(layout, map_names::SOCKETS, c)?,
+            socket_config: typed(layout, map_names::SOCKET_CONFIG, c)?,
+            socket_service_stats: typed(layout, map_names::SOCKET_SERVICE_STATS, c)?,
+            socket_backend_stats: typed(layout, map_names::SOCKET_BACKEND_STATS, c)?,
             capacities,
         })
     }
