@@ -11,6 +11,8 @@
 
 /// IPv4 address, network byte order.
 pub type Ipv4 = [u8; 4];
+/// IPv6 address, network byte order.
+pub type Ipv6 = [u8; 16];
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -55,8 +57,26 @@ pub mod map_names {
     /// Connections translated at the socket, per frontend id and per backend id.
     pub const SOCKET_SERVICE_STATS: &str = "dp_svc_sock_v1";
     pub const SOCKET_BACKEND_STATS: &str = "dp_be_sock_v1";
+
+    // IPv6: a map per family wherever a key or value holds an address (as Cilium keeps
+    // them), with the same roles as the IPv4 maps above. Frontend and backend ids are one
+    // space for both families, so the stats arrays, names, Maglev tables and socket counters
+    // serve both.
+    pub const SERVICES6: &str = "dp_svc6_v1";
+    pub const BACKENDS6: &str = "dp_be6_v1";
+    pub const CONNTRACK6_TCP: &str = "dp_ct6_tcp_v1";
+    pub const CONNTRACK6_TCP_OVERFLOW: &str = "dp_ct6_ovf_v1";
+    pub const CONNTRACK6_OVERFLOW_IN_USE: &str = "dp_ct6_ovfon_v1";
+    pub const CONNTRACK6_ANY: &str = "dp_ct6_any_v1";
+    pub const AFFINITY6: &str = "dp_aff6_v1";
+    pub const SOURCE_RANGES6: &str = "dp_srcrange6_v1";
+    pub const CONFIG6: &str = "dp_config6_v1";
+    pub const FRAGMENTS6: &str = "dp_frag6_v1";
+    pub const HOST_FLOWS6: &str = "dp_hostflow6_v1";
+    pub const SOCKETS6: &str = "dp_sock6_v1";
+
     /// Every map, in the order `cleanup` and the inspection tools walk them.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 32] = [
         SERVICES,
         BACKENDS,
         CONNTRACK_TCP,
@@ -77,6 +97,18 @@ pub mod map_names {
         SOCKET_CONFIG,
         SOCKET_SERVICE_STATS,
         SOCKET_BACKEND_STATS,
+        SERVICES6,
+        BACKENDS6,
+        CONNTRACK6_TCP,
+        CONNTRACK6_TCP_OVERFLOW,
+        CONNTRACK6_OVERFLOW_IN_USE,
+        CONNTRACK6_ANY,
+        AFFINITY6,
+        SOURCE_RANGES6,
+        CONFIG6,
+        FRAGMENTS6,
+        HOST_FLOWS6,
+        SOCKETS6,
     ];
     /// Maps earlier agents pinned that no datapath reads any more: unpinned at load and by
     /// `cleanup`. (`dp_revnat_v1` held each frontend's address by frontend id; replies are
@@ -112,6 +144,18 @@ pub mod capacity {
     /// Sockets translated at `connect()`/`sendmsg()` (entries are removed when the socket is
     /// released; an LRU, so sockets that never say which backend they talk to age out).
     pub const SOCKETS: u32 = 262_144;
+    /// IPv6 conntrack: a quarter of IPv4's, as most clusters carry far less IPv6 (a v6 TCP
+    /// entry pair takes twice the memory of a v4 one); `--map-size` raises them.
+    pub const CONNTRACK6_TCP: u32 = 131_072;
+    pub const CONNTRACK6_TCP_OVERFLOW: u32 = 16_384;
+    pub const CONNTRACK6_ANY: u32 = 65_536;
+    /// The other IPv6 maps hold as many entries as their IPv4 peers.
+    pub const SERVICES6: u32 = SERVICES;
+    pub const AFFINITY6: u32 = AFFINITY;
+    pub const SOURCE_RANGES6: u32 = SOURCE_RANGES;
+    pub const FRAGMENTS6: u32 = FRAGMENTS;
+    pub const HOST_FLOWS6: u32 = HOST_FLOWS;
+    pub const SOCKETS6: u32 = SOCKETS;
 }
 
 /// The flow hash Maglev indexes with: fixed-seed (murmur3's finalizer per word), so every node
@@ -195,10 +239,13 @@ pub const SCOPE_INTERNAL: u8 = 1;
 /// Key of the service map. `backend_slot == 0` is the frontend itself; slots `1..=count`
 /// name the backends that new connections may pick (Cilium's layout: one map, no per-service
 /// inner maps, and a service is switched to a new backend set by rewriting slot 0 last).
+///
+/// Generic over the address (`Ipv4` or `Ipv6`): one layout, one set of rules, for both
+/// families' maps (`dp_svc_v2`, `dp_svc6_v1`); neither has implicit padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceKey {
-    pub addr: Ipv4,
+pub struct ServiceKeyOf<A> {
+    pub addr: A,
     pub port: u16,
     pub backend_slot: u16,
     pub proto: u8,
@@ -206,6 +253,10 @@ pub struct ServiceKey {
     pub scope: u8,
     pub _pad: [u8; 2],
 }
+
+pub type ServiceKey = ServiceKeyOf<Ipv4>;
+/// An IPv6 frontend or backend slot (`dp_svc6_v1`, whose values are `ServiceValue`s).
+pub type ServiceKey6 = ServiceKeyOf<Ipv6>;
 
 /// Value of the service map. In slot 0 the other fields describe the frontend; in a backend
 /// slot only `backend_id` is used.
@@ -257,12 +308,17 @@ pub const BACKEND_STATE_ACTIVE: u8 = 0;
 /// Value of the backend array, indexed by backend id (never 0); an unused id holds zeroes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Backend {
-    pub addr: Ipv4,
+pub struct BackendOf<A> {
+    pub addr: A,
     pub port: u16,
     pub proto: u8,
     pub state: u8,
 }
+
+pub type Backend = BackendOf<Ipv4>;
+/// An IPv6 backend (`dp_be6_v1`, indexed by the same backend ids: an id is in use in exactly
+/// one of the two arrays).
+pub type Backend6 = BackendOf<Ipv6>;
 
 /// Conntrack key: the tuple as the packet carries it when it reaches the program.
 /// Forward entries are keyed client -> frontend, reply entries backend -> client; the two
@@ -270,9 +326,9 @@ pub struct Backend {
 /// packet's own tuple finds either, and the entry's `CT_FLAG_REPLY` tells which.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct CtKey {
-    pub saddr: Ipv4,
-    pub daddr: Ipv4,
+pub struct CtKeyOf<A> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -282,9 +338,12 @@ pub struct CtKey {
     pub _pad1: u16,
 }
 
-impl CtKey {
+pub type CtKey = CtKeyOf<Ipv4>;
+pub type CtKey6 = CtKeyOf<Ipv6>;
+
+impl<A: Copy> CtKeyOf<A> {
     #[inline(always)]
-    pub const fn new(saddr: Ipv4, daddr: Ipv4, sport: u16, dport: u16, proto: u8) -> Self {
+    pub const fn new(saddr: A, daddr: A, sport: u16, dport: u16, proto: u8) -> Self {
         Self {
             saddr,
             daddr,
@@ -296,13 +355,13 @@ impl CtKey {
         }
     }
 
-    /// The tuple of a flow's replies, for its forward entry `forward` under this key: from
-    /// the backend to whoever the backend saw as the client (the client itself, the node's
-    /// SNAT address and port, or the hairpin address with the client's port). The one place
-    /// this rule is written: the datapath, the agent's conntrack collection and the tools
-    /// all use it.
+    /// The tuple of a flow's replies, for its forward entry `forward` under this key:
+    /// from the backend to whoever the backend saw as the client (the client itself,
+    /// the node's SNAT address and port, or the hairpin address with the client's
+    /// port). The one place this rule is written: the datapath, the agent's conntrack
+    /// collection and the tools all use it.
     #[inline(always)]
-    pub fn reply_of(&self, forward: &CtEntry) -> CtKey {
+    pub fn reply_of(&self, forward: &CtEntryOf<A>) -> Self {
         let (client, client_port) = if forward.flags & CT_FLAG_SNAT != 0 {
             (forward.peer_addr, forward.peer_port)
         } else if forward.flags & CT_FLAG_HAIRPIN != 0 {
@@ -310,7 +369,7 @@ impl CtKey {
         } else {
             (self.saddr, self.sport)
         };
-        CtKey::new(
+        Self::new(
             forward.nat_addr,
             client,
             forward.nat_port,
@@ -319,10 +378,10 @@ impl CtKey {
         )
     }
 
-    /// The forward tuple of a flow, for its reply entry `reply` under this key: from the
-    /// client, as it sent it, to the frontend. The inverse of `reply_of`.
+    /// The forward tuple of a flow, for its reply entry `reply` under this key: from
+    /// the client, as it sent it, to the frontend. The inverse of `reply_of`.
     #[inline(always)]
-    pub fn forward_of(&self, reply: &CtEntry) -> CtKey {
+    pub fn forward_of(&self, reply: &CtEntryOf<A>) -> Self {
         let client = if reply.flags & (CT_FLAG_SNAT | CT_FLAG_HAIRPIN) != 0 {
             reply.peer_addr
         } else {
@@ -333,7 +392,7 @@ impl CtKey {
         } else {
             self.dport
         };
-        CtKey::new(
+        Self::new(
             client,
             reply.nat_addr,
             client_port,
@@ -364,7 +423,7 @@ pub const CT_FLAG_FIN: u16 = 32;
 /// counts the packets travelling in its own direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct CtEntry {
+pub struct CtEntryOf<A> {
     pub packets: u64,
     /// IP-layer bytes (IP header included).
     pub bytes: u64,
@@ -375,23 +434,29 @@ pub struct CtEntry {
     pub backend_id: u32,
     pub rev_nat_id: u32,
     /// Forward: the backend the flow is sent to. Reply: the frontend replies come from.
-    pub nat_addr: Ipv4,
+    pub nat_addr: A,
     pub nat_port: u16,
     pub flags: u16,
     /// Hairpin and SNAT. Forward: the substituted source; reply: the client's real address.
-    pub peer_addr: Ipv4,
+    pub peer_addr: A,
     /// SNAT. Forward: the substituted source port; reply: the client's real port.
     pub peer_port: u16,
     pub _pad: [u8; 2],
 }
 
+pub type CtEntry = CtEntryOf<Ipv4>;
+pub type CtEntry6 = CtEntryOf<Ipv6>;
+
 /// Key of the session affinity map (LRU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct AffinityKey {
+pub struct AffinityKeyOf<A> {
     pub service_port_id: u32,
-    pub client: Ipv4,
+    pub client: A,
 }
+
+pub type AffinityKey = AffinityKeyOf<Ipv4>;
+pub type AffinityKey6 = AffinityKeyOf<Ipv6>;
 
 /// Value of the session affinity map.
 #[repr(C)]
@@ -407,11 +472,15 @@ pub struct AffinityValue {
 /// presence allows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SourceRangeKey {
+pub struct SourceRangeKeyOf<A> {
     /// Big-endian, so the trie's prefix order is frontend first, then address.
     pub rev_nat_id_be: u32,
-    pub addr: Ipv4,
+    pub addr: A,
 }
+
+pub type SourceRangeKey = SourceRangeKeyOf<Ipv4>;
+/// IPv6 CIDRs (`dp_srcrange6_v1`: 32 bits of frontend id, then up to 128 of address).
+pub type SourceRangeKey6 = SourceRangeKeyOf<Ipv6>;
 
 /// A frontend's Maglev table (keyed by frontend id): backend ids, indexed by flow hash
 /// modulo its length.
@@ -455,6 +524,14 @@ pub struct DatapathConfig {
     pub snat_port_max: u16,
 }
 
+/// Node-wide IPv6 settings (`dp_config6_v1`, one entry); the SNAT ports are IPv4's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DatapathConfig6 {
+    /// Source address for SNATed external IPv6 traffic: the node's own IPv6 address.
+    pub snat_addr: Ipv6,
+}
+
 /// The SNAT source ports when `--snat-port-range` is not given: below the default node port
 /// range (30000-32767), itself below Linux's default ephemeral range (32768-60999), and above
 /// the privileged ports. 29k ports per backend, as many as the ephemeral range offered (the
@@ -473,6 +550,21 @@ pub struct FragmentKey {
     pub id: u16,
     pub proto: u8,
     pub _pad: u8,
+}
+
+/// A datagram's fragments as IPv6 groups them (RFC 8200: source, destination and the
+/// fragment header's 32-bit identification; the protocol is the fragment header's next
+/// header).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey6 {
+    pub saddr: Ipv6,
+    pub daddr: Ipv6,
+    /// Network order, as in the packet.
+    pub id: u32,
+    pub proto: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 
 /// The L4 ports of a fragmented datagram, read from its first fragment (host order): the
@@ -495,6 +587,9 @@ pub const FRAGMENT_TIMEOUT_NS: u64 = 30_000_000_000;
 /// tuple its replies arrive with. Such replies are the node's, not new connections to the
 /// frontend. The value is when the node last sent on it (ns since boot).
 pub type HostFlowKey = CtKey;
+
+/// `HostFlowKey` for IPv6 (`dp_hostflow6_v1`).
+pub type HostFlowKey6 = CtKey6;
 
 /// How long a host flow keeps its replies away from the frontend after the node last sent on
 /// it: Linux's `nf_conntrack_udp_timeout_stream` (the longest of its UDP timeouts); a TCP
@@ -541,6 +636,31 @@ pub struct SockEntry {
     pub backend_id: u32,
     pub rev_nat_id: u32,
     pub created_ns: u64,
+}
+
+/// `SockKey` for IPv6 sockets (`dp_sock6_v1`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey6 {
+    pub cookie: u64,
+    pub addr: Ipv6,
+    pub port: u16,
+    pub proto: u8,
+    pub kind: u8,
+    pub _pad: u32,
+}
+
+/// `SockEntry` for IPv6 sockets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockEntry6 {
+    pub created_ns: u64,
+    pub addr: Ipv6,
+    pub port: u16,
+    pub _pad: u16,
+    pub backend_id: u32,
+    pub rev_nat_id: u32,
+    pub _pad1: u32,
 }
 
 /// Which sockets the cgroup programs translate (`dp_sockcfg_v1`, one entry).
@@ -626,6 +746,16 @@ mod user {
         SockKey,
         SockEntry,
         SocketLbConfig,
+        ServiceKey6,
+        Backend6,
+        CtKey6,
+        CtEntry6,
+        AffinityKey6,
+        SourceRangeKey6,
+        DatapathConfig6,
+        FragmentKey6,
+        SockKey6,
+        SockEntry6,
     );
 }
 
@@ -716,6 +846,65 @@ mod layout_tests {
         assert_eq!(offset_of!(SockEntry, created_ns), 16);
         assert_eq!(size_of::<SocketLbConfig>(), 16);
         assert_eq!(offset_of!(SocketLbConfig, netns_cookie), 8);
+    }
+
+    #[test]
+    fn ipv6_layouts() {
+        assert_eq!(size_of::<ServiceKey6>(), 24);
+        assert_eq!(offset_of!(ServiceKey6, port), 16);
+        assert_eq!(offset_of!(ServiceKey6, backend_slot), 18);
+        assert_eq!(offset_of!(ServiceKey6, proto), 20);
+        assert_eq!(offset_of!(ServiceKey6, scope), 21);
+        assert_eq!(size_of::<Backend6>(), 20);
+        assert_eq!(offset_of!(Backend6, port), 16);
+        assert_eq!(size_of::<CtKey6>(), 40);
+        assert_eq!(offset_of!(CtKey6, daddr), 16);
+        assert_eq!(offset_of!(CtKey6, sport), 32);
+        assert_eq!(offset_of!(CtKey6, proto), 36);
+        assert_eq!(size_of::<CtEntry6>(), 80);
+        assert_eq!(offset_of!(CtEntry6, backend_id), 32);
+        assert_eq!(offset_of!(CtEntry6, nat_addr), 40);
+        assert_eq!(offset_of!(CtEntry6, nat_port), 56);
+        assert_eq!(offset_of!(CtEntry6, flags), 58);
+        assert_eq!(offset_of!(CtEntry6, peer_addr), 60);
+        assert_eq!(offset_of!(CtEntry6, peer_port), 76);
+        assert_eq!(size_of::<AffinityKey6>(), 20);
+        assert_eq!(size_of::<SourceRangeKey6>(), 20);
+        assert_eq!(size_of::<DatapathConfig6>(), 16);
+        assert_eq!(size_of::<FragmentKey6>(), 40);
+        assert_eq!(offset_of!(FragmentKey6, id), 32);
+        assert_eq!(size_of::<SockKey6>(), 32);
+        assert_eq!(offset_of!(SockKey6, port), 24);
+        assert_eq!(size_of::<SockEntry6>(), 40);
+        assert_eq!(offset_of!(SockEntry6, addr), 8);
+        assert_eq!(offset_of!(SockEntry6, backend_id), 28);
+    }
+
+    #[test]
+    fn flow_tuples_agree_across_families() {
+        let forward = CtEntry6 {
+            nat_addr: [0xfd; 16],
+            nat_port: 8080,
+            flags: CT_FLAG_SNAT,
+            peer_addr: [0xfe; 16],
+            peer_port: 2000,
+            ..Default::default()
+        };
+        let key = CtKey6::new([1; 16], [2; 16], 40000, 80, IPPROTO_TCP);
+        let reply = key.reply_of(&forward);
+        assert_eq!(
+            reply,
+            CtKey6::new([0xfd; 16], [0xfe; 16], 8080, 2000, IPPROTO_TCP)
+        );
+        let back = CtEntry6 {
+            nat_addr: [2; 16],
+            nat_port: 80,
+            flags: CT_FLAG_SNAT | CT_FLAG_REPLY,
+            peer_addr: [1; 16],
+            peer_port: 40000,
+            ..Default::default()
+        };
+        assert_eq!(reply.forward_of(&back), key);
     }
 
     #[test]

@@ -428,11 +428,7 @@ fn claim_snat_port<T: CtTable>(
 /// Opens the flow `chosen` describes: its conntrack entries (the reply's first, with the
 /// SNAT port claimed there), counters, then the translation to do.
 #[inline(never)]
-fn open_flow<T: CtTable>(
-    table: &T,
-    pkt: &Packet,
-    chosen: &Chosen,
-) -> NewFlow {
+fn open_flow<T: CtTable>(table: &T, pkt: &Packet, chosen: &Chosen) -> NewFlow {
     let (now, backend_id, backend) = (chosen.now, chosen.backend_id, chosen.backend);
     let mut entry = CtEntry {
         packets: 1,

@@ -6,9 +6,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use dataplane_common::{
-    AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, FragmentKey,
-    FragmentPorts, FrontendName, HostFlowKey, IPPROTO_TCP, MaglevTable, ServiceKey, ServiceValue,
-    SockEntry, SockKey, SocketLbConfig, SourceRangeKey, TrafficStats, capacity,
+    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, CtEntry, CtEntry6, CtKey, CtKey6,
+    DatapathConfig, DatapathConfig6, FragmentKey, FragmentKey6, FragmentPorts, FrontendName,
+    HostFlowKey, HostFlowKey6, IPPROTO_TCP, MaglevTable, ServiceKey, ServiceKey6, ServiceValue,
+    SockEntry, SockEntry6, SockKey, SockKey6, SocketLbConfig, SourceRangeKey, SourceRangeKey6,
+    TrafficStats, capacity,
 };
 
 #[btf_map(name = "dp_svc_v2")]
@@ -119,10 +121,7 @@ impl CtTable for TcpTables {
     fn insert(&self, key: &CtKey, entry: &CtEntry, flags: u64) -> Result<(), i32> {
         let in_use = overflow_in_use();
         // A tuple the overflow holds is taken: a SNAT port claim must not reuse it.
-        if in_use
-            && flags == BPF_NOEXIST as u64
-            && CONNTRACK_TCP_OVERFLOW.get_ptr(key).is_some()
-        {
+        if in_use && flags == BPF_NOEXIST as u64 && CONNTRACK_TCP_OVERFLOW.get_ptr(key).is_some() {
             return Err(-EEXIST);
         }
         match CONNTRACK_TCP.insert(key, entry, flags) {
@@ -236,3 +235,53 @@ pub static SOCKET_SERVICE_STATS: PerCpuArray<u64, { capacity::FRONTENDS as usize
 #[btf_map(name = "dp_be_sock_v1")]
 pub static SOCKET_BACKEND_STATS: PerCpuArray<u64, { capacity::BACKENDS as usize }> =
     PerCpuArray::new();
+
+// IPv6: the same roles as the IPv4 maps above (see `dataplane_common::map_names`).
+
+#[btf_map(name = "dp_svc6_v1")]
+pub static SERVICES6: HashMap<ServiceKey6, ServiceValue, { capacity::SERVICES6 as usize }> =
+    HashMap::new();
+
+#[btf_map(name = "dp_be6_v1")]
+pub static BACKENDS6: Array<Backend6, { capacity::BACKENDS as usize }> = Array::new();
+
+#[btf_map(name = "dp_ct6_tcp_v1")]
+pub static CONNTRACK6_TCP: HashMap<CtKey6, CtEntry6, { capacity::CONNTRACK6_TCP as usize }> =
+    HashMap::new();
+
+#[btf_map(name = "dp_ct6_ovf_v1")]
+pub static CONNTRACK6_TCP_OVERFLOW: LruHashMap<
+    CtKey6,
+    CtEntry6,
+    { capacity::CONNTRACK6_TCP_OVERFLOW as usize },
+> = LruHashMap::new();
+
+#[btf_map(name = "dp_ct6_ovfon_v1")]
+pub static CONNTRACK6_OVERFLOW_IN_USE: Array<u32, 1> = Array::new();
+
+#[btf_map(name = "dp_ct6_any_v1")]
+pub static CONNTRACK6_ANY: LruHashMap<CtKey6, CtEntry6, { capacity::CONNTRACK6_ANY as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "dp_aff6_v1")]
+pub static AFFINITY6: LruHashMap<AffinityKey6, AffinityValue, { capacity::AFFINITY6 as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "dp_srcrange6_v1")]
+pub static SOURCE_RANGES6: LpmTrie<SourceRangeKey6, u8, { capacity::SOURCE_RANGES6 as usize }> =
+    LpmTrie::new();
+
+#[btf_map(name = "dp_config6_v1")]
+pub static CONFIG6: Array<DatapathConfig6, 1> = Array::new();
+
+#[btf_map(name = "dp_frag6_v1")]
+pub static FRAGMENTS6: LruHashMap<FragmentKey6, FragmentPorts, { capacity::FRAGMENTS6 as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "dp_hostflow6_v1")]
+pub static HOST_FLOWS6: LruHashMap<HostFlowKey6, u64, { capacity::HOST_FLOWS6 as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "dp_sock6_v1")]
+pub static SOCKETS6: LruHashMap<SockKey6, SockEntry6, { capacity::SOCKETS6 as usize }> =
+    LruHashMap::new();

@@ -87,8 +87,7 @@ fn choose<C: EbpfContext>(
     addr: Ipv4,
     port: u16,
     proto: u8,
-    cookie: u64,
-) -> Result<Option<Translation>, i32> {
+) -> Result<Option<(Translation, u64)>, i32> {
     let mut frontend = ServiceKey {
         addr,
         port,
@@ -114,6 +113,8 @@ fn choose<C: EbpfContext>(
         count_drop(drop_reason::NO_ENDPOINTS);
         return Err(ECONNREFUSED);
     }
+    // SAFETY: the helper reads the context it is given.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // The flow as Maglev hashes it: no source port is chosen yet, so the socket's cookie
     // stands in for it (each socket its own hash, as each connection has).
     let flow = CtKey::new(client, addr, cookie as u16, port, proto);
@@ -127,12 +128,13 @@ fn choose<C: EbpfContext>(
         count_drop(drop_reason::BACKEND_MISSING);
         return Err(EHOSTUNREACH);
     };
-    Ok(Some(Translation {
+    let to = Translation {
         backend_id,
         rev_nat_id: svc.rev_nat_id,
         addr: backend.addr,
         port: backend.port,
-    }))
+    };
+    Ok(Some((to, cookie)))
 }
 
 /// Records `to` for the socket (the reverse entry, so the frontend can be given back) and
@@ -167,11 +169,10 @@ fn to_new_backend(
     sa: &mut bpf_sock_addr,
     frontend: (Ipv4, u16),
     proto: u8,
-    cookie: u64,
     also: impl FnOnce(&Translation),
 ) -> i32 {
-    match choose(ctx, frontend.0, frontend.1, proto, cookie) {
-        Ok(Some(to)) => {
+    match choose(ctx, frontend.0, frontend.1, proto) {
+        Ok(Some((to, cookie))) => {
             also(&to);
             remember(cookie, proto, frontend, &to);
             set_user_addr(sa, to.addr, to.port);
@@ -208,9 +209,7 @@ pub fn connect(ctx: &SockAddrContext) -> i32 {
         return PROCEED;
     };
     let frontend = user_addr(sa);
-    // SAFETY: the helper reads the context it is given.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    to_new_backend(ctx, sa, frontend, proto, cookie, |_| {})
+    to_new_backend(ctx, sa, frontend, proto, |_| {})
 }
 
 /// `sendmsg()`/`sendto()` on an unconnected UDP socket: each datagram to a frontend goes to
@@ -224,6 +223,17 @@ pub fn sendmsg(ctx: &SockAddrContext) -> i32 {
         return PROCEED;
     }
     let (addr, port) = user_addr(sa);
+    // Datagrams to anything but a frontend (most of them) leave before the socket's cookie
+    // is taken: a first cookie is allocated, and the forward entries only name frontends.
+    let frontend = ServiceKey {
+        addr,
+        port,
+        proto: IPPROTO_UDP,
+        ..Default::default()
+    };
+    if SERVICES.get_ptr(frontend).is_none() {
+        return PROCEED;
+    }
     // SAFETY: the helper reads the context it is given.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let forward = SockKey {
@@ -241,7 +251,7 @@ pub fn sendmsg(ctx: &SockAddrContext) -> i32 {
             return PROCEED;
         }
     }
-    to_new_backend(ctx, sa, (addr, port), IPPROTO_UDP, cookie, |to| {
+    to_new_backend(ctx, sa, (addr, port), IPPROTO_UDP, |to| {
         let entry = SockEntry {
             addr: to.addr,
             port: to.port,
@@ -289,6 +299,12 @@ pub fn release(ctx: &SockContext) -> i32 {
     let sk = unsafe { &*ctx.sock };
     let proto = sk.protocol as u8;
     if (proto != IPPROTO_TCP && proto != IPPROTO_UDP) || sk.dst_ip4 == 0 {
+        return PROCEED;
+    }
+    // Only sockets the hooks translate have entries: in `host` mode the node's own. A pod's
+    // socket (every connection a pod accepts or makes) leaves before the cookie and the LRU's
+    // bucket lock.
+    if affinity_client(ctx).is_none() {
         return PROCEED;
     }
     let key = SockKey {

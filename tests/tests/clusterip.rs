@@ -561,6 +561,19 @@ fn every_map_prints_named_fields_in_bpftool() {
         ("dp_sockcfg_v1", &["mode", "netns_cookie"]),
         ("dp_svc_sock_v1", &[]),
         ("dp_be_sock_v1", &[]),
+        // IPv6 (an IPv4-only cluster here): the arrays print their zeroed fields.
+        ("dp_svc6_v1", &[]),
+        ("dp_be6_v1", &["addr", "port", "state"]),
+        ("dp_ct6_tcp_v1", &[]),
+        ("dp_ct6_ovf_v1", &[]),
+        ("dp_ct6_ovfon_v1", &["\"value\": 0"]),
+        ("dp_ct6_any_v1", &[]),
+        ("dp_aff6_v1", &[]),
+        ("dp_srcrange6_v1", &[]),
+        ("dp_config6_v1", &["snat_addr"]),
+        ("dp_frag6_v1", &[]),
+        ("dp_hostflow6_v1", &[]),
+        ("dp_sock6_v1", &[]),
     ];
     for name in dataplane_common::map_names::ALL {
         let path = cluster.agent.bpffs_dir.join(name);

@@ -2,9 +2,11 @@
 //! work while the agent is stopped: everything they show is read from these pins).
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use dataplane_common::{
-    AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, FragmentKey,
-    FragmentPorts, FrontendName, HostFlowKey, MaglevTable, ServiceKey, ServiceValue, SockEntry,
-    SockKey, SocketLbConfig, SourceRangeKey, TrafficStats, map_names,
+    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, CtEntry, CtEntry6, CtKey, CtKey6,
+    DatapathConfig, DatapathConfig6, FragmentKey, FragmentKey6, FragmentPorts, FrontendName,
+    HostFlowKey, HostFlowKey6, MaglevTable, ServiceKey, ServiceKey6, ServiceValue, SockEntry,
+    SockEntry6, SockKey, SockKey6, SocketLbConfig, SourceRangeKey, SourceRangeKey6, TrafficStats,
+    map_names,
 };
 
 use super::BpffsLayout;
@@ -76,6 +78,18 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         map_names::SOCKETS => (size_of::<SockKey>(), size_of::<SockEntry>()),
         map_names::SOCKET_CONFIG => (4, size_of::<SocketLbConfig>()),
         map_names::SOCKET_SERVICE_STATS | map_names::SOCKET_BACKEND_STATS => (4, 8),
+        map_names::SERVICES6 => (size_of::<ServiceKey6>(), size_of::<ServiceValue>()),
+        map_names::BACKENDS6 => (4, size_of::<Backend6>()),
+        map_names::CONNTRACK6_TCP
+        | map_names::CONNTRACK6_TCP_OVERFLOW
+        | map_names::CONNTRACK6_ANY => (size_of::<CtKey6>(), size_of::<CtEntry6>()),
+        map_names::CONNTRACK6_OVERFLOW_IN_USE => (4, 4),
+        map_names::AFFINITY6 => (size_of::<AffinityKey6>(), size_of::<AffinityValue>()),
+        map_names::SOURCE_RANGES6 => (4 + size_of::<SourceRangeKey6>(), 1),
+        map_names::CONFIG6 => (4, size_of::<DatapathConfig6>()),
+        map_names::FRAGMENTS6 => (size_of::<FragmentKey6>(), size_of::<FragmentPorts>()),
+        map_names::HOST_FLOWS6 => (size_of::<HostFlowKey6>(), 8),
+        map_names::SOCKETS6 => (size_of::<SockKey6>(), size_of::<SockEntry6>()),
         _ => return None,
     };
     Some((sizes.0 as u32, sizes.1 as u32))
