@@ -913,11 +913,11 @@ fn the_daemonsets_capabilities_suffice_and_each_is_needed() {
         &["interface=veth-dp0", "interface=eth-dp0"],
     );
     assert!(running, "the restarted agent stopped\n{log}");
-    // Eight links: the pod veth's ingress, the external interface's ingress and egress, and
-    // the five socket hooks at the cgroup.
+    // Twelve links: the pod veth's ingress, the external interface's ingress and egress, and
+    // the nine socket hooks at the cgroup (four per family and the release hook).
     assert_eq!(
         log.matches("replaced program in pinned link").count(),
-        8,
+        3 + dataplane_common::SOCKET_PROGRAMS.len(),
         "{log}"
     );
 

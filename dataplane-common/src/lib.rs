@@ -11,8 +11,75 @@
 
 /// IPv4 address, network byte order.
 pub type Ipv4 = [u8; 4];
-/// IPv6 address, network byte order.
-pub type Ipv6 = [u8; 16];
+/// IPv6 address, network byte order. A struct aligned to 4 bytes rather than a bare
+/// `[u8; 16]`: BPF code copies a byte array one byte at a time (each byte a stack slot),
+/// which no IPv6 path would fit in the verifier's stack budget; aligned, it moves as words.
+/// Every layout holding one keeps it at a 4-byte offset.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ipv6 {
+    pub octets: [u8; 16],
+}
+
+impl Ipv6 {
+    pub const fn new(octets: [u8; 16]) -> Self {
+        Self { octets }
+    }
+
+    /// The four 32-bit words as they sit in memory (network order bytes).
+    #[inline(always)]
+    pub fn words(&self) -> [u32; 4] {
+        let o = &self.octets;
+        let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+        [w(0), w(4), w(8), w(12)]
+    }
+}
+
+impl From<[u8; 16]> for Ipv6 {
+    fn from(octets: [u8; 16]) -> Self {
+        Self { octets }
+    }
+}
+
+impl From<core::net::Ipv6Addr> for Ipv6 {
+    fn from(addr: core::net::Ipv6Addr) -> Self {
+        Self {
+            octets: addr.octets(),
+        }
+    }
+}
+
+impl From<Ipv6> for core::net::Ipv6Addr {
+    fn from(addr: Ipv6) -> Self {
+        addr.octets.into()
+    }
+}
+
+/// What the datapath's code needs of an address, written once for both families.
+pub trait Address: Copy + PartialEq + Default {
+    /// The address as one 32-bit word for hashing (an IPv6 address folds its four words).
+    fn hash_word(&self) -> u32;
+    /// All zeroes: an unused slot, or "none".
+    #[inline(always)]
+    fn is_unspecified(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl Address for Ipv4 {
+    #[inline(always)]
+    fn hash_word(&self) -> u32 {
+        u32::from_be_bytes(*self)
+    }
+}
+
+impl Address for Ipv6 {
+    #[inline(always)]
+    fn hash_word(&self) -> u32 {
+        let [a, b, c, d] = self.words();
+        u32::from_be(a ^ b ^ c ^ d)
+    }
+}
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -178,6 +245,19 @@ pub fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u
     mix(h ^ proto as u32)
 }
 
+/// `flow_hash` of a flow tuple of either family (an IPv4 tuple hashes exactly as
+/// `flow_hash` of its words).
+#[inline(always)]
+pub fn flow_hash_of<A: Address>(flow: &CtKeyOf<A>) -> u32 {
+    flow_hash(
+        flow.saddr.hash_word(),
+        flow.daddr.hash_word(),
+        flow.sport,
+        flow.dport,
+        flow.proto,
+    )
+}
+
 /// The Maglev slot of a flow hash: multiply-shift range reduction (as even as a modulo, and
 /// bounded in a way the verifier can follow).
 #[inline(always)]
@@ -215,12 +295,21 @@ pub const PROG_SOCK_SENDMSG4: &str = "sock_sendmsg4";
 pub const PROG_SOCK_RECVMSG4: &str = "sock_recvmsg4";
 pub const PROG_SOCK_GETPEERNAME4: &str = "sock_getpeername4";
 pub const PROG_SOCK_RELEASE: &str = "sock_release";
-pub const SOCKET_PROGRAMS: [&str; 5] = [
+/// IPv6 sockets: to IPv6 frontends, and to IPv4-mapped ones (`::ffff:10.96.0.10`).
+pub const PROG_SOCK_CONNECT6: &str = "sock_connect6";
+pub const PROG_SOCK_SENDMSG6: &str = "sock_sendmsg6";
+pub const PROG_SOCK_RECVMSG6: &str = "sock_recvmsg6";
+pub const PROG_SOCK_GETPEERNAME6: &str = "sock_getpeername6";
+pub const SOCKET_PROGRAMS: [&str; 9] = [
     PROG_SOCK_CONNECT4,
     PROG_SOCK_SENDMSG4,
     PROG_SOCK_RECVMSG4,
     PROG_SOCK_GETPEERNAME4,
     PROG_SOCK_RELEASE,
+    PROG_SOCK_CONNECT6,
+    PROG_SOCK_SENDMSG6,
+    PROG_SOCK_RECVMSG6,
+    PROG_SOCK_GETPEERNAME6,
 ];
 
 /// Source address used when a pod reaches itself through a service (hairpin). The pod would
@@ -228,6 +317,12 @@ pub const SOCKET_PROGRAMS: [&str; 5] = [
 /// link-local address (as kube-proxy masquerades that case); replies to it are routed back
 /// through the node and restored by conntrack.
 pub const HAIRPIN_SNAT_ADDR: Ipv4 = [169, 254, 42, 1];
+/// The IPv6 hairpin source: `100::a9fe:2a01`, in the discard-only prefix (RFC 6666), so it
+/// belongs to nobody and a router drops anything sent to it, with the IPv4 address in its low
+/// bits. Not link-local: the pod routes its replies to it through its default route, the
+/// node, where conntrack restores them.
+pub const HAIRPIN_SNAT_ADDR6: Ipv6 =
+    Ipv6::new([1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 169, 254, 42, 1]);
 
 /// `ServiceKey::scope`: the entry every packet looks up first.
 pub const SCOPE_DEFAULT: u8 = 0;
@@ -881,26 +976,36 @@ mod layout_tests {
     }
 
     #[test]
+    fn ipv6_hashes_fold_its_words() {
+        let v6 = Ipv6::new([0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 4, 0, 0, 0, 8]);
+        assert_eq!(v6.hash_word(), 15);
+        assert_eq!([10u8, 96, 0, 1].hash_word(), 0x0a60_0001);
+        let std: core::net::Ipv6Addr = v6.into();
+        assert_eq!(Ipv6::from(std), v6);
+    }
+
+    #[test]
     fn flow_tuples_agree_across_families() {
+        let a = |byte: u8| Ipv6::new([byte; 16]);
         let forward = CtEntry6 {
-            nat_addr: [0xfd; 16],
+            nat_addr: a(0xfd),
             nat_port: 8080,
             flags: CT_FLAG_SNAT,
-            peer_addr: [0xfe; 16],
+            peer_addr: a(0xfe),
             peer_port: 2000,
             ..Default::default()
         };
-        let key = CtKey6::new([1; 16], [2; 16], 40000, 80, IPPROTO_TCP);
+        let key = CtKey6::new(a(1), a(2), 40000, 80, IPPROTO_TCP);
         let reply = key.reply_of(&forward);
         assert_eq!(
             reply,
-            CtKey6::new([0xfd; 16], [0xfe; 16], 8080, 2000, IPPROTO_TCP)
+            CtKey6::new(a(0xfd), a(0xfe), 8080, 2000, IPPROTO_TCP)
         );
         let back = CtEntry6 {
-            nat_addr: [2; 16],
+            nat_addr: a(2),
             nat_port: 80,
             flags: CT_FLAG_SNAT | CT_FLAG_REPLY,
-            peer_addr: [1; 16],
+            peer_addr: a(1),
             peer_port: 40000,
             ..Default::default()
         };

@@ -1,7 +1,7 @@
 //! In-place counter updates: atomic adds on looked-up values, never a map update per packet.
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use dataplane_common::{CtEntry, TrafficStats};
+use dataplane_common::{CtEntryOf, TrafficStats};
 
 use crate::maps::{
     BACKEND_STATS, DROPS, SERVICE_STATS, SOCKET_BACKEND_STATS, SOCKET_SERVICE_STATS,
@@ -14,7 +14,7 @@ fn add(counter: *mut u64, n: u64) {
 }
 
 #[inline(always)]
-pub fn count_flow_packet(entry: *mut CtEntry, bytes: u64, now: u64) {
+pub fn count_flow_packet<A>(entry: *mut CtEntryOf<A>, bytes: u64, now: u64) {
     // SAFETY: `entry` came from a conntrack lookup in this run.
     unsafe {
         add(&raw mut (*entry).packets, 1);

@@ -18,7 +18,7 @@ use aya_ebpf::{
     helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect_neigh, bpf_skb_change_head},
     programs::TcContext,
 };
-use dataplane_common::Ipv4;
+use dataplane_common::{Address, Ipv4, drop_reason};
 
 use crate::{
     counters::count_drop,
@@ -27,17 +27,102 @@ use crate::{
     packet::{ETH_HLEN, IP_CSUM_OFF, IP_TTL_OFF, Packet},
     refuse,
 };
-use dataplane_common::drop_reason;
 
 const AF_INET: u8 = 2;
 const IPPROTO_ICMP: u8 = 1;
 const ETH_P_IP: u16 = 0x0800;
 
+/// What forwarding needs of an address family: how its addresses enter a FIB lookup and a
+/// neighbour redirect, how a hop is counted, and what a router answers when it cannot
+/// forward. (IPv4's only, for now: see `family`.)
+pub trait Forwarding: Address {
+    const AF: u8;
+    const ETH_P: u16;
+    fn set_fib_addresses(params: &mut bpf_fib_lookup, saddr: Self, daddr: Self);
+    fn fib_next_hop(params: &bpf_fib_lookup) -> Self;
+    fn neighbour(next_hop: Self) -> bpf_redir_neigh;
+    /// The family's NAT (`nat::rewrite`).
+    fn rewrite<const L2: usize>(
+        ctx: &TcContext,
+        pkt: &Packet<Self>,
+        r: nat::Rewrite<Self>,
+    ) -> Result<(), i64>;
+    /// TTL or hop limit minus one, as the stack's forwarding would.
+    fn count_hop<const L2: usize>(ctx: &TcContext) -> Option<()>;
+    /// A packet whose TTL ends here: answered as a router, about the packet as it arrived.
+    fn time_exceeded<const L2: usize>(ctx: &TcContext, pkt: &Packet<Self>) -> i32;
+    /// A packet too big for the next hop that may not be fragmented: answered, or `None` to
+    /// send it on (the stack fragments it).
+    fn too_big<const L2: usize>(ctx: &TcContext, pkt: &Packet<Self>, mtu: u16) -> Option<i32>;
+}
+
+impl Forwarding for Ipv4 {
+    const AF: u8 = AF_INET;
+    const ETH_P: u16 = ETH_P_IP;
+
+    #[inline(always)]
+    fn set_fib_addresses(params: &mut bpf_fib_lookup, saddr: Ipv4, daddr: Ipv4) {
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
+    }
+
+    #[inline(always)]
+    fn fib_next_hop(params: &bpf_fib_lookup) -> Ipv4 {
+        // SAFETY: unions of integers, written by the helper.
+        unsafe { params.__bindgen_anon_4.ipv4_dst }.to_ne_bytes()
+    }
+
+    #[inline(always)]
+    fn neighbour(next_hop: Ipv4) -> bpf_redir_neigh {
+        bpf_redir_neigh {
+            nh_family: AF_INET as u32,
+            __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
+                ipv4_nh: u32::from_ne_bytes(next_hop),
+            },
+        }
+    }
+
+    #[inline(always)]
+    fn rewrite<const L2: usize>(ctx: &TcContext, pkt: &Packet, r: nat::Rewrite) -> Result<(), i64> {
+        nat::rewrite::<L2>(ctx, pkt, r)
+    }
+
+    /// TTL minus one, with the header checksum updated as the kernel's `ip_decrease_ttl`
+    /// does.
+    #[inline(always)]
+    fn count_hop<const L2: usize>(ctx: &TcContext) -> Option<()> {
+        let start = ctx.data();
+        if start + L2 + IP_CSUM_OFF + 2 > ctx.data_end() {
+            return None;
+        }
+        // SAFETY: bounds checked above; the program may write packet data.
+        unsafe {
+            let ttl = (start + L2 + IP_TTL_OFF) as *mut u8;
+            let check = (start + L2 + IP_CSUM_OFF) as *mut u16;
+            let sum = *check as u32 + 0x0100u16.to_be() as u32;
+            *check = (sum + (sum >= 0xffff) as u32) as u16;
+            *ttl -= 1;
+        }
+        Some(())
+    }
+
+    #[inline(always)]
+    fn time_exceeded<const L2: usize>(ctx: &TcContext, pkt: &Packet) -> i32 {
+        refuse::time_exceeded::<L2>(ctx, pkt, node_address(pkt))
+    }
+
+    #[inline(always)]
+    fn too_big<const L2: usize>(ctx: &TcContext, pkt: &Packet, mtu: u16) -> Option<i32> {
+        pkt.dont_fragment
+            .then(|| refuse::fragmentation_needed::<L2>(ctx, pkt, mtu, node_address(pkt)))
+    }
+}
+
 /// Where the FIB sends a packet.
 #[derive(Clone, Copy)]
-pub enum Route {
-    /// Out of this interface, towards this next hop (network order).
-    Interface { ifindex: u32, next_hop: u32 },
+pub enum Route<A> {
+    /// Out of this interface, towards this next hop.
+    Interface { ifindex: u32, next_hop: A },
     /// Too big for the interface the FIB names, whose MTU this is.
     TooBig { mtu: u16 },
     /// Local delivery, or nothing the FIB forwards: the stack decides.
@@ -48,20 +133,19 @@ pub enum Route {
 /// entering on this interface. A frame of its own: the lookup structure is large, and the
 /// verifier caps the stack of the whole call chain (entry point + new flow + this).
 #[inline(never)]
-fn route(
+fn route<A: Forwarding>(
     ctx: &TcContext,
     proto: u8,
-    (saddr, sport): (Ipv4, u16),
-    (daddr, dport): (Ipv4, u16),
-) -> Route {
+    (saddr, sport): (A, u16),
+    (daddr, dport): (A, u16),
+) -> Route<A> {
     // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
+    params.family = A::AF;
     params.l4_protocol = proto;
     params.sport = sport.to_be();
     params.dport = dport.to_be();
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
+    A::set_fib_addresses(&mut params, saddr, daddr);
     // SAFETY: reads the program's own context.
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // tot_len stays 0: the kernel checks the skb itself against the MTU, GSO-aware.
@@ -101,8 +185,7 @@ fn route(
             }
             Route::Interface {
                 ifindex: params.ifindex,
-                // SAFETY: as above.
-                next_hop: unsafe { params.__bindgen_anon_4.ipv4_dst },
+                next_hop: A::fib_next_hop(&params),
             }
         }
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Route::TooBig { mtu },
@@ -123,32 +206,32 @@ fn node_address(pkt: &Packet) -> Ipv4 {
 /// A packet this hop cannot forward is answered as a router would, about the packet as it
 /// arrived.
 #[inline(always)]
-pub fn translate_and_forward<const L2: usize>(
+pub fn translate_and_forward<A: Forwarding, const L2: usize>(
     ctx: &TcContext,
-    pkt: &Packet,
-    rewrite: nat::Rewrite,
+    pkt: &Packet<A>,
+    translation: nat::Rewrite<A>,
 ) -> i32 {
     let route = route(
         ctx,
         pkt.proto,
-        (rewrite.saddr, rewrite.sport),
-        (rewrite.daddr, rewrite.dport),
+        (translation.saddr, translation.sport),
+        (translation.daddr, translation.dport),
     );
     let forwarded = !matches!(route, Route::Stack);
     if forwarded && pkt.ttl <= 1 {
-        return refuse::time_exceeded::<L2>(ctx, pkt, node_address(pkt));
+        return A::time_exceeded::<L2>(ctx, pkt);
     }
     if let Route::TooBig { mtu } = route
-        && pkt.dont_fragment
+        && let Some(answer) = A::too_big::<L2>(ctx, pkt, mtu)
     {
-        return refuse::fragmentation_needed::<L2>(ctx, pkt, mtu, node_address(pkt));
+        return answer;
     }
-    if nat::rewrite::<L2>(ctx, pkt, rewrite).is_err() {
+    if A::rewrite::<L2>(ctx, pkt, translation).is_err() {
         count_drop(drop_reason::REWRITE_FAILED);
         return TC_ACT_SHOT;
     }
     match route {
-        Route::Interface { ifindex, next_hop } => redirect::<L2>(ctx, ifindex, next_hop),
+        Route::Interface { ifindex, next_hop } => redirect::<A, L2>(ctx, ifindex, next_hop),
         // Too big without don't-fragment: the stack fragments it on its way out.
         Route::TooBig { .. } | Route::Stack => TC_ACT_OK,
     }
@@ -165,7 +248,9 @@ pub fn forward_icmp_error<const L2: usize>(
     ttl: u8,
 ) -> i32 {
     match route(ctx, IPPROTO_ICMP, (saddr, 0), (daddr, 0)) {
-        Route::Interface { ifindex, next_hop } if ttl > 1 => redirect::<L2>(ctx, ifindex, next_hop),
+        Route::Interface { ifindex, next_hop } if ttl > 1 => {
+            redirect::<Ipv4, L2>(ctx, ifindex, next_hop)
+        }
         _ => TC_ACT_OK,
     }
 }
@@ -173,8 +258,8 @@ pub fn forward_icmp_error<const L2: usize>(
 /// Decrements the TTL (as the stack's forwarding would) and hands the packet to the
 /// interface's neighbour output, which fills in the link header.
 #[inline(always)]
-fn redirect<const L2: usize>(ctx: &TcContext, ifindex: u32, next_hop: u32) -> i32 {
-    if decrement_ttl::<L2>(ctx).is_none() {
+fn redirect<A: Forwarding, const L2: usize>(ctx: &TcContext, ifindex: u32, next_hop: A) -> i32 {
+    if A::count_hop::<L2>(ctx).is_none() {
         return TC_ACT_SHOT;
     }
     if L2 == 0 {
@@ -191,12 +276,9 @@ fn redirect<const L2: usize>(ctx: &TcContext, ifindex: u32, next_hop: u32) -> i3
             return TC_ACT_SHOT;
         }
         // SAFETY: bounds checked above; the program may write packet data.
-        unsafe { *((start + 12) as *mut u16) = ETH_P_IP.to_be() };
+        unsafe { *((start + 12) as *mut u16) = A::ETH_P.to_be() };
     }
-    let mut next = bpf_redir_neigh {
-        nh_family: AF_INET as u32,
-        __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: next_hop },
-    };
+    let mut next = A::neighbour(next_hop);
     // SAFETY: `next` is a valid structure on this stack.
     unsafe {
         bpf_redirect_neigh(
@@ -206,22 +288,4 @@ fn redirect<const L2: usize>(ctx: &TcContext, ifindex: u32, next_hop: u32) -> i3
             0,
         ) as i32
     }
-}
-
-/// TTL minus one, with the header checksum updated as the kernel's `ip_decrease_ttl` does.
-#[inline(always)]
-fn decrement_ttl<const L2: usize>(ctx: &TcContext) -> Option<()> {
-    let start = ctx.data();
-    if start + L2 + IP_CSUM_OFF + 2 > ctx.data_end() {
-        return None;
-    }
-    // SAFETY: bounds checked above; the program may write packet data.
-    unsafe {
-        let ttl = (start + L2 + IP_TTL_OFF) as *mut u8;
-        let check = (start + L2 + IP_CSUM_OFF) as *mut u16;
-        let sum = *check as u32 + 0x0100u16.to_be() as u32;
-        *check = (sum + (sum >= 0xffff) as u32) as u16;
-        *ttl -= 1;
-    }
-    Some(())
 }

@@ -8,7 +8,8 @@ use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_coarse_ns, programs::
 use dataplane_common::{CtKey, IPPROTO_UDP, ServiceKey};
 
 use crate::{
-    maps::{CONNTRACK, HOST_FLOWS, SERVICES},
+    family::V4,
+    maps::{Conntrack, HOST_FLOWS, SERVICES},
     packet::{Fragment, parse},
 };
 
@@ -34,7 +35,7 @@ pub fn note<const L2: usize>(ctx: &TcContext) -> i32 {
     }
     // The tuple replies arrive with.
     let replies = CtKey::new(pkt.daddr, pkt.saddr, pkt.dport, pkt.sport, pkt.proto);
-    if CONNTRACK.get_ptr(&replies).is_some() {
+    if Conntrack::<V4>::get_ptr(&replies).is_some() {
         return TC_ACT_OK;
     }
     let now = unsafe { bpf_ktime_get_coarse_ns() };

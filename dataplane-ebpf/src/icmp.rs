@@ -17,8 +17,9 @@ use dataplane_common::{
 };
 
 use crate::{
+    family::V4,
     forward::forward_icmp_error,
-    maps::CONNTRACK,
+    maps::Conntrack,
     packet::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, is_ipv4},
 };
 
@@ -132,7 +133,7 @@ pub fn translate_error<const L2: usize>(ctx: &TcContext) -> i32 {
         e.inner_sport,
         e.proto,
     );
-    let Some(entry) = CONNTRACK.get_ptr(&key) else {
+    let Some(entry) = Conntrack::<V4>::get_ptr(&key) else {
         return TC_ACT_OK;
     };
     // SAFETY: a value from a lookup in this run; copied out at once.

@@ -1,29 +1,24 @@
 //! Service load balancing: frontend lookup, conntrack, backend selection, NAT.
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
-    btf_maps::lpm_trie::Key,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     programs::TcContext,
 };
 use dataplane_common::{
-    AffinityKey, AffinityValue, CT_FLAG_CLOSING, CT_FLAG_FIN, CT_FLAG_HAIRPIN, CT_FLAG_REPLY,
-    CT_FLAG_RESET, CT_FLAG_SNAT, CtEntry, CtKey, DEFAULT_SNAT_PORTS, HAIRPIN_SNAT_ADDR,
-    HOST_FLOW_TIMEOUT_NS, IPPROTO_TCP, IPPROTO_UDP, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
-    SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV,
-    SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES, ServiceKey, ServiceValue, SourceRangeKey,
+    Address, AffinityKeyOf, AffinityValue, BackendOf, CT_FLAG_CLOSING, CT_FLAG_FIN,
+    CT_FLAG_HAIRPIN, CT_FLAG_REPLY, CT_FLAG_RESET, CT_FLAG_SNAT, CtEntryOf, CtKeyOf,
+    DEFAULT_SNAT_PORTS, HOST_FLOW_TIMEOUT_NS, IPPROTO_TCP, IPPROTO_UDP, SCOPE_INTERNAL,
+    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL,
+    SVC_FLAG_MAGLEV, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES, ServiceKeyOf, ServiceValue,
     drop_reason,
 };
 
 use crate::{
     counters::{count_drop, count_flow_packet, count_service_packet},
-    forward::translate_and_forward,
-    maps::{
-        AFFINITY, ANY_TABLE, BACKENDS, CONFIG, CONNTRACK, CtTable, HOST_FLOWS, MAGLEV, SERVICES,
-        SOURCE_RANGES, TCP_TABLES,
-    },
+    family::{Family, PacketFamily},
+    maps::{AnyTable, CONFIG, Conntrack, CtTable, MAGLEV, TcpTables},
     nat,
     packet::{Fragment, Packet, TCP_RST, TCP_SYN},
-    refuse,
 };
 
 /// Where the packet entered the node.
@@ -39,18 +34,22 @@ pub enum Origin {
 /// costs a few nanoseconds (more with the CPU's return-thunk mitigations), which on an
 /// established flow is a good share of the total. New flows, rare, get their own frame.
 #[inline(always)]
-pub fn handle<const L2: usize>(ctx: &TcContext, pkt: &Packet, origin: Origin) -> i32 {
+pub fn handle<F: PacketFamily, const L2: usize>(
+    ctx: &TcContext,
+    pkt: &Packet<F::Addr>,
+    origin: Origin,
+) -> i32 {
     // One lookup on the packet's own tuple finds a known flow in either direction: on the
     // established path, conntrack is the only hash lookup.
     let key = tuple_key(pkt);
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
+    if let Some(entry) = Conntrack::<F>::get_ptr_mut(&key) {
         let now = unsafe { bpf_ktime_get_coarse_ns() };
-        pkt.remember_fragment_ports(now);
+        F::remember_fragment_ports(pkt, now);
         // SAFETY: a value from a lookup in this run.
         if unsafe { (*entry).flags } & CT_FLAG_REPLY != 0 {
-            return reply::<L2>(ctx, pkt, entry, now);
+            return reply::<F, L2>(ctx, pkt, entry, now);
         }
-        if let Some(verdict) = established::<L2>(ctx, pkt, &key, entry, now) {
+        if let Some(verdict) = established::<F, L2>(ctx, pkt, &key, entry, now) {
             return verdict;
         }
     }
@@ -58,26 +57,26 @@ pub fn handle<const L2: usize>(ctx: &TcContext, pkt: &Packet, origin: Origin) ->
     if pkt.fragment == Fragment::Later {
         return TC_ACT_OK;
     }
-    let Some(service) = SERVICES.get_ptr(frontend_key(pkt)) else {
+    let Some(service) = F::services().get_ptr(frontend_key(pkt)) else {
         return TC_ACT_OK;
     };
-    if origin == Origin::External && !opens_connection(pkt) {
+    if origin == Origin::External && !opens_connection::<F>(pkt) {
         return TC_ACT_OK;
     }
     // Two frames side by side rather than nested: the verifier caps the stack of the whole
     // call chain, and each is large.
     let mut chosen = Chosen::default();
-    let new_flow = match to_frontend(pkt, service, origin, &mut chosen) {
+    let new_flow = match to_frontend::<F>(pkt, service, origin, &mut chosen) {
         // The flow's table chosen once: one map in the frame, not a branch at each use.
-        CHOSEN if pkt.proto == IPPROTO_TCP => open_flow(&TCP_TABLES, pkt, &chosen),
-        CHOSEN => open_flow(&ANY_TABLE, pkt, &chosen),
+        CHOSEN if pkt.proto == IPPROTO_TCP => open_flow::<F, _>(&TcpTables::<F>::NEW, pkt, &chosen),
+        CHOSEN => open_flow::<F, _>(&AnyTable::<F>::NEW, pkt, &chosen),
         REFUSE => NewFlow::Refuse,
         verdict => NewFlow::Verdict(verdict),
     };
     match new_flow {
         NewFlow::Verdict(verdict) => verdict,
-        NewFlow::Forward(rewrite) => translate_and_forward::<L2>(ctx, pkt, rewrite),
-        NewFlow::Refuse => refuse::connection::<L2>(ctx, pkt),
+        NewFlow::Forward(rewrite) => F::translate_and_forward::<L2>(ctx, pkt, rewrite),
+        NewFlow::Refuse => F::refuse::<L2>(ctx, pkt),
     }
 }
 
@@ -87,10 +86,10 @@ pub fn handle<const L2: usize>(ctx: &TcContext, pkt: &Packet, origin: Origin) ->
 /// ports lie inside the ports a `--random-fully` SNAT picks). Everything else belongs to the
 /// node's own connections and goes to its stack.
 #[inline(always)]
-fn opens_connection(pkt: &Packet) -> bool {
+fn opens_connection<F: PacketFamily>(pkt: &Packet<F::Addr>) -> bool {
     match pkt.proto {
         IPPROTO_TCP => pkt.is_tcp_open(),
-        IPPROTO_UDP => match HOST_FLOWS.get_ptr(&tuple_key(pkt)) {
+        IPPROTO_UDP => match F::host_flows().get_ptr(&tuple_key(pkt)) {
             Some(last_sent) => {
                 let now = unsafe { bpf_ktime_get_coarse_ns() };
                 // SAFETY: a value from a lookup in this run.
@@ -105,28 +104,28 @@ fn opens_connection(pkt: &Packet) -> bool {
 /// What `to_frontend` chose for a new flow, handed to `open_flow`: the frontend entry's
 /// settings (after the scope choice) and the backend.
 #[derive(Default)]
-struct Chosen {
+struct Chosen<A> {
     rev_nat_id: u32,
     flags: u16,
     origin_external: bool,
     backend_id: u32,
-    backend: dataplane_common::Backend,
+    backend: BackendOf<A>,
     now: u64,
 }
 
 /// What became of a new flow. The translation and a refusal are done by the caller: their
 /// frames are large, and the verifier caps the stack of the whole call chain.
-enum NewFlow {
+enum NewFlow<A> {
     Verdict(i32),
     /// Translate as given and forward.
-    Forward(nat::Rewrite),
+    Forward(nat::Rewrite<A>),
     Refuse,
 }
 
 /// The frontend a packet is addressed to (default scope, slot 0).
 #[inline(always)]
-fn frontend_key(pkt: &Packet) -> ServiceKey {
-    ServiceKey {
+fn frontend_key<A: Address>(pkt: &Packet<A>) -> ServiceKeyOf<A> {
+    ServiceKeyOf {
         addr: pkt.daddr,
         port: pkt.dport,
         backend_slot: 0,
@@ -140,15 +139,18 @@ fn frontend_key(pkt: &Packet) -> ServiceKey {
 /// endpoint (kube-proxy's short circuit for in-cluster traffic). Updates `frontend` to the
 /// key used.
 #[inline(always)]
-pub fn in_cluster_view<'a>(frontend: &mut ServiceKey, svc: &'a ServiceValue) -> &'a ServiceValue {
+pub fn in_cluster_view<'a, F: Family>(
+    frontend: &mut ServiceKeyOf<F::Addr>,
+    svc: &'a ServiceValue,
+) -> &'a ServiceValue {
     if svc.flags & SVC_FLAG_TWO_SCOPES == 0 {
         return svc;
     }
-    let internal = ServiceKey {
+    let internal = ServiceKeyOf {
         scope: SCOPE_INTERNAL,
         ..*frontend
     };
-    match SERVICES.get_ptr(internal) {
+    match F::services().get_ptr(internal) {
         Some(value) => {
             *frontend = internal;
             // SAFETY: a value from a lookup in this run, valid for the rest of it.
@@ -168,22 +170,22 @@ const REFUSE: i32 = -2;
 /// integer result: an enum returned through memory leaves a stack pointer in the return
 /// register, which the verifier rejects.
 #[inline(never)]
-fn to_frontend(
-    pkt: &Packet,
+fn to_frontend<F: PacketFamily>(
+    pkt: &Packet<F::Addr>,
     service: *const ServiceValue,
     origin: Origin,
-    chosen: &mut Chosen,
+    chosen: &mut Chosen<F::Addr>,
 ) -> i32 {
     let mut frontend = frontend_key(pkt);
     // Read in place, not copied: this frame is on the verifier's capped call chain.
     // SAFETY: a value from a lookup in this run, valid for the rest of it.
     let mut svc = unsafe { &*service };
     if origin == Origin::Pod {
-        svc = in_cluster_view(&mut frontend, svc);
+        svc = in_cluster_view::<F>(&mut frontend, svc);
     }
     if svc.flags & SVC_FLAG_SOURCE_RANGES != 0
         && origin == Origin::External
-        && !source_allowed(pkt, svc)
+        && !F::source_allowed(svc.rev_nat_id, pkt.saddr)
     {
         count_drop(drop_reason::SOURCE_RANGE);
         return TC_ACT_SHOT;
@@ -197,11 +199,11 @@ fn to_frontend(
         return REFUSE;
     }
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let Some(backend_id) = choose_backend(&tuple_key(pkt), &frontend, svc, now) else {
+    let Some(backend_id) = choose_backend::<F>(&tuple_key(pkt), &frontend, svc, now) else {
         count_drop(drop_reason::BACKEND_MISSING);
         return TC_ACT_SHOT;
     };
-    let Some(backend) = backend(backend_id) else {
+    let Some(backend) = backend::<F>(backend_id) else {
         count_drop(drop_reason::BACKEND_MISSING);
         return TC_ACT_SHOT;
     };
@@ -218,21 +220,21 @@ fn to_frontend(
 
 /// The conntrack key of a packet as it arrives.
 #[inline(always)]
-fn tuple_key(pkt: &Packet) -> CtKey {
-    CtKey::new(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto)
+fn tuple_key<A: Copy>(pkt: &Packet<A>) -> CtKeyOf<A> {
+    CtKeyOf::new(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto)
 }
 
 /// The reply tuple of a forward flow: from the backend to whoever it saw as the client.
 #[inline(always)]
-fn reply_key(pkt: &Packet, entry: &CtEntry) -> CtKey {
+fn reply_key<A: Copy>(pkt: &Packet<A>, entry: &CtEntryOf<A>) -> CtKeyOf<A> {
     tuple_key(pkt).reply_of(entry)
 }
 
 /// Is the backend this flow was sent to still programmed (same id, same address)? An array
 /// lookup, which the verifier inlines: no helper call on the established path.
 #[inline(always)]
-pub fn backend_alive(backend_id: u32, addr: [u8; 4], port: u16) -> bool {
-    match BACKENDS.get_ptr(backend_id) {
+pub fn backend_alive<F: Family>(backend_id: u32, addr: F::Addr, port: u16) -> bool {
+    match F::backends().get_ptr(backend_id) {
         // SAFETY: a value from a lookup in this run. Unused ids hold zeroes.
         Some(b) => unsafe { (*b).addr == addr && (*b).port == port },
         None => false,
@@ -241,10 +243,10 @@ pub fn backend_alive(backend_id: u32, addr: [u8; 4], port: u16) -> bool {
 
 /// The backend with this id, if the id is in use (unused array slots hold zeroes).
 #[inline(always)]
-pub fn backend(backend_id: u32) -> Option<dataplane_common::Backend> {
+pub fn backend<F: Family>(backend_id: u32) -> Option<BackendOf<F::Addr>> {
     // SAFETY: a value from a lookup in this run.
-    let b = unsafe { *BACKENDS.get_ptr(backend_id)? };
-    (b.addr != [0; 4]).then_some(b)
+    let b = unsafe { *F::backends().get_ptr(backend_id)? };
+    (!b.addr.is_unspecified()).then_some(b)
 }
 
 /// A TCP FIN or RST (`reset`): both entries of the flow (this one, and the other
@@ -253,7 +255,11 @@ pub fn backend(backend_id: u32) -> Option<dataplane_common::Backend> {
 /// (`CT_FLAG_FIN`), so the agent tells a half-closed connection from a closed one. Rare
 /// packets: the second lookup costs nothing on the per-packet path.
 #[inline(always)]
-fn note_closing(entry: *mut CtEntry, other: &CtKey, reset: bool) {
+fn note_closing<F: PacketFamily>(
+    entry: *mut CtEntryOf<F::Addr>,
+    other: &CtKeyOf<F::Addr>,
+    reset: bool,
+) {
     let (own, others) = if reset {
         let flags = CT_FLAG_CLOSING | CT_FLAG_RESET;
         (flags, flags)
@@ -262,7 +268,7 @@ fn note_closing(entry: *mut CtEntry, other: &CtKey, reset: bool) {
     };
     // SAFETY: `entry` came from a lookup in this run.
     unsafe { (*entry).flags |= own };
-    if let Some(other) = CONNTRACK.get_ptr_mut(other) {
+    if let Some(other) = Conntrack::<F>::get_ptr_mut(other) {
         // SAFETY: as above.
         unsafe { (*other).flags |= others };
     }
@@ -277,11 +283,11 @@ fn note_closing(entry: *mut CtEntry, other: &CtKey, reset: bool) {
 /// of the service in any condition (the agent keeps such backends programmed), and moves
 /// to a current one when it is gone.
 #[inline(always)]
-fn established<const L2: usize>(
+fn established<F: PacketFamily, const L2: usize>(
     ctx: &TcContext,
-    pkt: &Packet,
-    key: &CtKey,
-    entry: *mut CtEntry,
+    pkt: &Packet<F::Addr>,
+    key: &CtKeyOf<F::Addr>,
+    entry: *mut CtEntryOf<F::Addr>,
     now: u64,
 ) -> Option<i32> {
     // SAFETY: a value from a lookup in this run, read in place.
@@ -289,65 +295,48 @@ fn established<const L2: usize>(
     let keeps_backend = if pkt.proto == IPPROTO_TCP {
         known.flags & CT_FLAG_CLOSING == 0 || !pkt.is_tcp_open()
     } else {
-        backend_alive(known.backend_id, known.nat_addr, known.nat_port)
+        backend_alive::<F>(known.backend_id, known.nat_addr, known.nat_port)
     };
     if keeps_backend {
         count_flow_packet(entry, pkt.ip_len as u64, now);
         count_service_packet(known.rev_nat_id, known.backend_id, pkt.ip_len as u64, false);
         if pkt.is_tcp_close() {
-            note_closing(entry, &reply_key(pkt, known), pkt.tcp_flags & TCP_RST != 0);
+            note_closing::<F>(entry, &reply_key(pkt, known), pkt.tcp_flags & TCP_RST != 0);
         }
-        return Some(translate_forward::<L2>(ctx, pkt, known));
+        return Some(F::translate_and_forward::<L2>(
+            ctx,
+            pkt,
+            forward_rewrite(pkt, known),
+        ));
     }
     // Forget the flow; its next packet (this one) starts a new one.
-    let _ = CONNTRACK.remove(&reply_key(pkt, known));
-    let _ = CONNTRACK.remove(key);
+    let _ = Conntrack::<F>::remove(&reply_key(pkt, known));
+    let _ = Conntrack::<F>::remove(key);
     None
-}
-
-fn source_allowed(pkt: &Packet, svc: &ServiceValue) -> bool {
-    let key = Key::new(
-        64,
-        SourceRangeKey {
-            rev_nat_id_be: svc.rev_nat_id.to_be(),
-            addr: pkt.saddr,
-        },
-    );
-    SOURCE_RANGES.get(&key).is_some()
-}
-
-#[inline(always)]
-fn flow_hash(flow: &CtKey) -> u32 {
-    dataplane_common::flow_hash(
-        u32::from_be_bytes(flow.saddr),
-        u32::from_be_bytes(flow.daddr),
-        flow.sport,
-        flow.dport,
-        flow.proto,
-    )
 }
 
 /// The backend id for a new flow (`flow`: client to frontend; its source keys session
 /// affinity, the whole tuple the Maglev hash): the one a live affinity entry names, else
-/// from the Maglev table or a random slot.
-pub fn choose_backend(
-    flow: &CtKey,
-    frontend: &ServiceKey,
+/// from the Maglev table or a random slot. A frame of its own, off the new-flow frame.
+#[inline(never)]
+pub fn choose_backend<F: Family>(
+    flow: &CtKeyOf<F::Addr>,
+    frontend: &ServiceKeyOf<F::Addr>,
     svc: &ServiceValue,
     now: u64,
 ) -> Option<u32> {
-    let affinity = AffinityKey {
+    let affinity = AffinityKeyOf {
         service_port_id: svc.service_port_id,
         client: flow.saddr,
     };
     if svc.flags & SVC_FLAG_AFFINITY != 0
-        && let Some(remembered) = AFFINITY.get_ptr_mut(affinity)
+        && let Some(remembered) = F::affinity().get_ptr_mut(affinity)
     {
         // SAFETY: a value from a lookup in this run.
         let remembered = unsafe { &mut *remembered };
         let fresh = now.saturating_sub(remembered.last_used_ns)
             < svc.affinity_timeout as u64 * 1_000_000_000;
-        if fresh && backend(remembered.backend_id).is_some() {
+        if fresh && backend::<F>(remembered.backend_id).is_some() {
             remembered.last_used_ns = now;
             return Some(remembered.backend_id);
         }
@@ -356,13 +345,15 @@ pub fn choose_backend(
         let table = MAGLEV.get_ptr(svc.rev_nat_id)?;
         // black_box keeps LLVM from folding the slot's scaling into the shift, which would
         // leave the verifier a bound one element too loose.
-        let index = core::hint::black_box(dataplane_common::maglev_slot(flow_hash(flow)));
+        let index = core::hint::black_box(dataplane_common::maglev_slot(
+            dataplane_common::flow_hash_of(flow),
+        ));
         // SAFETY: a value from a lookup in this run; index is below the table's length.
         unsafe { *(*table).backend_ids.get(index)? }
     } else {
         // checked: a `%` the compiler cannot prove safe links a panic the verifier rejects.
         let slot = unsafe { bpf_get_prandom_u32() }.checked_rem(svc.count as u32)? as u16 + 1;
-        let slot_value = SERVICES.get_ptr(ServiceKey {
+        let slot_value = F::services().get_ptr(ServiceKeyOf {
             backend_slot: slot,
             ..*frontend
         })?;
@@ -370,7 +361,7 @@ pub fn choose_backend(
         unsafe { (*slot_value).backend_id }
     };
     if svc.flags & SVC_FLAG_AFFINITY != 0 {
-        let _ = AFFINITY.insert(
+        let _ = F::affinity().insert(
             affinity,
             AffinityValue {
                 last_used_ns: now,
@@ -397,11 +388,11 @@ const SNAT_PORT_TRIES: u32 = 8;
 /// Plain scalars in and out (BPF functions take five arguments at most, and an `Option`
 /// return counts as one more), should it ever need a frame of its own.
 #[inline(always)]
-fn claim_snat_port<T: CtTable>(
+fn claim_snat_port<A, T: CtTable<A>>(
     table: &T,
     client_port: u16,
-    reply: &mut CtKey,
-    entry: &CtEntry,
+    reply: &mut CtKeyOf<A>,
+    entry: &CtEntryOf<A>,
     (min, max): (u16, u16),
 ) -> u16 {
     let span = (max as u32).saturating_sub(min as u32) + 1;
@@ -428,9 +419,13 @@ fn claim_snat_port<T: CtTable>(
 /// Opens the flow `chosen` describes: its conntrack entries (the reply's first, with the
 /// SNAT port claimed there), counters, then the translation to do.
 #[inline(never)]
-fn open_flow<T: CtTable>(table: &T, pkt: &Packet, chosen: &Chosen) -> NewFlow {
+fn open_flow<F: PacketFamily, T: CtTable<F::Addr>>(
+    table: &T,
+    pkt: &Packet<F::Addr>,
+    chosen: &Chosen<F::Addr>,
+) -> NewFlow<F::Addr> {
     let (now, backend_id, backend) = (chosen.now, chosen.backend_id, chosen.backend);
-    let mut entry = CtEntry {
+    let mut entry = CtEntryOf {
         packets: 1,
         bytes: pkt.ip_len as u64,
         created_ns: now,
@@ -440,7 +435,7 @@ fn open_flow<T: CtTable>(table: &T, pkt: &Packet, chosen: &Chosen) -> NewFlow {
         nat_addr: backend.addr,
         nat_port: backend.port,
         flags: 0,
-        peer_addr: [0; 4],
+        peer_addr: F::Addr::default(),
         peer_port: 0,
         _pad: [0; 2],
     };
@@ -452,11 +447,11 @@ fn open_flow<T: CtTable>(table: &T, pkt: &Packet, chosen: &Chosen) -> NewFlow {
     if external_snat {
         // Replies must come back through this node: the source becomes the node's address,
         // the port is claimed below with the reply entry.
-        let Some(config) = CONFIG.get(0) else {
+        let (Some(config), Some(snat_addr)) = (CONFIG.get(0), F::snat_addr()) else {
             return NewFlow::Verdict(TC_ACT_SHOT);
         };
         entry.flags = CT_FLAG_SNAT;
-        entry.peer_addr = config.snat_addr;
+        entry.peer_addr = snat_addr;
         snat = Some(
             if config.snat_port_min != 0 && config.snat_port_min <= config.snat_port_max {
                 (config.snat_port_min, config.snat_port_max)
@@ -467,7 +462,7 @@ fn open_flow<T: CtTable>(table: &T, pkt: &Packet, chosen: &Chosen) -> NewFlow {
     } else if backend.addr == pkt.saddr {
         // A pod reaching itself: give the packet a source the pod will accept and route back.
         entry.flags = CT_FLAG_HAIRPIN;
-        entry.peer_addr = HAIRPIN_SNAT_ADDR;
+        entry.peer_addr = F::HAIRPIN_ADDR;
     }
     // Reply entry first: by the time the backend can answer, it exists. One struct, turned
     // from the reply's view into the forward one, keeps the stack small.
@@ -482,7 +477,11 @@ fn open_flow<T: CtTable>(table: &T, pkt: &Packet, chosen: &Chosen) -> NewFlow {
     entry.bytes = 0;
     entry.nat_addr = pkt.daddr;
     entry.nat_port = pkt.dport;
-    entry.peer_addr = if entry.flags != 0 { pkt.saddr } else { [0; 4] };
+    entry.peer_addr = if entry.flags != 0 {
+        pkt.saddr
+    } else {
+        F::Addr::default()
+    };
     entry.peer_port = if entry.flags & CT_FLAG_SNAT != 0 {
         pkt.sport
     } else {
@@ -519,18 +518,13 @@ fn open_flow<T: CtTable>(table: &T, pkt: &Packet, chosen: &Chosen) -> NewFlow {
         return NewFlow::Verdict(TC_ACT_SHOT);
     }
     count_service_packet(chosen.rev_nat_id, backend_id, pkt.ip_len as u64, true);
-    pkt.remember_fragment_ports(now);
+    F::remember_fragment_ports(pkt, now);
     NewFlow::Forward(forward_rewrite(pkt, &entry))
-}
-
-#[inline(always)]
-fn translate_forward<const L2: usize>(ctx: &TcContext, pkt: &Packet, entry: &CtEntry) -> i32 {
-    translate_and_forward::<L2>(ctx, pkt, forward_rewrite(pkt, entry))
 }
 
 /// How a packet of a flow towards its backend is rewritten, by its forward entry.
 #[inline(always)]
-fn forward_rewrite(pkt: &Packet, entry: &CtEntry) -> nat::Rewrite {
+fn forward_rewrite<A: Copy>(pkt: &Packet<A>, entry: &CtEntryOf<A>) -> nat::Rewrite<A> {
     let snat = entry.flags & CT_FLAG_SNAT != 0;
     nat::Rewrite {
         daddr: entry.nat_addr,
@@ -546,7 +540,12 @@ fn forward_rewrite(pkt: &Packet, entry: &CtEntry) -> nat::Rewrite {
 
 /// A backend's reply to a translated flow: back to the client, from the frontend.
 #[inline(always)]
-fn reply<const L2: usize>(ctx: &TcContext, pkt: &Packet, entry: *mut CtEntry, now: u64) -> i32 {
+fn reply<F: PacketFamily, const L2: usize>(
+    ctx: &TcContext,
+    pkt: &Packet<F::Addr>,
+    entry: *mut CtEntryOf<F::Addr>,
+    now: u64,
+) -> i32 {
     // SAFETY: a value from a lookup in this run, read in place.
     let known = unsafe { &*entry };
     if pkt.proto == IPPROTO_TCP
@@ -557,15 +556,15 @@ fn reply<const L2: usize>(ctx: &TcContext, pkt: &Packet, entry: *mut CtEntry, no
         // the same client port (a reopened service flow gets fresh entries): the old flow
         // must not capture this connection.
         let key = tuple_key(pkt);
-        let _ = CONNTRACK.remove(&key.forward_of(known));
-        let _ = CONNTRACK.remove(&key);
+        let _ = Conntrack::<F>::remove(&key.forward_of(known));
+        let _ = Conntrack::<F>::remove(&key);
         return TC_ACT_OK;
     }
     count_flow_packet(entry, pkt.ip_len as u64, now);
     count_service_packet(known.rev_nat_id, known.backend_id, pkt.ip_len as u64, false);
     if pkt.is_tcp_close() {
         let reset = pkt.tcp_flags & TCP_RST != 0;
-        note_closing(entry, &tuple_key(pkt).forward_of(known), reset);
+        note_closing::<F>(entry, &tuple_key(pkt).forward_of(known), reset);
     }
     let snat = known.flags & CT_FLAG_SNAT != 0;
     let rewrite = nat::Rewrite {
@@ -578,5 +577,5 @@ fn reply<const L2: usize>(ctx: &TcContext, pkt: &Packet, entry: *mut CtEntry, no
         },
         dport: if snat { known.peer_port } else { pkt.dport },
     };
-    translate_and_forward::<L2>(ctx, pkt, rewrite)
+    F::translate_and_forward::<L2>(ctx, pkt, rewrite)
 }

@@ -21,6 +21,7 @@
 mod bench_noop;
 mod checksum;
 mod counters;
+mod family;
 mod forward;
 mod host_flows;
 mod icmp;
@@ -35,14 +36,17 @@ use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr, classifier},
     programs::{SockAddrContext, SockContext, TcContext},
 };
+use family::{V4, V6};
 use packet::ETH_HLEN;
+use sock::V4Mapped;
 
 /// Everything arriving on an interface: a TCP/UDP packet goes through load balancing; an ICMP
-/// error about a translated flow is translated; anything else passes untouched.
+/// error about a translated flow is translated; anything else passes untouched. IPv4 only:
+/// IPv6 services are served at the socket (`sock`); see `family` for the IPv6 packet path.
 #[inline(always)]
 fn ingress<const L2: usize>(ctx: &TcContext, origin: lb::Origin) -> i32 {
     match packet::parse::<L2>(ctx) {
-        Some(pkt) => lb::handle::<L2>(ctx, &pkt, origin),
+        Some(pkt) => lb::handle::<V4, L2>(ctx, &pkt, origin),
         None => icmp::translate_error::<L2>(ctx),
     }
 }
@@ -82,25 +86,54 @@ pub fn external_egress_l3(ctx: TcContext) -> i32 {
 /// translated to a backend once, at the socket (see `sock`).
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::connect(&ctx)
+    sock::connect::<V4>(&ctx)
 }
 
 /// `sendmsg()` of unconnected UDP sockets to a frontend.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::sendmsg(&ctx)
+    sock::sendmsg::<V4>(&ctx)
 }
 
 /// `recvmsg()` on UDP sockets: a translated socket's datagrams come from the frontend.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::restore_peer(&ctx)
+    sock::restore_peer::<V4>(&ctx)
 }
 
 /// `getpeername()`: a translated socket's peer is the frontend.
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::restore_peer(&ctx)
+    sock::restore_peer::<V4>(&ctx)
+}
+
+/// The same four for IPv6 sockets: IPv6 frontends, and IPv4 ones by their mapped addresses.
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::ipv6_hook(&ctx, sock::connect::<V6>, sock::connect::<V4Mapped>)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::ipv6_hook(&ctx, sock::sendmsg::<V6>, sock::sendmsg::<V4Mapped>)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::ipv6_hook(
+        &ctx,
+        sock::restore_peer::<V6>,
+        sock::restore_peer::<V4Mapped>,
+    )
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::ipv6_hook(
+        &ctx,
+        sock::restore_peer::<V6>,
+        sock::restore_peer::<V4Mapped>,
+    )
 }
 
 /// A socket is released: its translation is forgotten.

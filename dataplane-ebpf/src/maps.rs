@@ -1,5 +1,7 @@
 //! The maps, declared with BTF so bpftool prints their fields. Names must match
 //! `dataplane_common::map_names` (the agent checks every one at load time).
+use core::marker::PhantomData;
+
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
@@ -12,6 +14,9 @@ use dataplane_common::{
     SockEntry, SockEntry6, SockKey, SockKey6, SocketLbConfig, SourceRangeKey, SourceRangeKey6,
     TrafficStats, capacity,
 };
+use dataplane_common::{CtEntryOf, CtKeyOf};
+
+use crate::family::{KvMap, PacketFamily};
 
 #[btf_map(name = "dp_svc_v2")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue, { capacity::SERVICES as usize }> =
@@ -59,85 +64,94 @@ pub static CONNTRACK_ANY: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK_ANY a
 const E2BIG: i32 = 7;
 const EEXIST: i32 = 17;
 
-#[inline(always)]
-fn overflow_in_use() -> bool {
-    match CONNTRACK_OVERFLOW_IN_USE.get_ptr(0) {
-        // SAFETY: a value from a lookup in this run.
-        Some(flag) => unsafe { *flag != 0 },
-        None => false,
-    }
-}
+/// Conntrack of one family as one map for lookups and removals: each goes to the table of
+/// the key's protocol (TCP: the hash, then the overflow while it is in use). A new flow
+/// inserts into the `CtTable` `lb::open_flow` is given.
+pub struct Conntrack<F>(PhantomData<F>);
 
-/// Conntrack as one map for lookups and removals: each goes to the table of the key's
-/// protocol (TCP: the hash, then the overflow while it is in use). A new flow inserts into
-/// the `CtTable` `lb::open_flow` is given.
-pub struct Conntrack;
-
-pub static CONNTRACK: Conntrack = Conntrack;
-
-impl Conntrack {
+impl<F: PacketFamily> Conntrack<F> {
+    /// Non-zero while the overflow may hold flows. An array: the verifier inlines its
+    /// lookup, so a lookup that misses the TCP table (every packet to no service) costs no
+    /// second hash lookup while the overflow is unused.
     #[inline(always)]
-    pub fn get_ptr(&self, key: &CtKey) -> Option<*const CtEntry> {
-        self.get_ptr_mut(key).map(|p| p.cast_const())
+    fn overflow_in_use() -> bool {
+        match F::ct_overflow_in_use().get_ptr(0) {
+            // SAFETY: a value from a lookup in this run.
+            Some(flag) => unsafe { *flag != 0 },
+            None => false,
+        }
     }
 
     #[inline(always)]
-    pub fn get_ptr_mut(&self, key: &CtKey) -> Option<*mut CtEntry> {
+    pub fn get_ptr(key: &CtKeyOf<F::Addr>) -> Option<*const CtEntryOf<F::Addr>> {
+        Self::get_ptr_mut(key).map(|p| p.cast_const())
+    }
+
+    #[inline(always)]
+    pub fn get_ptr_mut(key: &CtKeyOf<F::Addr>) -> Option<*mut CtEntryOf<F::Addr>> {
         if key.proto == IPPROTO_TCP {
-            match CONNTRACK_TCP.get_ptr_mut(key) {
+            match F::ct_tcp().get_ptr_mut(key) {
                 Some(entry) => Some(entry),
-                None if overflow_in_use() => CONNTRACK_TCP_OVERFLOW.get_ptr_mut(key),
+                None if Self::overflow_in_use() => F::ct_overflow().get_ptr_mut(key),
                 None => None,
             }
         } else {
-            CONNTRACK_ANY.get_ptr_mut(key)
+            F::ct_any().get_ptr_mut(key)
         }
     }
 
     #[inline(always)]
-    pub fn remove(&self, key: &CtKey) -> Result<(), i32> {
+    pub fn remove(key: &CtKeyOf<F::Addr>) -> Result<(), i32> {
         if key.proto == IPPROTO_TCP {
-            TCP_TABLES.remove(key)
+            TcpTables::<F>::NEW.remove(key)
         } else {
-            CONNTRACK_ANY.remove(key)
+            F::ct_any().remove(key)
         }
     }
 }
 
-/// Where a new flow's entries go: `TCP_TABLES` or `ANY_TABLE`.
-pub trait CtTable {
+/// Where a new flow's entries go: `TcpTables` or `AnyTable`.
+pub trait CtTable<A> {
     /// `bpf_map_update_elem`'s flags (`BPF_ANY`, `BPF_NOEXIST`) and result.
-    fn insert(&self, key: &CtKey, entry: &CtEntry, flags: u64) -> Result<(), i32>;
-    fn remove(&self, key: &CtKey) -> Result<(), i32>;
+    fn insert(&self, key: &CtKeyOf<A>, entry: &CtEntryOf<A>, flags: u64) -> Result<(), i32>;
+    fn remove(&self, key: &CtKeyOf<A>) -> Result<(), i32>;
 }
 
 /// The TCP hash, with its overflow.
-pub struct TcpTables;
+pub struct TcpTables<F>(PhantomData<F>);
 
-pub static TCP_TABLES: TcpTables = TcpTables;
+impl<F> TcpTables<F> {
+    pub const NEW: Self = Self(PhantomData);
+}
 
-impl CtTable for TcpTables {
+impl<F: PacketFamily> CtTable<F::Addr> for TcpTables<F> {
     #[inline(always)]
-    fn insert(&self, key: &CtKey, entry: &CtEntry, flags: u64) -> Result<(), i32> {
-        let in_use = overflow_in_use();
+    fn insert(
+        &self,
+        key: &CtKeyOf<F::Addr>,
+        entry: &CtEntryOf<F::Addr>,
+        flags: u64,
+    ) -> Result<(), i32> {
+        let in_use = Conntrack::<F>::overflow_in_use();
+        let overflow = F::ct_overflow();
         // A tuple the overflow holds is taken: a SNAT port claim must not reuse it.
-        if in_use && flags == BPF_NOEXIST as u64 && CONNTRACK_TCP_OVERFLOW.get_ptr(key).is_some() {
+        if in_use && flags == BPF_NOEXIST as u64 && overflow.get_ptr_mut(key).is_some() {
             return Err(-EEXIST);
         }
-        match CONNTRACK_TCP.insert(key, entry, flags) {
+        match F::ct_tcp().insert(key, entry, flags) {
             Ok(()) => {
                 if in_use {
                     // An older entry under this key there would only be shadowed.
-                    let _ = CONNTRACK_TCP_OVERFLOW.remove(key);
+                    let _ = overflow.remove(key);
                 }
                 Ok(())
             }
             Err(e) if e == -E2BIG => {
-                CONNTRACK_TCP_OVERFLOW.insert(key, entry, flags)?;
+                overflow.insert(key, entry, flags)?;
                 // After the insert, and always: the agent clears the flag only when it finds
                 // the overflow empty after clearing it, so a flow inserted here is never
                 // missed (see `Conntrack::release_overflow` in the agent).
-                if let Some(flag) = CONNTRACK_OVERFLOW_IN_USE.get_ptr_mut(0) {
+                if let Some(flag) = F::ct_overflow_in_use().get_ptr_mut(0) {
                     // SAFETY: a value from a lookup in this run.
                     unsafe { *flag = 1 };
                 }
@@ -148,28 +162,35 @@ impl CtTable for TcpTables {
     }
 
     #[inline(always)]
-    fn remove(&self, key: &CtKey) -> Result<(), i32> {
-        match CONNTRACK_TCP.remove(key) {
-            Err(_) if overflow_in_use() => CONNTRACK_TCP_OVERFLOW.remove(key),
+    fn remove(&self, key: &CtKeyOf<F::Addr>) -> Result<(), i32> {
+        match F::ct_tcp().remove(key) {
+            Err(_) if Conntrack::<F>::overflow_in_use() => F::ct_overflow().remove(key),
             removed => removed,
         }
     }
 }
 
 /// The table of every other protocol.
-pub struct AnyTable;
+pub struct AnyTable<F>(PhantomData<F>);
 
-pub static ANY_TABLE: AnyTable = AnyTable;
+impl<F> AnyTable<F> {
+    pub const NEW: Self = Self(PhantomData);
+}
 
-impl CtTable for AnyTable {
+impl<F: PacketFamily> CtTable<F::Addr> for AnyTable<F> {
     #[inline(always)]
-    fn insert(&self, key: &CtKey, entry: &CtEntry, flags: u64) -> Result<(), i32> {
-        CONNTRACK_ANY.insert(key, entry, flags)
+    fn insert(
+        &self,
+        key: &CtKeyOf<F::Addr>,
+        entry: &CtEntryOf<F::Addr>,
+        flags: u64,
+    ) -> Result<(), i32> {
+        F::ct_any().insert(key, entry, flags)
     }
 
     #[inline(always)]
-    fn remove(&self, key: &CtKey) -> Result<(), i32> {
-        CONNTRACK_ANY.remove(key)
+    fn remove(&self, key: &CtKeyOf<F::Addr>) -> Result<(), i32> {
+        F::ct_any().remove(key)
     }
 }
 

@@ -16,10 +16,10 @@ type Result = core::result::Result<(), i64>;
 /// The new source and destination; a field equal to the packet's is left alone. (Plain
 /// values, not `Option`s: a `None`'s undefined payload lets LLVM spill any register, and the
 /// verifier rejects a partial spill of a pointer.)
-pub struct Rewrite {
-    pub saddr: Ipv4,
+pub struct Rewrite<A = Ipv4> {
+    pub saddr: A,
     pub sport: u16,
-    pub daddr: Ipv4,
+    pub daddr: A,
     pub dport: u16,
 }
 
@@ -78,21 +78,6 @@ pub fn rewrite<const L2: usize>(ctx: &TcContext, pkt: &Packet, r: Rewrite) -> Re
             u32::from_ne_bytes(daddr),
         );
     }
-    let mut port_diff = 0u32;
-    // A later fragment has no L4 header: only its addresses change (the first fragment's
-    // L4 checksum covers the whole datagram, ports and pseudo-header included).
-    let (sport, dport) = if pkt.has_l4_header() {
-        (r.sport, r.dport)
-    } else {
-        (pkt.sport, pkt.dport)
-    };
-    if sport != pkt.sport {
-        port_diff = csum_replace(port_diff, pkt.sport.to_be() as u32, sport.to_be() as u32);
-    }
-    if dport != pkt.dport {
-        port_diff = csum_replace(port_diff, pkt.dport.to_be() as u32, dport.to_be() as u32);
-    }
-
     // The IP header: addresses, and its checksum updated by the same difference (RFC 1624).
     if saddr != pkt.saddr || daddr != pkt.daddr {
         let ip = ptr_at_mut::<Addresses>(ctx, L2 + IP_CSUM_OFF).ok_or(-1i64)?;
@@ -104,6 +89,34 @@ pub fn rewrite<const L2: usize>(ctx: &TcContext, pkt: &Packet, r: Rewrite) -> Re
             (*ip).daddr = daddr;
         }
     }
+    ports_and_l4_checksum(ctx, pkt, addr_diff, r.sport, r.dport)
+}
+
+/// The ports, and the L4 checksum for them and for the addresses' difference `addr_diff`
+/// (the part of the rewrite every family shares).
+#[inline(always)]
+fn ports_and_l4_checksum<A>(
+    ctx: &TcContext,
+    pkt: &Packet<A>,
+    addr_diff: u32,
+    sport: u16,
+    dport: u16,
+) -> Result {
+    let mut port_diff = 0u32;
+    // A later fragment has no L4 header: only its addresses change (the first fragment's
+    // L4 checksum covers the whole datagram, ports and pseudo-header included).
+    let (sport, dport) = if pkt.has_l4_header() {
+        (sport, dport)
+    } else {
+        (pkt.sport, pkt.dport)
+    };
+    if sport != pkt.sport {
+        port_diff = csum_replace(port_diff, pkt.sport.to_be() as u32, sport.to_be() as u32);
+    }
+    if dport != pkt.dport {
+        port_diff = csum_replace(port_diff, pkt.dport.to_be() as u32, dport.to_be() as u32);
+    }
+
     if sport != pkt.sport || dport != pkt.dport {
         let ports = ptr_at_mut::<[u16; 2]>(ctx, pkt.l4_off as usize).ok_or(-1i64)?;
         // SAFETY: as above.

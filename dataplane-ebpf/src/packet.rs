@@ -41,32 +41,35 @@ pub enum Fragment {
     Later,
 }
 
-/// What the datapath knows about an IPv4 TCP/UDP packet. Ports are host order.
-pub struct Packet {
-    pub saddr: Ipv4,
-    pub daddr: Ipv4,
+/// What the datapath knows about a TCP/UDP packet of either family (`A`: `Ipv4`, `Ipv6`).
+/// Ports are host order.
+pub struct Packet<A = Ipv4> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
     pub tcp_flags: u8,
+    /// TTL, or IPv6's hop limit.
     pub ttl: u8,
     /// The don't-fragment bit is set: a packet too big for the next hop is answered with
-    /// ICMP "fragmentation needed" instead of being fragmented.
+    /// ICMP "fragmentation needed" instead of being fragmented. (IPv6: always.)
     pub dont_fragment: bool,
     pub fragment: Fragment,
-    /// IPv4 identification (network order), which groups fragments.
-    pub ip_id: u16,
+    /// IPv4 identification or the IPv6 fragment header's (network order), which groups
+    /// fragments.
+    pub ip_id: u32,
     /// Offset of the L4 header from the frame start (link header + IPv4 header). Small
     /// integer types throughout: this struct lives on the entry point's stack, whose budget
     /// the whole call chain shares.
     pub l4_off: u16,
     /// IP total length, the byte count the counters use.
     pub ip_len: u16,
-    /// IPv4 header length in bytes.
+    /// IPv4 header length in bytes (IPv6: 40, its fixed header).
     pub ip_hlen: u8,
 }
 
-impl Packet {
+impl<A> Packet<A> {
     /// Offset of the L4 checksum field.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
@@ -90,14 +93,16 @@ impl Packet {
     pub fn is_tcp_open(&self) -> bool {
         self.proto == IPPROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
+}
 
+impl Packet<Ipv4> {
     /// The key grouping this packet's datagram's fragments.
     #[inline(always)]
     fn fragment_key(&self) -> FragmentKey {
         FragmentKey {
             saddr: self.saddr,
             daddr: self.daddr,
-            id: self.ip_id,
+            id: self.ip_id as u16,
             proto: self.proto,
             _pad: 0,
         }
@@ -202,7 +207,7 @@ pub fn parse<const L2: usize>(ctx: &TcContext) -> Option<Packet> {
         ttl: ip.ttl,
         dont_fragment: frag_off & IP_DF != 0,
         fragment,
-        ip_id: ip.id,
+        ip_id: ip.id as u32,
         l4_off: (L2 + ip_hlen) as u16,
         ip_len: u16::from_be(ip.tot_len),
         ip_hlen: ip_hlen as u8,

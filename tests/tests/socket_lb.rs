@@ -556,7 +556,11 @@ fn restarts_take_the_socket_hooks_over_and_cleanup_removes_them() {
     let mut c = cluster(&[]);
     let cgroup = c.nodes[0].node.netns.cgroup.clone().unwrap();
     let hooks = attached_programs(&cgroup.path);
-    assert_eq!(hooks.len(), 5, "hooks after start: {hooks:?}");
+    assert_eq!(
+        hooks.len(),
+        dataplane_common::SOCKET_PROGRAMS.len(),
+        "hooks after start: {hooks:?}"
+    );
     // A host client connecting all through a restart: never refused, never untranslated.
     let node_path = c.nodes[0].node.netns.path();
     let loop_client = format!(
@@ -597,8 +601,8 @@ fn restarts_take_the_socket_hooks_over_and_cleanup_removes_them() {
     let log = c.agents[0].log_text();
     assert_eq!(
         log.matches("socket hook attached").count(),
-        10,
-        "start and restart each attach five hooks:\n{log}"
+        2 * dataplane_common::SOCKET_PROGRAMS.len(),
+        "start and restart each attach every hook:\n{log}"
     );
     assert_eq!(
         attached_programs(&cgroup.path),
@@ -608,7 +612,7 @@ fn restarts_take_the_socket_hooks_over_and_cleanup_removes_them() {
     assert!(
         log.lines()
             .filter(|l| l.contains("socket hook attached"))
-            .skip(5)
+            .skip(dataplane_common::SOCKET_PROGRAMS.len())
             .all(|l| l.contains("replaced program in pinned link")),
         "{log}"
     );

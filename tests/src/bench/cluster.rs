@@ -294,7 +294,8 @@ impl BenchAgent {
         self.process = Some(Process { child });
         let ready = testbed::wait_until(Duration::from_secs(30), || {
             let log = self.log_text();
-            log.matches("socket hook").count() >= 5 && log.contains("took over connections")
+            log.matches("socket hook").count() >= dataplane_common::SOCKET_PROGRAMS.len()
+                && log.contains("took over connections")
         });
         if let Err(e) = ready {
             bail!("{e}: the agent did not restart; log:\n{}", self.log_text());

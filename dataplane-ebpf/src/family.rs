@@ -1,0 +1,200 @@
+//! The two address families. Load balancing — frontend lookup, backend choice, affinity,
+//! conntrack, NAT — is written once (`lb`), generic over a family; what differs between IPv4
+//! and IPv6 (the maps of each, and for packets how an address enters the checksums, the FIB
+//! lookup, a router's answers) is here. Every call is resolved at compile time.
+//!
+//! `Family` is what the socket hooks need (both families: `sock`); `PacketFamily` what the
+//! tc packet path needs, IPv4 only for now. The IPv6 packet path (branch `v6-tc-wip`: an
+//! extension-header walk, NAT and FIB for IPv6) was written and does not fit the verifier's
+//! 512-byte stack budget: IPv6 tuples keep four times the registers live, LLVM spills them,
+//! and the new-flow chain reaches ~800 bytes. It needs its working state in a per-CPU scratch
+//! map before it can be attached.
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, lpm_trie::Key},
+    programs::TcContext,
+};
+use dataplane_common::{
+    AffinityKeyOf, AffinityValue, BackendOf, CtEntryOf, CtKeyOf, HAIRPIN_SNAT_ADDR, Ipv4, Ipv6,
+    ServiceKeyOf, ServiceValue, SourceRangeKey, capacity,
+};
+
+use crate::{forward, maps, nat::Rewrite, packet::Packet, refuse};
+
+/// The operations conntrack needs of a hash map, whichever kind and size it is.
+pub trait KvMap<K, V> {
+    fn get_ptr_mut(&self, key: &K) -> Option<*mut V>;
+    fn insert(&self, key: &K, value: &V, flags: u64) -> Result<(), i32>;
+    fn remove(&self, key: &K) -> Result<(), i32>;
+}
+
+macro_rules! kv_map {
+    ($map:ident) => {
+        impl<K, V, const M: usize, const F: usize> KvMap<K, V> for $map<K, V, M, F> {
+            #[inline(always)]
+            fn get_ptr_mut(&self, key: &K) -> Option<*mut V> {
+                $map::get_ptr_mut(self, key)
+            }
+            #[inline(always)]
+            fn insert(&self, key: &K, value: &V, flags: u64) -> Result<(), i32> {
+                $map::insert(self, key, value, flags)
+            }
+            #[inline(always)]
+            fn remove(&self, key: &K) -> Result<(), i32> {
+                $map::remove(self, key)
+            }
+        }
+    };
+}
+kv_map!(HashMap);
+kv_map!(LruHashMap);
+
+pub type Services<A> = HashMap<ServiceKeyOf<A>, ServiceValue, { capacity::SERVICES as usize }>;
+pub type Backends<A> = Array<BackendOf<A>, { capacity::BACKENDS as usize }>;
+pub type Affinity<A> = LruHashMap<AffinityKeyOf<A>, AffinityValue, { capacity::AFFINITY as usize }>;
+pub type HostFlows<A> = LruHashMap<CtKeyOf<A>, u64, { capacity::HOST_FLOWS as usize }>;
+
+/// An address family, as the socket hooks and the backend choice see it: its service,
+/// backend and affinity maps.
+pub trait Family: 'static {
+    type Addr: dataplane_common::Address;
+
+    fn services() -> &'static Services<Self::Addr>;
+    fn backends() -> &'static Backends<Self::Addr>;
+    fn affinity() -> &'static Affinity<Self::Addr>;
+}
+
+/// A family the tc programs translate packets of: its conntrack tables and the packet
+/// operations that depend on its headers.
+pub trait PacketFamily: Family {
+    type CtTcp: KvMap<CtKeyOf<Self::Addr>, CtEntryOf<Self::Addr>> + 'static;
+    type CtOverflow: KvMap<CtKeyOf<Self::Addr>, CtEntryOf<Self::Addr>> + 'static;
+    type CtAny: KvMap<CtKeyOf<Self::Addr>, CtEntryOf<Self::Addr>> + 'static;
+
+    /// The source a pod reaching itself through a service is given (see `HAIRPIN_SNAT_ADDR`).
+    const HAIRPIN_ADDR: Self::Addr;
+
+    fn host_flows() -> &'static HostFlows<Self::Addr>;
+    fn ct_tcp() -> &'static Self::CtTcp;
+    fn ct_overflow() -> &'static Self::CtOverflow;
+    fn ct_overflow_in_use() -> &'static Array<u32, 1>;
+    fn ct_any() -> &'static Self::CtAny;
+
+    /// Is `saddr` inside one of the frontend's loadBalancerSourceRanges?
+    fn source_allowed(rev_nat_id: u32, saddr: Self::Addr) -> bool;
+    /// The node's address of this family, the source of SNATed flows.
+    fn snat_addr() -> Option<Self::Addr>;
+    /// A first fragment's ports, for the datagram's later fragments.
+    fn remember_fragment_ports(pkt: &Packet<Self::Addr>, now: u64);
+
+    /// Rewrites the packet and sends it on (see `forward::translate_and_forward`).
+    fn translate_and_forward<const L2: usize>(
+        ctx: &TcContext,
+        pkt: &Packet<Self::Addr>,
+        rewrite: Rewrite<Self::Addr>,
+    ) -> i32;
+    /// Answers a connection to a frontend without endpoints (TCP reset, ICMP unreachable).
+    fn refuse<const L2: usize>(ctx: &TcContext, pkt: &Packet<Self::Addr>) -> i32;
+}
+
+pub struct V4;
+pub struct V6;
+
+impl Family for V4 {
+    type Addr = Ipv4;
+
+    #[inline(always)]
+    fn services() -> &'static Services<Ipv4> {
+        &maps::SERVICES
+    }
+    #[inline(always)]
+    fn backends() -> &'static Backends<Ipv4> {
+        &maps::BACKENDS
+    }
+    #[inline(always)]
+    fn affinity() -> &'static Affinity<Ipv4> {
+        &maps::AFFINITY
+    }
+}
+
+impl PacketFamily for V4 {
+    type CtTcp = HashMap<CtKeyOf<Ipv4>, CtEntryOf<Ipv4>, { capacity::CONNTRACK_TCP as usize }>;
+    type CtOverflow =
+        LruHashMap<CtKeyOf<Ipv4>, CtEntryOf<Ipv4>, { capacity::CONNTRACK_TCP_OVERFLOW as usize }>;
+    type CtAny = LruHashMap<CtKeyOf<Ipv4>, CtEntryOf<Ipv4>, { capacity::CONNTRACK_ANY as usize }>;
+
+    const HAIRPIN_ADDR: Ipv4 = HAIRPIN_SNAT_ADDR;
+
+    #[inline(always)]
+    fn host_flows() -> &'static HostFlows<Ipv4> {
+        &maps::HOST_FLOWS
+    }
+    #[inline(always)]
+    fn ct_tcp() -> &'static Self::CtTcp {
+        &maps::CONNTRACK_TCP
+    }
+    #[inline(always)]
+    fn ct_overflow() -> &'static Self::CtOverflow {
+        &maps::CONNTRACK_TCP_OVERFLOW
+    }
+    #[inline(always)]
+    fn ct_overflow_in_use() -> &'static Array<u32, 1> {
+        &maps::CONNTRACK_OVERFLOW_IN_USE
+    }
+    #[inline(always)]
+    fn ct_any() -> &'static Self::CtAny {
+        &maps::CONNTRACK_ANY
+    }
+
+    #[inline(always)]
+    fn source_allowed(rev_nat_id: u32, saddr: Ipv4) -> bool {
+        let key = Key::new(
+            64,
+            SourceRangeKey {
+                rev_nat_id_be: rev_nat_id.to_be(),
+                addr: saddr,
+            },
+        );
+        maps::SOURCE_RANGES.get(&key).is_some()
+    }
+
+    #[inline(always)]
+    fn snat_addr() -> Option<Ipv4> {
+        maps::CONFIG.get(0).map(|c| c.snat_addr)
+    }
+
+    #[inline(always)]
+    fn remember_fragment_ports(pkt: &Packet<Ipv4>, now: u64) {
+        pkt.remember_fragment_ports(now)
+    }
+
+    #[inline(always)]
+    fn translate_and_forward<const L2: usize>(
+        ctx: &TcContext,
+        pkt: &Packet<Ipv4>,
+        rewrite: Rewrite<Ipv4>,
+    ) -> i32 {
+        forward::translate_and_forward::<Ipv4, L2>(ctx, pkt, rewrite)
+    }
+
+    #[inline(always)]
+    fn refuse<const L2: usize>(ctx: &TcContext, pkt: &Packet<Ipv4>) -> i32 {
+        refuse::connection::<L2>(ctx, pkt)
+    }
+}
+
+impl Family for V6 {
+    type Addr = Ipv6;
+
+    #[inline(always)]
+    fn services() -> &'static Services<Ipv6> {
+        &maps::SERVICES6
+    }
+    #[inline(always)]
+    fn backends() -> &'static Backends<Ipv6> {
+        &maps::BACKENDS6
+    }
+    #[inline(always)]
+    fn affinity() -> &'static Affinity<Ipv6> {
+        &maps::AFFINITY6
+    }
+}
