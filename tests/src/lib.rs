@@ -11,7 +11,7 @@
 //! Everything created here is removed on drop (namespaces, pins, processes), so a failing
 //! test leaves nothing behind. Traffic only ever goes to addresses inside these namespaces.
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -353,6 +353,8 @@ pub enum Wiring {
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address (routed pods are dual-stack; bridged ones IPv4 only).
+    pub ip6: Option<Ipv6Addr>,
     /// The node-side veth (where the datapath attaches).
     pub host_if: String,
     pub netns: Netns,
@@ -398,6 +400,28 @@ pub struct Node {
 }
 
 pub const ROUTED_GATEWAY: &str = "169.254.1.1";
+/// Routed pods' IPv6 gateway: a link-local address of the node's veth, as the Amazon VPC
+/// CNI's IPv6 mode wires pods (a /128 each, default route via the link-local gateway).
+pub const ROUTED_GATEWAY6: &str = "fe80::1";
+
+/// A routed pod's IPv6 address: `fd00:10:244:<c>::<index + 10>` for IPv4 `10.244.<c>.x`.
+pub fn pod_ip6(subnet: [u8; 3], index: usize) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0xfd00,
+        0x10,
+        0x244,
+        subnet[2] as u16,
+        0,
+        0,
+        0,
+        index as u16 + 10,
+    )
+}
+
+/// A node's IPv6 pod CIDR (the /64 of [`pod_ip6`]).
+pub fn pod_cidr6(subnet: [u8; 3]) -> String {
+    format!("fd00:10:244:{:x}::/64", subnet[2])
+}
 
 /// The cluster's pod network: every node's pod subnet lies in it.
 pub const POD_NETWORK: &str = "10.244.0.0/16";
@@ -445,6 +469,7 @@ impl Node {
         let cgroup = std::sync::Arc::new(Cgroup::new("dpn")?);
         let netns = Netns::in_cgroup("dpn", &cgroup)?;
         netns.sysctl("net.ipv4.ip_forward", "1")?;
+        netns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         let veth_prefix = unique("v");
         if wiring == Wiring::Routed {
             // The pods' gateway: a node address, so the node answers ARP for it on every veth.
@@ -510,6 +535,7 @@ impl Node {
         let index = self.pods.len();
         let [a, b, c] = self.subnet;
         let ip = Ipv4Addr::new(a, b, c, index as u8 + 10);
+        let ip6 = (self.wiring == Wiring::Routed).then(|| pod_ip6(self.subnet, index));
         let netns = match &self.netns.cgroup {
             Some(cgroup) => Netns::in_cgroup("dpp", cgroup)?,
             None => Netns::new("dpp")?,
@@ -560,9 +586,41 @@ impl Node {
                 ])?;
                 self.netns
                     .sysctl(&format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?;
+                // IPv6: the gateway is the veth's own link-local address (no proxy needed);
+                // no duplicate address detection, so both ends work at once.
+                self.netns.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{ROUTED_GATEWAY6}/64"),
+                    "dev",
+                    &host_if,
+                    "nodad",
+                ])?;
                 self.netns.ip(&["link", "set", &host_if, "up"])?;
                 self.netns
                     .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
+                let ip6 = ip6.expect("routed pods are dual-stack");
+                netns.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{ip6}/128"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ])?;
+                netns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    ROUTED_GATEWAY6,
+                    "dev",
+                    "eth0",
+                ])?;
+                self.netns
+                    .ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if])?;
             }
             Wiring::Bridged => {
                 netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
@@ -575,6 +633,7 @@ impl Node {
         self.pods.push(Pod {
             name: name.to_string(),
             ip,
+            ip6,
             host_if,
             netns,
             processes: vec![],

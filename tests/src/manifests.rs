@@ -174,3 +174,56 @@ ports:
 {slice_ports}{endpoints}"
     )
 }
+
+/// A dual-stack ClusterIP Service (`ipFamilyPolicy: PreferDualStack`, IPv4 first) with
+/// `cluster_ips` (IPv4, IPv6), and one EndpointSlice per family holding that family's
+/// `endpoints` (all ready), as the EndpointSlice controller writes them.
+pub fn dual_stack_service(
+    name: &str,
+    cluster_ips: (&str, &str),
+    ports: &[ServicePort],
+    endpoints: (&[Ipv4Addr], &[std::net::Ipv6Addr]),
+) -> String {
+    let v4: Vec<(Ipv4Addr, Conditions)> = endpoints.0.iter().map(|ip| (*ip, READY)).collect();
+    let v4_only = service_with(name, cluster_ips.0, ports, &v4, "");
+    // The IPv4 document, made dual-stack, and a second slice for the IPv6 endpoints.
+    let dual = v4_only.replacen(
+        &format!("  clusterIP: {}\n", cluster_ips.0),
+        &format!(
+            "  clusterIP: {}\n  clusterIPs: [\"{}\", \"{}\"]\n  ipFamilyPolicy: PreferDualStack\n  ipFamilies: [IPv4, IPv6]\n",
+            cluster_ips.0, cluster_ips.0, cluster_ips.1
+        ),
+        1,
+    );
+    let slice_ports: String = ports
+        .iter()
+        .map(|p| {
+            format!(
+                "  - {{name: {}, protocol: {}, port: {}}}\n",
+                p.name, p.protocol, p.target_port
+            )
+        })
+        .collect();
+    let v6_list: String = endpoints
+        .1
+        .iter()
+        .map(|ip| {
+            format!(
+                "  - {{addresses: [\"{ip}\"], conditions: {{ready: true, serving: true, terminating: false}}}}\n"
+            )
+        })
+        .collect();
+    format!(
+        "{dual}---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-v6abc
+  namespace: default
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv6
+ports:
+{slice_ports}{}",
+        endpoints_yaml(&v6_list)
+    )
+}

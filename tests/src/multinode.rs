@@ -7,13 +7,23 @@
 //! Options ([`ClusterOptions`]): jumbo-frame pod veths over the 1500-byte underlay (as on
 //! AWS), and an L3 overlay: pod CIDRs routed through a TUN device named as Calico's WireGuard
 //! device, carried between nodes by a userspace relay (`assets/tun_relay.py`).
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Duration,
+};
 
-use crate::{Agent, AgentOptions, Netns, Node, Process, Wiring, unique, wait_until};
+use crate::{Agent, AgentOptions, Netns, Node, Process, Wiring, pod_cidr6, unique, wait_until};
 
 /// The underlay's addresses: nodes are .11, .12, ...; external clients .100, .101, ...
 pub fn underlay_ip(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(192, 0, 2, last)
+}
+
+/// The underlay's IPv6 addresses (2001:db8::/32, documentation, routed nowhere), with the
+/// same last number as the IPv4 ones: the underlay is dual-stack.
+pub fn underlay_ip6(last: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last as u16)
 }
 
 /// Load-balancer and external IPs are taken from here; external clients route it via the
@@ -64,7 +74,8 @@ impl Underlay {
         Ok(Self { netns })
     }
 
-    /// Plugs `ns` into the underlay as `eth0` with `ip/24`.
+    /// Plugs `ns` into the underlay as `eth0` with `ip/24` and the IPv6 address of the same
+    /// number ([`underlay_ip6`]).
     pub fn plug(&self, ns: &Netns, ip: Ipv4Addr) -> anyhow::Result<()> {
         let port = unique("u");
         self.netns.ip(&[
@@ -76,6 +87,8 @@ impl Underlay {
         self.netns.ip(&["link", "set", &port, "mtu", &mtu])?;
         ns.ip(&["link", "set", "eth0", "mtu", &mtu])?;
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        let ip6 = underlay_ip6(ip.octets()[3]);
+        ns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         Ok(())
     }
@@ -85,18 +98,21 @@ pub struct ClusterNode {
     pub name: String,
     pub zone: String,
     pub ip: Ipv4Addr,
+    /// The node's IPv6 underlay address.
+    pub ip6: Ipv6Addr,
     pub node: Node,
 }
 
-/// The nodes' Node objects: names, zones, and InternalIPs (node ports listen there).
+/// The nodes' Node objects: names, zones, and InternalIPs of both families (node ports
+/// listen there), as a dual-stack cluster's kubelet reports them.
 pub fn node_objects(nodes: &[ClusterNode]) -> String {
     nodes
         .iter()
         .map(|n| {
             format!(
                 "apiVersion: v1\nkind: Node\nmetadata: {{name: {}, labels: {{topology.kubernetes.io/zone: {}}}}}\n\
-                 status: {{addresses: [{{type: InternalIP, address: \"{}\"}}]}}\n---\n",
-                n.name, n.zone, n.ip
+                 status: {{addresses: [{{type: InternalIP, address: \"{}\"}}, {{type: InternalIP, address: \"{}\"}}]}}\n---\n",
+                n.name, n.zone, n.ip, n.ip6
             )
         })
         .collect()
@@ -144,6 +160,7 @@ impl MultiNode {
                 name,
                 zone,
                 ip,
+                ip6: underlay_ip6(11 + i as u8),
                 node,
             });
         }
@@ -158,6 +175,15 @@ impl MultiNode {
                 .collect();
             if options.overlay == Overlay::Tun {
                 relays.push(start_tunnel(&a.node, a.ip, &peers)?);
+            }
+            for (j, b) in nodes.iter().enumerate() {
+                // IPv6 pods are routed over the underlay (the TUN relay carries IPv4 only).
+                if j != i && options.overlay == Overlay::None {
+                    let cidr = pod_cidr6([10, 244, j as u8 + 1]);
+                    a.node
+                        .netns
+                        .ip(&["-6", "route", "add", &cidr, "via", &b.ip6.to_string()])?;
+                }
             }
             for (cidr, peer) in &peers {
                 match options.overlay {

@@ -1,0 +1,235 @@
+//! IPv6 and dual-stack services: a `PreferDualStack` ClusterIP with an IPv4 and an IPv6 slice,
+//! served in the two-node testbed (dual-stack underlay, routed /128 IPv6 pods with a link-local
+//! gateway) over both families: host-network clients through the socket hooks (TCP, connected
+//! and unconnected UDP, the frontend as their peer, IPv4-mapped addresses on IPv6 sockets),
+//! and pods with `--socket-lb all`. Real agents, servers and clients; run as root (skipped
+//! otherwise).
+use std::{collections::BTreeSet, net::Ipv6Addr};
+
+use testbed::{
+    Netns,
+    manifests::{DNS, HTTP, dual_stack_service},
+    multinode::MultiNode,
+    require_root,
+};
+
+const CLUSTER_IP: &str = "10.96.0.60";
+const CLUSTER_IP6: &str = "fd00:10:96::60";
+
+/// What a client does, one operation per run, printed as one line: `PEER ANSWER`, where PEER
+/// is the socket's peer (`getpeername()`, or the source of the answer for unconnected UDP)
+/// as `addr:port` or `[addr]:port`.
+/// `tcp HOST PORT`: an HTTP request; `udp-connected HOST PORT`, `udp-unconnected HOST PORT`:
+/// one datagram and its echo. The socket's family follows HOST (IPv6 for `::ffff:a.b.c.d`).
+/// Errors print as `error <errno name>`.
+const CLIENT: &str = r#"
+import errno, socket, sys
+op, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def text(peer):
+    return "[%s]:%d" % peer[:2] if family == socket.AF_INET6 else "%s:%d" % peer
+try:
+    if op == "tcp":
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.settimeout(3)
+        s.connect((host, port))
+        peer = s.getpeername()
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        body = s.makefile("rb").read().split(b"\r\n\r\n", 1)[1].decode().strip()
+        print(text(peer), body)
+    elif op == "udp-connected":
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        s.settimeout(3)
+        s.connect((host, port))
+        peer = s.getpeername()
+        s.send(b"q")
+        print(text(peer), s.recv(2048).decode())
+    elif op == "udp-unconnected":
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        s.settimeout(3)
+        s.sendto(b"q", (host, port))
+        data, src = s.recvfrom(2048)
+        print(text(src), data.decode())
+except OSError as e:
+    print("error", errno.errorcode.get(e.errno, str(e)))
+"#;
+
+fn client(ns: &Netns, op: &str, host: &str, port: u16) -> String {
+    match ns
+        .command("python3")
+        .args(["-c", CLIENT, op, host, &port.to_string()])
+        .output()
+    {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        Err(e) => format!("client failed: {e}"),
+    }
+}
+
+/// Runs `op` `count` times; the backends that answered, each answer checked to show `peer`
+/// as the socket's peer, and a backend that saw an IPv6 client exactly when
+/// `ipv6_backend_side` (the echo servers bracket IPv6 peers).
+fn backends_answering(
+    ns: &Netns,
+    op: &str,
+    (host, port): (&str, u16),
+    peer: &str,
+    ipv6_backend_side: bool,
+    count: usize,
+) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..count {
+        let answer = client(ns, op, host, port);
+        let words: Vec<&str> = answer.split_whitespace().collect();
+        assert!(
+            words.len() >= 3 && words[0] == peer,
+            "{op} {host}:{port}: expected peer {peer}, got {answer:?}"
+        );
+        // The backend's view of the client: an IPv6 peer is bracketed.
+        assert_eq!(
+            words[2].starts_with('['),
+            ipv6_backend_side,
+            "{op} {host}:{port}: the backend saw {:?}: {answer:?}",
+            words[2]
+        );
+        seen.insert(words[1].to_string());
+    }
+    seen
+}
+
+/// `web` (dual-stack ClusterIP: HTTP and DNS) on web-0 (node a) and web-1 (node b), agents
+/// started with `extra_args`, both families programmed.
+fn cluster(extra_args: &[&str]) -> MultiNode {
+    let mut c = MultiNode::new(&[&["web-0", "client-pod"], &["web-1"]], 0).unwrap();
+    for name in ["web-0", "web-1"] {
+        c.pod(name).serve(8080, 5353).unwrap();
+    }
+    let v4 = [c.pod("web-0").ip, c.pod("web-1").ip];
+    let v6: Vec<Ipv6Addr> = ["web-0", "web-1"]
+        .iter()
+        .map(|p| c.pod(p).ip6.expect("routed pods are dual-stack"))
+        .collect();
+    c.write_manifest(
+        "web.yaml",
+        &dual_stack_service("web", (CLUSTER_IP, CLUSTER_IP6), &[HTTP, DNS], (&v4, &v6)),
+    )
+    .unwrap();
+    c.start_agents(extra_args).unwrap();
+    for agent in &c.agents {
+        agent
+            .wait_for_backends(&format!("{CLUSTER_IP}:80"), 2)
+            .unwrap();
+        agent
+            .wait_for_backends(&format!("[{CLUSTER_IP6}]:80"), 2)
+            .unwrap();
+    }
+    c
+}
+
+#[test]
+fn host_clients_reach_a_dual_stack_service_over_both_families() {
+    require_root!();
+    let c = cluster(&[]);
+    let node = &c.nodes[0].node.netns;
+    let both: BTreeSet<String> = ["web-0", "web-1"].map(String::from).into();
+    let v6_http = (CLUSTER_IP6, 80);
+    let v6_peer = format!("[{CLUSTER_IP6}]:80");
+
+    // IPv6: every connection to the IPv6 cluster IP reaches an IPv6 backend, spread over
+    // both, and the socket's peer is the cluster IP.
+    let seen = backends_answering(node, "tcp", v6_http, &v6_peer, true, 16);
+    assert_eq!(seen, both, "IPv6 TCP spread");
+    // IPv4 beside it, unchanged.
+    let seen = backends_answering(
+        node,
+        "tcp",
+        (CLUSTER_IP, 80),
+        &format!("{CLUSTER_IP}:80"),
+        false,
+        16,
+    );
+    assert_eq!(seen, both, "IPv4 TCP spread");
+    // An IPv6 socket to the IPv4 cluster IP, mapped (`::ffff:10.96.0.60`): the IPv4 service,
+    // its IPv4 backends, the mapped frontend as the peer.
+    let mapped = format!("::ffff:{CLUSTER_IP}");
+    let seen = backends_answering(
+        node,
+        "tcp",
+        (&mapped, 80),
+        &format!("[{mapped}]:80"),
+        false,
+        16,
+    );
+    assert_eq!(seen, both, "IPv4-mapped TCP spread");
+
+    // UDP over IPv6, connected and unconnected: the answer comes from the frontend.
+    let dns_peer = format!("[{CLUSTER_IP6}]:53");
+    for op in ["udp-connected", "udp-unconnected"] {
+        let seen = backends_answering(node, op, (CLUSTER_IP6, 53), &dns_peer, true, 8);
+        assert!(!seen.is_empty(), "{op}");
+    }
+
+    // Counted per family's frontend.
+    let services = c.agents[0].cli_json(&["services"]).unwrap();
+    let connections = |frontend: &str| {
+        services
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["frontend"] == frontend)
+            .and_then(|s| s["socket_connections"].as_u64())
+            .unwrap_or(0)
+    };
+    assert!(connections(&v6_peer) >= 16, "{services:#}");
+    assert!(
+        connections(&format!("{CLUSTER_IP}:80")) >= 32,
+        "{services:#}"
+    );
+}
+
+#[test]
+fn pods_reach_a_dual_stack_service_over_both_families_with_socket_lb_all() {
+    require_root!();
+    let mut c = cluster(&["--socket-lb", "all"]);
+    let pod = &c.pod("client-pod").netns;
+    let both: BTreeSet<String> = ["web-0", "web-1"].map(String::from).into();
+    let seen = backends_answering(
+        pod,
+        "tcp",
+        (CLUSTER_IP6, 80),
+        &format!("[{CLUSTER_IP6}]:80"),
+        true,
+        16,
+    );
+    assert_eq!(seen, both, "IPv6 from a pod");
+    let seen = backends_answering(
+        pod,
+        "tcp",
+        (CLUSTER_IP, 80),
+        &format!("{CLUSTER_IP}:80"),
+        false,
+        16,
+    );
+    assert_eq!(seen, both, "IPv4 from a pod");
+}
+
+#[test]
+fn an_ipv6_service_without_endpoints_refuses_host_clients_at_once() {
+    require_root!();
+    let mut c = MultiNode::new(&[&["web-0"], &[]], 0).unwrap();
+    c.write_manifest(
+        "empty.yaml",
+        &dual_stack_service(
+            "empty",
+            ("10.96.0.61", "fd00:10:96::61"),
+            &[HTTP],
+            (&[], &[]),
+        ),
+    )
+    .unwrap();
+    c.start_agents(&[]).unwrap();
+    c.agents[0]
+        .wait_for_backends("[fd00:10:96::61]:80", 0)
+        .unwrap();
+    let answer = client(&c.nodes[0].node.netns, "tcp", "fd00:10:96::61", 80);
+    assert_eq!(answer, "error ECONNREFUSED");
+}
