@@ -9,19 +9,22 @@
 //! here.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddr,
 };
 
 use dataplane_common::{
-    BACKEND_STATE_ACTIVE, Backend, FRONTEND_KIND_CLUSTER_IP, FRONTEND_KIND_EXTERNAL_IP,
-    FRONTEND_KIND_LOAD_BALANCER, FRONTEND_KIND_NODE_PORT, FrontendName, MAGLEV_TABLE_SIZE,
-    SCOPE_DEFAULT, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL,
-    SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
-    ServiceKey, ServiceValue, SourceRangeKey,
+    BACKEND_STATE_ACTIVE, BackendOf, FRONTEND_KIND_CLUSTER_IP, FRONTEND_KIND_EXTERNAL_IP,
+    FRONTEND_KIND_LOAD_BALANCER, FRONTEND_KIND_NODE_PORT, FrontendName, Ipv4, Ipv6,
+    MAGLEV_TABLE_SIZE, SCOPE_DEFAULT, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_WHEN_EMPTY,
+    SVC_FLAG_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV, SVC_FLAG_SOURCE_RANGES,
+    SVC_FLAG_TWO_SCOPES, ServiceKeyOf, ServiceValue, SourceRangeKeyOf,
 };
 
 use crate::{
-    datapath::maglev,
+    datapath::{
+        family::{Family, by_family},
+        maglev,
+    },
     plan::{Algorithm, BackendAddr, Cidr, Frontend, FrontendAddr, FrontendKind, Protocol},
 };
 
@@ -82,9 +85,9 @@ pub struct EntrySettings {
 pub struct WantedEntry<'a> {
     pub frontend: &'a Frontend,
     pub key: EntryKey,
-    pub backends: &'a [SocketAddrV4],
+    pub backends: &'a [SocketAddr],
     /// Kept programmed, in no slot (the default-scope entry holds them for the frontend).
-    pub retained: &'a [SocketAddrV4],
+    pub retained: &'a [SocketAddr],
     /// `service_port_id` is 0 when no frontend of the service port has an id yet: the
     /// frontend's own id then serves (see [`slot0`]).
     pub settings: EntrySettings,
@@ -173,9 +176,10 @@ pub fn wanted_entries<'a>(
     out
 }
 
-pub fn service_key(entry: &EntryKey, slot: u16) -> ServiceKey {
-    ServiceKey {
-        addr: entry.frontend.addr.ip().octets(),
+/// A key of the entry in its family's service map (`A`: the frontend's family).
+pub fn service_key<A: Family>(entry: &EntryKey, slot: u16) -> ServiceKeyOf<A> {
+    ServiceKeyOf {
+        addr: A::octets(entry.frontend.addr.ip()),
         port: entry.frontend.addr.port(),
         backend_slot: slot,
         proto: entry.frontend.protocol.number(),
@@ -211,9 +215,10 @@ pub fn slot(backend_id: u32) -> ServiceValue {
 /// Slots hold at most this many backends (`ServiceValue::count` is a `u16`).
 pub const MAX_SLOTS: usize = u16::MAX as usize;
 
-pub fn backend(backend: &BackendAddr) -> Backend {
-    Backend {
-        addr: backend.addr.ip().octets(),
+/// A backend array entry (`A`: the backend's family).
+pub fn backend<A: Family>(backend: &BackendAddr) -> BackendOf<A> {
+    BackendOf {
+        addr: A::octets(backend.addr.ip()),
         port: backend.addr.port(),
         proto: backend.protocol.number(),
         state: BACKEND_STATE_ACTIVE,
@@ -221,20 +226,20 @@ pub fn backend(backend: &BackendAddr) -> Backend {
 }
 
 /// A source-range entry: the trie's prefix length (the 32 bits of the frontend id, then the
-/// CIDR's) and its data.
-pub fn source_range(rev_nat_id: u32, cidr: &Cidr) -> (u32, SourceRangeKey) {
+/// CIDR's) and its data (`A`: the CIDR's family, which is its frontend's).
+pub fn source_range<A: Family>(rev_nat_id: u32, cidr: &Cidr) -> (u32, SourceRangeKeyOf<A>) {
     (
         32 + cidr.prefix as u32,
-        SourceRangeKey {
+        SourceRangeKeyOf {
             rev_nat_id_be: rev_nat_id.to_be(),
-            addr: cidr.addr.octets(),
+            addr: A::octets(cidr.addr),
         },
     )
 }
 
 /// A frontend's Maglev table from its backends and their ids (in slot order).
-pub fn maglev_table(backends: &[(SocketAddrV4, u32)]) -> Vec<u32> {
-    let addrs: Vec<SocketAddrV4> = backends.iter().map(|(a, _)| *a).collect();
+pub fn maglev_table(backends: &[(SocketAddr, u32)]) -> Vec<u32> {
+    let addrs: Vec<SocketAddr> = backends.iter().map(|(a, _)| *a).collect();
     maglev::table(&addrs, MAGLEV_TABLE_SIZE)
         .into_iter()
         .map(|i| backends[i].1)
@@ -269,14 +274,25 @@ pub fn frontend_name(frontend: &Frontend) -> FrontendName {
 /// config maps are the datapath's or set elsewhere).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
-    pub services: BTreeMap<ServiceKey, ServiceValue>,
-    /// Backend ids in use (the array's other entries hold zeroes).
-    pub backends: BTreeMap<u32, Backend>,
-    /// Frontend id → its table's backend ids (`MaglevTable::backend_ids`).
+    /// The maps with IPv4 keys or values (`dp_svc_v2`, `dp_backends_v2`, `dp_srcrange_v1`)...
+    pub v4: FamilyContents<Ipv4>,
+    /// ...and their IPv6 peers (`dp_svc6_v1`, `dp_be6_v1`, `dp_srcrange6_v1`).
+    pub v6: FamilyContents<Ipv6>,
+    /// Frontend id → its table's backend ids (`MaglevTable::backend_ids`); ids are one space
+    /// for both families.
     pub maglev: BTreeMap<u32, Vec<u32>>,
-    /// (prefix length, key) of each source-range entry.
-    pub source_ranges: BTreeSet<(u32, SourceRangeKey)>,
     pub names: BTreeMap<u32, FrontendName>,
+}
+
+/// The entries of one family's maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FamilyContents<A: Family> {
+    pub services: BTreeMap<ServiceKeyOf<A>, ServiceValue>,
+    /// Backend ids in use (the array's other entries hold zeroes; an id is in use in one
+    /// family's array only).
+    pub backends: BTreeMap<u32, BackendOf<A>>,
+    /// (prefix length, key) of each source-range entry.
+    pub source_ranges: BTreeSet<(u32, SourceRangeKeyOf<A>)>,
 }
 
 /// The ids of a translation: frontend ids first (in the order of `frontends`), then backend
@@ -322,7 +338,9 @@ pub fn translate(frontends: &[&Frontend], ids: &mut Ids) -> MapContents {
     for b in backend_addrs {
         if let Some(id) = ids.backends.allocate() {
             backend_ids.insert(b, id);
-            out.backends.insert(id, backend(&b));
+            by_family!(b.addr.ip(), A => {
+                A::contents_mut(&mut out).backends.insert(id, backend::<A>(&b));
+            });
         }
     }
     for entry in &wanted {
@@ -330,28 +348,35 @@ pub fn translate(frontends: &[&Frontend], ids: &mut Ids) -> MapContents {
             continue;
         };
         let protocol = entry.key.frontend.protocol;
-        let resolved: Vec<(SocketAddrV4, u32)> = entry
+        let resolved: Vec<(SocketAddr, u32)> = entry
             .backends
             .iter()
             .filter_map(|b| Some((*b, *backend_ids.get(&BackendAddr { addr: *b, protocol })?)))
             .take(MAX_SLOTS)
             .collect();
-        if entry.key.scope == SCOPE_DEFAULT {
-            if entry.settings.flags & SVC_FLAG_MAGLEV != 0 && !resolved.is_empty() {
-                out.maglev.insert(rev_nat_id, maglev_table(&resolved));
-            }
-            for cidr in &entry.frontend.source_ranges {
-                out.source_ranges.insert(source_range(rev_nat_id, cidr));
-            }
+        if entry.key.scope == SCOPE_DEFAULT
+            && entry.settings.flags & SVC_FLAG_MAGLEV != 0
+            && !resolved.is_empty()
+        {
+            out.maglev.insert(rev_nat_id, maglev_table(&resolved));
         }
-        for (i, (_, id)) in resolved.iter().enumerate() {
-            out.services
-                .insert(service_key(&entry.key, i as u16 + 1), slot(*id));
-        }
-        out.services.insert(
-            service_key(&entry.key, 0),
-            slot0(rev_nat_id, resolved.len(), entry.settings),
-        );
+        by_family!(entry.key.frontend.addr.ip(), A => {
+            let family = A::contents_mut(&mut out);
+            if entry.key.scope == SCOPE_DEFAULT {
+                for cidr in &entry.frontend.source_ranges {
+                    family.source_ranges.insert(source_range::<A>(rev_nat_id, cidr));
+                }
+            }
+            for (i, (_, id)) in resolved.iter().enumerate() {
+                family
+                    .services
+                    .insert(service_key::<A>(&entry.key, i as u16 + 1), slot(*id));
+            }
+            family.services.insert(
+                service_key::<A>(&entry.key, 0),
+                slot0(rev_nat_id, resolved.len(), entry.settings),
+            );
+        });
     }
     out
 }
@@ -360,22 +385,22 @@ pub fn translate(frontends: &[&Frontend], ids: &mut Ids) -> MapContents {
 
 /// A backend array entry as the model sees it; `None` for an unused id (zeroes) or a
 /// protocol this agent does not program.
-pub fn decode_backend(backend: &Backend) -> Option<BackendAddr> {
-    if backend.addr == [0; 4] {
+pub fn decode_backend<A: Family>(backend: &BackendOf<A>) -> Option<BackendAddr> {
+    if backend.addr.is_unspecified() {
         return None;
     }
     Some(BackendAddr {
-        addr: SocketAddrV4::new(Ipv4Addr::from(backend.addr), backend.port),
+        addr: SocketAddr::new(backend.addr.ip(), backend.port),
         protocol: Protocol::from_number(backend.proto)?,
     })
 }
 
 /// The frontend and scope a service-map key belongs to (`None`: a protocol this agent does
 /// not program).
-pub fn decode_key(key: &ServiceKey) -> Option<EntryKey> {
+pub fn decode_key<A: Family>(key: &ServiceKeyOf<A>) -> Option<EntryKey> {
     Some(EntryKey {
         frontend: FrontendAddr {
-            addr: SocketAddrV4::new(Ipv4Addr::from(key.addr), key.port),
+            addr: SocketAddr::new(key.addr.ip(), key.port),
             protocol: Protocol::from_number(key.proto)?,
         },
         scope: key.scope,
@@ -408,19 +433,22 @@ pub struct DecodedEntry {
     pub slots: Vec<u32>,
 }
 
-/// The service map read back.
-#[derive(Clone, Debug, Default)]
-pub struct DecodedServices {
+/// One family's service map read back.
+#[derive(Clone, Debug)]
+pub struct DecodedServices<A: Family> {
     pub entries: BTreeMap<EntryKey, DecodedEntry>,
     /// Slots whose frontend entry is gone (a removal cut short).
-    pub orphans: Vec<ServiceKey>,
+    pub orphans: Vec<ServiceKeyOf<A>>,
 }
 
-pub fn decode_services(
-    entries: impl IntoIterator<Item = (ServiceKey, ServiceValue)>,
-) -> DecodedServices {
-    let mut out = DecodedServices::default();
-    let mut slots: BTreeMap<EntryKey, Vec<(u16, u32, ServiceKey)>> = BTreeMap::new();
+pub fn decode_services<A: Family>(
+    entries: impl IntoIterator<Item = (ServiceKeyOf<A>, ServiceValue)>,
+) -> DecodedServices<A> {
+    let mut out = DecodedServices {
+        entries: BTreeMap::new(),
+        orphans: vec![],
+    };
+    let mut slots: BTreeMap<EntryKey, Vec<(u16, u32, ServiceKeyOf<A>)>> = BTreeMap::new();
     for (key, value) in entries {
         let Some(entry_key) = decode_key(&key) else {
             continue;
@@ -451,12 +479,13 @@ pub fn decode_services(
 }
 
 /// A source-range entry read back: the frontend id and the CIDR.
-pub fn decode_source_range(prefix_len: u32, key: &SourceRangeKey) -> (u32, Cidr) {
+pub fn decode_source_range<A: Family>(prefix_len: u32, key: &SourceRangeKeyOf<A>) -> (u32, Cidr) {
+    let prefix = prefix_len.saturating_sub(32).min(A::BITS.into()) as u8;
     (
         u32::from_be(key.rev_nat_id_be),
         Cidr {
-            addr: Ipv4Addr::from(key.addr),
-            prefix: prefix_len.saturating_sub(32) as u8,
+            addr: key.addr.ip(),
+            prefix,
         },
     )
 }
@@ -509,7 +538,7 @@ endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]
         );
         let frontends: Vec<&Frontend> = plan.frontends.iter().collect();
         let contents = translate(&frontends, &mut Ids::fresh());
-        let decoded = decode_services(contents.services.iter().map(|(k, v)| (*k, *v)));
+        let decoded = decode_services(contents.v4.services.iter().map(|(k, v)| (*k, *v)));
         assert!(decoded.orphans.is_empty());
         let f = &plan.frontends[0];
         let key = EntryKey {
@@ -521,8 +550,8 @@ endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]
         assert_eq!(entry.count, 2);
         assert_eq!(entry.settings.flags, flags(f));
         assert_eq!(entry.settings.affinity_timeout, 10_800);
-        let backends: Vec<SocketAddrV4> = (entry.slots.iter())
-            .map(|id| decode_backend(&contents.backends[id]).unwrap().addr)
+        let backends: Vec<SocketAddr> = (entry.slots.iter())
+            .map(|id| decode_backend(&contents.v4.backends[id]).unwrap().addr)
             .collect();
         assert_eq!(backends, f.backends);
         let name = decode_name(&contents.names[&1]);
@@ -531,7 +560,7 @@ endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]
             ("shop/web", "http", FrontendKind::ClusterIP)
         );
         let cidr = Cidr::parse("203.0.113.0/24").unwrap();
-        let (prefix, range) = source_range(7, &cidr);
+        let (prefix, range) = source_range::<Ipv4>(7, &cidr);
         assert_eq!(decode_source_range(prefix, &range), (7, cidr));
     }
 
@@ -544,7 +573,7 @@ endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]
             },
             scope: SCOPE_DEFAULT,
         };
-        let decoded = decode_services([(service_key(&key, 1), slot(3))]);
+        let decoded = decode_services([(service_key::<Ipv4>(&key, 1), slot(3))]);
         assert!(decoded.entries.is_empty());
         assert_eq!(decoded.orphans, vec![service_key(&key, 1)]);
     }

@@ -8,11 +8,11 @@
 //!   this node (`forNodes`, checked first) or this node's zone (`forZones`); otherwise they are
 //!   ignored entirely;
 //! - local endpoints (on this node) ignore topology.
-use std::{collections::BTreeSet, net::SocketAddrV4};
+use std::{collections::BTreeSet, net::SocketAddr};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointInfo {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -65,15 +65,15 @@ enum TopologyMode {
 /// The result of categorizing a port's endpoints. `None` means the port never uses that kind.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Categorized {
-    pub cluster: Option<Vec<SocketAddrV4>>,
-    pub local: Option<Vec<SocketAddrV4>>,
+    pub cluster: Option<Vec<SocketAddr>>,
+    pub local: Option<Vec<SocketAddr>>,
     /// Some usable endpoint exists somewhere in the cluster (even if none is used here).
     pub has_any: bool,
 }
 
 impl Categorized {
     /// Backends for traffic from inside the cluster (ClusterIP).
-    pub fn internal(&self, policy: &PortPolicy) -> Vec<SocketAddrV4> {
+    pub fn internal(&self, policy: &PortPolicy) -> Vec<SocketAddr> {
         let chosen = if policy.internal_local {
             &self.local
         } else {
@@ -83,7 +83,7 @@ impl Categorized {
     }
 
     /// Backends for traffic from outside (NodePort, LoadBalancer, external IPs).
-    pub fn external(&self, policy: &PortPolicy) -> Vec<SocketAddrV4> {
+    pub fn external(&self, policy: &PortPolicy) -> Vec<SocketAddr> {
         let chosen = if policy.external_policy_local() {
             &self.local
         } else {
@@ -93,7 +93,7 @@ impl Categorized {
     }
 }
 
-fn filter(endpoints: &[EndpointInfo], keep: impl Fn(&EndpointInfo) -> bool) -> Vec<SocketAddrV4> {
+fn filter(endpoints: &[EndpointInfo], keep: impl Fn(&EndpointInfo) -> bool) -> Vec<SocketAddr> {
     endpoints
         .iter()
         .filter(|e| keep(e))
@@ -591,7 +591,7 @@ mod upstream_table {
         ]
     }
 
-    fn set(list: Option<Vec<SocketAddrV4>>) -> Option<BTreeSet<String>> {
+    fn set(list: Option<Vec<SocketAddr>>) -> Option<BTreeSet<String>> {
         list.map(|l| l.iter().map(|a| a.to_string()).collect())
     }
 

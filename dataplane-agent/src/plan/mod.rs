@@ -6,7 +6,7 @@ pub mod endpoints;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
 };
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
@@ -97,55 +97,72 @@ pub enum Algorithm {
     Maglev,
 }
 
-/// What identifies a frontend in the datapath.
+/// What identifies a frontend in the datapath (either family: an IPv6 frontend prints as
+/// `[fd00::a]:80`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FrontendAddr {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub protocol: Protocol,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendAddr {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub protocol: Protocol,
 }
 
-/// An IPv4 CIDR.
+/// An IPv4 (/0-32) or IPv6 (/0-128) CIDR, its address masked to the prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cidr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub prefix: u8,
 }
 
 impl Cidr {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let (addr, prefix) = text.trim().split_once('/').unwrap_or((text.trim(), "32"));
-        let addr: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| format!("{text:?} is not an IPv4 CIDR"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or(format!("{text:?} is not an IPv4 CIDR"))?;
-        let mask = if prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - prefix)
-        };
-        Ok(Self {
-            addr: Ipv4Addr::from(u32::from(addr) & mask),
+    /// `None` when the prefix is longer than the family's addresses.
+    pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
+        (prefix <= max_prefix(addr)).then(|| Self {
+            addr: masked(addr, prefix),
             prefix,
         })
     }
 
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = if self.prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - self.prefix)
+    /// `10.0.0.0/8`, `fd00::/64`; an address alone is a host route.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let invalid = || format!("{text:?} is not a CIDR");
+        let (addr, prefix) = match text.trim().split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text.trim(), None),
         };
-        u32::from(ip) & mask == u32::from(self.addr)
+        let addr: IpAddr = addr.parse().map_err(|_| invalid())?;
+        let prefix = match prefix {
+            Some(p) => p.parse().map_err(|_| invalid())?,
+            None => max_prefix(addr),
+        };
+        Self::new(addr, prefix).ok_or_else(invalid)
+    }
+
+    /// False for an address of the other family.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        ip.is_ipv4() == self.addr.is_ipv4() && masked(ip, self.prefix) == self.addr
+    }
+}
+
+fn max_prefix(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() { 32 } else { 128 }
+}
+
+/// `addr` with the bits past `prefix` cleared.
+fn masked(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V4((u32::from(a) & mask).into())
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & mask).into())
+        }
     }
 }
 
@@ -163,18 +180,18 @@ pub struct Frontend {
     pub kind: FrontendKind,
     pub frontend: FrontendAddr,
     /// Backends for new connections, sorted; empty means connections are refused...
-    pub backends: Vec<SocketAddrV4>,
+    pub backends: Vec<SocketAddr>,
     /// ...or dropped, when endpoints exist elsewhere but policy keeps this node from them.
     pub drop_when_empty: bool,
     /// externalTrafficPolicy Local on an external frontend: the client's source is kept.
     pub external_local: bool,
     /// For an external-local frontend: the backends pods reaching it use (every usable
     /// endpoint, kube-proxy's short circuit for in-cluster clients).
-    pub internal_backends: Option<Vec<SocketAddrV4>>,
+    pub internal_backends: Option<Vec<SocketAddr>>,
     /// The service port's other endpoints, in any condition (terminating, not ready, or
     /// left out by policy), sorted: no new connection goes to them, but flows already there
     /// keep them (kube-proxy's conntrack semantics), so they stay programmed.
-    pub retained: Vec<SocketAddrV4>,
+    pub retained: Vec<SocketAddr>,
     /// sessionAffinity ClientIP: seconds a client keeps its backend.
     pub affinity_timeout: Option<u32>,
     /// loadBalancerSourceRanges (LoadBalancer frontends only); empty allows every source.
@@ -226,7 +243,7 @@ pub struct FrontendJson<'a> {
 
 impl Frontend {
     pub fn to_json(&self) -> FrontendJson<'_> {
-        let addrs = |list: &[SocketAddrV4]| list.iter().map(|b| b.to_string()).collect();
+        let addrs = |list: &[SocketAddr]| list.iter().map(|b| b.to_string()).collect();
         FrontendJson {
             service: &self.service,
             port: &self.port_name,
@@ -271,8 +288,8 @@ pub struct NodeContext {
     /// `--nodeport-addresses`: node ports listen on local addresses inside these CIDRs;
     /// empty means the node's primary address (its Node's InternalIP).
     pub nodeport_cidrs: Vec<Cidr>,
-    /// IPv4 addresses configured on this node (for `nodeport_cidrs`).
-    pub local_addresses: Vec<Ipv4Addr>,
+    /// Addresses configured on this node, of either family (for `nodeport_cidrs`).
+    pub local_addresses: Vec<IpAddr>,
     /// `--service-node-port-range`.
     pub nodeport_range: (u16, u16),
     /// `--lb-algorithm`: forced for every frontend, or `None` for the default (Maglev for
@@ -307,13 +324,13 @@ impl NodeContext {
     }
 
     /// The addresses node ports are served on.
-    fn nodeport_addresses(&self, objects: &ClusterObjects) -> Vec<Ipv4Addr> {
-        let mut addresses: Vec<Ipv4Addr> = if self.nodeport_cidrs.is_empty() {
+    fn nodeport_addresses(&self, objects: &ClusterObjects) -> Vec<IpAddr> {
+        let mut addresses: Vec<IpAddr> = if self.nodeport_cidrs.is_empty() {
             primary_addresses(objects)
         } else {
             self.local_addresses
                 .iter()
-                .filter(|ip| self.nodeport_cidrs.iter().any(|c| c.contains(**ip)))
+                .filter(|ip| ip.is_ipv4() && self.nodeport_cidrs.iter().any(|c| c.contains(**ip)))
                 .copied()
                 .collect()
         };
@@ -323,13 +340,13 @@ impl NodeContext {
     }
 }
 
-/// The node's InternalIP addresses (IPv4), from its Node object.
-pub fn primary_addresses(objects: &ClusterObjects) -> Vec<Ipv4Addr> {
+/// The node's InternalIP addresses, from its Node object.
+pub fn primary_addresses(objects: &ClusterObjects) -> Vec<IpAddr> {
     node_addresses(objects, |kind| kind == "InternalIP")
 }
 
-/// The node's addresses (IPv4) its Node object lists with a type `wanted` accepts.
-fn node_addresses(objects: &ClusterObjects, wanted: impl Fn(&str) -> bool) -> Vec<Ipv4Addr> {
+/// The node's addresses its Node object lists with a type `wanted` accepts.
+fn node_addresses(objects: &ClusterObjects, wanted: impl Fn(&str) -> bool) -> Vec<IpAddr> {
     let addresses = objects
         .node()
         .and_then(|n| n.status.as_ref())
@@ -339,6 +356,7 @@ fn node_addresses(objects: &ClusterObjects, wanted: impl Fn(&str) -> bool) -> Ve
         .flatten()
         .filter(|a| wanted(&a.type_))
         .filter_map(|a| a.address.parse().ok())
+        .filter(IpAddr::is_ipv4)
         .collect()
 }
 
@@ -364,10 +382,10 @@ pub fn compute(objects: &ClusterObjects, node: &NodeContext) -> Plan {
 #[derive(Debug, Default, PartialEq, Eq)]
 struct NodeInputs {
     zone: String,
-    nodeport_addresses: Vec<Ipv4Addr>,
+    nodeport_addresses: Vec<IpAddr>,
     /// The node's own addresses (its Node's, and those node ports are served on), sorted: no
     /// external or load-balancer IP may take them.
-    node_addresses: Vec<Ipv4Addr>,
+    node_addresses: Vec<IpAddr>,
 }
 
 /// One service's part of the plan.
@@ -377,7 +395,7 @@ struct ServicePlan {
     /// that ranks first for it ([`Rank`]).
     frontends: Vec<Frontend>,
     /// Its cluster IPs: no other service's external or load-balancer IP may take them.
-    cluster_ips: Vec<Ipv4Addr>,
+    cluster_ips: Vec<IpAddr>,
     /// When the Service was created (`None`: not said, ranks after every dated one).
     created: Option<k8s_openapi::jiff::Timestamp>,
     /// Problems of the service and its slices (conflicts with other services come on top).
@@ -452,7 +470,7 @@ pub struct Planner {
     /// Every (frontend, rank, service wanting it); the first claim not refused owns it.
     claims: BTreeSet<Claim>,
     /// Every (cluster IP, service having it).
-    cluster_ips: BTreeSet<(Ipv4Addr, ObjectName)>,
+    cluster_ips: BTreeSet<(IpAddr, ObjectName)>,
     health_checks: BTreeMap<ObjectName, crate::observe::health::ServiceHealth>,
     no_local: (i64, i64),
 }
@@ -645,14 +663,14 @@ impl Planner {
     }
 
     /// Every claim on an address with this IP (any port and protocol).
-    fn claims_on_ip(&self, ip: Ipv4Addr) -> impl Iterator<Item = &Claim> {
+    fn claims_on_ip(&self, ip: IpAddr) -> impl Iterator<Item = &Claim> {
         let first = FrontendAddr {
-            addr: SocketAddrV4::new(ip, 0),
+            addr: SocketAddr::new(ip, 0),
             protocol: Protocol::Tcp,
         };
         self.claims
             .range(Claim::first(first)..)
-            .take_while(move |c| *c.addr.addr.ip() == ip)
+            .take_while(move |c| c.addr.addr.ip() == ip)
     }
 
     /// Why `claim` may not have its address at all, whoever else wants it.
@@ -660,7 +678,7 @@ impl Planner {
         if !claim.rank.is_external_address() {
             return None;
         }
-        let ip = *claim.addr.addr.ip();
+        let ip = claim.addr.addr.ip();
         if let Some((_, holder)) = self
             .cluster_ips
             .range((ip, String::new())..)
@@ -873,13 +891,13 @@ fn plan_service(
         let internal = categorized.internal(&policy);
         local_endpoints = local_endpoints.max(categorized.local.as_ref().map_or(0, Vec::len));
         for ip in &cluster_ips {
-            frontends.push((FrontendKind::ClusterIP, SocketAddrV4::new(*ip, number)));
+            frontends.push((FrontendKind::ClusterIP, SocketAddr::new(*ip, number)));
         }
         match port.node_port {
             Some(node_port) if policy.externally_accessible && node_port != 0 => {
                 match u16::try_from(node_port).ok().filter(|p| (node.nodeport_range.0..=node.nodeport_range.1).contains(p)) {
                     Some(node_port) => frontends.extend(
-                        inputs.nodeport_addresses.iter().map(|ip| (FrontendKind::NodePort, SocketAddrV4::new(*ip, node_port))),
+                        inputs.nodeport_addresses.iter().map(|ip| (FrontendKind::NodePort, SocketAddr::new(*ip, node_port))),
                     ),
                     None => plan.problems.push(problem(ProblemKind::NodePortOutOfRange, format!(
                         "port {port_name:?}: nodePort {node_port} is outside the node port range {}-{}",
@@ -893,7 +911,7 @@ fn plan_service(
             frontends.extend(
                 ips.iter()
                     .take(budget.load_balancer_ips)
-                    .map(|ip| (FrontendKind::LoadBalancer, SocketAddrV4::new(*ip, number))),
+                    .map(|ip| (FrontendKind::LoadBalancer, SocketAddr::new(*ip, number))),
             );
         }
         frontends.extend(
@@ -901,7 +919,7 @@ fn plan_service(
                 .external_ips
                 .iter()
                 .take(budget.external_ips)
-                .map(|ip| (FrontendKind::ExternalIP, SocketAddrV4::new(*ip, number))),
+                .map(|ip| (FrontendKind::ExternalIP, SocketAddr::new(*ip, number))),
         );
 
         for (kind, addr) in frontends {
@@ -919,7 +937,7 @@ fn plan_service(
                 all.sort();
                 all
             });
-            let mut retained: Vec<SocketAddrV4> = port_endpoints
+            let mut retained: Vec<SocketAddr> = port_endpoints
                 .iter()
                 .map(|e| e.addr)
                 .filter(|a| {
@@ -986,7 +1004,7 @@ struct FrontendBudget {
 impl FrontendBudget {
     fn of(
         ports: &[(&ServicePort, Protocol, u16)],
-        cluster_ips: &[Ipv4Addr],
+        cluster_ips: &[IpAddr],
         settings: &ServiceSettings,
         inputs: &NodeInputs,
         node: &NodeContext,
@@ -1056,8 +1074,8 @@ impl FrontendBudget {
 struct ServiceSettings {
     /// `None` when the service's source ranges leave no valid range: its load-balancer IPs are
     /// not programmed at all rather than opened to everyone.
-    load_balancer_ips: Option<Vec<Ipv4Addr>>,
-    external_ips: Vec<Ipv4Addr>,
+    load_balancer_ips: Option<Vec<IpAddr>>,
+    external_ips: Vec<IpAddr>,
     source_ranges: Vec<Cidr>,
     affinity_timeout: Option<u32>,
     algorithm: Option<Algorithm>,
@@ -1082,7 +1100,7 @@ impl ServiceSettings {
                 continue;
             }
             match entry.ip.as_deref().map(str::parse::<IpAddr>) {
-                Some(Ok(IpAddr::V4(ip))) => load_balancer_ips.push(ip),
+                Some(Ok(ip @ IpAddr::V4(_))) => load_balancer_ips.push(ip),
                 Some(Ok(IpAddr::V6(_))) => {}
                 Some(Err(_)) => problem(
                     ProblemKind::InvalidLoadBalancerIp,
@@ -1105,8 +1123,8 @@ impl ServiceSettings {
         let mut invalid = 0;
         for text in ranges.clone() {
             match Cidr::parse(text) {
+                Ok(cidr) if cidr.addr.is_ipv6() => {} // IPv6 ranges: other family
                 Ok(cidr) => source_ranges.push(cidr),
-                Err(reason) if text.contains(':') => drop(reason), // IPv6 ranges: other family
                 Err(reason) => {
                     invalid += 1;
                     problem(
@@ -1128,7 +1146,7 @@ impl ServiceSettings {
             .iter()
             .flatten()
             .filter_map(|text| match text.parse::<IpAddr>() {
-                Ok(IpAddr::V4(ip)) => Some(ip),
+                Ok(ip @ IpAddr::V4(_)) => Some(ip),
                 Ok(IpAddr::V6(_)) => None,
                 Err(_) => {
                     problem(
@@ -1197,7 +1215,7 @@ fn port_policy(service: &Service, port: &ServicePort) -> PortPolicy {
 }
 
 /// The IPv4 cluster IPs of a service. Headless services have none.
-fn cluster_ips(service: &Service) -> Result<Vec<Ipv4Addr>, String> {
+fn cluster_ips(service: &Service) -> Result<Vec<IpAddr>, String> {
     let spec = service.spec.as_ref().expect("checked by caller");
     let mut listed: Vec<&str> = spec
         .cluster_ips
@@ -1216,7 +1234,7 @@ fn cluster_ips(service: &Service) -> Result<Vec<Ipv4Addr>, String> {
             continue;
         }
         match text.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) if !ip.is_unspecified() => ips.push(ip),
+            Ok(ip @ IpAddr::V4(_)) if !ip.is_unspecified() => ips.push(ip),
             Ok(IpAddr::V4(_)) => return Err(format!("clusterIP {text} is unspecified")),
             Ok(IpAddr::V6(_)) => {} // the other family of a dual-stack service
             Err(_) => return Err(format!("clusterIP {text:?} is not an IP address")),
@@ -1255,7 +1273,7 @@ impl ServiceEndpoints {
         node_name: &str,
         problems: &mut Vec<Problem>,
     ) -> Self {
-        let mut by_port: BTreeMap<(String, Protocol), BTreeMap<SocketAddrV4, EndpointInfo>> =
+        let mut by_port: BTreeMap<(String, Protocol), BTreeMap<SocketAddr, EndpointInfo>> =
             BTreeMap::new();
         let mut has_ports = false;
         let mut ipv6_slices = vec![];
@@ -1303,7 +1321,15 @@ impl ServiceEndpoints {
                 for endpoint in &slice.endpoints {
                     let ip = match &endpoint.address {
                         None => continue,
-                        Some(Address::V4(ip)) => *ip,
+                        Some(Address::V4(ip)) => IpAddr::V4(*ip),
+                        Some(Address::V6(ip)) => {
+                            let address = ip.to_string();
+                            problems.push(problem(
+                                ProblemKind::InvalidEndpointAddress,
+                                format!("address {address:?} is not an IPv4 address"),
+                            ));
+                            continue;
+                        }
                         Some(Address::Other(address)) => {
                             problems.push(problem(
                                 ProblemKind::InvalidEndpointAddress,
@@ -1312,7 +1338,7 @@ impl ServiceEndpoints {
                             continue;
                         }
                     };
-                    let info = endpoint_info(endpoint, SocketAddrV4::new(ip, number), node_name);
+                    let info = endpoint_info(endpoint, SocketAddr::new(ip, number), node_name);
                     let keep_existing = set.get(&info.addr).is_some_and(|e| !info.local || e.local);
                     if !keep_existing {
                         set.insert(info.addr, info);
@@ -1350,7 +1376,7 @@ impl ServiceEndpoints {
 
 /// An endpoint's conditions as upstream reads them: absent `ready` and `serving` mean true,
 /// absent `terminating` means false.
-fn endpoint_info(endpoint: &SliceEndpoint, addr: SocketAddrV4, node_name: &str) -> EndpointInfo {
+fn endpoint_info(endpoint: &SliceEndpoint, addr: SocketAddr, node_name: &str) -> EndpointInfo {
     EndpointInfo {
         addr,
         ready: endpoint.ready.unwrap_or(true),
