@@ -62,6 +62,30 @@ impl std::fmt::Display for Protocol {
     }
 }
 
+/// An IP family, as Services (`ipFamilies`) and EndpointSlices (`addressType`) name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+
+    /// `IPv4` or `IPv6`.
+    pub fn name(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum FrontendKind {
     ClusterIP,
@@ -285,8 +309,9 @@ pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 #[derive(Clone, Debug)]
 pub struct NodeContext {
     pub name: String,
-    /// `--nodeport-addresses`: node ports listen on local addresses inside these CIDRs;
-    /// empty means the node's primary address (its Node's InternalIP).
+    /// `--nodeport-addresses`: node ports listen on local addresses inside these CIDRs (of
+    /// either family); empty means the node's primary addresses (its Node's InternalIPs, of
+    /// each family).
     pub nodeport_cidrs: Vec<Cidr>,
     /// Addresses configured on this node, of either family (for `nodeport_cidrs`).
     pub local_addresses: Vec<IpAddr>,
@@ -330,7 +355,7 @@ impl NodeContext {
         } else {
             self.local_addresses
                 .iter()
-                .filter(|ip| ip.is_ipv4() && self.nodeport_cidrs.iter().any(|c| c.contains(**ip)))
+                .filter(|ip| self.nodeport_cidrs.iter().any(|c| c.contains(**ip)))
                 .copied()
                 .collect()
         };
@@ -356,7 +381,6 @@ fn node_addresses(objects: &ClusterObjects, wanted: impl Fn(&str) -> bool) -> Ve
         .flatten()
         .filter(|a| wanted(&a.type_))
         .filter_map(|a| a.address.parse().ok())
-        .filter(IpAddr::is_ipv4)
         .collect()
 }
 
@@ -810,6 +834,11 @@ fn health_check(
 
 /// One service's frontends and problems; `None` when it has no frontends to plan (not for
 /// this proxy, ExternalName, headless).
+///
+/// Each IP family the Service has a cluster IP of is planned on its own, as kube-proxy's
+/// per-family proxiers do (`MetaProxier`): that family's cluster IP, node addresses,
+/// load-balancer and external IPs, source ranges, and the endpoints of its EndpointSlices
+/// (`addressType`) only, with the traffic policies applied per family.
 fn plan_service(
     name: &ObjectName,
     service: &Service,
@@ -832,22 +861,28 @@ fn plan_service(
     if spec.type_.as_deref() == Some("ExternalName") || !labels.is_none_or(proxied_by_us) {
         return None;
     }
-    let cluster_ips = match cluster_ips(service) {
-        Ok(ips) => ips,
-        Err(reason) => {
-            plan.problems
-                .push(problem(ProblemKind::InvalidClusterIp, reason));
-            return Some(plan);
-        }
-    };
+    let cluster_ips = cluster_ips(service, |reason| {
+        plan.problems
+            .push(problem(ProblemKind::InvalidClusterIp, reason))
+    });
     if cluster_ips.is_empty() {
-        return None; // headless, or IPv6-only (this datapath is IPv4)
+        // Headless (nothing to report), or no valid cluster IP (reported).
+        return (!plan.problems.is_empty()).then_some(plan);
     }
     plan.cluster_ips = cluster_ips.clone();
-    let settings = ServiceSettings::of(service, name, &mut plan.problems);
+    let families: Vec<IpFamily> = cluster_ips.iter().map(|ip| IpFamily::of(*ip)).collect();
+    let mut settings = ServiceSettings::of(service, name, &mut plan.problems);
+    // Addresses of a family the Service has no cluster IP of: no proxier of that family
+    // serves the Service.
+    settings.keep_families(&families);
     let slices: Vec<(&ObjectName, &Slice)> =
         objects.slices_of(name).filter(|(_, s)| s.proxied).collect();
-    let endpoints = ServiceEndpoints::collect(name, &slices, &node.name, &mut plan.problems);
+    let endpoints: Vec<ServiceEndpoints> = families
+        .iter()
+        .map(|family| {
+            ServiceEndpoints::collect(name, &slices, *family, &node.name, &mut plan.problems)
+        })
+        .collect();
     let mut seen = BTreeSet::new();
     let mut local_endpoints = 0;
     let mut ports = vec![];
@@ -866,119 +901,132 @@ fn plan_service(
         plan.problems
             .push(problem(ProblemKind::ServiceFrontendLimit, reason));
     }
+    let load_balancer_ips: Option<&[IpAddr]> = (settings.load_balancer_ips.as_deref())
+        .map(|ips| &ips[..budget.load_balancer_ips.min(ips.len())]);
+    let external_ips =
+        &settings.external_ips[..budget.external_ips.min(settings.external_ips.len())];
     for (port, protocol, number) in ports.into_iter().take(budget.ports) {
         let port_name = port.name.clone().unwrap_or_default();
-        let policy = port_policy(service, port);
-        let port_endpoints = endpoints.for_port(&port_name, protocol).unwrap_or_default();
-        let categorized = match endpoints.for_port(&port_name, protocol) {
-            Some(port_endpoints) => {
-                endpoints::categorize(port_endpoints, &policy, &node.name, &inputs.zone)
+        for ((cluster_ip, family), endpoints) in cluster_ips.iter().zip(&families).zip(&endpoints) {
+            let of_family = |ip: &&IpAddr| IpFamily::of(**ip) == *family;
+            let policy = port_policy(service, port, *family);
+            let port_endpoints = endpoints.for_port(&port_name, protocol).unwrap_or_default();
+            let categorized = match endpoints.for_port(&port_name, protocol) {
+                Some(port_endpoints) => {
+                    endpoints::categorize(port_endpoints, &policy, &node.name, &inputs.zone)
+                }
+                None => {
+                    if endpoints.has_ports {
+                        plan.problems.push(problem(
+                            ProblemKind::PortNotInSlices,
+                            format!(
+                                "port {port_name:?} ({protocol}) matches no port of its {} EndpointSlices",
+                                family.name()
+                            ),
+                        ));
+                    }
+                    // No endpoints: the frontends exist and refuse connections.
+                    Default::default()
+                }
+            };
+            let mut frontends = vec![];
+            let internal = categorized.internal(&policy);
+            if *family == families[0] {
+                // The health check answers for the Service's primary family.
+                local_endpoints =
+                    local_endpoints.max(categorized.local.as_ref().map_or(0, Vec::len));
             }
-            None => {
-                if endpoints.has_ports {
-                    plan.problems.push(problem(
-                        ProblemKind::PortNotInSlices,
-                        format!(
-                            "port {port_name:?} ({protocol}) matches no port of its EndpointSlices"
+            frontends.push((
+                FrontendKind::ClusterIP,
+                SocketAddr::new(*cluster_ip, number),
+            ));
+            match port.node_port {
+                Some(node_port) if policy.externally_accessible && node_port != 0 => {
+                    match u16::try_from(node_port).ok().filter(|p| (node.nodeport_range.0..=node.nodeport_range.1).contains(p)) {
+                        Some(node_port) => frontends.extend(
+                            inputs.nodeport_addresses.iter().filter(of_family).map(|ip| (FrontendKind::NodePort, SocketAddr::new(*ip, node_port))),
                         ),
-                    ));
+                        None => plan.problems.push(problem(ProblemKind::NodePortOutOfRange, format!(
+                            "port {port_name:?}: nodePort {node_port} is outside the node port range {}-{}",
+                            node.nodeport_range.0, node.nodeport_range.1
+                        ))),
+                    }
                 }
-                // No endpoints: the frontends exist and refuse connections.
-                Default::default()
+                _ => {}
             }
-        };
-        let mut frontends = vec![];
-        let internal = categorized.internal(&policy);
-        local_endpoints = local_endpoints.max(categorized.local.as_ref().map_or(0, Vec::len));
-        for ip in &cluster_ips {
-            frontends.push((FrontendKind::ClusterIP, SocketAddr::new(*ip, number)));
-        }
-        match port.node_port {
-            Some(node_port) if policy.externally_accessible && node_port != 0 => {
-                match u16::try_from(node_port).ok().filter(|p| (node.nodeport_range.0..=node.nodeport_range.1).contains(p)) {
-                    Some(node_port) => frontends.extend(
-                        inputs.nodeport_addresses.iter().map(|ip| (FrontendKind::NodePort, SocketAddr::new(*ip, node_port))),
-                    ),
-                    None => plan.problems.push(problem(ProblemKind::NodePortOutOfRange, format!(
-                        "port {port_name:?}: nodePort {node_port} is outside the node port range {}-{}",
-                        node.nodeport_range.0, node.nodeport_range.1
-                    ))),
-                }
-            }
-            _ => {}
-        }
-        if let Some(ips) = &settings.load_balancer_ips {
             frontends.extend(
-                ips.iter()
-                    .take(budget.load_balancer_ips)
+                (load_balancer_ips.into_iter().flatten())
+                    .filter(of_family)
                     .map(|ip| (FrontendKind::LoadBalancer, SocketAddr::new(*ip, number))),
             );
-        }
-        frontends.extend(
-            settings
-                .external_ips
-                .iter()
-                .take(budget.external_ips)
-                .map(|ip| (FrontendKind::ExternalIP, SocketAddr::new(*ip, number))),
-        );
+            frontends.extend(
+                (external_ips.iter())
+                    .filter(of_family)
+                    .map(|ip| (FrontendKind::ExternalIP, SocketAddr::new(*ip, number))),
+            );
 
-        for (kind, addr) in frontends {
-            let frontend = FrontendAddr { addr, protocol };
-            let external = kind.is_external();
-            let mut backends = if external {
-                categorized.external(&policy)
-            } else {
-                internal.clone()
-            };
-            backends.sort();
-            let external_local = external && policy.external_local;
-            let internal_backends = external_local.then(|| {
-                let mut all = categorized.cluster.clone().unwrap_or_default();
-                all.sort();
-                all
-            });
-            let mut retained: Vec<SocketAddr> = port_endpoints
-                .iter()
-                .map(|e| e.addr)
-                .filter(|a| {
-                    backends.binary_search(a).is_err()
-                        && internal_backends
-                            .as_ref()
-                            .is_none_or(|all| all.binary_search(a).is_err())
-                })
-                .collect();
-            retained.sort();
-            let algorithm = settings
-                .algorithm
-                .or(node.algorithm)
-                .unwrap_or(if external {
-                    Algorithm::Maglev
+            for (kind, addr) in frontends {
+                let frontend = FrontendAddr { addr, protocol };
+                let external = kind.is_external();
+                let mut backends = if external {
+                    categorized.external(&policy)
                 } else {
-                    Algorithm::Random
+                    internal.clone()
+                };
+                backends.sort();
+                let external_local = external && policy.external_local;
+                let internal_backends = external_local.then(|| {
+                    let mut all = categorized.cluster.clone().unwrap_or_default();
+                    all.sort();
+                    all
                 });
-            let f = Frontend {
-                service: name.clone(),
-                port_name: port_name.clone(),
-                kind,
-                frontend,
-                drop_when_empty: backends.is_empty() && categorized.has_any,
-                backends,
-                external_local,
-                internal_backends,
-                retained,
-                affinity_timeout: settings.affinity_timeout,
-                source_ranges: if kind == FrontendKind::LoadBalancer {
-                    settings.source_ranges.clone()
-                } else {
-                    vec![]
-                },
-                algorithm,
-            };
-            if !seen.insert(frontend) {
-                plan.problems.push(conflict(name, &f, name));
-                continue;
+                let mut retained: Vec<SocketAddr> = port_endpoints
+                    .iter()
+                    .map(|e| e.addr)
+                    .filter(|a| {
+                        backends.binary_search(a).is_err()
+                            && internal_backends
+                                .as_ref()
+                                .is_none_or(|all| all.binary_search(a).is_err())
+                    })
+                    .collect();
+                retained.sort();
+                let algorithm = settings
+                    .algorithm
+                    .or(node.algorithm)
+                    .unwrap_or(if external {
+                        Algorithm::Maglev
+                    } else {
+                        Algorithm::Random
+                    });
+                let f = Frontend {
+                    service: name.clone(),
+                    port_name: port_name.clone(),
+                    kind,
+                    frontend,
+                    drop_when_empty: backends.is_empty() && categorized.has_any,
+                    backends,
+                    external_local,
+                    internal_backends,
+                    retained,
+                    affinity_timeout: settings.affinity_timeout,
+                    // A range applies to the frontends of its own family.
+                    source_ranges: if kind == FrontendKind::LoadBalancer {
+                        (settings.source_ranges.iter())
+                            .filter(|c| IpFamily::of(c.addr) == *family)
+                            .copied()
+                            .collect()
+                    } else {
+                        vec![]
+                    },
+                    algorithm,
+                };
+                if !seen.insert(frontend) {
+                    plan.problems.push(conflict(name, &f, name));
+                    continue;
+                }
+                plan.frontends.push(f);
             }
-            plan.frontends.push(f);
         }
     }
     plan.health_check = health_check(service, local_endpoints);
@@ -1013,16 +1061,15 @@ impl FrontendBudget {
         let lb = settings.load_balancer_ips.as_ref().map_or(0, Vec::len);
         let ext = settings.external_ips.len();
         // Cluster IPs and node ports of each port (node ports counted whenever asked for).
+        // Node addresses of the Service's families.
+        let node_addresses = (inputs.nodeport_addresses.iter())
+            .filter(|a| cluster_ips.iter().any(|c| c.is_ipv4() == a.is_ipv4()))
+            .count();
         let per_port: Vec<usize> = ports
             .iter()
             .map(|(port, _, _)| {
                 let node_ports = port.node_port.is_some_and(|p| p != 0);
-                cluster_ips.len()
-                    + if node_ports {
-                        inputs.nodeport_addresses.len()
-                    } else {
-                        0
-                    }
+                cluster_ips.len() + if node_ports { node_addresses } else { 0 }
             })
             .collect();
         let internal: usize = per_port.iter().sum();
@@ -1082,6 +1129,16 @@ struct ServiceSettings {
 }
 
 impl ServiceSettings {
+    /// Drops the addresses and ranges of the families not in `families`.
+    fn keep_families(&mut self, families: &[IpFamily]) {
+        let wanted = |ip: &IpAddr| families.contains(&IpFamily::of(*ip));
+        if let Some(ips) = &mut self.load_balancer_ips {
+            ips.retain(wanted);
+        }
+        self.external_ips.retain(wanted);
+        self.source_ranges.retain(|c| wanted(&c.addr));
+    }
+
     fn of(service: &Service, name: &str, problems: &mut Vec<Problem>) -> Self {
         let mut problem = |kind: ProblemKind, reason: String| {
             problems.push(Problem::of_service(kind, name, reason))
@@ -1100,8 +1157,7 @@ impl ServiceSettings {
                 continue;
             }
             match entry.ip.as_deref().map(str::parse::<IpAddr>) {
-                Some(Ok(ip @ IpAddr::V4(_))) => load_balancer_ips.push(ip),
-                Some(Ok(IpAddr::V6(_))) => {}
+                Some(Ok(ip)) => load_balancer_ips.push(ip),
                 Some(Err(_)) => problem(
                     ProblemKind::InvalidLoadBalancerIp,
                     format!(
@@ -1123,7 +1179,6 @@ impl ServiceSettings {
         let mut invalid = 0;
         for text in ranges.clone() {
             match Cidr::parse(text) {
-                Ok(cidr) if cidr.addr.is_ipv6() => {} // IPv6 ranges: other family
                 Ok(cidr) => source_ranges.push(cidr),
                 Err(reason) => {
                     invalid += 1;
@@ -1146,8 +1201,7 @@ impl ServiceSettings {
             .iter()
             .flatten()
             .filter_map(|text| match text.parse::<IpAddr>() {
-                Ok(ip @ IpAddr::V4(_)) => Some(ip),
-                Ok(IpAddr::V6(_)) => None,
+                Ok(ip) => Some(ip),
                 Err(_) => {
                     problem(
                         ProblemKind::InvalidExternalIp,
@@ -1196,17 +1250,25 @@ impl ServiceSettings {
     }
 }
 
-fn port_policy(service: &Service, port: &ServicePort) -> PortPolicy {
+/// The traffic policies of a service port in one family: it is externally accessible when it
+/// has a node port, or load-balancer or external IPs of that family (kube-proxy's
+/// `ExternallyAccessible`, on the family-filtered lists).
+fn port_policy(service: &Service, port: &ServicePort, family: IpFamily) -> PortPolicy {
     let spec = service.spec.as_ref();
+    let of_family = |text: &str| text.parse().is_ok_and(|ip| IpFamily::of(ip) == family);
     let has_lb_ip = service
         .status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref())
-        .is_some_and(|ingress| ingress.iter().any(|i| i.ip.is_some()));
+        .is_some_and(|ingress| {
+            ingress
+                .iter()
+                .any(|i| i.ip.as_deref().is_some_and(of_family))
+        });
     let has_external_ips = spec
         .and_then(|s| s.external_ips.as_ref())
-        .is_some_and(|ips| !ips.is_empty());
+        .is_some_and(|ips| ips.iter().any(|ip| of_family(ip)));
     PortPolicy {
         internal_local: spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local"),
         external_local: spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local"),
@@ -1214,33 +1276,50 @@ fn port_policy(service: &Service, port: &ServicePort) -> PortPolicy {
     }
 }
 
-/// The IPv4 cluster IPs of a service. Headless services have none.
-fn cluster_ips(service: &Service) -> Result<Vec<IpAddr>, String> {
+/// A service's cluster IP of each family it has, the primary first, as kube-proxy's
+/// `GetClusterIPByFamily` reads them: `clusterIPs[i]` is of family `ipFamilies[i]`; without
+/// `ipFamilies` (objects from before dual stack) an address is of its own family. Without
+/// `clusterIPs`, `clusterIP` (which the API keeps equal to `clusterIPs[0]`). Headless services
+/// have none. An entry that is not an IP address, is unspecified, is not of its family, or
+/// repeats a family is reported (`report`) and skipped: the other family is still served.
+fn cluster_ips(service: &Service, mut report: impl FnMut(String)) -> Vec<IpAddr> {
     let spec = service.spec.as_ref().expect("checked by caller");
-    let mut listed: Vec<&str> = spec
-        .cluster_ips
-        .iter()
-        .flatten()
-        .map(String::as_str)
-        .collect();
-    if let Some(primary) = spec.cluster_ip.as_deref()
-        && !listed.contains(&primary)
-    {
-        listed.insert(0, primary);
-    }
-    let mut ips = Vec::new();
-    for text in listed {
+    let listed: Vec<&str> = match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec.cluster_ip.iter().map(String::as_str).collect(),
+    };
+    let families = spec.ip_families.as_deref().unwrap_or_default();
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for (i, text) in listed.into_iter().enumerate() {
         if text.is_empty() || text == "None" {
             continue;
         }
-        match text.parse::<IpAddr>() {
-            Ok(ip @ IpAddr::V4(_)) if !ip.is_unspecified() => ips.push(ip),
-            Ok(IpAddr::V4(_)) => return Err(format!("clusterIP {text} is unspecified")),
-            Ok(IpAddr::V6(_)) => {} // the other family of a dual-stack service
-            Err(_) => return Err(format!("clusterIP {text:?} is not an IP address")),
+        let ip = match text.parse::<IpAddr>() {
+            Ok(ip) if ip.is_unspecified() => {
+                report(format!("clusterIP {text} is unspecified"));
+                continue;
+            }
+            Ok(ip) => ip,
+            Err(_) => {
+                report(format!("clusterIP {text:?} is not an IP address"));
+                continue;
+            }
+        };
+        let family = IpFamily::of(ip);
+        if let Some(named) = families.get(i).filter(|f| *f != family.name()) {
+            report(format!(
+                "clusterIP {text} is not of its family {named} (ipFamilies); it is skipped"
+            ));
+        } else if ips.iter().any(|other| IpFamily::of(*other) == family) {
+            report(format!(
+                "clusterIP {text} is a second {} cluster IP; it is skipped",
+                family.name()
+            ));
+        } else {
+            ips.push(ip);
         }
     }
-    Ok(ips)
+    ips
 }
 
 fn service_port(port: &ServicePort) -> Result<(Protocol, u16), (ProblemKind, String)> {
@@ -1267,16 +1346,19 @@ struct ServiceEndpoints {
 }
 
 impl ServiceEndpoints {
+    /// The endpoints of the slices of `family` (`addressType`; FQDN slices are not for
+    /// proxies).
     fn collect(
         service: &ObjectName,
         slices: &[(&ObjectName, &Slice)],
+        family: IpFamily,
         node_name: &str,
         problems: &mut Vec<Problem>,
     ) -> Self {
         let mut by_port: BTreeMap<(String, Protocol), BTreeMap<SocketAddr, EndpointInfo>> =
             BTreeMap::new();
         let mut has_ports = false;
-        let mut ipv6_slices = vec![];
+        let slices = (slices.iter()).filter(|(_, slice)| slice.address_type == family.name());
         for (slice_name, slice) in slices {
             let problem = |kind: ProblemKind, reason: String| Problem {
                 kind,
@@ -1287,14 +1369,6 @@ impl ServiceEndpoints {
                 service: service.clone(),
                 reason,
             };
-            match slice.address_type.as_str() {
-                "IPv4" => {}
-                "IPv6" => {
-                    ipv6_slices.push(*slice_name);
-                    continue;
-                }
-                _ => continue, // FQDN slices are not for proxies
-            }
             if slice.ports.as_ref().is_none_or(|p| p.is_empty()) && !slice.endpoints.is_empty() {
                 problems.push(problem(
                     ProblemKind::SliceWithoutPorts,
@@ -1322,22 +1396,22 @@ impl ServiceEndpoints {
                     let ip = match &endpoint.address {
                         None => continue,
                         Some(Address::V4(ip)) => IpAddr::V4(*ip),
-                        Some(Address::V6(ip)) => {
-                            let address = ip.to_string();
-                            problems.push(problem(
-                                ProblemKind::InvalidEndpointAddress,
-                                format!("address {address:?} is not an IPv4 address"),
-                            ));
-                            continue;
-                        }
+                        Some(Address::V6(ip)) => IpAddr::V6(*ip),
                         Some(Address::Other(address)) => {
                             problems.push(problem(
                                 ProblemKind::InvalidEndpointAddress,
-                                format!("address {address:?} is not an IPv4 address"),
+                                format!("address {address:?} is not an {} address", family.name()),
                             ));
                             continue;
                         }
                     };
+                    if IpFamily::of(ip) != family {
+                        problems.push(problem(
+                            ProblemKind::InvalidEndpointAddress,
+                            format!("address \"{ip}\" is not an {} address", family.name()),
+                        ));
+                        continue;
+                    }
                     let info = endpoint_info(endpoint, SocketAddr::new(ip, number), node_name);
                     let keep_existing = set.get(&info.addr).is_some_and(|e| !info.local || e.local);
                     if !keep_existing {
@@ -1345,20 +1419,6 @@ impl ServiceEndpoints {
                     }
                 }
             }
-        }
-        if let Some(first) = ipv6_slices.first() {
-            problems.push(Problem {
-                kind: ProblemKind::Ipv6SlicesIgnored,
-                object: ObjectKey {
-                    kind: Kind::EndpointSlice,
-                    name: first.to_string(),
-                },
-                service: service.clone(),
-                reason: format!(
-                    "{} IPv6 slice(s) of Service {service} ignored: this datapath is IPv4 (dual stack comes later)",
-                    ipv6_slices.len()
-                ),
-            });
         }
         let by_port = by_port
             .into_iter()
