@@ -1338,7 +1338,12 @@ fn a_full_tcp_table_sends_new_flows_to_the_overflow_and_the_agent_moves_them_bac
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(Ipv4Addr::new(out[30], out[31], out[32], out[33]), BACKEND);
     assert_eq!(
-        maps.v4.conntrack.tcp_overflow.get(&last, 0).unwrap().packets,
+        maps.v4
+            .conntrack
+            .tcp_overflow
+            .get(&last, 0)
+            .unwrap()
+            .packets,
         2
     );
     let answer = frame(TO_NODE, sock(BACKEND, 8080), sock(CLIENT, 44003), tcp(ACK));
@@ -1352,7 +1357,13 @@ fn a_full_tcp_table_sends_new_flows_to_the_overflow_and_the_agent_moves_them_bac
 
     // Room in the table (the first two flows closed and collected): the collection moves
     // the overflow's flows back and marks it unused; the flows keep working from the table.
-    let keys: Vec<CtKey> = maps.v4.conntrack.tcp.keys().filter_map(Result::ok).collect();
+    let keys: Vec<CtKey> = maps
+        .v4
+        .conntrack
+        .tcp
+        .keys()
+        .filter_map(Result::ok)
+        .collect();
     for key in &keys {
         maps.v4.conntrack.tcp.remove(key).unwrap();
     }

@@ -1379,6 +1379,42 @@ endpoints: {endpoints}
         assert_eq!(carried.maps().contents, MapContents::default());
     }
 
+    /// An agent restarted on maps holding both families' entries takes every frontend and
+    /// backend id over from them, and has nothing to write for the same plan.
+    #[test]
+    fn a_restart_restores_both_families_and_writes_nothing() {
+        let root =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/dual-stack-edge");
+        let mut dir = crate::source::manifests::ManifestDir::new(&root);
+        let (objects, _) = dir.load("node-a").unwrap();
+        let plan = compute(&objects, &NodeContext::named("node-a"));
+        let mut first = on_model();
+        first.apply(&plan);
+        let contents = first.maps().contents.clone();
+        assert!(!contents.v6.services.is_empty() && !contents.v6.source_ranges.is_empty());
+        let limits = (capacity::BACKENDS, capacity::FRONTENDS);
+        let model = MapModel {
+            contents: contents.clone(),
+            ..Default::default()
+        };
+        let mut restarted = Programmer::from_contents(model, &contents, limits);
+        assert_eq!(restarted.frontend_count(), plan.frontends.len());
+        let report = restarted.apply(&plan);
+        // Only the Maglev tables are built again (their inputs are not in the maps): the
+        // same tables, written over themselves.
+        assert_eq!(restarted.maps().contents, contents);
+        assert!(
+            restarted
+                .maps()
+                .log
+                .iter()
+                .all(|w| w.starts_with("Maglev table")),
+            "{:?}",
+            restarted.maps().log
+        );
+        assert!(report.failures.is_empty(), "{:?}", report.failures);
+    }
+
     /// The programmer, starting on empty maps, writes exactly what `translate` says.
     #[test]
     fn programmed_maps_are_the_translation() {

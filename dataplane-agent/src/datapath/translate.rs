@@ -564,6 +564,88 @@ endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]
         assert_eq!(decode_source_range(prefix, &range), (7, cidr));
     }
 
+    /// An IPv6 frontend's entries, byte for byte as the datapath reads them: the address in
+    /// network order, ports host order, ids shared with IPv4 (one id space).
+    #[test]
+    fn ipv6_entries_are_laid_out_byte_exact() {
+        let plan = crate::plan::tests::plan_of(
+            "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: LoadBalancer
+  ipFamilies: [IPv6, IPv4]
+  clusterIPs: ['fd00:10:96::a', 10.96.0.10]
+  loadBalancerSourceRanges: ['2001:db8:100::/48']
+  ports: [{name: http, port: 80}]
+status: {loadBalancer: {ingress: [{ip: '2001:db8:200::1'}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: ['fd00:10:244::1']}]
+",
+        );
+        assert!(plan.problems.is_empty(), "{:?}", plan.problems);
+        let frontends: Vec<&Frontend> = plan.frontends.iter().collect();
+        let contents = translate(&frontends, &mut Ids::fresh());
+        // The IPv4 cluster IP (no IPv4 endpoints) is the only IPv4 entry.
+        assert_eq!(contents.v4.services.len(), 1);
+        assert!(contents.v4.backends.is_empty() && contents.v4.source_ranges.is_empty());
+        let bytes = |key: &ServiceKeyOf<Ipv6>| bytemuck::bytes_of(key).to_vec();
+        let cluster_ip = [0xfd, 0, 0, 0x10, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a];
+        let mut slot0 = cluster_ip.to_vec();
+        // Port and slot in host order, then TCP, the default scope, padding.
+        slot0.extend(80u16.to_ne_bytes().into_iter().chain([0, 0, 6, 0, 0, 0]));
+        let mut slot1 = cluster_ip.to_vec();
+        let slot = 1u16.to_ne_bytes();
+        slot1.extend(
+            80u16
+                .to_ne_bytes()
+                .into_iter()
+                .chain(slot)
+                .chain([6, 0, 0, 0]),
+        );
+        let keys: Vec<Vec<u8>> = contents.v6.services.keys().map(bytes).collect();
+        assert!(keys.contains(&slot0) && keys.contains(&slot1), "{keys:x?}");
+        // Frontend ids in address order: 1 the IPv4 cluster IP, 2 the load-balancer IP, 3 the
+        // IPv6 cluster IP; the one backend takes id 1, in the IPv6 array.
+        let backend = &contents.v6.backends[&1];
+        let mut want = vec![0xfd, 0, 0, 0x10, 0x02, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        want.extend(8080u16.to_ne_bytes());
+        want.extend([6, 0]);
+        assert_eq!(bytemuck::bytes_of(backend), want.as_slice());
+        let [(prefix, range)] = contents.v6.source_ranges.iter().collect::<Vec<_>>()[..] else {
+            panic!("one range: {:?}", contents.v6.source_ranges);
+        };
+        assert_eq!(*prefix, 32 + 48);
+        let mut want = 2u32.to_be_bytes().to_vec(); // the load-balancer frontend's id
+        want.extend([
+            0x20, 0x01, 0x0d, 0xb8, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ]);
+        assert_eq!(bytemuck::bytes_of(range), want.as_slice());
+        assert_eq!(
+            decode_source_range(*prefix, range),
+            (2, Cidr::parse("2001:db8:100::/48").unwrap())
+        );
+        let decoded = decode_services(contents.v6.services.iter().map(|(k, v)| (*k, *v)));
+        let frontend: FrontendAddr = FrontendAddr {
+            addr: "[fd00:10:96::a]:80".parse().unwrap(),
+            protocol: Protocol::Tcp,
+        };
+        let key = EntryKey {
+            frontend,
+            scope: SCOPE_DEFAULT,
+        };
+        assert_eq!(decoded.entries[&key].slots, vec![1]);
+        assert_eq!(
+            decode_backend(backend).map(|b| b.addr.to_string()),
+            Some("[fd00:10:244::1]:8080".into())
+        );
+    }
+
     #[test]
     fn slots_without_their_slot_0_are_orphans() {
         let key = EntryKey {

@@ -378,9 +378,17 @@ pub struct FlowFilter {
     pub ip: Option<String>,
 }
 
+/// The address of `ip:port` or `[ip6]:port`; of anything else (`socket:cookie`), what comes
+/// before its first colon.
+fn host(text: &str) -> String {
+    match text.parse::<SocketAddr>() {
+        Ok(addr) => addr.ip().to_string(),
+        Err(_) => text.split(':').next().unwrap_or("").to_string(),
+    }
+}
+
 impl FlowFilter {
     pub fn matches(&self, flow: &FlowView) -> bool {
-        let host = |s: &str| s.split(':').next().unwrap_or("").to_string();
         self.service
             .as_ref()
             .is_none_or(|s| flow.service == *s || flow.service.rsplit('/').next() == Some(s))
@@ -523,7 +531,7 @@ pub fn graph(flows: &[FlowView]) -> Vec<GraphEdge> {
         } else {
             f.service.clone()
         };
-        let client = f.client.split(':').next().unwrap_or("").to_string();
+        let client = host(&f.client);
         let bytes = f.to_backend.bytes + f.to_client.bytes;
         for key in [(client, service.clone()), (service, f.backend.clone())] {
             let e = edges.entry(key).or_default();
@@ -775,4 +783,58 @@ pub fn metrics_snapshot(
         }
     }
     Ok(snapshot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(client: &str, frontend: &str, backend: &str) -> FlowView {
+        FlowView {
+            protocol: "TCP".into(),
+            client: client.into(),
+            frontend: frontend.into(),
+            backend: backend.into(),
+            backend_id: 1,
+            frontend_id: 1,
+            service: "shop/web".into(),
+            hairpin: false,
+            closing: false,
+            snat: None,
+            to_backend: Counters::default(),
+            to_client: Counters::default(),
+            age_seconds: 0.0,
+            idle_seconds: 0.0,
+            source: "packet",
+        }
+    }
+
+    /// IPv6 flows print as `[addr]:port`; filters and the graph take their address whole.
+    #[test]
+    fn ipv6_flows_are_filtered_and_graphed_by_their_whole_address() {
+        assert_eq!(host("[fd00::1]:80"), "fd00::1");
+        assert_eq!(host("10.0.0.1:80"), "10.0.0.1");
+        assert_eq!(host("socket:42"), "socket");
+        let v6 = flow(
+            "[2001:db8::5]:40000",
+            "[fd00:10:96::a]:80",
+            "[fd00:10:244::1]:8080",
+        );
+        let by_backend = FlowFilter {
+            backend: Some("fd00:10:244::1".into()),
+            ..Default::default()
+        };
+        let by_ip = FlowFilter {
+            ip: Some("2001:db8::5".into()),
+            ..Default::default()
+        };
+        let other = FlowFilter {
+            ip: Some("fd00".into()),
+            ..Default::default()
+        };
+        assert!(by_backend.matches(&v6) && by_ip.matches(&v6) && !other.matches(&v6));
+        let edges = graph(&[v6]);
+        assert_eq!(edges[0].from, "2001:db8::5");
+        assert_eq!(edges[1].to, "[fd00:10:244::1]:8080");
+    }
 }

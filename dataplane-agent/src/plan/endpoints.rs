@@ -595,15 +595,33 @@ mod upstream_table {
         list.map(|l| l.iter().map(|a| a.to_string()).collect())
     }
 
-    #[test]
-    fn categorize_endpoints_matches_upstream() {
+    /// `10.1.2.3:80` as `[fd00::a01:203]:80`: the table again in IPv6, where every rule must
+    /// hold alike (kube-proxy runs the same code per family).
+    fn in_ipv6(addr: &str) -> String {
+        let v4: std::net::SocketAddrV4 = addr.parse().unwrap();
+        let [a, b, c, d] = v4.ip().octets();
+        let ip = std::net::Ipv6Addr::new(
+            0xfd00,
+            0,
+            0,
+            0,
+            0,
+            0,
+            u16::from_be_bytes([a, b]),
+            u16::from_be_bytes([c, d]),
+        );
+        std::net::SocketAddr::new(ip.into(), v4.port()).to_string()
+    }
+
+    /// The failures of the table with its addresses written by `addr`.
+    fn failures(addr: impl Fn(&str) -> String) -> Vec<String> {
         let mut failures = Vec::new();
         for case in cases() {
             let endpoints: Vec<EndpointInfo> = case
                 .endpoints
                 .iter()
                 .map(|e| EndpointInfo {
-                    addr: e.addr.parse().unwrap(),
+                    addr: addr(e.addr).parse().unwrap(),
                     ready: e.ready,
                     serving: e.serving,
                     terminating: e.terminating,
@@ -613,12 +631,8 @@ mod upstream_table {
                 })
                 .collect();
             let got = categorize(&endpoints, &case.policy, "node-a", case.zone);
-            let want_cluster = case
-                .cluster
-                .map(|l| l.iter().map(|s| s.to_string()).collect());
-            let want_local = case
-                .local
-                .map(|l| l.iter().map(|s| s.to_string()).collect());
+            let want_cluster = case.cluster.map(|l| l.iter().map(|s| addr(s)).collect());
+            let want_local = case.local.map(|l| l.iter().map(|s| addr(s)).collect());
             let reachable = want_cluster
                 .iter()
                 .chain(want_local.iter())
@@ -640,6 +654,19 @@ mod upstream_table {
                 ));
             }
         }
+        failures
+    }
+
+    #[test]
+    fn categorize_endpoints_matches_upstream() {
+        let failures = failures(str::to_string);
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn categorize_endpoints_matches_upstream_in_ipv6() {
+        assert_eq!(in_ipv6("10.1.2.3:80"), "[fd00::a01:203]:80");
+        let failures = failures(in_ipv6);
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 }

@@ -1306,7 +1306,12 @@ fn cluster_ips(service: &Service, mut report: impl FnMut(String)) -> Vec<IpAddr>
             }
         };
         let family = IpFamily::of(ip);
-        if let Some(named) = families.get(i).filter(|f| *f != family.name()) {
+        let named = families.get(i);
+        if !families.is_empty() && named.is_none() {
+            report(format!(
+                "clusterIP {text} has no family in ipFamilies; it is skipped"
+            ));
+        } else if let Some(named) = named.filter(|f| *f != family.name()) {
             report(format!(
                 "clusterIP {text} is not of its family {named} (ipFamilies); it is skipped"
             ));
@@ -1866,6 +1871,217 @@ spec: {{clusterIP: 10.96.0.30, externalIPs: [{}], ports: [{}]}}
         assert_eq!(plan.problems.len(), 1, "{:?}", plan.problems);
         assert_eq!(plan.problems[0].kind, ProblemKind::FrontendLimit);
         assert_eq!(plan.problems[0].service, "default/b");
+    }
+
+    #[test]
+    fn cidrs_of_both_families_parse_mask_and_match_their_own_family_only() {
+        let v4 = Cidr::parse("10.1.2.3/8").unwrap();
+        assert_eq!(v4.to_string(), "10.0.0.0/8");
+        assert!(v4.contains("10.200.0.1".parse().unwrap()));
+        assert!(!v4.contains("::ffff:10.0.0.1".parse().unwrap()));
+        let v6 = Cidr::parse(" fd00:1:2:3::7/64 ").unwrap();
+        assert_eq!(v6.to_string(), "fd00:1:2:3::/64");
+        assert!(v6.contains("fd00:1:2:3:ffff::1".parse().unwrap()));
+        assert!(!v6.contains("fd00:1:2:4::1".parse().unwrap()));
+        assert!(!v6.contains("10.0.0.1".parse().unwrap()));
+        assert_eq!(Cidr::parse("::/0").unwrap().prefix, 0);
+        assert!(
+            Cidr::parse("::/0")
+                .unwrap()
+                .contains("2001:db8::1".parse().unwrap())
+        );
+        assert_eq!(
+            Cidr::parse("2001:db8::1").unwrap().to_string(),
+            "2001:db8::1/128"
+        );
+        for bad in ["10.0.0.0/33", "fd00::/129", "fd00::/x", "fd00::zz/64", ""] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A dual-stack NodePort service with externalTrafficPolicy Local, on a node with an
+    /// InternalIP of each family.
+    fn dual_stack_node_port(v6_endpoints: &str) -> String {
+        format!(
+            "apiVersion: v1
+kind: Node
+metadata: {{name: node-a}}
+status: {{addresses: [{{type: InternalIP, address: 192.0.2.11}}, {{type: InternalIP, address: '2001:db8::11'}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec:
+  type: NodePort
+  ipFamilyPolicy: PreferDualStack
+  ipFamilies: [IPv6, IPv4]
+  clusterIPs: ['fd00:10:96::1', 10.96.0.1]
+  externalTrafficPolicy: Local
+  ports: [{{name: http, port: 80, nodePort: 30080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-v4, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.0.0.1], nodeName: node-a}}, {{addresses: [10.0.0.2], nodeName: node-b}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-v6, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv6
+ports: [{{name: http, port: 8080}}]
+endpoints: {v6_endpoints}
+"
+        )
+    }
+
+    fn summary(plan: &Plan) -> Vec<String> {
+        (plan.frontends.iter())
+            .map(|f| {
+                let backends: Vec<String> = f.backends.iter().map(|b| b.to_string()).collect();
+                let when_empty = if f.drop_when_empty { "drop" } else { "" };
+                format!(
+                    "{:?} {} -> {}{when_empty}",
+                    f.kind,
+                    f.frontend.addr,
+                    backends.join(",")
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_family_has_its_node_ports_endpoints_and_traffic_policy() {
+        // IPv6: no endpoint on this node, so its node port drops (one exists elsewhere) while
+        // IPv4's uses its local one.
+        let plan = plan_of(&dual_stack_node_port(
+            "[{addresses: ['fd00:10:244::2'], nodeName: node-b}]",
+        ));
+        assert!(plan.problems.is_empty(), "{:?}", plan.problems);
+        assert_eq!(
+            summary(&plan),
+            [
+                "ClusterIP 10.96.0.1:80 -> 10.0.0.1:8080,10.0.0.2:8080",
+                "NodePort 192.0.2.11:30080 -> 10.0.0.1:8080",
+                "NodePort [2001:db8::11]:30080 -> drop",
+                "ClusterIP [fd00:10:96::1]:80 -> [fd00:10:244::2]:8080",
+            ]
+        );
+        // The pods' view of the IPv6 node port: every IPv6 endpoint.
+        let internal = plan.frontends[2].internal_backends.as_ref().unwrap();
+        assert_eq!(internal, &["[fd00:10:244::2]:8080".parse().unwrap()]);
+        // The health check answers for the primary family (IPv6 here): no local endpoint.
+        let (mut objects, _) = parse_documents(
+            std::path::Path::new("t.yaml"),
+            &dual_stack_node_port("[]").replace(
+                "externalTrafficPolicy: Local",
+                "externalTrafficPolicy: Local\n  healthCheckNodePort: 32000",
+            ),
+        );
+        let mut cluster = ClusterObjects::default();
+        for o in objects.drain(..) {
+            cluster.insert(o, "node-a");
+        }
+        let plan = compute(&cluster, &NodeContext::named("node-a"));
+        assert_eq!(plan.health_checks.len(), 1);
+        assert_eq!(plan.health_checks[0].local_endpoints, 0);
+    }
+
+    #[test]
+    fn node_port_addresses_may_be_ipv6_cidrs() {
+        let yaml = dual_stack_node_port("[{addresses: ['fd00:10:244::1'], nodeName: node-a}]");
+        let (parsed, _) = parse_documents(std::path::Path::new("t.yaml"), &yaml);
+        let mut objects = ClusterObjects::default();
+        for o in parsed {
+            objects.insert(o, "node-a");
+        }
+        let mut node = NodeContext::named("node-a");
+        node.nodeport_cidrs = vec![Cidr::parse("2001:db8:1::/64").unwrap()];
+        node.local_addresses = [
+            "192.0.2.11",
+            "2001:db8::11",
+            "2001:db8:1::5",
+            "2001:db8:1::6",
+        ]
+        .map(|a| a.parse().unwrap())
+        .to_vec();
+        let plan = compute(&objects, &node);
+        let node_ports: Vec<String> = (plan.frontends.iter())
+            .filter(|f| f.kind == FrontendKind::NodePort)
+            .map(|f| format!("{} -> {:?}", f.frontend.addr, f.backends))
+            .collect();
+        assert_eq!(
+            node_ports,
+            [
+                "[2001:db8:1::5]:30080 -> [[fd00:10:244::1]:8080]",
+                "[2001:db8:1::6]:30080 -> [[fd00:10:244::1]:8080]",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_single_stack_service_ignores_the_other_familys_addresses_and_slices() {
+        let plan = plan_of(
+            "apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.1
+  externalIPs: ['2001:db8::7', 203.0.113.7]
+  loadBalancerSourceRanges: ['2001:db8::/32']
+  ports: [{name: http, port: 80, nodePort: 0}]
+status: {loadBalancer: {ingress: [{ip: '2001:db8::8'}, {ip: 198.51.100.8}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: ['fd00:10:244::1']}]
+",
+        );
+        assert!(plan.problems.is_empty(), "{:?}", plan.problems);
+        assert_eq!(
+            summary(&plan),
+            [
+                "ClusterIP 10.96.0.1:80 -> ",
+                "LoadBalancer 198.51.100.8:80 -> ",
+                "ExternalIP 203.0.113.7:80 -> ",
+            ]
+        );
+        // Only IPv6 ranges: none applies to the IPv4 load-balancer IP (kube-proxy filters the
+        // ranges by family, so it is open).
+        assert!(plan.frontends[1].source_ranges.is_empty());
+    }
+
+    #[test]
+    fn a_cluster_ip_of_the_wrong_family_skips_only_that_family() {
+        let plan = plan_of(
+            "apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  ipFamilies: [IPv4, IPv6]
+  clusterIPs: [10.96.0.1, 10.96.0.2, 'fd00::1']
+  ports: [{name: http, port: 80}]
+",
+        );
+        assert_eq!(summary(&plan), ["ClusterIP 10.96.0.1:80 -> "]);
+        let problems: Vec<String> = plan.problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            problems,
+            [
+                "Service default/web: clusterIP 10.96.0.2 is not of its family IPv6 (ipFamilies); it is skipped",
+                "Service default/web: clusterIP fd00::1 has no family in ipFamilies; it is skipped",
+            ]
+        );
+        assert!(
+            plan.problems
+                .iter()
+                .all(|p| p.kind == ProblemKind::InvalidClusterIp)
+        );
     }
 
     #[test]

@@ -473,7 +473,8 @@ impl BenchAgent {
     fn verify(&self, set: &[Service]) -> anyhow::Result<()> {
         for s in set {
             let count = self.slot0(s).map(|v| v.count).unwrap_or(0) as usize;
-            let wanted: HashSet<std::net::IpAddr> = s.endpoints.iter().map(|ip| (*ip).into()).collect();
+            let wanted: HashSet<std::net::IpAddr> =
+                s.endpoints.iter().map(|ip| (*ip).into()).collect();
             let mut found: HashSet<std::net::IpAddr> = HashSet::new();
             for slot in 1..=count {
                 let id = self
