@@ -85,7 +85,8 @@ impl SourceArgs {
 /// Settings the plan depends on besides the objects.
 #[derive(clap::Args)]
 pub struct NodeArgs {
-    /// CIDRs whose local addresses serve node ports (default: the node's InternalIP).
+    /// CIDRs (IPv4 or IPv6) whose local addresses serve node ports (default: the node's
+    /// InternalIPs, of each family).
     #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
     nodeport_addresses: Vec<Cidr>,
     /// The cluster's node port range, as the API server's --service-node-port-range.

@@ -84,8 +84,6 @@ where
     BackendOf<A>: Pod,
     SourceRangeKeyOf<A>: Pod,
     AffinityKeyOf<A>: Pod,
-    CtKeyOf<A>: Pod,
-    CtEntryOf<A>: Pod,
 {
     fn update_services(
         &mut self,
@@ -232,6 +230,14 @@ fn decoded_backends<A: Family>(
     (contents.backends.iter()).filter_map(|(id, b)| Some((translate::decode_backend(b)?, *id)))
 }
 
+/// The source ranges one family's trie holds, with their frontend ids.
+fn decoded_ranges<A: Family>(
+    contents: &translate::FamilyContents<A>,
+) -> impl Iterator<Item = (u32, Cidr)> + '_ {
+    (contents.source_ranges.iter())
+        .map(|(prefix, key)| translate::decode_source_range(*prefix, key))
+}
+
 /// Writes the backends `new` (IPv4 ones first, as `BackendAddr`'s order has them) into their
 /// family's array at `ids`; on failure, says how many went in first.
 fn write_backends<M: MapWrites>(
@@ -341,17 +347,7 @@ impl<M: MapWrites> Programmer<M> {
             entries.insert(key, programmed);
         }
         let mut source_ranges: HashMap<u32, BTreeSet<Cidr>> = HashMap::new();
-        let ranges4 = contents
-            .v4
-            .source_ranges
-            .iter()
-            .map(|(p, k)| translate::decode_source_range(*p, k));
-        let ranges6 = contents
-            .v6
-            .source_ranges
-            .iter()
-            .map(|(p, k)| translate::decode_source_range(*p, k));
-        for (id, cidr) in ranges4.chain(ranges6) {
+        for (id, cidr) in decoded_ranges(&contents.v4).chain(decoded_ranges(&contents.v6)) {
             source_ranges.entry(id).or_default().insert(cidr);
         }
         let names = contents.names.iter().map(|(id, n)| (*id, *n)).collect();
@@ -1339,6 +1335,58 @@ endpoints: {endpoints}
                 "state {i}:\n{}\nwrites:\n{}",
                 programmer.maps().violations.join("\n"),
                 programmer.maps().log.join("\n")
+            );
+        }
+        assert_eq!(programmer.maps().contents, MapContents::default());
+    }
+
+    /// The same for IPv6 frontends and backends: a dual-stack service whose ranges, endpoints
+    /// and policy change, then goes.
+    #[test]
+    fn no_ipv6_write_exposes_a_half_built_frontend() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden/dual-stack-edge/objects.yaml");
+        let base = std::fs::read_to_string(path).unwrap();
+        let states = [
+            base.clone(),
+            // Another IPv6 range: the old one goes, the new one comes.
+            base.replace("2001:db8:100::/48", "2001:db8:101::/48"),
+            // Other IPv6 endpoints (the local one ready now), Cluster policy.
+            base.replace("fd00:10:244::2", "fd00:10:244::3")
+                .replace(
+                    "{ready: false, serving: true, terminating: true}",
+                    "{ready: true}",
+                )
+                .replace(
+                    "externalTrafficPolicy: Local",
+                    "externalTrafficPolicy: Cluster",
+                ),
+            // No IPv6 endpoints at all.
+            base.replace("addressType: IPv6", "addressType: FQDN"),
+            base.clone(),
+            String::new(),
+        ];
+        let mut programmer = on_model();
+        for (i, yaml) in states.iter().enumerate() {
+            let plan = plan_of(yaml);
+            let report = programmer.apply(&plan);
+            assert!(
+                report.failures.is_empty(),
+                "state {i}: {:?}",
+                report.failures
+            );
+            assert!(
+                programmer.maps().violations.is_empty(),
+                "state {i}:\n{}\nwrites:\n{}",
+                programmer.maps().violations.join("\n"),
+                programmer.maps().log.join("\n")
+            );
+            let frontends: Vec<&Frontend> = plan.frontends.iter().collect();
+            let fresh = translate(&frontends, &mut Ids::fresh());
+            assert_eq!(
+                programmer.maps().contents.v6.services.len(),
+                fresh.v6.services.len(),
+                "state {i}"
             );
         }
         assert_eq!(programmer.maps().contents, MapContents::default());

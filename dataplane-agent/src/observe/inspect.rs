@@ -130,12 +130,21 @@ use crate::datapath::maps::{counter_sum, stats_sum as stats};
 /// Every frontend of both families: IPv4 first, then IPv6; each by protocol, then address and
 /// port.
 pub fn services(maps: &PinnedMaps) -> anyhow::Result<Vec<ServiceView>> {
+    let (v4, v6) = services_by_family(maps)?;
+    Ok(v4.into_iter().chain(v6).collect())
+}
+
+/// The frontends of each family (IPv4, IPv6), each by protocol, then address and port.
+fn services_by_family(maps: &PinnedMaps) -> anyhow::Result<(Vec<ServiceView>, Vec<ServiceView>)> {
     let names = names(maps)?;
-    let mut out = family_services(maps, &maps.v4, &names)?;
-    out.extend(family_services(maps, &maps.v6, &names)?);
-    // By protocol, then address and port.
-    out.sort_by_key(|(key, _)| (key.addr.is_ipv6(), key.protocol.number(), key.addr));
-    Ok(out.into_iter().map(|(_, view)| view).collect())
+    let sorted = |mut list: Vec<(FrontendAddr, ServiceView)>| {
+        list.sort_by_key(|(key, _)| (key.protocol.number(), key.addr));
+        list.into_iter().map(|(_, view)| view).collect()
+    };
+    Ok((
+        sorted(family_services(maps, &maps.v4, &names)?),
+        sorted(family_services(maps, &maps.v6, &names)?),
+    ))
 }
 
 fn family_services<A: Family>(
@@ -478,17 +487,16 @@ pub fn stats_view(maps: &PinnedMaps) -> anyhow::Result<StatsView> {
         capacity: capacity(map),
     };
     // Backends counted from the services' slots: cheaper than reading the whole arrays.
-    let views = services(maps)?;
-    let backend_ids = |v6: bool| {
+    let (v4, v6) = services_by_family(maps)?;
+    let backend_ids = |views: &[ServiceView]| {
         let ids: std::collections::BTreeSet<u32> = (views.iter())
-            .filter(|s| s.frontend.starts_with('[') == v6)
             .flat_map(|s| s.backends.iter().map(|b| b.backend_id))
             .collect();
         ids.len() as u64
     };
     let maps_usage = vec![
         usage(n::SERVICES, count(maps.v4.services.iter())),
-        usage(n::BACKENDS, backend_ids(false)),
+        usage(n::BACKENDS, backend_ids(&v4)),
         usage(n::CONNTRACK_TCP, tcp_entries),
         usage(n::CONNTRACK_TCP_OVERFLOW, overflow_entries),
         usage(n::CONNTRACK_ANY, any_entries),
@@ -498,7 +506,7 @@ pub fn stats_view(maps: &PinnedMaps) -> anyhow::Result<StatsView> {
         usage(n::NAMES, count(maps.names.iter())),
         usage(n::SOCKETS, count(maps.sockets.iter())),
         usage(n::SERVICES6, count(maps.v6.services.iter())),
-        usage(n::BACKENDS6, backend_ids(true)),
+        usage(n::BACKENDS6, backend_ids(&v6)),
         usage(n::CONNTRACK6_TCP, tcp6_entries),
         usage(n::CONNTRACK6_TCP_OVERFLOW, overflow6_entries),
         usage(n::CONNTRACK6_ANY, any6_entries),
@@ -506,7 +514,7 @@ pub fn stats_view(maps: &PinnedMaps) -> anyhow::Result<StatsView> {
         usage(n::SOURCE_RANGES6, count(maps.v6.source_ranges.iter())),
     ];
     Ok(StatsView {
-        services: views,
+        services: v4.into_iter().chain(v6).collect(),
         drops,
         conntrack_entries,
         maps: maps_usage,
