@@ -146,10 +146,10 @@ fn parse_to(text: &str) -> Result<(SocketAddrV4, Protocol), String> {
         "UDP" => Protocol::Udp,
         other => return Err(format!("protocol {other}: TCP or UDP")),
     };
-    Ok((
-        addr.parse().map_err(|e| format!("{addr:?}: {e}"))?,
-        protocol,
-    ))
+    match addr.parse().map_err(|e| format!("{addr:?}: {e}"))? {
+        std::net::SocketAddr::V4(addr) => Ok((addr, protocol)),
+        std::net::SocketAddr::V6(_) => Err("trace runs IPv4 packets only".into()),
+    }
 }
 
 fn parse_count(text: &str) -> Result<usize, String> {

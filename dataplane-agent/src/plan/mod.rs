@@ -77,6 +77,14 @@ impl IpFamily {
         }
     }
 
+    /// Address bits: the longest CIDR prefix.
+    pub fn bits(self) -> u8 {
+        match self {
+            IpFamily::V4 => 32,
+            IpFamily::V6 => 128,
+        }
+    }
+
     /// `IPv4` or `IPv6`.
     pub fn name(self) -> &'static str {
         match self {
@@ -145,7 +153,7 @@ pub struct Cidr {
 impl Cidr {
     /// `None` when the prefix is longer than the family's addresses.
     pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
-        (prefix <= max_prefix(addr)).then(|| Self {
+        (prefix <= IpFamily::of(addr).bits()).then(|| Self {
             addr: masked(addr, prefix),
             prefix,
         })
@@ -161,19 +169,15 @@ impl Cidr {
         let addr: IpAddr = addr.parse().map_err(|_| invalid())?;
         let prefix = match prefix {
             Some(p) => p.parse().map_err(|_| invalid())?,
-            None => max_prefix(addr),
+            None => IpFamily::of(addr).bits(),
         };
         Self::new(addr, prefix).ok_or_else(invalid)
     }
 
     /// False for an address of the other family.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        ip.is_ipv4() == self.addr.is_ipv4() && masked(ip, self.prefix) == self.addr
+        IpFamily::of(ip) == IpFamily::of(self.addr) && masked(ip, self.prefix) == self.addr
     }
-}
-
-fn max_prefix(addr: IpAddr) -> u8 {
-    if addr.is_ipv4() { 32 } else { 128 }
 }
 
 /// `addr` with the bits past `prefix` cleared.
@@ -1063,7 +1067,7 @@ impl FrontendBudget {
         // Cluster IPs and node ports of each port (node ports counted whenever asked for).
         // Node addresses of the Service's families.
         let node_addresses = (inputs.nodeport_addresses.iter())
-            .filter(|a| cluster_ips.iter().any(|c| c.is_ipv4() == a.is_ipv4()))
+            .filter(|a| (cluster_ips.iter()).any(|c| IpFamily::of(*c) == IpFamily::of(**a)))
             .count();
         let per_port: Vec<usize> = ports
             .iter()
