@@ -1759,6 +1759,50 @@ spec: {clusterIP: 10.96.0.20, externalIPs: [192.168.1.5], ports: [{port: 22}]}
         assert!(plan.problems[0].reason.contains("an address of this node"));
     }
 
+    /// The same protection in IPv6: a node address, or another Service's IPv6 cluster IP.
+    #[test]
+    fn ipv6_node_addresses_and_cluster_ips_are_refused_as_external_ips() {
+        let plan = plan_of(
+            "apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+status: {addresses: [{type: InternalIP, address: '2001:db8::5'}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: kube-system}
+spec: {ipFamilies: [IPv6], clusterIPs: ['fd00:10:96::a'], ports: [{port: 53, protocol: UDP}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: evil, namespace: aaa}
+spec:
+  ipFamilies: [IPv6]
+  clusterIPs: ['fd00:10:96::66']
+  externalIPs: ['2001:db8::5', 'fd00:10:96::a']
+  ports: [{port: 53, protocol: UDP}]
+",
+        );
+        let frontends: Vec<String> = (plan.frontends.iter())
+            .map(|f| format!("{} {}", f.service, f.frontend.addr))
+            .collect();
+        assert_eq!(
+            frontends,
+            [
+                "kube-system/dns [fd00:10:96::a]:53",
+                "aaa/evil [fd00:10:96::66]:53"
+            ]
+        );
+        let reasons: Vec<&str> = plan.problems.iter().map(|p| p.reason.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "ExternalIP frontend [2001:db8::5]:53 UDP is refused: 2001:db8::5 is an address of this node",
+                "ExternalIP frontend [fd00:10:96::a]:53 UDP is refused: fd00:10:96::a is the cluster IP of Service kube-system/dns",
+            ]
+        );
+    }
+
     #[test]
     fn conflicts_go_by_frontend_kind_then_age_then_name() {
         let svc = |ns: &str, created: &str, kind: &str| {
