@@ -352,17 +352,30 @@ impl NodeContext {
         }
     }
 
-    /// The addresses node ports are served on.
+    /// The addresses node ports are served on, per family as kube-proxy's
+    /// `NewNodePortAddresses` picks them: the local addresses inside the family's
+    /// `--nodeport-addresses` CIDRs, or, when the flag names none of the family, the family's
+    /// default (here the node's primary addresses of the family; kube-proxy's iptables mode
+    /// takes every address).
     fn nodeport_addresses(&self, objects: &ClusterObjects) -> Vec<IpAddr> {
-        let mut addresses: Vec<IpAddr> = if self.nodeport_cidrs.is_empty() {
-            primary_addresses(objects)
-        } else {
-            self.local_addresses
-                .iter()
-                .filter(|ip| self.nodeport_cidrs.iter().any(|c| c.contains(**ip)))
-                .copied()
-                .collect()
-        };
+        let primary = primary_addresses(objects);
+        let of_family = |family| move |ip: &&IpAddr| IpFamily::of(**ip) == family;
+        let mut addresses: Vec<IpAddr> = [IpFamily::V4, IpFamily::V6]
+            .into_iter()
+            .flat_map(|family| {
+                let cidrs: Vec<&Cidr> = (self.nodeport_cidrs.iter())
+                    .filter(|c| IpFamily::of(c.addr) == family)
+                    .collect();
+                let candidates = if cidrs.is_empty() {
+                    &primary
+                } else {
+                    &self.local_addresses
+                };
+                (candidates.iter().filter(of_family(family)))
+                    .filter(move |ip| cidrs.is_empty() || cidrs.iter().any(|c| c.contains(**ip)))
+                    .copied()
+            })
+            .collect();
         addresses.sort();
         addresses.dedup();
         addresses
@@ -2059,9 +2072,11 @@ endpoints: {v6_endpoints}
             .filter(|f| f.kind == FrontendKind::NodePort)
             .map(|f| format!("{} -> {:?}", f.frontend.addr, f.backends))
             .collect();
+        // IPv4: no CIDR of the family given, its default (the primary InternalIP).
         assert_eq!(
             node_ports,
             [
+                "192.0.2.11:30080 -> [10.0.0.1:8080]",
                 "[2001:db8:1::5]:30080 -> [[fd00:10:244::1]:8080]",
                 "[2001:db8:1::6]:30080 -> [[fd00:10:244::1]:8080]",
             ]
