@@ -2,7 +2,7 @@
 //! (`ServiceKeyOf<A>`, `BackendOf<A>`, ...), with `A` = `Ipv4` (`[u8; 4]`) or `Ipv6`
 //! (`[u8; 16]`); [`Family`] is what the agent needs to know of `A`: how an [`IpAddr`] becomes
 //! one, and which of the two sets of maps (and of their contents) holds its entries. Code that
-//! writes or reads entries is written once, generic over `A`, and [`by_family!`] picks `A`
+//! writes or reads entries is written once, generic over `A`, and `by_family!` picks `A`
 //! from an address.
 use std::{
     fmt::Debug,
@@ -36,7 +36,7 @@ pub trait Family: Copy + Default + Eq + Ord + Hash + Debug + Send + Sync + 'stat
     where
         BackendOf<Self>: Pod;
 
-    /// The address of `ip`, which the caller has dispatched on (with [`by_family!`]): an
+    /// The address of `ip`, which the caller has dispatched on (with `by_family!`): an
     /// address of the other family would read as zeroes, an address no frontend or backend
     /// has.
     fn octets(ip: IpAddr) -> Self {

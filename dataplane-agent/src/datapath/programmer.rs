@@ -10,8 +10,13 @@
 //! in which order it is written, through [`MapWrites`] (the pinned maps, or a model of them
 //! in tests).
 //!
-//! Ids are taken from the maps at start-up, so a restarted agent keeps every backend and
-//! frontend id, and with them every established connection.
+//! Ids are taken from the maps at start-up (both families'), so a restarted agent keeps every
+//! backend and frontend id, and with them every established connection.
+//!
+//! IPv4 and IPv6 entries go to their own family's maps ([`FamilyWrites`]), with the same
+//! order and the same rules; frontend and backend ids are one space for both (an IPv6
+//! backend's id is unused in the IPv4 array, and the reverse), so the id allocators, the
+//! stats, the names and the Maglev tables know no families.
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},

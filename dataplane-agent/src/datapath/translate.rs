@@ -7,6 +7,10 @@
 //! writes what this computes (a diff, in an order that never exposes a half-built service);
 //! restore, the inspection commands, metrics and `trace` read the maps through the decoders
 //! here.
+//!
+//! The encoders and decoders are generic over the address family `A` ([`Family`]): a
+//! frontend's entries are of its own family, as are its backends and source ranges (the
+//! planner never mixes them), and `by_family!` picks `A` from the address.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     net::SocketAddr,
