@@ -21,14 +21,16 @@ use super::{
 pub trait Family: Copy + Default + Eq + Ord + Hash + Debug + Send + Sync + 'static {
     /// Address bits: the longest CIDR prefix.
     const BITS: u8;
+    /// The names of the family's maps.
     const MAP_NAMES: FamilyMapNames;
     /// The address in network order, `None` for an address of the other family.
     fn of(ip: IpAddr) -> Option<Self>;
     fn ip(self) -> IpAddr;
     fn contents(c: &MapContents) -> &FamilyContents<Self>;
     fn contents_mut(c: &mut MapContents) -> &mut FamilyContents<Self>;
-    // (Where the pinned maps are used, generic code names the `Pod` layouts it needs: the
-    // shared crate implements `Pod` for each layout of both families.)
+    // The shared crate implements `Pod` for each layout of both families, but Rust cannot
+    // see that for a generic `A` (a trait's where-clauses do not reach its users), so code
+    // over the pinned maps names the layouts it needs as bounds, as these do.
     fn maps(m: &PinnedMaps) -> &FamilyMaps<Self>
     where
         BackendOf<Self>: Pod;
