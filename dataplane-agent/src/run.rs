@@ -364,8 +364,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     ));
     // A first programming that never finishes must show as unhealthy (kube-proxy does this).
     health.updated();
-    let service_health =
-        ServiceHealthServer::new(std::net::Ipv4Addr::UNSPECIFIED.into(), health.clone());
+    let service_health = ServiceHealthServer::new(health_check_bind_ip(), health.clone());
 
     let metrics = Metrics::new();
     let listener = tokio::net::TcpListener::bind(config.metrics_bind_address)
@@ -669,6 +668,20 @@ impl Agent {
             }
             Err(e) => warn!(error = %e, "cannot list this node's addresses"),
         }
+    }
+}
+
+/// Where the health check node ports listen: `::` when a socket there takes both families
+/// (IPv6 is on and `net.ipv6.bindv6only` is 0, Linux's default), so load balancers of either
+/// family can probe them; else `0.0.0.0`.
+fn health_check_bind_ip() -> std::net::IpAddr {
+    let dual_stack = std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only")
+        .is_ok_and(|v| v.trim() == "0")
+        && std::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)).is_ok();
+    if dual_stack {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
     }
 }
 
