@@ -24,7 +24,8 @@ use crate::{
 /// they only ever take these values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ProblemKind {
-    /// A clusterIP that is not an IPv4 address, or is unspecified.
+    /// A clusterIP that is not an IP address, is unspecified, or is not of the family
+    /// `ipFamilies` gives it.
     InvalidClusterIp,
     /// A port number outside 1-65535 (of a Service or a slice).
     InvalidPort,
@@ -43,7 +44,10 @@ pub enum ProblemKind {
     PortNotInSlices,
     /// A slice with endpoints and no ports.
     SliceWithoutPorts,
+    /// An endpoint address that is not an address of its slice's `addressType`.
     InvalidEndpointAddress,
+    /// No longer reported: IPv6 slices are served since dual stack. Kept so its metric label
+    /// and Event reason stay in the contract (a label never disappears).
     Ipv6SlicesIgnored,
     /// The same frontend twice in one service.
     DuplicateFrontend,

@@ -364,8 +364,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     ));
     // A first programming that never finishes must show as unhealthy (kube-proxy does this).
     health.updated();
-    let service_health =
-        ServiceHealthServer::new(std::net::Ipv4Addr::UNSPECIFIED.into(), health.clone());
+    let service_health = ServiceHealthServer::new(health_check_bind_ip(), health.clone());
 
     let metrics = Metrics::new();
     let listener = tokio::net::TcpListener::bind(config.metrics_bind_address)
@@ -520,12 +519,20 @@ impl Agent {
         let touched = std::mem::take(&mut self.touched);
         self.refresh_addresses();
         self.health.set_node(self.objects.node());
-        // SNAT for external traffic uses the node's primary address.
+        // SNAT for external traffic uses the node's primary address of each family.
         let primary = plan::primary_addresses(&self.objects);
-        if let Some(addr) = primary.first().or(self.node.local_addresses.first())
-            && let Err(e) = self.programmer.set_snat(*addr, self.snat_ports)
-        {
-            warn!(error = %e, "cannot write the SNAT address");
+        for ipv6 in [false, true] {
+            let of_family = |ip: &&std::net::IpAddr| ip.is_ipv6() == ipv6;
+            let addr = (primary.iter().find(of_family)).or(self
+                .node
+                .local_addresses
+                .iter()
+                .find(of_family));
+            if let Some(addr) = addr
+                && let Err(e) = self.programmer.set_snat(*addr, self.snat_ports)
+            {
+                warn!(error = %e, %addr, "cannot write the SNAT address");
+            }
         }
         let read_us = started.elapsed().as_micros() as u64;
         let update = self.planner.update(
@@ -614,7 +621,10 @@ impl Agent {
             if frontend.frontend.protocol != plan::Protocol::Udp {
                 continue;
             }
-            let addr = frontend.frontend.addr;
+            // Socket-level load balancing translates IPv4 sockets only.
+            let std::net::SocketAddr::V4(addr) = frontend.frontend.addr else {
+                continue;
+            };
             let set = endpoints
                 .entry((addr.ip().octets(), addr.port()))
                 .or_default();
@@ -623,7 +633,10 @@ impl Agent {
                 .iter()
                 .chain(frontend.internal_backends.iter().flatten())
                 .chain(&frontend.retained);
-            set.extend(all.map(|b| (b.ip().octets(), b.port())));
+            set.extend(all.filter_map(|b| match b {
+                std::net::SocketAddr::V4(b) => Some((b.ip().octets(), b.port())),
+                std::net::SocketAddr::V6(_) => None,
+            }));
         }
         let entries = self.socket_maps.sockets.iter().flatten();
         let stale = socket_lb::stale_udp_translations(entries, &endpoints);
@@ -655,6 +668,20 @@ impl Agent {
             }
             Err(e) => warn!(error = %e, "cannot list this node's addresses"),
         }
+    }
+}
+
+/// Where the health check node ports listen: `::` when a socket there takes both families
+/// (IPv6 is on and `net.ipv6.bindv6only` is 0, Linux's default), so load balancers of either
+/// family can probe them; else `0.0.0.0`.
+fn health_check_bind_ip() -> std::net::IpAddr {
+    let dual_stack = std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only")
+        .is_ok_and(|v| v.trim() == "0")
+        && std::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)).is_ok();
+    if dual_stack {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
     }
 }
 

@@ -4,10 +4,13 @@
 //! that plan becomes on empty maps (`maps.json`: each key and value, as `translate` writes
 //! them). Set GOLDEN_UPDATE=1 to rewrite the expectations after a deliberate change, then
 //! review the diff.
-use std::{net::Ipv4Addr, path::Path};
+use std::{net::SocketAddr, path::Path};
 
 use dataplane_agent::{
-    datapath::translate::{self, Ids, MapContents},
+    datapath::{
+        family::Family,
+        translate::{self, FamilyContents, Ids, MapContents},
+    },
     plan,
     source::manifests::ManifestDir,
 };
@@ -19,32 +22,32 @@ use serde_json::{Map, Value, json};
 
 const NODE: &str = "node-a";
 
-/// Every entry, every field (padding is checked to be zero), as text a reviewer can read.
-fn render(c: &MapContents) -> Value {
-    let flag_names = |flags: u16| {
-        let names: Vec<&str> = [
-            (SVC_FLAG_DROP_WHEN_EMPTY, "DROP_WHEN_EMPTY"),
-            (SVC_FLAG_EXTERNAL, "EXTERNAL"),
-            (SVC_FLAG_EXTERNAL_LOCAL, "EXTERNAL_LOCAL"),
-            (SVC_FLAG_TWO_SCOPES, "TWO_SCOPES"),
-            (SVC_FLAG_AFFINITY, "AFFINITY"),
-            (SVC_FLAG_SOURCE_RANGES, "SOURCE_RANGES"),
-            (SVC_FLAG_MAGLEV, "MAGLEV"),
-        ]
-        .into_iter()
-        .filter(|(f, _)| flags & f != 0)
-        .map(|(_, n)| n)
-        .collect();
-        names.join("|")
-    };
+fn flag_names(flags: u16) -> String {
+    let names: Vec<&str> = [
+        (SVC_FLAG_DROP_WHEN_EMPTY, "DROP_WHEN_EMPTY"),
+        (SVC_FLAG_EXTERNAL, "EXTERNAL"),
+        (SVC_FLAG_EXTERNAL_LOCAL, "EXTERNAL_LOCAL"),
+        (SVC_FLAG_TWO_SCOPES, "TWO_SCOPES"),
+        (SVC_FLAG_AFFINITY, "AFFINITY"),
+        (SVC_FLAG_SOURCE_RANGES, "SOURCE_RANGES"),
+        (SVC_FLAG_MAGLEV, "MAGLEV"),
+    ]
+    .into_iter()
+    .filter(|(f, _)| flags & f != 0)
+    .map(|(_, n)| n)
+    .collect();
+    names.join("|")
+}
+
+/// One family's service map, backend array and source ranges, as text.
+fn render_family<A: Family>(c: &FamilyContents<A>) -> (Value, Value, Value) {
     let mut services = Map::new();
     for (k, v) in &c.services {
         assert_eq!(k._pad, [0; 2]);
         services.insert(
             format!(
-                "{}:{} proto {} scope {} slot {}",
-                Ipv4Addr::from(k.addr),
-                k.port,
+                "{} proto {} scope {} slot {}",
+                SocketAddr::new(k.addr.ip(), k.port),
                 k.proto,
                 k.scope,
                 k.backend_slot
@@ -64,25 +67,31 @@ fn render(c: &MapContents) -> Value {
     let backends: Map<String, Value> = (c.backends.iter())
         .map(|(id, b)| {
             let text = format!(
-                "{}:{} proto {} state {}",
-                Ipv4Addr::from(b.addr),
-                b.port,
+                "{} proto {} state {}",
+                SocketAddr::new(b.addr.ip(), b.port),
                 b.proto,
                 b.state
             );
             (id.to_string(), json!(text))
         })
         .collect();
-    let maglev: Map<String, Value> = (c.maglev.iter())
-        .map(|(id, table)| {
-            let ids: Vec<String> = table.iter().map(u32::to_string).collect();
-            (id.to_string(), json!(ids.join(" ")))
-        })
-        .collect();
     let ranges: Vec<String> = (c.source_ranges.iter())
         .map(|(prefix, key)| {
             let (id, cidr) = translate::decode_source_range(*prefix, key);
             format!("prefix_len {prefix}: frontend {id} {cidr}")
+        })
+        .collect();
+    (json!(services), json!(backends), json!(ranges))
+}
+
+/// Every entry, every field (padding is checked to be zero), as text a reviewer can read.
+fn render(c: &MapContents) -> Value {
+    let (services, backends, ranges) = render_family(&c.v4);
+    let (services6, backends6, ranges6) = render_family(&c.v6);
+    let maglev: Map<String, Value> = (c.maglev.iter())
+        .map(|(id, table)| {
+            let ids: Vec<String> = table.iter().map(u32::to_string).collect();
+            (id.to_string(), json!(ids.join(" ")))
         })
         .collect();
     let names: Map<String, Value> = (c.names.iter())
@@ -99,6 +108,9 @@ fn render(c: &MapContents) -> Value {
         "dp_maglev_v1": maglev,
         "dp_srcrange_v1": ranges,
         "dp_names_v1": names,
+        "dp_svc6_v1": services6,
+        "dp_be6_v1": backends6,
+        "dp_srcrange6_v1": ranges6,
     })
 }
 

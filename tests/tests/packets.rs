@@ -475,10 +475,10 @@ fn frontend(
         port_name: String::new(),
         kind: FrontendKind::ClusterIP,
         frontend: FrontendAddr {
-            addr: sock(ip, port),
+            addr: sock(ip, port).into(),
             protocol,
         },
-        backends: backends.to_vec(),
+        backends: backends.iter().map(|&b| b.into()).collect(),
         drop_when_empty: false,
         external_local: false,
         internal_backends: None,
@@ -753,6 +753,7 @@ fn idle_conntrack_entries_are_collected_by_protocol_timeout() {
     let entries = || {
         PinnedMaps::open(&pins.0)
             .unwrap()
+            .v4
             .conntrack
             .keys()
             .filter(|k| k.is_ok())
@@ -795,6 +796,7 @@ fn a_closed_tcp_flow_reopens_on_a_new_syn_and_goes_after_a_short_idle_time() {
     let maps = || PinnedMaps::open(&pins.0).unwrap();
     let flags = || -> Vec<u16> {
         let mut flags: Vec<u16> = maps()
+            .v4
             .conntrack
             .iter()
             .map(|e| e.unwrap().1.flags & dataplane_common::CT_FLAG_CLOSING)
@@ -905,7 +907,7 @@ fn translated_packets_are_forwarded_by_the_fib_or_answered_as_a_router() {
             .failures
             .is_empty()
     );
-    programmer.set_snat(NODE, (61000, 61001)).unwrap();
+    programmer.set_snat(NODE.into(), (61000, 61001)).unwrap();
 
     let tcp = |flags| L4::Tcp {
         flags,
@@ -998,7 +1000,7 @@ fn external_frontends_open_flows_only_for_new_connections_with_ports_from_the_sn
         node_port(30053, Protocol::Udp, sock(BACKEND, 5353)),
     ]);
     assert!(programmer.apply(&plan).failures.is_empty());
-    programmer.set_snat(NODE, (61000, 61001)).unwrap();
+    programmer.set_snat(NODE.into(), (61000, 61001)).unwrap();
     let ingress = dataplane_common::PROG_EXTERNAL_INGRESS;
     let tcp = |flags| L4::Tcp {
         flags,
@@ -1123,9 +1125,9 @@ fn a_flows_entries_expire_together_by_its_latest_packet() {
         41000,
         dataplane_common::IPPROTO_UDP,
     );
-    let mut reply = maps.conntrack.get(&reply_key, 0).unwrap();
+    let mut reply = maps.v4.conntrack.get(&reply_key, 0).unwrap();
     reply.last_seen_ns = now - seconds(165);
-    let mut conntrack = maps.conntrack;
+    let mut conntrack = maps.v4.conntrack;
     conntrack.insert(reply_key, reply, 0).unwrap();
     assert_eq!(
         programmer.collect_conntrack(now),
@@ -1161,7 +1163,7 @@ fn session_affinity_forgets_a_backend_that_left_the_service() {
     let with = |backends: &[SocketAddrV4], retained: &[SocketAddrV4]| {
         plan_of(vec![Frontend {
             affinity_timeout: Some(600),
-            retained: retained.to_vec(),
+            retained: retained.iter().map(|&b| b.into()).collect(),
             ..frontend("default/aff", VIP, 80, Protocol::Tcp, backends)
         }])
     };
@@ -1235,11 +1237,11 @@ fn a_burst_of_udp_flows_does_not_evict_tcp_connections() {
         dataplane_common::IPPROTO_TCP,
     );
     assert!(
-        maps.conntrack.get(&tcp_flow, 0).is_ok(),
+        maps.v4.conntrack.get(&tcp_flow, 0).is_ok(),
         "the idle TCP connection is still tracked"
     );
     assert!(
-        maps.conntrack.any.keys().count() <= 64,
+        maps.v4.conntrack.any.keys().count() <= 64,
         "UDP stayed in its own table"
     );
 }
@@ -1308,7 +1310,7 @@ fn a_full_tcp_table_sends_new_flows_to_the_overflow_and_the_agent_moves_them_bac
             .is_empty()
     );
     let mut maps = PinnedMaps::open(&pins.0).unwrap();
-    assert!(!maps.conntrack.overflow_in_use());
+    assert!(!maps.v4.conntrack.overflow_in_use());
     // Four flows, two entries each: two fill the table, two go to the overflow.
     for port in 44000..44004u16 {
         assert_eq!(
@@ -1316,16 +1318,16 @@ fn a_full_tcp_table_sends_new_flows_to_the_overflow_and_the_agent_moves_them_bac
             (TC_ACT_OK, BACKEND)
         );
     }
-    assert_eq!(maps.conntrack.tcp.keys().count(), 4, "the table is full");
-    assert_eq!(maps.conntrack.tcp_overflow.keys().count(), 4);
-    assert!(maps.conntrack.overflow_in_use());
+    assert_eq!(maps.v4.conntrack.tcp.keys().count(), 4, "the table is full");
+    assert_eq!(maps.v4.conntrack.tcp_overflow.keys().count(), 4);
+    assert!(maps.v4.conntrack.overflow_in_use());
     let failed = maps.drops.get(&drop_reason::CT_INSERT_FAILED, 0).unwrap();
     assert_eq!(failed, 0, "no connection refused");
     assert_eq!(maps.capacities[map_names::CONNTRACK_TCP_OVERFLOW], 64);
 
     // The last flow's packets, both ways, are found in the overflow.
     let last = CtKey::new(CLIENT.octets(), VIP.octets(), 44003, 80, IPPROTO_TCP);
-    assert!(maps.conntrack.tcp_overflow.get(&last, 0).is_ok());
+    assert!(maps.v4.conntrack.tcp_overflow.get(&last, 0).is_ok());
     let tcp = |flags| L4::Tcp {
         flags,
         seq: 2,
@@ -1336,7 +1338,12 @@ fn a_full_tcp_table_sends_new_flows_to_the_overflow_and_the_agent_moves_them_bac
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(Ipv4Addr::new(out[30], out[31], out[32], out[33]), BACKEND);
     assert_eq!(
-        maps.conntrack.tcp_overflow.get(&last, 0).unwrap().packets,
+        maps.v4
+            .conntrack
+            .tcp_overflow
+            .get(&last, 0)
+            .unwrap()
+            .packets,
         2
     );
     let answer = frame(TO_NODE, sock(BACKEND, 8080), sock(CLIENT, 44003), tcp(ACK));
@@ -1350,16 +1357,22 @@ fn a_full_tcp_table_sends_new_flows_to_the_overflow_and_the_agent_moves_them_bac
 
     // Room in the table (the first two flows closed and collected): the collection moves
     // the overflow's flows back and marks it unused; the flows keep working from the table.
-    let keys: Vec<CtKey> = maps.conntrack.tcp.keys().filter_map(Result::ok).collect();
+    let keys: Vec<CtKey> = maps
+        .v4
+        .conntrack
+        .tcp
+        .keys()
+        .filter_map(Result::ok)
+        .collect();
     for key in &keys {
-        maps.conntrack.tcp.remove(key).unwrap();
+        maps.v4.conntrack.tcp.remove(key).unwrap();
     }
     programmer.collect_conntrack(dataplane_agent::observe::inspect::monotonic_ns());
-    assert_eq!(maps.conntrack.tcp.keys().count(), 4);
-    assert_eq!(maps.conntrack.tcp_overflow.keys().count(), 0);
-    assert!(!maps.conntrack.overflow_in_use());
+    assert_eq!(maps.v4.conntrack.tcp.keys().count(), 4);
+    assert_eq!(maps.v4.conntrack.tcp_overflow.keys().count(), 0);
+    assert!(!maps.v4.conntrack.overflow_in_use());
     let (verdict, out) = run_pod_ingress(&mut datapath, &ack);
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(Ipv4Addr::new(out[30], out[31], out[32], out[33]), BACKEND);
-    assert_eq!(maps.conntrack.tcp.get(&last, 0).unwrap().packets, 3);
+    assert_eq!(maps.v4.conntrack.tcp.get(&last, 0).unwrap().packets, 3);
 }

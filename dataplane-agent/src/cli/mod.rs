@@ -85,7 +85,8 @@ impl SourceArgs {
 /// Settings the plan depends on besides the objects.
 #[derive(clap::Args)]
 pub struct NodeArgs {
-    /// CIDRs whose local addresses serve node ports (default: the node's InternalIP).
+    /// CIDRs (IPv4 or IPv6) whose local addresses serve node ports (default: the node's
+    /// InternalIPs, of each family).
     #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
     nodeport_addresses: Vec<Cidr>,
     /// The cluster's node port range, as the API server's --service-node-port-range.
@@ -145,10 +146,10 @@ fn parse_to(text: &str) -> Result<(SocketAddrV4, Protocol), String> {
         "UDP" => Protocol::Udp,
         other => return Err(format!("protocol {other}: TCP or UDP")),
     };
-    Ok((
-        addr.parse().map_err(|e| format!("{addr:?}: {e}"))?,
-        protocol,
-    ))
+    match addr.parse().map_err(|e| format!("{addr:?}: {e}"))? {
+        std::net::SocketAddr::V4(addr) => Ok((addr, protocol)),
+        std::net::SocketAddr::V6(_) => Err("trace runs IPv4 packets only".into()),
+    }
 }
 
 fn parse_count(text: &str) -> Result<usize, String> {

@@ -289,8 +289,9 @@ pub fn list_interfaces() -> std::io::Result<BTreeMap<String, u32>> {
     }
 }
 
-/// IPv4 addresses configured in this network namespace, by interface name.
-pub fn local_addresses() -> std::io::Result<Vec<(String, std::net::Ipv4Addr)>> {
+/// Addresses configured in this network namespace, by interface name: IPv4, and IPv6 but for
+/// link-local ones (which name no node port: they need an interface to mean anything).
+pub fn local_addresses() -> std::io::Result<Vec<(String, std::net::IpAddr)>> {
     let mut out = Vec::new();
     // SAFETY: getifaddrs fills a list we walk read-only and free with freeifaddrs.
     unsafe {
@@ -301,9 +302,20 @@ pub fn local_addresses() -> std::io::Result<Vec<(String, std::net::Ipv4Addr)>> {
         let mut entry = head;
         while !entry.is_null() {
             let addr = (*entry).ifa_addr;
-            if !addr.is_null() && (*addr).sa_family as i32 == libc::AF_INET {
-                let sin = &*(addr as *const libc::sockaddr_in);
-                let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            let ip: Option<std::net::IpAddr> = match addr.as_ref().map(|a| a.sa_family as i32) {
+                Some(libc::AF_INET) => {
+                    let sin = &*(addr as *const libc::sockaddr_in);
+                    Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into())
+                }
+                Some(libc::AF_INET6) => {
+                    let sin6 = &*(addr as *const libc::sockaddr_in6);
+                    Some(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr))
+                        .filter(|ip| !ip.is_unicast_link_local())
+                        .map(Into::into)
+                }
+                _ => None,
+            };
+            if let Some(ip) = ip {
                 let name = std::ffi::CStr::from_ptr((*entry).ifa_name)
                     .to_string_lossy()
                     .into_owned();

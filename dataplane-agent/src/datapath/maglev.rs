@@ -2,7 +2,7 @@
 //! which every backend owns an almost equal share of entries, built from fixed-seed hashes of
 //! the backends' addresses so every node builds the same table for the same backend set, and
 //! so removing one of N backends moves only about 1/N of the entries.
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 pub use dataplane_common::MAGLEV_TABLE_SIZE;
 
@@ -15,7 +15,7 @@ fn fnv1a(basis: u64, bytes: &[u8]) -> u64 {
 
 /// The table: for each entry, an index into `backends` (which need not be sorted; the result
 /// depends only on the set). Empty when there are no backends.
-pub fn table(backends: &[SocketAddrV4], size: usize) -> Vec<usize> {
+pub fn table(backends: &[SocketAddr], size: usize) -> Vec<usize> {
     if backends.is_empty() {
         return vec![];
     }
@@ -57,7 +57,7 @@ pub fn table(backends: &[SocketAddrV4], size: usize) -> Vec<usize> {
 mod tests {
     use super::*;
 
-    fn backends(n: u8) -> Vec<SocketAddrV4> {
+    fn backends(n: u8) -> Vec<SocketAddr> {
         (1..=n)
             .map(|i| format!("10.0.{}.{i}:8080", i / 100).parse().unwrap())
             .collect()
@@ -67,11 +67,11 @@ mod tests {
     fn the_table_depends_on_the_backend_set_only() {
         let mut shuffled = backends(7);
         shuffled.reverse();
-        let a: Vec<SocketAddrV4> = table(&backends(7), MAGLEV_TABLE_SIZE)
+        let a: Vec<SocketAddr> = table(&backends(7), MAGLEV_TABLE_SIZE)
             .iter()
             .map(|&i| backends(7)[i])
             .collect();
-        let b: Vec<SocketAddrV4> = table(&shuffled, MAGLEV_TABLE_SIZE)
+        let b: Vec<SocketAddr> = table(&shuffled, MAGLEV_TABLE_SIZE)
             .iter()
             .map(|&i| shuffled[i])
             .collect();
@@ -96,12 +96,12 @@ mod tests {
     fn removing_one_of_n_backends_moves_about_one_nth_of_the_entries() {
         for n in [5u8, 10, 20] {
             let all = backends(n);
-            let before: Vec<SocketAddrV4> = table(&all, MAGLEV_TABLE_SIZE)
+            let before: Vec<SocketAddr> = table(&all, MAGLEV_TABLE_SIZE)
                 .iter()
                 .map(|&i| all[i])
                 .collect();
-            let fewer: Vec<SocketAddrV4> = all[1..].to_vec();
-            let after: Vec<SocketAddrV4> = table(&fewer, MAGLEV_TABLE_SIZE)
+            let fewer: Vec<SocketAddr> = all[1..].to_vec();
+            let after: Vec<SocketAddr> = table(&fewer, MAGLEV_TABLE_SIZE)
                 .iter()
                 .map(|&i| fewer[i])
                 .collect();

@@ -1,15 +1,18 @@
 //! Typed handles on the pinned maps, for the agent and for the inspection commands (which
 //! work while the agent is stopped: everything they show is read from these pins).
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::{
+    Pod,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray},
+};
 use dataplane_common::{
-    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, CtEntry, CtEntry6, CtKey, CtKey6,
-    DatapathConfig, DatapathConfig6, FragmentKey, FragmentKey6, FragmentPorts, FrontendName,
-    HostFlowKey, HostFlowKey6, MaglevTable, ServiceKey, ServiceKey6, ServiceValue, SockEntry,
-    SockEntry6, SockKey, SockKey6, SocketLbConfig, SourceRangeKey, SourceRangeKey6, TrafficStats,
-    map_names,
+    AffinityKey, AffinityKey6, AffinityKeyOf, AffinityValue, Backend, Backend6, BackendOf, CtEntry,
+    CtEntry6, CtEntryOf, CtKey, CtKey6, CtKeyOf, DatapathConfig, DatapathConfig6, FragmentKey,
+    FragmentKey6, FragmentPorts, FrontendName, HostFlowKey, HostFlowKey6, Ipv4, Ipv6, MaglevTable,
+    ServiceKey, ServiceKey6, ServiceKeyOf, ServiceValue, SockEntry, SockEntry6, SockKey, SockKey6,
+    SocketLbConfig, SourceRangeKey, SourceRangeKey6, SourceRangeKeyOf, TrafficStats, map_names,
 };
 
-use super::BpffsLayout;
+use super::{BpffsLayout, family::Family};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -33,17 +36,16 @@ pub enum MapsError {
 }
 
 pub struct PinnedMaps {
-    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
-    /// Indexed by backend id; unused ids hold zeroes.
-    pub backends: Array<MapData, Backend>,
-    pub conntrack: Conntrack,
+    /// The maps whose keys or values hold IPv4 addresses...
+    pub v4: FamilyMaps<Ipv4>,
+    /// ...and their IPv6 peers. Everything below serves both (ids are one space).
+    pub v6: FamilyMaps<Ipv6>,
     pub service_stats: PerCpuArray<MapData, TrafficStats>,
     pub backend_stats: PerCpuArray<MapData, TrafficStats>,
     pub drops: Array<MapData, u64>,
-    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
-    pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub maglev: HashMap<MapData, u32, MaglevTable>,
     pub config: Array<MapData, DatapathConfig>,
+    pub config6: Array<MapData, DatapathConfig6>,
     pub names: HashMap<MapData, u32, FrontendName>,
     /// Socket-level load balancing: translated sockets, which sockets, and connections
     /// translated per frontend id and per backend id.
@@ -152,7 +154,99 @@ where
     T::try_from(open(layout, name, capacities)?).map_err(|source| MapsError::Aya { name, source })
 }
 
-impl Conntrack {
+/// One family's maps: those whose keys or values hold its addresses.
+pub struct FamilyMaps<A: Family>
+where
+    BackendOf<A>: Pod,
+{
+    pub services: HashMap<MapData, ServiceKeyOf<A>, ServiceValue>,
+    /// Indexed by backend id; unused ids hold zeroes (an id is in use in one family's array).
+    pub backends: Array<MapData, BackendOf<A>>,
+    pub conntrack: Conntrack<A>,
+    pub affinity: HashMap<MapData, AffinityKeyOf<A>, AffinityValue>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKeyOf<A>, u8>,
+}
+
+/// The names of one family's maps.
+pub struct FamilyMapNames {
+    pub services: &'static str,
+    pub backends: &'static str,
+    pub conntrack_tcp: &'static str,
+    pub conntrack_tcp_overflow: &'static str,
+    pub conntrack_overflow_in_use: &'static str,
+    pub conntrack_any: &'static str,
+    pub affinity: &'static str,
+    pub source_ranges: &'static str,
+}
+
+pub const MAP_NAMES_V4: FamilyMapNames = FamilyMapNames {
+    services: map_names::SERVICES,
+    backends: map_names::BACKENDS,
+    conntrack_tcp: map_names::CONNTRACK_TCP,
+    conntrack_tcp_overflow: map_names::CONNTRACK_TCP_OVERFLOW,
+    conntrack_overflow_in_use: map_names::CONNTRACK_OVERFLOW_IN_USE,
+    conntrack_any: map_names::CONNTRACK_ANY,
+    affinity: map_names::AFFINITY,
+    source_ranges: map_names::SOURCE_RANGES,
+};
+
+pub const MAP_NAMES_V6: FamilyMapNames = FamilyMapNames {
+    services: map_names::SERVICES6,
+    backends: map_names::BACKENDS6,
+    conntrack_tcp: map_names::CONNTRACK6_TCP,
+    conntrack_tcp_overflow: map_names::CONNTRACK6_TCP_OVERFLOW,
+    conntrack_overflow_in_use: map_names::CONNTRACK6_OVERFLOW_IN_USE,
+    conntrack_any: map_names::CONNTRACK6_ANY,
+    affinity: map_names::AFFINITY6,
+    source_ranges: map_names::SOURCE_RANGES6,
+};
+
+impl<A: Family> FamilyMaps<A>
+where
+    ServiceKeyOf<A>: Pod,
+    BackendOf<A>: Pod,
+    CtKeyOf<A>: Pod,
+    CtEntryOf<A>: Pod,
+    AffinityKeyOf<A>: Pod,
+    SourceRangeKeyOf<A>: Pod,
+{
+    fn open(
+        layout: &BpffsLayout,
+        capacities: &mut std::collections::BTreeMap<&'static str, u32>,
+    ) -> Result<Self, MapsError> {
+        let names = A::MAP_NAMES;
+        Ok(Self {
+            services: typed(layout, names.services, capacities)?,
+            backends: typed(layout, names.backends, capacities)?,
+            conntrack: Conntrack::open_recording(layout, capacities)?,
+            affinity: typed(layout, names.affinity, capacities)?,
+            source_ranges: typed(layout, names.source_ranges, capacities)?,
+        })
+    }
+
+    /// What the agent programmed in this family's maps (for `translate`'s decoders).
+    fn read_into(
+        &self,
+        out: &mut super::translate::FamilyContents<A>,
+    ) -> Result<(), aya::maps::MapError> {
+        out.backends = backends_in_use(&self.backends).into_iter().collect();
+        for entry in self.services.iter() {
+            let (key, value) = entry?;
+            out.services.insert(key, value);
+        }
+        for key in self.source_ranges.keys() {
+            let key = key?;
+            out.source_ranges.insert((key.prefix_len(), key.data()));
+        }
+        Ok(())
+    }
+}
+
+impl<A: Family> Conntrack<A>
+where
+    CtKeyOf<A>: Pod,
+    CtEntryOf<A>: Pod,
+{
     /// The pinned conntrack tables alone (the loader's migration, before the rest is read).
     pub fn open(layout: &BpffsLayout) -> Result<Self, MapsError> {
         Self::open_recording(layout, &mut std::collections::BTreeMap::new())
@@ -162,23 +256,25 @@ impl Conntrack {
         layout: &BpffsLayout,
         capacities: &mut std::collections::BTreeMap<&'static str, u32>,
     ) -> Result<Self, MapsError> {
+        let names = A::MAP_NAMES;
         Ok(Self {
-            tcp: typed(layout, map_names::CONNTRACK_TCP, capacities)?,
-            tcp_overflow: typed(layout, map_names::CONNTRACK_TCP_OVERFLOW, capacities)?,
-            overflow_in_use: typed(layout, map_names::CONNTRACK_OVERFLOW_IN_USE, capacities)?,
-            any: typed(layout, map_names::CONNTRACK_ANY, capacities)?,
+            tcp: typed(layout, names.conntrack_tcp, capacities)?,
+            tcp_overflow: typed(layout, names.conntrack_tcp_overflow, capacities)?,
+            overflow_in_use: typed(layout, names.conntrack_overflow_in_use, capacities)?,
+            any: typed(layout, names.conntrack_any, capacities)?,
         })
     }
 }
 
 impl PinnedMaps {
     /// Exclusive upper bounds for (backend ids, frontend ids): ids index the stats arrays and
-    /// the backend array.
+    /// both families' backend arrays.
     pub fn id_limits(&self) -> (u32, u32) {
         let max = |name: &str| self.capacities.get(name).copied().unwrap_or(0);
         (
             max(map_names::BACKEND_STATS)
                 .min(max(map_names::BACKENDS))
+                .min(max(map_names::BACKENDS6))
                 .min(max(map_names::SOCKET_BACKEND_STATS)),
             max(map_names::SERVICE_STATS).min(max(map_names::SOCKET_SERVICE_STATS)),
         )
@@ -188,16 +284,14 @@ impl PinnedMaps {
         let mut capacities = std::collections::BTreeMap::new();
         let c = &mut capacities;
         Ok(Self {
-            services: typed(layout, map_names::SERVICES, c)?,
-            backends: typed(layout, map_names::BACKENDS, c)?,
-            conntrack: Conntrack::open_recording(layout, c)?,
+            v4: FamilyMaps::open(layout, c)?,
+            v6: FamilyMaps::open(layout, c)?,
             service_stats: typed(layout, map_names::SERVICE_STATS, c)?,
             backend_stats: typed(layout, map_names::BACKEND_STATS, c)?,
             drops: typed(layout, map_names::DROPS, c)?,
-            affinity: typed(layout, map_names::AFFINITY, c)?,
-            source_ranges: typed(layout, map_names::SOURCE_RANGES, c)?,
             maglev: typed(layout, map_names::MAGLEV, c)?,
             config: typed(layout, map_names::CONFIG, c)?,
+            config6: typed(layout, map_names::CONFIG6, c)?,
             names: typed(layout, map_names::NAMES, c)?,
             sockets: typed(layout, map_names::SOCKETS, c)?,
             socket_config: typed(layout, map_names::SOCKET_CONFIG, c)?,
@@ -211,13 +305,13 @@ impl PinnedMaps {
 /// Conntrack as one map, as the datapath sees it: each key goes to the table of its protocol
 /// (TCP: the hash, or its overflow while the hash is full; any other), iteration walks all
 /// three.
-pub struct Conntrack {
-    pub tcp: HashMap<MapData, CtKey, CtEntry>,
-    pub tcp_overflow: HashMap<MapData, CtKey, CtEntry>,
+pub struct Conntrack<A: Family = Ipv4> {
+    pub tcp: HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>>,
+    pub tcp_overflow: HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>>,
     /// Index 0: non-zero while the overflow may hold flows (the datapath then looks there
     /// when the hash misses).
     pub overflow_in_use: Array<MapData, u32>,
-    pub any: HashMap<MapData, CtKey, CtEntry>,
+    pub any: HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>>,
 }
 
 /// Which of the conntrack tables an entry is in.
@@ -234,8 +328,12 @@ fn is_full(error: &aya::maps::MapError) -> bool {
     matches!(error, aya::maps::MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(E2BIG))
 }
 
-impl Conntrack {
-    fn map(&self, table: CtTable) -> &HashMap<MapData, CtKey, CtEntry> {
+impl<A: Family> Conntrack<A>
+where
+    CtKeyOf<A>: Pod,
+    CtEntryOf<A>: Pod,
+{
+    fn map(&self, table: CtTable) -> &HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>> {
         match table {
             CtTable::Tcp => &self.tcp,
             CtTable::TcpOverflow => &self.tcp_overflow,
@@ -243,7 +341,7 @@ impl Conntrack {
         }
     }
 
-    fn map_mut(&mut self, table: CtTable) -> &mut HashMap<MapData, CtKey, CtEntry> {
+    fn map_mut(&mut self, table: CtTable) -> &mut HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>> {
         match table {
             CtTable::Tcp => &mut self.tcp,
             CtTable::TcpOverflow => &mut self.tcp_overflow,
@@ -260,7 +358,7 @@ impl Conntrack {
     }
 
     /// The entry under `key`, and the table it is in.
-    pub fn get_in(&self, key: &CtKey) -> Option<(CtTable, CtEntry)> {
+    pub fn get_in(&self, key: &CtKeyOf<A>) -> Option<(CtTable, CtEntryOf<A>)> {
         if key.proto != dataplane_common::IPPROTO_TCP {
             return self.any.get(key, 0).ok().map(|e| (CtTable::Any, e));
         }
@@ -271,7 +369,7 @@ impl Conntrack {
             .find_map(|table| self.map(table).get(key, 0).ok().map(|e| (table, e)))
     }
 
-    pub fn get(&self, key: &CtKey, _flags: u64) -> Result<CtEntry, aya::maps::MapError> {
+    pub fn get(&self, key: &CtKeyOf<A>, _flags: u64) -> Result<CtEntryOf<A>, aya::maps::MapError> {
         self.get_in(key)
             .map(|(_, entry)| entry)
             .ok_or(aya::maps::MapError::KeyNotFound)
@@ -281,8 +379,8 @@ impl Conntrack {
     /// then marked in use) when the hash is full.
     pub fn insert(
         &mut self,
-        key: CtKey,
-        value: CtEntry,
+        key: CtKeyOf<A>,
+        value: CtEntryOf<A>,
         flags: u64,
     ) -> Result<(), aya::maps::MapError> {
         const BPF_NOEXIST: u64 = 1;
@@ -312,19 +410,25 @@ impl Conntrack {
     }
 
     /// Removes `key` from whichever table holds it.
-    pub fn remove(&mut self, key: &CtKey) -> Result<(), aya::maps::MapError> {
+    pub fn remove(&mut self, key: &CtKeyOf<A>) -> Result<(), aya::maps::MapError> {
         match self.get_in(key) {
             Some((table, _)) => self.remove_from(table, key),
             None => Err(aya::maps::MapError::KeyNotFound),
         }
     }
 
-    pub fn remove_from(&mut self, table: CtTable, key: &CtKey) -> Result<(), aya::maps::MapError> {
+    pub fn remove_from(
+        &mut self,
+        table: CtTable,
+        key: &CtKeyOf<A>,
+    ) -> Result<(), aya::maps::MapError> {
         self.map_mut(table).remove(key)
     }
 
     /// Every entry of every table.
-    pub fn iter(&self) -> impl Iterator<Item = Result<(CtKey, CtEntry), aya::maps::MapError>> {
+    pub fn iter(
+        &self,
+    ) -> impl Iterator<Item = Result<(CtKeyOf<A>, CtEntryOf<A>), aya::maps::MapError>> {
         self.tcp
             .iter()
             .chain(self.tcp_overflow.iter())
@@ -332,7 +436,7 @@ impl Conntrack {
     }
 
     /// Every entry of every table, with the table it is in.
-    pub fn iter_in(&self) -> impl Iterator<Item = (CtTable, CtKey, CtEntry)> {
+    pub fn iter_in(&self) -> impl Iterator<Item = (CtTable, CtKeyOf<A>, CtEntryOf<A>)> {
         [CtTable::Tcp, CtTable::TcpOverflow, CtTable::Any]
             .into_iter()
             .flat_map(move |table| {
@@ -342,7 +446,7 @@ impl Conntrack {
             })
     }
 
-    pub fn keys(&self) -> impl Iterator<Item = Result<CtKey, aya::maps::MapError>> {
+    pub fn keys(&self) -> impl Iterator<Item = Result<CtKeyOf<A>, aya::maps::MapError>> {
         self.tcp
             .keys()
             .chain(self.tcp_overflow.keys())
@@ -358,7 +462,7 @@ impl Conntrack {
     /// (and the flag set again) or sets the flag itself.
     pub fn release_overflow(&mut self) -> usize {
         const BPF_NOEXIST: u64 = 1;
-        let entries: Vec<(CtKey, CtEntry)> =
+        let entries: Vec<(CtKeyOf<A>, CtEntryOf<A>)> =
             self.tcp_overflow.iter().filter_map(Result::ok).collect();
         let mut moved = 0;
         for (key, value) in entries {
@@ -432,11 +536,14 @@ pub fn stats_reset<V: aya::Pod + Default>(
 }
 
 /// The backends in use, by id (the array's non-zero entries).
-pub fn backends_in_use(array: &Array<MapData, Backend>) -> Vec<(u32, Backend)> {
+pub fn backends_in_use<A: Family>(array: &Array<MapData, BackendOf<A>>) -> Vec<(u32, BackendOf<A>)>
+where
+    BackendOf<A>: Pod,
+{
     array
         .iter()
         .enumerate()
-        .filter_map(|(id, b)| b.ok().filter(|b| b.addr != [0; 4]).map(|b| (id as u32, b)))
+        .filter_map(|(id, b)| (b.ok().filter(|b| !b.addr.is_unspecified())).map(|b| (id as u32, b)))
         .collect()
 }
 
@@ -501,20 +608,9 @@ pub fn update_batch<K: aya::Pod, V: aya::Pod>(
 pub fn read_contents(
     maps: &PinnedMaps,
 ) -> Result<super::translate::MapContents, aya::maps::MapError> {
-    let mut contents = super::translate::MapContents {
-        backends: backends_in_use(&maps.backends).into_iter().collect(),
-        ..Default::default()
-    };
-    for entry in maps.services.iter() {
-        let (key, value) = entry?;
-        contents.services.insert(key, value);
-    }
-    for key in maps.source_ranges.keys() {
-        let key = key?;
-        contents
-            .source_ranges
-            .insert((key.prefix_len(), key.data()));
-    }
+    let mut contents = super::translate::MapContents::default();
+    maps.v4.read_into(&mut contents.v4)?;
+    maps.v6.read_into(&mut contents.v6)?;
     for entry in maps.names.iter() {
         let (id, name) = entry?;
         contents.names.insert(id, name);

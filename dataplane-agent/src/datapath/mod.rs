@@ -1,6 +1,7 @@
 //! Everything that touches the kernel: loading and pinning the BPF object, attaching it to
 //! interfaces, and writing the desired state into its maps.
 pub mod attach;
+pub mod family;
 pub mod layout;
 pub mod loader;
 pub mod maglev;

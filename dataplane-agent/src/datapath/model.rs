@@ -4,11 +4,15 @@
 use std::collections::HashSet;
 
 use dataplane_common::{
-    Backend, FrontendName, SVC_FLAG_MAGLEV, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue,
-    SourceRangeKey,
+    BackendOf, FrontendName, Ipv4, Ipv6, SVC_FLAG_MAGLEV, SVC_FLAG_SOURCE_RANGES, ServiceKeyOf,
+    ServiceValue, SourceRangeKeyOf,
 };
 
-use super::{programmer::MapWrites, translate::MapContents};
+use super::{
+    family::Family,
+    programmer::{FamilyWrites, MapWrites},
+    translate::MapContents,
+};
 
 #[derive(Debug, Default)]
 pub struct MapModel {
@@ -22,21 +26,28 @@ pub struct MapModel {
 
 /// What a new flow to each frontend could need and not find, with the maps as `c` holds them.
 pub fn check(c: &MapContents) -> Result<(), String> {
-    for (key, value) in c.services.iter().filter(|(k, _)| k.backend_slot == 0) {
+    check_family::<Ipv4>(c)?;
+    check_family::<Ipv6>(c)
+}
+
+fn check_family<A: Family>(c: &MapContents) -> Result<(), String> {
+    let family = A::contents(c);
+    for (key, value) in family.services.iter().filter(|(k, _)| k.backend_slot == 0) {
         let frontend = format!(
-            "{}:{}/{} scope {}",
-            std::net::Ipv4Addr::from(key.addr),
-            key.port,
+            "{}/{} scope {}",
+            std::net::SocketAddr::new(key.addr.ip(), key.port),
             key.proto,
             key.scope
         );
-        let backend_ok = |id: u32| c.backends.contains_key(&id);
+        // A backend of the frontend's own family: the other family's array at that id is
+        // never read for it.
+        let backend_ok = |id: u32| family.backends.contains_key(&id);
         for slot in 1..=value.count {
-            let slot_key = ServiceKey {
+            let slot_key = ServiceKeyOf {
                 backend_slot: slot,
                 ..*key
             };
-            match c.services.get(&slot_key) {
+            match family.services.get(&slot_key) {
                 None => return Err(format!("{frontend}: slot {slot} missing")),
                 Some(s) if !backend_ok(s.backend_id) => {
                     return Err(format!(
@@ -60,7 +71,7 @@ pub fn check(c: &MapContents) -> Result<(), String> {
             }
         }
         if value.flags & SVC_FLAG_SOURCE_RANGES != 0
-            && !c
+            && !family
                 .source_ranges
                 .iter()
                 .any(|(_, r)| u32::from_be(r.rev_nat_id_be) == value.rev_nat_id)
@@ -83,36 +94,60 @@ impl MapModel {
     }
 }
 
-impl MapWrites for MapModel {
+impl<A: Family> FamilyWrites<A> for MapModel {
     fn update_services(
         &mut self,
-        keys: &[ServiceKey],
+        keys: &[ServiceKeyOf<A>],
         values: &[ServiceValue],
     ) -> Result<(), (usize, String)> {
         for (k, v) in keys.iter().zip(values) {
-            self.contents.services.insert(*k, *v);
+            A::contents_mut(&mut self.contents).services.insert(*k, *v);
             self.wrote(format!("service {k:?} = {v:?}"));
         }
         Ok(())
     }
 
-    fn remove_service(&mut self, key: &ServiceKey) {
-        self.contents.services.remove(key);
+    fn remove_service(&mut self, key: &ServiceKeyOf<A>) {
+        A::contents_mut(&mut self.contents).services.remove(key);
         self.wrote(format!("delete service {key:?}"));
     }
 
-    fn update_backends(&mut self, ids: &[u32], values: &[Backend]) -> Result<(), (usize, String)> {
+    fn update_backends(
+        &mut self,
+        ids: &[u32],
+        values: &[BackendOf<A>],
+    ) -> Result<(), (usize, String)> {
         for (id, b) in ids.iter().zip(values) {
-            if b.addr == [0; 4] {
-                self.contents.backends.remove(id);
+            let backends = &mut A::contents_mut(&mut self.contents).backends;
+            if b.addr.is_unspecified() {
+                backends.remove(id);
             } else {
-                self.contents.backends.insert(*id, *b);
+                backends.insert(*id, *b);
             }
             self.wrote(format!("backend {id} = {b:?}"));
         }
         Ok(())
     }
 
+    fn add_source_range(&mut self, range: (u32, SourceRangeKeyOf<A>)) -> Result<(), String> {
+        A::contents_mut(&mut self.contents)
+            .source_ranges
+            .insert(range);
+        self.wrote(format!("source range {range:?}"));
+        Ok(())
+    }
+
+    fn remove_source_range(&mut self, range: (u32, SourceRangeKeyOf<A>)) {
+        A::contents_mut(&mut self.contents)
+            .source_ranges
+            .remove(&range);
+        self.wrote(format!("delete source range {range:?}"));
+    }
+
+    fn forget_affinity(&mut self, _lost: &HashSet<(u32, u32)>) {}
+}
+
+impl MapWrites for MapModel {
     fn reset_frontend_stats(&mut self, _ids: &[u32]) -> Result<(), (usize, String)> {
         Ok(())
     }
@@ -142,17 +177,4 @@ impl MapWrites for MapModel {
         self.contents.maglev.remove(&id);
         self.wrote(format!("delete Maglev table {id}"));
     }
-
-    fn add_source_range(&mut self, range: (u32, SourceRangeKey)) -> Result<(), String> {
-        self.contents.source_ranges.insert(range);
-        self.wrote(format!("source range {range:?}"));
-        Ok(())
-    }
-
-    fn remove_source_range(&mut self, range: (u32, SourceRangeKey)) {
-        self.contents.source_ranges.remove(&range);
-        self.wrote(format!("delete source range {range:?}"));
-    }
-
-    fn forget_affinity(&mut self, _lost: &HashSet<(u32, u32)>) {}
 }

@@ -10,24 +10,33 @@
 //! in which order it is written, through [`MapWrites`] (the pinned maps, or a model of them
 //! in tests).
 //!
-//! Ids are taken from the maps at start-up, so a restarted agent keeps every backend and
-//! frontend id, and with them every established connection.
+//! Ids are taken from the maps at start-up (both families'), so a restarted agent keeps every
+//! backend and frontend id, and with them every established connection.
+//!
+//! IPv4 and IPv6 entries go to their own family's maps ([`FamilyWrites`]), with the same
+//! order and the same rules; frontend and backend ids are one space for both (an IPv6
+//! backend's id is unused in the IPv4 array, and the reverse), so the id allocators, the
+//! stats, the names and the Maglev tables know no families.
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
-use aya::maps::{IterableMap, MapError, lpm_trie::Key};
+use aya::{
+    Pod,
+    maps::{IterableMap, MapError, lpm_trie::Key},
+};
 use dataplane_common::{
-    Backend, CtEntry, CtKey, DatapathConfig, FrontendName, MAGLEV_TABLE_SIZE, MaglevTable,
-    SCOPE_DEFAULT, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, ServiceKey, ServiceValue,
-    SourceRangeKey,
+    AffinityKeyOf, BackendOf, CtEntry, CtEntryOf, CtKey, CtKeyOf, DatapathConfig, DatapathConfig6,
+    FrontendName, Ipv4, Ipv6, MAGLEV_TABLE_SIZE, MaglevTable, SCOPE_DEFAULT, SCOPE_INTERNAL,
+    SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, ServiceKeyOf, ServiceValue, SourceRangeKeyOf,
 };
 use tracing::{debug, warn};
 
 use super::{
-    maps::{PinnedMaps, stats_reset, update_batch},
+    family::{Family, by_family},
+    maps::{Conntrack, PinnedMaps, stats_reset, update_batch},
     translate::{
         self, EntryKey, EntrySettings, IdAllocator, MAX_SLOTS, MapContents, WantedEntry,
         service_key,
@@ -35,17 +44,31 @@ use super::{
 };
 use crate::plan::{BackendAddr, Cidr, Frontend, FrontendAddr, Plan, Protocol};
 
-/// The map writes the programmer makes. Batches are written in order, one element after the
-/// other (as `BPF_MAP_UPDATE_BATCH` does), and on failure say how many went in first.
-pub trait MapWrites {
+/// The writes to one family's maps (`A`: its addresses). Batches are written in order, one
+/// element after the other (as `BPF_MAP_UPDATE_BATCH` does), and on failure say how many went
+/// in first.
+pub trait FamilyWrites<A: Family> {
     fn update_services(
         &mut self,
-        keys: &[ServiceKey],
+        keys: &[ServiceKeyOf<A>],
         values: &[ServiceValue],
     ) -> Result<(), (usize, String)>;
-    fn remove_service(&mut self, key: &ServiceKey);
+    fn remove_service(&mut self, key: &ServiceKeyOf<A>);
     /// A zeroed value frees the id.
-    fn update_backends(&mut self, ids: &[u32], values: &[Backend]) -> Result<(), (usize, String)>;
+    fn update_backends(
+        &mut self,
+        ids: &[u32],
+        values: &[BackendOf<A>],
+    ) -> Result<(), (usize, String)>;
+    fn add_source_range(&mut self, range: (u32, SourceRangeKeyOf<A>)) -> Result<(), String>;
+    fn remove_source_range(&mut self, range: (u32, SourceRangeKeyOf<A>));
+    /// Removes the session-affinity entries naming a (service-port id, backend id) of `lost`.
+    fn forget_affinity(&mut self, lost: &HashSet<(u32, u32)>);
+}
+
+/// The map writes the programmer makes: each family's, and those of the maps both share
+/// (ids are one space for both families).
+pub trait MapWrites: FamilyWrites<Ipv4> + FamilyWrites<Ipv6> {
     /// Zeroes the traffic counters of ids handed to new frontends.
     fn reset_frontend_stats(&mut self, ids: &[u32]) -> Result<(), (usize, String)>;
     /// Zeroes the traffic counters of ids handed to new backends.
@@ -54,33 +77,70 @@ pub trait MapWrites {
     fn remove_name(&mut self, id: u32);
     fn set_maglev(&mut self, id: u32, table: &[u32]) -> Result<(), String>;
     fn remove_maglev(&mut self, id: u32);
-    fn add_source_range(&mut self, range: (u32, SourceRangeKey)) -> Result<(), String>;
-    fn remove_source_range(&mut self, range: (u32, SourceRangeKey));
-    /// Removes the session-affinity entries naming a (service-port id, backend id) of `lost`.
-    fn forget_affinity(&mut self, lost: &HashSet<(u32, u32)>);
 }
 
 fn batch_error((n, e): (usize, MapError)) -> (usize, String) {
     (n, map_error(e))
 }
 
-impl MapWrites for PinnedMaps {
+impl<A: Family> FamilyWrites<A> for PinnedMaps
+where
+    ServiceKeyOf<A>: Pod,
+    BackendOf<A>: Pod,
+    SourceRangeKeyOf<A>: Pod,
+    AffinityKeyOf<A>: Pod,
+{
     fn update_services(
         &mut self,
-        keys: &[ServiceKey],
+        keys: &[ServiceKeyOf<A>],
         values: &[ServiceValue],
     ) -> Result<(), (usize, String)> {
-        update_batch(self.services.map(), keys, values).map_err(batch_error)
+        update_batch(A::maps(self).services.map(), keys, values).map_err(batch_error)
     }
 
-    fn remove_service(&mut self, key: &ServiceKey) {
-        let _ = self.services.remove(key);
+    fn remove_service(&mut self, key: &ServiceKeyOf<A>) {
+        let _ = A::maps_mut(self).services.remove(key);
     }
 
-    fn update_backends(&mut self, ids: &[u32], values: &[Backend]) -> Result<(), (usize, String)> {
-        update_batch(self.backends.map(), ids, values).map_err(batch_error)
+    fn update_backends(
+        &mut self,
+        ids: &[u32],
+        values: &[BackendOf<A>],
+    ) -> Result<(), (usize, String)> {
+        update_batch(A::maps(self).backends.map(), ids, values).map_err(batch_error)
     }
 
+    fn add_source_range(
+        &mut self,
+        (prefix, data): (u32, SourceRangeKeyOf<A>),
+    ) -> Result<(), String> {
+        let key = Key::new(prefix, data);
+        (A::maps_mut(self).source_ranges)
+            .insert(&key, 1, 0)
+            .map_err(map_error)
+    }
+
+    fn remove_source_range(&mut self, (prefix, data): (u32, SourceRangeKeyOf<A>)) {
+        let _ = A::maps_mut(self)
+            .source_ranges
+            .remove(&Key::new(prefix, data));
+    }
+
+    fn forget_affinity(&mut self, lost: &HashSet<(u32, u32)>) {
+        let affinity = &mut A::maps_mut(self).affinity;
+        let stale: Vec<AffinityKeyOf<A>> = affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, value)| lost.contains(&(key.service_port_id, value.backend_id)))
+            .map(|(key, _)| key)
+            .collect();
+        for key in stale {
+            let _ = affinity.remove(&key);
+        }
+    }
+}
+
+impl MapWrites for PinnedMaps {
     /// Traffic counters and counters of connections translated at the socket.
     fn reset_frontend_stats(&mut self, ids: &[u32]) -> Result<(), (usize, String)> {
         stats_reset(&self.service_stats, ids)
@@ -112,28 +172,6 @@ impl MapWrites for PinnedMaps {
 
     fn remove_maglev(&mut self, id: u32) {
         let _ = self.maglev.remove(&id);
-    }
-
-    fn add_source_range(&mut self, (prefix, data): (u32, SourceRangeKey)) -> Result<(), String> {
-        let key = Key::new(prefix, data);
-        self.source_ranges.insert(&key, 1, 0).map_err(map_error)
-    }
-
-    fn remove_source_range(&mut self, (prefix, data): (u32, SourceRangeKey)) {
-        let _ = self.source_ranges.remove(&Key::new(prefix, data));
-    }
-
-    fn forget_affinity(&mut self, lost: &HashSet<(u32, u32)>) {
-        let stale: Vec<dataplane_common::AffinityKey> = self
-            .affinity
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(key, value)| lost.contains(&(key.service_port_id, value.backend_id)))
-            .map(|(key, _)| key)
-            .collect();
-        for key in stale {
-            let _ = self.affinity.remove(&key);
-        }
     }
 }
 
@@ -190,6 +228,48 @@ impl BackendUses {
     }
 }
 
+/// The backends one family's array holds, with their ids.
+fn decoded_backends<A: Family>(
+    contents: &translate::FamilyContents<A>,
+) -> impl Iterator<Item = (BackendAddr, u32)> + '_ {
+    (contents.backends.iter()).filter_map(|(id, b)| Some((translate::decode_backend(b)?, *id)))
+}
+
+/// The source ranges one family's trie holds, with their frontend ids.
+fn decoded_ranges<A: Family>(
+    contents: &translate::FamilyContents<A>,
+) -> impl Iterator<Item = (u32, Cidr)> + '_ {
+    (contents.source_ranges.iter())
+        .map(|(prefix, key)| translate::decode_source_range(*prefix, key))
+}
+
+/// Writes the backends `new` (IPv4 ones first, as `BackendAddr`'s order has them) into their
+/// family's array at `ids`; on failure, says how many went in first.
+fn write_backends<M: MapWrites>(
+    maps: &mut M,
+    new: &[BackendAddr],
+    ids: &[u32],
+) -> Result<(), (usize, String)> {
+    fn write<A: Family>(
+        maps: &mut impl FamilyWrites<A>,
+        new: &[BackendAddr],
+        ids: &[u32],
+    ) -> Result<(), (usize, String)> {
+        let values: Vec<BackendOf<A>> = new.iter().map(translate::backend::<A>).collect();
+        maps.update_backends(ids, &values)
+    }
+    debug_assert!(new.is_sorted());
+    let split = new.partition_point(|b| b.addr.is_ipv4());
+    write::<Ipv4>(maps, &new[..split], &ids[..split])?;
+    write::<Ipv6>(maps, &new[split..], &ids[split..]).map_err(|(n, e)| (split + n, e))
+}
+
+/// Zeroes the backend ids `ids` of family `A`: they are free.
+fn free_backends<A: Family, M: FamilyWrites<A>>(maps: &mut M, ids: &[u32]) {
+    let zeros = vec![BackendOf::<A>::default(); ids.len()];
+    let _ = maps.update_backends(ids, &zeros);
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ProgrammedEntry {
     settings: EntrySettings,
@@ -223,7 +303,7 @@ pub struct Programmer<M: MapWrites = PinnedMaps> {
     source_ranges: HashMap<u32, BTreeSet<Cidr>>,
     maglev: HashMap<u32, Vec<u32>>,
     /// The (backend, id) list each Maglev table was built from.
-    maglev_inputs: HashMap<u32, Vec<(SocketAddrV4, u32)>>,
+    maglev_inputs: HashMap<u32, Vec<(SocketAddr, u32)>>,
     names: HashMap<u32, FrontendName>,
     failures_total: u64,
     conntrack_timeouts: ConntrackTimeouts,
@@ -251,15 +331,16 @@ impl<M: MapWrites> Programmer<M> {
     /// Takes over what `maps` hold (`contents`, as read from them); ids stay below `limits`
     /// (backends, frontends).
     pub fn from_contents(maps: M, contents: &MapContents, limits: (u32, u32)) -> Self {
-        let backends: HashMap<BackendAddr, u32> = contents
-            .backends
-            .iter()
-            .filter_map(|(id, b)| Some((translate::decode_backend(b)?, *id)))
+        let backends: HashMap<BackendAddr, u32> = decoded_backends(&contents.v4)
+            .chain(decoded_backends(&contents.v6))
             .collect();
-        let decoded = translate::decode_services(contents.services.iter().map(|(k, v)| (*k, *v)));
+        let decoded4 =
+            translate::decode_services(contents.v4.services.iter().map(|(k, v)| (*k, *v)));
+        let decoded6 =
+            translate::decode_services(contents.v6.services.iter().map(|(k, v)| (*k, *v)));
         let mut entries = HashMap::new();
         let mut frontend_ids = HashMap::new();
-        for (key, entry) in decoded.entries {
+        for (key, entry) in decoded4.entries.into_iter().chain(decoded6.entries) {
             frontend_ids.insert(key.frontend, entry.rev_nat_id);
             let programmed = ProgrammedEntry {
                 settings: entry.settings,
@@ -271,8 +352,7 @@ impl<M: MapWrites> Programmer<M> {
             entries.insert(key, programmed);
         }
         let mut source_ranges: HashMap<u32, BTreeSet<Cidr>> = HashMap::new();
-        for (prefix, key) in &contents.source_ranges {
-            let (id, cidr) = translate::decode_source_range(*prefix, key);
+        for (id, cidr) in decoded_ranges(&contents.v4).chain(decoded_ranges(&contents.v6)) {
             source_ranges.entry(id).or_default().insert(cidr);
         }
         let names = contents.names.iter().map(|(id, n)| (*id, *n)).collect();
@@ -312,8 +392,11 @@ impl<M: MapWrites> Programmer<M> {
             counters_dirty_upto: (u32::MAX, u32::MAX),
         };
         // Slots whose frontend entry is gone (a removal cut short): delete them.
-        for key in decoded.orphans {
-            programmer.maps.remove_service(&key);
+        for key in decoded4.orphans {
+            FamilyWrites::<Ipv4>::remove_service(&mut programmer.maps, &key);
+        }
+        for key in decoded6.orphans {
+            FamilyWrites::<Ipv6>::remove_service(&mut programmer.maps, &key);
         }
         debug!(
             backends = programmer.backends.len(),
@@ -461,7 +544,8 @@ impl<M: MapWrites> Programmer<M> {
         // Session affinity must not send a client back to a backend that left the service.
         if !self.affinity_lost.is_empty() {
             let lost = std::mem::take(&mut self.affinity_lost);
-            self.maps.forget_affinity(&lost);
+            FamilyWrites::<Ipv4>::forget_affinity(&mut self.maps, &lost);
+            FamilyWrites::<Ipv6>::forget_affinity(&mut self.maps, &lost);
         }
 
         // 4. Backends no frontend uses any more. Conntrack entries still naming them see the
@@ -473,8 +557,11 @@ impl<M: MapWrites> Programmer<M> {
                 .get(id)
                 .is_some_and(|(_, users)| *users == 0)
         });
-        let zeros = vec![Backend::default(); unused.len()];
-        let _ = self.maps.update_backends(&unused, &zeros);
+        let (unused6, unused4): (Vec<u32>, Vec<u32>) = unused
+            .iter()
+            .partition(|id| (self.backend_uses.get(id)).is_some_and(|(b, _)| b.addr.is_ipv6()));
+        free_backends::<Ipv4, M>(&mut self.maps, &unused4);
+        free_backends::<Ipv6, M>(&mut self.maps, &unused6);
         for id in unused {
             if let Some((backend, _)) = self.backend_uses.remove(&id) {
                 self.backends.remove(&backend);
@@ -494,10 +581,13 @@ impl<M: MapWrites> Programmer<M> {
         let Some(programmed) = self.entries.remove(&key) else {
             return;
         };
-        self.maps.remove_service(&service_key(&key, 0));
-        for slot in 1..=programmed.written {
-            self.maps.remove_service(&service_key(&key, slot as u16));
-        }
+        // Slot 0 first.
+        by_family!(key.frontend.addr.ip(), A => {
+            for slot in 0..=programmed.written {
+                let slot_key = service_key::<A>(&key, slot as u16);
+                FamilyWrites::<A>::remove_service(&mut self.maps, &slot_key);
+            }
+        });
         self.release(&programmed.backends, unused);
         self.release(&programmed.retained, unused);
         report.deletes += 1;
@@ -546,20 +636,12 @@ impl<M: MapWrites> Programmer<M> {
                 )),
             }
         }
-        let values: Vec<Backend> = new
-            .iter()
-            .zip(&ids)
-            .map(|(b, _)| translate::backend(b))
-            .collect();
         let (mut written, mut error) = (ids.len(), None);
         let upto = &mut self.counters_dirty_upto.0;
         if let Err((n, e)) = reset_dirty(&ids, upto, |dirty| self.maps.reset_backend_stats(dirty)) {
             (written, error) = (n, Some(e));
         }
-        if let Err((n, e)) = self
-            .maps
-            .update_backends(&ids[..written], &values[..written])
-        {
+        if let Err((n, e)) = write_backends(&mut self.maps, &new[..written], &ids[..written]) {
             (written, error) = (n, Some(e));
         }
         self.backends.reserve(written);
@@ -687,7 +769,7 @@ impl<M: MapWrites> Programmer<M> {
                 .get(&rev_nat_id)
                 .is_some_and(|inputs| inputs.iter().copied().eq(resolved.clone()));
             let written = inputs_unchanged || {
-                let backends: Vec<(SocketAddrV4, u32)> = resolved.collect();
+                let backends: Vec<(SocketAddr, u32)> = resolved.collect();
                 let table = translate::maglev_table(&backends);
                 self.maglev_inputs.insert(rev_nat_id, backends);
                 self.sync_maglev(rev_nat_id, Some(table), report)
@@ -699,7 +781,9 @@ impl<M: MapWrites> Programmer<M> {
         if default_scope {
             self.add_source_ranges(rev_nat_id, &entry.frontend.source_ranges, report);
         }
-        self.write_entry(entry, rev_nat_id, settings, ids, unused, report)?;
+        by_family!(entry.key.frontend.addr.ip(), A => {
+            self.write_entry::<A>(entry, rev_nat_id, settings, ids, unused, report)
+        })?;
         if default_scope {
             if !maglev {
                 self.sync_maglev(rev_nat_id, None, report);
@@ -709,8 +793,9 @@ impl<M: MapWrites> Programmer<M> {
         Ok(())
     }
 
-    /// Writes an entry's slots, then its slot 0 (`ids`: its backend ids, in slot order).
-    fn write_entry(
+    /// Writes an entry's slots, then its slot 0 (`ids`: its backend ids, in slot order), in
+    /// the service map of its frontend's family `A`.
+    fn write_entry<A: Family>(
         &mut self,
         entry: &WantedEntry,
         rev_nat_id: u32,
@@ -718,7 +803,10 @@ impl<M: MapWrites> Programmer<M> {
         ids: Vec<u32>,
         unused: &mut Vec<u32>,
         report: &mut ApplyReport,
-    ) -> Result<(), String> {
+    ) -> Result<(), String>
+    where
+        M: FamilyWrites<A>,
+    {
         let protocol = entry.key.frontend.protocol;
         let retained: Vec<u32> = entry
             .retained
@@ -756,20 +844,21 @@ impl<M: MapWrites> Programmer<M> {
         let slot0_unchanged = |written: usize| {
             current.is_some_and(|c| c.written == written && c.settings == settings)
         };
-        let (mut keys, mut values): (Vec<ServiceKey>, Vec<ServiceValue>) = ids
+        let key = |slot: usize| service_key::<A>(&entry.key, slot as u16);
+        let (mut keys, mut values): (Vec<ServiceKeyOf<A>>, Vec<ServiceValue>) = ids
             .iter()
             .enumerate()
             .filter(|(i, id)| old_slots.get(*i) != Some(id))
-            .map(|(i, id)| (service_key(&entry.key, i as u16 + 1), translate::slot(*id)))
+            .map(|(i, id)| (key(i + 1), translate::slot(*id)))
             .unzip();
         let slots = keys.len();
         if !slot0_unchanged(ids.len()) {
-            keys.push(service_key(&entry.key, 0));
+            keys.push(key(0));
             values.push(slot0(ids.len()));
         }
         let mut written = ids.len();
         let mut short = None;
-        let result = self.maps.update_services(&keys, &values);
+        let result = FamilyWrites::<A>::update_services(&mut self.maps, &keys, &values);
         report.writes += result.as_ref().map_or_else(|(n, _)| *n, |()| keys.len());
         match result {
             Ok(()) => {}
@@ -782,8 +871,10 @@ impl<M: MapWrites> Programmer<M> {
                 written = keys[n].backend_slot as usize - 1;
                 short = Some(format!("{e}; serving {written} of {} backends", ids.len()));
                 if !slot0_unchanged(written) {
-                    let key = service_key(&entry.key, 0);
-                    if let Err((_, e)) = self.maps.update_services(&[key], &[slot0(written)]) {
+                    let slot0 = [slot0(written)];
+                    if let Err((_, e)) =
+                        FamilyWrites::<A>::update_services(&mut self.maps, &[key(0)], &slot0)
+                    {
                         self.scratch = ids;
                         return Err(e);
                     }
@@ -793,8 +884,7 @@ impl<M: MapWrites> Programmer<M> {
         }
         let old_written = old_slots.len();
         for slot in written + 1..=old_written {
-            self.maps
-                .remove_service(&service_key(&entry.key, slot as u16));
+            FamilyWrites::<A>::remove_service(&mut self.maps, &key(slot));
             report.deletes += 1;
         }
         if let Some(short) = short {
@@ -855,10 +945,11 @@ impl<M: MapWrites> Programmer<M> {
             if current.contains(cidr) {
                 continue;
             }
-            match self
-                .maps
-                .add_source_range(translate::source_range(rev_nat_id, cidr))
-            {
+            let added = by_family!(cidr.addr, A => {
+                let range = translate::source_range::<A>(rev_nat_id, cidr);
+                FamilyWrites::<A>::add_source_range(&mut self.maps, range)
+            });
+            match added {
                 Ok(()) => {
                     current.insert(*cidr);
                     report.writes += 1;
@@ -884,8 +975,10 @@ impl<M: MapWrites> Programmer<M> {
             if wanted.contains(cidr) {
                 return true;
             }
-            self.maps
-                .remove_source_range(translate::source_range(rev_nat_id, cidr));
+            by_family!(cidr.addr, A => {
+                let range = translate::source_range::<A>(rev_nat_id, cidr);
+                FamilyWrites::<A>::remove_source_range(&mut self.maps, range)
+            });
             report.deletes += 1;
             false
         });
@@ -896,15 +989,28 @@ impl<M: MapWrites> Programmer<M> {
 }
 
 impl Programmer<PinnedMaps> {
-    /// The source address and ports for SNATed external traffic.
-    pub fn set_snat(&mut self, addr: Ipv4Addr, (min, max): (u16, u16)) -> Result<(), MapError> {
-        let config = DatapathConfig {
-            snat_addr: addr.octets(),
-            snat_port_min: min,
-            snat_port_max: max,
-        };
-        if self.maps.config.get(&0, 0).ok() != Some(config) {
-            self.maps.config.set(0, config, 0)?;
+    /// The source address for SNATed external traffic of its family (`dp_config_v1` or
+    /// `dp_config6_v1`), and the ports (both families take IPv4's setting).
+    pub fn set_snat(&mut self, addr: IpAddr, (min, max): (u16, u16)) -> Result<(), MapError> {
+        match addr {
+            IpAddr::V4(addr) => {
+                let config = DatapathConfig {
+                    snat_addr: addr.octets(),
+                    snat_port_min: min,
+                    snat_port_max: max,
+                };
+                if self.maps.config.get(&0, 0).ok() != Some(config) {
+                    self.maps.config.set(0, config, 0)?;
+                }
+            }
+            IpAddr::V6(addr) => {
+                let config = DatapathConfig6 {
+                    snat_addr: addr.octets(),
+                };
+                if self.maps.config6.get(&0, 0).ok() != Some(config) {
+                    self.maps.config6.set(0, config, 0)?;
+                }
+            }
         }
         Ok(())
     }
@@ -991,6 +1097,7 @@ impl Programmer<PinnedMaps> {
             .iter()
             .filter(|(key, entry)| {
                 self.maps
+                    .v4
                     .conntrack
                     .insert(*key, *entry, BPF_NOEXIST)
                     .is_ok()
@@ -1009,7 +1116,7 @@ impl Programmer<PinnedMaps> {
             } else {
                 Protocol::Udp
             };
-            let socket = |addr: [u8; 4], port| SocketAddrV4::new(Ipv4Addr::from(addr), port);
+            let socket = |addr: Ipv4, port| SocketAddr::new(addr.ip(), port);
             let (frontend, backend) = if adopted.flags & CT_FLAG_REPLY != 0 {
                 (
                     socket(adopted.nat_addr, adopted.nat_port),
@@ -1029,7 +1136,8 @@ impl Programmer<PinnedMaps> {
                 addr: backend,
                 protocol,
             });
-            let Ok(mut entry) = self.maps.conntrack.get(key, 0) else {
+            let conntrack = &mut self.maps.v4.conntrack;
+            let Ok(mut entry) = conntrack.get(key, 0) else {
                 continue;
             };
             if entry.nat_addr != adopted.nat_addr || entry.rev_nat_id != 0 {
@@ -1037,7 +1145,7 @@ impl Programmer<PinnedMaps> {
             }
             entry.rev_nat_id = frontend_id.copied().unwrap_or(0);
             entry.backend_id = backend_id.copied().unwrap_or(0);
-            let _ = self.maps.conntrack.insert(*key, entry, 0);
+            let _ = conntrack.insert(*key, entry, 0);
         }
     }
 
@@ -1045,57 +1153,72 @@ impl Programmer<PinnedMaps> {
         self.conntrack_timeouts = timeouts;
     }
 
-    /// Removes flows idle longer than their timeout. A flow's two entries live and expire as
-    /// one: its idle time is that of its most recent packet in either direction (a UDP server
-    /// silent for minutes while its client keeps sending keeps both). An entry whose other
-    /// half is gone (evicted) goes by its own. Then TCP flows the datapath put in the overflow
-    /// table while the TCP table was full move back into it (see
-    /// `Conntrack::release_overflow`). Returns how many entries went.
+    /// Removes flows idle longer than their timeout, in both families' tables (with the same
+    /// timeouts). A flow's two entries live and expire as one: its idle time is that of its
+    /// most recent packet in either direction (a UDP server silent for minutes while its
+    /// client keeps sending keeps both). An entry whose other half is gone (evicted) goes by
+    /// its own. Then TCP flows the datapath put in the overflow table while the TCP table was
+    /// full move back into it (see `Conntrack::release_overflow`). Returns how many entries
+    /// went.
     pub fn collect_conntrack(&mut self, now_ns: u64) -> usize {
-        use dataplane_common::{CT_FLAG_FIN, CT_FLAG_REPLY};
         let timeouts = self.conntrack_timeouts;
-        let idle = |last_seen_ns: u64| Duration::from_nanos(now_ns.saturating_sub(last_seen_ns));
-        let mut expired = HashSet::new();
-        for (table, key, value) in self.maps.conntrack.iter_in() {
-            // Most entries are recent: only candidates cost a lookup of their other half.
-            if idle(value.last_seen_ns) <= timeouts.shortest(key.proto) {
-                continue;
-            }
-            let (other_key, is_reply) = if value.flags & CT_FLAG_REPLY != 0 {
-                (key.forward_of(&value), true)
-            } else {
-                (key.reply_of(&value), false)
-            };
-            let other = self.maps.conntrack.get_in(&other_key);
-            let (flags, last_seen, answered, closed) = match &other {
-                Some((_, o)) => {
-                    let reply_packets = if is_reply { value.packets } else { o.packets };
-                    (
-                        value.flags | o.flags,
-                        value.last_seen_ns.max(o.last_seen_ns),
-                        reply_packets > 0,
-                        value.flags & o.flags & CT_FLAG_FIN != 0,
-                    )
-                }
-                None => (value.flags, value.last_seen_ns, is_reply, false),
-            };
-            if idle(last_seen) > timeouts.for_flow(key.proto, flags, answered, closed) {
-                expired.insert((table, key));
-                if let Some((other_table, _)) = other {
-                    expired.insert((other_table, other_key));
-                }
-            }
-        }
-        let removed = expired
-            .iter()
-            .filter(|(table, key)| self.maps.conntrack.remove_from(*table, key).is_ok())
-            .count();
-        let moved = self.maps.conntrack.release_overflow();
-        if moved > 0 {
-            tracing::info!(moved, "conntrack: flows moved back from the overflow table");
-        }
-        removed
+        collect_in(&mut self.maps.v4.conntrack, timeouts, now_ns)
+            + collect_in(&mut self.maps.v6.conntrack, timeouts, now_ns)
     }
+}
+
+/// `collect_conntrack` on one family's tables.
+fn collect_in<A: Family>(
+    conntrack: &mut Conntrack<A>,
+    timeouts: ConntrackTimeouts,
+    now_ns: u64,
+) -> usize
+where
+    CtKeyOf<A>: Pod,
+    CtEntryOf<A>: Pod,
+{
+    use dataplane_common::{CT_FLAG_FIN, CT_FLAG_REPLY};
+    let idle = |last_seen_ns: u64| Duration::from_nanos(now_ns.saturating_sub(last_seen_ns));
+    let mut expired = HashSet::new();
+    for (table, key, value) in conntrack.iter_in() {
+        // Most entries are recent: only candidates cost a lookup of their other half.
+        if idle(value.last_seen_ns) <= timeouts.shortest(key.proto) {
+            continue;
+        }
+        let (other_key, is_reply) = if value.flags & CT_FLAG_REPLY != 0 {
+            (key.forward_of(&value), true)
+        } else {
+            (key.reply_of(&value), false)
+        };
+        let other = conntrack.get_in(&other_key);
+        let (flags, last_seen, answered, closed) = match &other {
+            Some((_, o)) => {
+                let reply_packets = if is_reply { value.packets } else { o.packets };
+                (
+                    value.flags | o.flags,
+                    value.last_seen_ns.max(o.last_seen_ns),
+                    reply_packets > 0,
+                    value.flags & o.flags & CT_FLAG_FIN != 0,
+                )
+            }
+            None => (value.flags, value.last_seen_ns, is_reply, false),
+        };
+        if idle(last_seen) > timeouts.for_flow(key.proto, flags, answered, closed) {
+            expired.insert((table, key));
+            if let Some((other_table, _)) = other {
+                expired.insert((other_table, other_key));
+            }
+        }
+    }
+    let removed = expired
+        .iter()
+        .filter(|(table, key)| conntrack.remove_from(*table, key).is_ok())
+        .count();
+    let moved = conntrack.release_overflow();
+    if moved > 0 {
+        tracing::info!(moved, "conntrack: flows moved back from the overflow table");
+    }
+    removed
 }
 
 #[cfg(test)]
@@ -1222,6 +1345,58 @@ endpoints: {endpoints}
         assert_eq!(programmer.maps().contents, MapContents::default());
     }
 
+    /// The same for IPv6 frontends and backends: a dual-stack service whose ranges, endpoints
+    /// and policy change, then goes.
+    #[test]
+    fn no_ipv6_write_exposes_a_half_built_frontend() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden/dual-stack-edge/objects.yaml");
+        let base = std::fs::read_to_string(path).unwrap();
+        let states = [
+            base.clone(),
+            // Another IPv6 range: the old one goes, the new one comes.
+            base.replace("2001:db8:100::/48", "2001:db8:101::/48"),
+            // Other IPv6 endpoints (the local one ready now), Cluster policy.
+            base.replace("fd00:10:244::2", "fd00:10:244::3")
+                .replace(
+                    "{ready: false, serving: true, terminating: true}",
+                    "{ready: true}",
+                )
+                .replace(
+                    "externalTrafficPolicy: Local",
+                    "externalTrafficPolicy: Cluster",
+                ),
+            // No IPv6 endpoints at all.
+            base.replace("addressType: IPv6", "addressType: FQDN"),
+            base.clone(),
+            String::new(),
+        ];
+        let mut programmer = on_model();
+        for (i, yaml) in states.iter().enumerate() {
+            let plan = plan_of(yaml);
+            let report = programmer.apply(&plan);
+            assert!(
+                report.failures.is_empty(),
+                "state {i}: {:?}",
+                report.failures
+            );
+            assert!(
+                programmer.maps().violations.is_empty(),
+                "state {i}:\n{}\nwrites:\n{}",
+                programmer.maps().violations.join("\n"),
+                programmer.maps().log.join("\n")
+            );
+            let frontends: Vec<&Frontend> = plan.frontends.iter().collect();
+            let fresh = translate(&frontends, &mut Ids::fresh());
+            assert_eq!(
+                programmer.maps().contents.v6.services.len(),
+                fresh.v6.services.len(),
+                "state {i}"
+            );
+        }
+        assert_eq!(programmer.maps().contents, MapContents::default());
+    }
+
     /// Every golden case (`tests/golden`): on empty maps the programmer writes exactly what
     /// `translate` says (whose output the golden files pin), and going from each case to the
     /// next, and back to nothing, no write exposes a half-built frontend.
@@ -1257,6 +1432,42 @@ endpoints: {endpoints}
         assert_eq!(carried.maps().contents, MapContents::default());
     }
 
+    /// An agent restarted on maps holding both families' entries takes every frontend and
+    /// backend id over from them, and has nothing to write for the same plan.
+    #[test]
+    fn a_restart_restores_both_families_and_writes_nothing() {
+        let root =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/dual-stack-edge");
+        let mut dir = crate::source::manifests::ManifestDir::new(&root);
+        let (objects, _) = dir.load("node-a").unwrap();
+        let plan = compute(&objects, &NodeContext::named("node-a"));
+        let mut first = on_model();
+        first.apply(&plan);
+        let contents = first.maps().contents.clone();
+        assert!(!contents.v6.services.is_empty() && !contents.v6.source_ranges.is_empty());
+        let limits = (capacity::BACKENDS, capacity::FRONTENDS);
+        let model = MapModel {
+            contents: contents.clone(),
+            ..Default::default()
+        };
+        let mut restarted = Programmer::from_contents(model, &contents, limits);
+        assert_eq!(restarted.frontend_count(), plan.frontends.len());
+        let report = restarted.apply(&plan);
+        // Only the Maglev tables are built again (their inputs are not in the maps): the
+        // same tables, written over themselves.
+        assert_eq!(restarted.maps().contents, contents);
+        assert!(
+            restarted
+                .maps()
+                .log
+                .iter()
+                .all(|w| w.starts_with("Maglev table")),
+            "{:?}",
+            restarted.maps().log
+        );
+        assert!(report.failures.is_empty(), "{:?}", report.failures);
+    }
+
     /// The programmer, starting on empty maps, writes exactly what `translate` says.
     #[test]
     fn programmed_maps_are_the_translation() {
@@ -1270,6 +1481,6 @@ endpoints: {endpoints}
         let frontends: Vec<&Frontend> = plan.frontends.iter().collect();
         let expected = translate(&frontends, &mut Ids::fresh());
         assert_eq!(programmer.maps().contents, expected);
-        assert!(!expected.maglev.is_empty() && !expected.source_ranges.is_empty());
+        assert!(!expected.maglev.is_empty() && !expected.v4.source_ranges.is_empty());
     }
 }

@@ -48,7 +48,7 @@ pub fn entries_for(
         };
         let (o, r) = (flow.original, flow.reply);
         let frontend = FrontendAddr {
-            addr: std::net::SocketAddrV4::new(o.dst, o.dport),
+            addr: (o.dst, o.dport).into(),
             protocol,
         };
         // DNATed: the replies come from somewhere else than the client sent to.
@@ -235,7 +235,7 @@ fn parse_tuple(data: &[u8]) -> Option<(u8, Tuple)> {
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddrV4;
+    use std::net::SocketAddr;
 
     use super::*;
 
@@ -252,11 +252,11 @@ mod tests {
     fn nated_flows_to_served_frontends_become_both_entries() {
         let frontends: HashSet<FrontendAddr> = [
             FrontendAddr {
-                addr: "10.96.0.10:80".parse::<SocketAddrV4>().unwrap(),
+                addr: "10.96.0.10:80".parse::<SocketAddr>().unwrap(),
                 protocol: Protocol::Tcp,
             },
             FrontendAddr {
-                addr: "192.0.2.11:30080".parse::<SocketAddrV4>().unwrap(),
+                addr: "192.0.2.11:30080".parse::<SocketAddr>().unwrap(),
                 protocol: Protocol::Tcp,
             },
         ]

@@ -7,21 +7,28 @@
 //! writes what this computes (a diff, in an order that never exposes a half-built service);
 //! restore, the inspection commands, metrics and `trace` read the maps through the decoders
 //! here.
+//!
+//! The encoders and decoders are generic over the address family `A` ([`Family`]): a
+//! frontend's entries are of its own family, as are its backends and source ranges (the
+//! planner never mixes them), and `by_family!` picks `A` from the address.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddr,
 };
 
 use dataplane_common::{
-    BACKEND_STATE_ACTIVE, Backend, FRONTEND_KIND_CLUSTER_IP, FRONTEND_KIND_EXTERNAL_IP,
-    FRONTEND_KIND_LOAD_BALANCER, FRONTEND_KIND_NODE_PORT, FrontendName, MAGLEV_TABLE_SIZE,
-    SCOPE_DEFAULT, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_EXTERNAL,
-    SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
-    ServiceKey, ServiceValue, SourceRangeKey,
+    BACKEND_STATE_ACTIVE, BackendOf, FRONTEND_KIND_CLUSTER_IP, FRONTEND_KIND_EXTERNAL_IP,
+    FRONTEND_KIND_LOAD_BALANCER, FRONTEND_KIND_NODE_PORT, FrontendName, Ipv4, Ipv6,
+    MAGLEV_TABLE_SIZE, SCOPE_DEFAULT, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_WHEN_EMPTY,
+    SVC_FLAG_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV, SVC_FLAG_SOURCE_RANGES,
+    SVC_FLAG_TWO_SCOPES, ServiceKeyOf, ServiceValue, SourceRangeKeyOf,
 };
 
 use crate::{
-    datapath::maglev,
+    datapath::{
+        family::{Family, by_family},
+        maglev,
+    },
     plan::{Algorithm, BackendAddr, Cidr, Frontend, FrontendAddr, FrontendKind, Protocol},
 };
 
@@ -82,9 +89,9 @@ pub struct EntrySettings {
 pub struct WantedEntry<'a> {
     pub frontend: &'a Frontend,
     pub key: EntryKey,
-    pub backends: &'a [SocketAddrV4],
+    pub backends: &'a [SocketAddr],
     /// Kept programmed, in no slot (the default-scope entry holds them for the frontend).
-    pub retained: &'a [SocketAddrV4],
+    pub retained: &'a [SocketAddr],
     /// `service_port_id` is 0 when no frontend of the service port has an id yet: the
     /// frontend's own id then serves (see [`slot0`]).
     pub settings: EntrySettings,
@@ -173,9 +180,10 @@ pub fn wanted_entries<'a>(
     out
 }
 
-pub fn service_key(entry: &EntryKey, slot: u16) -> ServiceKey {
-    ServiceKey {
-        addr: entry.frontend.addr.ip().octets(),
+/// A key of the entry in its family's service map (`A`: the frontend's family).
+pub fn service_key<A: Family>(entry: &EntryKey, slot: u16) -> ServiceKeyOf<A> {
+    ServiceKeyOf {
+        addr: A::octets(entry.frontend.addr.ip()),
         port: entry.frontend.addr.port(),
         backend_slot: slot,
         proto: entry.frontend.protocol.number(),
@@ -211,9 +219,10 @@ pub fn slot(backend_id: u32) -> ServiceValue {
 /// Slots hold at most this many backends (`ServiceValue::count` is a `u16`).
 pub const MAX_SLOTS: usize = u16::MAX as usize;
 
-pub fn backend(backend: &BackendAddr) -> Backend {
-    Backend {
-        addr: backend.addr.ip().octets(),
+/// A backend array entry (`A`: the backend's family).
+pub fn backend<A: Family>(backend: &BackendAddr) -> BackendOf<A> {
+    BackendOf {
+        addr: A::octets(backend.addr.ip()),
         port: backend.addr.port(),
         proto: backend.protocol.number(),
         state: BACKEND_STATE_ACTIVE,
@@ -221,20 +230,20 @@ pub fn backend(backend: &BackendAddr) -> Backend {
 }
 
 /// A source-range entry: the trie's prefix length (the 32 bits of the frontend id, then the
-/// CIDR's) and its data.
-pub fn source_range(rev_nat_id: u32, cidr: &Cidr) -> (u32, SourceRangeKey) {
+/// CIDR's) and its data (`A`: the CIDR's family, which is its frontend's).
+pub fn source_range<A: Family>(rev_nat_id: u32, cidr: &Cidr) -> (u32, SourceRangeKeyOf<A>) {
     (
         32 + cidr.prefix as u32,
-        SourceRangeKey {
+        SourceRangeKeyOf {
             rev_nat_id_be: rev_nat_id.to_be(),
-            addr: cidr.addr.octets(),
+            addr: A::octets(cidr.addr),
         },
     )
 }
 
 /// A frontend's Maglev table from its backends and their ids (in slot order).
-pub fn maglev_table(backends: &[(SocketAddrV4, u32)]) -> Vec<u32> {
-    let addrs: Vec<SocketAddrV4> = backends.iter().map(|(a, _)| *a).collect();
+pub fn maglev_table(backends: &[(SocketAddr, u32)]) -> Vec<u32> {
+    let addrs: Vec<SocketAddr> = backends.iter().map(|(a, _)| *a).collect();
     maglev::table(&addrs, MAGLEV_TABLE_SIZE)
         .into_iter()
         .map(|i| backends[i].1)
@@ -269,14 +278,25 @@ pub fn frontend_name(frontend: &Frontend) -> FrontendName {
 /// config maps are the datapath's or set elsewhere).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
-    pub services: BTreeMap<ServiceKey, ServiceValue>,
-    /// Backend ids in use (the array's other entries hold zeroes).
-    pub backends: BTreeMap<u32, Backend>,
-    /// Frontend id → its table's backend ids (`MaglevTable::backend_ids`).
+    /// The maps with IPv4 keys or values (`dp_svc_v2`, `dp_backends_v2`, `dp_srcrange_v1`)...
+    pub v4: FamilyContents<Ipv4>,
+    /// ...and their IPv6 peers (`dp_svc6_v1`, `dp_be6_v1`, `dp_srcrange6_v1`).
+    pub v6: FamilyContents<Ipv6>,
+    /// Frontend id → its table's backend ids (`MaglevTable::backend_ids`); ids are one space
+    /// for both families.
     pub maglev: BTreeMap<u32, Vec<u32>>,
-    /// (prefix length, key) of each source-range entry.
-    pub source_ranges: BTreeSet<(u32, SourceRangeKey)>,
     pub names: BTreeMap<u32, FrontendName>,
+}
+
+/// The entries of one family's maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FamilyContents<A: Family> {
+    pub services: BTreeMap<ServiceKeyOf<A>, ServiceValue>,
+    /// Backend ids in use (the array's other entries hold zeroes; an id is in use in one
+    /// family's array only).
+    pub backends: BTreeMap<u32, BackendOf<A>>,
+    /// (prefix length, key) of each source-range entry.
+    pub source_ranges: BTreeSet<(u32, SourceRangeKeyOf<A>)>,
 }
 
 /// The ids of a translation: frontend ids first (in the order of `frontends`), then backend
@@ -322,7 +342,9 @@ pub fn translate(frontends: &[&Frontend], ids: &mut Ids) -> MapContents {
     for b in backend_addrs {
         if let Some(id) = ids.backends.allocate() {
             backend_ids.insert(b, id);
-            out.backends.insert(id, backend(&b));
+            by_family!(b.addr.ip(), A => {
+                A::contents_mut(&mut out).backends.insert(id, backend::<A>(&b));
+            });
         }
     }
     for entry in &wanted {
@@ -330,28 +352,35 @@ pub fn translate(frontends: &[&Frontend], ids: &mut Ids) -> MapContents {
             continue;
         };
         let protocol = entry.key.frontend.protocol;
-        let resolved: Vec<(SocketAddrV4, u32)> = entry
+        let resolved: Vec<(SocketAddr, u32)> = entry
             .backends
             .iter()
             .filter_map(|b| Some((*b, *backend_ids.get(&BackendAddr { addr: *b, protocol })?)))
             .take(MAX_SLOTS)
             .collect();
-        if entry.key.scope == SCOPE_DEFAULT {
-            if entry.settings.flags & SVC_FLAG_MAGLEV != 0 && !resolved.is_empty() {
-                out.maglev.insert(rev_nat_id, maglev_table(&resolved));
-            }
-            for cidr in &entry.frontend.source_ranges {
-                out.source_ranges.insert(source_range(rev_nat_id, cidr));
-            }
+        if entry.key.scope == SCOPE_DEFAULT
+            && entry.settings.flags & SVC_FLAG_MAGLEV != 0
+            && !resolved.is_empty()
+        {
+            out.maglev.insert(rev_nat_id, maglev_table(&resolved));
         }
-        for (i, (_, id)) in resolved.iter().enumerate() {
-            out.services
-                .insert(service_key(&entry.key, i as u16 + 1), slot(*id));
-        }
-        out.services.insert(
-            service_key(&entry.key, 0),
-            slot0(rev_nat_id, resolved.len(), entry.settings),
-        );
+        by_family!(entry.key.frontend.addr.ip(), A => {
+            let family = A::contents_mut(&mut out);
+            if entry.key.scope == SCOPE_DEFAULT {
+                for cidr in &entry.frontend.source_ranges {
+                    family.source_ranges.insert(source_range::<A>(rev_nat_id, cidr));
+                }
+            }
+            for (i, (_, id)) in resolved.iter().enumerate() {
+                family
+                    .services
+                    .insert(service_key::<A>(&entry.key, i as u16 + 1), slot(*id));
+            }
+            family.services.insert(
+                service_key::<A>(&entry.key, 0),
+                slot0(rev_nat_id, resolved.len(), entry.settings),
+            );
+        });
     }
     out
 }
@@ -360,22 +389,22 @@ pub fn translate(frontends: &[&Frontend], ids: &mut Ids) -> MapContents {
 
 /// A backend array entry as the model sees it; `None` for an unused id (zeroes) or a
 /// protocol this agent does not program.
-pub fn decode_backend(backend: &Backend) -> Option<BackendAddr> {
-    if backend.addr == [0; 4] {
+pub fn decode_backend<A: Family>(backend: &BackendOf<A>) -> Option<BackendAddr> {
+    if backend.addr.is_unspecified() {
         return None;
     }
     Some(BackendAddr {
-        addr: SocketAddrV4::new(Ipv4Addr::from(backend.addr), backend.port),
+        addr: SocketAddr::new(backend.addr.ip(), backend.port),
         protocol: Protocol::from_number(backend.proto)?,
     })
 }
 
 /// The frontend and scope a service-map key belongs to (`None`: a protocol this agent does
 /// not program).
-pub fn decode_key(key: &ServiceKey) -> Option<EntryKey> {
+pub fn decode_key<A: Family>(key: &ServiceKeyOf<A>) -> Option<EntryKey> {
     Some(EntryKey {
         frontend: FrontendAddr {
-            addr: SocketAddrV4::new(Ipv4Addr::from(key.addr), key.port),
+            addr: SocketAddr::new(key.addr.ip(), key.port),
             protocol: Protocol::from_number(key.proto)?,
         },
         scope: key.scope,
@@ -408,19 +437,22 @@ pub struct DecodedEntry {
     pub slots: Vec<u32>,
 }
 
-/// The service map read back.
-#[derive(Clone, Debug, Default)]
-pub struct DecodedServices {
+/// One family's service map read back.
+#[derive(Clone, Debug)]
+pub struct DecodedServices<A: Family> {
     pub entries: BTreeMap<EntryKey, DecodedEntry>,
     /// Slots whose frontend entry is gone (a removal cut short).
-    pub orphans: Vec<ServiceKey>,
+    pub orphans: Vec<ServiceKeyOf<A>>,
 }
 
-pub fn decode_services(
-    entries: impl IntoIterator<Item = (ServiceKey, ServiceValue)>,
-) -> DecodedServices {
-    let mut out = DecodedServices::default();
-    let mut slots: BTreeMap<EntryKey, Vec<(u16, u32, ServiceKey)>> = BTreeMap::new();
+pub fn decode_services<A: Family>(
+    entries: impl IntoIterator<Item = (ServiceKeyOf<A>, ServiceValue)>,
+) -> DecodedServices<A> {
+    let mut out = DecodedServices {
+        entries: BTreeMap::new(),
+        orphans: vec![],
+    };
+    let mut slots: BTreeMap<EntryKey, Vec<(u16, u32, ServiceKeyOf<A>)>> = BTreeMap::new();
     for (key, value) in entries {
         let Some(entry_key) = decode_key(&key) else {
             continue;
@@ -451,12 +483,13 @@ pub fn decode_services(
 }
 
 /// A source-range entry read back: the frontend id and the CIDR.
-pub fn decode_source_range(prefix_len: u32, key: &SourceRangeKey) -> (u32, Cidr) {
+pub fn decode_source_range<A: Family>(prefix_len: u32, key: &SourceRangeKeyOf<A>) -> (u32, Cidr) {
+    let prefix = prefix_len.saturating_sub(32).min(A::BITS.into()) as u8;
     (
         u32::from_be(key.rev_nat_id_be),
         Cidr {
-            addr: Ipv4Addr::from(key.addr),
-            prefix: prefix_len.saturating_sub(32) as u8,
+            addr: key.addr.ip(),
+            prefix,
         },
     )
 }
@@ -509,7 +542,7 @@ endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]
         );
         let frontends: Vec<&Frontend> = plan.frontends.iter().collect();
         let contents = translate(&frontends, &mut Ids::fresh());
-        let decoded = decode_services(contents.services.iter().map(|(k, v)| (*k, *v)));
+        let decoded = decode_services(contents.v4.services.iter().map(|(k, v)| (*k, *v)));
         assert!(decoded.orphans.is_empty());
         let f = &plan.frontends[0];
         let key = EntryKey {
@@ -521,8 +554,8 @@ endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]
         assert_eq!(entry.count, 2);
         assert_eq!(entry.settings.flags, flags(f));
         assert_eq!(entry.settings.affinity_timeout, 10_800);
-        let backends: Vec<SocketAddrV4> = (entry.slots.iter())
-            .map(|id| decode_backend(&contents.backends[id]).unwrap().addr)
+        let backends: Vec<SocketAddr> = (entry.slots.iter())
+            .map(|id| decode_backend(&contents.v4.backends[id]).unwrap().addr)
             .collect();
         assert_eq!(backends, f.backends);
         let name = decode_name(&contents.names[&1]);
@@ -531,8 +564,90 @@ endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]
             ("shop/web", "http", FrontendKind::ClusterIP)
         );
         let cidr = Cidr::parse("203.0.113.0/24").unwrap();
-        let (prefix, range) = source_range(7, &cidr);
+        let (prefix, range) = source_range::<Ipv4>(7, &cidr);
         assert_eq!(decode_source_range(prefix, &range), (7, cidr));
+    }
+
+    /// An IPv6 frontend's entries, byte for byte as the datapath reads them: the address in
+    /// network order, ports host order, ids shared with IPv4 (one id space).
+    #[test]
+    fn ipv6_entries_are_laid_out_byte_exact() {
+        let plan = crate::plan::tests::plan_of(
+            "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: LoadBalancer
+  ipFamilies: [IPv6, IPv4]
+  clusterIPs: ['fd00:10:96::a', 10.96.0.10]
+  loadBalancerSourceRanges: ['2001:db8:100::/48']
+  ports: [{name: http, port: 80}]
+status: {loadBalancer: {ingress: [{ip: '2001:db8:200::1'}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: ['fd00:10:244::1']}]
+",
+        );
+        assert!(plan.problems.is_empty(), "{:?}", plan.problems);
+        let frontends: Vec<&Frontend> = plan.frontends.iter().collect();
+        let contents = translate(&frontends, &mut Ids::fresh());
+        // The IPv4 cluster IP (no IPv4 endpoints) is the only IPv4 entry.
+        assert_eq!(contents.v4.services.len(), 1);
+        assert!(contents.v4.backends.is_empty() && contents.v4.source_ranges.is_empty());
+        let bytes = |key: &ServiceKeyOf<Ipv6>| bytemuck::bytes_of(key).to_vec();
+        let cluster_ip = [0xfd, 0, 0, 0x10, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a];
+        let mut slot0 = cluster_ip.to_vec();
+        // Port and slot in host order, then TCP, the default scope, padding.
+        slot0.extend(80u16.to_ne_bytes().into_iter().chain([0, 0, 6, 0, 0, 0]));
+        let mut slot1 = cluster_ip.to_vec();
+        let slot = 1u16.to_ne_bytes();
+        slot1.extend(
+            80u16
+                .to_ne_bytes()
+                .into_iter()
+                .chain(slot)
+                .chain([6, 0, 0, 0]),
+        );
+        let keys: Vec<Vec<u8>> = contents.v6.services.keys().map(bytes).collect();
+        assert!(keys.contains(&slot0) && keys.contains(&slot1), "{keys:x?}");
+        // Frontend ids in address order: 1 the IPv4 cluster IP, 2 the load-balancer IP, 3 the
+        // IPv6 cluster IP; the one backend takes id 1, in the IPv6 array.
+        let backend = &contents.v6.backends[&1];
+        let mut want = vec![0xfd, 0, 0, 0x10, 0x02, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        want.extend(8080u16.to_ne_bytes());
+        want.extend([6, 0]);
+        assert_eq!(bytemuck::bytes_of(backend), want.as_slice());
+        let [(prefix, range)] = contents.v6.source_ranges.iter().collect::<Vec<_>>()[..] else {
+            panic!("one range: {:?}", contents.v6.source_ranges);
+        };
+        assert_eq!(*prefix, 32 + 48);
+        let mut want = 2u32.to_be_bytes().to_vec(); // the load-balancer frontend's id
+        want.extend([
+            0x20, 0x01, 0x0d, 0xb8, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ]);
+        assert_eq!(bytemuck::bytes_of(range), want.as_slice());
+        assert_eq!(
+            decode_source_range(*prefix, range),
+            (2, Cidr::parse("2001:db8:100::/48").unwrap())
+        );
+        let decoded = decode_services(contents.v6.services.iter().map(|(k, v)| (*k, *v)));
+        let frontend: FrontendAddr = FrontendAddr {
+            addr: "[fd00:10:96::a]:80".parse().unwrap(),
+            protocol: Protocol::Tcp,
+        };
+        let key = EntryKey {
+            frontend,
+            scope: SCOPE_DEFAULT,
+        };
+        assert_eq!(decoded.entries[&key].slots, vec![1]);
+        assert_eq!(
+            decode_backend(backend).map(|b| b.addr.to_string()),
+            Some("[fd00:10:244::1]:8080".into())
+        );
     }
 
     #[test]
@@ -544,7 +659,7 @@ endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]
             },
             scope: SCOPE_DEFAULT,
         };
-        let decoded = decode_services([(service_key(&key, 1), slot(3))]);
+        let decoded = decode_services([(service_key::<Ipv4>(&key, 1), slot(3))]);
         assert!(decoded.entries.is_empty());
         assert_eq!(decoded.orphans, vec![service_key(&key, 1)]);
     }

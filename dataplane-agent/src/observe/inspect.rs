@@ -2,18 +2,23 @@
 //! for people and JSON for tools. Reads only the pins, so it works while the agent is stopped.
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddr,
 };
 
+use aya::Pod;
 use dataplane_common::{
-    CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_FLAG_REPLY, CT_FLAG_SNAT, CtEntry, CtKey, FrontendName,
-    drop_reason,
+    BackendOf, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_FLAG_REPLY, CT_FLAG_SNAT, CtEntryOf, CtKeyOf,
+    FrontendName, ServiceKeyOf, drop_reason,
 };
 use serde::Serialize;
 
 use crate::{
-    datapath::{maps::PinnedMaps, translate},
-    plan::Protocol,
+    datapath::{
+        family::Family,
+        maps::{Conntrack, FamilyMaps, PinnedMaps},
+        translate,
+    },
+    plan::{FrontendAddr, Protocol},
 };
 
 #[derive(Debug, Serialize, PartialEq, Eq, Clone, Copy, Default)]
@@ -115,16 +120,44 @@ fn protocol_name(n: u8) -> String {
         .unwrap_or_else(|| n.to_string())
 }
 
-fn socket(addr: [u8; 4], port: u16) -> String {
-    SocketAddrV4::new(Ipv4Addr::from(addr), port).to_string()
+/// `10.0.0.1:80`, `[fd00::1]:80`.
+fn socket<A: Family>(addr: A, port: u16) -> String {
+    SocketAddr::new(addr.ip(), port).to_string()
 }
 
 use crate::datapath::maps::{counter_sum, stats_sum as stats};
 
+/// Every frontend of both families: IPv4 first, then IPv6; each by protocol, then address and
+/// port.
 pub fn services(maps: &PinnedMaps) -> anyhow::Result<Vec<ServiceView>> {
+    let (v4, v6) = services_by_family(maps)?;
+    Ok(v4.into_iter().chain(v6).collect())
+}
+
+/// The frontends of each family (IPv4, IPv6), each by protocol, then address and port.
+fn services_by_family(maps: &PinnedMaps) -> anyhow::Result<(Vec<ServiceView>, Vec<ServiceView>)> {
     let names = names(maps)?;
+    let sorted = |mut list: Vec<(FrontendAddr, ServiceView)>| {
+        list.sort_by_key(|(key, _)| (key.protocol.number(), key.addr));
+        list.into_iter().map(|(_, view)| view).collect()
+    };
+    Ok((
+        sorted(family_services(maps, &maps.v4, &names)?),
+        sorted(family_services(maps, &maps.v6, &names)?),
+    ))
+}
+
+fn family_services<A: Family>(
+    maps: &PinnedMaps,
+    family: &FamilyMaps<A>,
+    names: &BTreeMap<u32, FrontendName>,
+) -> anyhow::Result<Vec<(FrontendAddr, ServiceView)>>
+where
+    ServiceKeyOf<A>: Pod,
+    BackendOf<A>: Pod,
+{
     let mut entries = Vec::new();
-    for entry in maps.services.iter() {
+    for entry in family.services.iter() {
         entries.push(entry?);
     }
     let decoded = translate::decode_services(entries);
@@ -138,7 +171,7 @@ pub fn services(maps: &PinnedMaps) -> anyhow::Result<Vec<ServiceView>> {
         let s = stats(&maps.service_stats, entry.rev_nat_id);
         let mut backends = Vec::new();
         for &backend_id in entry.slots.iter().take(entry.count as usize) {
-            let Some(backend) = maps
+            let Some(backend) = family
                 .backends
                 .get(&backend_id, 0)
                 .ok()
@@ -157,7 +190,7 @@ pub fn services(maps: &PinnedMaps) -> anyhow::Result<Vec<ServiceView>> {
                 socket_connections: counter_sum(&maps.socket_backend_stats, backend_id),
             });
         }
-        let name = label(&names, entry.rev_nat_id);
+        let name = label(names, entry.rev_nat_id);
         out.push((
             key.frontend,
             ServiceView {
@@ -175,9 +208,7 @@ pub fn services(maps: &PinnedMaps) -> anyhow::Result<Vec<ServiceView>> {
             },
         ));
     }
-    // By protocol, then address and port.
-    out.sort_by_key(|(key, _)| (key.protocol.number(), key.addr));
-    Ok(out.into_iter().map(|(_, view)| view).collect())
+    Ok(out)
 }
 
 #[derive(Debug, Serialize)]
@@ -207,10 +238,12 @@ pub fn backends(maps: &PinnedMaps) -> anyhow::Result<Vec<BackendView>> {
         }
     }
     let mut out = Vec::new();
-    for (id, backend) in crate::datapath::maps::backends_in_use(&maps.backends) {
-        let Some(backend) = translate::decode_backend(&backend) else {
-            continue;
-        };
+    let in_use = |id: u32, backend: Option<crate::plan::BackendAddr>| Some((id, backend?));
+    let v4 = crate::datapath::maps::backends_in_use(&maps.v4.backends).into_iter();
+    let v6 = crate::datapath::maps::backends_in_use(&maps.v6.backends).into_iter();
+    let decoded = (v4.filter_map(|(id, b)| in_use(id, translate::decode_backend(&b))))
+        .chain(v6.filter_map(|(id, b)| in_use(id, translate::decode_backend(&b))));
+    for (id, backend) in decoded {
         let s = stats(&maps.backend_stats, id);
         out.push(BackendView {
             backend_id: id,
@@ -243,12 +276,19 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-pub fn flows(maps: &PinnedMaps) -> anyhow::Result<Vec<FlowView>> {
-    let names = names(maps)?;
+/// The flows of one family's conntrack tables, by their forward entries.
+fn family_flows<A: Family>(
+    conntrack: &Conntrack<A>,
+    names: &BTreeMap<u32, FrontendName>,
+) -> anyhow::Result<Vec<FlowView>>
+where
+    CtKeyOf<A>: Pod,
+    CtEntryOf<A>: Pod,
+{
     let mut forward = Vec::new();
-    let mut reply: HashMap<CtKey, CtEntry> = HashMap::new();
-    for entry in maps.conntrack.iter() {
-        let (key, value): (CtKey, CtEntry) = entry?;
+    let mut reply: HashMap<CtKeyOf<A>, CtEntryOf<A>> = HashMap::new();
+    for entry in conntrack.iter() {
+        let (key, value) = entry?;
         if value.flags & CT_FLAG_REPLY == 0 {
             forward.push((key, value));
         } else {
@@ -257,7 +297,7 @@ pub fn flows(maps: &PinnedMaps) -> anyhow::Result<Vec<FlowView>> {
     }
     let now = monotonic_ns();
     let seconds = |ns: u64| now.saturating_sub(ns) as f64 / 1e9;
-    let mut out: Vec<FlowView> = forward
+    let out = forward
         .into_iter()
         .map(|(key, fwd)| {
             let snat = fwd.flags & CT_FLAG_SNAT != 0;
@@ -283,7 +323,7 @@ pub fn flows(maps: &PinnedMaps) -> anyhow::Result<Vec<FlowView>> {
                 backend: socket(fwd.nat_addr, fwd.nat_port),
                 backend_id: fwd.backend_id,
                 frontend_id: fwd.rev_nat_id,
-                service: label(&names, fwd.rev_nat_id).service,
+                service: label(names, fwd.rev_nat_id).service,
                 hairpin: fwd.flags & CT_FLAG_HAIRPIN != 0,
                 closing: (fwd.flags | back.map_or(0, |r| r.flags)) & CT_FLAG_CLOSING != 0,
                 snat: snat.then(|| socket(seen_addr, seen_port)),
@@ -298,6 +338,16 @@ pub fn flows(maps: &PinnedMaps) -> anyhow::Result<Vec<FlowView>> {
             }
         })
         .collect();
+    Ok(out)
+}
+
+/// Flows of both families' conntrack, and the sockets translated at the socket.
+pub fn flows(maps: &PinnedMaps) -> anyhow::Result<Vec<FlowView>> {
+    let names = names(maps)?;
+    let mut out = family_flows(&maps.v4.conntrack, &names)?;
+    out.extend(family_flows(&maps.v6.conntrack, &names)?);
+    let now = monotonic_ns();
+    let seconds = |ns: u64| now.saturating_sub(ns) as f64 / 1e9;
     // Sockets translated at the socket: their reverse entries, one per translation.
     for entry in maps.sockets.iter() {
         let (key, sock) = entry?;
@@ -337,9 +387,17 @@ pub struct FlowFilter {
     pub ip: Option<String>,
 }
 
+/// The address of `ip:port` or `[ip6]:port`; of anything else (`socket:cookie`), what comes
+/// before its first colon.
+fn host(text: &str) -> String {
+    match text.parse::<SocketAddr>() {
+        Ok(addr) => addr.ip().to_string(),
+        Err(_) => text.split(':').next().unwrap_or("").to_string(),
+    }
+}
+
 impl FlowFilter {
     pub fn matches(&self, flow: &FlowView) -> bool {
-        let host = |s: &str| s.split(':').next().unwrap_or("").to_string();
         self.service
             .as_ref()
             .is_none_or(|s| flow.service == *s || flow.service.rsplit('/').next() == Some(s))
@@ -407,38 +465,56 @@ pub fn stats_view(maps: &PinnedMaps) -> anyhow::Result<StatsView> {
         }
     }
     let (tcp_entries, overflow_entries, any_entries) = (
-        count(maps.conntrack.tcp.iter()),
-        count(maps.conntrack.tcp_overflow.iter()),
-        count(maps.conntrack.any.iter()),
+        count(maps.v4.conntrack.tcp.iter()),
+        count(maps.v4.conntrack.tcp_overflow.iter()),
+        count(maps.v4.conntrack.any.iter()),
     );
-    let conntrack_entries = tcp_entries + overflow_entries + any_entries;
+    let (tcp6_entries, overflow6_entries, any6_entries) = (
+        count(maps.v6.conntrack.tcp.iter()),
+        count(maps.v6.conntrack.tcp_overflow.iter()),
+        count(maps.v6.conntrack.any.iter()),
+    );
+    let conntrack_entries = tcp_entries
+        + overflow_entries
+        + any_entries
+        + tcp6_entries
+        + overflow6_entries
+        + any6_entries;
     let capacity = |name: &'static str| maps.capacities.get(name).copied().unwrap_or(0) as u64;
     let usage = |map: &'static str, entries: u64| MapUsage {
         map,
         entries,
         capacity: capacity(map),
     };
+    // Backends counted from the services' slots: cheaper than reading the whole arrays.
+    let (v4, v6) = services_by_family(maps)?;
+    let backend_ids = |views: &[ServiceView]| {
+        let ids: std::collections::BTreeSet<u32> = (views.iter())
+            .flat_map(|s| s.backends.iter().map(|b| b.backend_id))
+            .collect();
+        ids.len() as u64
+    };
     let maps_usage = vec![
-        usage(n::SERVICES, count(maps.services.iter())),
-        usage(n::BACKENDS, {
-            // Counted from the services' slots: cheaper than reading the whole array.
-            let ids: std::collections::BTreeSet<u32> = services(maps)?
-                .iter()
-                .flat_map(|s| s.backends.iter().map(|b| b.backend_id))
-                .collect();
-            ids.len() as u64
-        }),
+        usage(n::SERVICES, count(maps.v4.services.iter())),
+        usage(n::BACKENDS, backend_ids(&v4)),
         usage(n::CONNTRACK_TCP, tcp_entries),
         usage(n::CONNTRACK_TCP_OVERFLOW, overflow_entries),
         usage(n::CONNTRACK_ANY, any_entries),
-        usage(n::AFFINITY, count(maps.affinity.iter())),
-        usage(n::SOURCE_RANGES, count(maps.source_ranges.iter())),
+        usage(n::AFFINITY, count(maps.v4.affinity.iter())),
+        usage(n::SOURCE_RANGES, count(maps.v4.source_ranges.iter())),
         usage(n::MAGLEV, count(maps.maglev.iter())),
         usage(n::NAMES, count(maps.names.iter())),
         usage(n::SOCKETS, count(maps.sockets.iter())),
+        usage(n::SERVICES6, count(maps.v6.services.iter())),
+        usage(n::BACKENDS6, backend_ids(&v6)),
+        usage(n::CONNTRACK6_TCP, tcp6_entries),
+        usage(n::CONNTRACK6_TCP_OVERFLOW, overflow6_entries),
+        usage(n::CONNTRACK6_ANY, any6_entries),
+        usage(n::AFFINITY6, count(maps.v6.affinity.iter())),
+        usage(n::SOURCE_RANGES6, count(maps.v6.source_ranges.iter())),
     ];
     Ok(StatsView {
-        services: services(maps)?,
+        services: v4.into_iter().chain(v6).collect(),
         drops,
         conntrack_entries,
         maps: maps_usage,
@@ -463,7 +539,7 @@ pub fn graph(flows: &[FlowView]) -> Vec<GraphEdge> {
         } else {
             f.service.clone()
         };
-        let client = f.client.split(':').next().unwrap_or("").to_string();
+        let client = host(&f.client);
         let bytes = f.to_backend.bytes + f.to_client.bytes;
         for key in [(client, service.clone()), (service, f.backend.clone())] {
             let e = edges.entry(key).or_default();
@@ -715,4 +791,58 @@ pub fn metrics_snapshot(
         }
     }
     Ok(snapshot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(client: &str, frontend: &str, backend: &str) -> FlowView {
+        FlowView {
+            protocol: "TCP".into(),
+            client: client.into(),
+            frontend: frontend.into(),
+            backend: backend.into(),
+            backend_id: 1,
+            frontend_id: 1,
+            service: "shop/web".into(),
+            hairpin: false,
+            closing: false,
+            snat: None,
+            to_backend: Counters::default(),
+            to_client: Counters::default(),
+            age_seconds: 0.0,
+            idle_seconds: 0.0,
+            source: "packet",
+        }
+    }
+
+    /// IPv6 flows print as `[addr]:port`; filters and the graph take their address whole.
+    #[test]
+    fn ipv6_flows_are_filtered_and_graphed_by_their_whole_address() {
+        assert_eq!(host("[fd00::1]:80"), "fd00::1");
+        assert_eq!(host("10.0.0.1:80"), "10.0.0.1");
+        assert_eq!(host("socket:42"), "socket");
+        let v6 = flow(
+            "[2001:db8::5]:40000",
+            "[fd00:10:96::a]:80",
+            "[fd00:10:244::1]:8080",
+        );
+        let by_backend = FlowFilter {
+            backend: Some("fd00:10:244::1".into()),
+            ..Default::default()
+        };
+        let by_ip = FlowFilter {
+            ip: Some("2001:db8::5".into()),
+            ..Default::default()
+        };
+        let other = FlowFilter {
+            ip: Some("fd00".into()),
+            ..Default::default()
+        };
+        assert!(by_backend.matches(&v6) && by_ip.matches(&v6) && !other.matches(&v6));
+        let edges = graph(&[v6]);
+        assert_eq!(edges[0].from, "2001:db8::5");
+        assert_eq!(edges[1].to, "[fd00:10:244::1]:8080");
+    }
 }

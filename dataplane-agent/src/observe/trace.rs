@@ -152,12 +152,15 @@ pub fn trace(
     let proto = protocol.number();
     let frontend_key = translate::service_key(
         &EntryKey {
-            frontend: FrontendAddr { addr: to, protocol },
+            frontend: FrontendAddr {
+                addr: to.into(),
+                protocol,
+            },
             scope: SCOPE_DEFAULT,
         },
         0,
     );
-    let slot0 = maps.services.get(&frontend_key, 0).ok();
+    let slot0 = maps.v4.services.get(&frontend_key, 0).ok();
     let service = slot0.map(|s| translate::decode_slot0(&s));
     let forward = CtKey::new(
         from.ip().octets(),
@@ -168,7 +171,8 @@ pub fn trace(
     );
     // A reply entry on this tuple would be another flow's, not one this packet continues.
     let forward_entry = |maps: &PinnedMaps| {
-        maps.conntrack
+        maps.v4
+            .conntrack
             .get(&forward, 0)
             .ok()
             .filter(|e: &CtEntry| e.flags & CT_FLAG_REPLY == 0)
@@ -178,7 +182,7 @@ pub fn trace(
         service_port_id: s.settings.service_port_id,
         client: from.ip().octets(),
     });
-    let known_affinity = affinity_key.and_then(|k| maps.affinity.get(&k, 0).ok());
+    let known_affinity = affinity_key.and_then(|k| maps.v4.affinity.get(&k, 0).ok());
     let drops_before: Vec<u64> = (0..dataplane_common::capacity::DROP_REASONS)
         .map(|r| maps.drops.get(&r, 0).unwrap_or(0))
         .collect();
@@ -232,10 +236,10 @@ pub fn trace(
         // Take the new flow out again: conntrack entries, affinity, counters.
         if known_flow.is_none() {
             let reply = forward.reply_of(&flow);
-            let _ = maps.conntrack.remove(&reply);
-            let _ = maps.conntrack.remove(&forward);
+            let _ = maps.v4.conntrack.remove(&reply);
+            let _ = maps.v4.conntrack.remove(&forward);
             if let (Some(key), None) = (affinity_key, known_affinity) {
-                let _ = maps.affinity.remove(&key);
+                let _ = maps.v4.affinity.remove(&key);
             }
             let bytes = input.len() as u64 - 14;
             subtract(&mut maps.service_stats, flow.rev_nat_id, 1, bytes, 1);
@@ -285,12 +289,16 @@ fn trace_host(
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let frontend_key = translate::service_key(
         &EntryKey {
-            frontend: FrontendAddr { addr: to, protocol },
+            frontend: FrontendAddr {
+                addr: to.into(),
+                protocol,
+            },
             scope: SCOPE_DEFAULT,
         },
         0,
     );
-    let service = (maps.services.get(&frontend_key, 0).ok()).map(|s| translate::decode_slot0(&s));
+    let service =
+        (maps.v4.services.get(&frontend_key, 0).ok()).map(|s| translate::decode_slot0(&s));
     let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: a.port().to_be(),

@@ -8,11 +8,11 @@
 //!   this node (`forNodes`, checked first) or this node's zone (`forZones`); otherwise they are
 //!   ignored entirely;
 //! - local endpoints (on this node) ignore topology.
-use std::{collections::BTreeSet, net::SocketAddrV4};
+use std::{collections::BTreeSet, net::SocketAddr};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointInfo {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -65,15 +65,15 @@ enum TopologyMode {
 /// The result of categorizing a port's endpoints. `None` means the port never uses that kind.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Categorized {
-    pub cluster: Option<Vec<SocketAddrV4>>,
-    pub local: Option<Vec<SocketAddrV4>>,
+    pub cluster: Option<Vec<SocketAddr>>,
+    pub local: Option<Vec<SocketAddr>>,
     /// Some usable endpoint exists somewhere in the cluster (even if none is used here).
     pub has_any: bool,
 }
 
 impl Categorized {
     /// Backends for traffic from inside the cluster (ClusterIP).
-    pub fn internal(&self, policy: &PortPolicy) -> Vec<SocketAddrV4> {
+    pub fn internal(&self, policy: &PortPolicy) -> Vec<SocketAddr> {
         let chosen = if policy.internal_local {
             &self.local
         } else {
@@ -83,7 +83,7 @@ impl Categorized {
     }
 
     /// Backends for traffic from outside (NodePort, LoadBalancer, external IPs).
-    pub fn external(&self, policy: &PortPolicy) -> Vec<SocketAddrV4> {
+    pub fn external(&self, policy: &PortPolicy) -> Vec<SocketAddr> {
         let chosen = if policy.external_policy_local() {
             &self.local
         } else {
@@ -93,7 +93,7 @@ impl Categorized {
     }
 }
 
-fn filter(endpoints: &[EndpointInfo], keep: impl Fn(&EndpointInfo) -> bool) -> Vec<SocketAddrV4> {
+fn filter(endpoints: &[EndpointInfo], keep: impl Fn(&EndpointInfo) -> bool) -> Vec<SocketAddr> {
     endpoints
         .iter()
         .filter(|e| keep(e))
@@ -591,19 +591,37 @@ mod upstream_table {
         ]
     }
 
-    fn set(list: Option<Vec<SocketAddrV4>>) -> Option<BTreeSet<String>> {
+    fn set(list: Option<Vec<SocketAddr>>) -> Option<BTreeSet<String>> {
         list.map(|l| l.iter().map(|a| a.to_string()).collect())
     }
 
-    #[test]
-    fn categorize_endpoints_matches_upstream() {
+    /// `10.1.2.3:80` as `[fd00::a01:203]:80`: the table again in IPv6, where every rule must
+    /// hold alike (kube-proxy runs the same code per family).
+    fn in_ipv6(addr: &str) -> String {
+        let v4: std::net::SocketAddrV4 = addr.parse().unwrap();
+        let [a, b, c, d] = v4.ip().octets();
+        let ip = std::net::Ipv6Addr::new(
+            0xfd00,
+            0,
+            0,
+            0,
+            0,
+            0,
+            u16::from_be_bytes([a, b]),
+            u16::from_be_bytes([c, d]),
+        );
+        std::net::SocketAddr::new(ip.into(), v4.port()).to_string()
+    }
+
+    /// The failures of the table with its addresses written by `addr`.
+    fn failures(addr: impl Fn(&str) -> String) -> Vec<String> {
         let mut failures = Vec::new();
         for case in cases() {
             let endpoints: Vec<EndpointInfo> = case
                 .endpoints
                 .iter()
                 .map(|e| EndpointInfo {
-                    addr: e.addr.parse().unwrap(),
+                    addr: addr(e.addr).parse().unwrap(),
                     ready: e.ready,
                     serving: e.serving,
                     terminating: e.terminating,
@@ -613,12 +631,8 @@ mod upstream_table {
                 })
                 .collect();
             let got = categorize(&endpoints, &case.policy, "node-a", case.zone);
-            let want_cluster = case
-                .cluster
-                .map(|l| l.iter().map(|s| s.to_string()).collect());
-            let want_local = case
-                .local
-                .map(|l| l.iter().map(|s| s.to_string()).collect());
+            let want_cluster = case.cluster.map(|l| l.iter().map(|s| addr(s)).collect());
+            let want_local = case.local.map(|l| l.iter().map(|s| addr(s)).collect());
             let reachable = want_cluster
                 .iter()
                 .chain(want_local.iter())
@@ -640,6 +654,19 @@ mod upstream_table {
                 ));
             }
         }
+        failures
+    }
+
+    #[test]
+    fn categorize_endpoints_matches_upstream() {
+        let failures = failures(str::to_string);
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn categorize_endpoints_matches_upstream_in_ipv6() {
+        assert_eq!(in_ipv6("10.1.2.3:80"), "[fd00::a01:203]:80");
+        let failures = failures(in_ipv6);
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 }

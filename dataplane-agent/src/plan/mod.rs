@@ -6,7 +6,7 @@ pub mod endpoints;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
 };
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
@@ -62,6 +62,38 @@ impl std::fmt::Display for Protocol {
     }
 }
 
+/// An IP family, as Services (`ipFamilies`) and EndpointSlices (`addressType`) name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+
+    /// Address bits: the longest CIDR prefix.
+    pub fn bits(self) -> u8 {
+        match self {
+            IpFamily::V4 => 32,
+            IpFamily::V6 => 128,
+        }
+    }
+
+    /// `IPv4` or `IPv6`.
+    pub fn name(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum FrontendKind {
     ClusterIP,
@@ -97,55 +129,68 @@ pub enum Algorithm {
     Maglev,
 }
 
-/// What identifies a frontend in the datapath.
+/// What identifies a frontend in the datapath (either family: an IPv6 frontend prints as
+/// `[fd00::a]:80`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FrontendAddr {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub protocol: Protocol,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendAddr {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub protocol: Protocol,
 }
 
-/// An IPv4 CIDR.
+/// An IPv4 (/0-32) or IPv6 (/0-128) CIDR, its address masked to the prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cidr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub prefix: u8,
 }
 
 impl Cidr {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let (addr, prefix) = text.trim().split_once('/').unwrap_or((text.trim(), "32"));
-        let addr: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| format!("{text:?} is not an IPv4 CIDR"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or(format!("{text:?} is not an IPv4 CIDR"))?;
-        let mask = if prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - prefix)
-        };
-        Ok(Self {
-            addr: Ipv4Addr::from(u32::from(addr) & mask),
+    /// `None` when the prefix is longer than the family's addresses.
+    pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
+        (prefix <= IpFamily::of(addr).bits()).then(|| Self {
+            addr: masked(addr, prefix),
             prefix,
         })
     }
 
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = if self.prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - self.prefix)
+    /// `10.0.0.0/8`, `fd00::/64`; an address alone is a host route.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let invalid = || format!("{text:?} is not a CIDR");
+        let (addr, prefix) = match text.trim().split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text.trim(), None),
         };
-        u32::from(ip) & mask == u32::from(self.addr)
+        let addr: IpAddr = addr.parse().map_err(|_| invalid())?;
+        let prefix = match prefix {
+            Some(p) => p.parse().map_err(|_| invalid())?,
+            None => IpFamily::of(addr).bits(),
+        };
+        Self::new(addr, prefix).ok_or_else(invalid)
+    }
+
+    /// False for an address of the other family.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        IpFamily::of(ip) == IpFamily::of(self.addr) && masked(ip, self.prefix) == self.addr
+    }
+}
+
+/// `addr` with the bits past `prefix` cleared.
+fn masked(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V4((u32::from(a) & mask).into())
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & mask).into())
+        }
     }
 }
 
@@ -163,18 +208,18 @@ pub struct Frontend {
     pub kind: FrontendKind,
     pub frontend: FrontendAddr,
     /// Backends for new connections, sorted; empty means connections are refused...
-    pub backends: Vec<SocketAddrV4>,
+    pub backends: Vec<SocketAddr>,
     /// ...or dropped, when endpoints exist elsewhere but policy keeps this node from them.
     pub drop_when_empty: bool,
     /// externalTrafficPolicy Local on an external frontend: the client's source is kept.
     pub external_local: bool,
     /// For an external-local frontend: the backends pods reaching it use (every usable
     /// endpoint, kube-proxy's short circuit for in-cluster clients).
-    pub internal_backends: Option<Vec<SocketAddrV4>>,
+    pub internal_backends: Option<Vec<SocketAddr>>,
     /// The service port's other endpoints, in any condition (terminating, not ready, or
     /// left out by policy), sorted: no new connection goes to them, but flows already there
     /// keep them (kube-proxy's conntrack semantics), so they stay programmed.
-    pub retained: Vec<SocketAddrV4>,
+    pub retained: Vec<SocketAddr>,
     /// sessionAffinity ClientIP: seconds a client keeps its backend.
     pub affinity_timeout: Option<u32>,
     /// loadBalancerSourceRanges (LoadBalancer frontends only); empty allows every source.
@@ -226,7 +271,7 @@ pub struct FrontendJson<'a> {
 
 impl Frontend {
     pub fn to_json(&self) -> FrontendJson<'_> {
-        let addrs = |list: &[SocketAddrV4]| list.iter().map(|b| b.to_string()).collect();
+        let addrs = |list: &[SocketAddr]| list.iter().map(|b| b.to_string()).collect();
         FrontendJson {
             service: &self.service,
             port: &self.port_name,
@@ -268,11 +313,12 @@ pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 #[derive(Clone, Debug)]
 pub struct NodeContext {
     pub name: String,
-    /// `--nodeport-addresses`: node ports listen on local addresses inside these CIDRs;
-    /// empty means the node's primary address (its Node's InternalIP).
+    /// `--nodeport-addresses`: node ports listen on local addresses inside these CIDRs (of
+    /// either family); empty means the node's primary addresses (its Node's InternalIPs, of
+    /// each family).
     pub nodeport_cidrs: Vec<Cidr>,
-    /// IPv4 addresses configured on this node (for `nodeport_cidrs`).
-    pub local_addresses: Vec<Ipv4Addr>,
+    /// Addresses configured on this node, of either family (for `nodeport_cidrs`).
+    pub local_addresses: Vec<IpAddr>,
     /// `--service-node-port-range`.
     pub nodeport_range: (u16, u16),
     /// `--lb-algorithm`: forced for every frontend, or `None` for the default (Maglev for
@@ -306,30 +352,43 @@ impl NodeContext {
         }
     }
 
-    /// The addresses node ports are served on.
-    fn nodeport_addresses(&self, objects: &ClusterObjects) -> Vec<Ipv4Addr> {
-        let mut addresses: Vec<Ipv4Addr> = if self.nodeport_cidrs.is_empty() {
-            primary_addresses(objects)
-        } else {
-            self.local_addresses
-                .iter()
-                .filter(|ip| self.nodeport_cidrs.iter().any(|c| c.contains(**ip)))
-                .copied()
-                .collect()
-        };
+    /// The addresses node ports are served on, per family as kube-proxy's
+    /// `NewNodePortAddresses` picks them: the local addresses inside the family's
+    /// `--nodeport-addresses` CIDRs, or, when the flag names none of the family, the family's
+    /// default (here the node's primary addresses of the family; kube-proxy's iptables mode
+    /// takes every address).
+    fn nodeport_addresses(&self, objects: &ClusterObjects) -> Vec<IpAddr> {
+        let primary = primary_addresses(objects);
+        let of_family = |family| move |ip: &&IpAddr| IpFamily::of(**ip) == family;
+        let mut addresses: Vec<IpAddr> = [IpFamily::V4, IpFamily::V6]
+            .into_iter()
+            .flat_map(|family| {
+                let cidrs: Vec<&Cidr> = (self.nodeport_cidrs.iter())
+                    .filter(|c| IpFamily::of(c.addr) == family)
+                    .collect();
+                let candidates = if cidrs.is_empty() {
+                    &primary
+                } else {
+                    &self.local_addresses
+                };
+                (candidates.iter().filter(of_family(family)))
+                    .filter(move |ip| cidrs.is_empty() || cidrs.iter().any(|c| c.contains(**ip)))
+                    .copied()
+            })
+            .collect();
         addresses.sort();
         addresses.dedup();
         addresses
     }
 }
 
-/// The node's InternalIP addresses (IPv4), from its Node object.
-pub fn primary_addresses(objects: &ClusterObjects) -> Vec<Ipv4Addr> {
+/// The node's InternalIP addresses, from its Node object.
+pub fn primary_addresses(objects: &ClusterObjects) -> Vec<IpAddr> {
     node_addresses(objects, |kind| kind == "InternalIP")
 }
 
-/// The node's addresses (IPv4) its Node object lists with a type `wanted` accepts.
-fn node_addresses(objects: &ClusterObjects, wanted: impl Fn(&str) -> bool) -> Vec<Ipv4Addr> {
+/// The node's addresses its Node object lists with a type `wanted` accepts.
+fn node_addresses(objects: &ClusterObjects, wanted: impl Fn(&str) -> bool) -> Vec<IpAddr> {
     let addresses = objects
         .node()
         .and_then(|n| n.status.as_ref())
@@ -364,10 +423,10 @@ pub fn compute(objects: &ClusterObjects, node: &NodeContext) -> Plan {
 #[derive(Debug, Default, PartialEq, Eq)]
 struct NodeInputs {
     zone: String,
-    nodeport_addresses: Vec<Ipv4Addr>,
+    nodeport_addresses: Vec<IpAddr>,
     /// The node's own addresses (its Node's, and those node ports are served on), sorted: no
     /// external or load-balancer IP may take them.
-    node_addresses: Vec<Ipv4Addr>,
+    node_addresses: Vec<IpAddr>,
 }
 
 /// One service's part of the plan.
@@ -377,7 +436,7 @@ struct ServicePlan {
     /// that ranks first for it ([`Rank`]).
     frontends: Vec<Frontend>,
     /// Its cluster IPs: no other service's external or load-balancer IP may take them.
-    cluster_ips: Vec<Ipv4Addr>,
+    cluster_ips: Vec<IpAddr>,
     /// When the Service was created (`None`: not said, ranks after every dated one).
     created: Option<k8s_openapi::jiff::Timestamp>,
     /// Problems of the service and its slices (conflicts with other services come on top).
@@ -452,7 +511,7 @@ pub struct Planner {
     /// Every (frontend, rank, service wanting it); the first claim not refused owns it.
     claims: BTreeSet<Claim>,
     /// Every (cluster IP, service having it).
-    cluster_ips: BTreeSet<(Ipv4Addr, ObjectName)>,
+    cluster_ips: BTreeSet<(IpAddr, ObjectName)>,
     health_checks: BTreeMap<ObjectName, crate::observe::health::ServiceHealth>,
     no_local: (i64, i64),
 }
@@ -645,14 +704,14 @@ impl Planner {
     }
 
     /// Every claim on an address with this IP (any port and protocol).
-    fn claims_on_ip(&self, ip: Ipv4Addr) -> impl Iterator<Item = &Claim> {
+    fn claims_on_ip(&self, ip: IpAddr) -> impl Iterator<Item = &Claim> {
         let first = FrontendAddr {
-            addr: SocketAddrV4::new(ip, 0),
+            addr: SocketAddr::new(ip, 0),
             protocol: Protocol::Tcp,
         };
         self.claims
             .range(Claim::first(first)..)
-            .take_while(move |c| *c.addr.addr.ip() == ip)
+            .take_while(move |c| c.addr.addr.ip() == ip)
     }
 
     /// Why `claim` may not have its address at all, whoever else wants it.
@@ -660,7 +719,7 @@ impl Planner {
         if !claim.rank.is_external_address() {
             return None;
         }
-        let ip = *claim.addr.addr.ip();
+        let ip = claim.addr.addr.ip();
         if let Some((_, holder)) = self
             .cluster_ips
             .range((ip, String::new())..)
@@ -792,6 +851,11 @@ fn health_check(
 
 /// One service's frontends and problems; `None` when it has no frontends to plan (not for
 /// this proxy, ExternalName, headless).
+///
+/// Each IP family the Service has a cluster IP of is planned on its own, as kube-proxy's
+/// per-family proxiers do (`MetaProxier`): that family's cluster IP, node addresses,
+/// load-balancer and external IPs, source ranges, and the endpoints of its EndpointSlices
+/// (`addressType`) only, with the traffic policies applied per family.
 fn plan_service(
     name: &ObjectName,
     service: &Service,
@@ -814,22 +878,28 @@ fn plan_service(
     if spec.type_.as_deref() == Some("ExternalName") || !labels.is_none_or(proxied_by_us) {
         return None;
     }
-    let cluster_ips = match cluster_ips(service) {
-        Ok(ips) => ips,
-        Err(reason) => {
-            plan.problems
-                .push(problem(ProblemKind::InvalidClusterIp, reason));
-            return Some(plan);
-        }
-    };
+    let cluster_ips = cluster_ips(service, |reason| {
+        plan.problems
+            .push(problem(ProblemKind::InvalidClusterIp, reason))
+    });
     if cluster_ips.is_empty() {
-        return None; // headless, or IPv6-only (this datapath is IPv4)
+        // Headless (nothing to report), or no valid cluster IP (reported).
+        return (!plan.problems.is_empty()).then_some(plan);
     }
     plan.cluster_ips = cluster_ips.clone();
-    let settings = ServiceSettings::of(service, name, &mut plan.problems);
+    let families: Vec<IpFamily> = cluster_ips.iter().map(|ip| IpFamily::of(*ip)).collect();
+    let mut settings = ServiceSettings::of(service, name, &mut plan.problems);
+    // Addresses of a family the Service has no cluster IP of: no proxier of that family
+    // serves the Service.
+    settings.keep_families(&families);
     let slices: Vec<(&ObjectName, &Slice)> =
         objects.slices_of(name).filter(|(_, s)| s.proxied).collect();
-    let endpoints = ServiceEndpoints::collect(name, &slices, &node.name, &mut plan.problems);
+    let endpoints: Vec<ServiceEndpoints> = families
+        .iter()
+        .map(|family| {
+            ServiceEndpoints::collect(name, &slices, *family, &node.name, &mut plan.problems)
+        })
+        .collect();
     let mut seen = BTreeSet::new();
     let mut local_endpoints = 0;
     let mut ports = vec![];
@@ -848,119 +918,132 @@ fn plan_service(
         plan.problems
             .push(problem(ProblemKind::ServiceFrontendLimit, reason));
     }
+    let load_balancer_ips: Option<&[IpAddr]> = (settings.load_balancer_ips.as_deref())
+        .map(|ips| &ips[..budget.load_balancer_ips.min(ips.len())]);
+    let external_ips =
+        &settings.external_ips[..budget.external_ips.min(settings.external_ips.len())];
     for (port, protocol, number) in ports.into_iter().take(budget.ports) {
         let port_name = port.name.clone().unwrap_or_default();
-        let policy = port_policy(service, port);
-        let port_endpoints = endpoints.for_port(&port_name, protocol).unwrap_or_default();
-        let categorized = match endpoints.for_port(&port_name, protocol) {
-            Some(port_endpoints) => {
-                endpoints::categorize(port_endpoints, &policy, &node.name, &inputs.zone)
+        for ((cluster_ip, family), endpoints) in cluster_ips.iter().zip(&families).zip(&endpoints) {
+            let of_family = |ip: &&IpAddr| IpFamily::of(**ip) == *family;
+            let policy = port_policy(service, port, *family);
+            let port_endpoints = endpoints.for_port(&port_name, protocol).unwrap_or_default();
+            let categorized = match endpoints.for_port(&port_name, protocol) {
+                Some(port_endpoints) => {
+                    endpoints::categorize(port_endpoints, &policy, &node.name, &inputs.zone)
+                }
+                None => {
+                    if endpoints.has_ports {
+                        plan.problems.push(problem(
+                            ProblemKind::PortNotInSlices,
+                            format!(
+                                "port {port_name:?} ({protocol}) matches no port of its {} EndpointSlices",
+                                family.name()
+                            ),
+                        ));
+                    }
+                    // No endpoints: the frontends exist and refuse connections.
+                    Default::default()
+                }
+            };
+            let mut frontends = vec![];
+            let internal = categorized.internal(&policy);
+            if *family == families[0] {
+                // The health check answers for the Service's primary family.
+                local_endpoints =
+                    local_endpoints.max(categorized.local.as_ref().map_or(0, Vec::len));
             }
-            None => {
-                if endpoints.has_ports {
-                    plan.problems.push(problem(
-                        ProblemKind::PortNotInSlices,
-                        format!(
-                            "port {port_name:?} ({protocol}) matches no port of its EndpointSlices"
+            frontends.push((
+                FrontendKind::ClusterIP,
+                SocketAddr::new(*cluster_ip, number),
+            ));
+            match port.node_port {
+                Some(node_port) if policy.externally_accessible && node_port != 0 => {
+                    match u16::try_from(node_port).ok().filter(|p| (node.nodeport_range.0..=node.nodeport_range.1).contains(p)) {
+                        Some(node_port) => frontends.extend(
+                            inputs.nodeport_addresses.iter().filter(of_family).map(|ip| (FrontendKind::NodePort, SocketAddr::new(*ip, node_port))),
                         ),
-                    ));
+                        None => plan.problems.push(problem(ProblemKind::NodePortOutOfRange, format!(
+                            "port {port_name:?}: nodePort {node_port} is outside the node port range {}-{}",
+                            node.nodeport_range.0, node.nodeport_range.1
+                        ))),
+                    }
                 }
-                // No endpoints: the frontends exist and refuse connections.
-                Default::default()
+                _ => {}
             }
-        };
-        let mut frontends = vec![];
-        let internal = categorized.internal(&policy);
-        local_endpoints = local_endpoints.max(categorized.local.as_ref().map_or(0, Vec::len));
-        for ip in &cluster_ips {
-            frontends.push((FrontendKind::ClusterIP, SocketAddrV4::new(*ip, number)));
-        }
-        match port.node_port {
-            Some(node_port) if policy.externally_accessible && node_port != 0 => {
-                match u16::try_from(node_port).ok().filter(|p| (node.nodeport_range.0..=node.nodeport_range.1).contains(p)) {
-                    Some(node_port) => frontends.extend(
-                        inputs.nodeport_addresses.iter().map(|ip| (FrontendKind::NodePort, SocketAddrV4::new(*ip, node_port))),
-                    ),
-                    None => plan.problems.push(problem(ProblemKind::NodePortOutOfRange, format!(
-                        "port {port_name:?}: nodePort {node_port} is outside the node port range {}-{}",
-                        node.nodeport_range.0, node.nodeport_range.1
-                    ))),
-                }
-            }
-            _ => {}
-        }
-        if let Some(ips) = &settings.load_balancer_ips {
             frontends.extend(
-                ips.iter()
-                    .take(budget.load_balancer_ips)
-                    .map(|ip| (FrontendKind::LoadBalancer, SocketAddrV4::new(*ip, number))),
+                (load_balancer_ips.into_iter().flatten())
+                    .filter(of_family)
+                    .map(|ip| (FrontendKind::LoadBalancer, SocketAddr::new(*ip, number))),
             );
-        }
-        frontends.extend(
-            settings
-                .external_ips
-                .iter()
-                .take(budget.external_ips)
-                .map(|ip| (FrontendKind::ExternalIP, SocketAddrV4::new(*ip, number))),
-        );
+            frontends.extend(
+                (external_ips.iter())
+                    .filter(of_family)
+                    .map(|ip| (FrontendKind::ExternalIP, SocketAddr::new(*ip, number))),
+            );
 
-        for (kind, addr) in frontends {
-            let frontend = FrontendAddr { addr, protocol };
-            let external = kind.is_external();
-            let mut backends = if external {
-                categorized.external(&policy)
-            } else {
-                internal.clone()
-            };
-            backends.sort();
-            let external_local = external && policy.external_local;
-            let internal_backends = external_local.then(|| {
-                let mut all = categorized.cluster.clone().unwrap_or_default();
-                all.sort();
-                all
-            });
-            let mut retained: Vec<SocketAddrV4> = port_endpoints
-                .iter()
-                .map(|e| e.addr)
-                .filter(|a| {
-                    backends.binary_search(a).is_err()
-                        && internal_backends
-                            .as_ref()
-                            .is_none_or(|all| all.binary_search(a).is_err())
-                })
-                .collect();
-            retained.sort();
-            let algorithm = settings
-                .algorithm
-                .or(node.algorithm)
-                .unwrap_or(if external {
-                    Algorithm::Maglev
+            for (kind, addr) in frontends {
+                let frontend = FrontendAddr { addr, protocol };
+                let external = kind.is_external();
+                let mut backends = if external {
+                    categorized.external(&policy)
                 } else {
-                    Algorithm::Random
+                    internal.clone()
+                };
+                backends.sort();
+                let external_local = external && policy.external_local;
+                let internal_backends = external_local.then(|| {
+                    let mut all = categorized.cluster.clone().unwrap_or_default();
+                    all.sort();
+                    all
                 });
-            let f = Frontend {
-                service: name.clone(),
-                port_name: port_name.clone(),
-                kind,
-                frontend,
-                drop_when_empty: backends.is_empty() && categorized.has_any,
-                backends,
-                external_local,
-                internal_backends,
-                retained,
-                affinity_timeout: settings.affinity_timeout,
-                source_ranges: if kind == FrontendKind::LoadBalancer {
-                    settings.source_ranges.clone()
-                } else {
-                    vec![]
-                },
-                algorithm,
-            };
-            if !seen.insert(frontend) {
-                plan.problems.push(conflict(name, &f, name));
-                continue;
+                let mut retained: Vec<SocketAddr> = port_endpoints
+                    .iter()
+                    .map(|e| e.addr)
+                    .filter(|a| {
+                        backends.binary_search(a).is_err()
+                            && internal_backends
+                                .as_ref()
+                                .is_none_or(|all| all.binary_search(a).is_err())
+                    })
+                    .collect();
+                retained.sort();
+                let algorithm = settings
+                    .algorithm
+                    .or(node.algorithm)
+                    .unwrap_or(if external {
+                        Algorithm::Maglev
+                    } else {
+                        Algorithm::Random
+                    });
+                let f = Frontend {
+                    service: name.clone(),
+                    port_name: port_name.clone(),
+                    kind,
+                    frontend,
+                    drop_when_empty: backends.is_empty() && categorized.has_any,
+                    backends,
+                    external_local,
+                    internal_backends,
+                    retained,
+                    affinity_timeout: settings.affinity_timeout,
+                    // A range applies to the frontends of its own family.
+                    source_ranges: if kind == FrontendKind::LoadBalancer {
+                        (settings.source_ranges.iter())
+                            .filter(|c| IpFamily::of(c.addr) == *family)
+                            .copied()
+                            .collect()
+                    } else {
+                        vec![]
+                    },
+                    algorithm,
+                };
+                if !seen.insert(frontend) {
+                    plan.problems.push(conflict(name, &f, name));
+                    continue;
+                }
+                plan.frontends.push(f);
             }
-            plan.frontends.push(f);
         }
     }
     plan.health_check = health_check(service, local_endpoints);
@@ -986,7 +1069,7 @@ struct FrontendBudget {
 impl FrontendBudget {
     fn of(
         ports: &[(&ServicePort, Protocol, u16)],
-        cluster_ips: &[Ipv4Addr],
+        cluster_ips: &[IpAddr],
         settings: &ServiceSettings,
         inputs: &NodeInputs,
         node: &NodeContext,
@@ -995,16 +1078,15 @@ impl FrontendBudget {
         let lb = settings.load_balancer_ips.as_ref().map_or(0, Vec::len);
         let ext = settings.external_ips.len();
         // Cluster IPs and node ports of each port (node ports counted whenever asked for).
+        // Node addresses of the Service's families.
+        let node_addresses = (inputs.nodeport_addresses.iter())
+            .filter(|a| (cluster_ips.iter()).any(|c| IpFamily::of(*c) == IpFamily::of(**a)))
+            .count();
         let per_port: Vec<usize> = ports
             .iter()
             .map(|(port, _, _)| {
                 let node_ports = port.node_port.is_some_and(|p| p != 0);
-                cluster_ips.len()
-                    + if node_ports {
-                        inputs.nodeport_addresses.len()
-                    } else {
-                        0
-                    }
+                cluster_ips.len() + if node_ports { node_addresses } else { 0 }
             })
             .collect();
         let internal: usize = per_port.iter().sum();
@@ -1056,14 +1138,24 @@ impl FrontendBudget {
 struct ServiceSettings {
     /// `None` when the service's source ranges leave no valid range: its load-balancer IPs are
     /// not programmed at all rather than opened to everyone.
-    load_balancer_ips: Option<Vec<Ipv4Addr>>,
-    external_ips: Vec<Ipv4Addr>,
+    load_balancer_ips: Option<Vec<IpAddr>>,
+    external_ips: Vec<IpAddr>,
     source_ranges: Vec<Cidr>,
     affinity_timeout: Option<u32>,
     algorithm: Option<Algorithm>,
 }
 
 impl ServiceSettings {
+    /// Drops the addresses and ranges of the families not in `families`.
+    fn keep_families(&mut self, families: &[IpFamily]) {
+        let wanted = |ip: &IpAddr| families.contains(&IpFamily::of(*ip));
+        if let Some(ips) = &mut self.load_balancer_ips {
+            ips.retain(wanted);
+        }
+        self.external_ips.retain(wanted);
+        self.source_ranges.retain(|c| wanted(&c.addr));
+    }
+
     fn of(service: &Service, name: &str, problems: &mut Vec<Problem>) -> Self {
         let mut problem = |kind: ProblemKind, reason: String| {
             problems.push(Problem::of_service(kind, name, reason))
@@ -1082,8 +1174,7 @@ impl ServiceSettings {
                 continue;
             }
             match entry.ip.as_deref().map(str::parse::<IpAddr>) {
-                Some(Ok(IpAddr::V4(ip))) => load_balancer_ips.push(ip),
-                Some(Ok(IpAddr::V6(_))) => {}
+                Some(Ok(ip)) => load_balancer_ips.push(ip),
                 Some(Err(_)) => problem(
                     ProblemKind::InvalidLoadBalancerIp,
                     format!(
@@ -1106,7 +1197,6 @@ impl ServiceSettings {
         for text in ranges.clone() {
             match Cidr::parse(text) {
                 Ok(cidr) => source_ranges.push(cidr),
-                Err(reason) if text.contains(':') => drop(reason), // IPv6 ranges: other family
                 Err(reason) => {
                     invalid += 1;
                     problem(
@@ -1128,8 +1218,7 @@ impl ServiceSettings {
             .iter()
             .flatten()
             .filter_map(|text| match text.parse::<IpAddr>() {
-                Ok(IpAddr::V4(ip)) => Some(ip),
-                Ok(IpAddr::V6(_)) => None,
+                Ok(ip) => Some(ip),
                 Err(_) => {
                     problem(
                         ProblemKind::InvalidExternalIp,
@@ -1178,17 +1267,25 @@ impl ServiceSettings {
     }
 }
 
-fn port_policy(service: &Service, port: &ServicePort) -> PortPolicy {
+/// The traffic policies of a service port in one family: it is externally accessible when it
+/// has a node port, or load-balancer or external IPs of that family (kube-proxy's
+/// `ExternallyAccessible`, on the family-filtered lists).
+fn port_policy(service: &Service, port: &ServicePort, family: IpFamily) -> PortPolicy {
     let spec = service.spec.as_ref();
+    let of_family = |text: &str| text.parse().is_ok_and(|ip| IpFamily::of(ip) == family);
     let has_lb_ip = service
         .status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref())
-        .is_some_and(|ingress| ingress.iter().any(|i| i.ip.is_some()));
+        .is_some_and(|ingress| {
+            ingress
+                .iter()
+                .any(|i| i.ip.as_deref().is_some_and(of_family))
+        });
     let has_external_ips = spec
         .and_then(|s| s.external_ips.as_ref())
-        .is_some_and(|ips| !ips.is_empty());
+        .is_some_and(|ips| ips.iter().any(|ip| of_family(ip)));
     PortPolicy {
         internal_local: spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local"),
         external_local: spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local"),
@@ -1196,33 +1293,55 @@ fn port_policy(service: &Service, port: &ServicePort) -> PortPolicy {
     }
 }
 
-/// The IPv4 cluster IPs of a service. Headless services have none.
-fn cluster_ips(service: &Service) -> Result<Vec<Ipv4Addr>, String> {
+/// A service's cluster IP of each family it has, the primary first, as kube-proxy's
+/// `GetClusterIPByFamily` reads them: `clusterIPs[i]` is of family `ipFamilies[i]`; without
+/// `ipFamilies` (objects from before dual stack) an address is of its own family. Without
+/// `clusterIPs`, `clusterIP` (which the API keeps equal to `clusterIPs[0]`). Headless services
+/// have none. An entry that is not an IP address, is unspecified, is not of its family, or
+/// repeats a family is reported (`report`) and skipped: the other family is still served.
+fn cluster_ips(service: &Service, mut report: impl FnMut(String)) -> Vec<IpAddr> {
     let spec = service.spec.as_ref().expect("checked by caller");
-    let mut listed: Vec<&str> = spec
-        .cluster_ips
-        .iter()
-        .flatten()
-        .map(String::as_str)
-        .collect();
-    if let Some(primary) = spec.cluster_ip.as_deref()
-        && !listed.contains(&primary)
-    {
-        listed.insert(0, primary);
-    }
-    let mut ips = Vec::new();
-    for text in listed {
+    let listed: Vec<&str> = match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec.cluster_ip.iter().map(String::as_str).collect(),
+    };
+    let families = spec.ip_families.as_deref().unwrap_or_default();
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for (i, text) in listed.into_iter().enumerate() {
         if text.is_empty() || text == "None" {
             continue;
         }
-        match text.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) if !ip.is_unspecified() => ips.push(ip),
-            Ok(IpAddr::V4(_)) => return Err(format!("clusterIP {text} is unspecified")),
-            Ok(IpAddr::V6(_)) => {} // the other family of a dual-stack service
-            Err(_) => return Err(format!("clusterIP {text:?} is not an IP address")),
+        let ip = match text.parse::<IpAddr>() {
+            Ok(ip) if ip.is_unspecified() => {
+                report(format!("clusterIP {text} is unspecified"));
+                continue;
+            }
+            Ok(ip) => ip,
+            Err(_) => {
+                report(format!("clusterIP {text:?} is not an IP address"));
+                continue;
+            }
+        };
+        let family = IpFamily::of(ip);
+        let named = families.get(i);
+        if !families.is_empty() && named.is_none() {
+            report(format!(
+                "clusterIP {text} has no family in ipFamilies; it is skipped"
+            ));
+        } else if let Some(named) = named.filter(|f| *f != family.name()) {
+            report(format!(
+                "clusterIP {text} is not of its family {named} (ipFamilies); it is skipped"
+            ));
+        } else if ips.iter().any(|other| IpFamily::of(*other) == family) {
+            report(format!(
+                "clusterIP {text} is a second {} cluster IP; it is skipped",
+                family.name()
+            ));
+        } else {
+            ips.push(ip);
         }
     }
-    Ok(ips)
+    ips
 }
 
 fn service_port(port: &ServicePort) -> Result<(Protocol, u16), (ProblemKind, String)> {
@@ -1249,16 +1368,19 @@ struct ServiceEndpoints {
 }
 
 impl ServiceEndpoints {
+    /// The endpoints of the slices of `family` (`addressType`; FQDN slices are not for
+    /// proxies).
     fn collect(
         service: &ObjectName,
         slices: &[(&ObjectName, &Slice)],
+        family: IpFamily,
         node_name: &str,
         problems: &mut Vec<Problem>,
     ) -> Self {
-        let mut by_port: BTreeMap<(String, Protocol), BTreeMap<SocketAddrV4, EndpointInfo>> =
+        let mut by_port: BTreeMap<(String, Protocol), BTreeMap<SocketAddr, EndpointInfo>> =
             BTreeMap::new();
         let mut has_ports = false;
-        let mut ipv6_slices = vec![];
+        let slices = (slices.iter()).filter(|(_, slice)| slice.address_type == family.name());
         for (slice_name, slice) in slices {
             let problem = |kind: ProblemKind, reason: String| Problem {
                 kind,
@@ -1269,14 +1391,6 @@ impl ServiceEndpoints {
                 service: service.clone(),
                 reason,
             };
-            match slice.address_type.as_str() {
-                "IPv4" => {}
-                "IPv6" => {
-                    ipv6_slices.push(*slice_name);
-                    continue;
-                }
-                _ => continue, // FQDN slices are not for proxies
-            }
             if slice.ports.as_ref().is_none_or(|p| p.is_empty()) && !slice.endpoints.is_empty() {
                 problems.push(problem(
                     ProblemKind::SliceWithoutPorts,
@@ -1303,36 +1417,30 @@ impl ServiceEndpoints {
                 for endpoint in &slice.endpoints {
                     let ip = match &endpoint.address {
                         None => continue,
-                        Some(Address::V4(ip)) => *ip,
+                        Some(Address::V4(ip)) => IpAddr::V4(*ip),
+                        Some(Address::V6(ip)) => IpAddr::V6(*ip),
                         Some(Address::Other(address)) => {
                             problems.push(problem(
                                 ProblemKind::InvalidEndpointAddress,
-                                format!("address {address:?} is not an IPv4 address"),
+                                format!("address {address:?} is not an {} address", family.name()),
                             ));
                             continue;
                         }
                     };
-                    let info = endpoint_info(endpoint, SocketAddrV4::new(ip, number), node_name);
+                    if IpFamily::of(ip) != family {
+                        problems.push(problem(
+                            ProblemKind::InvalidEndpointAddress,
+                            format!("address \"{ip}\" is not an {} address", family.name()),
+                        ));
+                        continue;
+                    }
+                    let info = endpoint_info(endpoint, SocketAddr::new(ip, number), node_name);
                     let keep_existing = set.get(&info.addr).is_some_and(|e| !info.local || e.local);
                     if !keep_existing {
                         set.insert(info.addr, info);
                     }
                 }
             }
-        }
-        if let Some(first) = ipv6_slices.first() {
-            problems.push(Problem {
-                kind: ProblemKind::Ipv6SlicesIgnored,
-                object: ObjectKey {
-                    kind: Kind::EndpointSlice,
-                    name: first.to_string(),
-                },
-                service: service.clone(),
-                reason: format!(
-                    "{} IPv6 slice(s) of Service {service} ignored: this datapath is IPv4 (dual stack comes later)",
-                    ipv6_slices.len()
-                ),
-            });
         }
         let by_port = by_port
             .into_iter()
@@ -1350,7 +1458,7 @@ impl ServiceEndpoints {
 
 /// An endpoint's conditions as upstream reads them: absent `ready` and `serving` mean true,
 /// absent `terminating` means false.
-fn endpoint_info(endpoint: &SliceEndpoint, addr: SocketAddrV4, node_name: &str) -> EndpointInfo {
+fn endpoint_info(endpoint: &SliceEndpoint, addr: SocketAddr, node_name: &str) -> EndpointInfo {
     EndpointInfo {
         addr,
         ready: endpoint.ready.unwrap_or(true),
@@ -1664,6 +1772,50 @@ spec: {clusterIP: 10.96.0.20, externalIPs: [192.168.1.5], ports: [{port: 22}]}
         assert!(plan.problems[0].reason.contains("an address of this node"));
     }
 
+    /// The same protection in IPv6: a node address, or another Service's IPv6 cluster IP.
+    #[test]
+    fn ipv6_node_addresses_and_cluster_ips_are_refused_as_external_ips() {
+        let plan = plan_of(
+            "apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+status: {addresses: [{type: InternalIP, address: '2001:db8::5'}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: kube-system}
+spec: {ipFamilies: [IPv6], clusterIPs: ['fd00:10:96::a'], ports: [{port: 53, protocol: UDP}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: evil, namespace: aaa}
+spec:
+  ipFamilies: [IPv6]
+  clusterIPs: ['fd00:10:96::66']
+  externalIPs: ['2001:db8::5', 'fd00:10:96::a']
+  ports: [{port: 53, protocol: UDP}]
+",
+        );
+        let frontends: Vec<String> = (plan.frontends.iter())
+            .map(|f| format!("{} {}", f.service, f.frontend.addr))
+            .collect();
+        assert_eq!(
+            frontends,
+            [
+                "kube-system/dns [fd00:10:96::a]:53",
+                "aaa/evil [fd00:10:96::66]:53"
+            ]
+        );
+        let reasons: Vec<&str> = plan.problems.iter().map(|p| p.reason.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "ExternalIP frontend [2001:db8::5]:53 UDP is refused: 2001:db8::5 is an address of this node",
+                "ExternalIP frontend [fd00:10:96::a]:53 UDP is refused: fd00:10:96::a is the cluster IP of Service kube-system/dns",
+            ]
+        );
+    }
+
     #[test]
     fn conflicts_go_by_frontend_kind_then_age_then_name() {
         let svc = |ns: &str, created: &str, kind: &str| {
@@ -1780,6 +1932,219 @@ spec: {{clusterIP: 10.96.0.30, externalIPs: [{}], ports: [{}]}}
         assert_eq!(plan.problems.len(), 1, "{:?}", plan.problems);
         assert_eq!(plan.problems[0].kind, ProblemKind::FrontendLimit);
         assert_eq!(plan.problems[0].service, "default/b");
+    }
+
+    #[test]
+    fn cidrs_of_both_families_parse_mask_and_match_their_own_family_only() {
+        let v4 = Cidr::parse("10.1.2.3/8").unwrap();
+        assert_eq!(v4.to_string(), "10.0.0.0/8");
+        assert!(v4.contains("10.200.0.1".parse().unwrap()));
+        assert!(!v4.contains("::ffff:10.0.0.1".parse().unwrap()));
+        let v6 = Cidr::parse(" fd00:1:2:3::7/64 ").unwrap();
+        assert_eq!(v6.to_string(), "fd00:1:2:3::/64");
+        assert!(v6.contains("fd00:1:2:3:ffff::1".parse().unwrap()));
+        assert!(!v6.contains("fd00:1:2:4::1".parse().unwrap()));
+        assert!(!v6.contains("10.0.0.1".parse().unwrap()));
+        assert_eq!(Cidr::parse("::/0").unwrap().prefix, 0);
+        assert!(
+            Cidr::parse("::/0")
+                .unwrap()
+                .contains("2001:db8::1".parse().unwrap())
+        );
+        assert_eq!(
+            Cidr::parse("2001:db8::1").unwrap().to_string(),
+            "2001:db8::1/128"
+        );
+        for bad in ["10.0.0.0/33", "fd00::/129", "fd00::/x", "fd00::zz/64", ""] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A dual-stack NodePort service with externalTrafficPolicy Local, on a node with an
+    /// InternalIP of each family.
+    fn dual_stack_node_port(v6_endpoints: &str) -> String {
+        format!(
+            "apiVersion: v1
+kind: Node
+metadata: {{name: node-a}}
+status: {{addresses: [{{type: InternalIP, address: 192.0.2.11}}, {{type: InternalIP, address: '2001:db8::11'}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec:
+  type: NodePort
+  ipFamilyPolicy: PreferDualStack
+  ipFamilies: [IPv6, IPv4]
+  clusterIPs: ['fd00:10:96::1', 10.96.0.1]
+  externalTrafficPolicy: Local
+  ports: [{{name: http, port: 80, nodePort: 30080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-v4, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.0.0.1], nodeName: node-a}}, {{addresses: [10.0.0.2], nodeName: node-b}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-v6, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv6
+ports: [{{name: http, port: 8080}}]
+endpoints: {v6_endpoints}
+"
+        )
+    }
+
+    fn summary(plan: &Plan) -> Vec<String> {
+        (plan.frontends.iter())
+            .map(|f| {
+                let backends: Vec<String> = f.backends.iter().map(|b| b.to_string()).collect();
+                let when_empty = if f.drop_when_empty { "drop" } else { "" };
+                format!(
+                    "{:?} {} -> {}{when_empty}",
+                    f.kind,
+                    f.frontend.addr,
+                    backends.join(",")
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_family_has_its_node_ports_endpoints_and_traffic_policy() {
+        // IPv6: no endpoint on this node, so its node port drops (one exists elsewhere) while
+        // IPv4's uses its local one.
+        let plan = plan_of(&dual_stack_node_port(
+            "[{addresses: ['fd00:10:244::2'], nodeName: node-b}]",
+        ));
+        assert!(plan.problems.is_empty(), "{:?}", plan.problems);
+        assert_eq!(
+            summary(&plan),
+            [
+                "ClusterIP 10.96.0.1:80 -> 10.0.0.1:8080,10.0.0.2:8080",
+                "NodePort 192.0.2.11:30080 -> 10.0.0.1:8080",
+                "NodePort [2001:db8::11]:30080 -> drop",
+                "ClusterIP [fd00:10:96::1]:80 -> [fd00:10:244::2]:8080",
+            ]
+        );
+        // The pods' view of the IPv6 node port: every IPv6 endpoint.
+        let internal = plan.frontends[2].internal_backends.as_ref().unwrap();
+        assert_eq!(internal, &["[fd00:10:244::2]:8080".parse().unwrap()]);
+        // The health check answers for the primary family (IPv6 here): no local endpoint.
+        let (mut objects, _) = parse_documents(
+            std::path::Path::new("t.yaml"),
+            &dual_stack_node_port("[]").replace(
+                "externalTrafficPolicy: Local",
+                "externalTrafficPolicy: Local\n  healthCheckNodePort: 32000",
+            ),
+        );
+        let mut cluster = ClusterObjects::default();
+        for o in objects.drain(..) {
+            cluster.insert(o, "node-a");
+        }
+        let plan = compute(&cluster, &NodeContext::named("node-a"));
+        assert_eq!(plan.health_checks.len(), 1);
+        assert_eq!(plan.health_checks[0].local_endpoints, 0);
+    }
+
+    #[test]
+    fn node_port_addresses_may_be_ipv6_cidrs() {
+        let yaml = dual_stack_node_port("[{addresses: ['fd00:10:244::1'], nodeName: node-a}]");
+        let (parsed, _) = parse_documents(std::path::Path::new("t.yaml"), &yaml);
+        let mut objects = ClusterObjects::default();
+        for o in parsed {
+            objects.insert(o, "node-a");
+        }
+        let mut node = NodeContext::named("node-a");
+        node.nodeport_cidrs = vec![Cidr::parse("2001:db8:1::/64").unwrap()];
+        node.local_addresses = [
+            "192.0.2.11",
+            "2001:db8::11",
+            "2001:db8:1::5",
+            "2001:db8:1::6",
+        ]
+        .map(|a| a.parse().unwrap())
+        .to_vec();
+        let plan = compute(&objects, &node);
+        let node_ports: Vec<String> = (plan.frontends.iter())
+            .filter(|f| f.kind == FrontendKind::NodePort)
+            .map(|f| format!("{} -> {:?}", f.frontend.addr, f.backends))
+            .collect();
+        // IPv4: no CIDR of the family given, its default (the primary InternalIP).
+        assert_eq!(
+            node_ports,
+            [
+                "192.0.2.11:30080 -> [10.0.0.1:8080]",
+                "[2001:db8:1::5]:30080 -> [[fd00:10:244::1]:8080]",
+                "[2001:db8:1::6]:30080 -> [[fd00:10:244::1]:8080]",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_single_stack_service_ignores_the_other_familys_addresses_and_slices() {
+        let plan = plan_of(
+            "apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.1
+  externalIPs: ['2001:db8::7', 203.0.113.7]
+  loadBalancerSourceRanges: ['2001:db8::/32']
+  ports: [{name: http, port: 80, nodePort: 0}]
+status: {loadBalancer: {ingress: [{ip: '2001:db8::8'}, {ip: 198.51.100.8}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: ['fd00:10:244::1']}]
+",
+        );
+        assert!(plan.problems.is_empty(), "{:?}", plan.problems);
+        assert_eq!(
+            summary(&plan),
+            [
+                "ClusterIP 10.96.0.1:80 -> ",
+                "LoadBalancer 198.51.100.8:80 -> ",
+                "ExternalIP 203.0.113.7:80 -> ",
+            ]
+        );
+        // Only IPv6 ranges: none applies to the IPv4 load-balancer IP (kube-proxy filters the
+        // ranges by family, so it is open).
+        assert!(plan.frontends[1].source_ranges.is_empty());
+    }
+
+    #[test]
+    fn a_cluster_ip_of_the_wrong_family_skips_only_that_family() {
+        let plan = plan_of(
+            "apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  ipFamilies: [IPv4, IPv6]
+  clusterIPs: [10.96.0.1, 10.96.0.2, 'fd00::1']
+  ports: [{name: http, port: 80}]
+",
+        );
+        assert_eq!(summary(&plan), ["ClusterIP 10.96.0.1:80 -> "]);
+        let problems: Vec<String> = plan.problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            problems,
+            [
+                "Service default/web: clusterIP 10.96.0.2 is not of its family IPv6 (ipFamilies); it is skipped",
+                "Service default/web: clusterIP fd00::1 has no family in ipFamilies; it is skipped",
+            ]
+        );
+        assert!(
+            plan.problems
+                .iter()
+                .all(|p| p.kind == ProblemKind::InvalidClusterIp)
+        );
     }
 
     #[test]

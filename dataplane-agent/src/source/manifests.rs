@@ -753,7 +753,7 @@ endpoints: [{addresses: [10.0.0.1]}]
         let root = tempfile::tempdir().unwrap();
         std::fs::write(
             root.path().join("web.yaml"),
-            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.1, ports: [{name: http, port: 80}]}\n",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIPs: [10.96.0.1, 'fd00::1'], ports: [{name: http, port: 80}]}\n",
         )
         .unwrap();
         let slices = root.path().join("slices.yaml");
@@ -771,7 +771,7 @@ kind: EndpointSlice
 metadata: {name: web-v6, labels: {kubernetes.io/service-name: web}}
 addressType: IPv6
 ports: [{name: http, port: 8080}]
-endpoints: [{addresses: ['fd00::1']}]
+endpoints: [{addresses: [10.0.0.9]}]
 ",
         )
         .unwrap();

@@ -138,7 +138,8 @@ impl Object {
                 .collect();
             SliceEndpoint {
                 address: e.addresses.into_iter().next().map(|a| match a.parse() {
-                    Ok(ip) => Address::V4(ip),
+                    Ok(std::net::IpAddr::V4(ip)) => Address::V4(ip),
+                    Ok(std::net::IpAddr::V6(ip)) => Address::V6(ip),
                     Err(_) => Address::Other(a.into()),
                 }),
                 ready: conditions.ready,
@@ -232,11 +233,12 @@ pub struct Hints {
     pub nodes: Vec<String>,
 }
 
-/// An endpoint's address: an IPv4 address takes no allocation.
+/// An endpoint's address: an IP address of either family takes no allocation.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Address {
     V4(std::net::Ipv4Addr),
-    /// Anything else, as written (IPv6, or not an address).
+    V6(std::net::Ipv6Addr),
+    /// Anything else, as written (not an address).
     Other(Box<str>),
 }
 

@@ -474,8 +474,9 @@ impl BenchAgent {
     fn verify(&self, set: &[Service]) -> anyhow::Result<()> {
         for s in set {
             let count = self.slot0(s).map(|v| v.count).unwrap_or(0) as usize;
-            let wanted: HashSet<Ipv4Addr> = s.endpoints.iter().copied().collect();
-            let mut found = HashSet::new();
+            let wanted: HashSet<std::net::IpAddr> =
+                s.endpoints.iter().map(|ip| (*ip).into()).collect();
+            let mut found: HashSet<std::net::IpAddr> = HashSet::new();
             for slot in 1..=count {
                 let id = self
                     .services
@@ -492,7 +493,7 @@ impl BenchAgent {
                     "{}: wrong backend port",
                     s.name
                 );
-                found.insert(*backend.addr.ip());
+                found.insert(backend.addr.ip());
             }
             ensure!(
                 found == wanted,
@@ -514,7 +515,7 @@ impl BenchAgent {
                 .ok()
                 .and_then(|v| self.backends.get(v.backend_id))
                 .and_then(|b| translate::decode_backend(&b))
-                .is_some_and(|b| *b.addr.ip() == addr)
+                .is_some_and(|b| b.addr.ip() == addr)
         })
     }
 
@@ -643,7 +644,7 @@ impl Drop for BenchAgent {
 fn key(vip: Ipv4Addr, port: u16, slot: u16) -> ServiceKey {
     let entry = EntryKey {
         frontend: FrontendAddr {
-            addr: SocketAddrV4::new(vip, port),
+            addr: SocketAddrV4::new(vip, port).into(),
             protocol: Protocol::Tcp,
         },
         scope: SCOPE_DEFAULT,

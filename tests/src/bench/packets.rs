@@ -131,7 +131,7 @@ fn ct_key(src: SocketAddrV4, dst: SocketAddrV4) -> CtKey {
 fn service_key(f: SocketAddrV4, slot: u16) -> ServiceKey {
     let entry = EntryKey {
         frontend: FrontendAddr {
-            addr: f,
+            addr: f.into(),
             protocol: Protocol::Tcp,
         },
         scope: SCOPE_DEFAULT,
@@ -240,7 +240,7 @@ impl Instance {
 
     fn add_backend(&mut self, id: u32, addr: SocketAddrV4) -> anyhow::Result<()> {
         let backend = BackendAddr {
-            addr,
+            addr: addr.into(),
             protocol: Protocol::Tcp,
         };
         self.backends.insert(id, translate::backend(&backend))?;
