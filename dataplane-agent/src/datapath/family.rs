@@ -1,7 +1,7 @@
 //! The datapath's two address families. The shared layouts are generic over the address
-//! (`ServiceKeyOf<A>`, `BackendOf<A>`, ...), with `A` = `Ipv4` (`[u8; 4]`) or `Ipv6`
-//! (`[u8; 16]`); [`Family`] is what the agent needs to know of `A`: how an [`IpAddr`] becomes
-//! one, and which of the two sets of maps (and of their contents) holds its entries. Code that
+//! (`ServiceKeyOf<A>`, `BackendOf<A>`, ...), with `A` = `Ipv4` (`[u8; 4]`) or `Ipv6` (16
+//! octets, 4-aligned); [`Family`] is what the agent needs to know of `A`: how an [`IpAddr`]
+//! becomes one, and which of the two sets of maps (and of their contents) holds its entries. Code that
 //! writes or reads entries is written once, generic over `A`, and `by_family!` picks `A`
 //! from an address.
 use std::{
@@ -86,7 +86,7 @@ impl Family for Ipv6 {
     const MAP_NAMES: FamilyMapNames = MAP_NAMES_V6;
     fn of(ip: IpAddr) -> Option<Self> {
         match ip {
-            IpAddr::V6(a) => Some(a.octets()),
+            IpAddr::V6(a) => Some(a.into()),
             IpAddr::V4(_) => None,
         }
     }

@@ -1005,7 +1005,7 @@ impl Programmer<PinnedMaps> {
             }
             IpAddr::V6(addr) => {
                 let config = DatapathConfig6 {
-                    snat_addr: addr.octets(),
+                    snat_addr: addr.into(),
                 };
                 if self.maps.config6.get(&0, 0).ok() != Some(config) {
                     self.maps.config6.set(0, config, 0)?;
