@@ -10,15 +10,23 @@
 //! and the new-flow chain reaches ~800 bytes. It needs its working state in a per-CPU scratch
 //! map before it can be attached.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, lpm_trie::Key},
+    bindings::TC_ACT_SHOT,
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
 };
 use dataplane_common::{
     AffinityKeyOf, AffinityValue, BackendOf, CtEntryOf, CtKeyOf, HAIRPIN_SNAT_ADDR, Ipv4, Ipv6,
-    ServiceKeyOf, ServiceValue, SourceRangeKey, capacity,
+    ServiceKeyOf, ServiceValue, SourceRangeKey, SourceRangeKey6, capacity,
 };
 
-use crate::{forward, maps, nat::Rewrite, packet::Packet, refuse};
+use crate::{
+    forward,
+    lb::FlowScratch,
+    maps,
+    nat::Rewrite,
+    packet::Packet,
+    refuse,
+};
 
 /// The operations conntrack needs of a hash map, whichever kind and size it is.
 pub trait KvMap<K, V> {
@@ -72,12 +80,16 @@ pub trait PacketFamily: Family {
 
     /// The source a pod reaching itself through a service is given (see `HAIRPIN_SNAT_ADDR`).
     const HAIRPIN_ADDR: Self::Addr;
+    /// Known and new flows in frames of their own (see `lb::handle`).
+    const OWN_FRAMES: bool;
 
     fn host_flows() -> &'static HostFlows<Self::Addr>;
     fn ct_tcp() -> &'static Self::CtTcp;
     fn ct_overflow() -> &'static Self::CtOverflow;
     fn ct_overflow_in_use() -> &'static Array<u32, 1>;
     fn ct_any() -> &'static Self::CtAny;
+    /// Working memory for opening a flow (`lb::open_flow`).
+    fn flow_scratch() -> &'static PerCpuArray<FlowScratch<Self::Addr>, 1>;
 
     /// Is `saddr` inside one of the frontend's loadBalancerSourceRanges?
     fn source_allowed(rev_nat_id: u32, saddr: Self::Addr) -> bool;
@@ -123,6 +135,7 @@ impl PacketFamily for V4 {
     type CtAny = LruHashMap<CtKeyOf<Ipv4>, CtEntryOf<Ipv4>, { capacity::CONNTRACK_ANY as usize }>;
 
     const HAIRPIN_ADDR: Ipv4 = HAIRPIN_SNAT_ADDR;
+    const OWN_FRAMES: bool = false;
 
     #[inline(always)]
     fn host_flows() -> &'static HostFlows<Ipv4> {
@@ -143,6 +156,10 @@ impl PacketFamily for V4 {
     #[inline(always)]
     fn ct_any() -> &'static Self::CtAny {
         &maps::CONNTRACK_ANY
+    }
+    #[inline(always)]
+    fn flow_scratch() -> &'static PerCpuArray<FlowScratch<Ipv4>, 1> {
+        &maps::FLOW_SCRATCH
     }
 
     #[inline(always)]
@@ -197,4 +214,94 @@ impl Family for V6 {
     fn affinity() -> &'static Affinity<Ipv6> {
         &maps::AFFINITY6
     }
+}
+
+impl PacketFamily for V6 {
+    type CtTcp = HashMap<CtKeyOf<Ipv6>, CtEntryOf<Ipv6>, { capacity::CONNTRACK6_TCP as usize }>;
+    type CtOverflow =
+        LruHashMap<CtKeyOf<Ipv6>, CtEntryOf<Ipv6>, { capacity::CONNTRACK6_TCP_OVERFLOW as usize }>;
+    type CtAny = LruHashMap<CtKeyOf<Ipv6>, CtEntryOf<Ipv6>, { capacity::CONNTRACK6_ANY as usize }>;
+
+    const HAIRPIN_ADDR: Ipv6 = dataplane_common::HAIRPIN_SNAT_ADDR6;
+    const OWN_FRAMES: bool = true;
+
+    #[inline(always)]
+    fn host_flows() -> &'static HostFlows<Ipv6> {
+        &maps::HOST_FLOWS6
+    }
+    #[inline(always)]
+    fn ct_tcp() -> &'static Self::CtTcp {
+        &maps::CONNTRACK6_TCP
+    }
+    #[inline(always)]
+    fn ct_overflow() -> &'static Self::CtOverflow {
+        &maps::CONNTRACK6_TCP_OVERFLOW
+    }
+    #[inline(always)]
+    fn ct_overflow_in_use() -> &'static Array<u32, 1> {
+        &maps::CONNTRACK6_OVERFLOW_IN_USE
+    }
+    #[inline(always)]
+    fn ct_any() -> &'static Self::CtAny {
+        &maps::CONNTRACK6_ANY
+    }
+    #[inline(always)]
+    fn flow_scratch() -> &'static PerCpuArray<FlowScratch<Ipv6>, 1> {
+        &maps::FLOW_SCRATCH6
+    }
+
+    #[inline(always)]
+    fn source_allowed(rev_nat_id: u32, saddr: Ipv6) -> bool {
+        let key = Key::new(
+            32 + 128,
+            SourceRangeKey6 {
+                rev_nat_id_be: rev_nat_id.to_be(),
+                addr: saddr,
+            },
+        );
+        maps::SOURCE_RANGES6.get(&key).is_some()
+    }
+
+    #[inline(always)]
+    fn snat_addr() -> Option<Ipv6> {
+        maps::CONFIG6.get(0).map(|c| c.snat_addr)
+    }
+
+    #[inline(always)]
+    fn remember_fragment_ports(pkt: &Packet<Ipv6>, now: u64) {
+        pkt.remember_fragment_ports6(now)
+    }
+
+    #[inline(always)]
+    fn translate_and_forward<const L2: usize>(
+        ctx: &TcContext,
+        pkt: &Packet<Ipv6>,
+        rewrite: Rewrite<Ipv6>,
+    ) -> i32 {
+        translate_and_forward6::<L2>(ctx, pkt, &rewrite)
+    }
+
+    /// Not answered for IPv6 yet (no TCP reset or ICMPv6 unreachable is built): dropped,
+    /// counted as refused.
+    #[inline(always)]
+    fn refuse<const L2: usize>(_ctx: &TcContext, _pkt: &Packet<Ipv6>) -> i32 {
+        TC_ACT_SHOT
+    }
+}
+
+/// IPv6's forwarding in a frame of its own: its addresses make every structure on the way
+/// four times larger, and the verifier caps the stack of the whole call chain.
+#[inline(never)]
+fn translate_and_forward6<const L2: usize>(
+    ctx: &TcContext,
+    pkt: &Packet<Ipv6>,
+    rewrite: &Rewrite<Ipv6>,
+) -> i32 {
+    let rewrite = Rewrite {
+        saddr: rewrite.saddr,
+        sport: rewrite.sport,
+        daddr: rewrite.daddr,
+        dport: rewrite.dport,
+    };
+    forward::translate_and_forward::<Ipv6, L2>(ctx, pkt, rewrite)
 }

@@ -18,7 +18,7 @@ use aya_ebpf::{
     helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect_neigh, bpf_skb_change_head},
     programs::TcContext,
 };
-use dataplane_common::{Address, Ipv4, drop_reason};
+use dataplane_common::{Address, Ipv4, Ipv6, drop_reason};
 
 use crate::{
     counters::count_drop,
@@ -29,19 +29,23 @@ use crate::{
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const IPPROTO_ICMP: u8 = 1;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+/// IPv6's hop limit, in its header.
+const IPV6_HOP_LIMIT_OFF: usize = 7;
 
 /// What forwarding needs of an address family: how its addresses enter a FIB lookup and a
 /// neighbour redirect, how a hop is counted, and what a router answers when it cannot
-/// forward. (IPv4's only, for now: see `family`.)
+/// forward.
 pub trait Forwarding: Address {
     const AF: u8;
     const ETH_P: u16;
     fn set_fib_addresses(params: &mut bpf_fib_lookup, saddr: Self, daddr: Self);
     fn fib_next_hop(params: &bpf_fib_lookup) -> Self;
     fn neighbour(next_hop: Self) -> bpf_redir_neigh;
-    /// The family's NAT (`nat::rewrite`).
+    /// The family's NAT (`nat::rewrite`, `nat::rewrite6`).
     fn rewrite<const L2: usize>(
         ctx: &TcContext,
         pkt: &Packet<Self>,
@@ -115,6 +119,73 @@ impl Forwarding for Ipv4 {
     fn too_big<const L2: usize>(ctx: &TcContext, pkt: &Packet, mtu: u16) -> Option<i32> {
         pkt.dont_fragment
             .then(|| refuse::fragmentation_needed::<L2>(ctx, pkt, mtu, node_address(pkt)))
+    }
+}
+
+impl Forwarding for Ipv6 {
+    const AF: u8 = AF_INET6;
+    const ETH_P: u16 = ETH_P_IPV6;
+
+    #[inline(always)]
+    fn set_fib_addresses(params: &mut bpf_fib_lookup, saddr: Ipv6, daddr: Ipv6) {
+        params.__bindgen_anon_3.ipv6_src = saddr.words();
+        params.__bindgen_anon_4.ipv6_dst = daddr.words();
+    }
+
+    #[inline(always)]
+    fn fib_next_hop(params: &bpf_fib_lookup) -> Ipv6 {
+        // SAFETY: unions of integers, written by the helper.
+        let [a, b, c, d] = unsafe { params.__bindgen_anon_4.ipv6_dst }.map(u32::to_ne_bytes);
+        Ipv6::new([
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
+        ])
+    }
+
+    #[inline(always)]
+    fn neighbour(next_hop: Ipv6) -> bpf_redir_neigh {
+        bpf_redir_neigh {
+            nh_family: AF_INET6 as u32,
+            __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
+                ipv6_nh: next_hop.words(),
+            },
+        }
+    }
+
+    #[inline(always)]
+    fn rewrite<const L2: usize>(
+        ctx: &TcContext,
+        pkt: &Packet<Ipv6>,
+        r: nat::Rewrite<Ipv6>,
+    ) -> Result<(), i64> {
+        nat::rewrite6::<L2>(ctx, pkt, r)
+    }
+
+    /// The hop limit minus one (IPv6 has no header checksum).
+    #[inline(always)]
+    fn count_hop<const L2: usize>(ctx: &TcContext) -> Option<()> {
+        let start = ctx.data();
+        if start + L2 + IPV6_HOP_LIMIT_OFF + 1 > ctx.data_end() {
+            return None;
+        }
+        // SAFETY: bounds checked above; the program may write packet data.
+        unsafe { *((start + L2 + IPV6_HOP_LIMIT_OFF) as *mut u8) -= 1 };
+        Some(())
+    }
+
+    /// Handed to the stack untranslated: it answers with ICMPv6 time exceeded about the
+    /// packet as the client sent it, as a router on the way would.
+    #[inline(always)]
+    fn time_exceeded<const L2: usize>(_ctx: &TcContext, _pkt: &Packet<Ipv6>) -> i32 {
+        TC_ACT_OK
+    }
+
+    /// Translated and handed to the stack, which answers with packet too big about the
+    /// translated packet (an answer about the packet as the client sent it is not built yet
+    /// for IPv6).
+    #[inline(always)]
+    fn too_big<const L2: usize>(_ctx: &TcContext, _pkt: &Packet<Ipv6>, _mtu: u16) -> Option<i32> {
+        None
     }
 }
 

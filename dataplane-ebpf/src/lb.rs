@@ -30,54 +30,207 @@ pub enum Origin {
     External,
 }
 
-/// Everything on the per-packet path is inlined into the entry point: each call and return
+/// What becomes of a packet after conntrack and the frontends have had their say.
+enum Step<A> {
+    /// Done: this verdict.
+    Verdict(i32),
+    /// Translate it so and forward it.
+    Forward(nat::Rewrite<A>),
+    /// No known flow takes it: a new flow, if it is to a frontend.
+    New,
+    /// A new flow to open, as `to_frontend` chose it (in `FlowScratch`).
+    Open,
+    /// Refuse the connection (no endpoints).
+    Refuse,
+}
+
+/// `Step`s as a frame's plain integer result: a verdict (`TC_ACT_*`, never negative) or one
+/// of these, with the rewrite in an out-parameter.
+const STEP_FORWARD: i32 = -1;
+const STEP_NEW: i32 = -2;
+const STEP_REFUSE: i32 = -3;
+const STEP_OPEN: i32 = -4;
+
+impl<A: Copy> Step<A> {
+    #[inline(always)]
+    fn to_frame(self, out: &mut nat::Rewrite<A>) -> i32 {
+        match self {
+            Step::Verdict(verdict) => verdict,
+            Step::Forward(rewrite) => {
+                *out = rewrite;
+                STEP_FORWARD
+            }
+            Step::New => STEP_NEW,
+            Step::Refuse => STEP_REFUSE,
+            Step::Open => STEP_OPEN,
+        }
+    }
+
+    /// Runs `frame` (a function of its own returning `to_frame`'s integer) and rebuilds its
+    /// step.
+    #[inline(always)]
+    fn from_frame<P>(frame: impl FnOnce(&P, &mut nat::Rewrite<A>) -> i32, pkt: &P) -> Self
+    where
+        A: Default,
+    {
+        let mut rewrite = nat::Rewrite::default();
+        match frame(pkt, &mut rewrite) {
+            STEP_FORWARD => Step::Forward(rewrite),
+            STEP_NEW => Step::New,
+            STEP_REFUSE => Step::Refuse,
+            STEP_OPEN => Step::Open,
+            verdict => Step::Verdict(verdict),
+        }
+    }
+}
+
+/// Everything on the IPv4 per-packet path is inlined into its frame: each call and return
 /// costs a few nanoseconds (more with the CPU's return-thunk mitigations), which on an
 /// established flow is a good share of the total. New flows, rare, get their own frame.
+/// A family with `OWN_FRAMES` (IPv6, whose structures are four times larger) takes known
+/// flows, new flows and the translation in frames of their own, side by side, to stay
+/// within the verifier's stack budget for the call chain.
 #[inline(always)]
 pub fn handle<F: PacketFamily, const L2: usize>(
     ctx: &TcContext,
     pkt: &Packet<F::Addr>,
     origin: Origin,
 ) -> i32 {
+    if F::OWN_FRAMES {
+        return handle_in_frames::<F, L2>(ctx, pkt, origin);
+    }
+    let mut step = known_flow::<F>(pkt);
+    if let Step::New = step {
+        step = new_flow::<F>(pkt, origin);
+    }
+    if let Step::Open = step {
+        step = open_chosen_flow::<F>(pkt);
+    }
+    match step {
+        Step::Verdict(verdict) => verdict,
+        Step::Forward(rewrite) => F::translate_and_forward::<L2>(ctx, pkt, rewrite),
+        Step::New | Step::Open => TC_ACT_OK,
+        Step::Refuse => F::refuse::<L2>(ctx, pkt),
+    }
+}
+
+/// `handle` with the known flow, the new flow's choice and its opening each in a frame of
+/// its own, side by side, sharing one rewrite. Each frame returns its step as a plain
+/// integer (`Step::to_frame`): a struct returned through memory leaves a stack pointer in
+/// the return register, which the verifier rejects.
+#[inline(always)]
+fn handle_in_frames<F: PacketFamily, const L2: usize>(
+    ctx: &TcContext,
+    pkt: &Packet<F::Addr>,
+    origin: Origin,
+) -> i32 {
+    #[inline(never)]
+    fn known<F: PacketFamily>(pkt: &Packet<F::Addr>, out: &mut nat::Rewrite<F::Addr>) -> i32 {
+        known_flow::<F>(pkt).to_frame(out)
+    }
+    #[inline(never)]
+    fn new<F: PacketFamily>(
+        pkt: &Packet<F::Addr>,
+        origin: Origin,
+        out: &mut nat::Rewrite<F::Addr>,
+    ) -> i32 {
+        new_flow::<F>(pkt, origin).to_frame(out)
+    }
+    #[inline(never)]
+    fn open<F: PacketFamily>(pkt: &Packet<F::Addr>, out: &mut nat::Rewrite<F::Addr>) -> i32 {
+        open_chosen_flow::<F>(pkt).to_frame(out)
+    }
+    let mut rewrite = nat::Rewrite::default();
+    let mut code = known::<F>(pkt, &mut rewrite);
+    if code == STEP_NEW {
+        code = new::<F>(pkt, origin, &mut rewrite);
+    }
+    if code == STEP_OPEN {
+        code = open::<F>(pkt, &mut rewrite);
+        if code == STEP_FORWARD
+            && let Some(scratch) = F::flow_scratch().get_ptr(0)
+        {
+            // SAFETY: this CPU's copy of a per-CPU array value (see `FlowScratch`).
+            F::remember_fragment_ports(pkt, unsafe { (*scratch).chosen.now });
+        }
+    }
+    match code {
+        STEP_FORWARD => F::translate_and_forward::<L2>(ctx, pkt, rewrite),
+        STEP_REFUSE => F::refuse::<L2>(ctx, pkt),
+        STEP_NEW | STEP_OPEN => TC_ACT_OK,
+        verdict => verdict,
+    }
+}
+
+/// A packet of a flow conntrack knows, in either direction; `Step::New` when it starts a
+/// new flow.
+#[inline(always)]
+fn known_flow<F: PacketFamily>(pkt: &Packet<F::Addr>) -> Step<F::Addr> {
     // One lookup on the packet's own tuple finds a known flow in either direction: on the
     // established path, conntrack is the only hash lookup.
     let key = tuple_key(pkt);
-    if let Some(entry) = Conntrack::<F>::get_ptr_mut(&key) {
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
-        F::remember_fragment_ports(pkt, now);
-        // SAFETY: a value from a lookup in this run.
-        if unsafe { (*entry).flags } & CT_FLAG_REPLY != 0 {
-            return reply::<F, L2>(ctx, pkt, entry, now);
-        }
-        if let Some(verdict) = established::<F, L2>(ctx, pkt, &key, entry, now) {
-            return verdict;
-        }
+    let Some(entry) = Conntrack::<F>::get_ptr_mut(&key) else {
+        return Step::New;
+    };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    F::remember_fragment_ports(pkt, now);
+    // SAFETY: a value from a lookup in this run.
+    if unsafe { (*entry).flags } & CT_FLAG_REPLY != 0 {
+        return reply::<F>(pkt, entry, now);
     }
+    match established::<F>(pkt, &key, entry, now) {
+        Some(rewrite) => Step::Forward(rewrite),
+        None => Step::New,
+    }
+}
+
+/// A packet no known flow takes: to a frontend, a new flow (or a refusal); else untouched.
+#[inline(always)]
+fn new_flow<F: PacketFamily>(pkt: &Packet<F::Addr>, origin: Origin) -> Step<F::Addr> {
     // A later fragment never starts a flow: only its first fragment has the L4 header.
     if pkt.fragment == Fragment::Later {
-        return TC_ACT_OK;
+        return Step::Verdict(TC_ACT_OK);
     }
     let Some(service) = F::services().get_ptr(frontend_key(pkt)) else {
-        return TC_ACT_OK;
+        return Step::Verdict(TC_ACT_OK);
     };
     if origin == Origin::External && !opens_connection::<F>(pkt) {
-        return TC_ACT_OK;
+        return Step::Verdict(TC_ACT_OK);
     }
-    // Two frames side by side rather than nested: the verifier caps the stack of the whole
-    // call chain, and each is large.
-    let mut chosen = Chosen::default();
-    let new_flow = match to_frontend::<F>(pkt, service, origin, &mut chosen) {
-        // The flow's table chosen once: one map in the frame, not a branch at each use.
-        CHOSEN if pkt.proto == IPPROTO_TCP => open_flow::<F, _>(&TcpTables::<F>::NEW, pkt, &chosen),
-        CHOSEN => open_flow::<F, _>(&AnyTable::<F>::NEW, pkt, &chosen),
-        REFUSE => NewFlow::Refuse,
-        verdict => NewFlow::Verdict(verdict),
+    let Some(scratch) = F::flow_scratch().get_ptr_mut(0) else {
+        return Step::Verdict(TC_ACT_SHOT);
     };
-    match new_flow {
-        NewFlow::Verdict(verdict) => verdict,
-        NewFlow::Forward(rewrite) => F::translate_and_forward::<L2>(ctx, pkt, rewrite),
-        NewFlow::Refuse => F::refuse::<L2>(ctx, pkt),
+    // SAFETY: this CPU's copy of a per-CPU array value (see `FlowScratch`).
+    let chosen = unsafe { &mut (*scratch).chosen };
+    match to_frontend::<F>(pkt, service, origin, chosen) {
+        CHOSEN => Step::Open,
+        REFUSE => Step::Refuse,
+        verdict => Step::Verdict(verdict),
     }
+}
+
+/// Opens the new flow `to_frontend` chose (in the scratch memory), in a frame beside the
+/// one that chose it: the verifier caps the stack of the whole call chain, and each is large.
+#[inline(always)]
+fn open_chosen_flow<F: PacketFamily>(pkt: &Packet<F::Addr>) -> Step<F::Addr> {
+    let Some(scratch) = F::flow_scratch().get_ptr_mut(0) else {
+        return Step::Verdict(TC_ACT_SHOT);
+    };
+    // SAFETY: this CPU's copy of a per-CPU array value (see `FlowScratch`).
+    let scratch = unsafe { &mut *scratch };
+    // The flow's table chosen once: one map in the frame, not a branch at each use.
+    let step = match (pkt.proto == IPPROTO_TCP, F::OWN_FRAMES) {
+        // Already in a frame of its own (`handle_in_frames`).
+        (true, true) => open_flow::<F, _>(&TcpTables::<F>::NEW, pkt, scratch),
+        (false, true) => open_flow::<F, _>(&AnyTable::<F>::NEW, pkt, scratch),
+        (true, false) => open_flow_frame::<F, _>(&TcpTables::<F>::NEW, pkt, scratch),
+        (false, false) => open_flow_frame::<F, _>(&AnyTable::<F>::NEW, pkt, scratch),
+    };
+    // (`handle_in_frames` remembers fragments beside this frame.)
+    if !F::OWN_FRAMES && matches!(step, Step::Forward(_)) {
+        F::remember_fragment_ports(pkt, scratch.chosen.now);
+    }
+    step
 }
 
 /// Can this packet from outside the node, addressed to a frontend with no flow of ours, open
@@ -101,25 +254,31 @@ fn opens_connection<F: PacketFamily>(pkt: &Packet<F::Addr>) -> bool {
     }
 }
 
+/// Per-CPU working memory of a new flow: what `to_frontend` chose, and the entries and keys
+/// `open_flow` builds. Off the stack: an IPv6 flow's (twice 80 + 40 bytes, and the registers
+/// their addresses need) would not fit the verifier's budget for the call chain. A tc
+/// program runs to completion on its CPU without another entering, so one value per CPU
+/// serves every program.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FlowScratch<A> {
+    chosen: Chosen<A>,
+    forward_entry: CtEntryOf<A>,
+    reply_entry: CtEntryOf<A>,
+    forward_key: CtKeyOf<A>,
+    reply_key: CtKeyOf<A>,
+}
+
 /// What `to_frontend` chose for a new flow, handed to `open_flow`: the frontend entry's
 /// settings (after the scope choice) and the backend.
-#[derive(Default)]
-struct Chosen<A> {
+#[derive(Clone, Copy, Default)]
+pub struct Chosen<A> {
     rev_nat_id: u32,
     flags: u16,
     origin_external: bool,
     backend_id: u32,
     backend: BackendOf<A>,
     now: u64,
-}
-
-/// What became of a new flow. The translation and a refusal are done by the caller: their
-/// frames are large, and the verifier caps the stack of the whole call chain.
-enum NewFlow<A> {
-    Verdict(i32),
-    /// Translate as given and forward.
-    Forward(nat::Rewrite<A>),
-    Refuse,
 }
 
 /// The frontend a packet is addressed to (default scope, slot 0).
@@ -283,13 +442,12 @@ fn note_closing<F: PacketFamily>(
 /// of the service in any condition (the agent keeps such backends programmed), and moves
 /// to a current one when it is gone.
 #[inline(always)]
-fn established<F: PacketFamily, const L2: usize>(
-    ctx: &TcContext,
+fn established<F: PacketFamily>(
     pkt: &Packet<F::Addr>,
     key: &CtKeyOf<F::Addr>,
     entry: *mut CtEntryOf<F::Addr>,
     now: u64,
-) -> Option<i32> {
+) -> Option<nat::Rewrite<F::Addr>> {
     // SAFETY: a value from a lookup in this run, read in place.
     let known = unsafe { &*entry };
     let keeps_backend = if pkt.proto == IPPROTO_TCP {
@@ -303,11 +461,7 @@ fn established<F: PacketFamily, const L2: usize>(
         if pkt.is_tcp_close() {
             note_closing::<F>(entry, &reply_key(pkt, known), pkt.tcp_flags & TCP_RST != 0);
         }
-        return Some(F::translate_and_forward::<L2>(
-            ctx,
-            pkt,
-            forward_rewrite(pkt, known),
-        ));
+        return Some(forward_rewrite(pkt, known));
     }
     // Forget the flow; its next packet (this one) starts a new one.
     let _ = Conntrack::<F>::remove(&reply_key(pkt, known));
@@ -387,7 +541,7 @@ const SNAT_PORT_TRIES: u32 = 8;
 ///
 /// Plain scalars in and out (BPF functions take five arguments at most, and an `Option`
 /// return counts as one more), should it ever need a frame of its own.
-#[inline(always)]
+#[inline(never)]
 fn claim_snat_port<A, T: CtTable<A>>(
     table: &T,
     client_port: u16,
@@ -416,16 +570,38 @@ fn claim_snat_port<A, T: CtTable<A>>(
     0
 }
 
+/// `open_flow` in a frame of its own (a step through `Step::to_frame`, as
+/// `known_flow_frame`).
+#[inline(always)]
+fn open_flow_frame<F: PacketFamily, T: CtTable<F::Addr>>(
+    table: &T,
+    pkt: &Packet<F::Addr>,
+    scratch: &mut FlowScratch<F::Addr>,
+) -> Step<F::Addr> {
+    #[inline(never)]
+    fn frame<F: PacketFamily, T: CtTable<F::Addr>>(
+        table: &T,
+        pkt: &Packet<F::Addr>,
+        scratch: &mut FlowScratch<F::Addr>,
+        rewrite: &mut nat::Rewrite<F::Addr>,
+    ) -> i32 {
+        open_flow::<F, T>(table, pkt, scratch).to_frame(rewrite)
+    }
+    Step::from_frame(|pkt, rewrite| frame::<F, T>(table, pkt, scratch, rewrite), pkt)
+}
+
 /// Opens the flow `chosen` describes: its conntrack entries (the reply's first, with the
 /// SNAT port claimed there), counters, then the translation to do.
-#[inline(never)]
+#[inline(always)]
 fn open_flow<F: PacketFamily, T: CtTable<F::Addr>>(
     table: &T,
     pkt: &Packet<F::Addr>,
-    chosen: &Chosen<F::Addr>,
-) -> NewFlow<F::Addr> {
-    let (now, backend_id, backend) = (chosen.now, chosen.backend_id, chosen.backend);
-    let mut entry = CtEntryOf {
+    scratch: &mut FlowScratch<F::Addr>,
+) -> Step<F::Addr> {
+    let chosen = &scratch.chosen;
+    let (now, backend_id, backend) = (chosen.now, chosen.backend_id, &chosen.backend);
+    let entry = &mut scratch.forward_entry;
+    *entry = CtEntryOf {
         packets: 1,
         bytes: pkt.ip_len as u64,
         created_ns: now,
@@ -448,7 +624,7 @@ fn open_flow<F: PacketFamily, T: CtTable<F::Addr>>(
         // Replies must come back through this node: the source becomes the node's address,
         // the port is claimed below with the reply entry.
         let (Some(config), Some(snat_addr)) = (CONFIG.get(0), F::snat_addr()) else {
-            return NewFlow::Verdict(TC_ACT_SHOT);
+            return Step::Verdict(TC_ACT_SHOT);
         };
         entry.flags = CT_FLAG_SNAT;
         entry.peer_addr = snat_addr;
@@ -464,62 +640,60 @@ fn open_flow<F: PacketFamily, T: CtTable<F::Addr>>(
         entry.flags = CT_FLAG_HAIRPIN;
         entry.peer_addr = F::HAIRPIN_ADDR;
     }
-    // Reply entry first: by the time the backend can answer, it exists. One struct, turned
-    // from the reply's view into the forward one, keeps the stack small.
-    let mut reply_key = reply_key(pkt, &entry);
-    let mut forward = (
-        entry.nat_addr,
-        entry.nat_port,
-        entry.peer_addr,
-        entry.peer_port,
-    );
-    entry.packets = 0;
-    entry.bytes = 0;
-    entry.nat_addr = pkt.daddr;
-    entry.nat_port = pkt.dport;
-    entry.peer_addr = if entry.flags != 0 {
+    // Reply entry first: by the time the backend can answer, it exists.
+    scratch.reply_key = reply_key(pkt, &scratch.forward_entry);
+    let reply = &mut scratch.reply_entry;
+    *reply = scratch.forward_entry;
+    reply.packets = 0;
+    reply.bytes = 0;
+    reply.nat_addr = pkt.daddr;
+    reply.nat_port = pkt.dport;
+    reply.peer_addr = if reply.flags != 0 {
         pkt.saddr
     } else {
         F::Addr::default()
     };
-    entry.peer_port = if entry.flags & CT_FLAG_SNAT != 0 {
+    reply.peer_port = if reply.flags & CT_FLAG_SNAT != 0 {
         pkt.sport
     } else {
         0
     };
-    entry.flags |= CT_FLAG_REPLY;
+    reply.flags |= CT_FLAG_REPLY;
     let reply_inserted = match snat {
-        Some(range) => match claim_snat_port(table, pkt.sport, &mut reply_key, &entry, range) {
+        Some(range) => match claim_snat_port(
+            table,
+            pkt.sport,
+            &mut scratch.reply_key,
+            &scratch.reply_entry,
+            range,
+        ) {
             0 => {
                 count_drop(drop_reason::SNAT_PORTS_EXHAUSTED);
-                return NewFlow::Verdict(TC_ACT_SHOT);
+                return Step::Verdict(TC_ACT_SHOT);
             }
             port => {
-                forward.3 = port;
+                scratch.forward_entry.peer_port = port;
                 true
             }
         },
-        None => table.insert(&reply_key, &entry, 0).is_ok(),
+        None => table
+            .insert(&scratch.reply_key, &scratch.reply_entry, 0)
+            .is_ok(),
     };
-    entry.flags &= !CT_FLAG_REPLY;
-    entry.packets = 1;
-    entry.bytes = pkt.ip_len as u64;
-    (
-        entry.nat_addr,
-        entry.nat_port,
-        entry.peer_addr,
-        entry.peer_port,
-    ) = forward;
-    if !reply_inserted || table.insert(&tuple_key(pkt), &entry, 0).is_err() {
+    scratch.forward_key = tuple_key(pkt);
+    if !reply_inserted
+        || table
+            .insert(&scratch.forward_key, &scratch.forward_entry, 0)
+            .is_err()
+    {
         if reply_inserted {
-            let _ = table.remove(&reply_key);
+            let _ = table.remove(&scratch.reply_key);
         }
         count_drop(drop_reason::CT_INSERT_FAILED);
-        return NewFlow::Verdict(TC_ACT_SHOT);
+        return Step::Verdict(TC_ACT_SHOT);
     }
     count_service_packet(chosen.rev_nat_id, backend_id, pkt.ip_len as u64, true);
-    F::remember_fragment_ports(pkt, now);
-    NewFlow::Forward(forward_rewrite(pkt, &entry))
+    Step::Forward(forward_rewrite(pkt, &scratch.forward_entry))
 }
 
 /// How a packet of a flow towards its backend is rewritten, by its forward entry.
@@ -540,12 +714,11 @@ fn forward_rewrite<A: Copy>(pkt: &Packet<A>, entry: &CtEntryOf<A>) -> nat::Rewri
 
 /// A backend's reply to a translated flow: back to the client, from the frontend.
 #[inline(always)]
-fn reply<F: PacketFamily, const L2: usize>(
-    ctx: &TcContext,
+fn reply<F: PacketFamily>(
     pkt: &Packet<F::Addr>,
     entry: *mut CtEntryOf<F::Addr>,
     now: u64,
-) -> i32 {
+) -> Step<F::Addr> {
     // SAFETY: a value from a lookup in this run, read in place.
     let known = unsafe { &*entry };
     if pkt.proto == IPPROTO_TCP
@@ -558,7 +731,7 @@ fn reply<F: PacketFamily, const L2: usize>(
         let key = tuple_key(pkt);
         let _ = Conntrack::<F>::remove(&key.forward_of(known));
         let _ = Conntrack::<F>::remove(&key);
-        return TC_ACT_OK;
+        return Step::Verdict(TC_ACT_OK);
     }
     count_flow_packet(entry, pkt.ip_len as u64, now);
     count_service_packet(known.rev_nat_id, known.backend_id, pkt.ip_len as u64, false);
@@ -577,5 +750,5 @@ fn reply<F: PacketFamily, const L2: usize>(
         },
         dport: if snat { known.peer_port } else { pkt.dport },
     };
-    F::translate_and_forward::<L2>(ctx, pkt, rewrite)
+    Step::Forward(rewrite)
 }

@@ -33,6 +33,7 @@ mod refuse;
 mod sock;
 
 use aya_ebpf::{
+    bindings::TC_ACT_OK,
     macros::{cgroup_sock, cgroup_sock_addr, classifier},
     programs::{SockAddrContext, SockContext, TcContext},
 };
@@ -40,14 +41,41 @@ use family::{V4, V6};
 use packet::ETH_HLEN;
 use sock::V4Mapped;
 
-/// Everything arriving on an interface: a TCP/UDP packet goes through load balancing; an ICMP
-/// error about a translated flow is translated; anything else passes untouched. IPv4 only:
-/// IPv6 services are served at the socket (`sock`); see `family` for the IPv6 packet path.
+/// Everything arriving on an interface: a TCP/UDP packet of either family goes through load
+/// balancing; an ICMP error about a translated IPv4 flow is translated; anything else
+/// (neighbour discovery and the rest of ICMPv6 among it) passes untouched.
 #[inline(always)]
 fn ingress<const L2: usize>(ctx: &TcContext, origin: lb::Origin) -> i32 {
+    if packet::is_ipv4::<L2>(ctx) {
+        ingress4::<L2>(ctx, origin)
+    } else if packet::is_ipv6::<L2>(ctx) {
+        ingress6::<L2>(ctx, origin)
+    } else {
+        TC_ACT_OK
+    }
+}
+
+/// Each family in a frame of its own: the verifier caps the stack of a whole call chain
+/// (512 bytes), and either family's path takes most of it.
+#[inline(never)]
+fn ingress4<const L2: usize>(ctx: &TcContext, origin: lb::Origin) -> i32 {
     match packet::parse::<L2>(ctx) {
         Some(pkt) => lb::handle::<V4, L2>(ctx, &pkt, origin),
         None => icmp::translate_error::<L2>(ctx),
+    }
+}
+
+#[inline(never)]
+fn ingress6<const L2: usize>(ctx: &TcContext, origin: lb::Origin) -> i32 {
+    let Some(pkt) = maps::PACKET6.get_ptr_mut(0) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: this CPU's copy of a per-CPU array value, used by this program run alone (a tc
+    // program runs to completion on its CPU without another entering).
+    let pkt = unsafe { &mut *pkt };
+    match packet::parse6::<L2>(ctx, pkt) {
+        Some(()) => lb::handle::<V6, L2>(ctx, pkt, origin),
+        None => TC_ACT_OK,
     }
 }
 

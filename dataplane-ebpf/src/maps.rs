@@ -12,7 +12,7 @@ use dataplane_common::{
     DatapathConfig, DatapathConfig6, FragmentKey, FragmentKey6, FragmentPorts, FrontendName,
     HostFlowKey, HostFlowKey6, IPPROTO_TCP, MaglevTable, ServiceKey, ServiceKey6, ServiceValue,
     SockEntry, SockEntry6, SockKey, SockKey6, SocketLbConfig, SourceRangeKey, SourceRangeKey6,
-    TrafficStats, capacity,
+    Ipv4, Ipv6, TrafficStats, capacity,
 };
 use dataplane_common::{CtEntryOf, CtKeyOf};
 
@@ -306,3 +306,15 @@ pub static HOST_FLOWS6: LruHashMap<HostFlowKey6, u64, { capacity::HOST_FLOWS6 as
 #[btf_map(name = "dp_sock6_v1")]
 pub static SOCKETS6: LruHashMap<SockKey6, SockEntry6, { capacity::SOCKETS6 as usize }> =
     LruHashMap::new();
+
+/// Per-CPU working memory of a new flow (`lb::FlowScratch`), not pinned: nothing outlives
+/// one program run.
+#[btf_map(name = "dp_scratch")]
+pub static FLOW_SCRATCH: PerCpuArray<crate::lb::FlowScratch<Ipv4>, 1> = PerCpuArray::new();
+
+#[btf_map(name = "dp_scratch6")]
+pub static FLOW_SCRATCH6: PerCpuArray<crate::lb::FlowScratch<Ipv6>, 1> = PerCpuArray::new();
+
+/// The IPv6 packet being handled (see `packet::parse6`), per CPU, not pinned.
+#[btf_map(name = "dp_packet6")]
+pub static PACKET6: PerCpuArray<crate::packet::Packet<Ipv6>, 1> = PerCpuArray::new();

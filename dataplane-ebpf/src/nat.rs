@@ -7,15 +7,16 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use dataplane_common::{IPPROTO_UDP, Ipv4};
+use dataplane_common::{IPPROTO_UDP, Ipv4, Ipv6};
 
-use crate::packet::{IP_CSUM_OFF, Packet};
+use crate::packet::{IP_CSUM_OFF, MAX_L4_OFF, Packet};
 
 type Result = core::result::Result<(), i64>;
 
 /// The new source and destination; a field equal to the packet's is left alone. (Plain
 /// values, not `Option`s: a `None`'s undefined payload lets LLVM spill any register, and the
 /// verifier rejects a partial spill of a pointer.)
+#[derive(Clone, Copy, Default)]
 pub struct Rewrite<A = Ipv4> {
     pub saddr: A,
     pub sport: u16,
@@ -59,6 +60,9 @@ struct Addresses {
     daddr: Ipv4,
 }
 
+/// Where IPv6's addresses start in its header.
+const IPV6_SADDR_OFF: usize = 8;
+
 #[inline(always)]
 pub fn rewrite<const L2: usize>(ctx: &TcContext, pkt: &Packet, r: Rewrite) -> Result {
     // Differences, with every value as it sits in the packet (network order).
@@ -92,6 +96,26 @@ pub fn rewrite<const L2: usize>(ctx: &TcContext, pkt: &Packet, r: Rewrite) -> Re
     ports_and_l4_checksum(ctx, pkt, addr_diff, r.sport, r.dport)
 }
 
+/// `rewrite` for IPv6: no header checksum; the addresses enter the L4 checksum through the
+/// pseudo-header, as IPv4's do. A frame of its own (see `family::translate_and_forward6`).
+#[inline(never)]
+pub fn rewrite6<const L2: usize>(ctx: &TcContext, pkt: &Packet<Ipv6>, r: Rewrite<Ipv6>) -> Result {
+    let mut addr_diff = 0u32;
+    for (old, new) in [(&pkt.saddr, &r.saddr), (&pkt.daddr, &r.daddr)] {
+        if old != new {
+            for (old, new) in old.words().into_iter().zip(new.words()) {
+                addr_diff = csum_replace(addr_diff, old, new);
+            }
+        }
+    }
+    if r.saddr != pkt.saddr || r.daddr != pkt.daddr {
+        let ip = ptr_at_mut::<[Ipv6; 2]>(ctx, L2 + IPV6_SADDR_OFF).ok_or(-1i64)?;
+        // SAFETY: bounds checked by ptr_at_mut; the program may write packet data.
+        unsafe { *ip = [r.saddr, r.daddr] };
+    }
+    ports_and_l4_checksum(ctx, pkt, addr_diff, r.sport, r.dport)
+}
+
 /// The ports, and the L4 checksum for them and for the addresses' difference `addr_diff`
 /// (the part of the rewrite every family shares).
 #[inline(always)]
@@ -118,13 +142,19 @@ fn ports_and_l4_checksum<A>(
     }
 
     if sport != pkt.sport || dport != pkt.dport {
-        let ports = ptr_at_mut::<[u16; 2]>(ctx, pkt.l4_off as usize).ok_or(-1i64)?;
+        // Bounded for the verifier: a packet offset it cannot prove small is refused.
+        let l4_off = pkt.l4_off as usize;
+        if l4_off > MAX_L4_OFF {
+            return Err(-1);
+        }
+        let ports = ptr_at_mut::<[u16; 2]>(ctx, l4_off).ok_or(-1i64)?;
         // SAFETY: as above.
         unsafe { *ports = [sport.to_be(), dport.to_be()] };
     }
 
-    // The L4 checksum, by the helper that knows the skb's checksum state. UDP checksum 0
-    // means "none": it stays 0 rather than turning into a wrong value.
+    // The L4 checksum, by the helper that knows the skb's checksum state. An IPv4 UDP
+    // checksum 0 means "none": it stays 0 rather than turning into a wrong value; and a
+    // result of 0 is written as 0xffff, so none is ever produced (invalid in IPv6).
     let udp = if pkt.proto == IPPROTO_UDP {
         BPF_F_MARK_MANGLED_0 as u64
     } else {

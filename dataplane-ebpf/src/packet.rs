@@ -7,13 +7,15 @@
 //! offset stays a constant the verifier sees.
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use dataplane_common::{
-    FRAGMENT_TIMEOUT_NS, FragmentKey, FragmentPorts, IPPROTO_TCP, IPPROTO_UDP, Ipv4,
+    FRAGMENT_TIMEOUT_NS, FragmentKey, FragmentKey6, FragmentPorts, IPPROTO_TCP, IPPROTO_UDP, Ipv4,
+    Ipv6,
 };
 
-use crate::maps::FRAGMENTS;
+use crate::maps::{FRAGMENTS, FRAGMENTS6};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 /// Offsets inside the IPv4 header.
 pub const IP_TTL_OFF: usize = 8;
 pub const IP_CSUM_OFF: usize = 10;
@@ -236,4 +238,175 @@ pub fn parse<const L2: usize>(ctx: &TcContext) -> Option<Packet> {
         pkt.tcp_flags = unsafe { *ptr_at::<u8>(ctx, l4_off + 13)? };
     }
     Some(pkt)
+}
+
+impl Packet<Ipv6> {
+    #[inline(always)]
+    fn fragment_key6(&self) -> FragmentKey6 {
+        FragmentKey6 {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            id: self.ip_id,
+            proto: self.proto,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+
+    /// `remember_fragment_ports` for IPv6 datagrams. A frame of its own: its key is large,
+    /// and it runs for first fragments only.
+    #[inline(never)]
+    pub fn remember_fragment_ports6(&self, now: u64) {
+        if self.fragment == Fragment::First {
+            let ports = FragmentPorts {
+                sport: self.sport,
+                dport: self.dport,
+                _pad: [0; 4],
+                first_seen_ns: now,
+            };
+            let _ = FRAGMENTS6.insert(&self.fragment_key6(), &ports, 0);
+        }
+    }
+}
+
+#[repr(C)]
+struct Ipv6Hdr {
+    version_flow: u32,
+    payload_len: u16,
+    next_header: u8,
+    hop_limit: u8,
+    saddr: Ipv6,
+    daddr: Ipv6,
+}
+
+const IPV6_HLEN: usize = 40;
+/// Extension headers walked before the L4 header, at most (RFC 8200's recommended order has
+/// hop-by-hop, destination options, routing, fragment, destination options): a fixed bound,
+/// so the loop unrolls; a packet with more is not a service packet here.
+const IPV6_MAX_EXTENSIONS: usize = 5;
+/// Where an L4 header may start at most (an IPv6 extension walk stops beyond it; IPv4's is
+/// at most 74): every offset stays a range the verifier can follow.
+pub const MAX_L4_OFF: usize = 512;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_DEST: u8 = 60;
+/// Fragment header: offset in 8-byte units (top 13 bits) and the more-fragments bit.
+const IPV6_FRAG_OFFSET: u16 = 0xfff8;
+const IPV6_FRAG_MF: u16 = 0x0001;
+/// Bytes parsing needs in the linear part at most: link header, fixed header, a few small
+/// extension headers, the TCP header up to its flags.
+const PARSE_LEN6: u32 = (ETH_HLEN + IPV6_HLEN + 64 + 14) as u32;
+
+#[repr(C)]
+struct Ipv6FragHdr {
+    next_header: u8,
+    _reserved: u8,
+    frag_off: u16,
+    id: u32,
+}
+
+/// Is this an IPv6 packet? (See `is_ipv4`.)
+#[inline(always)]
+pub fn is_ipv6<const L2: usize>(ctx: &TcContext) -> bool {
+    if L2 == ETH_HLEN {
+        match ptr_at::<u16>(ctx, 12) {
+            // SAFETY: bounds checked by ptr_at.
+            Some(proto) => unsafe { *proto == ETH_P_IPV6.to_be() },
+            None => false,
+        }
+    } else {
+        // SAFETY: reads the program's own context.
+        unsafe { (*ctx.skb.skb).protocol == ETH_P_IPV6.to_be() as u32 }
+    }
+}
+
+/// An IPv6 TCP/UDP packet, after its extension headers (hop-by-hop, routing, destination
+/// options, fragment). Anything else (ICMPv6, neighbour discovery, more extension headers
+/// than the bound) is `None` and passes untouched.
+#[inline(always)]
+///
+/// Written into `pkt` (per-CPU scratch memory: on the stack it would not fit the verifier's
+/// budget for the IPv6 call chain).
+pub fn parse6<const L2: usize>(ctx: &TcContext, pkt: &mut Packet<Ipv6>) -> Option<()> {
+    if ctx.data_end() - ctx.data() < PARSE_LEN6 as usize
+        && ctx.len() > ctx.data_end() as u32 - ctx.data() as u32
+    {
+        ctx.pull_data(core::cmp::min(ctx.len(), PARSE_LEN6)).ok()?;
+    }
+    let ip = ptr_at::<Ipv6Hdr>(ctx, L2)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    let mut next = ip.next_header;
+    let mut off = L2 + IPV6_HLEN;
+    let mut fragment = Fragment::None;
+    let mut id = 0u32;
+    for _ in 0..IPV6_MAX_EXTENSIONS {
+        match next {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                // SAFETY: bounds checked by ptr_at.
+                let [following, len] = unsafe { *ptr_at::<[u8; 2]>(ctx, off)? };
+                next = following;
+                off += (len as usize + 1) * 8;
+            }
+            NEXTHDR_FRAGMENT => {
+                // SAFETY: bounds checked by ptr_at.
+                let frag = unsafe { &*ptr_at::<Ipv6FragHdr>(ctx, off)? };
+                next = frag.next_header;
+                let frag_off = u16::from_be(frag.frag_off);
+                fragment = if frag_off & IPV6_FRAG_OFFSET != 0 {
+                    Fragment::Later
+                } else if frag_off & IPV6_FRAG_MF != 0 {
+                    Fragment::First
+                } else {
+                    Fragment::None // an atomic fragment: a whole datagram
+                };
+                id = frag.id;
+                off += 8;
+            }
+            _ => break,
+        }
+        if off > MAX_L4_OFF {
+            return None;
+        }
+    }
+    if next != IPPROTO_TCP && next != IPPROTO_UDP {
+        return None;
+    }
+    *pkt = Packet {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: 0,
+        dport: 0,
+        proto: next,
+        tcp_flags: 0,
+        ttl: ip.hop_limit,
+        dont_fragment: true,
+        fragment,
+        ip_id: id,
+        l4_off: off as u16,
+        ip_len: u16::from_be(ip.payload_len).saturating_add(IPV6_HLEN as u16),
+        ip_hlen: IPV6_HLEN as u8,
+    };
+    if fragment == Fragment::Later {
+        // As for IPv4: the ports come from the datagram's first fragment.
+        let ports = unsafe { *FRAGMENTS6.get_ptr(&pkt.fragment_key6())? };
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        if now.saturating_sub(ports.first_seen_ns) > FRAGMENT_TIMEOUT_NS {
+            return None;
+        }
+        pkt.sport = ports.sport;
+        pkt.dport = ports.dport;
+        return Some(());
+    }
+    let ports = ptr_at::<[u16; 2]>(ctx, off)?;
+    // SAFETY: bounds checked by ptr_at.
+    let [sport, dport] = unsafe { *ports };
+    pkt.sport = u16::from_be(sport);
+    pkt.dport = u16::from_be(dport);
+    if next == IPPROTO_TCP {
+        // SAFETY: bounds checked by ptr_at.
+        pkt.tcp_flags = unsafe { *ptr_at::<u8>(ctx, off + 13)? };
+    }
+    Some(())
 }

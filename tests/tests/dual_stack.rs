@@ -233,3 +233,125 @@ fn an_ipv6_service_without_endpoints_refuses_host_clients_at_once() {
     let answer = client(&c.nodes[0].node.netns, "tcp", "fd00:10:96::61", 80);
     assert_eq!(answer, "error ECONNREFUSED");
 }
+
+/// Pods under the default `--socket-lb host`: their IPv6 connections take the tc packet path
+/// (DNAT at the pod's veth, conntrack, the reply restored), with the client's own IPv6
+/// address kept; the IPv4 path beside it is unchanged; a pod reaching itself through the
+/// IPv6 service is answered (hairpin from `100::a9fe:2a01`).
+#[test]
+fn pods_reach_a_dual_stack_service_over_both_families_through_the_packet_path() {
+    require_root!();
+    let mut c = cluster(&[]);
+    let client_ip6 = c.pod("client-pod").ip6.unwrap();
+    let pod = &c.pod("client-pod").netns;
+    let both: BTreeSet<String> = ["web-0", "web-1"].map(String::from).into();
+    let v6_peer = format!("[{CLUSTER_IP6}]:80");
+    let seen = backends_answering(pod, "tcp", (CLUSTER_IP6, 80), &v6_peer, true, 16);
+    assert_eq!(seen, both, "IPv6 from a pod");
+    // The backend saw the pod's own address (no SNAT inside the cluster).
+    let answer = client(pod, "tcp", CLUSTER_IP6, 80);
+    assert!(
+        answer.contains(&format!("[{client_ip6}]:")),
+        "the backend saw another source: {answer:?}"
+    );
+    let seen = backends_answering(
+        pod,
+        "tcp",
+        (CLUSTER_IP, 80),
+        &format!("{CLUSTER_IP}:80"),
+        false,
+        16,
+    );
+    assert_eq!(seen, both, "IPv4 from a pod");
+    // UDP over IPv6: the answer comes back from the frontend.
+    let dns_peer = format!("[{CLUSTER_IP6}]:53");
+    for op in ["udp-connected", "udp-unconnected"] {
+        let seen = backends_answering(pod, op, (CLUSTER_IP6, 53), &dns_peer, true, 8);
+        assert!(!seen.is_empty(), "{op}");
+    }
+    // Flows through the packet path are counted on the IPv6 frontend.
+    let flows = c.agents[0].cli_json(&["flows"]).unwrap();
+    assert!(
+        flows
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|f| f["frontend"] == v6_peer.as_str() && f["source"] == "packet"),
+        "no IPv6 packet flow in {flows:#}"
+    );
+    // Hairpin: web-0 through the IPv6 service, over and over, reaches itself too.
+    let web0 = &c.pod("web-0").netns;
+    let mut hairpinned = false;
+    for _ in 0..24 {
+        let answer = client(web0, "tcp", CLUSTER_IP6, 80);
+        assert!(answer.starts_with(&v6_peer), "{answer:?}");
+        if answer.contains(" web-0 [100::a9fe:2a01]:") {
+            hairpinned = true;
+            break;
+        }
+    }
+    assert!(
+        hairpinned,
+        "web-0 never reached itself through the IPv6 service"
+    );
+}
+
+/// A dual-stack NodePort service from a client outside the cluster: the node port on the
+/// node's IPv6 address reaches both backends (the one on the other node through the
+/// underlay, SNATed to the node's IPv6 address, as externalTrafficPolicy Cluster does), as
+/// the node port on its IPv4 address does.
+#[test]
+fn an_external_client_reaches_a_dual_stack_node_port_over_both_families() {
+    require_root!();
+    let mut c = MultiNode::new(&[&["web-0"], &["web-1"]], 1).unwrap();
+    for name in ["web-0", "web-1"] {
+        c.pod(name).serve(8080, 5353).unwrap();
+    }
+    let v4 = [c.pod("web-0").ip, c.pod("web-1").ip];
+    let v6: Vec<Ipv6Addr> = ["web-0", "web-1"]
+        .iter()
+        .map(|p| c.pod(p).ip6.unwrap())
+        .collect();
+    let manifest = dual_stack_service("np", ("10.96.0.62", "fd00:10:96::62"), &[HTTP], (&v4, &v6))
+        .replacen("type: ClusterIP", "type: NodePort", 1)
+        .replacen("targetPort: 8080}", "targetPort: 8080, nodePort: 30080}", 1);
+    c.write_manifest("np.yaml", &manifest).unwrap();
+    c.start_agents(&[]).unwrap();
+    let node_a6 = c.nodes[0].ip6;
+    let frontend6 = format!("[{node_a6}]:30080");
+    c.agents[0].wait_for_backends(&frontend6, 2).unwrap();
+    let both: BTreeSet<String> = ["web-0", "web-1"].map(String::from).into();
+    let client_ns = &c.clients[0];
+    let seen = backends_answering(
+        client_ns,
+        "tcp",
+        (&node_a6.to_string(), 30080),
+        &frontend6,
+        true,
+        16,
+    );
+    assert_eq!(seen, both, "IPv6 node port");
+    // web-1 (the other node) saw node a's IPv6 address: SNAT, so its replies return there.
+    let mut saw_snat = false;
+    for _ in 0..16 {
+        let answer = client(client_ns, "tcp", &node_a6.to_string(), 30080);
+        if answer.contains(&format!(" web-1 [{node_a6}]:")) {
+            saw_snat = true;
+            break;
+        }
+    }
+    assert!(
+        saw_snat,
+        "web-1 never answered from behind node a's IPv6 SNAT"
+    );
+    let node_a = c.nodes[0].ip.to_string();
+    let seen = backends_answering(
+        client_ns,
+        "tcp",
+        (&node_a, 30080),
+        &format!("{node_a}:30080"),
+        false,
+        16,
+    );
+    assert_eq!(seen, both, "IPv4 node port");
+}
