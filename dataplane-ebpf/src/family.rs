@@ -10,7 +10,6 @@
 //! and the new-flow chain reaches ~800 bytes. It needs its working state in a per-CPU scratch
 //! map before it can be attached.
 use aya_ebpf::{
-    bindings::TC_ACT_SHOT,
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
 };
@@ -281,11 +280,9 @@ impl PacketFamily for V6 {
         translate_and_forward6::<L2>(ctx, pkt, &rewrite)
     }
 
-    /// Not answered for IPv6 yet (no TCP reset or ICMPv6 unreachable is built): dropped,
-    /// counted as refused.
     #[inline(always)]
-    fn refuse<const L2: usize>(_ctx: &TcContext, _pkt: &Packet<Ipv6>) -> i32 {
-        TC_ACT_SHOT
+    fn refuse<const L2: usize>(ctx: &TcContext, pkt: &Packet<Ipv6>) -> i32 {
+        refuse::connection6::<L2>(ctx, pkt)
     }
 }
 

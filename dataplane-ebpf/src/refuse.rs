@@ -1,7 +1,7 @@
 //! Answers the datapath sends itself, turning the received packet into the answer in place
 //! and redirecting it back out of the interface it came from:
-//! - a TCP reset or an ICMP port unreachable (what kube-proxy's REJECT rule sends), so a
-//!   client of a service without endpoints fails at once instead of timing out;
+//! - a TCP reset or an ICMP (ICMPv6) port unreachable (what kube-proxy's REJECT rule sends),
+//!   so a client of a service without endpoints fails at once instead of timing out;
 //! - the ICMP errors a router sends about a packet it cannot forward (time exceeded,
 //!   fragmentation needed), which the node would otherwise send about the *translated*
 //!   packet: built here about the packet as the client sent it, so the client's stack
@@ -11,7 +11,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use dataplane_common::{IPPROTO_TCP, Ipv4};
+use dataplane_common::{IPPROTO_TCP, Ipv4, Ipv6};
 
 use crate::{
     checksum,
@@ -19,6 +19,11 @@ use crate::{
 };
 
 const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PORT_UNREACH: u8 = 4;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
@@ -42,8 +47,35 @@ pub fn connection<const L2: usize>(ctx: &TcContext, pkt: &Packet) -> i32 {
 /// frame, which every call chain includes.
 #[inline(never)]
 pub fn tcp_reset<const L2: usize>(ctx: &TcContext, pkt: &Packet) -> i32 {
+    let pseudo = pseudo_header_sum(pkt.daddr, pkt.saddr, IPPROTO_TCP, 20);
+    let Some(tcp) = reset_segment::<L2, _>(ctx, pkt, pseudo) else {
+        return TC_ACT_SHOT;
+    };
+    let ip = ipv4_header(IPPROTO_TCP, 40, pkt.daddr, pkt.saddr);
+    send_back::<L2, 20, 20, 0>(ctx, ETH_P_IP, &ip, &tcp, &[])
+}
+
+/// `tcp_reset` for IPv6.
+#[inline(never)]
+pub fn tcp_reset6<const L2: usize>(ctx: &TcContext, pkt: &Packet<Ipv6>) -> i32 {
+    let pseudo = pseudo_header_sum6(&pkt.daddr, &pkt.saddr, IPPROTO_TCP, 20);
+    let Some(tcp) = reset_segment::<L2, _>(ctx, pkt, pseudo) else {
+        return TC_ACT_SHOT;
+    };
+    let ip = ipv6_header(IPPROTO_TCP, 20, &pkt.daddr, &pkt.saddr);
+    send_back::<L2, 40, 20, 0>(ctx, ETH_P_IPV6, &ip, &tcp, &[])
+}
+
+/// The reset segment (RFC 9293 3.10.7.1) answering the segment in `ctx`, its checksum over
+/// the pseudo-header sum `pseudo`; `None` for a reset (never answered) or a later fragment.
+#[inline(always)]
+fn reset_segment<const L2: usize, A>(
+    ctx: &TcContext,
+    pkt: &Packet<A>,
+    pseudo: u64,
+) -> Option<[u8; 20]> {
     if pkt.tcp_flags & TCP_RST != 0 || !pkt.has_l4_header() {
-        return TC_ACT_SHOT; // never answer a reset
+        return None;
     }
     let l4 = pkt.l4_off as usize;
     let (Ok(seq), Ok(ack), Ok(data_off)) = (
@@ -51,12 +83,13 @@ pub fn tcp_reset<const L2: usize>(ctx: &TcContext, pkt: &Packet) -> i32 {
         ctx.load::<u32>(l4 + 8),
         ctx.load::<u8>(l4 + 12),
     ) else {
-        return TC_ACT_SHOT;
+        return None;
     };
     let (rst_seq, rst_ack, flags) = if pkt.tcp_flags & TCP_ACK != 0 {
         (u32::from_be(ack), 0, TCP_RST)
     } else {
-        let header_len = pkt.ip_hlen as u32 + ((data_off >> 4) as u32) * 4;
+        // The IP header (and IPv6's extension headers) and the TCP header are not data.
+        let header_len = (l4 - L2) as u32 + ((data_off >> 4) as u32) * 4;
         let mut consumed = (pkt.ip_len as u32).saturating_sub(header_len);
         if pkt.tcp_flags & TCP_SYN != 0 {
             consumed += 1;
@@ -78,13 +111,43 @@ pub fn tcp_reset<const L2: usize>(ctx: &TcContext, pkt: &Packet) -> i32 {
     tcp[8..12].copy_from_slice(&rst_ack.to_be_bytes());
     tcp[12] = 5 << 4;
     tcp[13] = flags;
-    let pseudo = pseudo_header_sum(pkt.daddr, pkt.saddr, IPPROTO_TCP, 20);
     let csum = checksum::finish(checksum::add_bytes(pseudo, &tcp));
     tcp[16] = csum[0];
     tcp[17] = csum[1];
+    Some(tcp)
+}
 
-    let ip = ipv4_header(IPPROTO_TCP, 40, pkt.daddr, pkt.saddr);
-    send_back::<L2, 20, 0>(ctx, &ip, &tcp, &[])
+/// Refuses a connection to an IPv6 frontend without endpoints: a TCP reset, or ICMPv6 port
+/// unreachable (RFC 4443) quoting the datagram's header and first 8 bytes, from the address
+/// the client sent to.
+#[inline(always)]
+pub fn connection6<const L2: usize>(ctx: &TcContext, pkt: &Packet<Ipv6>) -> i32 {
+    if pkt.proto == IPPROTO_TCP {
+        tcp_reset6::<L2>(ctx, pkt)
+    } else {
+        port_unreachable6::<L2>(ctx, pkt)
+    }
+}
+
+#[inline(never)]
+fn port_unreachable6<const L2: usize>(ctx: &TcContext, pkt: &Packet<Ipv6>) -> i32 {
+    if pkt.fragment == Fragment::Later {
+        return TC_ACT_SHOT;
+    }
+    let Ok(quoted) = ctx.load::<[u8; 48]>(L2) else {
+        return TC_ACT_SHOT;
+    };
+    let mut icmp = [0u8; 8];
+    icmp[0] = ICMPV6_DEST_UNREACH;
+    icmp[1] = ICMPV6_PORT_UNREACH;
+    let len = (8 + quoted.len()) as u16;
+    let pseudo = pseudo_header_sum6(&pkt.daddr, &pkt.saddr, IPPROTO_ICMPV6, len);
+    let sum = checksum::add_bytes(checksum::add_bytes(pseudo, &icmp), &quoted);
+    let csum = checksum::finish(sum);
+    icmp[2] = csum[0];
+    icmp[3] = csum[1];
+    let ip = ipv6_header(IPPROTO_ICMPV6, len, &pkt.daddr, &pkt.saddr);
+    send_back::<L2, 40, 8, 48>(ctx, ETH_P_IPV6, &ip, &icmp, &quoted)
 }
 
 /// The packet's TTL ran out on this hop: ICMP time exceeded, from the node (`from`).
@@ -150,7 +213,7 @@ fn icmp_error<const L2: usize>(ctx: &TcContext, pkt: &Packet, error: &IcmpError)
     icmp[2] = csum[0];
     icmp[3] = csum[1];
     let ip = ipv4_header(IPPROTO_ICMP, 20 + 8 + 28, error.from, pkt.saddr);
-    send_back::<L2, 8, 28>(ctx, &ip, &icmp, &quoted)
+    send_back::<L2, 20, 8, 28>(ctx, ETH_P_IP, &ip, &icmp, &quoted)
 }
 
 fn pseudo_header_sum(saddr: Ipv4, daddr: Ipv4, proto: u8, len: u16) -> u64 {
@@ -174,11 +237,30 @@ fn ipv4_header(proto: u8, total_len: u16, saddr: Ipv4, daddr: Ipv4) -> [u8; 20] 
     h
 }
 
-/// Rewrites the frame as `ip | l4 | payload` (on Ethernet, with the MAC addresses swapped),
-/// and sends it back out of the interface it arrived on (towards the client).
-fn send_back<const L2: usize, const L4: usize, const P: usize>(
+/// The IPv6 pseudo-header's sum (RFC 8200 8.1).
+fn pseudo_header_sum6(saddr: &Ipv6, daddr: &Ipv6, proto: u8, len: u16) -> u64 {
+    let sum = checksum::add_bytes(0, &saddr.octets);
+    let sum = checksum::add_bytes(sum, &daddr.octets);
+    sum + proto as u64 + len as u64
+}
+
+fn ipv6_header(proto: u8, payload_len: u16, saddr: &Ipv6, daddr: &Ipv6) -> [u8; 40] {
+    let mut h = [0u8; 40];
+    h[0] = 0x60;
+    h[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    h[6] = proto;
+    h[7] = 64; // hop limit
+    h[8..24].copy_from_slice(&saddr.octets);
+    h[24..40].copy_from_slice(&daddr.octets);
+    h
+}
+
+/// Rewrites the frame as `ip | l4 | payload` (on Ethernet, with the MAC addresses swapped and
+/// `ethertype`), and sends it back out of the interface it arrived on (towards the client).
+fn send_back<const L2: usize, const H: usize, const L4: usize, const P: usize>(
     ctx: &TcContext,
-    ip: &[u8; 20],
+    ethertype: u16,
+    ip: &[u8; H],
     l4: &[u8; L4],
     payload: &[u8; P],
 ) -> i32 {
@@ -189,9 +271,9 @@ fn send_back<const L2: usize, const L4: usize, const P: usize>(
         };
         eth[0..6].copy_from_slice(&macs[6..12]);
         eth[6..12].copy_from_slice(&macs[0..6]);
-        eth[12] = 0x08; // IPv4
+        eth[12..14].copy_from_slice(&ethertype.to_be_bytes());
     }
-    let len = (L2 + 20 + L4 + P) as u32;
+    let len = (L2 + H + L4 + P) as u32;
     // SAFETY: the skb is the program's own context.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, len, 0) } != 0 {
         return TC_ACT_SHOT;
@@ -202,10 +284,10 @@ fn send_back<const L2: usize, const L4: usize, const P: usize>(
         Ok(())
     })
     .and_then(|()| ctx.store(L2, ip, 0))
-    .and_then(|()| ctx.store(L2 + 20, l4, 0))
+    .and_then(|()| ctx.store(L2 + H, l4, 0))
     .and_then(|()| {
         if P > 0 {
-            ctx.store(L2 + 20 + L4, payload, 0)
+            ctx.store(L2 + H + L4, payload, 0)
         } else {
             Ok(())
         }

@@ -213,15 +213,15 @@ fn pods_reach_a_dual_stack_service_over_both_families_with_socket_lb_all() {
 }
 
 #[test]
-fn an_ipv6_service_without_endpoints_refuses_host_clients_at_once() {
+fn an_ipv6_service_without_endpoints_refuses_host_clients_and_pods_at_once() {
     require_root!();
-    let mut c = MultiNode::new(&[&["web-0"], &[]], 0).unwrap();
+    let mut c = MultiNode::new(&[&["client-pod"], &[]], 0).unwrap();
     c.write_manifest(
         "empty.yaml",
         &dual_stack_service(
             "empty",
             ("10.96.0.61", "fd00:10:96::61"),
-            &[HTTP],
+            &[HTTP, DNS],
             (&[], &[]),
         ),
     )
@@ -230,8 +230,20 @@ fn an_ipv6_service_without_endpoints_refuses_host_clients_at_once() {
     c.agents[0]
         .wait_for_backends("[fd00:10:96::61]:80", 0)
         .unwrap();
+    // A host client, at the socket.
     let answer = client(&c.nodes[0].node.netns, "tcp", "fd00:10:96::61", 80);
     assert_eq!(answer, "error ECONNREFUSED");
+    // A pod, on the packet path: a TCP reset, and ICMPv6 port unreachable for UDP (which a
+    // connected socket reports as refused).
+    let pod = &c.pod("client-pod").netns;
+    assert_eq!(
+        client(pod, "tcp", "fd00:10:96::61", 80),
+        "error ECONNREFUSED"
+    );
+    assert_eq!(
+        client(pod, "udp-connected", "fd00:10:96::61", 53),
+        "error ECONNREFUSED"
+    );
 }
 
 /// Pods under the default `--socket-lb host`: their IPv6 connections take the tc packet path
