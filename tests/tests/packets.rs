@@ -1376,3 +1376,282 @@ fn a_full_tcp_table_sends_new_flows_to_the_overflow_and_the_agent_moves_them_bac
     assert_eq!(Ipv4Addr::new(out[30], out[31], out[32], out[33]), BACKEND);
     assert_eq!(maps.v4.conntrack.tcp.get(&last, 0).unwrap().packets, 3);
 }
+
+// IPv6 fixtures: frames built here from scratch (checksums over the IPv6 pseudo-header
+// computed independently of the datapath), run through `pod_ingress`.
+
+const CLIENT6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 5);
+const BACKEND6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, 2, 0, 0, 0, 2);
+const VIP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
+const EMPTY_VIP6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x20);
+
+/// An IPv6 frame: Ethernet, the fixed header (hop limit 64), `extensions` (already encoded,
+/// their first next-header byte set by the caller), then TCP (20-byte header) or UDP.
+fn frame6(
+    macs: ([u8; 6], [u8; 6]),
+    (src, sport): (std::net::Ipv6Addr, u16),
+    (dst, dport): (std::net::Ipv6Addr, u16),
+    extensions: &[u8],
+    l4: L4,
+) -> Vec<u8> {
+    let (proto, mut l4_bytes) = match l4 {
+        L4::Tcp { flags, seq, ack } => {
+            let mut t = vec![0u8; 20];
+            t[4..8].copy_from_slice(&seq.to_be_bytes());
+            t[8..12].copy_from_slice(&ack.to_be_bytes());
+            t[12] = 5 << 4;
+            t[13] = flags;
+            t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+            (6u8, t)
+        }
+        L4::Udp { payload, .. } => {
+            let mut u = vec![0u8; 8];
+            u[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            u.extend_from_slice(payload);
+            (17u8, u)
+        }
+    };
+    l4_bytes[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4_bytes[2..4].copy_from_slice(&dport.to_be_bytes());
+    let csum_at = if proto == 6 { 16 } else { 6 };
+    let pseudo = [
+        &src.octets()[..],
+        &dst.octets(),
+        &(l4_bytes.len() as u32).to_be_bytes(),
+        &[0, 0, 0, proto],
+    ]
+    .concat();
+    let c = checksum(&[&pseudo, &l4_bytes]);
+    l4_bytes[csum_at..csum_at + 2].copy_from_slice(&c);
+    let next = if extensions.is_empty() {
+        proto
+    } else {
+        0 // hop-by-hop first
+    };
+    let payload_len = (extensions.len() + l4_bytes.len()) as u16;
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&payload_len.to_be_bytes());
+    ip.extend_from_slice(&[next, 64]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    [
+        &macs.0[..],
+        &macs.1,
+        &[0x86, 0xdd],
+        &ip,
+        extensions,
+        &l4_bytes,
+    ]
+    .concat()
+}
+
+/// A hop-by-hop options header (8 bytes: PadN) followed by `next`.
+fn hop_by_hop(next: u8) -> Vec<u8> {
+    vec![next, 0, 1, 4, 0, 0, 0, 0]
+}
+
+fn frontend6(
+    ip: std::net::Ipv6Addr,
+    port: u16,
+    protocol: Protocol,
+    backends: &[(std::net::Ipv6Addr, u16)],
+) -> Frontend {
+    Frontend {
+        frontend: FrontendAddr {
+            addr: std::net::SocketAddr::new(ip.into(), port),
+            protocol,
+        },
+        backends: backends
+            .iter()
+            .map(|&(ip, port)| std::net::SocketAddr::new(ip.into(), port))
+            .collect(),
+        ..frontend("default/web6", VIP, port, protocol, &[])
+    }
+}
+
+#[test]
+fn ipv6_packet_fixtures_through_bpf_prog_test_run() {
+    require_root!();
+    let (_pins, mut datapath, mut programmer) = load("dpfix6", &[]);
+    let plan = plan_of(vec![
+        frontend6(VIP6, 80, Protocol::Tcp, &[(BACKEND6, 8080)]),
+        frontend6(VIP6, 53, Protocol::Udp, &[(BACKEND6, 5353)]),
+        frontend6(EMPTY_VIP6, 80, Protocol::Tcp, &[]),
+        frontend6(EMPTY_VIP6, 53, Protocol::Udp, &[]),
+    ]);
+    let report = programmer.apply(&plan);
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+
+    let tcp = |flags, seq, ack| L4::Tcp { flags, seq, ack };
+    let udp = |payload: &'static [u8]| L4::Udp {
+        payload,
+        zero_checksum: false,
+    };
+    let syn_to_empty = frame6(
+        TO_NODE,
+        (CLIENT6, 41000),
+        (EMPTY_VIP6, 80),
+        &[],
+        tcp(SYN, 7000, 0),
+    );
+    let udp_to_empty = frame6(
+        TO_NODE,
+        (CLIENT6, 41001),
+        (EMPTY_VIP6, 53),
+        &[],
+        udp(b"query"),
+    );
+    // The reset: from the frontend, RST|ACK acknowledging the SYN (RFC 9293 3.10.7.1), window
+    // 0; IPv6 hop limit 64.
+    let mut reset = frame6(
+        TO_CLIENT,
+        (EMPTY_VIP6, 80),
+        (CLIENT6, 41000),
+        &[],
+        tcp(RST_ACK, 0, 7001),
+    );
+    reset[14 + 40 + 14..14 + 40 + 16].copy_from_slice(&[0, 0]);
+    reset[14 + 40 + 16..14 + 40 + 18].copy_from_slice(&[0, 0]);
+    let pseudo = [
+        &EMPTY_VIP6.octets()[..],
+        &CLIENT6.octets(),
+        &20u32.to_be_bytes(),
+        &[0, 0, 0, 6],
+    ]
+    .concat();
+    let c = checksum(&[&pseudo, &reset[54..74]]);
+    reset[70..72].copy_from_slice(&c);
+    // ICMPv6 port unreachable from the frontend, quoting the datagram's first 48 bytes.
+    let quoted = &udp_to_empty[14..14 + 48];
+    let mut icmp = vec![1, 4, 0, 0, 0, 0, 0, 0];
+    let icmp_len = (8 + quoted.len()) as u32;
+    let pseudo = [
+        &EMPTY_VIP6.octets()[..],
+        &CLIENT6.octets(),
+        &icmp_len.to_be_bytes(),
+        &[0, 0, 0, 58],
+    ]
+    .concat();
+    let c = checksum(&[&pseudo, &icmp, quoted]);
+    icmp[2..4].copy_from_slice(&c);
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&(icmp_len as u16).to_be_bytes());
+    ip.extend_from_slice(&[58, 64]);
+    ip.extend_from_slice(&EMPTY_VIP6.octets());
+    ip.extend_from_slice(&CLIENT6.octets());
+    let unreachable = [
+        &CLIENT_MAC[..],
+        &NODE_MAC,
+        &[0x86, 0xdd],
+        &ip,
+        &icmp,
+        quoted,
+    ]
+    .concat();
+    // Neighbour solicitation for the VIP: ICMPv6, never touched.
+    let mut ns = frame6(TO_NODE, (CLIENT6, 0), (VIP6, 0), &[], udp(b""));
+    ns[14 + 6] = 58;
+
+    run_cases(
+        &mut datapath,
+        [
+            Case {
+                description: "IPv6: TCP SYN to a ClusterIP is sent to the backend",
+                input: frame6(
+                    TO_NODE,
+                    (CLIENT6, 40000),
+                    (VIP6, 80),
+                    &[],
+                    tcp(SYN, 1000, 0),
+                ),
+                expected: frame6(
+                    TO_NODE,
+                    (CLIENT6, 40000),
+                    (BACKEND6, 8080),
+                    &[],
+                    tcp(SYN, 1000, 0),
+                ),
+                verdict: TC_ACT_OK,
+            },
+            Case {
+                description: "IPv6: the backend's SYN-ACK comes back from the ClusterIP",
+                input: frame6(
+                    TO_NODE,
+                    (BACKEND6, 8080),
+                    (CLIENT6, 40000),
+                    &[],
+                    tcp(SYN_ACK, 5000, 1001),
+                ),
+                expected: frame6(
+                    TO_NODE,
+                    (VIP6, 80),
+                    (CLIENT6, 40000),
+                    &[],
+                    tcp(SYN_ACK, 5000, 1001),
+                ),
+                verdict: TC_ACT_OK,
+            },
+            Case {
+                description: "IPv6: UDP to a ClusterIP is sent to the backend",
+                input: frame6(TO_NODE, (CLIENT6, 40001), (VIP6, 53), &[], udp(b"query")),
+                expected: frame6(
+                    TO_NODE,
+                    (CLIENT6, 40001),
+                    (BACKEND6, 5353),
+                    &[],
+                    udp(b"query"),
+                ),
+                verdict: TC_ACT_OK,
+            },
+            Case {
+                description: "IPv6: the UDP answer comes back from the ClusterIP",
+                input: frame6(
+                    TO_NODE,
+                    (BACKEND6, 5353),
+                    (CLIENT6, 40001),
+                    &[],
+                    udp(b"answer"),
+                ),
+                expected: frame6(TO_NODE, (VIP6, 53), (CLIENT6, 40001), &[], udp(b"answer")),
+                verdict: TC_ACT_OK,
+            },
+            Case {
+                description: "IPv6: UDP behind a hop-by-hop header is translated, the header kept",
+                input: frame6(
+                    TO_NODE,
+                    (CLIENT6, 40002),
+                    (VIP6, 53),
+                    &hop_by_hop(17),
+                    udp(b"q"),
+                ),
+                expected: frame6(
+                    TO_NODE,
+                    (CLIENT6, 40002),
+                    (BACKEND6, 5353),
+                    &hop_by_hop(17),
+                    udp(b"q"),
+                ),
+                verdict: TC_ACT_OK,
+            },
+            Case {
+                description: "IPv6: a SYN to a service without endpoints is answered with a reset",
+                input: syn_to_empty,
+                expected: reset,
+                verdict: TC_ACT_REDIRECT,
+            },
+            Case {
+                description: "IPv6: UDP to a service without endpoints gets ICMPv6 port unreachable",
+                input: udp_to_empty.clone(),
+                expected: unreachable,
+                verdict: TC_ACT_REDIRECT,
+            },
+            Case {
+                description: "IPv6: ICMPv6 (neighbour discovery) passes untouched",
+                expected: ns.clone(),
+                input: ns,
+                verdict: TC_ACT_OK,
+            },
+        ],
+    );
+}
