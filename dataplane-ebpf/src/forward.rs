@@ -30,7 +30,6 @@ use crate::{
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-const IPPROTO_ICMP: u8 = 1;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 /// IPv6's hop limit, in its header.
@@ -312,15 +311,16 @@ pub fn translate_and_forward<A: Forwarding, const L2: usize>(
 /// `ttl`) the same way, without answering for it: no ICMP error is ever sent about an ICMP
 /// error; what this hop cannot forward goes to the stack.
 #[inline(always)]
-pub fn forward_icmp_error<const L2: usize>(
+pub fn forward_icmp_error<A: Forwarding, const L2: usize>(
     ctx: &TcContext,
-    saddr: Ipv4,
-    daddr: Ipv4,
+    icmp: u8,
+    saddr: A,
+    daddr: A,
     ttl: u8,
 ) -> i32 {
-    match route(ctx, IPPROTO_ICMP, (saddr, 0), (daddr, 0)) {
+    match route(ctx, icmp, (saddr, 0), (daddr, 0)) {
         Route::Interface { ifindex, next_hop } if ttl > 1 => {
-            redirect::<Ipv4, L2>(ctx, ifindex, next_hop)
+            redirect::<A, L2>(ctx, ifindex, next_hop)
         }
         _ => TC_ACT_OK,
     }

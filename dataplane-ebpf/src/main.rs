@@ -42,14 +42,18 @@ use packet::ETH_HLEN;
 use sock::V4Mapped;
 
 /// Everything arriving on an interface: a TCP/UDP packet of either family goes through load
-/// balancing; an ICMP error about a translated IPv4 flow is translated; anything else
+/// balancing; an ICMP or ICMPv6 error about a translated flow is translated; anything else
 /// (neighbour discovery and the rest of ICMPv6 among it) passes untouched.
 #[inline(always)]
 fn ingress<const L2: usize>(ctx: &TcContext, origin: lb::Origin) -> i32 {
     if packet::is_ipv4::<L2>(ctx) {
         ingress4::<L2>(ctx, origin)
     } else if packet::is_ipv6::<L2>(ctx) {
-        ingress6::<L2>(ctx, origin)
+        // ICMPv6 in a frame beside the load balancer's, not below it (the stack budget).
+        match ingress6::<L2>(ctx, origin) {
+            NOT_TCP_OR_UDP => icmp::translate_error6::<L2>(ctx),
+            verdict => verdict,
+        }
     } else {
         TC_ACT_OK
     }
@@ -75,9 +79,12 @@ fn ingress6<const L2: usize>(ctx: &TcContext, origin: lb::Origin) -> i32 {
     let pkt = unsafe { &mut *pkt };
     match packet::parse6::<L2>(ctx, pkt) {
         Some(()) => lb::handle::<V6, L2>(ctx, pkt, origin),
-        None => TC_ACT_OK,
+        None => NOT_TCP_OR_UDP,
     }
 }
+
+/// `ingress6`'s answer for a packet it does not load-balance (never a tc verdict).
+const NOT_TCP_OR_UDP: i32 = i32::MIN;
 
 /// Ingress of pod-facing interfaces: traffic from pods.
 #[classifier]

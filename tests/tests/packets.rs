@@ -1383,6 +1383,7 @@ fn a_full_tcp_table_sends_new_flows_to_the_overflow_and_the_agent_moves_them_bac
 const CLIENT6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 5);
 const BACKEND6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, 2, 0, 0, 0, 2);
 const VIP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
+const ROUTER6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1);
 const EMPTY_VIP6: std::net::Ipv6Addr =
     std::net::Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x20);
 
@@ -1444,6 +1445,57 @@ fn frame6(
         &l4_bytes,
     ]
     .concat()
+}
+
+/// An ICMPv6 error (`kind` = [type, code], `word` its second 32-bit word: the MTU of a
+/// packet too big) from `src` to `dst` quoting `quoted`, hop limit 64.
+fn icmp6_error(
+    (src, dst): (std::net::Ipv6Addr, std::net::Ipv6Addr),
+    kind: [u8; 2],
+    word: u32,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut icmp = vec![kind[0], kind[1], 0, 0];
+    icmp.extend_from_slice(&word.to_be_bytes());
+    let len = (icmp.len() + quoted.len()) as u32;
+    let pseudo = [
+        &src.octets()[..],
+        &dst.octets(),
+        &len.to_be_bytes(),
+        &[0, 0, 0, 58],
+    ]
+    .concat();
+    let c = checksum(&[&pseudo, &icmp, quoted]);
+    icmp[2..4].copy_from_slice(&c);
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&(len as u16).to_be_bytes());
+    ip.extend_from_slice(&[58, 64]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    [
+        &TO_NODE.0[..],
+        &TO_NODE.1,
+        &[0x86, 0xdd],
+        &ip,
+        &icmp,
+        quoted,
+    ]
+    .concat()
+}
+
+/// The first 48 bytes of an IPv6 frame's packet (header and 8 bytes), as an ICMPv6 error
+/// quotes them, with its addresses and ports replaced (the quoted L4 checksum left alone).
+fn quote6(
+    frame: &[u8],
+    (src, sport): (std::net::Ipv6Addr, u16),
+    (dst, dport): (std::net::Ipv6Addr, u16),
+) -> Vec<u8> {
+    let mut q = frame[14..14 + 48].to_vec();
+    q[8..24].copy_from_slice(&src.octets());
+    q[24..40].copy_from_slice(&dst.octets());
+    q[40..42].copy_from_slice(&sport.to_be_bytes());
+    q[42..44].copy_from_slice(&dport.to_be_bytes());
+    q
 }
 
 /// A hop-by-hop options header (8 bytes: PadN) followed by `next`.
@@ -1549,6 +1601,7 @@ fn ipv6_packet_fixtures_through_bpf_prog_test_run() {
         quoted,
     ]
     .concat();
+    let udp_query6 = frame6(TO_NODE, (CLIENT6, 40001), (VIP6, 53), &[], udp(b"query"));
     // Neighbour solicitation for the VIP: ICMPv6, never touched.
     let mut ns = frame6(TO_NODE, (CLIENT6, 0), (VIP6, 0), &[], udp(b""));
     ns[14 + 6] = 58;
@@ -1614,6 +1667,38 @@ fn ipv6_packet_fixtures_through_bpf_prog_test_run() {
                     udp(b"answer"),
                 ),
                 expected: frame6(TO_NODE, (VIP6, 53), (CLIENT6, 40001), &[], udp(b"answer")),
+                verdict: TC_ACT_OK,
+            },
+            Case {
+                description: "IPv6: a backend's port unreachable reaches the client about the cluster IP",
+                input: icmp6_error(
+                    (BACKEND6, CLIENT6),
+                    [1, 4],
+                    0,
+                    &quote6(&udp_query6, (CLIENT6, 40001), (BACKEND6, 5353)),
+                ),
+                expected: icmp6_error(
+                    (VIP6, CLIENT6),
+                    [1, 4],
+                    0,
+                    &quote6(&udp_query6, (CLIENT6, 40001), (VIP6, 53)),
+                ),
+                verdict: TC_ACT_OK,
+            },
+            Case {
+                description: "IPv6: packet too big about a reply reaches the backend about its own packet",
+                input: icmp6_error(
+                    (ROUTER6, VIP6),
+                    [2, 0],
+                    1280,
+                    &quote6(&udp_query6, (VIP6, 53), (CLIENT6, 40001)),
+                ),
+                expected: icmp6_error(
+                    (ROUTER6, BACKEND6),
+                    [2, 0],
+                    1280,
+                    &quote6(&udp_query6, (BACKEND6, 5353), (CLIENT6, 40001)),
+                ),
                 verdict: TC_ACT_OK,
             },
             Case {
