@@ -22,7 +22,7 @@ use dataplane_common::{Address, Ipv4, Ipv6, drop_reason};
 
 use crate::{
     counters::count_drop,
-    maps::CONFIG,
+    maps::{CONFIG, CONFIG6},
     nat,
     packet::{ETH_HLEN, IP_CSUM_OFF, IP_TTL_OFF, Packet},
     refuse,
@@ -172,19 +172,15 @@ impl Forwarding for Ipv6 {
         Some(())
     }
 
-    /// Handed to the stack untranslated: it answers with ICMPv6 time exceeded about the
-    /// packet as the client sent it, as a router on the way would.
     #[inline(always)]
-    fn time_exceeded<const L2: usize>(_ctx: &TcContext, _pkt: &Packet<Ipv6>) -> i32 {
-        TC_ACT_OK
+    fn time_exceeded<const L2: usize>(ctx: &TcContext, pkt: &Packet<Ipv6>) -> i32 {
+        refuse::time_exceeded6::<L2>(ctx, pkt, node_address6(pkt))
     }
 
-    /// Translated and handed to the stack, which answers with packet too big about the
-    /// translated packet (an answer about the packet as the client sent it is not built yet
-    /// for IPv6).
+    /// IPv6 is never fragmented on the way: always answered.
     #[inline(always)]
-    fn too_big<const L2: usize>(_ctx: &TcContext, _pkt: &Packet<Ipv6>, _mtu: u16) -> Option<i32> {
-        None
+    fn too_big<const L2: usize>(ctx: &TcContext, pkt: &Packet<Ipv6>, mtu: u16) -> Option<i32> {
+        Some(refuse::packet_too_big6::<L2>(ctx, pkt, mtu, node_address6(pkt)))
     }
 }
 
@@ -260,6 +256,15 @@ fn route<A: Forwarding>(
         }
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Route::TooBig { mtu },
         _ => Route::Stack,
+    }
+}
+
+/// The node's IPv6 address, as the source of the ICMPv6 errors it sends as a router.
+#[inline(always)]
+fn node_address6(pkt: &Packet<Ipv6>) -> Ipv6 {
+    match CONFIG6.get(0) {
+        Some(config) if !config.snat_addr.is_unspecified() => config.snat_addr,
+        _ => pkt.daddr,
     }
 }
 

@@ -318,3 +318,8 @@ pub static FLOW_SCRATCH6: PerCpuArray<crate::lb::FlowScratch<Ipv6>, 1> = PerCpuA
 /// The IPv6 packet being handled (see `packet::parse6`), per CPU, not pinned.
 #[btf_map(name = "dp_packet6")]
 pub static PACKET6: PerCpuArray<crate::packet::Packet<Ipv6>, 1> = PerCpuArray::new();
+
+/// Where an ICMPv6 error the datapath answers with is assembled (`refuse::Icmp6Answer`), per
+/// CPU, not pinned.
+#[btf_map(name = "dp_answer6")]
+pub static ANSWER6: PerCpuArray<crate::refuse::Icmp6Answer, 1> = PerCpuArray::new();

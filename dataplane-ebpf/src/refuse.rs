@@ -8,13 +8,14 @@
 //!   matches the error to its socket (path MTU discovery through services).
 use aya_ebpf::{
     bindings::TC_ACT_SHOT,
-    helpers::{bpf_redirect, bpf_skb_change_tail},
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     programs::TcContext,
 };
 use dataplane_common::{IPPROTO_TCP, Ipv4, Ipv6};
 
 use crate::{
     checksum,
+    maps::ANSWER6,
     packet::{ETH_HLEN, Fragment, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -22,6 +23,8 @@ const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PORT_UNREACH: u8 = 4;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -129,25 +132,101 @@ pub fn connection6<const L2: usize>(ctx: &TcContext, pkt: &Packet<Ipv6>) -> i32 
     }
 }
 
-#[inline(never)]
+#[inline(always)]
 fn port_unreachable6<const L2: usize>(ctx: &TcContext, pkt: &Packet<Ipv6>) -> i32 {
+    let error = Icmp6Error {
+        icmp_type: ICMPV6_DEST_UNREACH,
+        code: ICMPV6_PORT_UNREACH,
+        word: 0,
+        from: pkt.daddr,
+    };
+    icmp6_error::<L2>(ctx, pkt, &error)
+}
+
+/// The packet's hop limit ran out on this hop: ICMPv6 time exceeded, from the node (`from`).
+pub fn time_exceeded6<const L2: usize>(ctx: &TcContext, pkt: &Packet<Ipv6>, from: Ipv6) -> i32 {
+    let error = Icmp6Error {
+        icmp_type: ICMPV6_TIME_EXCEEDED,
+        code: 0,
+        word: 0,
+        from,
+    };
+    icmp6_error::<L2>(ctx, pkt, &error)
+}
+
+/// The packet is bigger than the next hop's `mtu` (IPv6 routers never fragment): ICMPv6
+/// packet too big, from the node (`from`).
+pub fn packet_too_big6<const L2: usize>(
+    ctx: &TcContext,
+    pkt: &Packet<Ipv6>,
+    mtu: u16,
+    from: Ipv6,
+) -> i32 {
+    let error = Icmp6Error {
+        icmp_type: ICMPV6_PACKET_TOO_BIG,
+        code: 0,
+        word: mtu as u32,
+        from,
+    };
+    icmp6_error::<L2>(ctx, pkt, &error)
+}
+
+/// An ICMPv6 error to send (one argument: BPF functions take at most five).
+struct Icmp6Error {
+    icmp_type: u8,
+    code: u8,
+    /// The message's second word (packet too big: the MTU).
+    word: u32,
+    from: Ipv6,
+}
+
+/// An ICMPv6 error (RFC 4443) quoting the packet's fixed header and first 8 bytes after it
+/// (what a client's stack needs to find its socket), to the packet's source. Never inlined,
+/// as `tcp_reset`; assembled in per-CPU scratch memory, not on the stack (the IPv6 chain's
+/// budget).
+#[inline(never)]
+fn icmp6_error<const L2: usize>(ctx: &TcContext, pkt: &Packet<Ipv6>, error: &Icmp6Error) -> i32 {
     if pkt.fragment == Fragment::Later {
         return TC_ACT_SHOT;
     }
-    let Ok(quoted) = ctx.load::<[u8; 48]>(L2) else {
+    let Some(answer) = ANSWER6.get_ptr_mut(0) else {
         return TC_ACT_SHOT;
     };
-    let mut icmp = [0u8; 8];
-    icmp[0] = ICMPV6_DEST_UNREACH;
-    icmp[1] = ICMPV6_PORT_UNREACH;
-    let len = (8 + quoted.len()) as u16;
-    let pseudo = pseudo_header_sum6(&pkt.daddr, &pkt.saddr, IPPROTO_ICMPV6, len);
-    let sum = checksum::add_bytes(checksum::add_bytes(pseudo, &icmp), &quoted);
+    // SAFETY: this CPU's copy of a per-CPU array value, used by this program run alone.
+    let answer = unsafe { &mut *answer };
+    // SAFETY: the helper writes exactly `quoted`'s length into it.
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            L2 as u32,
+            answer.quoted.as_mut_ptr() as *mut _,
+            answer.quoted.len() as u32,
+        )
+    };
+    if loaded != 0 {
+        return TC_ACT_SHOT;
+    }
+    let icmp = &mut answer.icmp;
+    *icmp = [0u8; 8];
+    icmp[0] = error.icmp_type;
+    icmp[1] = error.code;
+    icmp[4..8].copy_from_slice(&error.word.to_be_bytes());
+    let len = (8 + answer.quoted.len()) as u16;
+    let pseudo = pseudo_header_sum6(&error.from, &pkt.saddr, IPPROTO_ICMPV6, len);
+    let sum = checksum::add_bytes(checksum::add_bytes(pseudo, &answer.icmp), &answer.quoted);
     let csum = checksum::finish(sum);
-    icmp[2] = csum[0];
-    icmp[3] = csum[1];
-    let ip = ipv6_header(IPPROTO_ICMPV6, len, &pkt.daddr, &pkt.saddr);
-    send_back::<L2, 40, 8, 48>(ctx, ETH_P_IPV6, &ip, &icmp, &quoted)
+    answer.icmp[2] = csum[0];
+    answer.icmp[3] = csum[1];
+    answer.ip = ipv6_header(IPPROTO_ICMPV6, len, &error.from, &pkt.saddr);
+    send_back::<L2, 40, 8, 48>(ctx, ETH_P_IPV6, &answer.ip, &answer.icmp, &answer.quoted)
+}
+
+/// Where `icmp6_error` assembles its answer (`maps::ANSWER6`).
+#[repr(C)]
+pub struct Icmp6Answer {
+    ip: [u8; 40],
+    icmp: [u8; 8],
+    quoted: [u8; 48],
 }
 
 /// The packet's TTL ran out on this hop: ICMP time exceeded, from the node (`from`).

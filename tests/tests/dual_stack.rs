@@ -367,3 +367,71 @@ fn an_external_client_reaches_a_dual_stack_node_port_over_both_families() {
     );
     assert_eq!(seen, both, "IPv4 node port");
 }
+
+/// Path MTU discovery through an IPv6 service: jumbo-frame pods (9001) over the 1500-byte
+/// underlay, the backend on the other node. The node's "packet too big" about the
+/// translated packet reaches the pod about the cluster IP, so its socket learns the path MTU.
+#[test]
+fn packet_too_big_from_the_node_teaches_the_pod_the_path_mtu_to_an_ipv6_cluster_ip() {
+    require_root!();
+    let options = testbed::multinode::ClusterOptions {
+        pod_mtu: Some(9001),
+        ..Default::default()
+    };
+    let mut c = MultiNode::with(&[&["client-pod"], &["web-1"]], 0, options).unwrap();
+    c.pod("web-1").serve(8080, 5353).unwrap();
+    let v4 = [c.pod("web-1").ip];
+    let v6 = [c.pod("web-1").ip6.unwrap()];
+    c.write_manifest(
+        "web.yaml",
+        &dual_stack_service("web", (CLUSTER_IP, CLUSTER_IP6), &[HTTP, DNS], (&v4, &v6)),
+    )
+    .unwrap();
+    c.start_agents(&[]).unwrap();
+    c.agents[0]
+        .wait_for_backends(&format!("[{CLUSTER_IP6}]:53"), 1)
+        .unwrap();
+    // A connected UDP socket that may not fragment (IPV6_MTU_DISCOVER = IPV6_PMTUDISC_DO)
+    // sends 3000 bytes until its path MTU (IPV6_MTU) drops or a send fails with EMSGSIZE.
+    const PROBE: &str = r#"
+import errno, socket, sys, time
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, 23, 2)
+s.connect((sys.argv[1], int(sys.argv[2])))
+for _ in range(30):
+    try:
+        s.send(b"x" * 3000)
+    except OSError as e:
+        if e.errno == errno.EMSGSIZE:
+            print("emsgsize", s.getsockopt(socket.IPPROTO_IPV6, 24))
+            sys.exit()
+        raise
+    time.sleep(0.1)
+    mtu = s.getsockopt(socket.IPPROTO_IPV6, 24)
+    if mtu < 9000:
+        print("mtu", mtu)
+        sys.exit()
+print("never", s.getsockopt(socket.IPPROTO_IPV6, 24))
+"#;
+    let pod = &c.pod("client-pod").netns;
+    let probe = |host: &str, port: &str| {
+        let out = pod
+            .command("python3")
+            .args(["-c", PROBE, host, port])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+            + &String::from_utf8_lossy(&out.stderr)
+    };
+    // The testbed's own path MTU discovery, nothing translated: straight to the backend.
+    let direct = probe(&v6[0].to_string(), "5353");
+    assert!(
+        direct.starts_with("mtu 1500") || direct.starts_with("emsgsize 1500"),
+        "pod to pod: {direct}"
+    );
+    let out = probe(CLUSTER_IP6, "53");
+    assert!(
+        out.starts_with("mtu 1500") || out.starts_with("emsgsize 1500"),
+        "the pod's socket never learned the path MTU to the IPv6 cluster IP: {out}"
+    );
+}
