@@ -1086,13 +1086,13 @@ pub fn udp_request(
 /// answer, "closed" or "error ...".
 const LINE_CLIENT: &str = r#"
 import socket, sys
-host, port, source = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+host, port, source = sys.argv[1].strip("[]"), int(sys.argv[2]), sys.argv[3]
 try:
-    s = socket.socket()
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if source:
         source_ip, source_port = source.rsplit(":", 1)
-        s.bind((source_ip, int(source_port)))
+        s.bind((source_ip.strip("[]"), int(source_port)))
     s.settimeout(3)
     s.connect((host, port))
     print("open", flush=True)
@@ -1118,8 +1118,8 @@ pub struct LineConnection {
 }
 
 impl LineConnection {
-    /// Connects from `client` to `target` ("host:port"), from `source` ("ip:port", or
-    /// ":port" for any address) when given; fails when the connection is not established
+    /// Connects from `client` to `target` ("host:port", "[ipv6]:port"), from `source`
+    /// ("ip:port", or ":port" for any address) when given; fails when the connection is not established
     /// within 3 s.
     pub fn open(client: &Netns, target: &str, source: Option<&str>) -> anyhow::Result<Self> {
         let (host, port) = target.rsplit_once(':').context("target is host:port")?;

@@ -8,7 +8,7 @@ use std::{collections::BTreeSet, net::Ipv6Addr};
 
 use testbed::{
     Netns,
-    manifests::{DNS, HTTP, dual_stack_service},
+    manifests::{DNS, HTTP, ServicePort, dual_stack_service},
     multinode::MultiNode,
     require_root,
 };
@@ -434,4 +434,100 @@ print("never", s.getsockopt(socket.IPPROTO_IPV6, 24))
         out.starts_with("mtu 1500") || out.starts_with("emsgsize 1500"),
         "the pod's socket never learned the path MTU to the IPv6 cluster IP: {out}"
     );
+}
+
+/// Held IPv6 connections, from a pod (packet path) and from the node (socket), through the
+/// IPv6 cluster IP keep their backends, as kube-proxy's conntrack semantics say, across an
+/// agent restart, the rolling update's first step (the endpoints terminating, still serving)
+/// and the endpoint's removal from its slice (TCP keeps going to the old pod).
+#[test]
+fn held_ipv6_connections_survive_a_restart_and_a_rolling_update() {
+    require_root!();
+    let lines = ServicePort {
+        name: "lines",
+        protocol: "TCP",
+        port: 9000,
+        target_port: 9000,
+    };
+    let mut c = MultiNode::new(&[&["web-0", "client-pod"], &["web-1"]], 0).unwrap();
+    for name in ["web-0", "web-1"] {
+        c.pod(name)
+            .serve_with_line_echo(8080, 5353, Some(9000))
+            .unwrap();
+    }
+    let v4 = [c.pod("web-0").ip, c.pod("web-1").ip];
+    let v6: Vec<Ipv6Addr> = ["web-0", "web-1"]
+        .iter()
+        .map(|p| c.pod(p).ip6.unwrap())
+        .collect();
+    let manifest = |v6_conditions: &str, v6: &[Ipv6Addr]| {
+        let ports = [ServicePort { ..lines }];
+        let text = dual_stack_service("web", (CLUSTER_IP, CLUSTER_IP6), &ports, (&v4, v6));
+        let (v4_part, v6_part) = text.split_once("addressType: IPv6").unwrap();
+        format!(
+            "{v4_part}addressType: IPv6{}",
+            v6_part.replace(
+                "ready: true, serving: true, terminating: false",
+                v6_conditions
+            )
+        )
+    };
+    c.write_manifest(
+        "web.yaml",
+        &manifest("ready: true, serving: true, terminating: false", &v6),
+    )
+    .unwrap();
+    c.start_agents(&[]).unwrap();
+    c.agents[0]
+        .wait_for_backends(&format!("[{CLUSTER_IP6}]:9000"), 2)
+        .unwrap();
+    let target = format!("[{CLUSTER_IP6}]:9000");
+    let mut held: Vec<(String, testbed::LineConnection)> = Vec::new();
+    for i in 0..4 {
+        let from_pod =
+            testbed::LineConnection::open(&c.pod("client-pod").netns, &target, None).unwrap();
+        held.push((format!("pod {i}"), from_pod));
+        let from_node =
+            testbed::LineConnection::open(&c.nodes[0].node.netns, &target, None).unwrap();
+        held.push((format!("node {i}"), from_node));
+    }
+    // Each connection's backend, by its first answer.
+    let mut backend_of = Vec::new();
+    for (name, conn) in &mut held {
+        let answer = conn.exchange("hello").unwrap();
+        backend_of.push((
+            name.clone(),
+            answer.split_whitespace().next().unwrap().to_string(),
+        ));
+    }
+    let mut check = |step: &str, held: &mut Vec<(String, testbed::LineConnection)>| {
+        for ((name, conn), (_, backend)) in held.iter_mut().zip(&backend_of) {
+            let answer = conn
+                .exchange(step)
+                .unwrap_or_else(|e| panic!("{name} broke at {step}: {e}"));
+            assert!(
+                answer.starts_with(backend.as_str()),
+                "{name} moved from {backend} at {step}: {answer}"
+            );
+        }
+    };
+    check("before", &mut held);
+    c.agents[0].restart().unwrap();
+    check("after a restart", &mut held);
+    c.write_manifest(
+        "web.yaml",
+        &manifest("ready: false, serving: true, terminating: true", &v6),
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    check("endpoints terminating", &mut held);
+    c.write_manifest(
+        "web.yaml",
+        &manifest("ready: true, serving: true, terminating: false", &v6[1..]),
+    )
+    .unwrap();
+    c.agents[0]
+        .wait_for_backends(&format!("[{CLUSTER_IP6}]:9000"), 1)
+        .unwrap();
+    check("web-0 gone from the slice", &mut held);
 }
