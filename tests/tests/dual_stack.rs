@@ -500,7 +500,7 @@ fn held_ipv6_connections_survive_a_restart_and_a_rolling_update() {
             answer.split_whitespace().next().unwrap().to_string(),
         ));
     }
-    let mut check = |step: &str, held: &mut Vec<(String, testbed::LineConnection)>| {
+    let check = |step: &str, held: &mut Vec<(String, testbed::LineConnection)>| {
         for ((name, conn), (_, backend)) in held.iter_mut().zip(&backend_of) {
             let answer = conn
                 .exchange(step)
