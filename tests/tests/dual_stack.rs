@@ -244,6 +244,21 @@ fn an_ipv6_service_without_endpoints_refuses_host_clients_and_pods_at_once() {
         client(pod, "udp-connected", "fd00:10:96::61", 53),
         "error ECONNREFUSED"
     );
+    let client_ip6 = c.pod("client-pod").ip6.unwrap();
+    let refused = c.agents[0]
+        .cli_json(&[
+            "trace",
+            "--from",
+            &client_ip6.to_string(),
+            "--to",
+            "[fd00:10:96::61]:80/TCP",
+        ])
+        .unwrap();
+    assert!(
+        refused["translated"].as_str().unwrap().ends_with("TCP RST")
+            && refused["verdict"].as_str().unwrap().starts_with("answered"),
+        "{refused:#}"
+    );
 }
 
 /// Pods under the default `--socket-lb host`: their IPv6 connections take the tc packet path
@@ -290,6 +305,38 @@ fn pods_reach_a_dual_stack_service_over_both_families_through_the_packet_path() 
             .flatten()
             .any(|f| f["frontend"] == v6_peer.as_str() && f["source"] == "packet"),
         "no IPv6 packet flow in {flows:#}"
+    );
+    // `trace` takes IPv6: the pod's next connection, explained and taken out again.
+    let trace = c.agents[0]
+        .cli_json(&[
+            "trace",
+            "--from",
+            &format!("[{client_ip6}]:45678"),
+            "--to",
+            &format!("[{CLUSTER_IP6}]:80/TCP"),
+        ])
+        .unwrap();
+    assert_eq!(trace["service"], "default/web", "{trace:#}");
+    assert_eq!(
+        trace["frontend"],
+        format!("[{CLUSTER_IP6}]:80/TCP").as_str()
+    );
+    let backend = trace["backend"].as_str().unwrap_or_default().to_string();
+    let web_ips6: Vec<Ipv6Addr> = ["web-0", "web-1"]
+        .iter()
+        .map(|p| c.pod(p).ip6.unwrap())
+        .collect();
+    assert!(
+        web_ips6.iter().any(|ip| backend == format!("[{ip}]:8080")),
+        "{trace:#}"
+    );
+    assert_eq!(
+        trace["translated"],
+        format!("[{client_ip6}]:45678 -> {backend} TCP").as_str()
+    );
+    assert!(
+        trace["verdict"].as_str().unwrap().starts_with("forwarded"),
+        "{trace:#}"
     );
     // Hairpin: web-0 through the IPv6 service, over and over, reaches itself too.
     let web0 = &c.pod("web-0").netns;

@@ -1387,8 +1387,7 @@ const ROUTER6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x99, 0, 0, 
 const EMPTY_VIP6: std::net::Ipv6Addr =
     std::net::Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x20);
 
-/// An IPv6 frame: Ethernet, the fixed header (hop limit 64), `extensions` (already encoded,
-/// their first next-header byte set by the caller), then TCP (20-byte header) or UDP.
+/// An IPv6 fixture frame (`observe::frame::frame6`: hop limit 64, checksums computed).
 fn frame6(
     macs: ([u8; 6], [u8; 6]),
     (src, sport): (std::net::Ipv6Addr, u16),
@@ -1396,55 +1395,14 @@ fn frame6(
     extensions: &[u8],
     l4: L4,
 ) -> Vec<u8> {
-    let (proto, mut l4_bytes) = match l4 {
-        L4::Tcp { flags, seq, ack } => {
-            let mut t = vec![0u8; 20];
-            t[4..8].copy_from_slice(&seq.to_be_bytes());
-            t[8..12].copy_from_slice(&ack.to_be_bytes());
-            t[12] = 5 << 4;
-            t[13] = flags;
-            t[14..16].copy_from_slice(&64240u16.to_be_bytes());
-            (6u8, t)
-        }
-        L4::Udp { payload, .. } => {
-            let mut u = vec![0u8; 8];
-            u[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-            u.extend_from_slice(payload);
-            (17u8, u)
-        }
-    };
-    l4_bytes[0..2].copy_from_slice(&sport.to_be_bytes());
-    l4_bytes[2..4].copy_from_slice(&dport.to_be_bytes());
-    let csum_at = if proto == 6 { 16 } else { 6 };
-    let pseudo = [
-        &src.octets()[..],
-        &dst.octets(),
-        &(l4_bytes.len() as u32).to_be_bytes(),
-        &[0, 0, 0, proto],
-    ]
-    .concat();
-    let c = checksum(&[&pseudo, &l4_bytes]);
-    l4_bytes[csum_at..csum_at + 2].copy_from_slice(&c);
-    let next = if extensions.is_empty() {
-        proto
-    } else {
-        0 // hop-by-hop first
-    };
-    let payload_len = (extensions.len() + l4_bytes.len()) as u16;
-    let mut ip = vec![0x60, 0, 0, 0];
-    ip.extend_from_slice(&payload_len.to_be_bytes());
-    ip.extend_from_slice(&[next, 64]);
-    ip.extend_from_slice(&src.octets());
-    ip.extend_from_slice(&dst.octets());
-    [
-        &macs.0[..],
-        &macs.1,
-        &[0x86, 0xdd],
-        &ip,
+    use std::net::SocketAddrV6;
+    dataplane_agent::observe::frame::frame6(
+        macs,
+        SocketAddrV6::new(src, sport, 0, 0),
+        SocketAddrV6::new(dst, dport, 0, 0),
         extensions,
-        &l4_bytes,
-    ]
-    .concat()
+        l4,
+    )
 }
 
 /// An ICMPv6 error (`kind` = [type, code], `word` its second 32-bit word: the MTU of a

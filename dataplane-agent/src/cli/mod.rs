@@ -1,6 +1,6 @@
 //! The command line: `run` (the agent) and the tools, parsed by clap and dispatched here.
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr},
     path::PathBuf,
     time::Duration,
 };
@@ -129,27 +129,28 @@ impl NodeArgs {
     }
 }
 
-fn parse_from(text: &str) -> Result<(Ipv4Addr, Option<u16>), String> {
-    match text.split_once(':') {
-        Some((ip, port)) => Ok((
-            ip.parse().map_err(|e| format!("{ip:?}: {e}"))?,
-            Some(port.parse().map_err(|e| format!("{port:?}: {e}"))?),
-        )),
-        None => Ok((text.parse().map_err(|e| format!("{text:?}: {e}"))?, None)),
+/// `IP`, `IP:PORT`, `[IPv6]:PORT` or a bare IPv6 address.
+fn parse_from(text: &str) -> Result<(IpAddr, Option<u16>), String> {
+    if let Ok(addr) = text.parse::<std::net::SocketAddr>() {
+        return Ok((addr.ip(), Some(addr.port())));
     }
+    text.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .map(|ip| (ip, None))
+        .map_err(|e| format!("{text:?}: {e} (IP, IP:PORT or [IPv6]:PORT)"))
 }
 
-fn parse_to(text: &str) -> Result<(SocketAddrV4, Protocol), String> {
-    let (addr, proto) = text.split_once('/').ok_or("expected IP:PORT/PROTO")?;
+/// `IP:PORT/PROTO` or `[IPv6]:PORT/PROTO`.
+fn parse_to(text: &str) -> Result<(std::net::SocketAddr, Protocol), String> {
+    let (addr, proto) = text.rsplit_once('/').ok_or("expected IP:PORT/PROTO")?;
     let protocol = match proto.to_ascii_uppercase().as_str() {
         "TCP" => Protocol::Tcp,
         "UDP" => Protocol::Udp,
         other => return Err(format!("protocol {other}: TCP or UDP")),
     };
-    match addr.parse().map_err(|e| format!("{addr:?}: {e}"))? {
-        std::net::SocketAddr::V4(addr) => Ok((addr, protocol)),
-        std::net::SocketAddr::V6(_) => Err("trace runs IPv4 packets only".into()),
-    }
+    let addr = addr.parse().map_err(|e| format!("{addr:?}: {e}"))?;
+    Ok((addr, protocol))
 }
 
 fn parse_count(text: &str) -> Result<usize, String> {
@@ -325,10 +326,11 @@ pub enum Command {
         /// Source address, with a port or not (a free one is picked). Needed for the pod and
         /// external entries; with `--entry host`, the socket is bound to it if given.
         #[arg(long, value_parser = parse_from)]
-        from: Option<(Ipv4Addr, Option<u16>)>,
-        /// Destination as IP:PORT/PROTO, e.g. 10.96.0.10:80/TCP.
+        from: Option<(IpAddr, Option<u16>)>,
+        /// Destination as IP:PORT/PROTO, e.g. 10.96.0.10:80/TCP or
+        /// [fd00:10:96::a]:80/TCP.
         #[arg(long, value_parser = parse_to)]
-        to: (SocketAddrV4, Protocol),
+        to: (std::net::SocketAddr, Protocol),
         /// The program the packet enters: from a pod, or from an external interface; or
         /// `host`: a real connection from this process through the socket hooks.
         #[arg(long, value_enum, default_value = "pod")]
@@ -473,7 +475,11 @@ pub fn dispatch(command: Command) -> anyhow::Result<()> {
                 from.is_some() || host,
                 "--from is needed with --entry pod or external"
             );
-            let from = from.unwrap_or((Ipv4Addr::UNSPECIFIED, None));
+            let unspecified: IpAddr = match to.0 {
+                std::net::SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            };
+            let from = from.unwrap_or((unspecified, None));
             // A real socket (host) binds only what was asked; a synthetic packet needs a port.
             let port = match from.1 {
                 Some(port) => port,
@@ -483,7 +489,7 @@ pub fn dispatch(command: Command) -> anyhow::Result<()> {
             let layout = BpffsLayout::new(bpffs_dir);
             let result = dataplane_agent::observe::trace::trace(
                 &layout,
-                SocketAddrV4::new(from.0, port),
+                std::net::SocketAddr::new(from.0, port),
                 to.0,
                 to.1,
                 entry,

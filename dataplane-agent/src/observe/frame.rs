@@ -1,7 +1,7 @@
 //! Ethernet + IPv4 + TCP/UDP frames with every checksum computed from scratch: the synthetic
 //! packets `trace` runs through the live program, and the packet tests' and the bench's
 //! fixtures (one builder for all three).
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4, SocketAddrV6};
 
 /// The Internet checksum (RFC 1071) over `chunks`, as they follow each other.
 pub fn checksum(chunks: &[&[u8]]) -> [u8; 2] {
@@ -74,7 +74,72 @@ pub fn ipv4_header(
 
 /// An Ethernet + IPv4 + TCP/UDP frame from `src` to `dst`.
 pub fn frame(macs: Macs, src: SocketAddrV4, dst: SocketAddrV4, l4: L4, ip: IpFields) -> Vec<u8> {
-    let (proto, mut l4_bytes) = match l4 {
+    let (proto, l4_bytes) = segment(
+        &l4,
+        (src.port(), dst.port()),
+        (&src.ip().octets(), &dst.ip().octets()),
+        |len, proto| [&[0, proto][..], &len.to_be_bytes()].concat(),
+    );
+    let header = ipv4_header(
+        proto,
+        20 + l4_bytes.len() as u16,
+        (*src.ip(), *dst.ip()),
+        ip,
+    );
+    [&macs.0[..], &macs.1, &[0x08, 0x00], &header, &l4_bytes].concat()
+}
+
+/// An Ethernet + IPv6 + TCP/UDP frame from `src` to `dst` (hop limit 64), with `extensions`
+/// (encoded, the first one a hop-by-hop header, its next-header byte set by the caller)
+/// between the fixed header and the segment. A UDP checksum is always computed (IPv6 has no
+/// "none").
+pub fn frame6(
+    macs: Macs,
+    src: SocketAddrV6,
+    dst: SocketAddrV6,
+    extensions: &[u8],
+    l4: L4,
+) -> Vec<u8> {
+    let l4 = match l4 {
+        L4::Udp { payload, .. } => L4::Udp {
+            payload,
+            zero_checksum: false,
+        },
+        tcp => tcp,
+    };
+    let (proto, l4_bytes) = segment(
+        &l4,
+        (src.port(), dst.port()),
+        (&src.ip().octets(), &dst.ip().octets()),
+        |len, proto| [&(len as u32).to_be_bytes()[..], &[0, 0, 0, proto]].concat(),
+    );
+    let next = if extensions.is_empty() { proto } else { 0 };
+    let payload_len = (extensions.len() + l4_bytes.len()) as u16;
+    let mut header = vec![0x60, 0, 0, 0];
+    header.extend_from_slice(&payload_len.to_be_bytes());
+    header.extend_from_slice(&[next, 64]);
+    header.extend_from_slice(&src.ip().octets());
+    header.extend_from_slice(&dst.ip().octets());
+    [
+        &macs.0[..],
+        &macs.1,
+        &[0x86, 0xdd],
+        &header,
+        extensions,
+        &l4_bytes,
+    ]
+    .concat()
+}
+
+/// The TCP (20-byte header) or UDP segment between `ports`, its checksum over the family's
+/// pseudo-header: the addresses, then what `pseudo_tail` makes of the length and protocol.
+fn segment(
+    l4: &L4,
+    (sport, dport): (u16, u16),
+    (src, dst): (&[u8], &[u8]),
+    pseudo_tail: impl Fn(u16, u8) -> Vec<u8>,
+) -> (u8, Vec<u8>) {
+    let (proto, mut l4_bytes) = match *l4 {
         L4::Tcp { flags, seq, ack } => {
             let mut t = vec![0u8; 20];
             t[4..8].copy_from_slice(&seq.to_be_bytes());
@@ -91,8 +156,8 @@ pub fn frame(macs: Macs, src: SocketAddrV4, dst: SocketAddrV4, l4: L4, ip: IpFie
             (17u8, u)
         }
     };
-    l4_bytes[0..2].copy_from_slice(&src.port().to_be_bytes());
-    l4_bytes[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    l4_bytes[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4_bytes[2..4].copy_from_slice(&dport.to_be_bytes());
     let len = l4_bytes.len() as u16;
     let zero_checksum = matches!(
         l4,
@@ -102,19 +167,12 @@ pub fn frame(macs: Macs, src: SocketAddrV4, dst: SocketAddrV4, l4: L4, ip: IpFie
         }
     );
     if !zero_checksum {
-        let pseudo = [
-            &src.ip().octets()[..],
-            &dst.ip().octets(),
-            &[0, proto],
-            &len.to_be_bytes(),
-        ]
-        .concat();
+        let pseudo = [src, dst, &pseudo_tail(len, proto)].concat();
         let at = if proto == 6 { 16 } else { 6 };
         let c = checksum(&[&pseudo, &l4_bytes]);
         l4_bytes[at..at + 2].copy_from_slice(&c);
     }
-    let header = ipv4_header(proto, 20 + len, (*src.ip(), *dst.ip()), ip);
-    [&macs.0[..], &macs.1, &[0x08, 0x00], &header, &l4_bytes].concat()
+    (proto, l4_bytes)
 }
 
 #[cfg(test)]

@@ -2,19 +2,22 @@
 //! against the live maps, and explains what it did. The state a new flow creates (conntrack
 //! and affinity entries, counters) is taken out again afterwards, so live traffic and the
 //! inspection tools see no trace of the trace.
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 
 use anyhow::Context;
+use aya::Pod;
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use dataplane_common::{
-    AffinityKey, CT_FLAG_REPLY, CtEntry, CtKey, MAGLEV_TABLE_SIZE, PROG_EXTERNAL_INGRESS,
-    PROG_POD_INGRESS, SCOPE_DEFAULT, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, TrafficStats,
+    AffinityKeyOf, BackendOf, CT_FLAG_REPLY, CtEntryOf, CtKeyOf, MAGLEV_TABLE_SIZE,
+    PROG_EXTERNAL_INGRESS, PROG_POD_INGRESS, SCOPE_DEFAULT, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV,
+    ServiceKeyOf, TrafficStats,
 };
 use serde::Serialize;
 
 use crate::{
     datapath::{
         BpffsLayout,
+        family::Family,
         maps::PinnedMaps,
         translate::{self, EntryKey},
     },
@@ -51,8 +54,8 @@ pub struct TraceResult {
     pub verdict: &'static str,
 }
 
-/// A TCP SYN or a UDP datagram with valid checksums.
-fn synthetic_packet(from: SocketAddrV4, to: SocketAddrV4, protocol: Protocol) -> Vec<u8> {
+/// A TCP SYN or a UDP datagram with valid checksums, of the addresses' family.
+fn synthetic_packet(from: SocketAddr, to: SocketAddr, protocol: Protocol) -> Vec<u8> {
     let l4 = match protocol {
         Protocol::Tcp => L4::Tcp {
             flags: 0x02, // SYN
@@ -69,13 +72,24 @@ fn synthetic_packet(from: SocketAddrV4, to: SocketAddrV4, protocol: Protocol) ->
         id: 0,
         flags: 0x40, // don't fragment
     };
-    crate::observe::frame::frame(TO_NODE, from, to, l4, ip)
+    match (from, to) {
+        (SocketAddr::V6(from), SocketAddr::V6(to)) => {
+            crate::observe::frame::frame6(TO_NODE, from, to, &[], l4)
+        }
+        (SocketAddr::V4(from), SocketAddr::V4(to)) => {
+            crate::observe::frame::frame(TO_NODE, from, to, l4, ip)
+        }
+        _ => unreachable!("checked by `trace`"),
+    }
 }
 
-/// `src -> dst PROTO` of an IPv4 TCP/UDP frame, or what else it is.
+/// `src -> dst PROTO` of a TCP/UDP frame of either family, or what else it is.
 fn describe(frame: &[u8]) -> String {
+    if frame.len() >= 54 && frame[12..14] == [0x86, 0xdd] {
+        return describe6(frame);
+    }
     if frame.len() < 38 || frame[12..14] != [0x08, 0x00] {
-        return format!("{} bytes, not IPv4", frame.len());
+        return format!("{} bytes, neither IPv4 nor IPv6", frame.len());
     }
     let ip = |o: usize| Ipv4Addr::new(frame[o], frame[o + 1], frame[o + 2], frame[o + 3]);
     let port = |o: usize| u16::from_be_bytes([frame[o], frame[o + 1]]);
@@ -107,6 +121,38 @@ fn describe(frame: &[u8]) -> String {
     }
 }
 
+/// `describe` for IPv6 frames (no extension headers: the trace builds none, and the
+/// datapath's answers carry none).
+fn describe6(frame: &[u8]) -> String {
+    let ip = |o: usize| {
+        let octets: [u8; 16] = frame[o..o + 16].try_into().expect("16 bytes");
+        Ipv6Addr::from(octets)
+    };
+    let port = |o: usize| u16::from_be_bytes([frame[o], frame[o + 1]]);
+    let (src, dst, l4) = (ip(22), ip(38), 54);
+    match frame[20] {
+        6 | 17 if frame.len() >= l4 + 4 => {
+            let proto = if frame[20] == 6 { "TCP" } else { "UDP" };
+            let flags = if frame[20] == 6 && frame.len() > l4 + 13 && frame[l4 + 13] & 0x04 != 0 {
+                " RST"
+            } else {
+                ""
+            };
+            format!(
+                "[{src}]:{} -> [{dst}]:{} {proto}{flags}",
+                port(l4),
+                port(l4 + 2)
+            )
+        }
+        58 if frame.len() >= l4 + 2 => format!(
+            "{src} -> {dst} ICMPv6 type {} code {}",
+            frame[l4],
+            frame[l4 + 1]
+        ),
+        p => format!("{src} -> {dst} next header {p}"),
+    }
+}
+
 /// Takes one trace packet's counts back out of a per-CPU stats entry (from the CPU that
 /// counted it: the first with enough).
 fn subtract(
@@ -135,17 +181,48 @@ fn subtract(
 
 pub fn trace(
     layout: &BpffsLayout,
-    from: SocketAddrV4,
-    to: SocketAddrV4,
+    from: SocketAddr,
+    to: SocketAddr,
     protocol: Protocol,
     entry: Entry,
 ) -> anyhow::Result<TraceResult> {
-    let mut maps = PinnedMaps::open(layout)?;
+    let maps = PinnedMaps::open(layout)?;
     let program_name = match entry {
         Entry::Pod => PROG_POD_INGRESS,
         Entry::External => PROG_EXTERNAL_INGRESS,
-        Entry::Host => return trace_host(&maps, from, to, protocol),
+        Entry::Host => {
+            return match (from, to) {
+                (SocketAddr::V4(from), SocketAddr::V4(to)) => trace_host(&maps, from, to, protocol),
+                _ => anyhow::bail!("--entry host traces IPv4 connections only"),
+            };
+        }
     };
+    match (from, to) {
+        (SocketAddr::V4(_), SocketAddr::V4(_)) => {
+            trace_packet::<dataplane_common::Ipv4>(layout, maps, program_name, (from, to), protocol)
+        }
+        (SocketAddr::V6(_), SocketAddr::V6(_)) => {
+            trace_packet::<dataplane_common::Ipv6>(layout, maps, program_name, (from, to), protocol)
+        }
+        _ => anyhow::bail!("--from {from} and --to {to} are of different families"),
+    }
+}
+
+/// Runs the program on a synthetic packet of family `A` from `from` to `to`.
+fn trace_packet<A: Family + dataplane_common::Address>(
+    layout: &BpffsLayout,
+    mut maps: PinnedMaps,
+    program_name: &'static str,
+    (from, to): (SocketAddr, SocketAddr),
+    protocol: Protocol,
+) -> anyhow::Result<TraceResult>
+where
+    ServiceKeyOf<A>: Pod,
+    BackendOf<A>: Pod,
+    CtKeyOf<A>: Pod,
+    CtEntryOf<A>: Pod,
+    AffinityKeyOf<A>: Pod,
+{
     let program = SchedClassifier::from_pin(layout.program(program_name)).with_context(|| {
         format!("no pinned {program_name} program: is the agent's datapath loaded?")
     })?;
@@ -160,29 +237,29 @@ pub fn trace(
         },
         0,
     );
-    let slot0 = maps.v4.services.get(&frontend_key, 0).ok();
+    let slot0 = A::maps(&maps).services.get(&frontend_key, 0).ok();
     let service = slot0.map(|s| translate::decode_slot0(&s));
-    let forward = CtKey::new(
-        from.ip().octets(),
-        to.ip().octets(),
+    let forward = CtKeyOf::new(
+        A::octets(from.ip()),
+        A::octets(to.ip()),
         from.port(),
         to.port(),
         proto,
     );
     // A reply entry on this tuple would be another flow's, not one this packet continues.
     let forward_entry = |maps: &PinnedMaps| {
-        maps.v4
+        A::maps(maps)
             .conntrack
             .get(&forward, 0)
             .ok()
-            .filter(|e: &CtEntry| e.flags & CT_FLAG_REPLY == 0)
+            .filter(|e: &CtEntryOf<A>| e.flags & CT_FLAG_REPLY == 0)
     };
     let known_flow = forward_entry(&maps);
-    let affinity_key = service.as_ref().map(|s| AffinityKey {
+    let affinity_key = service.as_ref().map(|s| AffinityKeyOf {
         service_port_id: s.settings.service_port_id,
-        client: from.ip().octets(),
+        client: A::octets(from.ip()),
     });
-    let known_affinity = affinity_key.and_then(|k| maps.v4.affinity.get(&k, 0).ok());
+    let known_affinity = affinity_key.and_then(|k| A::maps(&maps).affinity.get(&k, 0).ok());
     let drops_before: Vec<u64> = (0..dataplane_common::capacity::DROP_REASONS)
         .map(|r| maps.drops.get(&r, 0).unwrap_or(0))
         .collect();
@@ -202,10 +279,7 @@ pub fn trace(
     let mut choice = None;
     let mut backend = None;
     if let Some(flow) = created {
-        backend = Some(format!(
-            "{}",
-            SocketAddrV4::new(Ipv4Addr::from(flow.nat_addr), flow.nat_port)
-        ));
+        backend = Some(SocketAddr::new(flow.nat_addr.ip(), flow.nat_port).to_string());
         choice = Some(if known_flow.is_some() {
             "conntrack: an established flow keeps its backend".to_string()
         } else if known_affinity.is_some_and(|a| a.backend_id == flow.backend_id)
@@ -216,13 +290,7 @@ pub fn trace(
             (service.as_ref()).filter(|s| s.settings.flags & SVC_FLAG_MAGLEV != 0)
         {
             let rev_nat_id = s.rev_nat_id;
-            let hash = dataplane_common::flow_hash(
-                u32::from(*from.ip()),
-                u32::from(*to.ip()),
-                from.port(),
-                to.port(),
-                proto,
-            );
+            let hash = dataplane_common::flow_hash_of(&forward);
             let slot = dataplane_common::maglev_slot(hash);
             format!(
                 "maglev: flow hash {hash:#010x} -> slot {slot} of {MAGLEV_TABLE_SIZE} (frontend id {rev_nat_id})"
@@ -236,12 +304,12 @@ pub fn trace(
         // Take the new flow out again: conntrack entries, affinity, counters.
         if known_flow.is_none() {
             let reply = forward.reply_of(&flow);
-            let _ = maps.v4.conntrack.remove(&reply);
-            let _ = maps.v4.conntrack.remove(&forward);
+            let _ = A::maps_mut(&mut maps).conntrack.remove(&reply);
+            let _ = A::maps_mut(&mut maps).conntrack.remove(&forward);
             if let (Some(key), None) = (affinity_key, known_affinity) {
-                let _ = maps.v4.affinity.remove(&key);
+                let _ = A::maps_mut(&mut maps).affinity.remove(&key);
             }
-            let bytes = input.len() as u64 - 14;
+            let bytes = input.len() as u64 - 14; // the IP layer, as the counters count
             subtract(&mut maps.service_stats, flow.rev_nat_id, 1, bytes, 1);
             subtract(&mut maps.backend_stats, flow.backend_id, 1, bytes, 1);
         }
@@ -259,7 +327,10 @@ pub fn trace(
         .find(|s| s.frontend == frontend_name && s.protocol == protocol.to_string())
         .map(|s| s.service.clone());
     // A redirect either forwards the translated packet (FIB) or sends an answer back.
-    let answered = output.get(30..34) == Some(&from.ip().octets()[..]);
+    let answered = match from.ip() {
+        std::net::IpAddr::V4(ip) => output.get(30..34) == Some(&ip.octets()[..]),
+        std::net::IpAddr::V6(ip) => output.get(38..54) == Some(&ip.octets()[..]),
+    };
     Ok(TraceResult {
         packet: describe(&input),
         program: program_name,

@@ -9,7 +9,7 @@
 //! measured round-robin across the modes, so slow drift affects them alike.
 use std::{
     collections::HashSet,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -25,7 +25,7 @@ use dataplane_agent::{
     plan::{FrontendAddr, Protocol},
 };
 use dataplane_common::{
-    Backend, CtEntry, CtKey, SCOPE_DEFAULT, ServiceKey, ServiceValue, map_names,
+    Backend, CtEntry, CtEntry6, CtKey, CtKey6, SCOPE_DEFAULT, ServiceKey, ServiceValue, map_names,
 };
 use testbed::{Netns, Node, Process, Wiring};
 
@@ -34,7 +34,10 @@ use super::{
     maps::{IdMap, open},
     report::{Measurement, Report},
     scale_label as label,
-    services::{self, IPERF_PORT, IPERF_VIP, MEASURED_VIP, SERVICE_PORT, Service, TARGET_PORT},
+    services::{
+        self, IPERF_PORT, IPERF_VIP, MEASURED_VIP, MEASURED_VIP6, SERVICE_PORT, Service,
+        TARGET_PORT,
+    },
     stats::{median, percentile},
 };
 
@@ -145,12 +148,18 @@ impl BenchNode {
         vec![self.server(), SERVER_SECOND_IP]
     }
 
+    /// The server pod's IPv6 address: the measured service's IPv6 endpoint.
+    fn server6(&self) -> Ipv6Addr {
+        self.node.pods[1].ip6.expect("routed pods are dual-stack")
+    }
+
     /// The server pod's first address: direct connections and iperf3 go there.
     fn server(&self) -> Ipv4Addr {
         self.node.pods[1].ip
     }
 
-    fn wait_connect(&self, addr: SocketAddrV4, timeout_ms: u64) -> anyhow::Result<()> {
+    fn wait_connect(&self, addr: impl Into<SocketAddr>, timeout_ms: u64) -> anyhow::Result<()> {
+        let addr: SocketAddr = addr.into();
         let out = self
             .client()
             .command(self_exe().to_str().unwrap())
@@ -166,7 +175,7 @@ impl BenchNode {
     }
 
     /// `count` sequential connects from the client pod; their durations in microseconds.
-    fn connects(&self, addr: SocketAddrV4, count: usize) -> anyhow::Result<Vec<f64>> {
+    fn connects(&self, addr: SocketAddr, count: usize) -> anyhow::Result<Vec<f64>> {
         let out = self
             .client()
             .command("taskset")
@@ -553,18 +562,31 @@ impl BenchAgent {
 
     /// Empties conntrack, so that the next connections are all new flows.
     fn clear_conntrack(&self) -> anyhow::Result<usize> {
+        fn clear<K: aya::Pod, V: aya::Pod>(
+            layout: &BpffsLayout,
+            table: &str,
+        ) -> anyhow::Result<usize> {
+            let mut conntrack: HashMap<MapData, K, V> = open(layout, table)?;
+            let keys: Vec<K> = conntrack.keys().filter_map(Result::ok).collect();
+            for k in &keys {
+                let _ = conntrack.remove(k);
+            }
+            Ok(keys.len())
+        }
         let mut removed = 0;
         for table in [
             map_names::CONNTRACK_TCP,
             map_names::CONNTRACK_TCP_OVERFLOW,
             map_names::CONNTRACK_ANY,
         ] {
-            let mut conntrack: HashMap<MapData, CtKey, CtEntry> = open(&self.layout, table)?;
-            let keys: Vec<CtKey> = conntrack.keys().filter_map(Result::ok).collect();
-            for k in &keys {
-                let _ = conntrack.remove(k);
-            }
-            removed += keys.len();
+            removed += clear::<CtKey, CtEntry>(&self.layout, table)?;
+        }
+        for table in [
+            map_names::CONNTRACK6_TCP,
+            map_names::CONNTRACK6_TCP_OVERFLOW,
+            map_names::CONNTRACK6_ANY,
+        ] {
+            removed += clear::<CtKey6, CtEntry6>(&self.layout, table)?;
         }
         Ok(removed)
     }
@@ -763,7 +785,7 @@ impl Drop for WorkDir {
 struct Target<'a> {
     label: String,
     node: &'a BenchNode,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     /// The agent whose conntrack is emptied before each run (targets in its node).
     agent: Option<&'a BenchAgent>,
 }
@@ -774,7 +796,7 @@ impl<'a> Target<'a> {
         Self {
             label: label.into(),
             node,
-            addr: SocketAddrV4::new(MEASURED_VIP, SERVICE_PORT),
+            addr: SocketAddrV4::new(MEASURED_VIP, SERVICE_PORT).into(),
             agent: Some(agent),
         }
     }
@@ -784,7 +806,7 @@ impl<'a> Target<'a> {
         Self {
             label: "direct".into(),
             node,
-            addr: SocketAddrV4::new(node.server(), TARGET_PORT),
+            addr: SocketAddrV4::new(node.server(), TARGET_PORT).into(),
             agent: None,
         }
     }
@@ -815,14 +837,14 @@ fn targets<'a>(
     kube_proxy_nodes: &'a [(KubeProxy, BenchNode)],
     agent: &'a BenchAgent,
 ) -> Vec<Target<'a>> {
-    let measured = SocketAddrV4::new(MEASURED_VIP, SERVICE_PORT);
+    let measured = SocketAddrV4::new(MEASURED_VIP, SERVICE_PORT).into();
     let mut t = vec![
         Target::service("ours", ours, agent),
         Target::direct(direct),
         Target {
             label: "direct, agent attached".into(),
             node: ours,
-            addr: SocketAddrV4::new(ours.server(), TARGET_PORT),
+            addr: SocketAddrV4::new(ours.server(), TARGET_PORT).into(),
             // Conntrack keeps closed flows' reply entries; a direct connection reusing a
             // client port that a ClusterIP flow to the same backend used gets its SYN-ACK
             // reverse-NATed to the ClusterIP and times out. Emptied before each run.
@@ -935,6 +957,60 @@ fn latency_rows(
     }
 }
 
+/// Section 2 over IPv6: connect latency through the measured service's IPv6 cluster IP,
+/// against direct IPv6 connections to the server pod (a node without agent), interleaved with
+/// the IPv4 ClusterIP again.
+fn ipv6_latency_rows(
+    report: &mut Report,
+    (ours, direct, agent): (&BenchNode, &BenchNode, &BenchAgent),
+    settings: &Settings,
+) -> anyhow::Result<()> {
+    eprintln!("bench: connection latency over IPv6");
+    let targets = [
+        Target {
+            label: "ClusterIP over IPv6".into(),
+            node: ours,
+            addr: SocketAddr::new(MEASURED_VIP6.into(), SERVICE_PORT),
+            agent: Some(agent),
+        },
+        Target {
+            label: "direct over IPv6".into(),
+            node: direct,
+            addr: SocketAddr::new(direct.server6().into(), TARGET_PORT),
+            agent: None,
+        },
+        Target::service("ClusterIP over IPv4", ours, agent),
+    ];
+    let results = measure_latency(&targets, settings)?;
+    for (p, p99) in [("p50", false), ("p99", true)] {
+        let (value, runs) = results[0].pick(p99);
+        let mut m = Measurement::new(
+            "2 connect latency",
+            format!(
+                "TCP connect {p}, ClusterIP over IPv6, {} services",
+                label(settings.large)
+            ),
+            "us",
+            value,
+        );
+        for (t, r) in targets.iter().zip(&results).skip(1) {
+            m = m.baseline(t.label.clone(), r.pick(p99).0);
+        }
+        report.push(
+            m.ratio_to("direct over IPv6")
+                .goal("<= 1.05x direct over IPv6", |m| {
+                    m.ratio.is_some_and(|r| r <= 1.05)
+                })
+                .note(format!(
+                    "as the IPv4 rows, to the measured service's IPv6 cluster IP (dual-stack; its IPv6 endpoint the server pod's IPv6 address), interleaved with direct IPv6 connects to the server pod in a node without agent and with the IPv4 ClusterIP; per-run {p}: {runs:?}, direct {:?}, IPv4 {:?}",
+                    results[1].pick(p99).1,
+                    results[2].pick(p99).1
+                )),
+        );
+    }
+    Ok(())
+}
+
 /// Sections 2 and 3 again with the pods' sockets translated at `connect()` (`--socket-lb
 /// all`, the agent restarted with it on the same pinned maps), next to the per-packet path's
 /// figures measured before; the agent goes back to `host` afterwards.
@@ -1033,8 +1109,9 @@ pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
     let servers = ours.servers();
     let mut agent = BenchAgent::start(&ours, &settings.agent_binary)?;
 
-    let large_set = services::service_set(settings.large, settings.endpoints, &servers);
-    let small_set = services::service_set(settings.small, settings.endpoints, &servers);
+    let servers6 = [ours.server6()];
+    let large_set = services::service_set(settings.large, settings.endpoints, &servers, &servers6);
+    let small_set = services::service_set(settings.small, settings.endpoints, &servers, &servers6);
 
     // Section 4: programming the large set, each mode from empty. The last load of each
     // mode stays for the latency measurement.
@@ -1126,6 +1203,7 @@ pub fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
         )?;
         latency_rows(report, settings.large, true, &results, &labels, settings);
         per_packet_latency = results.first().cloned();
+        ipv6_latency_rows(report, (&ours, &direct, &agent), settings)?;
     }
     let mut per_packet_throughput = None;
     if settings.wants(3) {

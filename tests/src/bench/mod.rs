@@ -14,6 +14,7 @@ mod cluster;
 mod maps;
 mod net;
 mod packets;
+mod packets6;
 mod report;
 mod services;
 mod stats;

@@ -70,14 +70,15 @@ pub fn wait_connect(args: &[String]) -> anyhow::Result<()> {
     }
 }
 
-/// `serve PORT...`: accepts connections on every PORT (all addresses) and closes them at
-/// once, with a deep accept queue so that no SYN is ever dropped for want of room.
+/// `serve PORT...`: accepts connections on every PORT (all addresses of both families: one
+/// dual-stack socket) and closes them at once, with a deep accept queue so that no SYN is
+/// ever dropped for want of room.
 pub fn serve(args: &[String]) -> anyhow::Result<()> {
     anyhow::ensure!(!args.is_empty(), "usage: serve PORT...");
     let mut threads = Vec::new();
     for port in args {
         let port: u16 = port.parse()?;
-        let listener = TcpListener::bind(("0.0.0.0", port))?;
+        let listener = TcpListener::bind(("::", port))?;
         // SAFETY: listen() again on a listening socket only changes its backlog.
         unsafe { libc::listen(listener.as_raw_fd(), 4096) };
         threads.push(std::thread::spawn(move || {

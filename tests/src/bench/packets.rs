@@ -62,7 +62,7 @@ use super::{
 
 const SECTION: &str = "1 per-packet";
 const NOOP: &str = "bench_noop";
-const TC_ACT_OK: u32 = 0;
+pub(super) const TC_ACT_OK: u32 = 0;
 const TC_ACT_REDIRECT: u32 = 7;
 /// Repeats per test run of a forwarded packet: it starts at TTL 255 and loses one per repeat.
 const FORWARDED_REPEAT: u32 = 200;
@@ -82,8 +82,8 @@ const FILLER_BACKENDS: u32 = 2;
 const FIRST_POOL_BACKEND_ID: u32 = 4;
 const FIRST_FILLER_FRONTEND_ID: u32 = 4;
 
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
+pub(super) const TCP_SYN: u8 = 0x02;
+pub(super) const TCP_ACK: u8 = 0x10;
 
 /// Ethernet + IPv4 + TCP (no payload), checksums computed.
 pub fn tcp_frame(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
@@ -154,7 +154,7 @@ fn filler_frontend(i: u32) -> SocketAddrV4 {
 }
 
 /// A pin directory on bpffs, removed on drop.
-struct PinDir(BpffsLayout);
+pub(super) struct PinDir(pub(super) BpffsLayout);
 
 impl Drop for PinDir {
     fn drop(&mut self) {
@@ -306,14 +306,18 @@ impl Instance {
     }
 }
 
-struct Outcome {
+pub(super) struct Outcome {
     /// Average ns per repeat, as the kernel reports it.
-    ns: f64,
-    retval: u32,
-    out: Vec<u8>,
+    pub(super) ns: f64,
+    pub(super) retval: u32,
+    pub(super) out: Vec<u8>,
 }
 
-fn test_run(prog: &SchedClassifier, frame: &[u8], repeat: u32) -> anyhow::Result<Outcome> {
+pub(super) fn test_run(
+    prog: &SchedClassifier,
+    frame: &[u8],
+    repeat: u32,
+) -> anyhow::Result<Outcome> {
     let mut out = vec![0u8; 256];
     let result = prog
         .test_run(TestRunOptions {
@@ -796,7 +800,64 @@ fn run_isolated(settings: &Settings, report: &mut Report) -> anyhow::Result<()> 
                 )),
         );
     }
+    ipv6_rows(smallest, noop_ns, settings, report)?;
     single_run_cross_check(&smallest.main, settings, smallest.services, report)?;
+    Ok(())
+}
+
+/// The IPv6 rows (`packets6`), each in the same rounds as its IPv4 row at the smallest
+/// service count, interleaved.
+fn ipv6_rows(
+    scale: &Scale,
+    noop_ns: f64,
+    settings: &Settings,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    use super::packets6::{Kind6, Pair6, run_kind6};
+    eprintln!("bench: per-packet: IPv6 beside IPv4");
+    let pair = Pair6::new()?;
+    let kinds = [
+        (Kind::NonService, Kind6::NonService),
+        (Kind::Established, Kind6::Established),
+        (Kind::NewFlow, Kind6::NewFlow),
+        (Kind::Reply, Kind6::Reply),
+    ];
+    let warmup = (settings.repeats / 10).max(1000);
+    for (v4, v6) in kinds {
+        run_kind(v4, scale, warmup)?;
+        run_kind6(v6, &pair, warmup)?;
+    }
+    let mut runs = vec![(Vec::new(), Vec::new()); kinds.len()];
+    for _ in 0..settings.runs {
+        for (k, (v4, v6)) in kinds.iter().enumerate() {
+            runs[k].0.push(run_kind(*v4, scale, settings.repeats)?);
+            runs[k].1.push(run_kind6(*v6, &pair, settings.repeats)?);
+        }
+    }
+    for (k, (v4, _)) in kinds.iter().enumerate() {
+        let (v4_runs, v6_runs) = &runs[k];
+        report.push(
+            Measurement::new(
+                SECTION,
+                format!(
+                    "IPv6 {}, {} services",
+                    v4.label(),
+                    scale_label(scale.services)
+                ),
+                "ns",
+                median(v6_runs),
+            )
+            .baseline("noop", noop_ns)
+            .baseline("IPv4", median(v4_runs))
+            .ratio_to("IPv4")
+            .note(format!(
+                "as the IPv4 row ({}), with IPv6 frontends programmed by the agent's programmer, interleaved with the IPv4 row in {} rounds of {} repeats; runs IPv6 {v6_runs:?}, IPv4 {v4_runs:?}",
+                v4.method(),
+                settings.runs,
+                settings.repeats
+            )),
+        );
+    }
     Ok(())
 }
 

@@ -2,10 +2,16 @@
 //! `endpoints` endpoints each (addresses nothing answers on; never reached), plus the two
 //! measured services whose endpoints are the server pods. The same set is written as agent
 //! manifests and as kube-proxy's iptables and nftables rule sets.
-use std::{fmt::Write, net::Ipv4Addr};
+use std::{
+    fmt::Write,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 /// The connection-latency service: the server pod's two addresses, port 80 -> 8080.
 pub const MEASURED_VIP: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 10);
+/// The connection-latency service's IPv6 cluster IP (the service is dual-stack: its IPv6
+/// endpoint is the server pod's IPv6 address).
+pub const MEASURED_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x97, 0, 0, 0, 0, 0x10);
 /// The throughput service: the server pod's first address only (iperf3's control and data
 /// connections must reach the same server), port 5201.
 pub const IPERF_VIP: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 11);
@@ -23,12 +29,19 @@ pub struct Service {
     pub port: u16,
     pub target_port: u16,
     pub endpoints: Vec<Ipv4Addr>,
+    /// Dual-stack (the agent's manifests only): the IPv6 cluster IP and endpoints.
+    pub v6: Option<(Ipv6Addr, Vec<Ipv6Addr>)>,
 }
 
 /// `total` services: fillers first, the measured services last (kube-proxy's iptables mode
 /// then walks every filler rule before matching them: its worst case, which the issue asks
 /// for).
-pub fn service_set(total: usize, endpoints: usize, servers: &[Ipv4Addr]) -> Vec<Service> {
+pub fn service_set(
+    total: usize,
+    endpoints: usize,
+    servers: &[Ipv4Addr],
+    servers6: &[Ipv6Addr],
+) -> Vec<Service> {
     let fillers = total.saturating_sub(2);
     let mut set: Vec<Service> = (0..fillers).map(|i| filler(i, endpoints)).collect();
     set.push(Service {
@@ -37,6 +50,7 @@ pub fn service_set(total: usize, endpoints: usize, servers: &[Ipv4Addr]) -> Vec<
         port: SERVICE_PORT,
         target_port: TARGET_PORT,
         endpoints: servers.to_vec(),
+        v6: Some((MEASURED_VIP6, servers6.to_vec())),
     });
     set.push(Service {
         name: "iperf".into(),
@@ -44,6 +58,7 @@ pub fn service_set(total: usize, endpoints: usize, servers: &[Ipv4Addr]) -> Vec<
         port: IPERF_PORT,
         target_port: IPERF_PORT,
         endpoints: servers[..1].to_vec(),
+        v6: None,
     });
     set
 }
@@ -58,6 +73,7 @@ pub fn filler(i: usize, endpoints: usize) -> Service {
         endpoints: (0..endpoints)
             .map(|e| Ipv4Addr::from(base + (i * endpoints + e) as u32))
             .collect(),
+        v6: None,
     }
 }
 
@@ -81,37 +97,56 @@ pub fn list_manifest(set: &[Service]) -> String {
 }
 
 /// A Service and its EndpointSlice.
-fn objects(s: &Service) -> [serde_json::Value; 2] {
-    let endpoints: Vec<serde_json::Value> = s
-        .endpoints
-        .iter()
-        .map(|ip| serde_json::json!({"addresses": [ip.to_string()], "conditions": {"ready": true}}))
-        .collect();
-    [
-        serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": s.name, "namespace": NAMESPACE},
-            "spec": {
-                "type": "ClusterIP",
-                "clusterIP": s.vip.to_string(),
-                "clusterIPs": [s.vip.to_string()],
-                "ports": [{"name": "http", "protocol": "TCP", "port": s.port, "targetPort": s.target_port}]
-            }
-        }),
+fn objects(s: &Service) -> Vec<serde_json::Value> {
+    let slice = |family: &str, suffix: &str, addresses: Vec<String>| {
+        let endpoints: Vec<serde_json::Value> = addresses
+            .iter()
+            .map(|ip| serde_json::json!({"addresses": [ip], "conditions": {"ready": true}}))
+            .collect();
         serde_json::json!({
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
             "metadata": {
-                "name": format!("{}-bench", s.name),
+                "name": format!("{}-bench{suffix}", s.name),
                 "namespace": NAMESPACE,
                 "labels": {"kubernetes.io/service-name": s.name}
             },
-            "addressType": "IPv4",
+            "addressType": family,
             "ports": [{"name": "http", "protocol": "TCP", "port": s.target_port}],
             "endpoints": endpoints
-        }),
-    ]
+        })
+    };
+    let mut spec = serde_json::json!({
+        "type": "ClusterIP",
+        "clusterIP": s.vip.to_string(),
+        "clusterIPs": [s.vip.to_string()],
+        "ports": [{"name": "http", "protocol": "TCP", "port": s.port, "targetPort": s.target_port}]
+    });
+    let mut objects = vec![
+        serde_json::Value::Null, // the Service, below
+        slice(
+            "IPv4",
+            "",
+            s.endpoints.iter().map(|ip| ip.to_string()).collect(),
+        ),
+    ];
+    if let Some((vip6, endpoints6)) = &s.v6 {
+        spec["clusterIPs"] = serde_json::json!([s.vip.to_string(), vip6.to_string()]);
+        spec["ipFamilies"] = serde_json::json!(["IPv4", "IPv6"]);
+        spec["ipFamilyPolicy"] = serde_json::json!("PreferDualStack");
+        objects.push(slice(
+            "IPv6",
+            "-v6",
+            endpoints6.iter().map(|ip| ip.to_string()).collect(),
+        ));
+    }
+    objects[0] = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": s.name, "namespace": NAMESPACE},
+        "spec": spec
+    });
+    objects
 }
 
 /// kube-proxy's chain-name hash: 16 characters of base32 (here from FNV-1a, not SHA-256;
