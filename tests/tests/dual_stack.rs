@@ -578,3 +578,89 @@ fn held_ipv6_connections_survive_a_restart_and_a_rolling_update() {
         .unwrap();
     check("web-0 gone from the slice", &mut held);
 }
+
+/// An IPv6 load-balancer IP from outside: externalTrafficPolicy Local keeps the client's
+/// IPv6 address and uses this node's endpoint only, loadBalancerSourceRanges (IPv6) admit
+/// one client and drop the other, and sessionAffinity ClientIP holds.
+#[test]
+fn an_ipv6_load_balancer_ip_keeps_the_client_and_its_source_ranges() {
+    require_root!();
+    let mut c = MultiNode::new(&[&["web-0"], &["web-1"]], 2).unwrap();
+    for name in ["web-0", "web-1"] {
+        c.pod(name).serve(8080, 5353).unwrap();
+    }
+    let (web0, web1) = (c.pod("web-0").ip6.unwrap(), c.pod("web-1").ip6.unwrap());
+    let lb_ip = "2001:db8:1::10";
+    let allowed = testbed::multinode::underlay_ip6(100);
+    let endpoint = |ip: Ipv6Addr, node: &str| {
+        format!("  - {{addresses: [\"{ip}\"], nodeName: {node}, conditions: {{ready: true}}}}\n")
+    };
+    let manifest = format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: lb6, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: fd00:10:96::63
+  clusterIPs: [\"fd00:10:96::63\"]
+  ipFamilies: [IPv6]
+  ipFamilyPolicy: SingleStack
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32101
+  sessionAffinity: ClientIP
+  loadBalancerSourceRanges: [\"{allowed}/128\"]
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30091}}
+status: {{loadBalancer: {{ingress: [{{ip: \"{lb_ip}\"}}]}}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: lb6-v6abc
+  namespace: default
+  labels: {{kubernetes.io/service-name: lb6}}
+addressType: IPv6
+ports:
+  - {{name: http, protocol: TCP, port: 8080}}
+endpoints:
+{}{}",
+        endpoint(web0, "node-a"),
+        endpoint(web1, "node-b")
+    );
+    c.write_manifest("lb6.yaml", &manifest).unwrap();
+    c.start_agents(&[]).unwrap();
+    let frontend = format!("[{lb_ip}]:80");
+    // Node a's view under the Local policy: its own endpoint only.
+    c.agents[0].wait_for_backends(&frontend, 1).unwrap();
+    // The load balancer delivers to node a.
+    for client in &c.clients {
+        client
+            .ip(&[
+                "-6",
+                "route",
+                "add",
+                "2001:db8:1::/64",
+                "via",
+                &c.nodes[0].ip6.to_string(),
+            ])
+            .unwrap();
+    }
+    let answers: Vec<String> = (0..8)
+        .map(|_| client(&c.clients[0], "tcp", lb_ip, 80))
+        .collect();
+    for answer in &answers {
+        assert_eq!(
+            answer,
+            &format!("[{lb_ip}]:80 web-0 [{allowed}]:{}", port_of(answer)),
+            "the Local policy keeps the client's address and node a's endpoint"
+        );
+    }
+    // The other client is outside the source ranges: dropped, so its connect times out.
+    let refused = client(&c.clients[1], "tcp", lb_ip, 80);
+    assert!(refused.starts_with("error"), "{refused}");
+}
+
+/// The client port in an answer's `[addr]:port` peer.
+fn port_of(answer: &str) -> &str {
+    answer.rsplit(':').next().unwrap_or("")
+}
