@@ -230,7 +230,7 @@ where
     let frontend_key = translate::service_key(
         &EntryKey {
             frontend: FrontendAddr {
-                addr: to.into(),
+                addr: to,
                 protocol,
             },
             scope: SCOPE_DEFAULT,
