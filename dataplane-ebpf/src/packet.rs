@@ -97,6 +97,36 @@ impl<A> Packet<A> {
     }
 }
 
+impl<A> Packet<A> {
+    /// A first fragment's ports, as its datagram's later fragments are to find them (`None`
+    /// for anything but a first fragment).
+    #[inline(always)]
+    fn first_fragment_ports(&self, now: u64) -> Option<FragmentPorts> {
+        (self.fragment == Fragment::First).then_some(FragmentPorts {
+            sport: self.sport,
+            dport: self.dport,
+            _pad: [0; 4],
+            first_seen_ns: now,
+        })
+    }
+
+    /// A later fragment takes the ports its first fragment had (`known`). Without them, or
+    /// with stale ones, it cannot be matched to a flow (not one the datapath translates, or
+    /// its first fragment was lost or overtaken): `None`, and the stack gets it as it is.
+    #[inline(always)]
+    fn take_fragment_ports(&mut self, known: Option<*const FragmentPorts>) -> Option<()> {
+        // SAFETY: a value from a lookup in this run.
+        let ports = unsafe { *known? };
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        if now.saturating_sub(ports.first_seen_ns) > FRAGMENT_TIMEOUT_NS {
+            return None;
+        }
+        self.sport = ports.sport;
+        self.dport = ports.dport;
+        Some(())
+    }
+}
+
 impl Packet<Ipv4> {
     /// The key grouping this packet's datagram's fragments.
     #[inline(always)]
@@ -114,13 +144,7 @@ impl Packet<Ipv4> {
     /// the later fragments (no L4 header) find the same flow.
     #[inline(always)]
     pub fn remember_fragment_ports(&self, now: u64) {
-        if self.fragment == Fragment::First {
-            let ports = FragmentPorts {
-                sport: self.sport,
-                dport: self.dport,
-                _pad: [0; 4],
-                first_seen_ns: now,
-            };
+        if let Some(ports) = self.first_fragment_ports(now) {
             let _ = FRAGMENTS.insert(&self.fragment_key(), &ports, 0);
         }
     }
@@ -215,16 +239,7 @@ pub fn parse<const L2: usize>(ctx: &TcContext) -> Option<Packet> {
         ip_hlen: ip_hlen as u8,
     };
     if fragment == Fragment::Later {
-        // The datagram's ports, as its first fragment had them. Without them the fragment
-        // cannot be matched to a flow: not one the datapath translates, or its first
-        // fragment was lost or overtaken; either way the stack gets it as it is.
-        let ports = unsafe { *FRAGMENTS.get_ptr(&pkt.fragment_key())? };
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
-        if now.saturating_sub(ports.first_seen_ns) > FRAGMENT_TIMEOUT_NS {
-            return None;
-        }
-        pkt.sport = ports.sport;
-        pkt.dport = ports.dport;
+        pkt.take_fragment_ports(FRAGMENTS.get_ptr(&pkt.fragment_key()))?;
         return Some(pkt);
     }
     let l4_off = L2 + ip_hlen;
@@ -257,13 +272,7 @@ impl Packet<Ipv6> {
     /// and it runs for first fragments only.
     #[inline(never)]
     pub fn remember_fragment_ports6(&self, now: u64) {
-        if self.fragment == Fragment::First {
-            let ports = FragmentPorts {
-                sport: self.sport,
-                dport: self.dport,
-                _pad: [0; 4],
-                first_seen_ns: now,
-            };
+        if let Some(ports) = self.first_fragment_ports(now) {
             let _ = FRAGMENTS6.insert(&self.fragment_key6(), &ports, 0);
         }
     }
@@ -389,15 +398,7 @@ pub fn parse6<const L2: usize>(ctx: &TcContext, pkt: &mut Packet<Ipv6>) -> Optio
         ip_hlen: IPV6_HLEN as u8,
     };
     if fragment == Fragment::Later {
-        // As for IPv4: the ports come from the datagram's first fragment.
-        let ports = unsafe { *FRAGMENTS6.get_ptr(&pkt.fragment_key6())? };
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
-        if now.saturating_sub(ports.first_seen_ns) > FRAGMENT_TIMEOUT_NS {
-            return None;
-        }
-        pkt.sport = ports.sport;
-        pkt.dport = ports.dport;
-        return Some(());
+        return pkt.take_fragment_ports(FRAGMENTS6.get_ptr(&pkt.fragment_key6()));
     }
     let ports = ptr_at::<[u16; 2]>(ctx, off)?;
     // SAFETY: bounds checked by ptr_at.

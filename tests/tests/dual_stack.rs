@@ -96,6 +96,25 @@ fn backends_answering(
     seen
 }
 
+/// `ns` reaches `web` over both families: TCP to each cluster IP spreads over both
+/// backends with the cluster IP as the socket's peer, and IPv6 UDP (connected and not) is
+/// answered from the frontend; the backends see an IPv6 client on the IPv6 path and an IPv4
+/// one on the IPv4 path.
+fn serves_both_families(ns: &Netns, what: &str) {
+    let both: BTreeSet<String> = ["web-0", "web-1"].map(String::from).into();
+    let v6_peer = format!("[{CLUSTER_IP6}]:80");
+    let seen = backends_answering(ns, "tcp", (CLUSTER_IP6, 80), &v6_peer, true, 16);
+    assert_eq!(seen, both, "{what}: IPv6 TCP spread");
+    let v4_peer = format!("{CLUSTER_IP}:80");
+    let seen = backends_answering(ns, "tcp", (CLUSTER_IP, 80), &v4_peer, false, 16);
+    assert_eq!(seen, both, "{what}: IPv4 TCP spread");
+    let dns_peer = format!("[{CLUSTER_IP6}]:53");
+    for op in ["udp-connected", "udp-unconnected"] {
+        let seen = backends_answering(ns, op, (CLUSTER_IP6, 53), &dns_peer, true, 8);
+        assert!(!seen.is_empty(), "{what}: {op}");
+    }
+}
+
 /// `web` (dual-stack ClusterIP: HTTP and DNS) on web-0 (node a) and web-1 (node b), agents
 /// started with `extra_args`, both families programmed.
 fn cluster(extra_args: &[&str]) -> MultiNode {
@@ -131,23 +150,8 @@ fn host_clients_reach_a_dual_stack_service_over_both_families() {
     let c = cluster(&[]);
     let node = &c.nodes[0].node.netns;
     let both: BTreeSet<String> = ["web-0", "web-1"].map(String::from).into();
-    let v6_http = (CLUSTER_IP6, 80);
     let v6_peer = format!("[{CLUSTER_IP6}]:80");
-
-    // IPv6: every connection to the IPv6 cluster IP reaches an IPv6 backend, spread over
-    // both, and the socket's peer is the cluster IP.
-    let seen = backends_answering(node, "tcp", v6_http, &v6_peer, true, 16);
-    assert_eq!(seen, both, "IPv6 TCP spread");
-    // IPv4 beside it, unchanged.
-    let seen = backends_answering(
-        node,
-        "tcp",
-        (CLUSTER_IP, 80),
-        &format!("{CLUSTER_IP}:80"),
-        false,
-        16,
-    );
-    assert_eq!(seen, both, "IPv4 TCP spread");
+    serves_both_families(node, "a host client");
     // An IPv6 socket to the IPv4 cluster IP, mapped (`::ffff:10.96.0.60`): the IPv4 service,
     // its IPv4 backends, the mapped frontend as the peer.
     let mapped = format!("::ffff:{CLUSTER_IP}");
@@ -160,13 +164,6 @@ fn host_clients_reach_a_dual_stack_service_over_both_families() {
         16,
     );
     assert_eq!(seen, both, "IPv4-mapped TCP spread");
-
-    // UDP over IPv6, connected and unconnected: the answer comes from the frontend.
-    let dns_peer = format!("[{CLUSTER_IP6}]:53");
-    for op in ["udp-connected", "udp-unconnected"] {
-        let seen = backends_answering(node, op, (CLUSTER_IP6, 53), &dns_peer, true, 8);
-        assert!(!seen.is_empty(), "{op}");
-    }
 
     // Counted per family's frontend.
     let services = c.agents[0].cli_json(&["services"]).unwrap();
@@ -190,26 +187,10 @@ fn host_clients_reach_a_dual_stack_service_over_both_families() {
 fn pods_reach_a_dual_stack_service_over_both_families_with_socket_lb_all() {
     require_root!();
     let mut c = cluster(&["--socket-lb", "all"]);
-    let pod = &c.pod("client-pod").netns;
-    let both: BTreeSet<String> = ["web-0", "web-1"].map(String::from).into();
-    let seen = backends_answering(
-        pod,
-        "tcp",
-        (CLUSTER_IP6, 80),
-        &format!("[{CLUSTER_IP6}]:80"),
-        true,
-        16,
+    serves_both_families(
+        &c.pod("client-pod").netns,
+        "a pod, translated at the socket",
     );
-    assert_eq!(seen, both, "IPv6 from a pod");
-    let seen = backends_answering(
-        pod,
-        "tcp",
-        (CLUSTER_IP, 80),
-        &format!("{CLUSTER_IP}:80"),
-        false,
-        16,
-    );
-    assert_eq!(seen, both, "IPv4 from a pod");
 }
 
 #[test]
@@ -271,31 +252,14 @@ fn pods_reach_a_dual_stack_service_over_both_families_through_the_packet_path() 
     let mut c = cluster(&[]);
     let client_ip6 = c.pod("client-pod").ip6.unwrap();
     let pod = &c.pod("client-pod").netns;
-    let both: BTreeSet<String> = ["web-0", "web-1"].map(String::from).into();
     let v6_peer = format!("[{CLUSTER_IP6}]:80");
-    let seen = backends_answering(pod, "tcp", (CLUSTER_IP6, 80), &v6_peer, true, 16);
-    assert_eq!(seen, both, "IPv6 from a pod");
+    serves_both_families(pod, "a pod on the packet path");
     // The backend saw the pod's own address (no SNAT inside the cluster).
     let answer = client(pod, "tcp", CLUSTER_IP6, 80);
     assert!(
         answer.contains(&format!("[{client_ip6}]:")),
         "the backend saw another source: {answer:?}"
     );
-    let seen = backends_answering(
-        pod,
-        "tcp",
-        (CLUSTER_IP, 80),
-        &format!("{CLUSTER_IP}:80"),
-        false,
-        16,
-    );
-    assert_eq!(seen, both, "IPv4 from a pod");
-    // UDP over IPv6: the answer comes back from the frontend.
-    let dns_peer = format!("[{CLUSTER_IP6}]:53");
-    for op in ["udp-connected", "udp-unconnected"] {
-        let seen = backends_answering(pod, op, (CLUSTER_IP6, 53), &dns_peer, true, 8);
-        assert!(!seen.is_empty(), "{op}");
-    }
     // Flows through the packet path are counted on the IPv6 frontend.
     let flows = c.agents[0].cli_json(&["flows"]).unwrap();
     assert!(

@@ -229,10 +229,7 @@ where
     let proto = protocol.number();
     let frontend_key = translate::service_key(
         &EntryKey {
-            frontend: FrontendAddr {
-                addr: to,
-                protocol,
-            },
+            frontend: FrontendAddr { addr: to, protocol },
             scope: SCOPE_DEFAULT,
         },
         0,
