@@ -3,12 +3,11 @@
 //! and IPv6 (the maps of each, and for packets how an address enters the checksums, the FIB
 //! lookup, a router's answers) is here. Every call is resolved at compile time.
 //!
-//! `Family` is what the socket hooks need (both families: `sock`); `PacketFamily` what the
-//! tc packet path needs, IPv4 only for now. The IPv6 packet path (branch `v6-tc-wip`: an
-//! extension-header walk, NAT and FIB for IPv6) was written and does not fit the verifier's
-//! 512-byte stack budget: IPv6 tuples keep four times the registers live, LLVM spills them,
-//! and the new-flow chain reaches ~800 bytes. It needs its working state in a per-CPU scratch
-//! map before it can be attached.
+//! `Family` is what the socket hooks and the backend choice need; `PacketFamily` what the tc
+//! packet path needs. Both are implemented for both families. IPv6's tuples keep four times
+//! the registers live, so its packet path runs in frames of its own with its working state in
+//! per-CPU scratch maps (`OWN_FRAMES`, see `lb::handle`): inlined like IPv4's, it would not
+//! fit the verifier's 512-byte stack budget for a call chain.
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
