@@ -17,14 +17,7 @@ use dataplane_common::{
     ServiceKeyOf, ServiceValue, SourceRangeKey, SourceRangeKey6, capacity,
 };
 
-use crate::{
-    forward,
-    lb::FlowScratch,
-    maps,
-    nat::Rewrite,
-    packet::Packet,
-    refuse,
-};
+use crate::{forward, lb::FlowScratch, maps, nat::Rewrite, packet::Packet, refuse};
 
 /// The operations conntrack needs of a hash map, whichever kind and size it is.
 pub trait KvMap<K, V> {

@@ -180,7 +180,12 @@ impl Forwarding for Ipv6 {
     /// IPv6 is never fragmented on the way: always answered.
     #[inline(always)]
     fn too_big<const L2: usize>(ctx: &TcContext, pkt: &Packet<Ipv6>, mtu: u16) -> Option<i32> {
-        Some(refuse::packet_too_big6::<L2>(ctx, pkt, mtu, node_address6(pkt)))
+        Some(refuse::packet_too_big6::<L2>(
+            ctx,
+            pkt,
+            mtu,
+            node_address6(pkt),
+        ))
     }
 }
 

@@ -86,8 +86,7 @@ trait IcmpFamily: PacketFamily<Addr: Forwarding> {
         old: Self::Addr,
         new: Self::Addr,
     ) -> Result;
-    fn set_port<const L2: usize>(ctx: &TcContext, field: PortField, old: u16, new: u16)
-    -> Result;
+    fn set_port<const L2: usize>(ctx: &TcContext, field: PortField, old: u16, new: u16) -> Result;
 }
 
 struct IcmpError<A> {
@@ -228,7 +227,9 @@ fn translate<F: IcmpFamily, const L2: usize>(ctx: &TcContext) -> i32 {
                     e.inner_sport
                 };
                 F::set_addr::<L2>(ctx, Field::InnerSaddr, e.inner_saddr, entry.peer_addr)
-                    .and_then(|()| F::set_port::<L2>(ctx, PortField::InnerSport, e.inner_sport, port))
+                    .and_then(|()| {
+                        F::set_port::<L2>(ctx, PortField::InnerSport, e.inner_sport, port)
+                    })
                     .and_then(|()| {
                         F::set_addr::<L2>(ctx, Field::OuterDaddr, e.outer_daddr, entry.peer_addr)
                     })

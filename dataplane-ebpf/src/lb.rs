@@ -587,7 +587,10 @@ fn open_flow_frame<F: PacketFamily, T: CtTable<F::Addr>>(
     ) -> i32 {
         open_flow::<F, T>(table, pkt, scratch).to_frame(rewrite)
     }
-    Step::from_frame(|pkt, rewrite| frame::<F, T>(table, pkt, scratch, rewrite), pkt)
+    Step::from_frame(
+        |pkt, rewrite| frame::<F, T>(table, pkt, scratch, rewrite),
+        pkt,
+    )
 }
 
 /// Opens the flow `chosen` describes: its conntrack entries (the reply's first, with the

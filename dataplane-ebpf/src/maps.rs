@@ -10,9 +10,9 @@ use aya_ebpf::{
 use dataplane_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, CtEntry, CtEntry6, CtKey, CtKey6,
     DatapathConfig, DatapathConfig6, FragmentKey, FragmentKey6, FragmentPorts, FrontendName,
-    HostFlowKey, HostFlowKey6, IPPROTO_TCP, MaglevTable, ServiceKey, ServiceKey6, ServiceValue,
-    SockEntry, SockEntry6, SockKey, SockKey6, SocketLbConfig, SourceRangeKey, SourceRangeKey6,
-    Ipv4, Ipv6, TrafficStats, capacity,
+    HostFlowKey, HostFlowKey6, IPPROTO_TCP, Ipv4, Ipv6, MaglevTable, ServiceKey, ServiceKey6,
+    ServiceValue, SockEntry, SockEntry6, SockKey, SockKey6, SocketLbConfig, SourceRangeKey,
+    SourceRangeKey6, TrafficStats, capacity,
 };
 use dataplane_common::{CtEntryOf, CtKeyOf};
 
