@@ -10,13 +10,16 @@ use dataplane_common::{CtKey, IPPROTO_UDP, ServiceKey};
 use crate::{
     family::V4,
     maps::{Conntrack, HOST_FLOWS, SERVICES},
-    packet::{Fragment, parse},
+    packet::{Fragment, is_ipv4, parse},
 };
 
 /// Notes an outgoing UDP packet whose source is a frontend, unless it is the datapath's own
 /// translated reply (a flow in conntrack). Never changes or drops the packet.
 #[inline(always)]
 pub fn note<const L2: usize>(ctx: &TcContext) -> i32 {
+    if !is_ipv4::<L2>(ctx) {
+        return TC_ACT_OK;
+    }
     let Some(pkt) = parse::<L2>(ctx) else {
         return TC_ACT_OK;
     };

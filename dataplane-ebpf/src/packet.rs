@@ -193,11 +193,10 @@ pub fn is_ipv4<const L2: usize>(ctx: &TcContext) -> bool {
     }
 }
 
+/// An IPv4 TCP/UDP packet. The caller has checked the family (`is_ipv4`): the entry point
+/// dispatches on it once.
 #[inline(always)]
 pub fn parse<const L2: usize>(ctx: &TcContext) -> Option<Packet> {
-    if !is_ipv4::<L2>(ctx) {
-        return None;
-    }
     if ctx.data_end() - ctx.data() < PARSE_LEN as usize
         && ctx.len() > ctx.data_end() as u32 - ctx.data() as u32
     {

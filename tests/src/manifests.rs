@@ -78,6 +78,29 @@ pub fn service_with(
             )
         })
         .collect();
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  type: ClusterIP
+  clusterIP: {cluster_ip}
+{spec_extra}  ports:
+{service_ports}---
+{}",
+        slice(name, "abc12", "IPv4", ports, endpoints)
+    )
+}
+
+/// An EndpointSlice of `service` named `{service}-{suffix}` of `family` (`addressType`), for
+/// `ports` (their target ports), holding `endpoints` in their conditions.
+fn slice<A: std::fmt::Display>(
+    service: &str,
+    suffix: &str,
+    family: &str,
+    ports: &[ServicePort],
+    endpoints: &[(A, Conditions)],
+) -> String {
     let slice_ports: String = ports
         .iter()
         .map(|p| {
@@ -96,25 +119,17 @@ pub fn service_with(
             )
         })
         .collect();
-    let endpoints_yaml = endpoints_yaml(&endpoint_list);
     format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default}}
-spec:
-  type: ClusterIP
-  clusterIP: {cluster_ip}
-{spec_extra}  ports:
-{service_ports}---
-apiVersion: discovery.k8s.io/v1
+        "apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
-  name: {name}-abc12
+  name: {service}-{suffix}
   namespace: default
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
+  labels: {{kubernetes.io/service-name: {service}}}
+addressType: {family}
 ports:
-{slice_ports}{endpoints_yaml}"
+{slice_ports}{}",
+        endpoints_yaml(&endpoint_list)
     )
 }
 
@@ -195,35 +210,7 @@ pub fn dual_stack_service(
         ),
         1,
     );
-    let slice_ports: String = ports
-        .iter()
-        .map(|p| {
-            format!(
-                "  - {{name: {}, protocol: {}, port: {}}}\n",
-                p.name, p.protocol, p.target_port
-            )
-        })
-        .collect();
-    let v6_list: String = endpoints
-        .1
-        .iter()
-        .map(|ip| {
-            format!(
-                "  - {{addresses: [\"{ip}\"], conditions: {{ready: true, serving: true, terminating: false}}}}\n"
-            )
-        })
-        .collect();
-    format!(
-        "{dual}---
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-v6abc
-  namespace: default
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv6
-ports:
-{slice_ports}{}",
-        endpoints_yaml(&v6_list)
-    )
+    let v6: Vec<(std::net::Ipv6Addr, Conditions)> =
+        endpoints.1.iter().map(|ip| (*ip, READY)).collect();
+    format!("{dual}---\n{}", slice(name, "v6abc", "IPv6", ports, &v6))
 }

@@ -1328,21 +1328,28 @@ endpoints: {endpoints}
         ];
         let mut programmer = on_model();
         for (i, yaml) in states.iter().enumerate() {
-            let plan = plan_of(yaml);
-            let report = programmer.apply(&plan);
-            assert!(
-                report.failures.is_empty(),
-                "state {i}: {:?}",
-                report.failures
-            );
-            assert!(
-                programmer.maps().violations.is_empty(),
-                "state {i}:\n{}\nwrites:\n{}",
-                programmer.maps().violations.join("\n"),
-                programmer.maps().log.join("\n")
-            );
+            apply_checked(&mut programmer, i, yaml);
         }
         assert_eq!(programmer.maps().contents, MapContents::default());
+    }
+
+    /// Plans `yaml` (state `i` of a sequence) and applies it on the model, which checks every
+    /// single write: no failure, no half-built frontend ever visible.
+    fn apply_checked(programmer: &mut Programmer<MapModel>, i: usize, yaml: &str) -> Plan {
+        let plan = plan_of(yaml);
+        let report = programmer.apply(&plan);
+        assert!(
+            report.failures.is_empty(),
+            "state {i}: {:?}",
+            report.failures
+        );
+        assert!(
+            programmer.maps().violations.is_empty(),
+            "state {i}:\n{}\nwrites:\n{}",
+            programmer.maps().violations.join("\n"),
+            programmer.maps().log.join("\n")
+        );
+        plan
     }
 
     /// The same for IPv6 frontends and backends: a dual-stack service whose ranges, endpoints
@@ -1373,19 +1380,7 @@ endpoints: {endpoints}
         ];
         let mut programmer = on_model();
         for (i, yaml) in states.iter().enumerate() {
-            let plan = plan_of(yaml);
-            let report = programmer.apply(&plan);
-            assert!(
-                report.failures.is_empty(),
-                "state {i}: {:?}",
-                report.failures
-            );
-            assert!(
-                programmer.maps().violations.is_empty(),
-                "state {i}:\n{}\nwrites:\n{}",
-                programmer.maps().violations.join("\n"),
-                programmer.maps().log.join("\n")
-            );
+            let plan = apply_checked(&mut programmer, i, yaml);
             let frontends: Vec<&Frontend> = plan.frontends.iter().collect();
             let fresh = translate(&frontends, &mut Ids::fresh());
             assert_eq!(
