@@ -124,6 +124,9 @@ pub mod map_names {
     /// Connections translated at the socket, per frontend id and per backend id.
     pub const SOCKET_SERVICE_STATS: &str = "dp_svc_sock_v1";
     pub const SOCKET_BACKEND_STATS: &str = "dp_be_sock_v1";
+    /// The host ends of the pods' veths (by ifindex, written by the agent): a translated
+    /// packet for a pod behind one goes straight into the pod's namespace.
+    pub const POD_INTERFACES: &str = "dp_podif_v1";
 
     // IPv6: a map per family wherever a key or value holds an address (as Cilium keeps
     // them), with the same roles as the IPv4 maps above. Frontend and backend ids are one
@@ -143,7 +146,7 @@ pub mod map_names {
     pub const SOCKETS6: &str = "dp_sock6_v1";
 
     /// Every map, in the order `cleanup` and the inspection tools walk them.
-    pub const ALL: [&str; 32] = [
+    pub const ALL: [&str; 33] = [
         SERVICES,
         BACKENDS,
         CONNTRACK_TCP,
@@ -164,6 +167,7 @@ pub mod map_names {
         SOCKET_CONFIG,
         SOCKET_SERVICE_STATS,
         SOCKET_BACKEND_STATS,
+        POD_INTERFACES,
         SERVICES6,
         BACKENDS6,
         CONNTRACK6_TCP,
@@ -211,6 +215,8 @@ pub mod capacity {
     /// Sockets translated at `connect()`/`sendmsg()` (entries are removed when the socket is
     /// released; an LRU, so sockets that never say which backend they talk to age out).
     pub const SOCKETS: u32 = 262_144;
+    /// Pod-facing veths on the node.
+    pub const POD_INTERFACES: u32 = 16_384;
     /// IPv6 conntrack: a quarter of IPv4's, as most clusters carry far less IPv6 (a v6 TCP
     /// entry pair takes twice the memory of a v4 one); `--map-size` raises them.
     pub const CONNTRACK6_TCP: u32 = 131_072;

@@ -11,18 +11,20 @@
 //! error quoting it as the client sent it.
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         TC_ACT_OK, TC_ACT_SHOT, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
         bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS, bpf_fib_lookup, bpf_redir_neigh,
     },
-    helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect_neigh, bpf_skb_change_head},
+    helpers::{
+        bpf_check_mtu, bpf_fib_lookup, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_head,
+    },
     programs::TcContext,
 };
 use dataplane_common::{Address, Ipv4, Ipv6, drop_reason};
 
 use crate::{
     counters::count_drop,
-    maps::{CONFIG, CONFIG6},
+    maps::{CONFIG, CONFIG6, POD_INTERFACES},
     nat,
     packet::{ETH_HLEN, IP_CSUM_OFF, IP_TTL_OFF, Packet},
     refuse,
@@ -192,6 +194,9 @@ impl Forwarding for Ipv6 {
 /// Where the FIB sends a packet.
 #[derive(Clone, Copy)]
 pub enum Route<A> {
+    /// Into the pod behind this interface (the host end of its veth), straight into the
+    /// pod's namespace, with this link header (destination and source address).
+    Pod { ifindex: u32, link_header: [u8; 12] },
     /// Out of this interface, towards this next hop.
     Interface { ifindex: u32, next_hop: A },
     /// Too big for the interface the FIB names, whose MTU this is.
@@ -201,10 +206,16 @@ pub enum Route<A> {
 }
 
 /// The route for a packet of `proto` from `saddr:sport` to `daddr:dport` (host order)
-/// entering on this interface. A frame of its own: the lookup structure is large, and the
-/// verifier caps the stack of the whole call chain (entry point + new flow + this).
+/// entering on this interface. A frame of its own: the lookup structure is
+/// large, and the verifier caps the stack of the whole call chain (entry point + new flow +
+/// this).
+///
+/// A packet for a pod of this node goes straight into the pod's namespace, as Cilium's host
+/// routing sends it: with the link header the neighbour output would give it, through
+/// `bpf_redirect_peer`, which skips the host end's transmit and the receive queue between
+/// the two ends.
 #[inline(never)]
-fn route<A: Forwarding>(
+fn route<A: Forwarding, const L2: usize>(
     ctx: &TcContext,
     proto: u8,
     (saddr, sport): (A, u16),
@@ -226,18 +237,22 @@ fn route<A: Forwarding>(
             ctx.skb.skb as *mut _,
             &mut params,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_SKIP_NEIGH,
+            0,
         )
     };
     // SAFETY: unions of integers, written by the helper.
     let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
     match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => {
-            // A GSO packet passes the kernel's check whatever its segment size: a pod with a
-            // larger MTU than the next hop sends segments that would be dropped there.
+        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {
+            // The kernel checks the skb against the interface's MTU only when the lookup
+            // succeeds (the next hop's neighbour known), and a GSO packet passes that check
+            // whatever its segment size (a pod with a larger MTU than the next hop sends
+            // segments that would be dropped there): the rest is checked here.
             // SAFETY: reads the program's own context.
-            if unsafe { (*ctx.skb.skb).gso_size } != 0 {
+            let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+            if gso || rc as u32 == BPF_FIB_LKUP_RET_NO_NEIGH {
                 let mut checked_mtu = 0u32;
+                let flags = if gso { BPF_MTU_CHK_SEGS as u64 } else { 0 };
                 // SAFETY: checks the program's own skb against the interface's MTU.
                 let fits = unsafe {
                     bpf_check_mtu(
@@ -245,7 +260,7 @@ fn route<A: Forwarding>(
                         params.ifindex,
                         &mut checked_mtu,
                         0,
-                        BPF_MTU_CHK_SEGS as u64,
+                        flags,
                     )
                 };
                 if fits != BPF_MTU_CHK_RET_SUCCESS as i64 {
@@ -253,6 +268,20 @@ fn route<A: Forwarding>(
                         mtu: checked_mtu as u16,
                     };
                 }
+            }
+            // A pod's veth, its neighbour known (the link addresses in `params`): into the
+            // pod. A packet from a Layer-3 device has no link header to give it.
+            if rc as u32 == BPF_FIB_LKUP_RET_SUCCESS
+                && L2 == ETH_HLEN
+                && POD_INTERFACES.get_ptr(&params.ifindex).is_some()
+            {
+                let mut link_header = [0u8; 12];
+                link_header[..6].copy_from_slice(&params.dmac);
+                link_header[6..].copy_from_slice(&params.smac);
+                return Route::Pod {
+                    ifindex: params.ifindex,
+                    link_header,
+                };
             }
             Route::Interface {
                 ifindex: params.ifindex,
@@ -291,7 +320,7 @@ pub fn translate_and_forward<A: Forwarding, const L2: usize>(
     pkt: &Packet<A>,
     translation: nat::Rewrite<A>,
 ) -> i32 {
-    let route = route(
+    let route = route::<A, L2>(
         ctx,
         pkt.proto,
         (translation.saddr, translation.sport),
@@ -311,6 +340,10 @@ pub fn translate_and_forward<A: Forwarding, const L2: usize>(
         return TC_ACT_SHOT;
     }
     match route {
+        Route::Pod {
+            ifindex,
+            link_header,
+        } => redirect_to_pod::<A>(ctx, ifindex, link_header),
         Route::Interface { ifindex, next_hop } => redirect::<A, L2>(ctx, ifindex, next_hop),
         // Too big without don't-fragment: the stack fragments it on its way out.
         Route::TooBig { .. } | Route::Stack => TC_ACT_OK,
@@ -328,12 +361,34 @@ pub fn forward_icmp_error<A: Forwarding, const L2: usize>(
     daddr: A,
     ttl: u8,
 ) -> i32 {
-    match route(ctx, icmp, (saddr, 0), (daddr, 0)) {
+    match route::<A, L2>(ctx, icmp, (saddr, 0), (daddr, 0)) {
+        Route::Pod {
+            ifindex,
+            link_header,
+        } if ttl > 1 => redirect_to_pod::<A>(ctx, ifindex, link_header),
         Route::Interface { ifindex, next_hop } if ttl > 1 => {
             redirect::<A, L2>(ctx, ifindex, next_hop)
         }
         _ => TC_ACT_OK,
     }
+}
+
+/// Decrements the TTL (as the stack's forwarding would), writes the link header the
+/// neighbour output would write, and hands the packet to the pod behind the interface, in
+/// the pod's namespace. Ethernet packets only (see `route`).
+#[inline(always)]
+fn redirect_to_pod<A: Forwarding>(ctx: &TcContext, ifindex: u32, link_header: [u8; 12]) -> i32 {
+    if A::count_hop::<ETH_HLEN>(ctx).is_none() {
+        return TC_ACT_SHOT;
+    }
+    let start = ctx.data();
+    if start + ETH_HLEN > ctx.data_end() {
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: bounds checked above; the program may write packet data.
+    unsafe { core::ptr::write_unaligned(start as *mut [u8; 12], link_header) };
+    // SAFETY: a helper call on the program's own context.
+    unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
 }
 
 /// Decrements the TTL (as the stack's forwarding would) and hands the packet to the

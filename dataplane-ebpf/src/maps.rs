@@ -236,6 +236,13 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { capacity::FRAGMEN
 
 /// The node's own UDP flows from a frontend's address and port (see `host_flows`): reply
 /// tuple -> when the node last sent on it.
+/// The host ends of the pods' veths, by ifindex (the value is unused): `forward` hands a
+/// packet for a pod behind one straight to the pod's namespace. Written by the agent as it
+/// attaches to the interfaces.
+#[btf_map(name = "dp_podif_v1")]
+pub static POD_INTERFACES: HashMap<u32, u32, { capacity::POD_INTERFACES as usize }> =
+    HashMap::new();
+
 #[btf_map(name = "dp_hostflow_v1")]
 pub static HOST_FLOWS: LruHashMap<HostFlowKey, u64, { capacity::HOST_FLOWS as usize }> =
     LruHashMap::new();

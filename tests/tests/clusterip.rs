@@ -48,6 +48,22 @@ impl Cluster {
         self.node.pods[1..].iter().map(|p| p.ip).collect()
     }
 
+    /// Packets the node transmitted into the web pods through the host ends of their veths.
+    fn transmitted_to_web_pods(&self) -> u64 {
+        self.node.pods[1..]
+            .iter()
+            .map(|p| {
+                let text = self
+                    .node
+                    .netns
+                    .ip(&["-s", "-j", "link", "show", "dev", &p.host_if])
+                    .unwrap();
+                let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+                json[0]["stats64"]["tx"]["packets"].as_u64().unwrap()
+            })
+            .sum()
+    }
+
     fn publish_web(&self, endpoints: &[Ipv4Addr]) {
         self.agent
             .write_manifest("web.yaml", &service("web", VIP, &[HTTP, DNS], endpoints))
@@ -119,7 +135,9 @@ fn spreads_over_every_backend(wiring: Wiring, subnet: [u8; 3], requests: usize) 
     cluster.agent.write_manifest("badip.yaml", &bad_ip).unwrap();
     cluster.publish_and_wait(&cluster.web_ips());
 
+    let transmitted_before = cluster.transmitted_to_web_pods();
     let answers = http_requests(cluster.client(), &format!("http://{VIP}/"), requests);
+    let transmitted = cluster.transmitted_to_web_pods() - transmitted_before;
     let (by_backend, peers) = tally(&answers);
     assert_eq!(by_backend.len(), 3, "every backend answers: {by_backend:?}");
     for (backend, count) in &by_backend {
@@ -134,6 +152,20 @@ fn spreads_over_every_backend(wiring: Wiring, subnet: [u8; 3], requests: usize) 
         peers.iter().all(|p| *p == client_ip),
         "backends saw {peers:?}, not {client_ip}"
     );
+    // Each request sends the backend at least four packets (SYN, ACK, request, FIN). Routed
+    // pods' veths lead straight into the pods: translated packets enter them without the
+    // host end transmitting (only the odd ARP does). A bridge is no veth: the FIB names it,
+    // and packets leave through the neighbour output, bridge and veth, as before.
+    match wiring {
+        Wiring::Routed => assert!(
+            transmitted < requests as u64 / 10,
+            "{transmitted} packets went through the host ends of the veths for {requests} requests"
+        ),
+        Wiring::Bridged => assert!(
+            transmitted >= 4 * requests as u64,
+            "{transmitted} packets through the bridged veths for {requests} requests"
+        ),
+    }
     let log = cluster.agent.log_text();
     assert!(
         log.contains("badip.yaml")
@@ -561,6 +593,8 @@ fn every_map_prints_named_fields_in_bpftool() {
         ("dp_sockcfg_v1", &["mode", "netns_cookie"]),
         ("dp_svc_sock_v1", &[]),
         ("dp_be_sock_v1", &[]),
+        // The pods' veths (this cluster's pods are all behind one).
+        ("dp_podif_v1", &["key", "value"]),
         // IPv6 (an IPv4-only cluster here): the arrays print their zeroed fields.
         ("dp_svc6_v1", &[]),
         ("dp_be6_v1", &["addr", "port", "state"]),

@@ -4,7 +4,11 @@
 //! and keeping them there across agent restarts: each link is pinned per interface and
 //! direction; a restarted agent swaps its new program into the pinned link atomically, so no
 //! packet passes unprocessed.
-use std::collections::BTreeMap;
+//!
+//! Pod interfaces that are veths (or netkit devices) with the pod at the other end are also
+//! listed in `dp_podif_v1`, so that translated packets for those pods go straight into the
+//! pod's namespace (`forward` in the datapath).
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context;
 use aya::programs::{
@@ -14,11 +18,11 @@ use aya::programs::{
 };
 use dataplane_common::{
     PROG_EXTERNAL_EGRESS, PROG_EXTERNAL_EGRESS_L3, PROG_EXTERNAL_INGRESS, PROG_EXTERNAL_INGRESS_L3,
-    PROG_POD_INGRESS,
+    PROG_POD_INGRESS, map_names,
 };
 use tracing::{info, warn};
 
-use super::loader::LoadedDatapath;
+use super::{loader::LoadedDatapath, netlink};
 
 /// What an interface is to the datapath.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -30,6 +34,11 @@ enum Role {
 /// Interfaces the programs are attached to, by name, with the ifindex they were attached at.
 pub struct Attachments {
     attached: BTreeMap<String, u32>,
+    /// The attached pod interfaces a packet can be handed through into the pod, by ifindex.
+    pod_peers: BTreeSet<u32>,
+    /// `pod_peers` as `dp_podif_v1` holds it (`None` until written once by this agent: the
+    /// map may still list a previous run's interfaces).
+    pod_peers_written: Option<BTreeSet<u32>>,
     /// Link pins of interfaces that no longer exist have been looked for since start.
     pruned: bool,
     /// (interface globs, role) in priority order: pod globs first.
@@ -47,6 +56,8 @@ impl Attachments {
     pub fn new(pod_globs: &[String], external_globs: &[String]) -> anyhow::Result<Self> {
         Ok(Self {
             attached: BTreeMap::new(),
+            pod_peers: BTreeSet::new(),
+            pod_peers_written: None,
             pruned: false,
             rules: vec![
                 (patterns(pod_globs)?, Role::Pod),
@@ -85,7 +96,7 @@ impl Attachments {
             let Some(role) = self.role_of(&name) else {
                 continue;
             };
-            if let Err(e) = accept_local(index) {
+            if let Err(e) = netlink::set_accept_local(index) {
                 // Traffic NATed to or from the node's own address needs it; the rest works.
                 warn!(interface = %name, error = %e, "cannot set accept_local");
             }
@@ -114,6 +125,9 @@ impl Attachments {
             });
             match attached {
                 Ok(()) => {
+                    if role == Role::Pod {
+                        self.note_pod_peer(&name, index);
+                    }
                     self.attached.insert(name, index);
                 }
                 // Interfaces come and go (a pod deleted mid-attach); retried next round.
@@ -122,78 +136,64 @@ impl Attachments {
                 }
             }
         }
+        self.write_pod_peers(datapath);
+    }
+
+    /// Notes whether the pod interface `name` leads into its pod (a veth or netkit device
+    /// whose other end is in another namespace): only then can `bpf_redirect_peer` hand a
+    /// packet through it. Anything else matching the pod globs gets packets through its
+    /// neighbour output, as every interface did before.
+    fn note_pod_peer(&mut self, name: &str, index: u32) {
+        match netlink::has_peer_in_other_namespace(index) {
+            Ok(true) => {
+                self.pod_peers.insert(index);
+            }
+            Ok(false) => {
+                info!(interface = %name, "not a veth into a pod: packets for it leave through the neighbour output")
+            }
+            Err(e) => {
+                warn!(interface = %name, error = %e, "cannot read the link kind: packets for it leave through the neighbour output")
+            }
+        }
+    }
+
+    /// Makes `dp_podif_v1` list exactly the attached pod interfaces that lead into pods:
+    /// removed interfaces go (their ifindex may be given to another device), new ones come.
+    fn write_pod_peers(&mut self, datapath: &mut LoadedDatapath) {
+        let attached: BTreeSet<u32> = self.attached.values().copied().collect();
+        self.pod_peers.retain(|index| attached.contains(index));
+        if self.pod_peers_written.as_ref() == Some(&self.pod_peers) {
+            return;
+        }
+        let written = (|| {
+            let map = datapath
+                .ebpf
+                .map_mut(map_names::POD_INTERFACES)
+                .context("no pod interface map")?;
+            let mut map = aya::maps::HashMap::<_, u32, u32>::try_from(map)?;
+            let listed: Vec<u32> = map.keys().collect::<Result<_, _>>()?;
+            for index in listed.iter().filter(|i| !self.pod_peers.contains(i)) {
+                map.remove(index)?;
+            }
+            for index in &self.pod_peers {
+                map.insert(index, 1, 0)?;
+            }
+            anyhow::Ok(())
+        })();
+        match written {
+            Ok(()) => self.pod_peers_written = Some(self.pod_peers.clone()),
+            // Retried at the next sync; meanwhile packets still reach pods (the listed ones
+            // straight, the rest through the neighbour output).
+            Err(e) => warn!(
+                error = format!("{e:#}"),
+                "cannot write the pod interface map"
+            ),
+        }
     }
 
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.attached.keys().map(String::as_str)
     }
-}
-
-/// Lets the interface take packets whose source is one of the node's own addresses. After
-/// SNAT to the node (external traffic) or reverse NAT to a node port (replies), such packets
-/// still go through the node's routing, which drops a local source arriving from outside
-/// ("martian source") unless `accept_local` is set. Set over rtnetlink (RTM_SETLINK, the
-/// interface's IPv4 devconf), which needs CAP_NET_ADMIN but not a writable /proc/sys — a
-/// container's /proc/sys is read-only.
-pub fn accept_local(ifindex: u32) -> std::io::Result<()> {
-    const RTM_SETLINK: u16 = 19;
-    const NLM_F_REQUEST: u16 = 1;
-    const NLM_F_ACK: u16 = 4;
-    const NLMSG_ERROR: u16 = 2;
-    const IFLA_AF_SPEC: u16 = 26;
-    const IFLA_INET_CONF: u16 = 1;
-    const IPV4_DEVCONF_ACCEPT_LOCAL: u16 = 23;
-    fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 + payload.len());
-        out.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
-        out.extend_from_slice(&kind.to_ne_bytes());
-        out.extend_from_slice(payload);
-        out
-    }
-    let devconf = attr(IPV4_DEVCONF_ACCEPT_LOCAL, &1u32.to_ne_bytes());
-    let af_spec = attr(
-        IFLA_AF_SPEC,
-        &attr(libc::AF_INET as u16, &attr(IFLA_INET_CONF, &devconf)),
-    );
-    let mut ifinfo = [0u8; 16]; // family AF_UNSPEC, type 0, index, flags 0, change 0
-    ifinfo[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
-    let len = (16 + ifinfo.len() + af_spec.len()) as u32;
-    let mut message = Vec::with_capacity(len as usize);
-    message.extend_from_slice(&len.to_ne_bytes());
-    message.extend_from_slice(&RTM_SETLINK.to_ne_bytes());
-    message.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-    message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-    message.extend_from_slice(&ifinfo);
-    message.extend_from_slice(&af_spec);
-
-    // SAFETY: plain socket calls on a descriptor this function owns (closed on return).
-    unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        );
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let owned = <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd);
-        if libc::send(fd, message.as_ptr().cast(), message.len(), 0) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let mut reply = [0u8; 256];
-        let n = libc::recv(fd, reply.as_mut_ptr().cast(), reply.len(), 0);
-        drop(owned);
-        if n < 20 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let kind = u16::from_ne_bytes([reply[4], reply[5]]);
-        let error = i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]);
-        if kind != NLMSG_ERROR || error != 0 {
-            return Err(std::io::Error::from_raw_os_error(-error));
-        }
-    }
-    Ok(())
 }
 
 /// Is this a device with an Ethernet header (ARPHRD_ETHER: veths, bridges, VXLAN), rather than

@@ -80,6 +80,7 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         map_names::SOCKETS => (size_of::<SockKey>(), size_of::<SockEntry>()),
         map_names::SOCKET_CONFIG => (4, size_of::<SocketLbConfig>()),
         map_names::SOCKET_SERVICE_STATS | map_names::SOCKET_BACKEND_STATS => (4, 8),
+        map_names::POD_INTERFACES => (4, 4),
         map_names::SERVICES6 => (size_of::<ServiceKey6>(), size_of::<ServiceValue>()),
         map_names::BACKENDS6 => (4, size_of::<Backend6>()),
         map_names::CONNTRACK6_TCP
@@ -620,4 +621,20 @@ pub fn read_contents(
         contents.maglev.insert(id, table.backend_ids.to_vec());
     }
     Ok(contents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A restarted agent checks every pinned map's layout against these sizes.
+    #[test]
+    fn every_map_has_its_key_and_value_sizes() {
+        for name in map_names::ALL {
+            assert!(
+                expected_sizes(name).is_some(),
+                "{name} has no expected sizes"
+            );
+        }
+    }
 }

@@ -8,6 +8,7 @@ pub mod maglev;
 pub mod maps;
 #[cfg(test)]
 pub mod model;
+mod netlink;
 pub mod programmer;
 pub mod sock_diag;
 pub mod socket_lb;
