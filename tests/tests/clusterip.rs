@@ -1177,9 +1177,73 @@ fn the_link_pin_of_a_vanished_interface_is_removed() {
     let gone = cluster.node.pods[3].host_if.clone();
     let kept = cluster.node.pods[1].host_if.clone();
     let pin = |interface: &str| cluster.agent.bpffs_dir.join("links").join(interface);
+    let ifindex = |interface: &str| -> u64 {
+        let text = cluster
+            .node
+            .netns
+            .ip(&["-j", "link", "show", "dev", interface])
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        json[0]["ifindex"].as_u64().unwrap()
+    };
+    // The veths that lead into pods, as the datapath hands packets through them.
+    let pod_interfaces = || -> Vec<u64> {
+        let path = cluster.agent.bpffs_dir.join("dp_podif_v1");
+        bpftool_json(&["map", "dump", "pinned", path.to_str().unwrap()])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["formatted"]["key"].as_u64().unwrap())
+            .collect()
+    };
+    let (gone_index, kept_index) = (ifindex(&gone), ifindex(&kept));
     assert!(pin(&gone).exists());
+    assert!(
+        pod_interfaces().contains(&gone_index) && pod_interfaces().contains(&kept_index),
+        "every pod veth is listed: {:?}",
+        pod_interfaces()
+    );
+    // A veth pair with both ends in the node matches the pod glob and gets the program, but
+    // leads into no pod: not listed (a peer redirect through it would drop every packet).
+    let (loop_a, loop_b) = (format!("{kept}la"), format!("{kept}lb"));
+    cluster
+        .node
+        .netns
+        .ip(&[
+            "link", "add", &loop_a, "type", "veth", "peer", "name", &loop_b,
+        ])
+        .unwrap();
+    cluster
+        .node
+        .netns
+        .ip(&["link", "set", &loop_a, "up"])
+        .unwrap();
+    cluster
+        .node
+        .netns
+        .ip(&["link", "set", &loop_b, "up"])
+        .unwrap();
+    wait_until(Duration::from_secs(5), || {
+        pin(&loop_a).exists() && pin(&loop_b).exists()
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", cluster.agent.log_text()));
+    let listed = pod_interfaces();
+    assert!(
+        !listed.contains(&ifindex(&loop_a)) && !listed.contains(&ifindex(&loop_b)),
+        "a veth inside the node is listed as a pod's: {listed:?}"
+    );
+
     cluster.node.netns.ip(&["link", "del", &gone]).unwrap();
     wait_until(Duration::from_secs(5), || !pin(&gone).exists())
         .unwrap_or_else(|e| panic!("{e}: {}", cluster.agent.log_text()));
     assert!(pin(&kept).exists(), "the other pods' pins stay");
+    wait_until(Duration::from_secs(5), || {
+        !pod_interfaces().contains(&gone_index)
+    })
+    .unwrap_or_else(|e| panic!("{e}: the vanished veth is still listed"));
+    assert!(
+        pod_interfaces().contains(&kept_index),
+        "the other pods' veths stay listed"
+    );
+    cluster.node.netns.ip(&["link", "del", &loop_a]).unwrap();
 }
