@@ -1,6 +1,8 @@
 //! Forwarding a translated packet the way Cilium's BPF host routing does: a FIB lookup for its
-//! new destination, then straight out of the interface the FIB names (`bpf_redirect_neigh`,
-//! which resolves the next hop's link address). The packet skips the node's second routing
+//! new destination, then straight into the pod when the FIB names one of this node's pod
+//! veths (`bpf_redirect_peer`; the agent lists them in `dp_podif_v1`), or out of the interface
+//! the FIB names otherwise (`bpf_redirect_neigh`, which resolves the next hop's link
+//! address). The packet skips the node's second routing
 //! pass and netfilter: the kernel's connection tracking never sees a half-translated flow
 //! (the forward direction translated before it, the reply after), so rules such as
 //! kube-proxy's `--ctstate INVALID -j DROP` or a strict `rp_filter` cannot drop it.
@@ -206,9 +208,8 @@ pub enum Route<A> {
 }
 
 /// The route for a packet of `proto` from `saddr:sport` to `daddr:dport` (host order)
-/// entering on this interface. A frame of its own: the lookup structure is
-/// large, and the verifier caps the stack of the whole call chain (entry point + new flow +
-/// this).
+/// entering on this interface. A frame of its own: the lookup structure is large, and the
+/// verifier caps the stack of the whole call chain (entry point + new flow + this).
 ///
 /// A packet for a pod of this node goes straight into the pod's namespace, as Cilium's host
 /// routing sends it: with the link header the neighbour output would give it, through
