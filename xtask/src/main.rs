@@ -125,6 +125,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             "--no-fail-fast",
             "-p",
             "dataplane-tests",
+            // The benchmark's own unit tests (its statistics) too.
+            "--features",
+            "bench",
             "--",
             "--test-threads=1",
             "--nocapture",

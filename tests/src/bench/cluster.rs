@@ -38,7 +38,7 @@ use super::{
         self, IPERF_PORT, IPERF_VIP, MEASURED_VIP, MEASURED_VIP6, SERVICE_PORT, Service,
         TARGET_PORT,
     },
-    stats::{median, percentile},
+    stats::{median, median_paired_ratio, percentile},
 };
 
 const NODE_NAME: &str = "bench-node";
@@ -944,8 +944,15 @@ fn latency_rows(
                 )
             })
             .collect();
+        // Each round measures every target once, one after the other: the round's own ratio
+        // is immune to a slow spell of the machine that a ratio of medians is not.
+        let paired = median_paired_ratio(&runs(&results[0]), &runs(&results[1]));
+        eprintln!(
+            "bench: connect {p}, ClusterIP, {}: {paired:.3}x direct round by round",
+            label(scale)
+        );
         m = m.note(format!(
-            "median over {} runs of the {p} of {} sequential connects from a client pod (compiled client, socket() to handshake done, closed with RST), after {} warm-up connects; the measured service's two endpoints are the server pod's two addresses; kube-proxy modes: the same {} services x {} endpoints as rules, the measured service last; direct: to the server pod's address in a node without agent or rules; direct, agent attached: the same in the agent's node (non-service path of the program); conntrack emptied before each run in the agent's node (stale reply entries of closed ClusterIP flows would capture direct connections reusing a client port); per-run {p}: {}",
+            "median over {} runs of the {p} of {} sequential connects from a client pod (compiled client, socket() to handshake done, closed with RST), after {} warm-up connects; the measured service's two endpoints are the server pod's two addresses; kube-proxy modes: the same {} services x {} endpoints as rules, the measured service last; direct: to the server pod's address in a node without agent or rules; direct, agent attached: the same in the agent's node (non-service path of the program); conntrack emptied before each run in the agent's node (stale reply entries of closed ClusterIP flows would capture direct connections reusing a client port); round by round (median of each round's ours/direct): {paired:.3}x; per-run {p}: {}",
             settings.latency_runs,
             settings.connections,
             settings.warmup_connections,
