@@ -2,10 +2,10 @@
 //! new destination, then straight into the pod when the FIB names one of this node's pod
 //! veths (`bpf_redirect_peer`; the agent lists them in `dp_podif_v1`), or out of the interface
 //! the FIB names otherwise (`bpf_redirect_neigh`, which resolves the next hop's link
-//! address). The packet skips the node's second routing
-//! pass and netfilter: the kernel's connection tracking never sees a half-translated flow
-//! (the forward direction translated before it, the reply after), so rules such as
-//! kube-proxy's `--ctstate INVALID -j DROP` or a strict `rp_filter` cannot drop it.
+//! address). The packet skips the node's second routing pass and netfilter: the kernel's
+//! connection tracking never sees a half-translated flow (the forward direction translated
+//! before it, the reply after), so rules such as kube-proxy's `--ctstate INVALID -j DROP` or a
+//! strict `rp_filter` cannot drop it.
 //!
 //! What the FIB does not forward (the node itself, blackholes, a disabled forwarding) goes to
 //! the stack as before. The lookup happens before the rewrite, so that a packet this hop
