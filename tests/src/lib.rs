@@ -186,6 +186,17 @@ impl Netns {
         ip(&full)
     }
 
+    /// Packets this namespace's interface `dev` has transmitted: for the host end of a pod's
+    /// veth, what the node sent into the pod through it (not what entered the pod with
+    /// `bpf_redirect_peer`).
+    pub fn tx_packets(&self, dev: &str) -> anyhow::Result<u64> {
+        let text = self.ip(&["-s", "-j", "link", "show", "dev", dev])?;
+        let json: serde_json::Value = serde_json::from_str(&text)?;
+        json[0]["stats64"]["tx"]["packets"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("no tx counter for {dev} in {text}"))
+    }
+
     /// A command that runs inside this namespace (and its cgroup, if it has one). Only the
     /// network namespace changes (not the mount namespace, as `ip netns exec` would), so
     /// bpffs pins stay visible.

@@ -52,15 +52,7 @@ impl Cluster {
     fn transmitted_to_web_pods(&self) -> u64 {
         self.node.pods[1..]
             .iter()
-            .map(|p| {
-                let text = self
-                    .node
-                    .netns
-                    .ip(&["-s", "-j", "link", "show", "dev", &p.host_if])
-                    .unwrap();
-                let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-                json[0]["stats64"]["tx"]["packets"].as_u64().unwrap()
-            })
+            .map(|p| self.node.netns.tx_packets(&p.host_if).unwrap())
             .sum()
     }
 

@@ -254,6 +254,28 @@ fn pods_reach_a_dual_stack_service_over_both_families_through_the_packet_path() 
     let pod = &c.pod("client-pod").netns;
     let v6_peer = format!("[{CLUSTER_IP6}]:80");
     serves_both_families(pod, "a pod on the packet path");
+    // Translated packets for web-0, on the client's node, enter its namespace directly: the
+    // host end of its veth transmits none of them (each connection sends it at least a SYN,
+    // an ACK, the request and a FIN).
+    let web0_host_if = c.pod("web-0").host_if.clone();
+    let node_a = &c.nodes[0].node;
+    let pod = &node_a
+        .pods
+        .iter()
+        .find(|p| p.name == "client-pod")
+        .unwrap()
+        .netns;
+    let node_a = &node_a.netns;
+    let transmitted_before = node_a.tx_packets(&web0_host_if).unwrap();
+    let to_web0 = (0..24)
+        .filter(|_| client(pod, "tcp", CLUSTER_IP6, 80).contains(" web-0 "))
+        .count() as u64;
+    let transmitted = node_a.tx_packets(&web0_host_if).unwrap() - transmitted_before;
+    assert!(to_web0 > 0, "no IPv6 connection reached web-0");
+    assert!(
+        transmitted < to_web0,
+        "{transmitted} packets went out of web-0's host veth for {to_web0} IPv6 connections"
+    );
     // The backend saw the pod's own address (no SNAT inside the cluster).
     let answer = client(pod, "tcp", CLUSTER_IP6, 80);
     assert!(
